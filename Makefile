@@ -1,0 +1,27 @@
+# Quick start: `make demo` trains the tiny model on CPU and samples from it; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m llada_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
+	$(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
+	    --prompt="KING HENRY:" --gen_length=192 --steps=192 --block_length=32
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,52 @@
+"""Shared behaviour of the absl command-line entry points: user errors become one line, exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from absl import flags
+from absl import logging as absl_logging
+
+from llada_jax.errors import LladaError
+
+
+# Libraries whose INFO lines would drown the training log (warnings still show).
+QUIET_LIBRARIES = ("/orbax/", "/seqio/", "/tensorflow/", "/jax/")
+
+
+class _QuietLibraries(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in QUIET_LIBRARIES)
+
+
+def run_reporting_errors(fn: Callable[[], None]) -> None:
+  """Runs fn; a LladaError prints `error: <message>` on stderr and exits with status 2."""
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    fn()
+  except LladaError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (unknown flag, unknown config key, bad value) are one line."""
+  for arg in argv[1:]:
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+      print(f"error: {arg} names no file; pass a config such as --config=configs/tiny.py",
+            file=sys.stderr)
+      sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).strip().splitlines()[-1].strip()
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<path> names no field
+    message = f"unknown config key {str(e).strip(chr(34))} in a --config.* override"
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    message = f"bad --config.* override: {e}"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

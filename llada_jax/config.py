@@ -1,0 +1,301 @@
+"""The one config schema of llada_jax: defaults, validation and (de)serialisation.
+
+Every config file in `configs/` starts from `default_config()` and changes values; `validate` is
+called once, before anything is built, and raises `ConfigError` with a one-line message naming the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from llada_jax.errors import ConfigError
+
+# Number of real token ids (ids a tokenizer can emit) for each vocabulary. The mask id and any
+# padding of the embedding table must lie at or above this number. None: the vocabulary comes from a
+# tokenizer file (the official LLaDA tokenizer), whose special ids are checked when it is loaded.
+VOCABULARY_SIZES = {"byte": 259, "llada_hf": None}
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("xla",)
+REMAT_POLICIES = ("none", "full")
+REMASKING = ("low_confidence",)
+TASKS = ("tinyshakespeare",)
+
+# MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the full schema with its default values (a small CPU model on Tiny Shakespeare)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=260,            # rows of the embedding / columns of the head (>= mask_id + 1)
+      d_model=256,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=4,              # < n_heads gives grouped-query attention
+      mlp_hidden_size=704,       # SwiGLU hidden width
+      max_sequence_length=256,
+      rope_theta=10000.0,
+      rms_norm_eps=1e-5,
+      causal=False,              # True gives the autoregressive (ARM) baseline from the same code
+      dtype="float32",           # compute dtype
+      param_dtype="float32",
+      init_std=0.02,
+      scan_layers=True,          # one compiled block scanned over layers (fast compiles at depth)
+      remat="none",
+      attention="xla",
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      mask_id=259,
+      eps=1e-3,                  # p_mask = (1 - eps) * t + eps
+      random_length_prob=0.01,   # fraction of batches cut to a random length in [1, L]
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      task="tinyshakespeare",
+      vocabulary="byte",
+      sequence_length=256,
+      batch_size=16,             # global batch, split over the data-parallel mesh axes
+      shuffle_buffer=10_000,
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      peak_lr=1e-3,
+      warmup_steps=50,           # linear warm-up 0 -> peak_lr
+      lr_drop_step=0,            # > 0: the stable phase steps down to lr_after_drop at this step
+      lr_after_drop=0.0,
+      decay_fraction=0.2,        # last fraction of train.num_steps decays linearly to final_lr
+      final_lr=1e-5,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      adam_eps=1e-8,
+      grad_clip_norm=1.0,        # 0 disables clipping
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=300,
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                   # -1 takes the devices the other axes leave
+      fsdp=1,
+      tensor=1,
+      axis_rules=DEFAULT_AXIS_RULES,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      save_every=100,
+      keep=3,
+      async_save=True,
+  ))
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      steps=128,
+      gen_length=128,
+      block_length=32,
+      temperature=0.0,
+      remasking="low_confidence",
+  ))
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field; raises ConfigError naming the first bad one. Returns the config."""
+  _check_keys_and_types(config, default_config(), prefix="")
+  m, d, data = config.model, config.diffusion, config.data
+
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
+               "max_sequence_length"):
+    _positive(f"model.{name}", m[name])
+  if m.d_model % m.n_heads:
+    _fail("model.d_model", m.d_model, f"a multiple of model.n_heads={m.n_heads}")
+  if m.n_heads % m.n_kv_heads:
+    _fail("model.n_kv_heads", m.n_kv_heads, f"a divisor of model.n_heads={m.n_heads}")
+  if (m.d_model // m.n_heads) % 2:
+    _fail("model.d_model", m.d_model, "d_model / n_heads even (RoPE rotates half the head dim)")
+  _positive("model.rope_theta", m.rope_theta)
+  _positive("model.rms_norm_eps", m.rms_norm_eps)
+  _positive("model.init_std", m.init_std)
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.param_dtype", m.param_dtype, DTYPES)
+  _choice("model.remat", m.remat, REMAT_POLICIES)
+  _choice("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
+
+  _choice("data.vocabulary", data.vocabulary, tuple(VOCABULARY_SIZES))
+  _choice("data.task", data.task, TASKS)
+  real_tokens = VOCABULARY_SIZES[data.vocabulary] or 0
+  if not real_tokens <= d.mask_id < m.vocab_size:
+    _fail("diffusion.mask_id", d.mask_id,
+          f"an id outside the {data.vocabulary!r} vocabulary's real tokens and inside the model: "
+          f"{real_tokens} <= mask_id < model.vocab_size={m.vocab_size}")
+  if not 0.0 < d.eps < 1.0:
+    _fail("diffusion.eps", d.eps, "0 < eps < 1")
+  if not 0.0 <= d.random_length_prob <= 1.0:
+    _fail("diffusion.random_length_prob", d.random_length_prob, "a probability in [0, 1]")
+
+  _positive("data.sequence_length", data.sequence_length)
+  if data.sequence_length > m.max_sequence_length:
+    _fail("data.sequence_length", data.sequence_length,
+          f"at most model.max_sequence_length={m.max_sequence_length}")
+  _positive("data.batch_size", data.batch_size)
+  _positive("data.shuffle_buffer", data.shuffle_buffer)
+
+  o = config.optimizer
+  _positive("optimizer.peak_lr", o.peak_lr)
+  for name in ("warmup_steps", "lr_drop_step", "lr_after_drop", "final_lr", "weight_decay",
+               "adam_eps", "grad_clip_norm"):
+    _non_negative(f"optimizer.{name}", o[name])
+  if not 0.0 <= o.decay_fraction <= 1.0:
+    _fail("optimizer.decay_fraction", o.decay_fraction, "a fraction in [0, 1]")
+  for name in ("b1", "b2"):
+    if not 0.0 <= o[name] < 1.0:
+      _fail(f"optimizer.{name}", o[name], "0 <= value < 1")
+
+  for name in ("num_steps", "log_every", "eval_every", "eval_batches"):
+    _positive(f"train.{name}", config.train[name])
+  if o.lr_drop_step > 0 and o.lr_after_drop <= 0:
+    _fail("optimizer.lr_after_drop", o.lr_after_drop, "a positive rate when lr_drop_step > 0")
+
+  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
+  for axis, size in zip(("data", "fsdp", "tensor"), sizes):
+    if size != -1 and size < 1:
+      _fail(f"mesh.{axis}", size, "a positive size or -1 (the rest of the devices)")
+  if sizes.count(-1) > 1:
+    _fail("mesh", tuple(sizes), "at most one axis of size -1")
+
+  _positive("checkpoint.save_every", config.checkpoint.save_every)
+  _positive("checkpoint.keep", config.checkpoint.keep)
+
+  validate_sampling(config.sampling.steps, config.sampling.gen_length,
+                    config.sampling.block_length, config.sampling.temperature,
+                    config.sampling.remasking, prefix="sampling.")
+  return config
+
+
+def validate_sampling(steps: int, gen_length: int, block_length: int, temperature: float,
+                      remasking: str, prefix: str = "") -> None:
+  """Checks sampler arguments (shared by the config and the sample command line)."""
+  _positive(f"{prefix}steps", steps)
+  _positive(f"{prefix}gen_length", gen_length)
+  _positive(f"{prefix}block_length", block_length)
+  if gen_length % block_length:
+    _fail(f"{prefix}block_length", block_length, f"a divisor of gen_length={gen_length}")
+  num_blocks = gen_length // block_length
+  if steps % num_blocks:
+    _fail(f"{prefix}steps", steps,
+          f"a multiple of the number of blocks gen_length/block_length={num_blocks}")
+  _non_negative(f"{prefix}temperature", temperature)
+  _choice(f"{prefix}remasking", remasking, REMASKING)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """Serialises a config (stored beside every checkpoint)."""
+  return config.to_json(indent=1, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds and validates a config written by `to_json`."""
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"stored config is not valid JSON: {e}") from None
+  config = default_config()
+  _update(config, values, prefix="")
+  return validate(config)
+
+
+def _update(config: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+  for key, value in values.items():
+    if key not in config:
+      raise ConfigError(f"unknown config key '{prefix}{key}'")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _update(config[key], value, prefix=f"{prefix}{key}.")
+    elif isinstance(config[key], tuple):
+      config[key] = _as_tuple(value)
+    else:
+      try:
+        config[key] = value
+      except TypeError:
+        _fail(f"{prefix}{key}", value, f"a value of type {type(config[key]).__name__}")
+
+
+def _as_tuple(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_as_tuple(v) for v in value)
+  return value
+
+
+def _check_keys_and_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
+                          prefix: str) -> None:
+  for key in config.keys():
+    if key not in schema:
+      allowed = ", ".join(sorted(schema.keys()))
+      raise ConfigError(f"unknown config key '{prefix}{key}' (known keys here: {allowed})")
+  for key in schema.keys():
+    name = f"{prefix}{key}"
+    if key not in config:
+      raise ConfigError(f"config is missing the key '{name}'")
+    want, got = schema[key], config[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(got, ml_collections.ConfigDict):
+        _fail(name, got, "a group of settings")
+      _check_keys_and_types(got, want, prefix=f"{name}.")
+    elif isinstance(want, bool):
+      if not isinstance(got, bool):
+        _fail(name, got, "True or False")
+    elif isinstance(want, int):
+      if isinstance(got, bool) or not isinstance(got, int):
+        _fail(name, got, "an integer")
+    elif isinstance(want, float):
+      if isinstance(got, bool) or not isinstance(got, (int, float)):
+        _fail(name, got, "a number")
+    elif isinstance(want, str):
+      if not isinstance(got, str):
+        _fail(name, got, "a string")
+    elif isinstance(want, tuple):
+      if not isinstance(got, (tuple, list)):
+        _fail(name, got, "a sequence")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _positive(name: str, value: float) -> None:
+  if not value > 0:
+    _fail(name, value, "a positive number")
+
+
+def _non_negative(name: str, value: float) -> None:
+  if not value >= 0:
+    _fail(name, value, "a number >= 0")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    _fail(name, value, "one of " + ", ".join(allowed))

@@ -1,0 +1,1 @@
+"""The diffusion process of LLaDA: forward masking and the training objectives."""

@@ -1,0 +1,17 @@
+"""User-facing errors: bad config values, flags, files or checkpoints.
+
+Command-line entry points turn these into one line on stderr and exit code 2, without a traceback;
+anything else that escapes is a bug and keeps its traceback.
+"""
+
+
+class LladaError(Exception):
+  """Base class for errors caused by the user's input rather than by a bug."""
+
+
+class ConfigError(LladaError):
+  """A config field has a value that is not allowed."""
+
+
+class CheckpointError(LladaError):
+  """A checkpoint is missing, unreadable or does not match the config."""

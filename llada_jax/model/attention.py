@@ -1,0 +1,46 @@
+"""The one attention entry point of the mask predictor.
+
+Every transformer block calls `attention`; implementations are chosen by name so that fast kernels
+(cuDNN flash attention on GPU, Pallas splash attention on TPU) slot in without touching the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla",)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+              key_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+  """Scaled dot-product attention with grouped-query heads.
+
+  Args:
+    q: queries [batch, q_len, n_heads, head_dim].
+    k, v: keys and values [batch, kv_len, n_kv_heads, head_dim]; n_kv_heads divides n_heads and kv
+      head j serves query heads j*G .. j*G+G-1 (G = n_heads / n_kv_heads), as repeat_interleave does.
+    causal: mask keys after each query (the autoregressive baseline); LLaDA itself is bidirectional.
+    key_mask: optional bool [batch, kv_len]; False keys are never attended to (padding, cut length).
+    implementation: "xla" (materialises the scores; softmax in float32).
+
+  Returns:
+    [batch, q_len, n_heads, head_dim] in the dtype of v.
+  """
+  if implementation != "xla":
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+  batch, q_len, n_heads, head_dim = q.shape
+  kv_len, n_kv_heads = k.shape[1], k.shape[2]
+  groups = n_heads // n_kv_heads
+  q = q.reshape(batch, q_len, n_kv_heads, groups, head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / jnp.sqrt(jnp.float32(head_dim)))
+  allowed = jnp.ones((1, 1, 1, q_len, kv_len), dtype=bool)
+  if causal:
+    allowed = allowed & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
+  if key_mask is not None:
+    allowed = allowed & key_mask[:, None, None, None, :]
+  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(batch, q_len, n_heads, head_dim)

@@ -1,0 +1,121 @@
+"""The LLaDA mask predictor: embed -> pre-norm LLaMA blocks -> RMSNorm -> untied head.
+
+Bidirectional by default; `causal=True` turns the same network into the autoregressive baseline.
+Parameter names follow the official HF checkpoint (wte, attn_norm, q_proj, ..., ln_f, ff_out) and
+every parameter carries logical axis names that `llada_jax.parallel` maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from llada_jax.model.attention import attention
+from llada_jax.model.layers import Projection, RMSNorm, apply_rope, dense_init
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static architecture settings (the `model` section of the config)."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  mlp_hidden_size: int
+  max_sequence_length: int
+  rope_theta: float
+  rms_norm_eps: float
+  causal: bool
+  dtype: str
+  param_dtype: str
+  init_std: float
+  scan_layers: bool
+  remat: str
+  attention: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
+    return cls(**config.model.to_dict())
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               key_mask: jax.Array | None) -> tuple[jax.Array, None]:
+    cfg = self.cfg
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+    def norm(name: str) -> RMSNorm:
+      return RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)
+
+    def proj(features: tuple[int, ...], axes: tuple[str, ...], name: str,
+             in_dims: int = 1) -> Projection:
+      return Projection(features, axes, cfg.init_std, dtype, param_dtype, in_dims, name=name)
+
+    h = norm("attn_norm")(x)
+    q = proj((cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"), "q_proj")(h)
+    k = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "k_proj")(h)
+    v = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "v_proj")(h)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+    a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask, implementation=cfg.attention)
+    x = x + proj((cfg.d_model,), ("heads", "kv", "embed"), "attn_out", in_dims=2)(a)
+    x = nn.with_logical_constraint(x, ACTIVATION)
+
+    h = norm("ff_norm")(x)
+    gate = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "ff_proj")(h)
+    up = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "up_proj")(h)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up,
+                                        ("activation_batch", "activation_length", "mlp"))
+    x = x + proj((cfg.d_model,), ("mlp", "embed"), "ff_out")(hidden)
+    return nn.with_logical_constraint(x, ACTIVATION), None
+
+
+class Transformer(nn.Module):
+  """Maps token ids [batch, seq] to float32 logits [batch, seq, vocab_size]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """attention_mask: bool [batch, seq], False for keys no position may attend to (padding)."""
+    cfg = self.cfg
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                 embedding_init=dense_init(cfg.init_std, ("vocab", "embed")), name="wte")(tokens)
+    x = nn.with_logical_constraint(x, ACTIVATION)
+
+    block = Block
+    if cfg.remat == "full":
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers,
+                       policy=jax.checkpoint_policies.nothing_saveable)
+    if cfg.scan_layers:
+      x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(
+                         x, positions, attention_mask)
+    else:
+      for i in range(cfg.n_layers):
+        x, _ = block(cfg, name=f"blocks_{i}")(x, positions, attention_mask)
+
+    x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
+    logits = Projection((cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype,
+                        name="ff_out")(x)
+    return logits.astype(jnp.float32)

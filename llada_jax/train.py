@@ -1,0 +1,43 @@
+"""Train a LLaDA mask predictor.
+
+  python -m llada_jax.train --config=configs/tiny.py --workdir=runs/demo \
+      [--config.train.num_steps=100 ...]
+
+Rerunning the same command resumes from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
+
+
+def _train() -> None:
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+
+  if _CONFIG.value is None:
+    raise ConfigError("--config is required, e.g. --config=configs/tiny.py")
+  if not _WORKDIR.value:
+    raise ConfigError("--workdir is required, e.g. --workdir=runs/demo")
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  run_reporting_errors(_train)
+
+
+def run() -> None:
+  """Console script `llada-train`."""
+  app.run(main, flags_parser=parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+  run()

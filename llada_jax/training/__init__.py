@@ -1,0 +1,1 @@
+"""Train state, optimizer, compiled steps, checkpoints, metrics and the train loop."""

@@ -1,0 +1,52 @@
+"""The train state and its creation directly into the shardings the logical axis rules give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from llada_jax.model import Transformer
+from llada_jax.parallel.sharding import axis_rules, logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint must hold to continue training exactly."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _init_boxed(config: ml_collections.ConfigDict, model: Transformer,
+                tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """Initial state whose leaves still carry their logical axis names."""
+  tokens = jnp.zeros((1, config.data.sequence_length), jnp.int32)
+  params = model.init(rng, tokens)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(config: ml_collections.ConfigDict, model: Transformer,
+                    tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+  """(abstract state of ShapeDtypeStructs carrying shardings, tree of NamedShardings)."""
+  boxed = jax.eval_shape(lambda r: _init_boxed(config, model, tx, r), jax.random.PRNGKey(0))
+  shardings = logical_shardings(boxed, mesh, axis_rules(config))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: Transformer,
+                       tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, Any]:
+  """Initialises parameters and optimizer state, each created already sharded on `mesh`."""
+  _, shardings = state_shardings(config, model, tx, mesh)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(config, model, tx, r)),
+                 out_shardings=shardings)
+  return init(rng), shardings

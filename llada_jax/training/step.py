@@ -1,0 +1,83 @@
+"""The compiled train and eval steps, with explicit input and output shardings."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from llada_jax.diffusion.objectives import pretraining_loss
+from llada_jax.model import Transformer
+from llada_jax.parallel.sharding import axis_rules, batch_sharding, replicated
+from llada_jax.training.optimizer import learning_rate_schedule
+from llada_jax.training.state import TrainState
+
+Metrics = dict[str, jax.Array]
+
+
+def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) -> jax.Array:
+  """The key of one step: fold_in(seed) by stream (1 train, 2 eval) then by step."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), stream), step)
+
+
+def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, tokens: jax.Array,
+          rng: jax.Array, random_length_prob: float) -> tuple[jax.Array, Metrics]:
+  def apply(noisy: jax.Array, mask: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, noisy, mask)
+  return pretraining_loss(apply, tokens, rng, mask_id=config.diffusion.mask_id,
+                          eps=config.diffusion.eps, random_length_prob=random_length_prob)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
+                    tx: optax.GradientTransformation, mesh: Mesh,
+                    shardings: Any) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
+  """jit(state, tokens) -> (new state, metrics); the state's buffers are donated."""
+  rules = axis_rules(config)
+  schedule = learning_rate_schedule(config)
+
+  def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, Metrics]:
+    rng = step_rng(config, state.step, stream=1)
+    with nn.logical_axis_rules(rules):
+      grad_fn = jax.value_and_grad(
+          lambda p: _loss(config, model, p, tokens, rng, config.diffusion.random_length_prob),
+          has_aux=True)
+      (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                   learning_rate=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh, rules)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+  def run(state: TrainState, tokens: jax.Array) -> tuple[TrainState, Metrics]:
+    with jax.set_mesh(mesh):
+      return jitted(state, tokens)
+  return run
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
+                   param_shardings: Any) -> Callable[[Any, jax.Array, int], jax.Array]:
+  """jit(params, tokens, batch_index) -> loss bound (nats/token) on full-length sequences.
+
+  The noise of batch i is the same at every evaluation, so successive evaluations are comparable.
+  """
+  rules = axis_rules(config)
+
+  def eval_step(params: Any, tokens: jax.Array, index: jax.Array) -> jax.Array:
+    with nn.logical_axis_rules(rules):
+      loss, _ = _loss(config, model, params, tokens, step_rng(config, index, stream=2), 0.0)
+    return loss
+
+  jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh, rules), None),
+                   out_shardings=replicated(mesh))
+
+  def run(params: Any, tokens: jax.Array, index: int) -> jax.Array:
+    with jax.set_mesh(mesh):
+      return jitted(params, tokens, index)
+  return run

@@ -1,0 +1,39 @@
+"""llada_jax: Large Language Diffusion Models (LLaDA) in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="llada_jax",
+    version="0.1.0",
+    description="JAX/TPU-native framework for LLaDA masked diffusion language models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*", "configs"]),
+    package_data={"llada_jax.data": ["corpora/*/*"]},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorstore",
+        "seqio>=0.0.19",
+        "ml-collections>=1.0",
+        "absl-py",
+        "tensorboardX",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist"],
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        "notebooks": ["jupyter", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "llada-train=llada_jax.train:run",
+            "llada-sample=llada_jax.sample:run",
+        ],
+    },
+)

@@ -1,0 +1,34 @@
+"""Shared test setup: 8 fake CPU devices (for mesh tests) and a tiny config."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from llada_jax.config import default_config, validate  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:
+  """A model small enough to compile and run in a second or two on one CPU core."""
+  c = default_config()
+  c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
+                      max_sequence_length=64))
+  c.model.update(model_overrides)
+  c.data.update(dict(sequence_length=32, batch_size=8, shuffle_buffer=64))
+  c.optimizer.update(dict(warmup_steps=2, peak_lr=3e-3))
+  c.train.update(dict(num_steps=4, log_every=2, eval_every=4, eval_batches=1))
+  c.checkpoint.update(dict(save_every=2, keep=2, async_save=False))
+  c.sampling.update(dict(steps=8, gen_length=16, block_length=8))
+  return validate(c)
+
+
+@pytest.fixture
+def tiny_config() -> ml_collections.ConfigDict:
+  return make_tiny_config()

@@ -1,0 +1,78 @@
+"""The absl command lines: train, resume, sample, and one-line errors for bad input."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "tests" / "configs" / "micro.py")
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if "rror" in line]
+  assert any(needle in line for line in error_lines), result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp("run")
+  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eval/step 3" in result.stderr and "bits_per_byte" in result.stderr
+  return workdir
+
+
+def test_train_writes_checkpoints_and_tensorboard(trained_workdir):
+  steps = sorted(int(p.name) for p in (trained_workdir / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [2, 3]
+  assert list((trained_workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_rerun_resumes_from_latest_checkpoint(trained_workdir):
+  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={trained_workdir}",
+                "--config.train.num_steps=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from the checkpoint at step 3" in result.stderr
+  assert "step 4 |" in result.stderr and "step 1 |" not in result.stderr
+
+
+def test_sample_prints_a_completion(trained_workdir):
+  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--prompt=ROMEO:",
+                "--prompt=JULIET:", "--gen_length=8", "--steps=4", "--block_length=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "=== prompt: 'ROMEO:'" in result.stdout and "=== prompt: 'JULIET:'" in result.stdout
+
+
+def test_sample_without_checkpoint_is_one_line_error(tmp_path):
+  _assert_one_line_error(_run("llada_jax.sample", f"--workdir={tmp_path}"), "holds no checkpoint")
+
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}",
+                "--config.model.n_experts=4")
+  _assert_one_line_error(result, "n_experts")
+
+
+def test_bad_value_is_one_line_error_before_compiling(tmp_path):
+  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}",
+                "--config.diffusion.mask_id=42")
+  _assert_one_line_error(result, "diffusion.mask_id=42")
+  assert result.returncode == 2
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_config_file_is_one_line_error(tmp_path):
+  result = _run("llada_jax.train", "--config=configs/nope.py", f"--workdir={tmp_path}")
+  _assert_one_line_error(result, "names no file")

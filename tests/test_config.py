@@ -1,0 +1,68 @@
+"""Config schema: defaults validate, every class of bad value fails with a one-line message."""
+
+import json
+
+import pytest
+
+from configs import llada_1b, llada_8b, tiny
+from llada_jax import config as config_lib
+from llada_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("module", [tiny, llada_1b, llada_8b])
+def test_shipped_configs_validate(module):
+  config_lib.validate(module.get_config())
+
+
+def test_8b_architecture_matches_the_official_model():
+  m = llada_8b.get_config().model
+  assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_hidden_size, m.vocab_size) == (
+      4096, 32, 32, 32, 12288, 126464)
+  assert m.rope_theta == 500000.0 and llada_8b.get_config().diffusion.mask_id == 126336
+
+
+def _bad(path: str, value) -> str:
+  """Validates the defaults with one value replaced (through JSON, as a stored config would)."""
+  section, name = path.split(".")
+  with pytest.raises(ConfigError) as err:
+    config_lib.from_json(json.dumps({section: {name: value}}))
+  message = str(err.value)
+  assert "\n" not in message
+  return message
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    ("model.d_model", 0, "model.d_model=0"),
+    ("model.n_layers", -2, "model.n_layers=-2"),
+    ("model.n_kv_heads", 3, "divisor of model.n_heads"),
+    ("diffusion.mask_id", 100, "real tokens"),
+    ("diffusion.mask_id", 260, "mask_id < model.vocab_size=260"),
+    ("data.sequence_length", 512, "at most model.max_sequence_length=256"),
+    ("sampling.block_length", 48, "divisor of gen_length=128"),
+    ("sampling.steps", 6, "multiple of the number of blocks"),
+    ("model.dtype", "float8", "one of float32, bfloat16, float16"),
+    ("diffusion.eps", 1.5, "0 < eps < 1"),
+    ("model.d_model", 256.0, "type int"),
+    ("optimizer.decay_fraction", 2.0, "a fraction in [0, 1]"),
+    ("mesh.fsdp", 0, "a positive size or -1"),
+])
+def test_bad_values_name_field_and_allowed(path, value, needle):
+  assert needle in _bad(path, value)
+
+
+def test_unknown_key_is_named():
+  c = config_lib.default_config()
+  c.model.n_expert = 4
+  with pytest.raises(ConfigError, match="unknown config key 'model.n_expert'"):
+    config_lib.validate(c)
+
+
+def test_json_round_trip_keeps_every_value():
+  c = llada_8b.get_config()
+  again = config_lib.from_json(config_lib.to_json(c))
+  assert again.to_dict() == c.to_dict()
+
+
+def test_from_json_rejects_unknown_keys():
+  with pytest.raises(ConfigError, match="unknown config key 'model.foo'"):
+    config_lib.from_json('{"model": {"foo": 1}}')

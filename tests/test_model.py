@@ -1,0 +1,125 @@
+"""The mask predictor: shapes, GQA, bidirectional vs causal, padding, layer scan, and the numerics
+of RMSNorm and RoPE against NumPy references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model.layers import RMSNorm, apply_rope
+
+
+def _init(config, tokens, seed=0):
+  model = Transformer(ModelConfig.from_config(config))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
+  return model, params
+
+
+def _tokens(batch=2, length=12, seed=1):
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, 259)
+
+
+def test_logits_shape_and_dtype():
+  config = make_tiny_config()
+  model, params = _init(config, _tokens())
+  logits = model.apply({"params": params}, _tokens())
+  assert logits.shape == (2, 12, config.model.vocab_size)
+  assert logits.dtype == jnp.float32
+
+
+def test_parameter_shapes_carry_gqa_and_names():
+  config = make_tiny_config(n_heads=4, n_kv_heads=2)
+  model = Transformer(ModelConfig.from_config(config))
+  boxed = model.init(jax.random.PRNGKey(0), _tokens())["params"]
+  blocks = boxed["blocks"]
+  assert blocks["q_proj"]["kernel"].value.shape == (2, 64, 4, 16)
+  assert blocks["k_proj"]["kernel"].value.shape == (2, 64, 2, 16)
+  assert blocks["k_proj"]["kernel"].names == ("layers", "embed", "kv_heads", "kv")
+  assert boxed["ff_out"]["kernel"].names == ("embed", "vocab")
+  assert boxed["wte"]["embedding"].names == ("vocab", "embed")
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  """A GQA model is the MHA model whose kv head j is copied to query heads j*G..j*G+G-1."""
+  tokens = _tokens()
+  gqa_config = make_tiny_config(n_heads=4, n_kv_heads=2)
+  gqa, params = _init(gqa_config, tokens)
+  mha, _ = _init(make_tiny_config(n_heads=4, n_kv_heads=4), tokens)
+  mha_params = jax.tree.map(lambda x: x, params)
+  for name in ("k_proj", "v_proj"):
+    kernel = params["blocks"][name]["kernel"]
+    mha_params["blocks"][name] = {"kernel": jnp.repeat(kernel, 2, axis=2)}
+  np.testing.assert_allclose(gqa.apply({"params": params}, tokens),
+                             mha.apply({"params": mha_params}, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_sees_the_future_causal_does_not():
+  tokens = _tokens(batch=1)
+  changed = tokens.at[0, -1].set((tokens[0, -1] + 1) % 259)
+  for causal in (False, True):
+    model, params = _init(make_tiny_config(causal=causal), tokens)
+    before = model.apply({"params": params}, tokens)[0, :-1]
+    after = model.apply({"params": params}, changed)[0, :-1]
+    assert np.allclose(before, after, atol=1e-6) == causal
+
+
+def test_masked_keys_do_not_influence_outputs():
+  tokens = _tokens(batch=1)
+  model, params = _init(make_tiny_config(), tokens)
+  keep = jnp.arange(12)[None] < 8
+  out = model.apply({"params": params}, tokens, keep)[:, :8]
+  truncated = model.apply({"params": params}, tokens[:, :8])
+  np.testing.assert_allclose(out, truncated, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_and_unrolled_layers_agree():
+  tokens = _tokens()
+  scanned, params = _init(make_tiny_config(scan_layers=True), tokens)
+  unrolled, _ = _init(make_tiny_config(scan_layers=False), tokens)
+  unrolled_params = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(2):
+    unrolled_params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+  np.testing.assert_allclose(scanned.apply({"params": params}, tokens),
+                             unrolled.apply({"params": unrolled_params}, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_remat_keeps_values_and_gradients(remat):
+  tokens = _tokens()
+  base, params = _init(make_tiny_config(), tokens)
+  other, _ = _init(make_tiny_config(remat=remat), tokens)
+
+  def loss(model, p):
+    return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+  g1, g2 = jax.grad(lambda p: loss(base, p))(params), jax.grad(lambda p: loss(other, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+
+
+def test_rmsnorm_matches_numpy():
+  x = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+  norm = RMSNorm(1e-5, jnp.float32, jnp.float32)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  weight = np.linspace(0.5, 1.5, 8).astype(np.float32)
+  variables = {"params": {"weight": weight}}
+  expected = weight * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(norm.apply(variables, x), expected, rtol=1e-6)
+
+
+def test_rope_matches_rotate_half_reference():
+  rng = np.random.RandomState(0)
+  x = rng.randn(1, 5, 2, 8).astype(np.float32)
+  positions = np.arange(5)[None]
+  theta = 10000.0
+  inv_freq = 1.0 / theta ** (np.arange(0, 8, 2) / 8)
+  angles = np.concatenate([positions[0, :, None] * inv_freq] * 2, axis=-1)[None, :, None, :]
+  rotated = np.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
+  expected = x * np.cos(angles) + rotated * np.sin(angles)
+  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta), expected,
+                             rtol=1e-5, atol=1e-6)
+  # Position 0 is the identity, and the rotation preserves norms.
+  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0],
+                             x[:, 0], rtol=1e-6)

@@ -1,0 +1,120 @@
+"""The LLaDA forward process and pre-training loss against hand-computed values and invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llada_jax.diffusion.masking import forward_process, mask_probability, random_length
+from llada_jax.diffusion.objectives import masked_diffusion_loss, pretraining_loss
+
+MASK = 259
+
+
+def _logits(batch=2, length=6, vocab=8, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), (batch, length, vocab))
+
+
+def _ce(logits, targets):
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  return -np.take_along_axis(logp, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def test_every_token_masked_with_p_one_is_plain_mean_cross_entropy():
+  logits = _logits()
+  targets = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 8)
+  loss = masked_diffusion_loss(logits, targets, jnp.ones((2, 6), bool), jnp.ones(2), 12)
+  np.testing.assert_allclose(loss, _ce(logits, targets).mean(), rtol=1e-6)
+
+
+def test_hand_computed_weighting_and_normalisation():
+  logits = _logits()
+  targets = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 8)
+  masked = np.zeros((2, 6), bool)
+  masked[0, [1, 4]] = True
+  masked[1, 2] = True
+  p = np.array([0.25, 0.5], np.float32)
+  ce = _ce(logits, targets)
+  expected = (ce[0, 1] / 0.25 + ce[0, 4] / 0.25 + ce[1, 2] / 0.5) / (2 * 6)
+  loss = masked_diffusion_loss(logits, targets, jnp.asarray(masked), jnp.asarray(p), 12)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_unmasked_positions_contribute_nothing():
+  logits = _logits()
+  targets = jnp.zeros((2, 6), jnp.int32)
+  masked = jnp.zeros((2, 6), bool).at[:, :3].set(True)
+  changed = logits.at[:, 3:].add(100.0 * jax.random.normal(jax.random.PRNGKey(5), (2, 3, 8)))
+  a = masked_diffusion_loss(logits, targets, masked, jnp.full(2, 0.5), 12)
+  b = masked_diffusion_loss(changed, targets, masked, jnp.full(2, 0.5), 12)
+  np.testing.assert_allclose(a, b, rtol=1e-7)
+
+
+def test_mask_probability_endpoints():
+  np.testing.assert_allclose(mask_probability(jnp.array([0.0, 1.0]), 1e-3), [1e-3, 1.0])
+
+
+def test_forward_process_masks_at_rate_p_and_only_valid_positions():
+  tokens = jnp.full((4096, 64), 7, jnp.int32)
+  noised = forward_process(jax.random.PRNGKey(0), tokens, mask_id=MASK, eps=1e-3)
+  rate = np.asarray(noised.masked).mean(axis=1)
+  assert np.abs(rate - np.asarray(noised.p_mask)).max() < 0.25
+  assert abs(rate.mean() - 0.5) < 0.01  # E[p] = (1 - eps)/2 + eps
+  assert np.all(np.asarray(noised.tokens)[np.asarray(noised.masked)] == MASK)
+  assert np.all(np.asarray(noised.tokens)[~np.asarray(noised.masked)] == 7)
+  valid = jnp.arange(64)[None] < 10
+  cut = forward_process(jax.random.PRNGKey(0), tokens, mask_id=MASK, eps=1e-3, valid=valid)
+  assert not np.asarray(cut.masked)[:, 10:].any()
+
+
+def test_random_length_distribution():
+  keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+  never = jax.vmap(lambda k: random_length(k, 16, 0.0))(keys)
+  always = np.asarray(jax.vmap(lambda k: random_length(k, 16, 1.0))(keys))
+  assert np.all(np.asarray(never) == 16)
+  assert always.min() == 1 and always.max() == 16
+  assert len(np.unique(always)) == 16
+  sometimes = np.asarray(jax.vmap(lambda k: random_length(k, 16, 0.25))(keys))
+  assert 0.15 < np.mean(sometimes != 16) < 0.3
+
+
+def test_length_cut_equals_truncation():
+  """The static-shape cut (masking positions >= length) computes what truncating the batch would."""
+  vocab, length = 16, 10
+  table = jax.random.normal(jax.random.PRNGKey(3), (vocab + 1, vocab))
+
+  def apply_fn(tokens, attention_mask):
+    # A toy "model" whose output at i depends on every attended key, so leaks would show.
+    emb = table[tokens]
+    pooled = jnp.sum(jnp.where(attention_mask[..., None], emb, 0.0), axis=1, keepdims=True)
+    return emb + 0.1 * pooled
+
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (3, length), 0, vocab)
+  for seed in range(20):
+    rng = jax.random.PRNGKey(seed)
+    loss, metrics = pretraining_loss(apply_fn, tokens, rng, mask_id=vocab, eps=1e-3,
+                                     random_length_prob=1.0)
+    cut = int(metrics["length"])
+    if 1 < cut < length:
+      break
+  # Recompute by truncating, with the same noise the loss drew.
+  _, noise_key = jax.random.split(rng)
+  valid = jnp.broadcast_to(jnp.arange(length) < cut, tokens.shape)
+  noised = forward_process(noise_key, tokens, mask_id=vocab, eps=1e-3, valid=valid)
+  logits = apply_fn(noised.tokens[:, :cut], jnp.ones((3, cut), bool))
+  expected = masked_diffusion_loss(logits, tokens[:, :cut], noised.masked[:, :cut], noised.p_mask,
+                                   3 * cut)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_loss_is_an_unbiased_estimate_of_log_vocab_at_uniform_logits():
+  """With constant logits every CE is log V, and E[sum_masked 1/p] / L = 1, so E[loss] = log V."""
+  vocab = 8
+
+  def apply_fn(tokens, attention_mask):
+    del attention_mask
+    return jnp.zeros(tokens.shape + (vocab,))
+
+  tokens = jnp.zeros((256, 64), jnp.int32)
+  losses = [pretraining_loss(apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab, eps=1e-3,
+                             random_length_prob=0.0)[0] for i in range(8)]
+  assert abs(float(np.mean(losses)) - np.log(vocab)) / np.log(vocab) < 0.05

@@ -1,0 +1,102 @@
+"""The compiled reverse process: schedule, selection and end-to-end invariants."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.sampling import generate
+from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
+
+
+def _official_num_transfer_tokens(mask_num: np.ndarray, steps: int) -> np.ndarray:
+  """NumPy transcription of LLaDA's get_num_transfer_tokens."""
+  base = mask_num // steps
+  remainder = mask_num % steps
+  out = np.zeros((mask_num.shape[0], steps), np.int64) + base[:, None]
+  for i in range(mask_num.shape[0]):
+    out[i, :remainder[i]] += 1
+  return out
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 7, 32])
+def test_num_transfer_tokens_matches_official(steps):
+  counts = np.array([0, 1, 5, 32, 33, 100])
+  got = np.asarray(num_transfer_tokens(jnp.asarray(counts), steps))
+  np.testing.assert_array_equal(got, _official_num_transfer_tokens(counts, steps))
+  np.testing.assert_array_equal(got.sum(axis=1), counts)
+
+
+def test_top_k_mask_selects_highest_and_breaks_ties_by_position():
+  conf = jnp.array([[0.1, 0.9, -jnp.inf, 0.5, 0.5], [0.3, 0.3, 0.3, 0.3, -jnp.inf]])
+  got = np.asarray(top_k_mask(conf, jnp.array([2, 3])))
+  np.testing.assert_array_equal(got, [[0, 1, 0, 1, 0], [1, 1, 1, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  config = make_tiny_config()
+  model = Transformer(ModelConfig.from_config(config))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  return config, params["params"]
+
+
+def _prompt():
+  return jax.random.randint(jax.random.PRNGKey(3), (2, 5), 3, 259)
+
+
+def test_generate_keeps_prompt_and_leaves_no_mask(model_and_params):
+  config, params = model_and_params
+  out = np.asarray(generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8))
+  assert out.shape == (2, 21)
+  np.testing.assert_array_equal(out[:, :5], np.asarray(_prompt()))
+  assert not (out == config.diffusion.mask_id).any()
+
+
+def test_generate_is_deterministic_for_a_seed(model_and_params):
+  config, params = model_and_params
+  kwargs = dict(steps=8, gen_length=16, block_length=8, temperature=1.0)
+  a = generate(config, params, _prompt(), rng=jax.random.PRNGKey(7), **kwargs)
+  b = generate(config, params, _prompt(), rng=jax.random.PRNGKey(7), **kwargs)
+  c = generate(config, params, _prompt(), rng=jax.random.PRNGKey(8), **kwargs)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_one_step_per_token_greedy_commits_the_most_confident_first(model_and_params):
+  """With steps == gen_length one token is committed per step: the argmax of the first step's
+  most confident masked position must survive to the end."""
+  config, params = model_and_params
+  model = Transformer(ModelConfig.from_config(config))
+  prompt = _prompt()
+  x = jnp.concatenate([prompt, jnp.full((2, 4), config.diffusion.mask_id)], axis=1)
+  probs = jax.nn.softmax(model.apply({"params": params}, x), axis=-1)[:, 5:]
+  conf = probs.max(-1)
+  first = np.asarray(jnp.argmax(conf, axis=-1))
+  token = np.asarray(jnp.argmax(probs, axis=-1))[np.arange(2), first]
+  out = np.asarray(generate(config, params, prompt, steps=4, gen_length=4, block_length=4))
+  np.testing.assert_array_equal(out[np.arange(2), 5 + first], token)
+
+
+def test_left_padding_is_invisible_through_the_attention_mask(model_and_params):
+  """Whatever the padding ids are, masked padding cannot change the answer."""
+  config, params = model_and_params
+  prompt = _prompt()[:1]
+  mask = jnp.arange(8)[None] >= 3
+  kwargs = dict(steps=8, gen_length=16, block_length=8)
+  outs = [np.asarray(generate(config, params, jnp.concatenate(
+      [jnp.full((1, 3), pad, jnp.int32), prompt], axis=1), mask, **kwargs)) for pad in (0, 77)]
+  np.testing.assert_array_equal(outs[0][:, 8:], outs[1][:, 8:])
+  assert not (outs[0] == config.diffusion.mask_id).any()
+
+
+def test_bad_schedule_is_rejected(model_and_params):
+  config, params = model_and_params
+  with pytest.raises(ConfigError, match="block_length=5"):
+    generate(config, params, _prompt(), steps=8, gen_length=16, block_length=5)
+  with pytest.raises(ConfigError, match="steps=3"):
+    generate(config, params, _prompt(), steps=3, gen_length=16, block_length=8)

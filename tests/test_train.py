@@ -1,0 +1,98 @@
+"""Train step on one device and on an 8-device mesh, learning, and checkpoint round trips."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.errors import CheckpointError
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.parallel.mesh import make_mesh
+from llada_jax.parallel.sharding import axis_rules, batch_sharding
+from llada_jax.training import checkpoint
+from llada_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from llada_jax.training.state import create_train_state, state_shardings
+from llada_jax.training.step import make_train_step
+
+
+def _run(config, devices, tokens, steps):
+  mesh = make_mesh(config, devices)
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  state, shardings = create_train_state(config, model, tx, mesh)
+  step = make_train_step(config, model, tx, mesh, shardings)
+  batch = jax.device_put(tokens, batch_sharding(mesh, axis_rules(config)))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses, shardings
+
+
+def _tokens(config, seed=0):
+  shape = (config.data.batch_size, config.data.sequence_length)
+  return jax.random.randint(jax.random.PRNGKey(seed), shape, 3, 40)
+
+
+def test_one_device_and_eight_device_mesh_agree():
+  config = make_tiny_config()
+  tokens = _tokens(config)
+  single, single_losses, _ = _run(config, jax.devices()[:1], tokens, steps=2)
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  sharded, sharded_losses, shardings = _run(config, jax.devices()[:8], tokens, steps=2)
+  assert shardings.params["blocks"]["ff_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert len(sharded.params["blocks"]["ff_proj"]["kernel"].sharding.device_set) == 8
+  np.testing.assert_allclose(single_losses, sharded_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(single.params), jax.device_get(sharded.params))
+
+
+def test_loss_falls_when_fitting_one_batch():
+  config = make_tiny_config()
+  config.diffusion.random_length_prob = 0.0
+  config.train.num_steps = 40
+  rows, cols = np.indices((config.data.batch_size, config.data.sequence_length))
+  periodic = jnp.asarray((rows + cols) % 11 + 3)  # every token is determined by its neighbours
+  _, losses, _ = _run(config, jax.devices()[:1], periodic, steps=40)
+  assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
+
+
+def test_warmup_stable_decay_schedule():
+  config = make_tiny_config()
+  config.train.num_steps = 100
+  config.optimizer.update(dict(peak_lr=1.0, warmup_steps=10, decay_fraction=0.2, final_lr=0.1,
+                               lr_drop_step=50, lr_after_drop=0.5))
+  lr = learning_rate_schedule(config)
+  got = [float(lr(s)) for s in (0, 5, 10, 49, 50, 80, 90, 100)]
+  np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.3, 0.1], rtol=1e-6)
+
+
+def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
+  config = make_tiny_config()
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  state, _, _ = _run(config, jax.devices()[:8], _tokens(config), steps=1)
+  saver = checkpoint.Checkpointer(tmp_path, config)
+  saver.save(1, state, force=True)
+  saver.wait()
+  saver.close()
+  assert checkpoint.latest_step(tmp_path) == 1
+  assert checkpoint.load_config(tmp_path).to_dict() == config.to_dict()
+
+  target = make_tiny_config()  # restore replicated on one device
+  model, tx = Transformer(ModelConfig.from_config(target)), make_optimizer(target)
+  abstract, _ = state_shardings(target, model, tx, make_mesh(target, jax.devices()[:1]))
+  restored = checkpoint.load_state(tmp_path, 1, abstract)
+  assert int(restored.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    checkpoint.latest_step(tmp_path)
+
+
+def test_architecture_mismatch_is_named():
+  saved, wanted = make_tiny_config(), make_tiny_config(d_model=128)
+  assert checkpoint.architecture_mismatch(saved, wanted) == [
+      "model.d_model=128 but the checkpoint has 64"]
+  assert not checkpoint.architecture_mismatch(saved, make_tiny_config(remat="full"))
