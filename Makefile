@@ -18,7 +18,8 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m llada_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 	$(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
-	    --prompt="KING HENRY:" --gen_length=192 --steps=192 --block_length=32
+	    --prompt="KING HENRY:" --gen_length=112 --steps=112 --block_length=112 \
+	    --remasking=random --temperature=1.0
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

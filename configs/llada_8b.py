@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
       mlp_hidden_size=12288, max_sequence_length=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
       dtype="bfloat16", param_dtype="float32", remat="full"))
-  c.diffusion.mask_id = 126336
+  c.tokens.update(dict(mask_id=126336, pad_id=126081, eos_id=126081, bos_id=126080, eot_id=126348))
   c.data.update(dict(vocabulary="llada_hf", sequence_length=4096, batch_size=1280))
   c.optimizer.update(dict(peak_lr=4e-4, warmup_steps=2000, lr_drop_step=228_900, lr_after_drop=1e-4,
                           decay_fraction=0.13, final_lr=1e-5, weight_decay=0.1))

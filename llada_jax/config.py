@@ -22,7 +22,9 @@ VOCABULARY_SIZES = {"byte": 259, "llada_hf": None}
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("xla",)
 REMAT_POLICIES = ("none", "full")
-REMASKING = ("low_confidence",)
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+OBJECTIVES = ("mdm", "arm")
+TIME_SAMPLING = ("uniform", "stratified")
 TASKS = ("tinyshakespeare",)
 
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
@@ -43,50 +45,59 @@ DEFAULT_AXIS_RULES = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Returns the full schema with its default values (a small CPU model on Tiny Shakespeare)."""
+  """Returns the full schema with its default values (the ~1M-parameter CPU model of the demo)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=260,            # rows of the embedding / columns of the head (>= mask_id + 1)
-      d_model=256,
+      d_model=128,
       n_layers=4,
       n_heads=4,
       n_kv_heads=4,              # < n_heads gives grouped-query attention
-      mlp_hidden_size=704,       # SwiGLU hidden width
-      max_sequence_length=256,
+      mlp_hidden_size=384,       # SwiGLU hidden width
+      max_sequence_length=128,
       rope_theta=10000.0,
       rms_norm_eps=1e-5,
       causal=False,              # True gives the autoregressive (ARM) baseline from the same code
       dtype="float32",           # compute dtype
       param_dtype="float32",
-      init_std=0.02,
+      init_std=0.088,            # ~1/sqrt(d_model); LLaDA-8B uses 0.02 (~1/sqrt(4096))
       scan_layers=True,          # one compiled block scanned over layers (fast compiles at depth)
       remat="none",
       attention="xla",
   ))
 
+  c.tokens = ml_collections.ConfigDict(dict(
+      mask_id=259,               # reserved id above the real tokens of the vocabulary
+      pad_id=0,
+      eos_id=1,
+      bos_id=-1,                 # -1: the vocabulary has no such token
+      eot_id=-1,                 # end of turn (chat models)
+  ))
+
   c.diffusion = ml_collections.ConfigDict(dict(
-      mask_id=259,
+      objective="mdm",           # "mdm": LLaDA masked diffusion; "arm": next-token baseline
       eps=1e-3,                  # p_mask = (1 - eps) * t + eps
+      time_sampling="uniform",   # "stratified": t_i = (u + i/B) mod 1, lower variance
       random_length_prob=0.01,   # fraction of batches cut to a random length in [1, L]
   ))
 
   c.data = ml_collections.ConfigDict(dict(
       task="tinyshakespeare",
       vocabulary="byte",
-      sequence_length=256,
+      sequence_length=128,
       batch_size=16,             # global batch, split over the data-parallel mesh axes
       shuffle_buffer=10_000,
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=1e-3,
+      peak_lr=3e-3,
       warmup_steps=50,           # linear warm-up 0 -> peak_lr
       lr_drop_step=0,            # > 0: the stable phase steps down to lr_after_drop at this step
       lr_after_drop=0.0,
       decay_fraction=0.2,        # last fraction of train.num_steps decays linearly to final_lr
-      final_lr=1e-5,
+      final_lr=1e-4,
       weight_decay=0.1,
       b1=0.9,
       b2=0.95,
@@ -95,10 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=300,
-      log_every=10,
-      eval_every=100,
-      eval_batches=4,
+      num_steps=1200,
+      log_every=50,
+      eval_every=200,
+      eval_batches=8,
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -109,15 +120,15 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      save_every=100,
+      save_every=200,
       keep=3,
       async_save=True,
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(
-      steps=128,
-      gen_length=128,
-      block_length=32,
+      steps=112,
+      gen_length=112,
+      block_length=16,
       temperature=0.0,
       remasking="low_confidence",
   ))
@@ -127,7 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; raises ConfigError naming the first bad one. Returns the config."""
   _check_keys_and_types(config, default_config(), prefix="")
-  m, d, data = config.model, config.diffusion, config.data
+  m, d, data, tok = config.model, config.diffusion, config.data, config.tokens
 
   for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
                "max_sequence_length"):
@@ -149,10 +160,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("data.vocabulary", data.vocabulary, tuple(VOCABULARY_SIZES))
   _choice("data.task", data.task, TASKS)
   real_tokens = VOCABULARY_SIZES[data.vocabulary] or 0
-  if not real_tokens <= d.mask_id < m.vocab_size:
-    _fail("diffusion.mask_id", d.mask_id,
+  if not real_tokens <= tok.mask_id < m.vocab_size:
+    _fail("tokens.mask_id", tok.mask_id,
           f"an id outside the {data.vocabulary!r} vocabulary's real tokens and inside the model: "
           f"{real_tokens} <= mask_id < model.vocab_size={m.vocab_size}")
+  for name in ("pad_id", "eos_id"):
+    if not 0 <= tok[name] < m.vocab_size:
+      _fail(f"tokens.{name}", tok[name], f"an id in [0, model.vocab_size={m.vocab_size})")
+  for name in ("bos_id", "eot_id"):
+    if not -1 <= tok[name] < m.vocab_size:
+      _fail(f"tokens.{name}", tok[name], f"-1 (none) or an id in [0, {m.vocab_size})")
+  for name in ("pad_id", "eos_id", "bos_id", "eot_id"):
+    if tok[name] == tok.mask_id:
+      _fail(f"tokens.{name}", tok[name], f"an id different from tokens.mask_id={tok.mask_id}")
+  _choice("diffusion.objective", d.objective, OBJECTIVES)
+  if (d.objective == "arm") != m.causal:
+    _fail("model.causal", m.causal, f"{d.objective == 'arm'} with diffusion.objective="
+          f"{d.objective!r} (the ARM baseline is the causal model, LLaDA the bidirectional one)")
+  _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
   if not 0.0 < d.eps < 1.0:
     _fail("diffusion.eps", d.eps, "0 < eps < 1")
   if not 0.0 <= d.random_length_prob <= 1.0:
@@ -205,6 +230,8 @@ def validate_sampling(steps: int, gen_length: int, block_length: int, temperatur
   _positive(f"{prefix}block_length", block_length)
   if gen_length % block_length:
     _fail(f"{prefix}block_length", block_length, f"a divisor of gen_length={gen_length}")
+  if steps > gen_length:
+    _fail(f"{prefix}steps", steps, f"at most gen_length={gen_length} (one token per step at least)")
   num_blocks = gen_length // block_length
   if steps % num_blocks:
     _fail(f"{prefix}steps", steps,

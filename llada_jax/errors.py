@@ -9,8 +9,8 @@ class LladaError(Exception):
   """Base class for errors caused by the user's input rather than by a bug."""
 
 
-class ConfigError(LladaError):
-  """A config field has a value that is not allowed."""
+class ConfigError(LladaError, ValueError):
+  """A config field or an argument has a value that is not allowed."""
 
 
 class CheckpointError(LladaError):

@@ -21,6 +21,7 @@ def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
                       max_sequence_length=64))
   c.model.update(model_overrides)
+  c.diffusion.objective = "arm" if c.model.causal else "mdm"
   c.data.update(dict(sequence_length=32, batch_size=8, shuffle_buffer=64))
   c.optimizer.update(dict(warmup_steps=2, peak_lr=3e-3))
   c.train.update(dict(num_steps=4, log_every=2, eval_every=4, eval_batches=1))

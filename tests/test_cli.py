@@ -1,5 +1,6 @@
 """The absl command lines: train, resume, sample, and one-line errors for bad input."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -67,8 +68,8 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
 
 def test_bad_value_is_one_line_error_before_compiling(tmp_path):
   result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}",
-                "--config.diffusion.mask_id=42")
-  _assert_one_line_error(result, "diffusion.mask_id=42")
+                "--config.tokens.mask_id=42")
+  _assert_one_line_error(result, "tokens.mask_id=42")
   assert result.returncode == 2
   assert not (tmp_path / "checkpoints").exists()
 
@@ -76,3 +77,21 @@ def test_bad_value_is_one_line_error_before_compiling(tmp_path):
 def test_missing_config_file_is_one_line_error(tmp_path):
   result = _run("llada_jax.train", "--config=configs/nope.py", f"--workdir={tmp_path}")
   _assert_one_line_error(result, "names no file")
+
+
+def test_sample_takes_token_ids_every_option_and_writes_json(trained_workdir, tmp_path):
+  out = tmp_path / "samples.json"
+  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--prompt_ids=70,82,79",
+                "--prompt_ids=74", "--gen_length=8", "--steps=8", "--block_length=4",
+                "--remasking=margin", "--temperature=0.5", "--cfg_scale=1.0", "--logits_eos_inf",
+                "--confidence_eos_eot_inf", f"--output_json={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads(out.read_text())
+  assert len(written["tokens"]) == 2 and len(written["text"]) == 2
+  assert all(len(row) <= 8 for row in written["tokens"])
+
+
+def test_sample_bad_option_is_one_line_error(trained_workdir):
+  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--remasking=top_p",
+                "--gen_length=8", "--steps=8", "--block_length=8")
+  _assert_one_line_error(result, "remasking='top_p'")

@@ -2,11 +2,15 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import llada_1b, llada_8b, tiny
 from llada_jax import config as config_lib
 from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer
 
 
 @pytest.mark.parametrize("module", [tiny, llada_1b, llada_8b])
@@ -18,7 +22,7 @@ def test_8b_architecture_matches_the_official_model():
   m = llada_8b.get_config().model
   assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_hidden_size, m.vocab_size) == (
       4096, 32, 32, 32, 12288, 126464)
-  assert m.rope_theta == 500000.0 and llada_8b.get_config().diffusion.mask_id == 126336
+  assert m.rope_theta == 500000.0 and llada_8b.get_config().tokens.mask_id == 126336
 
 
 def _bad(path: str, value) -> str:
@@ -35,10 +39,10 @@ def _bad(path: str, value) -> str:
     ("model.d_model", 0, "model.d_model=0"),
     ("model.n_layers", -2, "model.n_layers=-2"),
     ("model.n_kv_heads", 3, "divisor of model.n_heads"),
-    ("diffusion.mask_id", 100, "real tokens"),
-    ("diffusion.mask_id", 260, "mask_id < model.vocab_size=260"),
-    ("data.sequence_length", 512, "at most model.max_sequence_length=256"),
-    ("sampling.block_length", 48, "divisor of gen_length=128"),
+    ("tokens.mask_id", 100, "real tokens"),
+    ("tokens.mask_id", 260, "mask_id < model.vocab_size=260"),
+    ("data.sequence_length", 512, "at most model.max_sequence_length=128"),
+    ("sampling.block_length", 48, "divisor of gen_length=112"),
     ("sampling.steps", 6, "multiple of the number of blocks"),
     ("model.dtype", "float8", "one of float32, bfloat16, float16"),
     ("diffusion.eps", 1.5, "0 < eps < 1"),
@@ -66,3 +70,30 @@ def test_json_round_trip_keeps_every_value():
 def test_from_json_rejects_unknown_keys():
   with pytest.raises(ConfigError, match="unknown config key 'model.foo'"):
     config_lib.from_json('{"model": {"foo": 1}}')
+
+
+def _parameter_count(config) -> int:
+  model = Transformer(ModelConfig.from_config(config))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_8b_has_exactly_the_official_parameter_count():
+  assert _parameter_count(llada_8b.get_config()) == 8_015_581_184
+
+
+def test_1b_has_the_papers_parameter_counts():
+  config = llada_1b.get_config()
+  total = _parameter_count(config)
+  embedding_and_head = 2 * config.model.vocab_size * config.model.d_model
+  assert round(total / 1e9, 2) == 1.49  # paper Table 5
+  assert round((total - embedding_and_head) / 1e9, 2) == 0.97
+
+
+def test_arm_objective_requires_the_causal_model():
+  c = tiny.get_config()
+  c.diffusion.objective = "arm"
+  with pytest.raises(ConfigError, match="model.causal=False"):
+    config_lib.validate(c)
+  c.model.causal = True
+  config_lib.validate(c)

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llada_jax.diffusion.masking import forward_process, mask_probability, random_length
-from llada_jax.diffusion.objectives import masked_diffusion_loss, pretraining_loss
+from llada_jax.diffusion.masking import (forward_process, mask_probability, random_length,
+                                         sample_times)
+from llada_jax.diffusion.objectives import (autoregressive_loss, masked_diffusion_loss,
+                                            pretraining_loss, sft_loss)
 
 MASK = 259
 
@@ -118,3 +120,79 @@ def test_loss_is_an_unbiased_estimate_of_log_vocab_at_uniform_logits():
   losses = [pretraining_loss(apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab, eps=1e-3,
                              random_length_prob=0.0)[0] for i in range(8)]
   assert abs(float(np.mean(losses)) - np.log(vocab)) / np.log(vocab) < 0.05
+
+
+def test_stratified_times_cover_the_unit_interval_evenly():
+  t = np.asarray(sample_times(jax.random.PRNGKey(0), 8, "stratified"))
+  np.testing.assert_allclose(np.sort(np.diff(np.sort(t))), np.full(7, 1 / 8), atol=1e-6)
+  many = np.concatenate([np.asarray(sample_times(jax.random.PRNGKey(i), 4, "stratified"))
+                         for i in range(2000)])
+  assert abs(many.mean() - 0.5) < 0.01 and abs(np.mean(many < 0.25) - 0.25) < 0.02
+
+
+def test_stratified_times_keep_the_expected_loss_and_lower_its_variance():
+  """A toy predictor that is right when the left neighbour is visible, uniform otherwise: its loss
+  falls with t, which is the variance that stratifying t removes."""
+  vocab, length = 8, 32
+
+  def apply_fn(noisy, attention_mask):
+    del attention_mask
+    left = jnp.roll(noisy, 1, axis=1)
+    guess = jax.nn.one_hot((left + 1) % vocab, vocab) * 6.0
+    return jnp.where((left == vocab)[..., None], 0.0, guess)
+
+  tokens = jnp.broadcast_to(jnp.arange(length) % vocab, (8, length))
+
+  def losses(method):
+    return np.asarray([pretraining_loss(apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab,
+                                        eps=1e-3, random_length_prob=0.0, time_sampling=method)[0]
+                       for i in range(400)])
+  uniform, stratified = losses("uniform"), losses("stratified")
+  stderr = np.hypot(uniform.std(), stratified.std()) / np.sqrt(400)
+  assert abs(uniform.mean() - stratified.mean()) < 4 * stderr
+  assert stratified.var() < 0.8 * uniform.var()
+
+
+def _sft_reference(logits, tokens, masked, p_mask, prompt_lengths):
+  """The official SFT formula: sum over masked CE / p / answer_length, over the batch size."""
+  ce = _ce(logits, tokens)
+  answer_lengths = tokens.shape[1] - np.asarray(prompt_lengths)
+  total = 0.0
+  for b in range(tokens.shape[0]):
+    for i in range(tokens.shape[1]):
+      if masked[b, i]:
+        total += ce[b, i] / p_mask[b] / answer_lengths[b]
+  return total / tokens.shape[0]
+
+
+def test_sft_loss_never_masks_the_prompt_and_matches_the_official_formula():
+  vocab, length = 8, 10
+  table = jax.random.normal(jax.random.PRNGKey(3), (vocab + 1, vocab))
+  seen = []
+
+  def apply_fn(tokens, attention_mask):
+    del attention_mask
+    seen.append(tokens)
+    return table[tokens]
+
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, length), 0, vocab)
+  prompt_lengths = jnp.array([2, 5, 9])
+  rng = jax.random.PRNGKey(7)
+  loss, _ = sft_loss(apply_fn, tokens, prompt_lengths, rng, mask_id=vocab, eps=1e-3)
+  noisy = np.asarray(seen[0])
+  for b, plen in enumerate(np.asarray(prompt_lengths)):
+    np.testing.assert_array_equal(noisy[b, :plen], np.asarray(tokens)[b, :plen])
+  is_response = np.arange(length)[None] >= np.asarray(prompt_lengths)[:, None]
+  noised = forward_process(rng, tokens, mask_id=vocab, eps=1e-3, valid=jnp.asarray(is_response))
+  expected = _sft_reference(table[noisy], np.asarray(tokens), np.asarray(noised.masked),
+                            np.asarray(noised.p_mask), prompt_lengths)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_autoregressive_loss_is_next_token_cross_entropy():
+  vocab = 8
+  table = jax.random.normal(jax.random.PRNGKey(3), (vocab, vocab))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, vocab)
+  loss, _ = autoregressive_loss(lambda t, m: table[t], tokens)
+  ce = _ce(table[tokens][:, :-1], np.asarray(tokens)[:, 1:])
+  np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)

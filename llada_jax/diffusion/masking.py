@@ -24,15 +24,30 @@ def mask_probability(t: jax.Array, eps: float) -> jax.Array:
   return (1.0 - eps) * t + eps
 
 
+def sample_times(rng: jax.Array, batch: int, method: str = "uniform") -> jax.Array:
+  """Diffusion times [batch] in [0, 1).
+
+  "uniform": independent U(0, 1). "stratified" (antithetic, as in MD4): one u ~ U(0, 1) and
+  t_i = (u + i / batch) mod 1, so every t is still U(0, 1) (same expected loss) but the batch covers
+  [0, 1) evenly, which lowers the variance of the 1/p-weighted loss.
+  """
+  if method == "uniform":
+    return jax.random.uniform(rng, (batch,))
+  if method == "stratified":
+    return jnp.mod(jax.random.uniform(rng) + jnp.arange(batch) / batch, 1.0)
+  raise ValueError(f"time sampling {method!r} is not one of uniform, stratified")
+
+
 def forward_process(rng: jax.Array, tokens: jax.Array, *, mask_id: int, eps: float,
-                    valid: jax.Array | None = None) -> Noised:
+                    valid: jax.Array | None = None, time_sampling: str = "uniform") -> Noised:
   """Masks every token of `tokens` [B, L] with its sequence's probability p.
 
-  valid: optional bool [B, L]; positions outside it are never masked (e.g. beyond a cut length).
+  valid: optional bool [B, L]; positions outside it are never masked (the prompt in SFT, positions
+  beyond a cut length).
   """
   t_key, mask_key = jax.random.split(rng)
   batch, length = tokens.shape
-  p_mask = mask_probability(jax.random.uniform(t_key, (batch,)), eps)
+  p_mask = mask_probability(sample_times(t_key, batch, time_sampling), eps)
   masked = jax.random.uniform(mask_key, (batch, length)) < p_mask[:, None]
   if valid is not None:
     masked = masked & valid

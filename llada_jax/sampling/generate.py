@@ -2,92 +2,187 @@
 
 x starts as prompt ++ [MASK] * gen_length. The answer is filled block by block (semi-autoregressive
 when block_length < gen_length); in each step the mask predictor proposes a token for every masked
-position and the most confident proposals of the current block are committed. The whole loop is
-`lax.fori_loop`s inside one `jit`, with the step's randomness from `fold_in(rng, step)`.
+position and the most confident proposals of the current block are committed. Mask tokens inside
+the prompt are filled too (infilling): they count towards the first block and are candidates from
+the first step. The whole loop is `lax.fori_loop`s inside one `jit`, its randomness drawn from
+`fold_in(rng, step)`, so a sample costs no host round trip per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from llada_jax.config import validate_sampling
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer, positions_from_mask
+from llada_jax.sampling.remasking import REMASKING, confidence_of
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
 
-def generate(config: ml_collections.ConfigDict, params: Any, prompt: jax.Array,
-             attention_mask: jax.Array | None = None, *, steps: int, gen_length: int,
-             block_length: int, temperature: float = 0.0, remasking: str = "low_confidence",
-             mask_id: int | None = None, rng: jax.Array | None = None) -> jax.Array:
-  """Samples answers for a batch of prompts.
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """Everything that shapes the compiled program (one compilation per distinct spec)."""
+  model: ModelConfig
+  steps: int
+  gen_length: int
+  block_length: int
+  remasking: str
+  mask_id: int
+  eos_id: int
+  eot_id: int
+  logits_eos_inf: bool
+  confidence_eos_eot_inf: bool
+  use_cfg: bool
+  return_trajectory: bool
+  float64: bool
+
+
+def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
+             attention_mask: Any = None, *, steps: int, gen_length: int, block_length: int,
+             temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
+             mask_id: int | None = None, logits_eos_inf: bool = False,
+             confidence_eos_eot_inf: bool = False, rng: jax.Array | None = None,
+             return_trajectory: bool = False, float64: bool = False) -> Any:
+  """Samples answers for a batch of prompts with the LLaDA reverse process.
 
   Args:
-    config: the run's config (model architecture and diffusion.mask_id).
+    config: the model's config (architecture and token ids in config.tokens).
     params: mask predictor parameters.
-    prompt: int [B, P] token ids; batches of different lengths are left-padded.
-    attention_mask: optional bool/int [B, P], 0 on padding (the answer is always attended to).
-    steps, gen_length, block_length: reverse-process schedule; gen_length must be a multiple of
-      block_length and steps a multiple of the number of blocks.
-    temperature: Gumbel noise scale on the logits (0 is greedy).
-    remasking: "low_confidence" commits the most probable proposals first.
-    mask_id: defaults to config.diffusion.mask_id.
-    rng: PRNG key for the noise; defaults to the config seed.
+    prompt: int [B, P] token ids; prompts of different lengths are left-padded with tokens.pad_id.
+    attention_mask: optional [B, P], 0 on padding; padding is neither attended to nor counted in
+      the positions, so a padded prompt gives the tokens it gives alone.
+    steps, gen_length, block_length: gen_length is a multiple of block_length, steps a multiple of
+      the number of blocks and at most gen_length; each block gets steps / num_blocks steps.
+    temperature: Gumbel-max noise scale on the logits (0 is greedy).
+    cfg_scale: classifier-free guidance w: logits = u + (w + 1)(c - u), u with the prompt masked.
+    remasking: how proposals are ranked: low_confidence, random, margin or entropy.
+    mask_id: defaults to config.tokens.mask_id.
+    logits_eos_inf: never propose EOS.
+    confidence_eos_eot_inf: commit positions proposing EOS or EoT after every other position.
+    rng: PRNG key (default from config.seed).
+    return_trajectory: also return the token state after every step, [steps, B, P + gen_length].
+    float64: Gumbel noise and probabilities in float64 (needs jax_enable_x64), as the official code.
 
   Returns:
-    int [B, P + gen_length]: the prompt followed by the generated answer.
+    int32 [B, P + gen_length] (and the trajectory when asked).
   """
-  validate_sampling(steps, gen_length, block_length, temperature, remasking)
-  mask_id = config.diffusion.mask_id if mask_id is None else mask_id
+  tokens = config.tokens
+  mask_id = tokens.mask_id if mask_id is None else mask_id
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim != 2:
+    raise ConfigError(f"prompt of shape {prompt.shape} is not allowed: expected [batch, length]")
+  attention_mask = (np.ones(prompt.shape, bool) if attention_mask is None
+                    else np.asarray(attention_mask).astype(bool))
+  check_generate_arguments(config, prompt, attention_mask, steps, gen_length, block_length,
+                           temperature, cfg_scale, remasking, mask_id, float64)
+  spec = SamplerSpec(ModelConfig.from_config(config), steps, gen_length, block_length, remasking,
+                     mask_id, tokens.eos_id, tokens.eot_id, logits_eos_inf,
+                     confidence_eos_eot_inf, cfg_scale > 0, return_trajectory, float64)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if attention_mask is None:
-    attention_mask = jnp.ones(prompt.shape, bool)
-  sampler = _compiled_sampler(ModelConfig.from_config(config), steps, gen_length, block_length,
-                              remasking, mask_id)
-  return sampler(params, prompt, jnp.asarray(attention_mask, bool), jnp.float32(temperature), rng)
+  return _compiled_sampler(spec)(params, jnp.asarray(prompt), jnp.asarray(attention_mask),
+                                 jnp.float32(temperature), jnp.float32(cfg_scale), rng)
+
+
+def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,
+                             attention_mask: np.ndarray, steps: int, gen_length: int,
+                             block_length: int, temperature: float, cfg_scale: float,
+                             remasking: str, mask_id: int, float64: bool = False) -> None:
+  """Raises ConfigError (a ValueError) with one line for any argument generate cannot take."""
+  from llada_jax.config import validate_sampling  # pylint: disable=g-import-not-at-top
+
+  validate_sampling(steps, gen_length, block_length, temperature, remasking)
+  if remasking not in REMASKING:
+    raise ConfigError(f"remasking={remasking!r} is not allowed: expected one of "
+                      + ", ".join(REMASKING))
+  if cfg_scale < 0:
+    raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
+  vocab = config.model.vocab_size
+  if not 0 <= mask_id < vocab:
+    raise ConfigError(f"mask_id={mask_id} is not allowed: expected an id in [0, {vocab})")
+  if config.tokens.pad_id == mask_id:
+    raise ConfigError(f"tokens.pad_id={config.tokens.pad_id} is not allowed: it equals the mask "
+                      "id, so padding would be generated over")
+  if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
+    bad = int(prompt.min() if prompt.min() < 0 else prompt.max())
+    raise ConfigError(f"prompt token id {bad} is not allowed: expected ids in [0, {vocab})")
+  if attention_mask.shape != prompt.shape:
+    raise ConfigError(f"attention_mask of shape {attention_mask.shape} is not allowed: expected "
+                      f"the prompt's shape {prompt.shape}")
+  total = prompt.shape[1] + gen_length
+  if total > config.model.max_sequence_length:
+    raise ConfigError(f"prompt length {prompt.shape[1]} + gen_length={gen_length} is not allowed: "
+                      f"expected at most model.max_sequence_length="
+                      f"{config.model.max_sequence_length}")
+  if float64 and not jax.config.jax_enable_x64:
+    raise ConfigError("float64=True is not allowed while jax_enable_x64 is off: set "
+                      "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))")
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_sampler(model_cfg: ModelConfig, steps: int, gen_length: int, block_length: int,
-                      remasking: str, mask_id: int) -> Callable[..., jax.Array]:
-  """Builds (once per static setting) the jitted reverse process."""
-  model = Transformer(model_cfg)
-  num_blocks = gen_length // block_length
-  steps_per_block = steps // num_blocks
+def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
+  """Builds (once per spec) the jitted reverse process."""
+  model = Transformer(spec.model)
+  num_blocks = spec.gen_length // spec.block_length
+  steps_per_block = spec.steps // num_blocks
+  real = jnp.float64 if spec.float64 else jnp.float32
 
-  def run(params, prompt, prompt_mask, temperature, rng):
+  def predict(params, x, attention_mask, positions, is_prompt, cfg_scale):
+    """Logits for x, with classifier-free guidance (both passes in one batch) if asked."""
+    if not spec.use_cfg:
+      return model.apply({"params": params}, x, attention_mask, positions)
+    unconditional = jnp.where(is_prompt, spec.mask_id, x)
+    both = model.apply({"params": params}, jnp.concatenate([x, unconditional]),
+                       jnp.concatenate([attention_mask] * 2), jnp.concatenate([positions] * 2))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+  def run(params, prompt, prompt_mask, temperature, cfg_scale, rng):
     batch, prompt_len = prompt.shape
-    total = prompt_len + gen_length
-    x = jnp.concatenate([prompt, jnp.full((batch, gen_length), mask_id, jnp.int32)], axis=1)
-    attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, gen_length), bool)], axis=1)
-    positions = jnp.arange(total)
+    total = prompt_len + spec.gen_length
+    x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
+    attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, spec.gen_length), bool)], 1)
+    positions = positions_from_mask(attention_mask)
+    is_prompt = (jnp.arange(total) < prompt_len) & (x != spec.mask_id)
+    index = jnp.arange(total)
+    trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
 
-    def block_body(block, x):
-      block_start = prompt_len + block * block_length
-      in_block = (positions >= block_start) & (positions < block_start + block_length)
-      counts = jnp.sum((x == mask_id) & in_block, axis=-1)
-      schedule = num_transfer_tokens(counts, steps_per_block)
+    def block_body(block, carry):
+      x, trajectory = carry
+      block_end = prompt_len + (block + 1) * spec.block_length
+      block_start = jnp.where(block == 0, 0, block_end - spec.block_length)
+      in_block = (index >= block_start) & (index < block_end) & attention_mask
+      schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), steps_per_block)
 
-      def step_body(i, x):
-        key = jax.random.fold_in(rng, block * steps_per_block + i)
-        logits = model.apply({"params": params}, x, attention_mask)
-        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
-        x0 = jnp.argmax(logits + temperature * gumbel, axis=-1).astype(jnp.int32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        confidence = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-        is_masked = x == mask_id
-        candidate = is_masked & (positions < block_start + block_length)
+      def step_body(i, carry):
+        x, trajectory = carry
+        step = block * steps_per_block + i
+        noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
+        logits = predict(params, x, attention_mask, positions, is_prompt, cfg_scale).astype(real)
+        if spec.logits_eos_inf:
+          logits = logits.at[..., spec.eos_id].set(-jnp.inf)
+        gumbel = jax.random.gumbel(noise_key, logits.shape, real)
+        x0 = jnp.argmax(logits + temperature.astype(real) * gumbel, axis=-1).astype(jnp.int32)
+        confidence = confidence_of(spec.remasking, logits, x0, remask_key)
+        candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
+        if spec.confidence_eos_eot_inf:
+          last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
+          confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
         confidence = jnp.where(candidate, confidence, -jnp.inf)
-        commit = top_k_mask(confidence, schedule[:, i])
-        return jnp.where(commit & is_masked, x0, x)
+        commit = top_k_mask(confidence, schedule[:, i]) & candidate
+        x = jnp.where(commit, x0, x)
+        if spec.return_trajectory:
+          trajectory = trajectory.at[step].set(x)
+        return x, trajectory
 
-      return jax.lax.fori_loop(0, steps_per_block, step_body, x)
+      return jax.lax.fori_loop(0, steps_per_block, step_body, (x, trajectory))
 
-    return jax.lax.fori_loop(0, num_blocks, block_body, x)
+    x, trajectory = jax.lax.fori_loop(0, num_blocks, block_body, (x, trajectory))
+    return (x, trajectory) if spec.return_trajectory else x
 
   return jax.jit(run)

@@ -29,21 +29,31 @@ def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.Confi
   return config, load_state(workdir, step, abstract).params
 
 
-def sample_texts(config: ml_collections.ConfigDict, params: Any, prompts: Sequence[str], *,
-                 steps: int, gen_length: int, block_length: int, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
-  """Generates one answer per prompt (prompts left-padded to a common length)."""
+def trim_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+  """The ids before the first EOS (all of them if there is none)."""
+  ids = list(ids)
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[str] | None = None,
+           ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
+           **generate_kwargs: Any) -> dict[str, list]:
+  """Generates one answer per prompt (text or ids; left-padded to a common length).
+
+  Returns {"prompt": prompts as text, "tokens": answer ids cut at the first EOS, "text": decoded}.
+  generate_kwargs go to `generate` (steps, gen_length, block_length, temperature, ...).
+  """
   from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
 
   vocab = get_vocabulary(config)
-  encoded = [list(vocab.encode(p)) for p in prompts]
+  encoded = [list(vocab.encode(t)) for t in texts] if texts is not None else [list(i) for i in ids]
   width = max(len(e) for e in encoded)
-  tokens = np.full((len(encoded), width), vocab.pad_id, np.int32)
+  tokens = np.full((len(encoded), width), config.tokens.pad_id, np.int32)
   mask = np.zeros((len(encoded), width), bool)
-  for row, ids in enumerate(encoded):
-    tokens[row, width - len(ids):] = ids
-    mask[row, width - len(ids):] = True
-  out = generate(config, params, tokens, mask, steps=steps, gen_length=gen_length,
-                 block_length=block_length, temperature=temperature,
-                 rng=jax.random.PRNGKey(seed))
-  return [vocab.decode(row.tolist()) for row in np.asarray(out)[:, width:]]
+  for row, row_ids in enumerate(encoded):
+    tokens[row, width - len(row_ids):] = row_ids
+    mask[row, width - len(row_ids):] = True
+  out = generate(config, params, tokens, mask, rng=jax.random.PRNGKey(seed), **generate_kwargs)
+  answers = [trim_at_eos(row, config.tokens.eos_id) for row in np.asarray(out)[:, width:].tolist()]
+  prompts = list(texts) if texts is not None else [vocab.decode(e) for e in encoded]
+  return {"prompt": prompts, "tokens": answers, "text": [vocab.decode(a) for a in answers]}

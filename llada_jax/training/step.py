@@ -10,7 +10,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from llada_jax.diffusion.objectives import pretraining_loss
+from llada_jax.diffusion.objectives import autoregressive_loss, pretraining_loss
 from llada_jax.model import Transformer
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
@@ -26,10 +26,14 @@ def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) ->
 
 def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, tokens: jax.Array,
           rng: jax.Array, random_length_prob: float) -> tuple[jax.Array, Metrics]:
+  """The configured objective: the LLaDA bound ("mdm") or next-token CE ("arm")."""
   def apply(noisy: jax.Array, mask: jax.Array) -> jax.Array:
     return model.apply({"params": params}, noisy, mask)
-  return pretraining_loss(apply, tokens, rng, mask_id=config.diffusion.mask_id,
-                          eps=config.diffusion.eps, random_length_prob=random_length_prob)
+  if config.diffusion.objective == "arm":
+    return autoregressive_loss(apply, tokens)
+  return pretraining_loss(apply, tokens, rng, mask_id=config.tokens.mask_id,
+                          eps=config.diffusion.eps, random_length_prob=random_length_prob,
+                          time_sampling=config.diffusion.time_sampling)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: Transformer,

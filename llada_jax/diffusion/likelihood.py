@@ -1,0 +1,154 @@
+"""Monte-Carlo bound on log p(answer | prompt), LLaDA's lower-variance form.
+
+For an answer of length L: draw l in {1..L}, mask exactly l answer positions chosen uniformly, and
+score sum over masked CE * L / l; the estimate is minus the mean over samples. Within a mini-batch
+of b samples l is stratified as in the official code: l_j = round(linspace(k, k + (b-1)L/b))_j,
+wrapped into [1, L], with k uniform in [1, L]. Many (prompt, answer) pairs of different lengths are
+scored at once (right-padded, padding hidden from attention); all samples run inside one jit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer
+
+
+class Likelihood(NamedTuple):
+  """Per pair: the estimate of log p(answer | prompt) (nats) and its standard error."""
+  log_likelihood: np.ndarray
+  stderr: np.ndarray
+
+
+def stratified_lengths(key: jax.Array, answer_len: jax.Array, batch_size: int) -> jax.Array:
+  """Numbers of masked answer tokens for one mini-batch: [batch_size] ints in [1, answer_len]."""
+  length = answer_len.astype(jnp.float32)
+  k = jax.random.randint(key, (), 1, answer_len + 1).astype(jnp.float32)
+  grid = jnp.round(jnp.linspace(0.0, 1.0, batch_size) * (batch_size - 1) * length / batch_size + k)
+  grid = grid.astype(jnp.int32)
+  return (grid - 1) % answer_len + 1
+
+
+def log_likelihood(config: ml_collections.ConfigDict, params: Any,
+                   prompt: Sequence[int] | Sequence[Sequence[int]],
+                   answer: Sequence[int] | Sequence[Sequence[int]], *, mc_num: int = 128,
+                   batch_size: int = 16, cfg_scale: float = 0.0,
+                   rng: jax.Array | None = None) -> Likelihood:
+  """Estimates log p(answer | prompt) for one pair (flat id lists) or many (lists of lists).
+
+  Args:
+    config: the model's config (architecture and tokens.mask_id).
+    params: mask predictor parameters.
+    prompt, answer: token ids; every answer must be non-empty.
+    mc_num: Monte-Carlo samples per pair (a multiple of batch_size); 1 suffices for one-token answers.
+    batch_size: samples per forward pass, stratified in l.
+    cfg_scale: classifier-free guidance weight w (logits = u + (w+1)(c - u), u without the prompt).
+    rng: PRNG key (default: from config.seed).
+
+  Returns:
+    Likelihood with arrays of shape [num_pairs] (scalars for a single pair).
+  """
+  single = len(prompt) == 0 or np.isscalar(prompt[0])
+  prompts, answers = ([prompt], [answer]) if single else (list(prompt), list(answer))
+  _check_arguments(config, prompts, answers, mc_num, batch_size, cfg_scale)
+  tokens, valid, is_answer = _pack(prompts, answers)
+  rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  scorer = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, mc_num,
+                            batch_size, cfg_scale > 0)
+  estimate, stderr = jax.device_get(scorer(params, tokens, valid, is_answer, rng,
+                                           jnp.float32(cfg_scale)))
+  if single:
+    return Likelihood(np.asarray(estimate[0]), np.asarray(stderr[0]))
+  return Likelihood(np.asarray(estimate), np.asarray(stderr))
+
+
+def _check_arguments(config, prompts, answers, mc_num, batch_size, cfg_scale) -> None:
+  if len(prompts) != len(answers):
+    raise ConfigError(f"got {len(prompts)} prompts but {len(answers)} answers: expected pairs")
+  if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
+    raise ConfigError(f"mc_num={mc_num} is not allowed: expected a positive multiple of "
+                      f"batch_size={batch_size}")
+  if cfg_scale < 0:
+    raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
+  vocab = config.model.vocab_size
+  for p, a in zip(prompts, answers):
+    if len(a) == 0:
+      raise ConfigError("an answer is empty: expected at least one token to score")
+    ids = np.asarray(list(p) + list(a))
+    if ids.min() < 0 or ids.max() >= vocab:
+      raise ConfigError(f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is not "
+                        f"allowed: expected ids in [0, model.vocab_size={vocab})")
+    if len(ids) > config.model.max_sequence_length:
+      raise ConfigError(f"prompt + answer length {len(ids)} is not allowed: expected at most "
+                        f"model.max_sequence_length={config.model.max_sequence_length}")
+
+
+def _pack(prompts, answers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-pads prompt ++ answer rows; returns (tokens, valid, is_answer), each [N, T]."""
+  width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+  tokens = np.zeros((len(prompts), width), np.int32)
+  valid = np.zeros((len(prompts), width), bool)
+  is_answer = np.zeros((len(prompts), width), bool)
+  for row, (p, a) in enumerate(zip(prompts, answers)):
+    tokens[row, :len(p) + len(a)] = list(p) + list(a)
+    valid[row, :len(p) + len(a)] = True
+    is_answer[row, len(p):len(p) + len(a)] = True
+  return tokens, valid, is_answer
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_size: int,
+                     use_cfg: bool):
+  model = Transformer(model_cfg)
+  num_batches = mc_num // batch_size
+
+  def sample_losses(params, tokens, valid, is_answer, key, cfg_scale):
+    """Weighted masked CE of one stratified mini-batch for one pair: [batch_size]."""
+    answer_len = jnp.sum(is_answer)
+    len_key, perm_key = jax.random.split(key)
+    num_masked = stratified_lengths(len_key, answer_len, batch_size)
+    order = jax.random.uniform(perm_key, (batch_size,) + tokens.shape)
+    order = jnp.where(is_answer, order, jnp.inf)
+    rank = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1)
+    masked = is_answer & (rank < num_masked[:, None])
+    noisy = jnp.where(masked, mask_id, tokens)
+    attention = jnp.broadcast_to(valid, noisy.shape)
+    logits = model.apply({"params": params}, noisy, attention)
+    if use_cfg:
+      prompt_free = jnp.where(valid & ~is_answer, mask_id, noisy)
+      uncond = model.apply({"params": params}, prompt_free, attention)
+      logits = uncond + (cfg_scale + 1.0) * (logits - uncond)
+    targets = jnp.broadcast_to(tokens, noisy.shape)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    masked_ce = jnp.sum(jnp.where(masked, ce, 0.0), axis=-1)
+    return masked_ce * answer_len / num_masked
+
+  @jax.jit
+  def score(params, tokens, valid, is_answer, rng, cfg_scale):
+    num_pairs = tokens.shape[0]
+    keys = jax.random.split(rng, num_pairs * num_batches)
+    pair = jnp.repeat(jnp.arange(num_pairs), num_batches)
+    losses = jax.lax.map(
+        lambda args: sample_losses(params, tokens[args[0]], valid[args[0]],
+                                   is_answer[args[0]], args[1], cfg_scale),
+        (pair, keys))
+    losses = losses.reshape(num_pairs, num_batches, batch_size)
+    batch_means = losses.mean(axis=-1)
+    estimate = -batch_means.mean(axis=-1)
+    if num_batches > 1:
+      stderr = batch_means.std(axis=-1, ddof=1) / jnp.sqrt(num_batches)
+    elif batch_size > 1:
+      stderr = losses[:, 0].std(axis=-1, ddof=1) / jnp.sqrt(batch_size)
+    else:
+      stderr = jnp.full((num_pairs,), jnp.nan)
+    return estimate, stderr
+
+  return score

@@ -1,0 +1,47 @@
+"""The public model forward: token ids -> float32 logits, used by training, sampling and scoring."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from llada_jax.model.transformer import ModelConfig, Transformer
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: 0 at the first attended token of each row.
+
+  With left-padded prompts this gives every row the positions it would have alone, so a padded
+  batch computes the same logits as its prompts one by one. Without padding it is arange(L).
+  """
+  mask = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def logits(config: ml_collections.ConfigDict, params: Any, tokens: jax.Array,
+           attention_mask: jax.Array | None = None) -> jax.Array:
+  """float32 logits [B, L, V] of the mask predictor for `tokens` [B, L].
+
+  attention_mask: optional bool/int [B, L]; 0 marks padding, which no position attends to and which
+  does not advance the position ids.
+  """
+  return _forward(ModelConfig.from_config(config))(params, jnp.asarray(tokens, jnp.int32),
+                                                    attention_mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(model_cfg: ModelConfig):
+  model = Transformer(model_cfg)
+
+  @jax.jit
+  def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    if attention_mask is None:
+      return model.apply({"params": params}, tokens)
+    mask = jnp.asarray(attention_mask).astype(bool)
+    return model.apply({"params": params}, tokens, mask, positions_from_mask(mask))
+
+  return forward

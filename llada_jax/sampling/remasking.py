@@ -1,0 +1,29 @@
+"""Remasking rules: how the reverse process ranks its proposals before committing the top ones.
+
+low_confidence (LLaDA): the probability of the proposed token. random (LLaDA): uniform noise.
+margin (Dream): top-1 minus top-2 probability. entropy (Dream): minus the entropy of the
+prediction, so confident (low-entropy) positions come first.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+
+
+def confidence_of(remasking: str, logits: jax.Array, proposal: jax.Array,
+                  key: jax.Array) -> jax.Array:
+  """Confidence [B, L] of each proposal (higher is committed first)."""
+  if remasking == "random":
+    return jax.random.uniform(key, proposal.shape, logits.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if remasking == "low_confidence":
+    return jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
+  if remasking == "margin":
+    top2 = jax.lax.top_k(probs, 2)[0]
+    return top2[..., 0] - top2[..., 1]
+  if remasking == "entropy":
+    return jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+  raise ValueError(f"remasking={remasking!r} is not one of {REMASKING}")

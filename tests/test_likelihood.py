@@ -1,0 +1,116 @@
+"""The Monte-Carlo likelihood bound against exact enumeration and the official stratification."""
+
+import itertools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.diffusion.likelihood import log_likelihood, stratified_lengths
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer, logits
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = make_tiny_config()
+  params = Transformer(ModelConfig.from_config(config)).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return config, nn.meta.unbox(params)["params"]
+
+
+def _official_lengths(k: int, answer_len: int, batch: int) -> np.ndarray:
+  """NumPy transcription of the official stratification (torch.round is half-to-even too)."""
+  x = np.round(np.linspace(float(k), k + (batch - 1) * (answer_len / batch), batch))
+  return ((x.astype(np.int64) - 1) % answer_len) + 1
+
+
+@pytest.mark.parametrize("answer_len,batch", [(1, 4), (5, 4), (7, 16), (32, 16), (3, 1)])
+def test_stratified_lengths_match_official(answer_len, batch):
+  for seed in range(5):
+    key = jax.random.PRNGKey(seed)
+    got = np.asarray(stratified_lengths(key, jnp.int32(answer_len), batch))
+    k = int(jax.random.randint(key, (), 1, answer_len + 1))
+    np.testing.assert_array_equal(got, _official_lengths(k, answer_len, batch))
+    assert got.min() >= 1 and got.max() <= answer_len
+
+
+def _exact_bound(config, params, prompt, answer) -> float:
+  """-E_l E_S [sum_{i in S} CE_i * L / l] by enumerating every masked subset S (small L only)."""
+  length, mask_id = len(answer), config.tokens.mask_id
+  total = 0.0
+  for l in range(1, length + 1):
+    subsets = list(itertools.combinations(range(length), l))
+    for subset in subsets:
+      seq = list(prompt) + [mask_id if i in subset else t for i, t in enumerate(answer)]
+      logp = np.asarray(jax.nn.log_softmax(logits(config, params, jnp.asarray([seq]))[0]))
+      ce = -sum(logp[len(prompt) + i, answer[i]] for i in subset)
+      total += ce * length / l / len(subsets) / length
+  return -total
+
+
+def test_estimate_is_unbiased_and_its_stderr_calibrated(model):
+  config, params = model
+  prompt, answer = [10, 20, 30], [40, 50, 60]
+  exact = _exact_bound(config, params, prompt, answer)
+  result = log_likelihood(config, params, prompt, answer, mc_num=512, batch_size=16,
+                          rng=jax.random.PRNGKey(1))
+  assert abs(float(result.log_likelihood) - exact) < 4 * float(result.stderr)
+  assert float(result.stderr) < 0.05 * abs(exact)
+
+
+def test_stderr_shrinks_like_one_over_sqrt_n_and_mean_is_stable(model):
+  config, params = model
+  prompt, answer = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14]
+  small = log_likelihood(config, params, prompt, answer, mc_num=32, batch_size=8,
+                         rng=jax.random.PRNGKey(2))
+  large = log_likelihood(config, params, prompt, answer, mc_num=512, batch_size=8,
+                         rng=jax.random.PRNGKey(3))
+  ratio = float(small.stderr) / float(large.stderr)
+  assert 2.0 < ratio < 8.0  # sqrt(512 / 32) = 4
+  gap = abs(float(small.log_likelihood) - float(large.log_likelihood))
+  assert gap < 4 * math.hypot(float(small.stderr), float(large.stderr))
+
+
+def test_single_token_answers_are_exact_and_independent_of_batching(model):
+  config, params = model
+  pairs = [([3, 4, 5], [6]), ([7], [8]), ([9, 10, 11, 12, 13], [14])]
+  batched = log_likelihood(config, params, [p for p, _ in pairs], [a for _, a in pairs],
+                           mc_num=1, batch_size=1)
+  for (prompt, answer), value in zip(pairs, batched.log_likelihood):
+    seq = jnp.asarray([prompt + [config.tokens.mask_id]])
+    expected = jax.nn.log_softmax(logits(config, params, seq)[0, -1])[answer[0]]
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_cfg_zero_equals_no_guidance_and_positive_cfg_changes_scores(model):
+  config, params = model
+  args = ([3, 4, 5], [6, 7])
+  kwargs = dict(mc_num=16, batch_size=8, rng=jax.random.PRNGKey(4))
+  plain = log_likelihood(config, params, *args, **kwargs)
+  tiny = log_likelihood(config, params, *args, cfg_scale=1e-7, **kwargs)
+  guided = log_likelihood(config, params, *args, cfg_scale=2.0, **kwargs)
+  np.testing.assert_allclose(plain.log_likelihood, tiny.log_likelihood, rtol=1e-5)
+  assert abs(float(guided.log_likelihood) - float(plain.log_likelihood)) > 1e-4
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(mc_num=10, batch_size=4), "mc_num=10"),
+    (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),
+])
+def test_bad_arguments_are_one_line_value_errors(model, kwargs, needle):
+  config, params = model
+  with pytest.raises(ValueError, match=needle):
+    log_likelihood(config, params, [1, 2], [3], **kwargs)
+
+
+def test_out_of_vocabulary_and_empty_answers_are_rejected(model):
+  config, params = model
+  with pytest.raises(ConfigError, match="token id 999"):
+    log_likelihood(config, params, [1, 999], [3], mc_num=1, batch_size=1)
+  with pytest.raises(ConfigError, match="answer is empty"):
+    log_likelihood(config, params, [[1, 2]], [[]], mc_num=1, batch_size=1)
