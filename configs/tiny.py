@@ -1,7 +1,7 @@
 """CPU default: a ~1M-parameter LLaDA mask predictor on Tiny Shakespeare bytes (minutes on 2 cores).
 
 Sized for the demo's budget: at d_model 128 and sequence length 128 a step takes ~0.3 s on two
-cores, so 1,200 steps (~2.5M bytes, about two epochs) fit in under 10 minutes. Larger variants of the
+cores, so 1,500 steps (~3M bytes, about three epochs) fit in under 10 minutes. Larger variants of the
 same shape learn more per step but fewer steps fit; on this budget the smaller model ends lower.
 """
 

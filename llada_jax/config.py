@@ -106,9 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=1200,
+      num_steps=1500,
       log_every=50,
-      eval_every=200,
+      eval_every=250,
       eval_batches=8,
   ))
 
@@ -120,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      save_every=200,
+      save_every=250,
       keep=3,
       async_save=True,
   ))

@@ -6,6 +6,11 @@ Python loops); only its random numbers are drawn from the same jax keys as the c
 token.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -184,3 +189,29 @@ def test_out_of_vocabulary_prompt_and_pad_equal_mask_are_rejected(setup):
   bad.tokens.pad_id = bad.tokens.mask_id
   with pytest.raises(ValueError, match="tokens.pad_id"):
     generate(bad, params, np.asarray([[10]]), steps=8, gen_length=8, block_length=8)
+
+
+def test_float64_option_runs_where_x64_is_enabled_and_is_refused_otherwise(setup):
+  config, params = setup
+  with pytest.raises(ValueError, match="jax_enable_x64"):
+    generate(config, params, np.asarray([[10]]), steps=8, gen_length=8, block_length=8,
+             float64=True)
+  script = (
+      "import jax, numpy as np\n"
+      "jax.config.update('jax_enable_x64', True)\n"
+      "import flax.linen as nn, jax.numpy as jnp\n"
+      "from conftest import make_tiny_config\n"
+      "from llada_jax.model import ModelConfig, Transformer\n"
+      "from llada_jax.sampling import generate\n"
+      "c = make_tiny_config()\n"
+      "p = nn.meta.unbox(Transformer(ModelConfig.from_config(c)).init(jax.random.PRNGKey(0),"
+      " jnp.zeros((1, 8), jnp.int32)))['params']\n"
+      "kw = dict(steps=8, gen_length=8, block_length=8, temperature=1.0)\n"
+      "a = generate(c, p, np.asarray([[10, 11]]), float64=True, **kw)\n"
+      "assert a.dtype == np.int32 and a.shape == (1, 10)\n"
+      "assert not (np.asarray(a) == c.tokens.mask_id).any()\n"
+      "print('ok')\n")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -96,3 +96,13 @@ def test_architecture_mismatch_is_named():
   assert checkpoint.architecture_mismatch(saved, wanted) == [
       "model.d_model=128 but the checkpoint has 64"]
   assert not checkpoint.architecture_mismatch(saved, make_tiny_config(remat="full"))
+
+
+def test_arm_baseline_trains_from_the_same_code_with_a_config_switch():
+  config = make_tiny_config(causal=True, init_std=0.125)
+  assert config.diffusion.objective == "arm"
+  config.train.num_steps = 40
+  rows, cols = np.indices((config.data.batch_size, config.data.sequence_length))
+  periodic = jnp.asarray((rows + cols) % 11 + 3)
+  _, losses, _ = _run(config, jax.devices()[:1], periodic, steps=40)
+  assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])

@@ -39,6 +39,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   tx = make_optimizer(config)
   checkpointer = Checkpointer(workdir, config)
   start = checkpointer.latest_step()
+  # Data first: a bad task or vocabulary fails here, before parameters are allocated.
+  data_sharding = batch_sharding(mesh, axis_rules(config))
+  validation = pipeline.eval_batches(config, data_sharding, config.train.eval_batches)
+  batches = pipeline.train_batches(config, data_sharding, start_step=start or 0)
   if start is None:
     state, shardings = create_train_state(config, model, tx, mesh)
   else:
@@ -60,9 +64,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                  "floor)", unigram_entropy_bits(config.data.task))
   train_step = make_train_step(config, model, tx, mesh, shardings)
   eval_step = make_eval_step(config, model, mesh, shardings.params)
-  data_sharding = batch_sharding(mesh, axis_rules(config))
-  batches = pipeline.train_batches(config, data_sharding, start_step=start)
-  validation = pipeline.eval_batches(config, data_sharding, config.train.eval_batches)
   tokens_per_step = config.data.batch_size * config.data.sequence_length
 
   last_time, last_step = time.time(), start

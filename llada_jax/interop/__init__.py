@@ -1,0 +1,1 @@
+"""HuggingFace interoperability: safetensors checkpoints of the official LLaDA models."""
