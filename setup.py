@@ -34,6 +34,7 @@ setuptools.setup(
         "console_scripts": [
             "llada-train=llada_jax.train:run",
             "llada-sample=llada_jax.sample:run",
+            "llada-convert=llada_jax.convert:run",
         ],
     },
 )

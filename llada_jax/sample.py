@@ -17,6 +17,8 @@ from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
 from llada_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding Orbax checkpoints.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "A workdir or an official HuggingFace LLaDA folder.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch.")
 _PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", None,
                                         "Prompt as comma-separated token ids; repeat for a batch.")
@@ -43,13 +45,14 @@ def _parse_ids(texts: list[str]) -> list[list[int]]:
 
 
 def _sample() -> None:
-  from llada_jax.sampling.text import load_for_sampling, sample  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
 
-  if not _WORKDIR.value:
-    raise ConfigError("--workdir is required, e.g. --workdir=runs/demo")
+  path = _CHECKPOINT.value or _WORKDIR.value
+  if not path:
+    raise ConfigError("--workdir (or --checkpoint) is required, e.g. --workdir=runs/demo")
   if _PROMPT.value and _PROMPT_IDS.value:
     raise ConfigError("--prompt and --prompt_ids are not allowed together: give one of them")
-  config, params = load_for_sampling(_WORKDIR.value)
+  config, params = load_model(path)
   s = config.sampling
 
   def pick(flag, default):
@@ -65,6 +68,8 @@ def _sample() -> None:
       confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value)
   for prompt, text in zip(result["prompt"], result["text"]):
     print(f"=== prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
+  if not any(result["text"]):
+    print(json.dumps({"tokens": result["tokens"]}), flush=True)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"tokens": result["tokens"], "text": result["text"]}, f, indent=1)

@@ -9,12 +9,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.sampling.generate import generate
 from llada_jax.training.checkpoint import latest_step, load_config, load_state
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
+
+
+def load_model(path: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) from a training workdir or an official HuggingFace LLaDA folder."""
+  if (pathlib.Path(path) / "config.json").is_file():
+    from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
+    return load_hf(path)
+  return load_for_sampling(path)
 
 
 def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
@@ -45,7 +54,10 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
   """
   from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
 
-  vocab = get_vocabulary(config)
+  vocab = get_vocabulary(config) if config.data.vocabulary == "byte" else None
+  if texts is not None and vocab is None:
+    raise ConfigError(f"text prompts need a tokenizer, and data.vocabulary="
+                      f"{config.data.vocabulary!r} has none bundled: give token ids instead")
   encoded = [list(vocab.encode(t)) for t in texts] if texts is not None else [list(i) for i in ids]
   width = max(len(e) for e in encoded)
   tokens = np.full((len(encoded), width), config.tokens.pad_id, np.int32)
@@ -55,5 +67,6 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
     mask[row, width - len(row_ids):] = True
   out = generate(config, params, tokens, mask, rng=jax.random.PRNGKey(seed), **generate_kwargs)
   answers = [trim_at_eos(row, config.tokens.eos_id) for row in np.asarray(out)[:, width:].tolist()]
-  prompts = list(texts) if texts is not None else [vocab.decode(e) for e in encoded]
-  return {"prompt": prompts, "tokens": answers, "text": [vocab.decode(a) for a in answers]}
+  decode = vocab.decode if vocab is not None else lambda ids: ""
+  prompts = list(texts) if texts is not None else [decode(e) for e in encoded]
+  return {"prompt": prompts, "tokens": answers, "text": [decode(a) for a in answers]}

@@ -1,0 +1,92 @@
+"""Convert between official HuggingFace LLaDA folders and llada_jax workdirs.
+
+  python -m llada_jax.convert from-hf --hf_dir=D --workdir=W [--dtype=bfloat16]
+  python -m llada_jax.convert to-hf --workdir=W --out=D [--dtype=bfloat16 --max_shard_size=5GB]
+
+from-hf writes a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
+`llada-sample` reads and `llada-train` fine-tunes from; to-hf writes config.json and safetensors
+that the official PyTorch loader reads.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+
+from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.errors import ConfigError
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace LLaDA folder (from-hf).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "llada_jax workdir (written by from-hf, read by "
+                               "to-hf).")
+_OUT = flags.DEFINE_string("out", None, "Output HuggingFace folder (to-hf).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "Parameter dtype written.")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (to-hf).")
+
+
+def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
+  """Imports an HF folder into a workdir; returns the number of parameters."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
+  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import TrainState, state_shardings  # pylint: disable=g-import-not-at-top
+
+  config = read_hf_config(hf_dir)
+  config.model.param_dtype = dtype
+  tx = make_optimizer(config)
+  _, shardings = state_shardings(config, Transformer(ModelConfig.from_config(config)), tx,
+                                 make_mesh(config))
+  config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                     opt_state=opt_state)
+  checkpointer = Checkpointer(workdir, config)
+  checkpointer.save(0, state, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[pathlib.Path]:
+  """Exports the latest checkpoint of a workdir as an HF folder."""
+  from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_for_sampling  # pylint: disable=g-import-not-at-top
+
+  config, params = load_for_sampling(workdir)
+  return save_hf(config, params, out, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def _convert(argv: list[str]) -> None:
+  commands = ("from-hf", "to-hf")
+  if len(argv) != 2 or argv[1] not in commands:
+    raise ConfigError(f"command {argv[1:]} is not allowed: expected one of {', '.join(commands)}")
+  if argv[1] == "from-hf":
+    if not _HF_DIR.value or not _WORKDIR.value:
+      raise ConfigError("from-hf needs --hf_dir and --workdir")
+    count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value)
+    logging.info("imported %s parameters from %s into %s", f"{count:,}", _HF_DIR.value,
+                 _WORKDIR.value)
+  else:
+    if not _WORKDIR.value or not _OUT.value:
+      raise ConfigError("to-hf needs --workdir and --out")
+    files = to_hf(_WORKDIR.value, _OUT.value, _DTYPE.value, _MAX_SHARD_SIZE.value)
+    logging.info("wrote %d safetensors file(s) to %s", len(files), _OUT.value)
+
+
+def main(argv: list[str]) -> None:
+  run_reporting_errors(lambda: _convert(argv))
+
+
+def run() -> None:
+  """Console script `llada-convert`."""
+  app.run(main, flags_parser=parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+  run()

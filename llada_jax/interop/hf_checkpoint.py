@@ -1,0 +1,245 @@
+"""Official LLaDA HuggingFace checkpoints (config.json + safetensors) <-> llada_jax params.
+
+PyTorch Linear weights are [out, in]; Flax kernels here are [in, out] with heads split out:
+q_proj [d, H, hd], attn_out [H, hd, d]. Every tensor is mapped and transposed on its own while the
+files are memory-mapped, so an import holds the parameters being built plus one source tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from llada_jax.errors import CheckpointError
+from llada_jax.interop import safetensors_io
+from llada_jax.interop.hf_config import config_from_hf, config_to_hf
+
+PREFIX = "model.transformer."
+BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(\w+)\.weight$")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12, "B": 1}
+
+
+def _block_layouts(m: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...],
+                                                                    Callable, Callable]]:
+  """Per block weight: (our shape, hf -> ours, ours -> hf)."""
+  d, h, k, hd, f = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads, m.mlp_hidden_size
+
+  def split_out(heads: int):
+    return ((d, heads, hd), lambda w: w.T.reshape(d, heads, hd),
+            lambda w: w.reshape(d, heads * hd).T)
+
+  return {
+      "attn_norm": ((d,), lambda w: w, lambda w: w),
+      "ff_norm": ((d,), lambda w: w, lambda w: w),
+      "q_proj": split_out(h), "k_proj": split_out(k), "v_proj": split_out(k),
+      "attn_out": ((h, hd, d), lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
+      "ff_proj": ((d, f), lambda w: w.T, lambda w: w.T),
+      "up_proj": ((d, f), lambda w: w.T, lambda w: w.T),
+      "ff_out": ((f, d), lambda w: w.T, lambda w: w.T),
+  }
+
+
+def _leaf(block: str) -> str:
+  return "weight" if block.endswith("norm") else "kernel"
+
+
+def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of an HF folder (sharded through the index, or the single file)."""
+  path = pathlib.Path(path)
+  if not (path / "config.json").is_file():
+    raise CheckpointError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
+  if (path / INDEX).is_file():
+    try:
+      weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
+    files = [path / name for name in sorted(set(weight_map.values()))]
+  else:
+    files = [path / SINGLE]
+  for file in files:
+    if not file.is_file():
+      raise CheckpointError(f"{file} is missing (named by the checkpoint folder)")
+  return files
+
+
+def read_hf_config(path: str | pathlib.Path,
+                   base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The llada_jax config of an HF folder's config.json (other sections from `base`)."""
+  path = pathlib.Path(path) / "config.json"
+  try:
+    hf = json.loads(path.read_text())
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  return config_from_hf(hf, base)
+
+
+def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,
+            base: ml_collections.ConfigDict | None = None,
+            shardings: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
+  """Reads an HF LLaDA folder into (config, params).
+
+  dtype: parameter dtype ("float32", "bfloat16"; default: as stored). base: config whose non-model
+  sections are kept. shardings: optional tree of target shardings (from the config's mesh); each
+  tensor is then placed as soon as it is complete instead of collected on the host.
+  """
+  path = pathlib.Path(path)
+  files = hf_files(path)
+  config = read_hf_config(path, base)
+  m = config.model
+  layouts = _block_layouts(m)
+  target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else (
+      np.dtype(dtype) if dtype else None)
+  params: dict[str, Any] = {}
+  seen: set[str] = set()
+
+  def store(keys: tuple[str, ...], value: np.ndarray, layer: int | None) -> None:
+    node = params
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    if layer is None:
+      node[keys[-1]] = value
+      return
+    if keys[-1] not in node:
+      node[keys[-1]] = np.empty((m.n_layers,) + value.shape, value.dtype)
+    node[keys[-1]][layer] = value
+
+  for name, tensor in _all_tensors(files):
+    if name in seen:
+      raise CheckpointError(f"tensor {name} appears twice in {path}")
+    seen.add(name)
+    value = np.asarray(tensor)
+    dtype_out = target or value.dtype
+    match = BLOCK.match(name)
+    if match:
+      layer, block = int(match.group(1)), match.group(2)
+      if block not in layouts or layer >= m.n_layers:
+        raise CheckpointError(f"unexpected tensor {name} in {path} (unknown to a LLaDA "
+                              f"{m.n_layers}-layer llama model)")
+      shape, to_ours, _ = layouts[block]
+      converted = _convert(name, value, shape, to_ours, dtype_out)
+      if m.scan_layers:
+        store(("blocks", block, _leaf(block)), converted, layer)
+      else:
+        store((f"blocks_{layer}", block, _leaf(block)), converted, None)
+    elif name == PREFIX + "wte.weight":
+      store(("wte", "embedding"), _convert(name, value, (m.vocab_size, m.d_model), lambda w: w,
+                                           dtype_out), None)
+    elif name == PREFIX + "ln_f.weight":
+      store(("ln_f", "weight"), _convert(name, value, (m.d_model,), lambda w: w, dtype_out), None)
+    elif name == PREFIX + "ff_out.weight":
+      store(("ff_out", "kernel"), _convert(name, value, (m.d_model, m.vocab_size),
+                                           lambda w: w.T, dtype_out), None)
+    else:
+      raise CheckpointError(f"unexpected tensor {name} in {path} (not part of a LLaDA model)")
+  missing = sorted(set(hf_names(config)) - seen)
+  if missing:
+    raise CheckpointError(f"{path} lacks tensor {missing[0]} (and {len(missing) - 1} more)")
+  if shardings is not None:
+    params = jax.tree.map(jax.device_put, params, shardings)
+  return config, params
+
+
+def _all_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+  for file in files:
+    yield from safetensors_io.iter_tensors(file)
+
+
+def _convert(name: str, value: np.ndarray, shape: tuple[int, ...], fn: Callable,
+             dtype: np.dtype) -> np.ndarray:
+  converted = fn(value)
+  if converted.shape != shape:
+    raise CheckpointError(f"tensor {name} has shape {list(value.shape)}, which does not give "
+                          f"the expected {list(shape)} for this config")
+  return np.ascontiguousarray(converted, dtype=dtype)
+
+
+def hf_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Every tensor name of the HF checkpoint of this model."""
+  names = [PREFIX + n for n in ("wte.weight", "ln_f.weight", "ff_out.weight")]
+  for layer in range(config.model.n_layers):
+    names += [f"{PREFIX}blocks.{layer}.{block}.weight" for block in _block_layouts(config.model)]
+  return names
+
+
+def to_hf_tensors(config: ml_collections.ConfigDict, params: Any,
+                  dtype: str = "bfloat16") -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, array in PyTorch layout) one tensor at a time."""
+  out = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+  def host(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(jax.device_get(x)), dtype=out)
+
+  yield PREFIX + "wte.weight", host(params["wte"]["embedding"])
+  for layer in range(config.model.n_layers):
+    for block, (_, _, to_hf) in _block_layouts(config.model).items():
+      if config.model.scan_layers:
+        ours = params["blocks"][block][_leaf(block)][layer]
+      else:
+        ours = params[f"blocks_{layer}"][block][_leaf(block)]
+      yield f"{PREFIX}blocks.{layer}.{block}.weight", host(to_hf(np.asarray(jax.device_get(ours))))
+  yield PREFIX + "ln_f.weight", host(params["ln_f"]["weight"])
+  yield PREFIX + "ff_out.weight", host(np.asarray(jax.device_get(params["ff_out"]["kernel"])).T)
+
+
+def parse_size(size: str | int) -> int:
+  """'5GB' -> 5e9 bytes (decimal units, as HF uses)."""
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)\s*", size.upper())
+  if not match:
+    raise CheckpointError(f"max_shard_size={size!r} is not allowed: expected e.g. '5GB' or '200MB'")
+  return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.Path,
+            max_shard_size: str | int = "5GB", dtype: str = "bfloat16") -> list[pathlib.Path]:
+  """Writes config.json and safetensors (sharded with an index when over max_shard_size).
+
+  Shards are written as they fill, so at most one shard is held on the host at a time.
+  """
+  if dtype not in ("bfloat16", "float32"):
+    raise CheckpointError(f"dtype={dtype!r} is not allowed: expected bfloat16 or float32")
+  limit = parse_size(max_shard_size)
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+  written: list[tuple[pathlib.Path, list[str]]] = []
+  shard: dict[str, np.ndarray] = {}
+  size = total = 0
+
+  def flush() -> None:
+    file = path / f"shard-{len(written):05d}.partial"
+    safetensors_io.write_file(file, shard, {"format": "pt"})
+    written.append((file, list(shard)))
+
+  for name, tensor in to_hf_tensors(config, params, dtype):
+    if shard and size + tensor.nbytes > limit:
+      flush()
+      shard, size = {}, 0
+    shard[name] = tensor
+    size += tensor.nbytes
+    total += tensor.nbytes
+  flush()
+  if len(written) == 1:
+    written[0][0].rename(path / SINGLE)
+    return [path / SINGLE]
+  files, weight_map = [], {}
+  for i, (partial, names) in enumerate(written):
+    file = path / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+    partial.rename(file)
+    weight_map.update({name: file.name for name in names})
+    files.append(file)
+  (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                        "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+  return files
