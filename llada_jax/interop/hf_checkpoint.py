@@ -2,7 +2,7 @@
 
 PyTorch Linear weights are [out, in]; Flax kernels here are [in, out] with heads split out:
 q_proj [d, H, hd], attn_out [H, hd, d]. Every tensor is mapped and transposed on its own while the
-files are memory-mapped, so an import holds the parameters being built plus one source tensor.
+files are read, so an import holds the parameters being built plus one source tensor.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Reading and writing the safetensors format with NumPy alone (bfloat16 via ml_dtypes).
 
 A file is an 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}
-and the raw tensor bytes. Reading memory-maps the file and yields one tensor at a time, so a
-conversion holds the parameters being built plus one source tensor, never a second full copy.
+and the raw tensor bytes. Reading yields one tensor at a time, so a conversion holds the parameters
+being built plus one source tensor, never a second full copy.
 """
 
 from __future__ import annotations
@@ -53,12 +53,18 @@ def read_header(path: str | pathlib.Path) -> tuple[dict[str, dict], int]:
 
 
 def iter_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for every tensor, memory-mapped (read on use, never all at once)."""
+  """Yields (name, array) for every tensor, read one at a time.
+
+  Each tensor is read into its own buffer (not memory-mapped), so the pages of tensors already
+  converted do not stay resident: a caller that drops each array keeps one tensor in memory.
+  """
   header, offset = read_header(path)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset)
-  for name, entry in header.items():
-    begin, end = entry["data_offsets"]
-    yield name, data[begin:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+  with pathlib.Path(path).open("rb") as f:
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+      begin, end = entry["data_offsets"]
+      f.seek(offset + begin)
+      raw = np.frombuffer(f.read(end - begin), dtype=DTYPES[entry["dtype"]])
+      yield name, raw.reshape(entry["shape"])
 
 
 def write_file(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray],
