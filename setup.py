@@ -22,7 +22,9 @@ setuptools.setup(
         "absl-py",
         "tensorboardX",
         "tqdm",
+        "tokenizers",
         "numpy",
+        "ml_dtypes",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist"],
@@ -35,6 +37,7 @@ setuptools.setup(
             "llada-train=llada_jax.train:run",
             "llada-sample=llada_jax.sample:run",
             "llada-convert=llada_jax.convert:run",
+            "llada-chat=llada_jax.chat:run",
         ],
     },
 )

@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       task="tinyshakespeare",
       vocabulary="byte",
+      tokenizer="",              # tokenizer.json for vocabulary "llada_hf"
       sequence_length=128,
       batch_size=16,             # global batch, split over the data-parallel mesh axes
       shuffle_buffer=10_000,

@@ -10,47 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
+from hf_fixtures import P, hf_tensors, write_folder
 from llada_jax.errors import CheckpointError
 from llada_jax.interop import safetensors_io
 from llada_jax.interop.hf_checkpoint import load_hf, save_hf
-from llada_jax.interop.hf_config import config_to_hf
 from llada_jax.model import logits
-
-P = "model.transformer."
-
-
-def _hf_tensors(config, dtype=np.float32, seed=0) -> dict[str, np.ndarray]:
-  m = config.model
-  d, h, k, f, v = m.d_model, m.n_heads, m.n_kv_heads, m.mlp_hidden_size, m.vocab_size
-  hd = d // h
-  rng = np.random.RandomState(seed)
-  shapes = {P + "wte.weight": (v, d), P + "ln_f.weight": (d,), P + "ff_out.weight": (v, d)}
-  for i in range(m.n_layers):
-    b = f"{P}blocks.{i}."
-    shapes.update({b + "attn_norm.weight": (d,), b + "ff_norm.weight": (d,),
-                   b + "q_proj.weight": (h * hd, d), b + "k_proj.weight": (k * hd, d),
-                   b + "v_proj.weight": (k * hd, d), b + "attn_out.weight": (d, h * hd),
-                   b + "ff_proj.weight": (f, d), b + "up_proj.weight": (f, d),
-                   b + "ff_out.weight": (d, f)})
-  return {name: (1.0 + 0.1 * rng.randn(*s) if len(s) == 1 else 0.2 * rng.randn(*s)).astype(dtype)
-          for name, s in shapes.items()}
-
-
-def _write_folder(path, config, tensors, shards=1):
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(config_to_hf(config)))
-  names = sorted(tensors)
-  if shards == 1:
-    safetensors_io.write_file(path / "model.safetensors", tensors)
-    return path
-  weight_map = {}
-  for i in range(shards):
-    part = names[i::shards]
-    file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-    safetensors_io.write_file(path / file, {n: tensors[n] for n in part})
-    weight_map.update({n: file for n in part})
-  (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  return path
 
 
 def _rms(x, w, eps):
@@ -93,8 +57,8 @@ def _numpy_llada(t, config, ids):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_import_matches_numpy_reference_forward(tmp_path, scan_layers):
   config = make_tiny_config(n_heads=4, n_kv_heads=2, scan_layers=scan_layers)
-  tensors = _hf_tensors(config)
-  folder = _write_folder(tmp_path / "hf", config, tensors)
+  tensors = hf_tensors(config)
+  folder = write_folder(tmp_path / "hf", config, tensors)
   loaded_config, params = load_hf(folder, base=config)
   for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
                 "rope_theta", "rms_norm_eps", "scan_layers"):
@@ -110,8 +74,8 @@ def test_import_matches_numpy_reference_forward(tmp_path, scan_layers):
                                            (ml_dtypes.bfloat16, "bfloat16")])
 def test_round_trip_is_byte_identical(tmp_path, dtype, save_as):
   config = make_tiny_config()
-  tensors = _hf_tensors(config, dtype=dtype)
-  folder = _write_folder(tmp_path / "in", config, tensors, shards=3)
+  tensors = hf_tensors(config, dtype=dtype)
+  folder = write_folder(tmp_path / "in", config, tensors, shards=3)
   loaded_config, params = load_hf(folder, base=config)
   files = save_hf(loaded_config, params, tmp_path / "out", max_shard_size="20KB", dtype=save_as)
   assert len(files) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
@@ -127,7 +91,7 @@ def test_round_trip_is_byte_identical(tmp_path, dtype, save_as):
 
 def test_single_file_export_and_hf_config_fields(tmp_path):
   config = make_tiny_config()
-  folder = _write_folder(tmp_path / "in", config, _hf_tensors(config))
+  folder = write_folder(tmp_path / "in", config, hf_tensors(config))
   loaded, params = load_hf(folder, base=config, dtype="bfloat16")
   assert jax.tree.leaves(params)[0].dtype == ml_dtypes.bfloat16
   files = save_hf(loaded, params, tmp_path / "out")
@@ -138,7 +102,7 @@ def test_single_file_export_and_hf_config_fields(tmp_path):
 
 def _good_folder(tmp_path):
   config = make_tiny_config()
-  return config, _write_folder(tmp_path / "hf", config, _hf_tensors(config))
+  return config, write_folder(tmp_path / "hf", config, hf_tensors(config))
 
 
 def test_missing_files_are_named(tmp_path):
@@ -175,17 +139,17 @@ def test_corrupted_and_truncated_files_are_named(tmp_path):
 
 def test_missing_unknown_and_misshapen_tensors_are_named(tmp_path):
   config = make_tiny_config()
-  tensors = _hf_tensors(config)
+  tensors = hf_tensors(config)
   missing = dict(tensors)
   del missing[P + "blocks.1.up_proj.weight"]
   with pytest.raises(CheckpointError, match="lacks tensor model.transformer.blocks.1.up_proj"):
-    load_hf(_write_folder(tmp_path / "a", config, missing), base=config)
+    load_hf(write_folder(tmp_path / "a", config, missing), base=config)
   extra = dict(tensors, **{P + "blocks.0.q_norm.weight": np.ones(4, np.float32)})
   with pytest.raises(CheckpointError, match="unexpected tensor .*q_norm"):
-    load_hf(_write_folder(tmp_path / "b", config, extra), base=config)
+    load_hf(write_folder(tmp_path / "b", config, extra), base=config)
   bad = dict(tensors, **{P + "ln_f.weight": np.ones(3, np.float32)})
   with pytest.raises(CheckpointError, match="ln_f.weight has shape"):
-    load_hf(_write_folder(tmp_path / "c", config, bad), base=config)
+    load_hf(write_folder(tmp_path / "c", config, bad), base=config)
 
 
 def test_convert_command_lines_round_trip_and_sample(tmp_path):
@@ -195,8 +159,8 @@ def test_convert_command_lines_round_trip_and_sample(tmp_path):
   import sys
 
   config = make_tiny_config()
-  tensors = _hf_tensors(config)
-  folder = _write_folder(tmp_path / "hf", config, tensors)
+  tensors = hf_tensors(config)
+  folder = write_folder(tmp_path / "hf", config, tensors)
   root = pathlib.Path(__file__).resolve().parents[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -217,3 +181,28 @@ def test_convert_command_lines_round_trip_and_sample(tmp_path):
   from_workdir = run("llada_jax.sample", f"--checkpoint={workdir}", *sample_args).stdout
   from_hf = run("llada_jax.sample", f"--checkpoint={folder}", *sample_args).stdout
   assert '{"tokens": [[' in from_hf and from_hf == from_workdir
+
+
+def test_train_fine_tunes_from_a_converted_checkpoint(tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  sys.path.insert(0, str(root / "tests" / "configs"))
+  import micro  # pylint: disable=g-import-not-at-top
+
+  config = micro.get_config()
+  folder = write_folder(tmp_path / "hf", config, hf_tensors(config))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  workdir = tmp_path / "work"
+  for args in (("llada_jax.convert", "from-hf", f"--hf_dir={folder}", f"--workdir={workdir}",
+                "--dtype=float32"),
+               ("llada_jax.train", f"--config={root / 'tests' / 'configs' / 'micro.py'}",
+                f"--workdir={workdir}")):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from the checkpoint at step 0" in result.stderr
+  assert "step 3 |" in result.stderr

@@ -1,7 +1,10 @@
-"""Vocabularies. The byte vocabulary is seqio's (pad 0, EOS 1, UNK 2, byte b -> b + 3: 259 real ids);
-the mask id and any padding of the embedding table sit above the real ids."""
+"""Vocabularies. The byte vocabulary is seqio's (pad 0, EOS 1, UNK 2, byte b -> b + 3: 259 real ids;
+the mask id and any padding of the embedding table sit above them); "llada_hf" is the official
+tokenizer.json named by data.tokenizer."""
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 
@@ -14,5 +17,10 @@ def get_vocabulary(config: ml_collections.ConfigDict):
 
   if config.data.vocabulary == "byte":
     return seqio.ByteVocabulary()
-  raise ConfigError(f"data.vocabulary={config.data.vocabulary!r} cannot be built yet: only 'byte' "
-                    "has a bundled tokenizer (the LLaDA tokenizer.json arrives with HF import)")
+  if not config.data.tokenizer:
+    raise ConfigError(f"data.vocabulary={config.data.vocabulary!r} needs data.tokenizer: the path "
+                      "of the model's tokenizer.json")
+  if not os.path.isfile(config.data.tokenizer):
+    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} names no file")
+  from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
+  return seqio_vocabulary(config.data.tokenizer)

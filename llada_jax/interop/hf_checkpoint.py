@@ -81,7 +81,11 @@ def read_hf_config(path: str | pathlib.Path,
     raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-  return config_from_hf(hf, base)
+  config = config_from_hf(hf, base)
+  tokenizer = path.parent / "tokenizer.json"
+  if tokenizer.is_file():
+    config.data.tokenizer = str(tokenizer.absolute())
+  return config
 
 
 def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,

@@ -38,6 +38,17 @@ def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.Confi
   return config, load_state(workdir, step, abstract).params
 
 
+def _text_codec(config: ml_collections.ConfigDict) -> Any:
+  """Something with encode/decode for the config's vocabulary, or None when it has no tokenizer."""
+  if config.data.vocabulary == "byte":
+    from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
+    return get_vocabulary(config)
+  if config.data.tokenizer and pathlib.Path(config.data.tokenizer).is_file():
+    from llada_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(config.data.tokenizer)
+  return None
+
+
 def trim_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
   """The ids before the first EOS (all of them if there is none)."""
   ids = list(ids)
@@ -52,9 +63,7 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
   Returns {"prompt": prompts as text, "tokens": answer ids cut at the first EOS, "text": decoded}.
   generate_kwargs go to `generate` (steps, gen_length, block_length, temperature, ...).
   """
-  from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
-
-  vocab = get_vocabulary(config) if config.data.vocabulary == "byte" else None
+  vocab = _text_codec(config)
   if texts is not None and vocab is None:
     raise ConfigError(f"text prompts need a tokenizer, and data.vocabulary="
                       f"{config.data.vocabulary!r} has none bundled: give token ids instead")
