@@ -13,9 +13,9 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF LLaDA folder or llada_jax workdir.")
@@ -33,7 +33,8 @@ _CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool("confidence_eos_eot_inf", False,
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 
 
-def _chat() -> None:
+def _chat(argv: list[str]) -> None:
+  del argv
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -73,14 +74,7 @@ def _chat() -> None:
     print(f"assistant: {text}", flush=True)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  run_reporting_errors(_chat)
-
-
-def run() -> None:
-  """Console script `llada-chat`."""
-  app.run(main, flags_parser=parse_flags_or_exit)
+run = entry_point(_chat)  # console script `llada-chat`
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 from llada_jax.errors import LladaError
@@ -50,3 +50,13 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     message = f"bad --config.* override: {e}"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def entry_point(body: Callable[[list[str]], None]) -> Callable[[], None]:
+  """The console-script function of an absl program whose work is body(argv)."""
+  def main(argv: list[str]) -> None:
+    run_reporting_errors(lambda: body(argv))
+
+  def run() -> None:
+    app.run(main, flags_parser=parse_flags_or_exit)
+  return run

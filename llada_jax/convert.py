@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace LLaDA folder (from-hf).")
@@ -79,13 +79,7 @@ def _convert(argv: list[str]) -> None:
     logging.info("wrote %d safetensors file(s) to %s", len(files), _OUT.value)
 
 
-def main(argv: list[str]) -> None:
-  run_reporting_errors(lambda: _convert(argv))
-
-
-def run() -> None:
-  """Console script `llada-convert`."""
-  app.run(main, flags_parser=parse_flags_or_exit)
+run = entry_point(_convert)  # console script `llada-convert`
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding Orbax checkpoints.")
@@ -44,7 +44,8 @@ def _parse_ids(texts: list[str]) -> list[list[int]]:
                       "such as --prompt_ids=1,2,3") from None
 
 
-def _sample() -> None:
+def _sample(argv: list[str]) -> None:
+  del argv
   from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
 
   path = _CHECKPOINT.value or _WORKDIR.value
@@ -75,14 +76,7 @@ def _sample() -> None:
       json.dump({"tokens": result["tokens"], "text": result["text"]}, f, indent=1)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  run_reporting_errors(_sample)
-
-
-def run() -> None:
-  """Console script `llada-sample`."""
-  app.run(main, flags_parser=parse_flags_or_exit)
+run = entry_point(_sample)  # console script `llada-sample`
 
 
 if __name__ == "__main__":

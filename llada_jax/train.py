@@ -8,10 +8,10 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llada_jax.cli_support import parse_flags_or_exit, run_reporting_errors
+from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).",
@@ -19,7 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
 
 
-def _train() -> None:
+def _train(argv: list[str]) -> None:
+  del argv
   from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
 
   if _CONFIG.value is None:
@@ -29,14 +30,7 @@ def _train() -> None:
   train(_CONFIG.value, _WORKDIR.value)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  run_reporting_errors(_train)
-
-
-def run() -> None:
-  """Console script `llada-train`."""
-  app.run(main, flags_parser=parse_flags_or_exit)
+run = entry_point(_train)  # console script `llada-train`
 
 
 if __name__ == "__main__":
