@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, positions_from_mask
-from llada_jax.sampling.remasking import REMASKING, confidence_of
+from llada_jax.sampling.remasking import confidence_of
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
 
@@ -94,12 +95,7 @@ def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarr
                              block_length: int, temperature: float, cfg_scale: float,
                              remasking: str, mask_id: int, float64: bool = False) -> None:
   """Raises ConfigError (a ValueError) with one line for any argument generate cannot take."""
-  from llada_jax.config import validate_sampling  # pylint: disable=g-import-not-at-top
-
   validate_sampling(steps, gen_length, block_length, temperature, remasking)
-  if remasking not in REMASKING:
-    raise ConfigError(f"remasking={remasking!r} is not allowed: expected one of "
-                      + ", ".join(REMASKING))
   if cfg_scale < 0:
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   vocab = config.model.vocab_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-REMASKING = ("low_confidence", "random", "margin", "entropy")
+from llada_jax.config import REMASKING
 
 
 def confidence_of(remasking: str, logits: jax.Array, proposal: jax.Array,

@@ -70,7 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   for step in range(start, config.train.num_steps):
     state, metrics = train_step(state, next(batches))
     done = step + 1
-    if done % config.train.log_every == 0 or done == config.train.num_steps:
+    if done % config.train.log_every == 0 or done == config.train.num_steps or step == start:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()
       metrics["tokens_per_s"] = tokens_per_step * (done - last_step) / (now - last_time)
