@@ -73,7 +73,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     if done % config.train.log_every == 0 or done == config.train.num_steps or step == start:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()
-      metrics["tokens_per_s"] = tokens_per_step * (done - last_step) / (now - last_time)
+      if step != start:  # the first step's time is mostly compilation
+        metrics["tokens_per_s"] = tokens_per_step * (done - last_step) / (now - last_time)
       last_time, last_step = now, done
       writer.write(done, metrics)
     if done % config.train.eval_every == 0 or done == config.train.num_steps:
