@@ -106,3 +106,18 @@ def test_arm_baseline_trains_from_the_same_code_with_a_config_switch():
   periodic = jnp.asarray((rows + cols) % 11 + 3)
   _, losses, _ = _run(config, jax.devices()[:1], periodic, steps=40)
   assert np.mean(losses[-5:]) < 0.2 * np.mean(losses[:5])
+
+
+def test_params_only_restore_reads_no_optimizer_state(tmp_path):
+  config = make_tiny_config()
+  state, _, _ = _run(config, jax.devices()[:1], _tokens(config), steps=1)
+  saver = checkpoint.Checkpointer(tmp_path, config)
+  saver.save(1, state, force=True)
+  saver.wait()
+  saver.close()
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
+  params = checkpoint.load_params(tmp_path, 1, abstract.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(params))
+  with pytest.raises(CheckpointError, match="cannot restore the parameters"):
+    checkpoint.load_params(tmp_path, 1, {"wrong": abstract.params["ln_f"]})

@@ -13,7 +13,7 @@ from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.sampling.generate import generate
-from llada_jax.training.checkpoint import latest_step, load_config, load_state
+from llada_jax.training.checkpoint import latest_step, load_config, load_params
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
 
@@ -27,7 +27,7 @@ def load_model(path: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any
 
 
 def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) of the latest checkpoint, parameters replicated over the local devices."""
+  """(config, params) of the latest checkpoint, parameters only, replicated over local devices."""
   step = latest_step(workdir)
   config = load_config(workdir, step)
   serving = ml_collections.ConfigDict(config.to_dict())
@@ -35,7 +35,7 @@ def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.Confi
   mesh = make_mesh(serving, jax.local_devices())
   abstract, _ = state_shardings(serving, Transformer(ModelConfig.from_config(serving)),
                                 make_optimizer(serving), mesh)
-  return config, load_state(workdir, step, abstract).params
+  return config, load_params(workdir, step, abstract.params)
 
 
 def _text_codec(config: ml_collections.ConfigDict) -> Any:

@@ -10,6 +10,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -82,13 +83,33 @@ def load_config(workdir: str | pathlib.Path, step: int | None = None) -> ml_coll
 
 
 def load_state(workdir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
-  """Restores one checkpoint's train state without a manager (read-only use, e.g. sampling)."""
+  """Restores one checkpoint's train state without a manager (read-only use)."""
   path = checkpoint_dir(workdir) / str(step) / "state"
   with ocp.StandardCheckpointer() as checkpointer:
     try:
       return checkpointer.restore(path, abstract_state)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise CheckpointError(f"cannot restore {path}: {e}") from None
+
+
+def load_params(workdir: str | pathlib.Path, step: int, abstract_params: Any) -> Any:
+  """Restores only the parameters of a checkpoint (the optimizer state is never read), into the
+  shardings carried by `abstract_params`: what sampling and export need, at a third of the memory."""
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  item = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    try:
+      params = checkpointer.restore(path, args=args)["params"]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"cannot restore the parameters in {path}: {e}") from None
+  # A partial restore hands back the abstract leaf for a name the checkpoint does not hold.
+  missing = [jax.tree_util.keystr(key) for key, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"cannot restore the parameters in {path}: it holds no {missing[0]}")
+  return params
 
 
 def architecture_mismatch(saved: ml_collections.ConfigDict,
