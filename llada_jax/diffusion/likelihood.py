@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model import ModelConfig, Transformer, apply_model
 
 
 class Likelihood(NamedTuple):
@@ -121,11 +121,8 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     masked = is_answer & (rank < num_masked[:, None])
     noisy = jnp.where(masked, mask_id, tokens)
     attention = jnp.broadcast_to(valid, noisy.shape)
-    logits = model.apply({"params": params}, noisy, attention)
-    if use_cfg:
-      prompt_free = jnp.where(valid & ~is_answer, mask_id, noisy)
-      uncond = model.apply({"params": params}, prompt_free, attention)
-      logits = uncond + (cfg_scale + 1.0) * (logits - uncond)
+    prompt_free = jnp.where(valid & ~is_answer, mask_id, noisy) if use_cfg else None
+    logits = apply_model(model, params, noisy, attention, prompt_free, cfg_scale)
     targets = jnp.broadcast_to(tokens, noisy.shape)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     masked_ce = jnp.sum(jnp.where(masked, ce, 0.0), axis=-1)

@@ -22,6 +22,24 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def apply_model(model: Transformer, params: Any, tokens: jax.Array, attention_mask: jax.Array,
+                unconditional: jax.Array | None = None,
+                cfg_scale: jax.Array | float = 0.0) -> jax.Array:
+  """Logits of `model` for tokens [B, L] with padding-aware positions (traceable, not jitted).
+
+  With `unconditional` tokens (the same rows with the prompt masked), both passes run as one batch
+  and classifier-free guidance combines them: u + (cfg_scale + 1) * (c - u).
+  """
+  mask = attention_mask.astype(bool)
+  positions = positions_from_mask(mask)
+  if unconditional is None:
+    return model.apply({"params": params}, tokens, mask, positions)
+  both = model.apply({"params": params}, jnp.concatenate([tokens, unconditional]),
+                     jnp.concatenate([mask, mask]), jnp.concatenate([positions, positions]))
+  cond, uncond = jnp.split(both, 2)
+  return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
 def logits(config: ml_collections.ConfigDict, params: Any, tokens: jax.Array,
            attention_mask: jax.Array | None = None) -> jax.Array:
   """float32 logits [B, L, V] of the mask predictor for `tokens` [B, L].
@@ -29,19 +47,12 @@ def logits(config: ml_collections.ConfigDict, params: Any, tokens: jax.Array,
   attention_mask: optional bool/int [B, L]; 0 marks padding, which no position attends to and which
   does not advance the position ids.
   """
-  return _forward(ModelConfig.from_config(config))(params, jnp.asarray(tokens, jnp.int32),
-                                                    attention_mask)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
+  return _forward(ModelConfig.from_config(config))(params, tokens, mask)
 
 
 @functools.lru_cache(maxsize=16)
 def _forward(model_cfg: ModelConfig):
   model = Transformer(model_cfg)
-
-  @jax.jit
-  def forward(params: Any, tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    if attention_mask is None:
-      return model.apply({"params": params}, tokens)
-    mask = jnp.asarray(attention_mask).astype(bool)
-    return model.apply({"params": params}, tokens, mask, positions_from_mask(mask))
-
-  return forward
+  return jax.jit(lambda params, tokens, mask: apply_model(model, params, tokens, mask))

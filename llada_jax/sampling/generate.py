@@ -21,7 +21,7 @@ import numpy as np
 
 from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer, positions_from_mask
+from llada_jax.model import ModelConfig, Transformer, apply_model
 from llada_jax.sampling.remasking import confidence_of
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
@@ -40,6 +40,7 @@ class SamplerSpec:
   logits_eos_inf: bool
   confidence_eos_eot_inf: bool
   use_cfg: bool
+  use_noise: bool
   return_trajectory: bool
   float64: bool
 
@@ -84,7 +85,8 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
                            temperature, cfg_scale, remasking, mask_id, float64)
   spec = SamplerSpec(ModelConfig.from_config(config), steps, gen_length, block_length, remasking,
                      mask_id, tokens.eos_id, tokens.eot_id, logits_eos_inf,
-                     confidence_eos_eot_inf, cfg_scale > 0, return_trajectory, float64)
+                     confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
+                     float64)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   return _compiled_sampler(spec)(params, jnp.asarray(prompt), jnp.asarray(attention_mask),
                                  jnp.float32(temperature), jnp.float32(cfg_scale), rng)
@@ -128,22 +130,11 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   steps_per_block = spec.steps // num_blocks
   real = jnp.float64 if spec.float64 else jnp.float32
 
-  def predict(params, x, attention_mask, positions, is_prompt, cfg_scale):
-    """Logits for x, with classifier-free guidance (both passes in one batch) if asked."""
-    if not spec.use_cfg:
-      return model.apply({"params": params}, x, attention_mask, positions)
-    unconditional = jnp.where(is_prompt, spec.mask_id, x)
-    both = model.apply({"params": params}, jnp.concatenate([x, unconditional]),
-                       jnp.concatenate([attention_mask] * 2), jnp.concatenate([positions] * 2))
-    cond, uncond = jnp.split(both, 2)
-    return uncond + (cfg_scale + 1.0) * (cond - uncond)
-
   def run(params, prompt, prompt_mask, temperature, cfg_scale, rng):
     batch, prompt_len = prompt.shape
     total = prompt_len + spec.gen_length
     x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
     attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, spec.gen_length), bool)], 1)
-    positions = positions_from_mask(attention_mask)
     is_prompt = (jnp.arange(total) < prompt_len) & (x != spec.mask_id)
     index = jnp.arange(total)
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
@@ -159,11 +150,17 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
         x, trajectory = carry
         step = block * steps_per_block + i
         noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
-        logits = predict(params, x, attention_mask, positions, is_prompt, cfg_scale).astype(real)
+        unconditional = jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
+        logits = apply_model(model, params, x, attention_mask, unconditional, cfg_scale)
+        logits = logits.astype(real)
         if spec.logits_eos_inf:
           logits = logits.at[..., spec.eos_id].set(-jnp.inf)
-        gumbel = jax.random.gumbel(noise_key, logits.shape, real)
-        x0 = jnp.argmax(logits + temperature.astype(real) * gumbel, axis=-1).astype(jnp.int32)
+        if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
+          logits_noised = logits + temperature.astype(real) * jax.random.gumbel(
+              noise_key, logits.shape, real)
+        else:
+          logits_noised = logits
+        x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
         confidence = confidence_of(spec.remasking, logits, x0, remask_key)
         candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
         if spec.confidence_eos_eot_inf:
