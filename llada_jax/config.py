@@ -17,7 +17,7 @@ from llada_jax.errors import ConfigError
 # Number of real token ids (ids a tokenizer can emit) for each vocabulary. The mask id and any
 # padding of the embedding table must lie at or above this number. None: the vocabulary comes from a
 # tokenizer file (the official LLaDA tokenizer), whose special ids are checked when it is loaded.
-VOCABULARY_SIZES = {"byte": 259, "llada_hf": None}
+VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None}
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("xla",)
@@ -25,7 +25,8 @@ REMAT_POLICIES = ("none", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 OBJECTIVES = ("mdm", "arm")
 TIME_SAMPLING = ("uniform", "stratified")
-TASKS = ("tinyshakespeare",)
+PACKING = ("chunk", "pack")
+MASKING = ("pipeline", "device")
 
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
 DEFAULT_AXIS_RULES = (
@@ -84,12 +85,18 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      task="tinyshakespeare",
-      vocabulary="byte",
+      task="tinyshakespeare",    # a task or mixture of llada_jax.data.registry
+      task_module="",            # python module imported first: it may register the user's tasks
+      vocabulary="byte",         # "byte", "spm8k" (shipped SentencePiece) or "llada_hf"
       tokenizer="",              # tokenizer.json for vocabulary "llada_hf"
       sequence_length=128,
       batch_size=16,             # global batch, split over the data-parallel mesh axes
+      packing="chunk",           # "chunk": cut the token stream (LLaDA); "pack": whole documents
+      masking="pipeline",        # forward process in the input pipeline, or "device" (in the step)
+      num_shards=-1,             # data shards (fix it for resumes on another host count); -1: one
+                                 # per process that holds its own rows of the batch
       shuffle_buffer=10_000,
+      prefetch=2,                # global batches prepared ahead of the step
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -159,7 +166,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
 
   _choice("data.vocabulary", data.vocabulary, tuple(VOCABULARY_SIZES))
-  _choice("data.task", data.task, TASKS)
+  if not data.task:
+    _fail("data.task", data.task, "the name of a registered task or mixture")
+  _choice("data.packing", data.packing, PACKING)
+  _choice("data.masking", data.masking, MASKING)
+  if data.num_shards != -1 and data.num_shards < 1:
+    _fail("data.num_shards", data.num_shards, "a positive number of shards or -1 (one per process)")
+  if data.num_shards > 0 and data.batch_size % data.num_shards:
+    _fail("data.num_shards", data.num_shards, f"a divisor of data.batch_size={data.batch_size}")
+  _non_negative("data.prefetch", data.prefetch)
   real_tokens = VOCABULARY_SIZES[data.vocabulary] or 0
   if not real_tokens <= tok.mask_id < m.vocab_size:
     _fail("tokens.mask_id", tok.mask_id,

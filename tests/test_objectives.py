@@ -183,7 +183,9 @@ def test_sft_loss_never_masks_the_prompt_and_matches_the_official_formula():
   for b, plen in enumerate(np.asarray(prompt_lengths)):
     np.testing.assert_array_equal(noisy[b, :plen], np.asarray(tokens)[b, :plen])
   is_response = np.arange(length)[None] >= np.asarray(prompt_lengths)[:, None]
-  noised = forward_process(rng, tokens, mask_id=vocab, eps=1e-3, valid=jnp.asarray(is_response))
+  _, noise_key = jax.random.split(rng)
+  noised = forward_process(noise_key, tokens, mask_id=vocab, eps=1e-3,
+                           valid=jnp.asarray(is_response))
   expected = _sft_reference(table[noisy], np.asarray(tokens), np.asarray(noised.masked),
                             np.asarray(noised.p_mask), prompt_lengths)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)

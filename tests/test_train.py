@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
+from llada_jax.diffusion.objectives import unpacked_batch
 from llada_jax.errors import CheckpointError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
@@ -21,7 +22,7 @@ def _run(config, devices, tokens, steps):
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
   state, shardings = create_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, mesh, shardings)
-  batch = jax.device_put(tokens, batch_sharding(mesh, axis_rules(config)))
+  batch = jax.device_put(unpacked_batch(tokens), batch_sharding(mesh, axis_rules(config)))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch)

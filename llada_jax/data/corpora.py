@@ -10,11 +10,13 @@ import numpy as np
 
 CORPORA_DIR = pathlib.Path(__file__).parent / "corpora"
 VALIDATION_FRACTION = 0.1
+# Bundled corpus -> its text file (named as in the corpus's SOURCE.txt).
+CORPUS_FILES = {"tinyshakespeare": "input.txt", "gutenberg": "corpus.txt"}
 
 
 def corpus_path(name: str) -> pathlib.Path:
   """Path of a bundled corpus file, e.g. corpus_path('tinyshakespeare')."""
-  return CORPORA_DIR / name / "input.txt"
+  return CORPORA_DIR / name / CORPUS_FILES[name]
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,6 +1,10 @@
-"""Vocabularies. The byte vocabulary is seqio's (pad 0, EOS 1, UNK 2, byte b -> b + 3: 259 real ids;
-the mask id and any padding of the embedding table sit above them); "llada_hf" is the official
-tokenizer.json named by data.tokenizer."""
+"""Vocabularies, checked against the config's special ids.
+
+"byte": seqio's ByteVocabulary (pad 0, EOS 1, UNK 2, byte b -> b + 3: 259 real ids; the mask id
+and any padding of the embedding table sit above them). "spm8k": the shipped SentencePiece model
+(8,000 pieces, same pad/EOS/UNK ids). "llada_hf": the official tokenizer.json named by
+data.tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,30 @@ from llada_jax.errors import ConfigError
 
 
 def get_vocabulary(config: ml_collections.ConfigDict):
-  """The seqio Vocabulary named by config.data.vocabulary."""
-  import seqio  # pylint: disable=g-import-not-at-top
-
-  if config.data.vocabulary == "byte":
-    return seqio.ByteVocabulary()
-  if not config.data.tokenizer:
-    raise ConfigError(f"data.vocabulary={config.data.vocabulary!r} needs data.tokenizer: the path "
-                      "of the model's tokenizer.json")
-  if not os.path.isfile(config.data.tokenizer):
-    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} names no file")
-  from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
-  return seqio_vocabulary(config.data.tokenizer)
+  """The seqio Vocabulary named by config.data.vocabulary, after checking the token ids."""
+  if config.data.vocabulary == "llada_hf":
+    if not config.data.tokenizer:
+      raise ConfigError(f"data.vocabulary={config.data.vocabulary!r} needs data.tokenizer: the "
+                        "path of the model's tokenizer.json")
+    if not os.path.isfile(config.data.tokenizer):
+      raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} names no file")
+    from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
+    vocabulary = seqio_vocabulary(config.data.tokenizer)
+    vocabulary.tokenizer.check_config(config)
+    return vocabulary
+  if config.data.vocabulary == "spm8k":
+    from llada_jax.data.spm_vocab import spm_vocabulary  # pylint: disable=g-import-not-at-top
+    vocabulary = spm_vocabulary()
+  else:
+    import seqio  # pylint: disable=g-import-not-at-top
+    vocabulary = seqio.ByteVocabulary()
+  for name in ("eos_id", "pad_id"):
+    if config.tokens[name] != getattr(vocabulary, name):
+      raise ConfigError(f"tokens.{name}={config.tokens[name]} is not allowed: the "
+                        f"{config.data.vocabulary!r} vocabulary has {name} "
+                        f"{getattr(vocabulary, name)}")
+  if config.model.vocab_size < vocabulary.vocab_size + 1:
+    raise ConfigError(f"model.vocab_size={config.model.vocab_size} is not allowed: the "
+                      f"{config.data.vocabulary!r} vocabulary has {vocabulary.vocab_size} ids "
+                      "and the model needs one more for the mask id")
+  return vocabulary

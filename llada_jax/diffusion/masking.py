@@ -65,3 +65,26 @@ def random_length(rng: jax.Array, seq_len: int, prob: float) -> jax.Array:
   cut = jax.random.uniform(cut_key) < prob
   drawn = jax.random.randint(len_key, (), 1, seq_len + 1)
   return jnp.where(cut, drawn, seq_len)
+
+
+def noise_batch(rng: jax.Array, batch: dict[str, jax.Array], *, mask_id: int, eps: float,
+                random_length_prob: float,
+                time_sampling: str = "uniform") -> dict[str, jax.Array]:
+  """On-device forward process for a feature batch (llada_jax.data.features): adds inputs, masked
+  and p_mask, and applies the batch-level random-length cut to `valid` (pre-training only).
+
+  SFT batches (with prompt_length) are never cut and never masked inside the prompt.
+  """
+  len_key, noise_key = jax.random.split(rng)
+  targets = batch["targets"]
+  seq_len = targets.shape[1]
+  valid = batch["valid"]
+  if "prompt_length" in batch:
+    maskable = valid & (jnp.arange(seq_len)[None, :] >= batch["prompt_length"][:, None])
+  else:
+    valid = valid & (jnp.arange(seq_len) < random_length(len_key, seq_len, random_length_prob))
+    maskable = valid
+  noised = forward_process(noise_key, targets, mask_id=mask_id, eps=eps, valid=maskable,
+                           time_sampling=time_sampling)
+  return dict(batch, valid=valid, inputs=noised.tokens, masked=noised.masked,
+              p_mask=noised.p_mask)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llada_jax.diffusion.masking import forward_process, random_length
+from llada_jax.diffusion.masking import noise_batch
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens, attention_mask) -> logits
 
@@ -30,6 +30,37 @@ def masked_diffusion_loss(logits: jax.Array, targets: jax.Array, masked: jax.Arr
   return jnp.sum(weighted) / num_tokens
 
 
+def diffusion_loss(logits: jax.Array,
+                   batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The LLaDA loss of a noised feature batch (targets, masked, p_mask, valid[, prompt_length]).
+
+  Pre-training: the CE / p sum over masked positions divided by the number of tokens in the
+  sequences (batch x length when nothing is padded or cut). SFT (prompt_length present): each
+  sequence's sum divided by its response length, EOS padding included, then the batch mean.
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                       batch["targets"])
+  per_token = jnp.where(batch["masked"], ce / batch["p_mask"][:, None], 0.0)
+  seq_len = batch["targets"].shape[1]
+  metrics = {}
+  if "prompt_length" in batch:
+    response_len = jnp.maximum(seq_len - batch["prompt_length"], 1).astype(jnp.float32)
+    loss = jnp.mean(jnp.sum(per_token, axis=-1) / response_len)
+    maskable = jnp.sum(response_len)
+  else:
+    maskable = jnp.maximum(jnp.sum(batch["valid"]), 1)
+    loss = jnp.sum(per_token) / maskable
+    metrics["length"] = maskable / batch["targets"].shape[0]
+  return loss, dict(metrics, loss=loss, masked_fraction=jnp.sum(batch["masked"]) / maskable)
+
+
+def unpacked_batch(tokens: jax.Array, **extra: jax.Array) -> dict[str, jax.Array]:
+  """The feature batch of unpacked full-length rows `tokens` [B, L] (one segment each, no cut)."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return dict(targets=tokens, valid=jnp.ones(tokens.shape, bool), positions=positions,
+              segment_ids=jnp.ones(tokens.shape, jnp.int32), **extra)
+
+
 def pretraining_loss(apply_fn: ApplyFn, tokens: jax.Array, rng: jax.Array, *, mask_id: int,
                      eps: float, random_length_prob: float,
                      time_sampling: str = "uniform") -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -37,18 +68,9 @@ def pretraining_loss(apply_fn: ApplyFn, tokens: jax.Array, rng: jax.Array, *, ma
 
   Returns the loss (nats per token, an upper bound on -log p / token) and metrics.
   """
-  len_key, noise_key = jax.random.split(rng)
-  batch, seq_len = tokens.shape
-  length = random_length(len_key, seq_len, random_length_prob)
-  valid = jnp.broadcast_to(jnp.arange(seq_len) < length, tokens.shape)
-  noised = forward_process(noise_key, tokens, mask_id=mask_id, eps=eps, valid=valid,
-                           time_sampling=time_sampling)
-  logits = apply_fn(noised.tokens, valid)
-  loss = masked_diffusion_loss(logits, tokens, noised.masked, noised.p_mask, batch * length)
-  metrics = {"loss": loss,
-             "masked_fraction": jnp.sum(noised.masked) / (batch * length),
-             "length": length}
-  return loss, metrics
+  batch = noise_batch(rng, unpacked_batch(tokens), mask_id=mask_id, eps=eps,
+                      random_length_prob=random_length_prob, time_sampling=time_sampling)
+  return diffusion_loss(apply_fn(batch["inputs"], batch["valid"]), batch)
 
 
 def sft_loss(apply_fn: ApplyFn, tokens: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
@@ -59,16 +81,9 @@ def sft_loss(apply_fn: ApplyFn, tokens: jax.Array, prompt_lengths: jax.Array, rn
   The prompt is never masked; masked response tokens (EOS padding included) are weighted by 1/p
   and each sequence is normalised by its response length L - prompt_length.
   """
-  batch, seq_len = tokens.shape
-  is_response = jnp.arange(seq_len)[None, :] >= prompt_lengths[:, None]
-  noised = forward_process(rng, tokens, mask_id=mask_id, eps=eps, valid=is_response,
-                           time_sampling=time_sampling)
-  logits = apply_fn(noised.tokens, jnp.ones(tokens.shape, bool))
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
-  per_token = jnp.where(noised.masked, ce / noised.p_mask[:, None], 0.0)
-  response_len = jnp.maximum(seq_len - prompt_lengths, 1).astype(jnp.float32)
-  loss = jnp.mean(jnp.sum(per_token, axis=-1) / response_len)
-  return loss, {"loss": loss, "masked_fraction": jnp.sum(noised.masked) / jnp.sum(is_response)}
+  batch = noise_batch(rng, unpacked_batch(tokens, prompt_length=prompt_lengths), mask_id=mask_id,
+                      eps=eps, random_length_prob=0.0, time_sampling=time_sampling)
+  return diffusion_loss(apply_fn(batch["inputs"], batch["valid"]), batch)
 
 
 def autoregressive_loss(apply_fn: ApplyFn, tokens: jax.Array) -> tuple[jax.Array,

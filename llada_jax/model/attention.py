@@ -13,7 +13,8 @@ IMPLEMENTATIONS = ("xla",)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-              key_mask: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
+              key_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              implementation: str = "xla") -> jax.Array:
   """Scaled dot-product attention with grouped-query heads.
 
   Args:
@@ -22,6 +23,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       head j serves query heads j*G .. j*G+G-1 (G = n_heads / n_kv_heads), as repeat_interleave does.
     causal: mask keys after each query (the autoregressive baseline); LLaDA itself is bidirectional.
     key_mask: optional bool [batch, kv_len]; False keys are never attended to (padding, cut length).
+    segment_ids: optional int [batch, len] (self-attention); a query attends only to keys of its
+      own segment (documents packed into one row).
     implementation: "xla" (materialises the scores; softmax in float32).
 
   Returns:
@@ -40,6 +43,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     allowed = allowed & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
   if key_mask is not None:
     allowed = allowed & key_mask[:, None, None, None, :]
+  if segment_ids is not None:
+    allowed = allowed & (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
   scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

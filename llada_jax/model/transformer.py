@@ -54,8 +54,8 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               key_mask: jax.Array | None) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -72,7 +72,8 @@ class Block(nn.Module):
     v = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "v_proj")(h)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
-    a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask, implementation=cfg.attention)
+    a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask,
+                  segment_ids=segment_ids, implementation=cfg.attention)
     x = x + proj((cfg.d_model,), ("heads", "kv", "embed"), "attn_out", in_dims=2)(a)
     x = nn.with_logical_constraint(x, ACTIVATION)
 
@@ -91,8 +92,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """attention_mask: bool [batch, seq], False for keys no position may attend to (padding)."""
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
+    segment_ids: int [batch, seq], attention stays within a segment (packed documents)."""
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -108,12 +111,12 @@ class Transformer(nn.Module):
                        policy=jax.checkpoint_policies.nothing_saveable)
     if cfg.scan_layers:
       x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(
-                         x, positions, attention_mask)
+                         x, positions, attention_mask, segment_ids)
     else:
       for i in range(cfg.n_layers):
-        x, _ = block(cfg, name=f"blocks_{i}")(x, positions, attention_mask)
+        x, _ = block(cfg, name=f"blocks_{i}")(x, positions, attention_mask, segment_ids)
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
     logits = Projection((cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype,

@@ -23,8 +23,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-  """Sharding of [batch, length] inputs: batch over the data-parallel axes."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None), rules))
+  """Sharding of every input feature ([batch] or [batch, length]): batch over the data-parallel
+  axes, the other dimensions replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

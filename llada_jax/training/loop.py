@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 
 from llada_jax.config import validate
-from llada_jax.data.corpora import bits_per_byte, unigram_entropy_bits
+from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
@@ -59,7 +59,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                dict(mesh.shape), mesh.size)
 
   writer = MetricWriter(workdir)
-  if config.data.vocabulary == "byte":
+  if config.data.vocabulary == "byte" and config.data.task in CORPUS_FILES:
     logging.info("unigram entropy of the training bytes: %.3f bits/byte (a context-free model's "
                  "floor)", unigram_entropy_bits(config.data.task))
   train_step = make_train_step(config, model, tx, mesh, shardings)

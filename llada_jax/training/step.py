@@ -10,13 +10,15 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from llada_jax.diffusion.objectives import autoregressive_loss, pretraining_loss
+from llada_jax.diffusion.masking import noise_batch
+from llada_jax.diffusion.objectives import autoregressive_loss, diffusion_loss
 from llada_jax.model import Transformer
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
 from llada_jax.training.state import TrainState
 
 Metrics = dict[str, jax.Array]
+Batch = dict[str, jax.Array]  # model features, see llada_jax.data.features
 
 
 def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) -> jax.Array:
@@ -24,30 +26,34 @@ def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) ->
   return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), stream), step)
 
 
-def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, tokens: jax.Array,
+def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, batch: Batch,
           rng: jax.Array, random_length_prob: float) -> tuple[jax.Array, Metrics]:
-  """The configured objective: the LLaDA bound ("mdm") or next-token CE ("arm")."""
-  def apply(noisy: jax.Array, mask: jax.Array) -> jax.Array:
-    return model.apply({"params": params}, noisy, mask)
+  """The configured objective on a feature batch: the LLaDA bound ("mdm") or next-token CE
+  ("arm"). Batches noised in the input pipeline carry `inputs`; others are noised here."""
   if config.diffusion.objective == "arm":
-    return autoregressive_loss(apply, tokens)
-  return pretraining_loss(apply, tokens, rng, mask_id=config.tokens.mask_id,
-                          eps=config.diffusion.eps, random_length_prob=random_length_prob,
-                          time_sampling=config.diffusion.time_sampling)
+    return autoregressive_loss(
+        lambda tokens, mask: model.apply({"params": params}, tokens, mask), batch["targets"])
+  if "inputs" not in batch:
+    batch = noise_batch(rng, batch, mask_id=config.tokens.mask_id, eps=config.diffusion.eps,
+                        random_length_prob=random_length_prob,
+                        time_sampling=config.diffusion.time_sampling)
+  logits = model.apply({"params": params}, batch["inputs"], batch["valid"], batch["positions"],
+                       batch["segment_ids"])
+  return diffusion_loss(logits, batch)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
                     tx: optax.GradientTransformation, mesh: Mesh,
-                    shardings: Any) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
-  """jit(state, tokens) -> (new state, metrics); the state's buffers are donated."""
+                    shardings: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """jit(state, batch) -> (new state, metrics); the state's buffers are donated."""
   rules = axis_rules(config)
   schedule = learning_rate_schedule(config)
 
-  def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, Metrics]:
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng = step_rng(config, state.step, stream=1)
     with nn.logical_axis_rules(rules):
       grad_fn = jax.value_and_grad(
-          lambda p: _loss(config, model, p, tokens, rng, config.diffusion.random_length_prob),
+          lambda p: _loss(config, model, p, batch, rng, config.diffusion.random_length_prob),
           has_aux=True)
       (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -59,29 +65,29 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
   jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh, rules)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
-  def run(state: TrainState, tokens: jax.Array) -> tuple[TrainState, Metrics]:
+  def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with jax.set_mesh(mesh):
-      return jitted(state, tokens)
+      return jitted(state, batch)
   return run
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
-                   param_shardings: Any) -> Callable[[Any, jax.Array, int], jax.Array]:
-  """jit(params, tokens, batch_index) -> loss bound (nats/token) on full-length sequences.
+                   param_shardings: Any) -> Callable[[Any, Batch, int], jax.Array]:
+  """jit(params, batch, batch_index) -> loss bound (nats/token) on full-length sequences.
 
   The noise of batch i is the same at every evaluation, so successive evaluations are comparable.
   """
   rules = axis_rules(config)
 
-  def eval_step(params: Any, tokens: jax.Array, index: jax.Array) -> jax.Array:
+  def eval_step(params: Any, batch: Batch, index: jax.Array) -> jax.Array:
     with nn.logical_axis_rules(rules):
-      loss, _ = _loss(config, model, params, tokens, step_rng(config, index, stream=2), 0.0)
+      loss, _ = _loss(config, model, params, batch, step_rng(config, index, stream=2), 0.0)
     return loss
 
   jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh, rules), None),
                    out_shardings=replicated(mesh))
 
-  def run(params: Any, tokens: jax.Array, index: int) -> jax.Array:
+  def run(params: Any, batch: Batch, index: int) -> jax.Array:
     with jax.set_mesh(mesh):
-      return jitted(params, tokens, index)
+      return jitted(params, batch, index)
   return run

@@ -1,0 +1,260 @@
+"""Every task and mixture llada_jax can train on, and `register_text_task` for a user's own files.
+
+A task here is vocabulary-free: a source of text (or of pre-tokenized ids) and a kind, "pretrain"
+(documents become chunks or packed rows) or "sft" (a prompt and a response per example). The seqio
+Task that tokenizes it is built on first use for a (vocabulary, packing) pair, named
+`{task}.{vocabulary}.{packing}`, so one registration serves every vocabulary.
+
+Built in: `tinyshakespeare`, `gutenberg` (bundled corpora, 90/10 train/validation split at a
+paragraph break), `corpora` (the two mixed by their sizes in bytes), `gsm8k_sft` (GSM8K in the
+LLaDA-Instruct chat format; train/test splits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+import sys
+from typing import Callable, Sequence
+
+from llada_jax.data import corpora
+from llada_jax.data.hf_tokenizer import ChatMessage, render_chat
+from llada_jax.errors import ConfigError
+
+SPLITS = ("train", "validation")
+KINDS = ("pretrain", "sft")
+SFT_DIR = pathlib.Path(__file__).parent / "sft"
+
+# split -> list of records; a record is {"text": str} (pretrain) or {"prompt", "response"} (sft).
+Reader = Callable[[str], list[dict[str, str]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """A registered task: how to read each split, and whether to add EOS after each record."""
+  name: str
+  kind: str
+  reader: Reader
+  append_eos: bool
+  splits: tuple[str, ...] = SPLITS
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSpec:
+  """Tasks sampled with the given rates (after each task is chunked or packed)."""
+  name: str
+  rates: tuple[tuple[str, float], ...]
+
+
+_TASKS: dict[str, TaskSpec] = {}
+_MIXTURES: dict[str, MixtureSpec] = {}
+
+
+def registered_names() -> list[str]:
+  return sorted([*_TASKS, *_MIXTURES])
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+  """Adds (or replaces) a task; its seqio Tasks are built when first used."""
+  if spec.kind not in KINDS:
+    raise ConfigError(f"task kind {spec.kind!r} is not allowed: expected one of {KINDS}")
+  if spec.name in _TASKS and "seqio" in sys.modules:  # drop the seqio Tasks of the old spec
+    registry = sys.modules["seqio"].TaskRegistry
+    for built in [n for n in registry.names() if n.startswith(f"{spec.name}.")]:
+      registry.remove(built)
+  _TASKS[spec.name] = spec
+  return spec
+
+
+def register_mixture(name: str, rates: dict[str, float]) -> MixtureSpec:
+  """Adds a mixture of registered pre-training tasks, sampled in proportion to `rates`."""
+  for task, rate in rates.items():
+    if task not in _TASKS:
+      raise ConfigError(f"mixture {name!r}: unknown task {task!r}; registered: {registered_names()}")
+    if rate <= 0:
+      raise ConfigError(f"mixture {name!r}: rate {rate} of {task!r} is not allowed: expected > 0")
+  _MIXTURES[name] = MixtureSpec(name, tuple(rates.items()))
+  return _MIXTURES[name]
+
+
+def task_kind(name: str) -> str:
+  """"pretrain" or "sft" for a registered task or mixture."""
+  if name in _MIXTURES:
+    return task_kind(_MIXTURES[name].rates[0][0])
+  return _spec(name).kind
+
+
+def _spec(name: str) -> TaskSpec:
+  if name not in _TASKS:
+    raise ConfigError(f"data.task={name!r} is not a registered task or mixture; registered: "
+                      f"{', '.join(registered_names())}")
+  return _TASKS[name]
+
+
+def _check_split(spec: TaskSpec, split: str) -> None:
+  if split not in spec.splits:
+    raise ConfigError(f"task {spec.name!r} has no split {split!r}; it has {spec.splits}")
+
+
+def _records_dataset(spec: TaskSpec, split: str, shuffle_files: bool, seed: int | None = None):
+  """The source's records as a tf.data.Dataset (records stay in file order; shuffling is later)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  del shuffle_files, seed
+  records = spec.reader(split)
+  if not records:
+    raise ConfigError(f"task {spec.name!r} split {split!r} holds no records")
+  keys = records[0].keys()
+  return tf.data.Dataset.from_tensor_slices({k: [r[k] for r in records] for k in keys})
+
+
+def _tokenize(dataset, vocabulary, fields: Sequence[str], rename: dict[str, str]):
+  """Encodes the string `fields` with `vocabulary` (int32), renaming them by `rename`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def encode(ex):
+    return {rename.get(f, f): tf.cast(vocabulary.encode_tf(ex[f]), tf.int32) for f in fields}
+  return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
+  """The seqio Task or Mixture for a registered name, built once per (vocabulary, packing)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
+
+  full_name = f"{name}.{vocabulary_name}.{packing}"
+  if full_name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(full_name)
+  if full_name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(full_name)
+  if name in _MIXTURES:
+    tasks = [(seqio_provider(t, vocabulary_name, vocabulary, packing), rate)
+             for t, rate in _MIXTURES[name].rates]
+    return seqio.MixtureRegistry.add(full_name, tasks)
+
+  spec = _spec(name)
+  eos = vocabulary.eos_id
+  if spec.kind == "sft":
+    steps = [functools.partial(_tokenize, vocabulary=vocabulary, fields=("prompt", "response"),
+                               rename={}),
+             lambda ds, sequence_length: preprocessors.sft_layout(ds, sequence_length["targets"],
+                                                                  eos)]
+  else:
+    layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
+    steps = [functools.partial(_tokenize, vocabulary=vocabulary, fields=("text",),
+                               rename={"text": "targets"})]
+    if spec.append_eos:
+      steps.append(functools.partial(preprocessors.append_eos, eos_id=eos))
+    steps.append(lambda ds, sequence_length: layout(ds, sequence_length["targets"]))
+  return seqio.TaskRegistry.add(
+      full_name,
+      source=seqio.FunctionDataSource(functools.partial(_records_dataset, spec),
+                                      splits=spec.splits),
+      preprocessors=steps,
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)})
+
+
+def count_too_long(name: str, split: str, vocabulary, length: int) -> tuple[int, int]:
+  """(examples that do not fit, all examples) of an SFT task: prompt + response + one EOS must
+  fit in `length` tokens."""
+  spec = _spec(name)
+  _check_split(spec, split)
+  records = spec.reader(split)
+  too_long = sum(len(vocabulary.encode(r["prompt"])) + len(vocabulary.encode(r["response"]))
+                 >= length for r in records)
+  return too_long, len(records)
+
+
+def _paragraphs(text: str) -> list[dict[str, str]]:
+  """Splits text at blank lines, keeping every character (each record ends with its "\\n\\n")."""
+  return [{"text": p + "\n\n"} for p in text.split("\n\n") if p]
+
+
+def _read_corpus(name: str, split: str) -> list[dict[str, str]]:
+  return _paragraphs(corpora.split_text(name)[split])
+
+
+def _read_gsm8k(split: str) -> list[dict[str, str]]:
+  """GSM8K as chat turns: the question as the user's message, the worked answer (calculator
+  annotations <<...>> removed) ending in "#### N" and <|eot_id|> as the assistant's."""
+  path = SFT_DIR / "gsm8k" / ("train.jsonl" if split == "train" else "test.jsonl")
+  records = []
+  for ex in _read_jsonl_objects(path, ("question", "answer")):
+    answer = re.sub(r"<<[^>]*>>", "", ex["answer"]).strip()
+    records.append({"prompt": render_chat([ChatMessage("user", ex["question"])]),
+                    "response": answer + "<|eot_id|>"})
+  return records
+
+
+def _decode_utf8(path: pathlib.Path) -> str:
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: undecodable byte at offset {e.start} (expected UTF-8 text)") from None
+
+
+def _read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[str, str]]:
+  """The objects of a JSONL file; a bad line names file:line and what is wrong with it."""
+  out = []
+  for number, line in enumerate(_decode_utf8(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+    missing = [f for f in fields if not isinstance(obj, dict) or not isinstance(obj.get(f), str)]
+    if missing:
+      raise ConfigError(f"{path}:{number}: no string field {missing[0]!r}")
+    out.append(obj)
+  return out
+
+
+def _read_files(files: Sequence[pathlib.Path], text_field: str) -> list[dict[str, str]]:
+  """Records of text files (one per paragraph) and JSONL files (one per line's text_field)."""
+  records = []
+  for path in files:
+    if path.suffix == ".jsonl":
+      records += [{"text": obj[text_field]} for obj in _read_jsonl_objects(path, (text_field,))
+                  if obj[text_field]]
+    else:
+      records += _paragraphs(_decode_utf8(path))
+  return records
+
+
+def register_text_task(name: str, files: Sequence[str | pathlib.Path],
+                       validation_files: Sequence[str | pathlib.Path] = (), *,
+                       text_field: str = "text", append_eos: bool | None = None) -> TaskSpec:
+  """Registers a pre-training task over the user's .txt and .jsonl files, usable as data.task.
+
+  .txt files are read as paragraphs (blank-line separated, all characters kept); in .jsonl files
+  every line is an object whose `text_field` is one document. `append_eos` (default: True when
+  every file is JSONL) puts EOS after each record, i.e. treats records as separate documents.
+  The "validation" split reads `validation_files`. Files are read when the task is first used;
+  for corpora beyond memory, pre-tokenize them with `llada-preprocess`.
+  """
+  paths = {"train": [pathlib.Path(f) for f in files],
+           "validation": [pathlib.Path(f) for f in validation_files]}
+  if not paths["train"]:
+    raise ConfigError(f"register_text_task({name!r}): no files given")
+  for path in paths["train"] + paths["validation"]:
+    if not path.is_file():
+      raise ConfigError(f"register_text_task({name!r}): {path} is not a file")
+  if append_eos is None:
+    append_eos = all(p.suffix == ".jsonl" for p in paths["train"])
+  splits = tuple(s for s in SPLITS if paths[s])
+  return register_task(TaskSpec(
+      name, "pretrain", lambda split: _read_files(paths[split], text_field), append_eos, splits))
+
+
+for _corpus in corpora.CORPUS_FILES:
+  register_task(TaskSpec(_corpus, "pretrain", functools.partial(_read_corpus, _corpus), False))
+register_task(TaskSpec("gsm8k_sft", "sft", _read_gsm8k, False))
+register_mixture("corpora", {c: float(corpora.corpus_path(c).stat().st_size)
+                             for c in corpora.CORPUS_FILES})
