@@ -300,3 +300,18 @@ def test_processes_of_one_model_replica_get_identical_data(tmp_path):
       for p in (0, 1):
         got = np.concatenate([rows[p][f"{step}/{name}/{r}"] for r in range(0, 8, 2)])
         np.testing.assert_array_equal(got, value, err_msg=f"{name} step {step} process {p}")
+
+
+def test_spm8k_pipeline_rows_are_corpus_text(config):
+  c = config.copy_and_resolve_references()
+  c.data.update(vocabulary="spm8k", task="gutenberg")
+  c.tokens.mask_id, c.model.vocab_size = 8000, 8064
+  batch = _take(c, 1)[0]
+  gutenberg = corpora.split_text("gutenberg")["train"]
+  for row in batch["targets"]:
+    assert _decode(c, row) in gutenberg
+  assert np.all(batch["inputs"][batch["masked"]] == 8000)
+  c.tokens.mask_id = 7999
+  with pytest.raises(ConfigError, match="tokens.mask_id=7999"):
+    from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+    validate(c)

@@ -75,6 +75,22 @@ def test_masked_keys_do_not_influence_outputs():
   np.testing.assert_allclose(out, truncated, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_packed_segments_compute_what_each_document_computes_alone(scan_layers):
+  """Two documents packed into one row (segment ids, positions restarting) plus padding give each
+  document the logits it has on its own."""
+  config = make_tiny_config(scan_layers=scan_layers)
+  first, second = _tokens(1, 7, seed=2), _tokens(1, 4, seed=3)
+  model, params = _init(config, first)
+  packed = jnp.concatenate([first, second, jnp.zeros((1, 1), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 7 + [2] * 4 + [0]])
+  positions = jnp.array([list(range(7)) + list(range(4)) + [0]])
+  logits = model.apply({"params": params}, packed, segments > 0, positions, segments)
+  alone = [model.apply({"params": params}, doc) for doc in (first, second)]
+  np.testing.assert_allclose(logits[:, :7], alone[0], atol=1e-5)
+  np.testing.assert_allclose(logits[:, 7:11], alone[1], atol=1e-5)
+
+
 def test_scanned_and_unrolled_layers_agree():
   tokens = _tokens()
   scanned, params = _init(make_tiny_config(scan_layers=True), tokens)
