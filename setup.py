@@ -10,7 +10,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*", "configs"]),
-    package_data={"llada_jax.data": ["corpora/*/*"]},
+    package_data={"llada_jax.data": ["corpora/*/*", "sft/*/*", "vocabularies/*/*"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -38,6 +38,7 @@ setuptools.setup(
             "llada-sample=llada_jax.sample:run",
             "llada-convert=llada_jax.convert:run",
             "llada-chat=llada_jax.chat:run",
+            "llada-preprocess=llada_jax.preprocess:run",
         ],
     },
 )

@@ -315,3 +315,29 @@ def test_spm8k_pipeline_rows_are_corpus_text(config):
   with pytest.raises(ConfigError, match="tokens.mask_id=7999"):
     from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
     validate(c)
+
+
+def test_pretokenized_shards_give_the_stream_of_the_text_task(config, tmp_path):
+  """The bundled corpus through llada-preprocess shards: the same rows as tokenizing on the fly
+  (documents go to files round-robin, as seqio shards records), and a vocabulary check."""
+  from llada_jax.data import pretokenized  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / "shakespeare.txt"
+  path.write_text(corpora.split_text("tinyshakespeare")["validation"])
+  pretokenized.write_shards([str(path)], str(tmp_path / "shards"),
+                            pretokenized.VocabularySpec("byte"), num_shards=2, num_workers=1)
+  registry.register_pretokenized_task("shakespeare_shards", str(tmp_path / "shards"),
+                                      str(tmp_path / "shards"), append_eos=False)
+  registry.register_text_task("shakespeare_text", [path], [path])
+  c = config.copy_and_resolve_references()
+  c.data.update(num_shards=2, batch_size=4)
+  rows = {}
+  for task in ("shakespeare_shards", "shakespeare_text"):
+    c.data.task = task
+    rows[task] = np.concatenate(_epoch_rows(c))
+  assert rows["shakespeare_text"].shape[0] > 100
+  np.testing.assert_array_equal(rows["shakespeare_shards"], rows["shakespeare_text"])
+  c.data.update(task="shakespeare_shards", vocabulary="spm8k")
+  c.tokens.mask_id, c.model.vocab_size = 8000, 8064
+  with pytest.raises(ConfigError, match="tokenized with 'byte'"):
+    _take(c, 1)

@@ -34,12 +34,14 @@ Reader = Callable[[str], list[dict[str, str]]]
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """A registered task: how to read each split, and whether to add EOS after each record."""
+  """A registered task: how to read each split (records in memory, or the directories of
+  pre-tokenized shards), and whether to add EOS after each record."""
   name: str
   kind: str
-  reader: Reader
+  reader: Reader | None
   append_eos: bool
   splits: tuple[str, ...] = SPLITS
+  shard_dirs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,8 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
 
   spec = _spec(name)
   eos = vocabulary.eos_id
+  if spec.shard_dirs:
+    return _pretokenized_task(full_name, spec, vocabulary_name, vocabulary, packing)
   if spec.kind == "sft":
     steps = [functools.partial(_tokenize, vocabulary=vocabulary, fields=("prompt", "response"),
                                rename={}),
@@ -159,6 +163,40 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
       output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)})
 
 
+def _pretokenized_task(full_name: str, spec: TaskSpec, vocabulary_name: str, vocabulary,
+                       packing: str):
+  """The seqio Task over llada-preprocess shards, refusing a vocabulary other than theirs."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.data import pretokenized, preprocessors  # pylint: disable=g-import-not-at-top
+
+  for _, directory in spec.shard_dirs:
+    pretokenized.check_vocabulary(pretokenized.read_manifest(directory), vocabulary_name,
+                                  vocabulary.vocab_size)
+  layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
+  steps = [pretokenized.densify]
+  if spec.append_eos:
+    steps.append(functools.partial(preprocessors.append_eos, eos_id=vocabulary.eos_id))
+  steps.append(lambda ds, sequence_length: layout(ds, sequence_length["targets"]))
+  return seqio.TaskRegistry.add(
+      full_name, source=pretokenized.pretokenized_source(dict(spec.shard_dirs)),
+      preprocessors=steps,
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)})
+
+
+def register_pretokenized_task(name: str, train_dir: str, validation_dir: str = "", *,
+                               append_eos: bool = True) -> TaskSpec:
+  """Registers a pre-training task over `llada-preprocess` shards (local or gs:// directories).
+
+  Shards store documents without EOS; `append_eos` (default) separates them with one. A host
+  reads whole files, so write at least as many shards as data.num_shards.
+  """
+  dirs = (("train", train_dir),) + ((("validation", validation_dir),) if validation_dir else ())
+  return register_task(TaskSpec(name, "pretrain", None, append_eos, tuple(s for s, _ in dirs),
+                                dirs))
+
+
 def count_too_long(name: str, split: str, vocabulary, length: int) -> tuple[int, int]:
   """(examples that do not fit, all examples) of an SFT task: prompt + response + one EOS must
   fit in `length` tokens."""
@@ -171,8 +209,8 @@ def count_too_long(name: str, split: str, vocabulary, length: int) -> tuple[int,
 
 
 def _paragraphs(text: str) -> list[dict[str, str]]:
-  """Splits text at blank lines, keeping every character (each record ends with its "\\n\\n")."""
-  return [{"text": p + "\n\n"} for p in text.split("\n\n") if p]
+  """Splits text after each run of blank lines; the records concatenate to the text exactly."""
+  return [{"text": p} for p in re.findall(r"(?s).+?(?:\n\n+|\Z)", text)]
 
 
 def _read_corpus(name: str, split: str) -> list[dict[str, str]]:
@@ -202,7 +240,7 @@ def _decode_utf8(path: pathlib.Path) -> str:
 def _read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[str, str]]:
   """The objects of a JSONL file; a bad line names file:line and what is wrong with it."""
   out = []
-  for number, line in enumerate(_decode_utf8(path).splitlines(), start=1):
+  for number, line in enumerate(_decode_utf8(path).split("\n"), start=1):
     if not line.strip():
       continue
     try:

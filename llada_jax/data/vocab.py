@@ -12,27 +12,33 @@ import os
 
 import ml_collections
 
+from llada_jax.config import VOCABULARY_SIZES
 from llada_jax.errors import ConfigError
+
+
+def vocabulary_by_name(name: str, tokenizer: str = ""):
+  """The seqio Vocabulary called `name` ("byte", "spm8k", or "llada_hf" with a tokenizer.json)."""
+  if name == "llada_hf":
+    if not tokenizer or not os.path.isfile(tokenizer):
+      raise ConfigError(f"vocabulary 'llada_hf' needs the path of the model's tokenizer.json "
+                        f"(data.tokenizer); {tokenizer!r} names no file")
+    from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
+    return seqio_vocabulary(tokenizer)
+  if name == "spm8k":
+    from llada_jax.data.spm_vocab import spm_vocabulary  # pylint: disable=g-import-not-at-top
+    return spm_vocabulary()
+  if name == "byte":
+    import seqio  # pylint: disable=g-import-not-at-top
+    return seqio.ByteVocabulary()
+  raise ConfigError(f"vocabulary {name!r} is not allowed: expected one of {tuple(VOCABULARY_SIZES)}")
 
 
 def get_vocabulary(config: ml_collections.ConfigDict):
   """The seqio Vocabulary named by config.data.vocabulary, after checking the token ids."""
+  vocabulary = vocabulary_by_name(config.data.vocabulary, config.data.tokenizer)
   if config.data.vocabulary == "llada_hf":
-    if not config.data.tokenizer:
-      raise ConfigError(f"data.vocabulary={config.data.vocabulary!r} needs data.tokenizer: the "
-                        "path of the model's tokenizer.json")
-    if not os.path.isfile(config.data.tokenizer):
-      raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} names no file")
-    from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
-    vocabulary = seqio_vocabulary(config.data.tokenizer)
     vocabulary.tokenizer.check_config(config)
     return vocabulary
-  if config.data.vocabulary == "spm8k":
-    from llada_jax.data.spm_vocab import spm_vocabulary  # pylint: disable=g-import-not-at-top
-    vocabulary = spm_vocabulary()
-  else:
-    import seqio  # pylint: disable=g-import-not-at-top
-    vocabulary = seqio.ByteVocabulary()
   for name in ("eos_id", "pad_id"):
     if config.tokens[name] != getattr(vocabulary, name):
       raise ConfigError(f"tokens.{name}={config.tokens[name]} is not allowed: the "
