@@ -91,9 +91,11 @@ def test_seqio_vocabulary_over_tokenizer_json(hf_folder):
 
   config = make_tiny_config()
   config.data.vocabulary = "llada_hf"
-  with pytest.raises(ConfigError, match="needs data.tokenizer"):
+  with pytest.raises(ConfigError, match="needs the path of the model.s tokenizer.json"):
     get_vocabulary(config)
   config.data.tokenizer = str(hf_folder / "tokenizer.json")
+  special = HFTokenizer(config.data.tokenizer).special
+  config.tokens.mask_id, config.tokens.eos_id = special["mask_id"], special["eos_id"]
   vocab = get_vocabulary(config)
   text = "KING RICHARD III:\nNow is the winter"
   ids = vocab.encode(text)

@@ -228,6 +228,19 @@ def test_missing_file_unknown_task_and_too_short_sft(config, tmp_path):
     _take(c, 1)
 
 
+@pytest.mark.parametrize("vocabulary, mask_id", [("byte", 259), ("spm8k", 8000)])
+def test_vocabulary_round_trips_text_and_its_tf_ops(config, vocabulary, mask_id):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  c = config.copy_and_resolve_references()
+  c.data.vocabulary, c.tokens.mask_id, c.model.vocab_size = vocabulary, mask_id, mask_id + 64
+  vocab = get_vocabulary(c)
+  text = corpora.split_text("gutenberg")["validation"][:2000] + "  café 😀\tend\n\n"
+  ids = vocab.encode(text)
+  assert vocab.decode(ids) == text and max(ids) < mask_id
+  assert vocab.decode_tf(tf.constant(ids)).numpy().decode() == text
+
+
 def test_vocabulary_ids_must_match_the_config(config):
   c = config.copy_and_resolve_references()
   c.tokens.eos_id = 2

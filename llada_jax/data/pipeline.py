@@ -144,25 +144,46 @@ def _global(sharding: jax.sharding.Sharding, local: dict[str, np.ndarray],
 
 
 def _prefetched(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs `iterator` in a background thread, `size` items ahead (exceptions re-raised here)."""
+  """Runs `iterator` in a background thread, `size` items ahead (exceptions re-raised here).
+
+  Closing the returned generator (or dropping it) stops and joins the thread, so no thread is
+  left inside TensorFlow when the process exits.
+  """
   if size == 0:
     yield from iterator
     return
   items: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
   done = object()
+
+  def put(item: Any) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def produce():
     try:
       for item in iterator:
-        items.put(item)
-      items.put(done)
+        if not put(item):
+          return
+      put(done)
     except BaseException as e:  # pylint: disable=broad-exception-caught
-      items.put(e)
-  threading.Thread(target=produce, daemon=True).start()
-  while (item := items.get()) is not done:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
+      put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while (item := items.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join()
 
 
 def _check_not_empty(config: ml_collections.ConfigDict, split: str, first: Any) -> None:

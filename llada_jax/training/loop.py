@@ -84,6 +84,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         scalars["bits_per_byte"] = bits_per_byte(loss)
       writer.write(done, scalars, prefix="eval/")
     checkpointer.save(done, state, force=done == config.train.num_steps)
+  batches.close()
   checkpointer.wait()
   checkpointer.close()
   writer.close()

@@ -48,6 +48,7 @@ def main(process_id: int, port: int, out_dir: str, layout: str) -> None:
     for name, array in next(batches).items():
       for shard in array.addressable_shards:
         out[f"{step}/{name}/{shard.index[0].start or 0}"] = np.asarray(shard.data)
+  batches.close()
   np.savez(os.path.join(out_dir, f"process_{process_id}.npz"), **out)
   jax.distributed.shutdown()
 
