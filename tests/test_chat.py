@@ -96,6 +96,7 @@ def test_seqio_vocabulary_over_tokenizer_json(hf_folder):
   config.data.tokenizer = str(hf_folder / "tokenizer.json")
   special = HFTokenizer(config.data.tokenizer).special
   config.tokens.mask_id, config.tokens.eos_id = special["mask_id"], special["eos_id"]
+  config.model.vocab_size = 400
   vocab = get_vocabulary(config)
   text = "KING RICHARD III:\nNow is the winter"
   ids = vocab.encode(text)
