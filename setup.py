@@ -39,6 +39,7 @@ setuptools.setup(
             "llada-convert=llada_jax.convert:run",
             "llada-chat=llada_jax.chat:run",
             "llada-preprocess=llada_jax.preprocess:run",
+            "llada-compile=llada_jax.compile:run",
         ],
     },
 )

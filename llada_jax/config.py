@@ -29,6 +29,8 @@ PACKING = ("chunk", "pack")
 MASKING = ("pipeline", "device")
 
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
+LOGICAL_AXES = ("batch", "activation_batch", "activation_length", "activation_embed", "embed",
+                "vocab", "heads", "kv_heads", "kv", "mlp", "layers", "norm")
 DEFAULT_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("activation_batch", ("data", "fsdp")),
@@ -124,6 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
       data=-1,                   # -1 takes the devices the other axes leave
       fsdp=1,
       tensor=1,
+      dcn_data=1,                # multi-slice: how many slices each axis spans (divides its size;
+      dcn_fsdp=1,                # only these factors cross the data-centre network)
+      dcn_tensor=1,
       axis_rules=DEFAULT_AXIS_RULES,
   ))
 
@@ -228,6 +233,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f"mesh.{axis}", size, "a positive size or -1 (the rest of the devices)")
   if sizes.count(-1) > 1:
     _fail("mesh", tuple(sizes), "at most one axis of size -1")
+  for axis in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+    _positive(f"mesh.{axis}", config.mesh[axis])
+  for rule in config.mesh.axis_rules:
+    name, axes = rule[0], rule[1]
+    if name not in LOGICAL_AXES:
+      _fail("mesh.axis_rules", name, f"a logical axis name of the model, one of {LOGICAL_AXES}")
+    for axis in (axes if isinstance(axes, (list, tuple)) else [axes]):
+      if axis is not None and axis not in ("data", "fsdp", "tensor"):
+        _fail(f"mesh.axis_rules[{name!r}]", axis, "None or mesh axes among data, fsdp, tensor")
 
   _positive("checkpoint.save_every", config.checkpoint.save_every)
   _positive("checkpoint.keep", config.checkpoint.keep)

@@ -116,3 +116,69 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   single = checkpoint.load_params(tmp_path / "single", step, abstract.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                jax.device_get(multi), jax.device_get(single))
+
+
+def test_aot_compile_reports_per_device_state_bytes():
+  from llada_jax.training.aot import compile_train_step  # pylint: disable=g-import-not-at-top
+
+  config = _config((1, 8, 1))
+  report = compile_train_step(config, jax.devices())
+  state_bytes = 3 * 4 * report.parameters  # float32 params and two Adam moments
+  batch_bytes = 18 * config.data.batch_size * config.data.sequence_length  # features, pipeline
+  assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report.argument_bytes == pytest.approx(state_bytes / 8 + batch_bytes / 8, rel=0.05)
+  assert report.alias_bytes > 0.9 * state_bytes / 8  # the donated state is updated in place
+  assert report.peak_bytes == (report.argument_bytes + report.output_bytes + report.temp_bytes
+                               - report.alias_bytes)
+  assert report.flops_per_device > 0 and report.model_flops_per_step > 0
+
+
+def test_compile_command_line_on_fake_devices():
+  result = subprocess.run(
+      [sys.executable, "-m", "llada_jax.compile", f"--config={ROOT / 'tests/configs/micro.py'}",
+       "--num_devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1", "--hbm_gib=1"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "compiled the train step for 4 cpu devices" in result.stdout
+  assert "fits in 1 GiB per device" in result.stdout
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"mesh.data": 3}, "the axes must multiply to the 8 devices"),
+    ({"mesh.data": 8, "data.batch_size": 12}, "data.batch_size=12 is not allowed"),
+    ({"mesh.data": 2, "mesh.tensor": 4}, "model.n_kv_heads=2 is not allowed"),
+    ({"mesh.data": 1, "mesh.tensor": 8}, "model.vocab_size=260 is not allowed"),
+    ({"mesh.dcn_data": 3}, "mesh.dcn_"),
+])
+def test_bad_meshes_fail_before_compiling(overrides, needle):
+  config = make_tiny_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  with pytest.raises(ValueError, match=needle):
+    make_mesh(config, jax.devices())
+
+
+def test_unknown_logical_axis_name_is_named():
+  from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.mesh.axis_rules = tuple(config.mesh.axis_rules) + (("head", "tensor"),)
+  with pytest.raises(ValueError, match="mesh.axis_rules='head' is not allowed"):
+    validate(config)
+  config.mesh.axis_rules = (("heads", "model"),)
+  with pytest.raises(ValueError, match="'model' is not allowed"):
+    validate(config)
+
+
+def test_large_replicated_parameters_are_reported():
+  from llada_jax.parallel.sharding import warn_replicated  # pylint: disable=g-import-not-at-top
+
+  config = _config((8, 1, 1))  # pure data parallelism: every parameter is replicated
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  abstract, shardings = state_shardings(config, model, tx, make_mesh(config, jax.devices()))
+  names = warn_replicated(abstract.params, shardings.params, min_elements=8_000)
+  assert any("wte" in n for n in names)
+  config = _config((1, 8, 1))
+  abstract, shardings = state_shardings(config, model, tx, make_mesh(config, jax.devices()))
+  assert not warn_replicated(abstract.params, shardings.params, min_elements=8_000)

@@ -8,6 +8,7 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from llada_jax.errors import ConfigError
@@ -34,9 +35,41 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return tuple(sizes)
 
 
+def check_divisibility(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+  """Every model dimension must split evenly over the mesh axes its logical name maps to."""
+  m = config.model
+  dims = {"heads": ("model.n_heads", m.n_heads), "kv_heads": ("model.n_kv_heads", m.n_kv_heads),
+          "mlp": ("model.mlp_hidden_size", m.mlp_hidden_size),
+          "vocab": ("model.vocab_size", m.vocab_size), "embed": ("model.d_model", m.d_model),
+          "layers": ("model.n_layers", m.n_layers)}
+  sizes = dict(zip(AXES, shape))
+  for name, axes in config.mesh.axis_rules:
+    if name not in dims or axes is None:
+      continue
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+    split = math.prod(sizes[a] for a in axes)
+    field, value = dims[name]
+    if value % split:
+      raise ConfigError(f"{field}={value} is not allowed: logical axis {name!r} is sharded over "
+                        f"mesh axes {axes} of size {split}, which must divide it")
+
+
 def make_mesh(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over `devices` (default: all devices of all processes)."""
+  """A Mesh over `devices` (default: all devices of all processes).
+
+  With mesh.dcn_* > 1 (several TPU slices) the slices are laid out along those axes by
+  `create_hybrid_device_mesh`, so only the dcn_* axes cross the data-centre network.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  check_divisibility(config, shape)
+  dcn = tuple(config.mesh[f"dcn_{a}"] for a in AXES)
+  if math.prod(dcn) > 1:
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    if any(s % d for s, d in zip(shape, dcn)):
+      raise ConfigError(f"mesh.dcn_*={dcn} is not allowed: each must divide its axis size {shape}")
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), AXES)
+  if devices[0].platform == "cpu":
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
+  return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, Any], ...]
@@ -30,3 +33,18 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def warn_replicated(params: Any, shardings: Any, min_elements: int = 1 << 20) -> list[str]:
+  """Logs (and returns) the parameters of at least `min_elements` that every device holds whole
+  on a multi-device mesh: usually an axis rule that maps their logical names to nothing."""
+  names = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(shardings)):
+    if (math.prod(leaf.shape) >= min_elements and len(sharding.device_set) > 1
+        and sharding.is_fully_replicated):
+      names.append(jax.tree_util.keystr(path))
+  if names:
+    logging.warning("%d large parameters are replicated on every device (check "
+                    "mesh.axis_rules): %s", len(names), ", ".join(names[:8]))
+  return names

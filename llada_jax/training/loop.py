@@ -16,7 +16,7 @@ from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
-from llada_jax.parallel.sharding import axis_rules, batch_sharding
+from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
 from llada_jax.training.checkpoint import Checkpointer, architecture_mismatch, load_config
 from llada_jax.training.metrics import MetricWriter
 from llada_jax.training.optimizer import make_optimizer
@@ -54,6 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     state = checkpointer.restore(start, abstract)
     logging.info("resumed from the checkpoint at step %d in %s", start, workdir)
   start = int(state.step)
+  warn_replicated(state.params, shardings.params)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info("model: %s parameters; mesh %s over %d devices", f"{num_params:,}",
                dict(mesh.shape), mesh.size)

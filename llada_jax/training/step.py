@@ -68,6 +68,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
   def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with jax.set_mesh(mesh):
       return jitted(state, batch)
+
+  def lower(state: Any, batch: Any) -> jax.stages.Lowered:
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, batch)
+  run.lower = lower  # ahead-of-time compilation from abstract arguments (llada-compile)
   return run
 
 
