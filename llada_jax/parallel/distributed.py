@@ -2,8 +2,8 @@
 
 Flags win over the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (what launch/local.sh and launch/slurm.sbatch set). Without either, TPU pod slices,
-SLURM jobs with several tasks and GKE JobSets are detected and `jax.distributed.initialize()` finds
-its peers itself; a plain single machine stays a single process.
+SLURM jobs with several tasks and GKE JobSets (or LLADA_AUTO_DISTRIBUTED=1) are detected and
+`jax.distributed.initialize()` finds its peers itself; a plain single machine stays one process.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from absl import logging
 
 from llada_jax.errors import ConfigError
 
-CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_STEP_NUM_TASKS", "JOBSET_NAME")
-
-
 def _cluster_detected() -> bool:
+  if os.environ.get("LLADA_AUTO_DISTRIBUTED") == "1":  # set by launch/tpu_vm.sh and gke.sh
+    return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts:
     return True
