@@ -27,6 +27,7 @@ OBJECTIVES = ("mdm", "arm")
 TIME_SAMPLING = ("uniform", "stratified")
 PACKING = ("chunk", "pack")
 MASKING = ("pipeline", "device")
+NONFINITE_POLICIES = ("skip", "rollback")
 
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
 LOGICAL_AXES = ("batch", "activation_batch", "activation_length", "activation_embed", "embed",
@@ -120,6 +121,11 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=50,
       eval_every=250,
       eval_batches=8,
+      nonfinite="rollback",      # NaN/inf loss or gradient: the update is always skipped; then
+                                 # "skip" goes on, "rollback" restores the last checkpoint and
+      rollback_lr_factor=0.25,   # multiplies the learning rate by this factor,
+      max_rollbacks=3,           # at most this many times before stopping with an error
+      inject_nan_at_step=-1,     # tests only: make the loss NaN at this step (while lr is uncut)
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -134,7 +140,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=250,
-      keep=3,
+      keep=3,                    # the newest checkpoints kept ...
+      keep_every=0,              # ... plus every checkpoint at a multiple of this step (0: none)
       async_save=True,
   ))
 
@@ -224,6 +231,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   for name in ("num_steps", "log_every", "eval_every", "eval_batches"):
     _positive(f"train.{name}", config.train[name])
+  _choice("train.nonfinite", config.train.nonfinite, NONFINITE_POLICIES)
+  if not 0.0 < config.train.rollback_lr_factor < 1.0:
+    _fail("train.rollback_lr_factor", config.train.rollback_lr_factor, "0 < factor < 1")
+  _non_negative("train.max_rollbacks", config.train.max_rollbacks)
+  if config.train.inject_nan_at_step < -1:
+    _fail("train.inject_nan_at_step", config.train.inject_nan_at_step, "-1 (off) or a step")
   if o.lr_drop_step > 0 and o.lr_after_drop <= 0:
     _fail("optimizer.lr_after_drop", o.lr_after_drop, "a positive rate when lr_drop_step > 0")
 
@@ -245,6 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _positive("checkpoint.save_every", config.checkpoint.save_every)
   _positive("checkpoint.keep", config.checkpoint.keep)
+  _non_negative("checkpoint.keep_every", config.checkpoint.keep_every)
 
   validate_sampling(config.sampling.steps, config.sampling.gen_length,
                     config.sampling.block_length, config.sampling.temperature,

@@ -44,8 +44,7 @@ def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
                                  make_mesh(config))
   config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                     opt_state=opt_state)
+  state = TrainState.fresh(params, opt_state)
   checkpointer = Checkpointer(workdir, config)
   checkpointer.save(0, state, force=True)
   checkpointer.wait()

@@ -15,3 +15,7 @@ class ConfigError(LladaError, ValueError):
 
 class CheckpointError(LladaError):
   """A checkpoint is missing, unreadable or does not match the config."""
+
+
+class TrainingDiverged(LladaError):
+  """The loss or gradient stayed non-finite after the allowed number of rollbacks."""

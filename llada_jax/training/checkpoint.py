@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from llada_jax import config as config_lib
 from llada_jax.errors import CheckpointError
@@ -28,11 +29,14 @@ def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 class Checkpointer:
-  """Saves every config.checkpoint.save_every steps, keeps the last config.checkpoint.keep."""
+  """Saves every config.checkpoint.save_every steps; keeps the last config.checkpoint.keep and
+  those at multiples of keep_every. Orbax writes to a temporary folder and renames it when the save
+  is complete, so a crash mid-save leaves the previous checkpoints as they were."""
 
   def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.checkpoint.save_every, max_to_keep=config.checkpoint.keep,
+        keep_period=config.checkpoint.keep_every or None,
         enable_async_checkpointing=config.checkpoint.async_save, create=True)
     self._config = config
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
@@ -46,6 +50,28 @@ class Checkpointer:
     return self._manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(json.loads(config_lib.to_json(self._config)))))
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once the cluster announced a preemption (multi-process jobs)."""
+    return self._manager.reached_preemption(step)
+
+  def restore_latest_valid(self, workdir: str | pathlib.Path,
+                           abstract_state: Any) -> tuple[int, Any] | None:
+    """(step, state) of the newest checkpoint that restores. Broken newer ones (a damaged or
+    deleted file) are reported and moved aside to `<step>.broken`, never deleted, so that new saves
+    of their steps can happen. None if no checkpoint restores."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        load_config(workdir, step)
+        return step, self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        broken = checkpoint_dir(workdir) / f"{step}.broken"
+        logging.warning("checkpoint %d in %s cannot be restored (%s); moved to %s, trying the "
+                        "one before", step, workdir, str(e).splitlines()[0][:200], broken)
+        if jax.process_index() == 0:
+          (checkpoint_dir(workdir) / str(step)).rename(broken)
+        self._manager.reload()
+    return None
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores the state at `step` into the shardings carried by `abstract_state`."""

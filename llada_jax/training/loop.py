@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -13,11 +14,12 @@ from absl import logging
 
 from llada_jax.config import validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
-from llada_jax.errors import CheckpointError, ConfigError
+from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
 from llada_jax.training.checkpoint import Checkpointer, architecture_mismatch, load_config
+from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.metrics import MetricWriter
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import TrainState, create_train_state, state_shardings
@@ -38,21 +40,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   model = Transformer(ModelConfig.from_config(config))
   tx = make_optimizer(config)
   checkpointer = Checkpointer(workdir, config)
-  start = checkpointer.latest_step()
   # Data first: a bad task or vocabulary fails here, before parameters are allocated.
   data_sharding = batch_sharding(mesh, axis_rules(config))
   validation = pipeline.eval_batches(config, data_sharding, config.train.eval_batches)
-  batches = pipeline.train_batches(config, data_sharding, start_step=start or 0)
-  if start is None:
+  abstract, shardings = state_shardings(config, model, tx, mesh)
+  _check_free_space(workdir, abstract)
+  state = _restore(config, workdir, checkpointer, abstract)
+  if state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
-  else:
-    mismatch = architecture_mismatch(load_config(workdir, start), config)
-    if mismatch:
-      raise CheckpointError(f"--workdir={workdir} holds a different model: {mismatch[0]}; use a "
-                            "new workdir or the stored model settings")
-    abstract, shardings = state_shardings(config, model, tx, mesh)
-    state = checkpointer.restore(start, abstract)
-    logging.info("resumed from the checkpoint at step %d in %s", start, workdir)
   start = int(state.step)
   warn_replicated(state.params, shardings.params)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -66,25 +61,48 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   train_step = make_train_step(config, model, tx, mesh, shardings)
   eval_step = make_eval_step(config, model, mesh, shardings.params)
   tokens_per_step = config.data.batch_size * config.data.sequence_length
+  watcher = PreemptionWatcher(checkpointer)
 
-  last_time, last_step = time.time(), start
-  for step in range(start, config.train.num_steps):
+  batches = pipeline.train_batches(config, data_sharding, start_step=start)
+  last_time, last_step, last_skipped = time.time(), start, int(state.skipped)
+  previous = None  # (step, nonfinite flag) of the last step, read one step late: no stall
+  step = start
+  while step < config.train.num_steps:
     state, metrics = train_step(state, next(batches))
-    done = step + 1
-    if done % config.train.log_every == 0 or done == config.train.num_steps or step == start:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    step += 1
+    if previous is not None and config.train.nonfinite == "rollback" and bool(previous[1]):
+      batches.close()
+      state = _rollback(config, workdir, checkpointer, abstract, previous[0], writer)
+      step = int(state.step)
+      batches = pipeline.train_batches(config, data_sharding, start_step=step)
+      previous = None
+      continue
+    previous = (step, metrics["nonfinite"])
+    if step % config.train.log_every == 0 or step == config.train.num_steps or step == start + 1:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      scalars["skipped"] = float(state.skipped)
       now = time.time()
-      if step != start:  # the first step's time is mostly compilation
-        metrics["tokens_per_s"] = tokens_per_step * (done - last_step) / (now - last_time)
-      last_time, last_step = now, done
-      writer.write(done, metrics)
-    if done % config.train.eval_every == 0 or done == config.train.num_steps:
+      if step != start + 1:  # the first step's time is mostly compilation
+        scalars["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_time)
+      if scalars["skipped"] > last_skipped:
+        logging.warning("%d updates skipped so far for a non-finite loss or gradient",
+                        scalars["skipped"])
+      last_time, last_step, last_skipped = now, step, scalars["skipped"]
+      writer.write(step, scalars)
+    if step % config.train.eval_every == 0 or step == config.train.num_steps:
       loss = float(np.mean([eval_step(state.params, b, i) for i, b in enumerate(validation)]))
       scalars = {"loss_bound": loss}
       if config.data.vocabulary == "byte":
         scalars["bits_per_byte"] = bits_per_byte(loss)
-      writer.write(done, scalars, prefix="eval/")
-    checkpointer.save(done, state, force=done == config.train.num_steps)
+      writer.write(step, scalars, prefix="eval/")
+    if watcher.reached(step):
+      checkpointer.save(step, state, force=True)
+      checkpointer.wait()
+      logging.warning("preempted: saved step %d in %s; rerun the same command to resume", step,
+                      workdir)
+      break
+    checkpointer.save(step, state, force=step == config.train.num_steps)
+  watcher.close()
   batches.close()
   checkpointer.wait()
   checkpointer.close()
@@ -92,6 +110,58 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   if start >= config.train.num_steps:
     logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, start)
   return state
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             checkpointer: Checkpointer, abstract: TrainState) -> TrainState | None:
+  """The newest restorable checkpoint's state (None for a new run), after the model check."""
+  found = checkpointer.restore_latest_valid(workdir, abstract)
+  if found is None:
+    if checkpointer.latest_step() is not None:
+      raise CheckpointError(f"--workdir={workdir}: no checkpoint in it can be restored; move it "
+                            "away to start afresh")
+    return None
+  step, state = found
+  mismatch = architecture_mismatch(load_config(workdir, step), config)
+  if mismatch:
+    raise CheckpointError(f"--workdir={workdir} holds a different model: {mismatch[0]}; use a "
+                          "new workdir or the stored model settings")
+  logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
+  return state
+
+
+def _rollback(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+              checkpointer: Checkpointer, abstract: TrainState, bad_step: int,
+              writer: MetricWriter) -> TrainState:
+  """Restores the last checkpoint with the learning rate cut (LLaDA's recovery at 1.2T tokens)."""
+  checkpointer.wait()
+  found = checkpointer.restore_latest_valid(workdir, abstract)
+  if found is None:
+    raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} and no checkpoint to "
+                           "roll back to; lower optimizer.peak_lr or checkpoint.save_every")
+  _, state = found
+  rollbacks = int(state.rollbacks) + 1
+  if rollbacks > config.train.max_rollbacks:
+    raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} after "
+                           f"train.max_rollbacks={config.train.max_rollbacks} rollbacks")
+  lr_scale = float(state.lr_scale) * config.train.rollback_lr_factor
+  state = state.replace(lr_scale=jax.device_put(np.float32(lr_scale), state.lr_scale.sharding),
+                        rollbacks=jax.device_put(np.int32(rollbacks), state.rollbacks.sharding))
+  logging.warning("non-finite loss or gradient at step %d: rolled back to step %d, learning rate "
+                  "x %g (rollback %d of %d)", bad_step, int(state.step), lr_scale, rollbacks,
+                  config.train.max_rollbacks)
+  writer.write(bad_step, {"rollback_to_step": float(state.step), "lr_scale": lr_scale,
+                          "rollbacks": float(rollbacks)}, prefix="events/")
+  return state
+
+
+def _check_free_space(workdir: str | pathlib.Path, abstract: TrainState) -> None:
+  """Fails before training when the workdir's disk cannot hold one more checkpoint."""
+  needed = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise ConfigError(f"--workdir={workdir} has {free / 1e9:.2f} GB free; one checkpoint of this "
+                      f"model needs {needed / 1e9:.2f} GB")
 
 
 def _check_workdir(workdir: str | pathlib.Path) -> None:

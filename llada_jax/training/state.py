@@ -18,10 +18,24 @@ from llada_jax.parallel.sharding import axis_rules, logical_shardings
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a checkpoint must hold to continue training exactly."""
+  """Everything a checkpoint must hold to continue training exactly.
+
+  lr_scale multiplies the schedule (cut at each rollback after a non-finite step), rollbacks counts
+  them and skipped counts the updates skipped for a non-finite loss or gradient.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  lr_scale: jax.Array
+  rollbacks: jax.Array
+  skipped: jax.Array
+
+  @classmethod
+  def fresh(cls, params: Any, opt_state: Any) -> TrainState:
+    """The state at step 0."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+               lr_scale=jnp.ones((), jnp.float32), rollbacks=jnp.zeros((), jnp.int32),
+               skipped=jnp.zeros((), jnp.int32))
 
 
 def _init_boxed(config: ml_collections.ConfigDict, model: Transformer,
@@ -29,7 +43,7 @@ def _init_boxed(config: ml_collections.ConfigDict, model: Transformer,
   """Initial state whose leaves still carry their logical axis names."""
   tokens = jnp.zeros((1, config.data.sequence_length), jnp.int32)
   params = model.init(rng, tokens)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState.fresh(params, tx.init(params))
 
 
 def state_shardings(config: ml_collections.ConfigDict, model: Transformer,

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -49,18 +50,32 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
   rules = axis_rules(config)
   schedule = learning_rate_schedule(config)
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  inject = config.train.inject_nan_at_step
+
+  def loss_fn(params: Any, state: TrainState, batch: Batch) -> tuple[jax.Array, Metrics]:
     rng = step_rng(config, state.step, stream=1)
+    loss, metrics = _loss(config, model, params, batch, rng, config.diffusion.random_length_prob)
+    if inject >= 0:  # test knob: a divergence at one step that a cut learning rate avoids
+      loss = loss * jnp.where((state.step == inject) & (state.lr_scale == 1.0), jnp.nan, 1.0)
+    return loss, metrics
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with nn.logical_axis_rules(rules):
-      grad_fn = jax.value_and_grad(
-          lambda p: _loss(config, model, p, batch, rng, config.diffusion.random_length_prob),
-          has_aux=True)
-      (_, metrics), grads = grad_fn(state.params)
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state,
+                                                                          batch)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    def keep(new: Any, old: Any) -> Any:
+      """A non-finite step changes nothing but the counters (its batch counts as consumed)."""
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=~finite,
+                   learning_rate=schedule(state.step) * state.lr_scale)
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
   jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh, rules)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,190 @@
+"""Training that survives: non-finite steps, SIGTERM, kill -9, broken checkpoints."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.errors import TrainingDiverged
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.parallel.mesh import make_mesh
+from llada_jax.training import checkpoint
+from llada_jax.training.loop import train
+from llada_jax.training.optimizer import make_optimizer
+from llada_jax.training.state import state_shardings
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO = str(ROOT / "tests" / "configs" / "micro.py")
+
+
+def _config(**train):
+  config = make_tiny_config()
+  config.optimizer.decay_fraction = 0.0  # runs of different lengths share one schedule
+  config.train.update(dict(num_steps=6, eval_every=6, **train))
+  return config
+
+
+def _params(state):
+  return jax.device_get(state.params)
+
+
+def _finite(tree):
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+
+
+def test_nan_with_rollback_restores_the_last_checkpoint_and_cuts_the_learning_rate(tmp_path):
+  state = train(_config(nonfinite="rollback", inject_nan_at_step=3), tmp_path)
+  assert int(state.step) == 6 and int(state.rollbacks) == 1
+  assert float(state.lr_scale) == pytest.approx(0.25) and _finite(_params(state))
+  events = list((tmp_path / "tensorboard").glob("events.*"))
+  assert events and b"events/lr_scale" in b"".join(p.read_bytes() for p in events)
+
+
+def test_nan_with_skip_skips_exactly_that_update(tmp_path):
+  state = train(_config(nonfinite="skip", inject_nan_at_step=3), tmp_path)
+  assert int(state.step) == 6 and int(state.skipped) == 1 and int(state.rollbacks) == 0
+  assert float(state.lr_scale) == 1.0 and _finite(_params(state))
+
+
+def test_divergence_beyond_max_rollbacks_is_an_error(tmp_path):
+  with pytest.raises(TrainingDiverged, match="after train.max_rollbacks=0 rollbacks"):
+    train(_config(nonfinite="rollback", max_rollbacks=0, inject_nan_at_step=3), tmp_path)
+
+
+def test_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  straight = train(_config(), tmp_path / "straight")
+  config = _config()
+  config.train.num_steps = 4
+  train(config, tmp_path / "broken")
+  state_dir = checkpoint.checkpoint_dir(tmp_path / "broken") / "4" / "state"
+  victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
+  for victim in victims:
+    victim.write_bytes(victim.read_bytes()[:7])  # a crash while the file was written
+  resumed = train(_config(), tmp_path / "broken")
+  jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
+  assert (checkpoint.checkpoint_dir(tmp_path / "broken") / "4.broken").is_dir()
+  assert checkpoint.latest_step(tmp_path / "broken") == 6
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _train_command(workdir, *flags):
+  return [sys.executable, "-m", "llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}",
+          "--config.optimizer.decay_fraction=0.0", *flags]
+
+
+def _start(workdir, *flags):
+  return subprocess.Popen(_train_command(workdir, *flags), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, needle, timeout=300):
+  """Reads the process's log until a line contains `needle`."""
+  deadline = time.time() + timeout
+  lines = []
+  while time.time() < deadline:
+    line = proc.stderr.readline()
+    if not line:
+      break
+    lines.append(line)
+    if needle in line:
+      return lines
+  raise AssertionError(f"{needle!r} never appeared:\n{''.join(lines[-30:])}")
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
+  proc = _start(tmp_path, "--config.train.num_steps=500", "--config.checkpoint.save_every=1000")
+  _wait_for_line(proc, "step 5 |")
+  proc.send_signal(signal.SIGTERM)
+  out = proc.stderr.read()
+  assert proc.wait(timeout=120) == 0, out[-3000:]
+  saved = checkpoint.latest_step(tmp_path)
+  assert 5 <= saved < 500 and f"preempted: saved step {saved}" in out
+  rerun = subprocess.run(_train_command(tmp_path, f"--config.train.num_steps={saved + 2}",
+                                        "--config.checkpoint.save_every=1000"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {saved}" in rerun.stderr
+  assert checkpoint.latest_step(tmp_path) == saved + 2
+
+
+def _checkpoint_tmp_dir(workdir):
+  root = checkpoint.checkpoint_dir(workdir)
+  return root.is_dir() and any("tmp" in p.name for p in root.iterdir())
+
+
+KILL_FLAGS = ("--config.train.num_steps=12", "--config.checkpoint.save_every=3",
+              "--config.checkpoint.async_save=True", "--config.checkpoint.keep=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = subprocess.run(_train_command(workdir, *KILL_FLAGS), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _stored_params(workdir)
+
+
+def _stored_params(workdir):
+  config = checkpoint.load_config(workdir)
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
+  return jax.device_get(checkpoint.load_params(workdir, checkpoint.latest_step(workdir),
+                                               abstract.params))
+
+
+@pytest.mark.parametrize("moment", ["mid_step", "mid_async_save", "between_saves"])
+def test_kill_9_at_any_moment_then_rerun_gives_bitwise_the_same_parameters(
+    tmp_path, uninterrupted, moment):
+  proc = _start(tmp_path, *KILL_FLAGS)
+  if moment == "mid_step":
+    _wait_for_line(proc, "step 4 |")
+  elif moment == "between_saves":
+    _wait_for_line(proc, "step 7 |")  # checkpoints 3 and 6 are on disk, 9 not yet started
+  else:
+    deadline = time.time() + 300
+    while not _checkpoint_tmp_dir(tmp_path) and time.time() < deadline:
+      time.sleep(0.005)
+    assert _checkpoint_tmp_dir(tmp_path), "no save was in flight"
+  proc.kill()
+  proc.wait(timeout=60)
+  root = checkpoint.checkpoint_dir(tmp_path)
+  saved = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+  assert not saved or saved[-1] < 12  # the run was cut short
+  rerun = subprocess.run(_train_command(tmp_path, *KILL_FLAGS), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert checkpoint.latest_step(tmp_path) == 12
+  jax.tree.map(np.testing.assert_array_equal, _stored_params(tmp_path), uninterrupted)
+  shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_keeps_the_last_checkpoints_plus_every_kth(tmp_path):
+  config = _config()
+  config.train.update(num_steps=8, eval_every=8)
+  config.checkpoint.update(save_every=2, keep=2, keep_every=4)
+  train(config, tmp_path)
+  root = checkpoint.checkpoint_dir(tmp_path)
+  assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [4, 6, 8]
+
+
+def test_full_disk_is_an_error_before_training(tmp_path, monkeypatch):
+  from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from llada_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(loop.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1000))
+  with pytest.raises(ConfigError, match="has 0.00 GB free; one checkpoint of this model needs"):
+    train(_config(), tmp_path)
+  assert not checkpoint.checkpoint_dir(tmp_path).exists() or not any(
+      checkpoint.checkpoint_dir(tmp_path).iterdir())
