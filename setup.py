@@ -10,7 +10,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*", "configs"]),
-    package_data={"llada_jax.data": ["corpora/*/*", "sft/*/*", "vocabularies/*/*"]},
+    package_data={"llada_jax.data": ["corpora/*/*", "sft/*/*", "vocabularies/*/*"],
+                  "llada_jax.evaluation": ["data/*/*"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",
@@ -27,7 +28,8 @@ setuptools.setup(
         "ml_dtypes",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist"],
+        "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5"],
+        "lm_eval": ["lm_eval>=0.4.5"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "notebooks": ["jupyter", "matplotlib"],
@@ -40,6 +42,7 @@ setuptools.setup(
             "llada-chat=llada_jax.chat:run",
             "llada-preprocess=llada_jax.preprocess:run",
             "llada-compile=llada_jax.compile:run",
+            "llada-evaluate=llada_jax.evaluate:run",
         ],
     },
 )

@@ -66,14 +66,16 @@ def test_estimate_is_unbiased_and_its_stderr_calibrated(model):
 def test_stderr_shrinks_like_one_over_sqrt_n_and_mean_is_stable(model):
   config, params = model
   prompt, answer = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14]
-  small = log_likelihood(config, params, prompt, answer, mc_num=32, batch_size=8,
-                         rng=jax.random.PRNGKey(2))
-  large = log_likelihood(config, params, prompt, answer, mc_num=512, batch_size=8,
-                         rng=jax.random.PRNGKey(3))
-  ratio = float(small.stderr) / float(large.stderr)
+  copies = 8  # independent estimates of the same pair: a stderr from 4 batch means is noisy alone
+  small = log_likelihood(config, params, [prompt] * copies, [answer] * copies, mc_num=32,
+                         batch_size=8, rng=jax.random.PRNGKey(2))
+  large = log_likelihood(config, params, [prompt] * copies, [answer] * copies, mc_num=512,
+                         batch_size=8, rng=jax.random.PRNGKey(3))
+  ratio = float(np.mean(small.stderr)) / float(np.mean(large.stderr))
   assert 2.0 < ratio < 8.0  # sqrt(512 / 32) = 4
-  gap = abs(float(small.log_likelihood) - float(large.log_likelihood))
-  assert gap < 4 * math.hypot(float(small.stderr), float(large.stderr))
+  gap = abs(float(np.mean(small.log_likelihood)) - float(np.mean(large.log_likelihood)))
+  assert gap < 4 * math.hypot(float(np.mean(small.stderr)), float(np.mean(large.stderr))) / math.sqrt(copies)
+  assert len(set(small.log_likelihood.tolist())) == copies  # every copy drew its own samples
 
 
 def test_single_token_answers_are_exact_and_independent_of_batching(model):

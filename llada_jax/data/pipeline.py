@@ -211,14 +211,15 @@ def train_batches(config: ml_collections.ConfigDict, sharding: jax.sharding.Shar
 
 
 def eval_batches(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding,
-                 num_batches: int) -> list[Batch]:
-  """The first `num_batches` validation batches with their noise (fixed across evaluations)."""
+                 num_batches: int | None) -> list[Batch]:
+  """The first `num_batches` (None: all) validation batches with their noise (fixed across
+  evaluations)."""
   layout = host_layout(config, sharding)
   ds = _feature_dataset(config, layout, "validation", train=False, start_step=0)
   batches = [_global(sharding, b, config.data.batch_size)
-             for b in ds.take(num_batches).as_numpy_iterator()]
+             for b in ds.take(-1 if num_batches is None else num_batches).as_numpy_iterator()]
   _check_not_empty(config, "validation", batches[0] if batches else None)
-  if len(batches) < num_batches:
+  if num_batches is not None and len(batches) < num_batches:
     logging.warning("validation split of %r holds %d batches; evaluating on those, not %d",
                     config.data.task, len(batches), num_batches)
   return batches

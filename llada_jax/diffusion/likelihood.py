@@ -4,7 +4,9 @@ For an answer of length L: draw l in {1..L}, mask exactly l answer positions cho
 score sum over masked CE * L / l; the estimate is minus the mean over samples. Within a mini-batch
 of b samples l is stratified as in the official code: l_j = round(linspace(k, k + (b-1)L/b))_j,
 wrapped into [1, L], with k uniform in [1, L]. Many (prompt, answer) pairs of different lengths are
-scored at once (right-padded, padding hidden from attention); all samples run inside one jit.
+scored at once (right-padded, padding hidden from attention): one forward pass holds the same
+mini-batch index of every pair, so its batch is pairs x batch_size; all samples run inside one jit.
+Each pair's samples come from its own key, so a pair's estimate does not depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -58,19 +60,39 @@ def log_likelihood(config: ml_collections.ConfigDict, params: Any,
   """
   single = len(prompt) == 0 or np.isscalar(prompt[0])
   prompts, answers = ([prompt], [answer]) if single else (list(prompt), list(answer))
-  _check_arguments(config, prompts, answers, mc_num, batch_size, cfg_scale)
-  tokens, valid, is_answer = _pack(prompts, answers)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  result = score_pairs(config, params, prompts, answers, jax.random.split(rng, len(prompts)),
+                       mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale)
+  if single:
+    return Likelihood(result.log_likelihood[0], result.stderr[0])
+  return result
+
+
+def score_pairs(config: ml_collections.ConfigDict, params: Any,
+                prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                keys: jax.Array, *, mc_num: int, batch_size: int, cfg_scale: float = 0.0,
+                sharding: jax.sharding.Sharding | None = None,
+                width: int | None = None) -> Likelihood:
+  """log_likelihood for a list of pairs with one PRNG key per pair (keys [N]).
+
+  sharding, if given, places the pair axis of the inputs (e.g. over the devices of a mesh); the
+  number of pairs must then divide evenly over it. width pads every row to that many tokens (one
+  compiled program for pairs of different lengths); padding never changes a result.
+  """
+  check_pairs(config, prompts, answers, mc_num, batch_size, cfg_scale)
+  arrays = (*_pack(prompts, answers, width), keys)
+  if sharding is not None:
+    arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   scorer = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, mc_num,
                             batch_size, cfg_scale > 0)
-  estimate, stderr = jax.device_get(scorer(params, tokens, valid, is_answer, rng,
-                                           jnp.float32(cfg_scale)))
-  if single:
-    return Likelihood(np.asarray(estimate[0]), np.asarray(stderr[0]))
+  estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
 
 
-def _check_arguments(config, prompts, answers, mc_num, batch_size, cfg_scale) -> None:
+def check_pairs(config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
+                answers: Sequence[Sequence[int]], mc_num: int, batch_size: int,
+                cfg_scale: float) -> None:
+  """Raises ConfigError with one line for any pair or option that cannot be scored."""
   if len(prompts) != len(answers):
     raise ConfigError(f"got {len(prompts)} prompts but {len(answers)} answers: expected pairs")
   if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
@@ -91,9 +113,9 @@ def _check_arguments(config, prompts, answers, mc_num, batch_size, cfg_scale) ->
                         f"model.max_sequence_length={config.model.max_sequence_length}")
 
 
-def _pack(prompts, answers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-pads prompt ++ answer rows; returns (tokens, valid, is_answer), each [N, T]."""
-  width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+  width = max([len(p) + len(a) for p, a in zip(prompts, answers)] + [width or 0])
   tokens = np.zeros((len(prompts), width), np.int32)
   valid = np.zeros((len(prompts), width), bool)
   is_answer = np.zeros((len(prompts), width), bool)
@@ -129,15 +151,13 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     return masked_ce * answer_len / num_masked
 
   @jax.jit
-  def score(params, tokens, valid, is_answer, rng, cfg_scale):
-    num_pairs = tokens.shape[0]
-    keys = jax.random.split(rng, num_pairs * num_batches)
-    pair = jnp.repeat(jnp.arange(num_pairs), num_batches)
-    losses = jax.lax.map(
-        lambda args: sample_losses(params, tokens[args[0]], valid[args[0]],
-                                   is_answer[args[0]], args[1], cfg_scale),
-        (pair, keys))
-    losses = losses.reshape(num_pairs, num_batches, batch_size)
+  def score(params, tokens, valid, is_answer, pair_keys, cfg_scale):
+    keys = jax.vmap(lambda key: jax.random.split(key, num_batches))(pair_keys)  # [N, batches]
+    all_pairs = jax.vmap(sample_losses, in_axes=(None, 0, 0, 0, 0, None))
+    losses = jax.lax.map(  # [batches, N, batch_size]: one forward pass per mini-batch index
+        lambda batch_keys: all_pairs(params, tokens, valid, is_answer, batch_keys, cfg_scale),
+        jnp.swapaxes(keys, 0, 1))
+    losses = jnp.swapaxes(losses, 0, 1)
     batch_means = losses.mean(axis=-1)
     estimate = -batch_means.mean(axis=-1)
     if num_batches > 1:
@@ -145,7 +165,7 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     elif batch_size > 1:
       stderr = losses[:, 0].std(axis=-1, ddof=1) / jnp.sqrt(batch_size)
     else:
-      stderr = jnp.full((num_pairs,), jnp.nan)
+      stderr = jnp.full(estimate.shape, jnp.nan)
     return estimate, stderr
 
   return score

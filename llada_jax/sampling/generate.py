@@ -57,6 +57,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
     config: the model's config (architecture and token ids in config.tokens).
     params: mask predictor parameters.
     prompt: int [B, P] token ids; prompts of different lengths are left-padded with tokens.pad_id.
+      A jax.Array keeps its sharding (e.g. the batch split over devices); so does attention_mask.
     attention_mask: optional [B, P], 0 on padding; padding is neither attended to nor counted in
       the positions, so a padded prompt gives the tokens it gives alone.
     steps, gen_length, block_length: gen_length is a multiple of block_length, steps a multiple of
@@ -76,6 +77,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
   """
   tokens = config.tokens
   mask_id = tokens.mask_id if mask_id is None else mask_id
+  placed = [a for a in (prompt, attention_mask) if isinstance(a, jax.Array)]
   prompt = np.asarray(prompt, np.int32)
   if prompt.ndim != 2:
     raise ConfigError(f"prompt of shape {prompt.shape} is not allowed: expected [batch, length]")
@@ -88,8 +90,12 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
                      confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
                      float64)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-  return _compiled_sampler(spec)(params, jnp.asarray(prompt), jnp.asarray(attention_mask),
-                                 jnp.float32(temperature), jnp.float32(cfg_scale), rng)
+  device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
+  if placed:
+    device_prompt, device_mask = (jax.device_put(a, placed[0].sharding)
+                                  for a in (prompt, attention_mask))
+  return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
+                                 jnp.float32(cfg_scale), rng)
 
 
 def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,

@@ -38,7 +38,7 @@ def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.Confi
   return config, load_params(workdir, step, abstract.params)
 
 
-def _text_codec(config: ml_collections.ConfigDict) -> Any:
+def text_codec(config: ml_collections.ConfigDict) -> Any:
   """Something with encode/decode for the config's vocabulary, or None when it has no tokenizer."""
   if config.data.vocabulary == "byte":
     from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
@@ -63,7 +63,7 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
   Returns {"prompt": prompts as text, "tokens": answer ids cut at the first EOS, "text": decoded}.
   generate_kwargs go to `generate` (steps, gen_length, block_length, temperature, ...).
   """
-  vocab = _text_codec(config)
+  vocab = text_codec(config)
   if texts is not None and vocab is None:
     raise ConfigError(f"text prompts need a tokenizer, and data.vocabulary="
                       f"{config.data.vocabulary!r} has none bundled: give token ids instead")

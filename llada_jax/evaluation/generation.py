@@ -1,0 +1,56 @@
+"""Answers for many prompts with the compiled reverse process, over every host and local device.
+
+Prompts are sorted by length and generated in batches of a fixed size, left-padded to a bucketed
+width (few compilations). With temperature 0 and a deterministic remasking rule an answer depends on
+its prompt only; with noise it also depends on the batch it shared (the noise is drawn per batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
+from llada_jax.evaluation.model import EvalModel
+from llada_jax.sampling.generate import generate
+from llada_jax.sampling.text import trim_at_eos
+
+
+def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed: int = 0,
+                     batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                     **sampler_kwargs: Any) -> list[list[int]]:
+  """Answer ids for every prompt (cut at the first EOS or EoT), on every process.
+
+  sampler_kwargs go to `generate`: steps, gen_length, block_length, temperature, cfg_scale,
+  remasking, logits_eos_inf, confidence_eos_eot_inf.
+  """
+  prompts = [list(p) for p in prompts]
+  tokens = model.config.tokens
+  gen_length = sampler_kwargs["gen_length"]
+  devices = model.mesh.size
+  per_call = -(-batch_size // devices) * devices
+  limit = model.config.model.max_sequence_length - gen_length
+
+  def evaluate(indices: np.ndarray) -> np.ndarray:
+    part = pad_to_multiple(list(indices), min(per_call, -(-len(indices) // devices) * devices))
+    width = max(len(prompts[i]) for i in part)
+    width = max(width, min(bucket(width), limit))
+    batch = np.full((len(part), width), tokens.pad_id, np.int32)
+    mask = np.zeros((len(part), width), bool)
+    for row, i in enumerate(part):
+      batch[row, width - len(prompts[i]):] = prompts[i]
+      mask[row, width - len(prompts[i]):] = True
+    batch, mask = jax.device_put((batch, mask), model.item_sharding)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), int(indices[0]))
+    out = np.asarray(generate(model.config, model.params, batch, mask, rng=rng, **sampler_kwargs))
+    answers = np.full((len(indices), gen_length), -1, np.int32)
+    for row in range(len(indices)):
+      answer = trim_at_eos(trim_at_eos(out[row, width:].tolist(), tokens.eos_id), tokens.eot_id)
+      answers[row, :len(answer)] = answer
+    return answers
+
+  rows = run_sharded([len(p) for p in prompts], per_call, evaluate, row_shape=(gen_length,),
+                     dtype=np.int32, progress=progress)
+  return [[int(t) for t in row if t >= 0] for row in rows]

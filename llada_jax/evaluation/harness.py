@@ -1,0 +1,94 @@
+"""Runs a list of evaluation tasks on one model and returns the results document.
+
+The same code serves `llada-evaluate` and the trainer's periodic evaluation (train.eval_tasks).
+The document's layout (RESULTS_SCHEMA) is stable: tools may rely on its keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+
+from llada_jax.evaluation.elbo import evaluate_elbo
+from llada_jax.evaluation.gsm8k import evaluate_gsm8k
+from llada_jax.evaluation.model import EvalModel
+from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice
+from llada_jax.evaluation.tasks import MULTIPLE_CHOICE, gsm8k, read_jsonl_task
+
+RESULTS_SCHEMA = 1
+# Metrics that get a TensorBoard scalar (the others are counts and settings).
+SCALAR_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "bits_per_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """Everything that shapes an evaluation besides the model (the CLI flags)."""
+  tasks: tuple[str, ...] = ("elbo",)
+  task_files: tuple[str, ...] = ()
+  limit: int | None = None
+  seed: int = 0
+  mc_num: int = 128
+  mc_batch_size: int = 16
+  cfg_scale: float = 0.0
+  elbo_task: str | None = None
+  elbo_samples: int = 1
+  gsm8k_format: str = "auto"
+  num_fewshot: int = 4
+  generation_batch_size: int = 8
+  sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def task_names(options: EvalOptions) -> list[str]:
+  """Names of the tasks to run: the built-in ones, then one per task file (its file stem)."""
+  return list(options.tasks) + [pathlib.Path(f).stem for f in options.task_files]
+
+
+def run_tasks(model: EvalModel, options: EvalOptions,
+              progress: Callable[[str, int], Callable[[int], None]] | None = None
+              ) -> dict[str, Any]:
+  """Evaluates every task of `options`; returns the results document (JSON-serialisable).
+
+  progress(task, total) may return a callback receiving the number of items just finished.
+  """
+  start = time.time()
+  results: dict[str, Any] = {}
+  samples: dict[str, Any] = {}
+  files = dict(zip(task_names(options)[len(options.tasks):], options.task_files))
+  for name in task_names(options):
+    task_start = time.time()
+    if name == "elbo":
+      total = options.limit or 0
+      metrics = evaluate_elbo(model, task=options.elbo_task, limit=options.limit,
+                              samples=options.elbo_samples, seed=options.seed,
+                              progress=progress and progress(name, total))
+    elif name == "gsm8k":
+      problems = gsm8k("test")[:options.limit]
+      metrics, samples[name] = evaluate_gsm8k(
+          model, problems, prompt_format=options.gsm8k_format, num_fewshot=options.num_fewshot,
+          seed=options.seed, batch_size=options.generation_batch_size,
+          progress=progress and progress(name, len(problems)), **options.sampler)
+    else:
+      items = (read_jsonl_task(files[name]) if name in files else MULTIPLE_CHOICE[name]())
+      items = items[:options.limit]
+      metrics = evaluate_multiple_choice(
+          model, items, mc_num=options.mc_num, batch_size=options.mc_batch_size,
+          cfg_scale=options.cfg_scale, seed=options.seed,
+          progress=progress and progress(name, sum(len(i.choices) for i in items)))
+    metrics["wall_time_s"] = time.time() - task_start
+    results[name] = metrics
+  return dict(
+      schema=RESULTS_SCHEMA, checkpoint=model.path, step=model.step, results=results,
+      samples=samples, options=dataclasses.asdict(options),
+      model=model.config.model.to_dict(), tokens=model.config.tokens.to_dict(),
+      num_processes=jax.process_count(), num_devices=jax.device_count(),
+      wall_time_s=time.time() - start)
+
+
+def scalars(document: dict[str, Any]) -> dict[str, float]:
+  """'<task>/<metric>' -> value for the headline metrics, for TensorBoard."""
+  return {f"{task}/{name}": float(value) for task, metrics in document["results"].items()
+          for name, value in metrics.items() if name in SCALAR_METRICS}

@@ -1,0 +1,76 @@
+"""Multiple choice by conditional likelihood, LLaDA's protocol for HellaSwag, ARC, PIQA, ...
+
+Each choice is scored by the Monte-Carlo estimate of log p(prefix + choice | context); the prediction
+is the highest score (`acc`) or the highest score per character of the choice (`acc_norm`, as
+lm-evaluation-harness). Choices of one token are scored exactly with a single sample. Contexts too
+long for the model lose their oldest tokens (counted as `truncated`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llada_jax.errors import ConfigError
+from llada_jax.evaluation.model import EvalModel
+from llada_jax.evaluation.scoring import loglikelihoods
+from llada_jax.evaluation.tasks import MultipleChoice
+
+
+def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+  """Mean and its standard error (sample standard deviation / sqrt(n))."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return float(values.mean()), float("nan")
+  return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
+
+
+def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
+                 ) -> tuple[list[list[int]], list[list[int]], int]:
+  """(contexts, continuations, number of items cut) as ids, one pair per choice, item-major."""
+  limit = model.config.model.max_sequence_length
+  contexts, continuations, cut = [], [], set()
+  for number, item in enumerate(items):
+    context = list(model.codec.encode(item.context))
+    for choice in item.choices:
+      continuation = list(model.codec.encode(item.continuation_prefix + choice))
+      if not continuation:
+        raise ConfigError(f"item {number}: choice {choice!r} encodes to no tokens")
+      if len(continuation) >= limit:
+        raise ConfigError(f"item {number}: a choice of {len(continuation)} tokens is not allowed: "
+                          f"expected fewer than model.max_sequence_length={limit}")
+      if len(context) + len(continuation) > limit:
+        cut.add(number)
+      contexts.append(context[max(0, len(context) + len(continuation) - limit):])
+      continuations.append(continuation)
+  return contexts, continuations, len(cut)
+
+
+def evaluate_multiple_choice(model: EvalModel, items: Sequence[MultipleChoice], *,
+                             mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
+                             seed: int = 0,
+                             progress: Callable[[int], None] | None = None) -> dict[str, float]:
+  """acc and acc_norm with standard errors, plus count, truncated and mc_num."""
+  contexts, continuations, truncated = encode_pairs(model, items)
+  scores = np.zeros(len(contexts))
+  single = np.asarray([len(c) == 1 for c in continuations])
+  for group, (group_mc, group_batch) in ((single, (1, 1)), (~single, (mc_num, batch_size))):
+    index = np.flatnonzero(group)
+    if index.size:
+      scores[index] = loglikelihoods(
+          model, [contexts[i] for i in index], [continuations[i] for i in index],
+          mc_num=group_mc, batch_size=group_batch, cfg_scale=cfg_scale, seed=seed,
+          progress=progress).log_likelihood
+  correct, correct_norm, start = [], [], 0
+  for item in items:
+    item_scores = scores[start:start + len(item.choices)]
+    start += len(item.choices)
+    lengths = np.asarray([max(len(c), 1) for c in item.choices], np.float64)
+    correct.append(float(np.argmax(item_scores) == item.gold))
+    correct_norm.append(float(np.argmax(item_scores / lengths) == item.gold))
+  acc, acc_stderr = mean_and_stderr(np.asarray(correct))
+  acc_norm, acc_norm_stderr = mean_and_stderr(np.asarray(correct_norm))
+  return dict(acc=acc, acc_stderr=acc_stderr, acc_norm=acc_norm, acc_norm_stderr=acc_norm_stderr,
+              count=len(items), truncated=truncated, mc_num=mc_num, chance=float(
+                  np.mean([1.0 / len(item.choices) for item in items])))

@@ -1,0 +1,206 @@
+"""Evaluation: a trained model beats chance on a learnable multiple-choice set, GSM8K extraction,
+the likelihood bound, the results document, and clear errors for bad input."""
+
+import json
+import random
+import string
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.errors import ConfigError
+from llada_jax.evaluation import tasks
+from llada_jax.evaluation.gsm8k import extract_answer, normalize_number
+from llada_jax.evaluation.harness import RESULTS_SCHEMA, EvalOptions, run_tasks
+from llada_jax.evaluation.model import eval_model_from_params, load_eval_model
+from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice
+from llada_jax.evaluation.scoring import loglikelihoods
+from llada_jax.model import ModelConfig, Transformer
+
+ITEMS = 24
+ALPHABET = "abcdefgh"
+
+
+def _word(rng):
+  return "".join(rng.choice(ALPHABET) for _ in range(3))
+
+
+def _copy_items(rng):
+  """Items "xyz =" whose gold choice copies the word (" xyz."); three other words as distractors.
+  The words are new to the model: only the rule it learned can pick the gold choice."""
+  items = []
+  for _ in range(ITEMS):
+    word = _word(rng)
+    choices = [word]
+    while len(choices) < 4:
+      other = _word(rng)
+      if other not in choices:
+        choices.append(other)
+    rng.shuffle(choices)
+    items.append({"context": f"{word} =", "choices": [c + "." for c in choices],
+                  "gold": choices.index(word)})
+  return items
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A small model trained for 400 steps on "xyz = xyz." lines (one a document): it learns to
+  copy, which makes the gold choice of the copy items predictable."""
+  from llada_jax.data.registry import register_text_task  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("copy")
+  rng = random.Random(0)
+  corpus = root / "copy.jsonl"
+  lines = [f"{w} = {w}." for w in (_word(rng) for _ in range(3000))]
+  corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+  register_text_task("eval_copy", [corpus], [corpus])
+  task_file = root / "copy_mc.jsonl"
+  task_file.write_text("".join(json.dumps(item) + "\n" for item in _copy_items(rng)))
+  config = make_tiny_config(d_model=128, mlp_hidden_size=256)
+  config.data.update(task="eval_copy", sequence_length=32, batch_size=16)
+  config.optimizer.update(warmup_steps=20, peak_lr=4e-3, decay_fraction=0.3, final_lr=4e-4)
+  config.train.update(num_steps=400, log_every=100, eval_every=400, eval_batches=1)
+  config.checkpoint.update(save_every=400)
+  workdir = root / "run"
+  train(config, workdir)
+  return workdir, task_file
+
+
+def test_trained_model_reaches_95_percent_where_random_init_is_near_chance(trained):
+  workdir, task_file = trained
+  model = load_eval_model(workdir)
+  items = tasks.read_jsonl_task(task_file)
+  trained_metrics = evaluate_multiple_choice(model, items, mc_num=16, batch_size=16)
+  assert trained_metrics["acc"] >= 0.95, trained_metrics
+
+  params = Transformer(ModelConfig.from_config(model.config)).init(
+      jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32))
+  fresh = eval_model_from_params(model.config, nn.meta.unbox(params)["params"], model.codec, None,
+                                 "random-init")
+  random_metrics = evaluate_multiple_choice(fresh, items, mc_num=16, batch_size=16)
+  assert random_metrics["acc"] <= 0.6, random_metrics
+  assert random_metrics["chance"] == 0.25 and random_metrics["count"] == ITEMS
+
+
+def test_scores_depend_on_the_seed_only_not_on_how_pairs_are_batched(trained, monkeypatch):
+  from llada_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  model = load_eval_model(trained[0])
+  words = ["abc", "bcd", "cdefgh", "de", "efgabc"]
+  prompts = [list(model.codec.encode(f"{w} =")) for w in words]
+  answers = [list(model.codec.encode(f" {w}.")) for w in words]
+  together = loglikelihoods(model, prompts, answers, mc_num=8, batch_size=4, seed=3)
+  monkeypatch.setattr(scoring, "TOKENS_PER_DEVICE", 4 * 32)  # one pair per device per call
+  split = loglikelihoods(model, prompts, answers, mc_num=8, batch_size=4, seed=3)
+  np.testing.assert_allclose(split.log_likelihood, together.log_likelihood, rtol=1e-5)
+  other_seed = loglikelihoods(model, prompts, answers, mc_num=8, batch_size=4, seed=4)
+  assert not np.allclose(together.log_likelihood, other_seed.log_likelihood)
+
+
+def test_results_document_schema_and_elbo(trained):
+  workdir, task_file = trained
+  model = load_eval_model(workdir)
+  options = EvalOptions(tasks=("elbo",), task_files=(str(task_file),), limit=8, mc_num=4,
+                        mc_batch_size=4)
+  document = run_tasks(model, options)
+  assert set(document) == {"schema", "checkpoint", "step", "results", "samples", "options",
+                           "model", "tokens", "num_processes", "num_devices", "wall_time_s"}
+  assert document["schema"] == RESULTS_SCHEMA and document["step"] == 400
+  elbo, mc = document["results"]["elbo"], document["results"]["copy_mc"]
+  assert elbo["count"] == 8 and elbo["tokens"] == 8 * 32
+  # Each "xyz = xyz." document is 10 bytes + EOS: 11 tokens of byte vocabulary per 10 bytes.
+  assert elbo["bits_per_byte"] == pytest.approx(elbo["bits_per_token"] * 11 / 10, rel=0.02)
+  assert 0 < elbo["bits_per_token"] < 8 and elbo["bits_per_token_stderr"] > 0
+  assert mc["count"] == 8 and {"acc", "acc_stderr", "acc_norm", "wall_time_s"} <= set(mc)
+  json.dumps(document)
+
+
+def test_gsm8k_generation_runs_and_records_each_problem(trained):
+  model = load_eval_model(trained[0])
+  options = EvalOptions(tasks=("gsm8k",), limit=3, num_fewshot=0, generation_batch_size=2,
+                        sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
+                                     remasking="low_confidence", logits_eos_inf=False,
+                                     confidence_eos_eot_inf=False))
+  document = run_tasks(model, options)
+  metrics = document["results"]["gsm8k"]
+  assert metrics["count"] == 3 and metrics["truncated"] == 3  # questions exceed 64 - 16 tokens
+  assert len(document["samples"]["gsm8k"]) == 3
+  assert 0.0 <= metrics["exact_match"] <= 1.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so she makes 9 * 2 = $18 a day.\n#### 18", "18"),
+    ("#### 1,234", "1234"),
+    ("The answer is 72.", "72"),
+    ("costs $5.50 then 3.0", "3"),
+    ("#### -7", "-7"),
+    ("she paid $1,050.00", "1050"),
+    ("no digits here", None),
+    ("first 3, #### then 4 and 5", "4"),
+])
+def test_gsm8k_answer_extraction(text, expected):
+  assert extract_answer(text) == expected
+
+
+def test_gsm8k_gold_answers_parse_and_normalize():
+  problems = tasks.gsm8k("test")
+  assert len(problems) == 1319
+  assert all(normalize_number(p.answer) == extract_answer(p.solution) for p in problems)
+
+
+def test_bundled_benchmarks_load_with_their_sizes():
+  sizes = {name: len(load()) for name, load in tasks.MULTIPLE_CHOICE.items()}
+  assert sizes == {"hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838}
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"context": "a", "choices": ["x", "y"]}', "missing field 'gold'"),
+    ('{"context": "a", "choices": ["x", "y"], "gold": 2}', "gold=2 is not allowed"),
+    ('{"context": "a", "choices": "xy", "gold": 0}', "choices a list of strings"),
+    ('not json', "not a JSON object"),
+])
+def test_bad_task_file_lines_name_file_and_line(tmp_path, line, message):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"context": "a", "choices": ["x", "y"], "gold": 0}\n' + line + "\n")
+  with pytest.raises(ConfigError, match=rf"bad.jsonl:2: .*{message}"):
+    tasks.read_jsonl_task(path)
+
+
+def test_unknown_task_lists_the_known_ones():
+  with pytest.raises(ConfigError, match="unknown task 'mmlu'; known tasks: elbo, hellaswag"):
+    tasks.parse_tasks("elbo,mmlu")
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(trained, tmp_path):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from llada_jax.data.hf_tokenizer import SPECIAL_TOKENS  # pylint: disable=g-import-not-at-top
+
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.train_from_iterator(["abc = abc."] * 10, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=list(SPECIAL_TOKENS.values())))
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(ConfigError, match="tokens.mask_id=259 is not allowed: the tokenizer has"):
+    load_eval_model(trained[0], tokenizer=str(tmp_path / "tokenizer.json"))
+
+
+def test_cli_writes_results_and_fails_in_one_line(trained, tmp_path):
+  workdir, task_file = trained
+  output = tmp_path / "results.json"
+  cmd = [sys.executable, "-m", "llada_jax.evaluate", f"--checkpoint={workdir}", "--tasks=",
+         f"--task_file={task_file}", "--limit=4", "--mc_num=4", "--mc_batch_size=4",
+         f"--output={output}", "--noprogress"]
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  document = json.loads(output.read_text())
+  assert document["results"]["copy_mc"]["count"] == 4
+  bad = subprocess.run(cmd[:4] + ["--tasks=hellaswag,nope"], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --tasks: unknown task 'nope'")
