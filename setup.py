@@ -43,6 +43,7 @@ setuptools.setup(
             "llada-preprocess=llada_jax.preprocess:run",
             "llada-compile=llada_jax.compile:run",
             "llada-evaluate=llada_jax.evaluate:run",
+            "llada-lm-eval=llada_jax.evaluation.lm_eval_adapter:main",
         ],
     },
 )

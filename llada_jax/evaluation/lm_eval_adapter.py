@@ -1,0 +1,287 @@
+"""lm-evaluation-harness adapter: `--model llada_jax` scores and samples LLaDA checkpoints.
+
+lm_eval (checked with 0.4.13) finds models only in its own registry, filled by its own model list
+and by `register_model` at import time; it reads no plugin entry points. Importing this module
+registers `llada_jax`, so run the harness through this module or its console script
+`llada-lm-eval` (either takes every `lm_eval` argument; needs `pip install llada_jax[lm_eval]`):
+
+  llada-lm-eval --model llada_jax --tasks arc_easy \\
+      --model_args checkpoint=runs/demo,mc_num=128,batch_size=16
+
+or, from Python, import this module and call
+`lm_eval.simple_evaluate(model="llada_jax", model_args="checkpoint=runs/demo", tasks=[...])`.
+
+Requests of a kind are answered together (scoring and sampling batch and shard internally). With
+several hosts, run the same command on every host: each sees all requests, the work is split over
+all hosts and every host gets every result. lm_eval is imported by this module only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+import tqdm
+from lm_eval import utils
+from lm_eval.api import registry
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+
+from llada_jax.config import validate_sampling
+from llada_jax.errors import ConfigError
+from llada_jax.evaluation.generation import generate_answers
+from llada_jax.evaluation.model import load_eval_model
+from llada_jax.evaluation.scoring import loglikelihoods
+
+MODEL_NAME = "llada_jax"
+ROLLING_UNSUPPORTED = ("loglikelihood_rolling is not available: a masked diffusion model has no "
+                       "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound")
+# gen_kwargs the sampler understands; others (top_p, top_k, num_beams, ...) are ignored.
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
+
+log = logging.getLogger(__name__)
+
+
+class LLaDAJaxLM(LM):
+  """A training workdir or HF LLaDA folder as an lm_eval model (`--model llada_jax`).
+
+  model_args: checkpoint (required), tokenizer (a tokenizer.json, for checkpoints without one),
+  mc_num and batch_size (Monte-Carlo samples per continuation and per forward pass; batch_size
+  is also the number of prompts per generation batch), cfg_scale, seed, and the sampler options
+  steps, gen_length, block_length, temperature, remasking, logits_eos_inf,
+  confidence_eos_eot_inf (defaults: the checkpoint's config.sampling), check_greedy.
+
+  Precedence for generation: model_args given explicitly win over a task's gen_kwargs; gen_kwargs
+  fill what they leave unset; config.sampling fills the rest. A task's max_gen_toks sets
+  gen_length unless model_args give one: it is rounded up to a multiple of block_length (a block
+  longer than it becomes one block), and steps keeps the steps-per-token ratio of the
+  (steps, gen_length) of model_args or config.sampling, rounded up to whole steps per block and
+  at most one step per token. do_sample=False means temperature 0. Other gen_kwargs are ignored.
+  """
+
+  def __init__(self, checkpoint: str, tokenizer: str | None = None, mc_num: int = 128,
+               batch_size: int = 16, cfg_scale: float = 0.0, seed: int = 0,
+               steps: int | None = None, gen_length: int | None = None,
+               block_length: int | None = None, temperature: float | None = None,
+               remasking: str | None = None, logits_eos_inf: bool = False,
+               confidence_eos_eot_inf: bool = False, check_greedy: bool = True) -> None:
+    super().__init__()
+    self.mc_num, self.batch_size = int(mc_num), int(batch_size)
+    if self.batch_size < 1 or self.mc_num < 1 or self.mc_num % self.batch_size:
+      raise ConfigError(f"mc_num={mc_num} is not allowed: expected a positive multiple of "
+                        f"batch_size={batch_size}")
+    self.cfg_scale, self.seed = float(cfg_scale), int(seed)
+    self.steps = None if steps is None else int(steps)
+    self.gen_length = None if gen_length is None else int(gen_length)
+    self.block_length = None if block_length is None else int(block_length)
+    self.temperature = None if temperature is None else float(temperature)
+    self.remasking = remasking
+    self.logits_eos_inf = _flag("logits_eos_inf", logits_eos_inf)
+    self.confidence_eos_eot_inf = _flag("confidence_eos_eot_inf", confidence_eos_eot_inf)
+    self.check_greedy = _flag("check_greedy", check_greedy)
+    self.model = load_eval_model(str(checkpoint), None if tokenizer is None else str(tokenizer))
+    self._warned: set[str] = set()
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str,
+                             additional_config: dict | None = None) -> LLaDAJaxLM:
+    """From `key=value,...` model_args; see create_from_arg_obj for lm_eval's own options."""
+    return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                          additional_config: dict | None = None) -> LLaDAJaxLM:
+    """From a model_args dict. lm_eval's integer --batch_size applies when model_args set none
+    (the CLI passes 1 by default); its device and max_batch_size are ignored (all local devices)."""
+    args = dict(arg_dict)
+    batch_size = (additional_config or {}).get("batch_size")
+    if "batch_size" not in args and batch_size is not None and str(batch_size).isdigit():
+      args["batch_size"] = int(batch_size)
+    return cls(**args)
+
+  def get_model_info(self) -> dict[str, Any]:
+    """Recorded in lm_eval's results["config"]."""
+    return {"checkpoint": self.model.path, "checkpoint_step": self.model.step}
+
+  def loglikelihood(self, requests: list[Instance],
+                    disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    """(log p(continuation | context) estimate in nats, is_greedy) per (context, continuation).
+
+    The estimate is LLaDA's Monte-Carlo bound (mc_num samples); one-token continuations are
+    scored exactly with one sample. For one-token continuations is_greedy says whether one reverse
+    step at temperature 0 (the argmax at the masked position, one pass per distinct context) fills
+    in the continuation; an EOS or EoT continuation counts when either is filled in (the sampler
+    reports only the stop). Longer continuations get False: checking them would take a greedy
+    decode per request. check_greedy=False gives False always and saves those passes.
+    An empty continuation gives (0.0, True). Contexts too long lose their oldest tokens.
+    """
+    pairs = [self._encode_pair(*request.args) for request in requests]
+    scores = np.zeros(len(pairs))
+    single = [i for i, (_, answer) in enumerate(pairs) if len(answer) == 1]
+    longer = [i for i, (_, answer) in enumerate(pairs) if len(answer) > 1]
+    contexts = list(dict.fromkeys(tuple(pairs[i][0]) for i in single)) if self.check_greedy else []
+    with tqdm.tqdm(total=len(single) + len(longer) + len(contexts), disable=disable_tqdm,
+                   desc="llada_jax loglikelihood") as bar:
+      for index, mc_num, batch_size in ((single, 1, 1), (longer, self.mc_num, self.batch_size)):
+        if index:
+          scores[index] = loglikelihoods(
+              self.model, [pairs[i][0] for i in index], [pairs[i][1] for i in index],
+              mc_num=mc_num, batch_size=batch_size, cfg_scale=self.cfg_scale, seed=self.seed,
+              progress=bar.update).log_likelihood
+      greedy = dict(zip(contexts, self._greedy_tokens(contexts, bar.update))) if contexts else {}
+    stops = self._stop_ids()
+    results = []
+    for request, (context, answer), score in zip(requests, pairs, scores):
+      if not answer:
+        result = (0.0, True)
+      elif len(answer) == 1 and self.check_greedy:
+        filled = greedy[tuple(context)]
+        result = (float(score), filled == answer or (not filled and answer[0] in stops))
+      else:
+        result = (float(score), False)
+      self.cache_hook.add_partial("loglikelihood", request.args, result)
+      results.append(result)
+    return results
+
+  def loglikelihood_rolling(self, requests: list[Instance],
+                            disable_tqdm: bool = False) -> list[float]:
+    """Not available for a masked diffusion model: raises NotImplementedError."""
+    raise NotImplementedError(ROLLING_UNSUPPORTED)
+
+  def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+    """Sampled text per (context, gen_kwargs), cut at the first `until` string (and EOS/EoT).
+
+    Requests with the same sampler options are generated together; contexts too long for the
+    model and gen_length lose their oldest tokens.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for number, request in enumerate(requests):
+      options = self.sampler_options(request.args[1])
+      groups.setdefault(tuple(sorted(options.items())), []).append(number)
+    texts = [""] * len(requests)
+    limit = self.model.config.model.max_sequence_length
+    with tqdm.tqdm(total=len(requests), disable=disable_tqdm,
+                   desc="llada_jax generate_until") as bar:
+      for key, numbers in groups.items():
+        options = dict(key)
+        keep = limit - options["gen_length"]
+        prompts = [self.model.codec.encode(requests[i].args[0])[-keep:] for i in numbers]
+        answers = generate_answers(self.model, prompts, seed=self.seed,
+                                   batch_size=self.batch_size, progress=bar.update, **options)
+        for i, answer in zip(numbers, answers):
+          texts[i] = cut_at_stop(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
+          self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
+    return texts
+
+  def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Ids of context and continuation as lm_eval splits them (trailing spaces of the context go
+    to the continuation; the continuation is the tail of the joint encoding), context left-cut."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+      context, continuation = context[:-spaces], context[-spaces:] + continuation
+    encode = self.model.codec.encode
+    context_ids = list(encode(context))
+    answer = list(encode(context + continuation))[len(context_ids):]
+    limit = self.model.config.model.max_sequence_length
+    if len(answer) > limit:
+      raise ConfigError(f"a continuation of {len(answer)} tokens is not allowed: expected at most "
+                        f"model.max_sequence_length={limit}")
+    return context_ids[max(0, len(context_ids) + len(answer) - limit):], answer
+
+  def _greedy_tokens(self, contexts: Sequence[Sequence[int]], progress: Any) -> list[list[int]]:
+    """The token one greedy reverse step puts after each context ([] for EOS or EoT)."""
+    return generate_answers(self.model, contexts, seed=self.seed, batch_size=self.batch_size,
+                            progress=progress, steps=1, gen_length=1, block_length=1,
+                            temperature=0.0, cfg_scale=self.cfg_scale, remasking="low_confidence")
+
+  def _stop_ids(self) -> set[int]:
+    tokens = self.model.config.tokens
+    return {t for t in (tokens.eos_id, tokens.eot_id) if t >= 0}
+
+  def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """generate_answers' sampler options for a request's gen_kwargs (see the class docstring)."""
+    gen_kwargs = dict(gen_kwargs or {})
+    ignored = sorted(set(gen_kwargs) - set(GEN_KWARGS) - self._warned)
+    if ignored:
+      log.warning("llada_jax ignores gen_kwargs %s", ", ".join(ignored))
+      self._warned.update(ignored)
+    sampling = self.model.config.sampling
+    base_gen = self.gen_length or sampling.gen_length
+    base_steps = self.steps or sampling.steps
+    block_length = self.block_length or sampling.block_length
+    max_gen_toks = gen_kwargs.get("max_gen_toks")
+    if self.gen_length is None and max_gen_toks is not None:
+      gen_length = int(max_gen_toks)
+      if gen_length < 1:
+        raise ConfigError(f"max_gen_toks={max_gen_toks} is not allowed: expected a positive int")
+      block_length = min(block_length, gen_length)
+      gen_length = -(-gen_length // block_length) * block_length
+    else:
+      gen_length = base_gen
+    if gen_length == base_gen:
+      steps = base_steps
+    else:
+      per_block = min(block_length, math.ceil(base_steps * block_length / base_gen))
+      steps = gen_length // block_length * per_block
+    if self.temperature is not None:
+      temperature = self.temperature
+    elif gen_kwargs.get("do_sample") is False:
+      temperature = 0.0
+    elif gen_kwargs.get("temperature") is not None:
+      temperature = float(gen_kwargs["temperature"])
+    else:
+      temperature = float(sampling.temperature)
+    remasking = self.remasking or sampling.remasking
+    validate_sampling(steps, gen_length, block_length, temperature, remasking)
+    limit = self.model.config.model.max_sequence_length
+    if gen_length >= limit:
+      raise ConfigError(f"gen_length={gen_length} is not allowed: expected less than "
+                        f"model.max_sequence_length={limit}")
+    return dict(steps=steps, gen_length=gen_length, block_length=block_length,
+                temperature=temperature, cfg_scale=self.cfg_scale, remasking=remasking,
+                logits_eos_inf=self.logits_eos_inf,
+                confidence_eos_eot_inf=self.confidence_eos_eot_inf)
+
+
+def stop_strings(gen_kwargs: dict[str, Any] | None) -> list[str]:
+  """The non-empty `until` strings of gen_kwargs (a string or a list)."""
+  until = (gen_kwargs or {}).get("until") or []
+  return [s for s in ([until] if isinstance(until, str) else until) if s]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+  """text up to the earliest occurrence of any stop string."""
+  ends = [text.find(s) for s in stops if s in text]
+  return text[:min(ends)] if ends else text
+
+
+def _flag(name: str, value: Any) -> bool:
+  """A boolean model arg (lm_eval passes true/false as bools, quoted ones as strings)."""
+  if isinstance(value, bool):
+    return value
+  if str(value).lower() in ("true", "1", "false", "0"):
+    return str(value).lower() in ("true", "1")
+  raise ConfigError(f"{name}={value!r} is not allowed: expected true or false")
+
+
+def register() -> None:
+  """Makes `llada_jax` name this adapter in lm_eval's model registry (idempotent)."""
+  if MODEL_NAME not in registry.model_registry:
+    registry.register_model(MODEL_NAME)(LLaDAJaxLM)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the lm_eval command line (argv: its arguments) with `llada_jax` registered."""
+  from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
+  sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+  cli_evaluate()
+
+
+register()
+
+if __name__ == "__main__":
+  main()
