@@ -145,6 +145,13 @@ def default_config() -> ml_collections.ConfigDict:
       async_save=True,
   ))
 
+  c.evaluation = ml_collections.ConfigDict(dict(
+      tasks="",                  # llada-evaluate tasks run every train.eval_every, e.g. "piqa"
+      limit=200,                 # items per task
+      mc_num=32,                 # Monte-Carlo samples per choice
+      mc_batch_size=16,          # samples per forward pass (divides mc_num)
+  ))
+
   c.sampling = ml_collections.ConfigDict(dict(
       steps=112,
       gen_length=112,
@@ -259,6 +266,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive("checkpoint.save_every", config.checkpoint.save_every)
   _positive("checkpoint.keep", config.checkpoint.keep)
   _non_negative("checkpoint.keep_every", config.checkpoint.keep_every)
+
+  ev = config.evaluation
+  if ev.tasks:
+    from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
+    parse_tasks(ev.tasks, flag="evaluation.tasks")
+  for name in ("limit", "mc_num", "mc_batch_size"):
+    _positive(f"evaluation.{name}", ev[name])
+  if ev.mc_num % ev.mc_batch_size:
+    _fail("evaluation.mc_num", ev.mc_num, f"a multiple of evaluation.mc_batch_size="
+          f"{ev.mc_batch_size}")
 
   validate_sampling(config.sampling.steps, config.sampling.gen_length,
                     config.sampling.block_length, config.sampling.temperature,

@@ -69,6 +69,9 @@ def _bad(path: str, value) -> str:
     ("checkpoint.keep", 0, "checkpoint.keep=0"),
     ("optimizer.b2", 1.0, "0 <= value < 1"),
     ("sampling.remasking", "topk", "one of low_confidence, random, margin, entropy"),
+    ("evaluation.tasks", "piqa,mmlu", "evaluation.tasks: unknown task 'mmlu'; known tasks: elbo"),
+    ("evaluation.mc_num", 20, "a multiple of evaluation.mc_batch_size=16"),
+    ("evaluation.limit", 0, "evaluation.limit=0"),
 ])
 def test_bad_values_name_field_and_allowed(path, value, needle):
   assert needle in _bad(path, value)

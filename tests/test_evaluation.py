@@ -2,8 +2,9 @@
 the likelihood bound, the results document, and clear errors for bad input."""
 
 import json
+import os
+import pathlib
 import random
-import string
 import subprocess
 import sys
 
@@ -77,14 +78,16 @@ def test_trained_model_reaches_95_percent_where_random_init_is_near_chance(train
   workdir, task_file = trained
   model = load_eval_model(workdir)
   items = tasks.read_jsonl_task(task_file)
-  trained_metrics = evaluate_multiple_choice(model, items, mc_num=16, batch_size=16)
+  trained_metrics, records = evaluate_multiple_choice(model, items, mc_num=16, batch_size=16)
   assert trained_metrics["acc"] >= 0.95, trained_metrics
+  assert [r["gold"] for r in records] == [item.gold for item in items]
+  assert all(len(r["scores"]) == 4 and max(r["scores"]) < 0 for r in records)
 
   params = Transformer(ModelConfig.from_config(model.config)).init(
       jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32))
   fresh = eval_model_from_params(model.config, nn.meta.unbox(params)["params"], model.codec, None,
                                  "random-init")
-  random_metrics = evaluate_multiple_choice(fresh, items, mc_num=16, batch_size=16)
+  random_metrics, _ = evaluate_multiple_choice(fresh, items, mc_num=16, batch_size=16)
   assert random_metrics["acc"] <= 0.6, random_metrics
   assert random_metrics["chance"] == 0.25 and random_metrics["count"] == ITEMS
 
@@ -204,3 +207,45 @@ def test_cli_writes_results_and_fails_in_one_line(trained, tmp_path):
                        timeout=300, check=False)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
       "error: --tasks: unknown task 'nope'")
+
+
+def test_trainer_runs_the_evaluation_tasks_at_eval_steps(tmp_path, caplog):
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config()
+  config.train.update(num_steps=2, eval_every=2)
+  config.evaluation.update(tasks="arc_easy", limit=3, mc_num=2, mc_batch_size=2)
+  with caplog.at_level("INFO"):
+    train(config, tmp_path)
+  assert "eval/step 2 | arc_easy/acc" in caplog.text
+
+
+def test_two_processes_give_the_single_process_results(trained, tmp_path):
+  """launch/local.sh runs llada-evaluate as 2 processes x 2 CPU devices: items are split over
+  hosts and devices, and the gathered scores equal a single process's."""
+  workdir, task_file = trained
+  root = pathlib.Path(__file__).resolve().parents[1]
+  output = tmp_path / "multi.json"
+  flags = [f"--checkpoint={workdir}", "--tasks=gsm8k", f"--task_file={task_file}", "--limit=6",
+           "--mc_num=4", "--mc_batch_size=4", "--num_fewshot=0", "--sampler.gen_length=16",
+           "--sampler.steps=4", "--sampler.block_length=8", "--sampler.batch_size=2",
+           "--noprogress"]
+  done = subprocess.run(
+      [str(root / "launch" / "local.sh"), "2", "2", "--", sys.executable, "-m",
+       "llada_jax.evaluate", *flags, f"--output={output}"],
+      capture_output=True, text=True, timeout=600, cwd=root, check=False,
+      env=dict(os.environ, PYTHONPATH=str(root)))
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+  multi = json.loads(output.read_text())
+  assert multi["num_processes"] == 2 and multi["num_devices"] == 4
+
+  model = load_eval_model(workdir)
+  single = run_tasks(model, EvalOptions(
+      tasks=("gsm8k",), task_files=(str(task_file),), limit=6, mc_num=4, mc_batch_size=4,
+      num_fewshot=0, generation_batch_size=2,
+      sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
+                   remasking="low_confidence", logits_eos_inf=False,
+                   confidence_eos_eot_inf=False)))
+  for a, b in zip(multi["samples"]["copy_mc"], single["samples"]["copy_mc"]):
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
+  assert ([s["generation"] for s in multi["samples"]["gsm8k"]]
+          == [s["generation"] for s in single["samples"]["gsm8k"]])

@@ -74,7 +74,8 @@ def test_stderr_shrinks_like_one_over_sqrt_n_and_mean_is_stable(model):
   ratio = float(np.mean(small.stderr)) / float(np.mean(large.stderr))
   assert 2.0 < ratio < 8.0  # sqrt(512 / 32) = 4
   gap = abs(float(np.mean(small.log_likelihood)) - float(np.mean(large.log_likelihood)))
-  assert gap < 4 * math.hypot(float(np.mean(small.stderr)), float(np.mean(large.stderr))) / math.sqrt(copies)
+  spread = math.hypot(float(np.mean(small.stderr)), float(np.mean(large.stderr)))
+  assert gap < 4 * spread / math.sqrt(copies)
   assert len(set(small.log_likelihood.tolist())) == copies  # every copy drew its own samples
 
 

@@ -74,7 +74,7 @@ def run_tasks(model: EvalModel, options: EvalOptions,
     else:
       items = (read_jsonl_task(files[name]) if name in files else MULTIPLE_CHOICE[name]())
       items = items[:options.limit]
-      metrics = evaluate_multiple_choice(
+      metrics, samples[name] = evaluate_multiple_choice(
           model, items, mc_num=options.mc_num, batch_size=options.mc_batch_size,
           cfg_scale=options.cfg_scale, seed=options.seed,
           progress=progress and progress(name, sum(len(i.choices) for i in items)))

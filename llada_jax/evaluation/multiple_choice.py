@@ -1,14 +1,14 @@
 """Multiple choice by conditional likelihood, LLaDA's protocol for HellaSwag, ARC, PIQA, ...
 
-Each choice is scored by the Monte-Carlo estimate of log p(prefix + choice | context); the prediction
-is the highest score (`acc`) or the highest score per character of the choice (`acc_norm`, as
-lm-evaluation-harness). Choices of one token are scored exactly with a single sample. Contexts too
-long for the model lose their oldest tokens (counted as `truncated`).
+Each choice is scored by the Monte-Carlo estimate of log p(prefix + choice | context); the
+prediction is the highest score (`acc`) or the highest score per character of the choice
+(`acc_norm`, as lm-evaluation-harness). Choices of one token are scored exactly with a single
+sample. Contexts too long for the model lose their oldest tokens (counted as `truncated`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,27 +50,34 @@ def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
 def evaluate_multiple_choice(model: EvalModel, items: Sequence[MultipleChoice], *,
                              mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
                              seed: int = 0,
-                             progress: Callable[[int], None] | None = None) -> dict[str, float]:
-  """acc and acc_norm with standard errors, plus count, truncated and mc_num."""
+                             progress: Callable[[int], None] | None = None
+                             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """acc and acc_norm with standard errors, count, truncated and mc_num; and per item its choices'
+  scores (nats), their standard errors and the predictions."""
   contexts, continuations, truncated = encode_pairs(model, items)
-  scores = np.zeros(len(contexts))
+  scores, stderrs = np.zeros(len(contexts)), np.zeros(len(contexts))
   single = np.asarray([len(c) == 1 for c in continuations])
   for group, (group_mc, group_batch) in ((single, (1, 1)), (~single, (mc_num, batch_size))):
     index = np.flatnonzero(group)
     if index.size:
-      scores[index] = loglikelihoods(
+      result = loglikelihoods(
           model, [contexts[i] for i in index], [continuations[i] for i in index],
           mc_num=group_mc, batch_size=group_batch, cfg_scale=cfg_scale, seed=seed,
-          progress=progress).log_likelihood
-  correct, correct_norm, start = [], [], 0
+          progress=progress)
+      scores[index], stderrs[index] = result.log_likelihood, result.stderr
+  correct, correct_norm, records, start = [], [], [], 0
   for item in items:
     item_scores = scores[start:start + len(item.choices)]
+    item_stderrs = stderrs[start:start + len(item.choices)]
     start += len(item.choices)
     lengths = np.asarray([max(len(c), 1) for c in item.choices], np.float64)
-    correct.append(float(np.argmax(item_scores) == item.gold))
-    correct_norm.append(float(np.argmax(item_scores / lengths) == item.gold))
+    predicted, predicted_norm = int(np.argmax(item_scores)), int(np.argmax(item_scores / lengths))
+    correct.append(float(predicted == item.gold))
+    correct_norm.append(float(predicted_norm == item.gold))
+    records.append(dict(scores=item_scores.tolist(), stderr=item_stderrs.tolist(), gold=item.gold,
+                        predicted=predicted, predicted_norm=predicted_norm))
   acc, acc_stderr = mean_and_stderr(np.asarray(correct))
   acc_norm, acc_norm_stderr = mean_and_stderr(np.asarray(correct_norm))
+  chance = float(np.mean([1.0 / len(item.choices) for item in items]))
   return dict(acc=acc, acc_stderr=acc_stderr, acc_norm=acc_norm, acc_norm_stderr=acc_norm_stderr,
-              count=len(items), truncated=truncated, mc_num=mc_num, chance=float(
-                  np.mean([1.0 / len(item.choices) for item in items])))
+              count=len(items), truncated=truncated, mc_num=mc_num, chance=chance), records

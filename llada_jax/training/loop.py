@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -31,6 +32,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   validate(config)
+  if config.evaluation.tasks and jax.process_count() > 1:
+    raise ConfigError(f"evaluation.tasks={config.evaluation.tasks!r} is not allowed in a "
+                      f"{jax.process_count()}-process job: run llada-evaluate on its checkpoints")
   _check_workdir(workdir)
   mesh = make_mesh(config)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -95,6 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
       if config.data.vocabulary == "byte":
         scalars["bits_per_byte"] = bits_per_byte(loss)
       writer.write(step, scalars, prefix="eval/")
+      if config.evaluation.tasks:
+        writer.write(step, _evaluate_tasks(config, state.params, step, workdir), prefix="eval/")
     if watcher.reached(step):
       checkpointer.save(step, state, force=True)
       checkpointer.wait()
@@ -110,6 +116,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   if start >= config.train.num_steps:
     logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, start)
   return state
+
+
+def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
+                    workdir: str | pathlib.Path) -> dict[str, float]:
+  """config.evaluation.tasks on the current parameters, by llada-evaluate's code."""
+  from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import text_codec  # pylint: disable=g-import-not-at-top
+
+  ev = config.evaluation
+  model = eval_model_from_params(config, params, text_codec(config), step, str(workdir))
+  options = harness.EvalOptions(
+      tasks=tuple(t.strip() for t in ev.tasks.split(",") if t.strip()), limit=ev.limit,
+      seed=config.seed, mc_num=ev.mc_num, mc_batch_size=ev.mc_batch_size,
+      sampler=dict(config.sampling.to_dict(), logits_eos_inf=False, confidence_eos_eot_inf=False))
+  return harness.scalars(harness.run_tasks(model, options))
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
