@@ -249,3 +249,17 @@ def test_two_processes_give_the_single_process_results(trained, tmp_path):
     np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
   assert ([s["generation"] for s in multi["samples"]["gsm8k"]]
           == [s["generation"] for s in single["samples"]["gsm8k"]])
+
+
+def test_pairs_longer_than_the_model_keep_their_newest_tokens():
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.multiple_choice import encode_pairs  # pylint: disable=g-import-not-at-top
+  codec = SimpleNamespace(encode=lambda text: [ord(c) for c in text])
+  model = SimpleNamespace(config=make_tiny_config(), codec=codec)  # max_sequence_length 64
+  items = [tasks.MultipleChoice("c" * 50, ("short", "x" * 70), 0),
+           tasks.MultipleChoice("fits", ("a", "b"), 1)]
+  contexts, continuations, truncated = encode_pairs(model, items)
+  assert truncated == 1 and all(len(c) + len(a) <= 64 for c, a in zip(contexts, continuations))
+  assert continuations[0] == codec.encode(" short") and len(contexts[0]) == 50
+  assert continuations[1] == codec.encode(" " + "x" * 70)[-63:] and contexts[1] == [ord("c")]
+  assert contexts[2] == codec.encode("fits") and continuations[3] == codec.encode(" b")

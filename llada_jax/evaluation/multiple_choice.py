@@ -3,7 +3,8 @@
 Each choice is scored by the Monte-Carlo estimate of log p(prefix + choice | context); the
 prediction is the highest score (`acc`) or the highest score per character of the choice
 (`acc_norm`, as lm-evaluation-harness). Choices of one token are scored exactly with a single
-sample. Contexts too long for the model lose their oldest tokens (counted as `truncated`).
+sample. Pairs too long for the model lose their oldest tokens, the context's first and, for a choice
+longer than the model, the choice's own first tokens (counted as `truncated`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,9 @@ def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
       continuation = list(model.codec.encode(item.continuation_prefix + choice))
       if not continuation:
         raise ConfigError(f"item {number}: choice {choice!r} encodes to no tokens")
-      if len(continuation) >= limit:
-        raise ConfigError(f"item {number}: a choice of {len(continuation)} tokens is not allowed: "
-                          f"expected fewer than model.max_sequence_length={limit}")
       if len(context) + len(continuation) > limit:
         cut.add(number)
+      continuation = continuation[-(limit - 1):]  # as lm-eval: the window ending at the choice's end
       contexts.append(context[max(0, len(context) + len(continuation) - limit):])
       continuations.append(continuation)
   return contexts, continuations, len(cut)
