@@ -126,6 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
       rollback_lr_factor=0.25,   # multiplies the learning rate by this factor,
       max_rollbacks=3,           # at most this many times before stopping with an error
       inject_nan_at_step=-1,     # tests only: make the loss NaN at this step (while lr is uncut)
+      grad_accum_steps=1,        # > 1: the batch's gradient as the mean over this many micro-batches
+      profile_steps="",          # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -244,6 +246,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _non_negative("train.max_rollbacks", config.train.max_rollbacks)
   if config.train.inject_nan_at_step < -1:
     _fail("train.inject_nan_at_step", config.train.inject_nan_at_step, "-1 (off) or a step")
+  _positive("train.grad_accum_steps", config.train.grad_accum_steps)
+  if data.batch_size % config.train.grad_accum_steps:
+    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
+          f"a divisor of data.batch_size={data.batch_size}")
+  if config.train.profile_steps:
+    profile_range(config.train.profile_steps)
   if o.lr_drop_step > 0 and o.lr_after_drop <= 0:
     _fail("optimizer.lr_after_drop", o.lr_after_drop, "a positive rate when lr_drop_step > 0")
 
@@ -281,6 +289,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                     config.sampling.block_length, config.sampling.temperature,
                     config.sampling.remasking, prefix="sampling.")
   return config
+
+
+def profile_range(text: str) -> tuple[int, int]:
+  """(a, b) of train.profile_steps "a:b": the trace covers the steps after a up to b."""
+  parts = text.split(":")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(
+      parts[1]):
+    _fail("train.profile_steps", text, '"a:b" with integers 0 <= a < b, e.g. "10:15"')
+  return int(parts[0]), int(parts[1])
 
 
 def validate_sampling(steps: int, gen_length: int, block_length: int, temperature: float,

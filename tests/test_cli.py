@@ -28,9 +28,12 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("run")
-  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}")
+  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}",
+                "--config.train.profile_steps=1:2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval/step 3" in result.stderr and "bits_per_byte" in result.stderr
+  assert "tflops_per_device" in result.stderr and "| mfu" not in result.stderr  # no CPU peak
+  assert list((workdir / "profile").rglob("*.xplane.pb"))  # the trace of step 2
   return workdir
 
 

@@ -72,6 +72,8 @@ def _bad(path: str, value) -> str:
     ("evaluation.tasks", "piqa,mmlu", "evaluation.tasks: unknown task 'mmlu'; known tasks: elbo"),
     ("evaluation.mc_num", 20, "a multiple of evaluation.mc_batch_size=16"),
     ("evaluation.limit", 0, "evaluation.limit=0"),
+    ("train.profile_steps", "5", '"a:b" with integers 0 <= a < b'),
+    ("train.profile_steps", "7:3", "train.profile_steps='7:3'"),
 ])
 def test_bad_values_name_field_and_allowed(path, value, needle):
   assert needle in _bad(path, value)

@@ -14,7 +14,7 @@ from llada_jax.model.layers import RMSNorm, apply_rope
 
 def _init(config, tokens, seed=0):
   model = Transformer(ModelConfig.from_config(config))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens))["params"]
   return model, params
 
 
@@ -25,7 +25,7 @@ def _tokens(batch=2, length=12, seed=1):
 def test_logits_shape_and_dtype():
   config = make_tiny_config()
   model, params = _init(config, _tokens())
-  logits = model.apply({"params": params}, _tokens())
+  logits = jax.jit(model.apply)({"params": params}, _tokens())
   assert logits.shape == (2, 12, config.model.vocab_size)
   assert logits.dtype == jnp.float32
 
@@ -52,8 +52,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   for name in ("k_proj", "v_proj"):
     kernel = params["blocks"][name]["kernel"]
     mha_params["blocks"][name] = {"kernel": jnp.repeat(kernel, 2, axis=2)}
-  np.testing.assert_allclose(gqa.apply({"params": params}, tokens),
-                             mha.apply({"params": mha_params}, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(gqa.apply)({"params": params}, tokens),
+                             jax.jit(mha.apply)({"params": mha_params}, tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_sees_the_future_causal_does_not():
@@ -61,8 +61,8 @@ def test_bidirectional_sees_the_future_causal_does_not():
   changed = tokens.at[0, -1].set((tokens[0, -1] + 1) % 259)
   for causal in (False, True):
     model, params = _init(make_tiny_config(causal=causal), tokens)
-    before = model.apply({"params": params}, tokens)[0, :-1]
-    after = model.apply({"params": params}, changed)[0, :-1]
+    before = jax.jit(model.apply)({"params": params}, tokens)[0, :-1]
+    after = jax.jit(model.apply)({"params": params}, changed)[0, :-1]
     assert np.allclose(before, after, atol=1e-6) == causal
 
 
@@ -70,8 +70,8 @@ def test_masked_keys_do_not_influence_outputs():
   tokens = _tokens(batch=1)
   model, params = _init(make_tiny_config(), tokens)
   keep = jnp.arange(12)[None] < 8
-  out = model.apply({"params": params}, tokens, keep)[:, :8]
-  truncated = model.apply({"params": params}, tokens[:, :8])
+  out = jax.jit(model.apply)({"params": params}, tokens, keep)[:, :8]
+  truncated = jax.jit(model.apply)({"params": params}, tokens[:, :8])
   np.testing.assert_allclose(out, truncated, rtol=1e-5, atol=1e-5)
 
 
@@ -85,8 +85,8 @@ def test_packed_segments_compute_what_each_document_computes_alone(scan_layers):
   packed = jnp.concatenate([first, second, jnp.zeros((1, 1), jnp.int32)], axis=1)
   segments = jnp.array([[1] * 7 + [2] * 4 + [0]])
   positions = jnp.array([list(range(7)) + list(range(4)) + [0]])
-  logits = model.apply({"params": params}, packed, segments > 0, positions, segments)
-  alone = [model.apply({"params": params}, doc) for doc in (first, second)]
+  logits = jax.jit(model.apply)({"params": params}, packed, segments > 0, positions, segments)
+  alone = [jax.jit(model.apply)({"params": params}, doc) for doc in (first, second)]
   np.testing.assert_allclose(logits[:, :7], alone[0], atol=1e-5)
   np.testing.assert_allclose(logits[:, 7:11], alone[1], atol=1e-5)
 
@@ -98,8 +98,8 @@ def test_scanned_and_unrolled_layers_agree():
   unrolled_params = {k: v for k, v in params.items() if k != "blocks"}
   for i in range(2):
     unrolled_params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
-  np.testing.assert_allclose(scanned.apply({"params": params}, tokens),
-                             unrolled.apply({"params": unrolled_params}, tokens),
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": params}, tokens),
+                             jax.jit(unrolled.apply)({"params": unrolled_params}, tokens),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +111,8 @@ def test_remat_keeps_values_and_gradients(remat):
 
   def loss(model, p):
     return jnp.mean(model.apply({"params": p}, tokens) ** 2)
-  g1, g2 = jax.grad(lambda p: loss(base, p))(params), jax.grad(lambda p: loss(other, p))(params)
+  g1 = jax.jit(jax.grad(lambda p: loss(base, p)))(params)
+  g2 = jax.jit(jax.grad(lambda p: loss(other, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 
 

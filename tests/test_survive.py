@@ -144,7 +144,10 @@ def _stored_params(workdir):
                                                abstract.params))
 
 
-@pytest.mark.parametrize("moment", ["mid_step", "mid_async_save", "between_saves"])
+@pytest.mark.parametrize("moment", [
+    "mid_step", "mid_async_save",
+    pytest.param("between_saves", marks=pytest.mark.slow),  # mid_step restarts between saves too
+])
 def test_kill_9_at_any_moment_then_rerun_gives_bitwise_the_same_parameters(
     tmp_path, uninterrupted, moment):
   proc = _start(tmp_path, *KILL_FLAGS)

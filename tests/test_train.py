@@ -35,6 +35,7 @@ def _tokens(config, seed=0):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 3, 40)
 
 
+@pytest.mark.slow  # test_scale.py's test_three_steps_agree_on_every_mesh covers it in make test
 def test_one_device_and_eight_device_mesh_agree():
   config = make_tiny_config()
   tokens = _tokens(config)
@@ -68,6 +69,7 @@ def test_warmup_stable_decay_schedule():
   np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.3, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow  # test_scale.py's test_save_on_one_mesh_restore_on_another... covers it
 def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
   config = make_tiny_config()
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
@@ -128,6 +130,7 @@ def _params(state):
   return jax.device_get(state.params)
 
 
+@pytest.mark.slow  # test_survive.py's kill -9 tests check bitwise resumes in make test
 def test_resumed_training_is_bitwise_the_uninterrupted_run(tmp_path):
   """Stop after 2 steps, rerun to 4: same parameters as 4 steps in one go (data stream included)."""
   from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
@@ -153,3 +156,28 @@ def test_sft_on_gsm8k_trains_with_either_masking(tmp_path, masking):
   state = train(config, tmp_path)
   assert int(state.step) == 2 and checkpoint.latest_step(tmp_path) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+  """With the noise fixed in the batch (pipeline masking), the mean of two micro-batch gradients
+  is the whole batch's gradient, and the update the same, on a 2-device data-parallel mesh."""
+  from llada_jax.diffusion.masking import noise_batch  # pylint: disable=g-import-not-at-top
+
+  results = []
+  for accum in (1, 2):
+    config = make_tiny_config()
+    config.train.grad_accum_steps = accum
+    mesh = make_mesh(config, jax.devices()[:2])
+    model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+    state, shardings = create_train_state(config, model, tx, mesh)
+    step = make_train_step(config, model, tx, mesh, shardings)
+    batch = noise_batch(jax.random.PRNGKey(5), unpacked_batch(_tokens(config)),
+                        mask_id=config.tokens.mask_id, eps=1e-3, random_length_prob=0.0)
+    batch = jax.device_put(batch, batch_sharding(mesh, axis_rules(config)))
+    state, metrics = step(state, batch)
+    results.append((jax.device_get(state.params), float(metrics["loss"]),
+                    float(metrics["grad_norm"])))
+  (whole, loss, norm), (accumulated, accum_loss, accum_norm) = results
+  assert accum_loss == pytest.approx(loss, rel=1e-5) and accum_norm == pytest.approx(norm, rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated,
+               whole)

@@ -19,6 +19,7 @@ from llada_jax.config import validate
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding
+from llada_jax.training.flops import model_flops_per_step
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
 from llada_jax.training.step import make_train_step
@@ -62,15 +63,6 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sha
   return batch
 
 
-def model_flops_per_step(config: ml_collections.ConfigDict, parameters: int) -> float:
-  """6 N_matmul D + attention (12 L S d per token, bidirectional), DESIGN.md section 3."""
-  m = config.model
-  matmul = parameters - m.vocab_size * m.d_model  # the embedding lookup is not a matmul
-  tokens = config.data.batch_size * config.data.sequence_length
-  attention = 12 * m.n_layers * config.data.sequence_length * m.d_model
-  return float(tokens * (6 * matmul + attention))
-
-
 def compile_train_step(config: ml_collections.ConfigDict,
                        devices: Sequence[jax.Device] | None = None) -> CompileReport:
   """Compiles the train step of `config` for `devices` (default: all) and reports its needs."""
@@ -94,4 +86,4 @@ def compile_train_step(config: ml_collections.ConfigDict,
       output_bytes=memory.output_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
       flops_per_device=float(cost.get("flops", 0.0)),
-      model_flops_per_step=model_flops_per_step(config, parameters), compile_seconds=seconds)
+      model_flops_per_step=model_flops_per_step(config), compile_seconds=seconds)

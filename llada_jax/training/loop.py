@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from llada_jax.config import validate
+from llada_jax.config import profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
 from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.model import ModelConfig, Transformer
@@ -21,6 +21,7 @@ from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
 from llada_jax.training.checkpoint import Checkpointer, architecture_mismatch, load_config
 from llada_jax.training.preemption import PreemptionWatcher
+from llada_jax.training.flops import model_flops_per_step, peak_flops
 from llada_jax.training.metrics import MetricWriter
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import TrainState, create_train_state, state_shardings
@@ -38,9 +39,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   _check_workdir(workdir)
   mesh = make_mesh(config)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % data_parallel:
+  if config.data.batch_size % (data_parallel * config.train.grad_accum_steps):
     raise ConfigError(f"data.batch_size={config.data.batch_size} is not allowed: expected a "
-                      f"multiple of mesh.data x mesh.fsdp = {data_parallel}")
+                      f"multiple of mesh.data x mesh.fsdp = {data_parallel} times "
+                      f"train.grad_accum_steps={config.train.grad_accum_steps}")
   model = Transformer(ModelConfig.from_config(config))
   tx = make_optimizer(config)
   checkpointer = Checkpointer(workdir, config)
@@ -65,15 +67,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   train_step = make_train_step(config, model, tx, mesh, shardings)
   eval_step = make_eval_step(config, model, mesh, shardings.params)
   tokens_per_step = config.data.batch_size * config.data.sequence_length
+  flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
+  logging.info("model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: "
+               "%s", flops_per_step, "unknown (no MFU)" if peak is None else f"{peak:.3e}")
   watcher = PreemptionWatcher(checkpointer)
 
   batches = pipeline.train_batches(config, data_sharding, start_step=start)
   last_time, last_step, last_skipped = time.time(), start, int(state.skipped)
   previous = None  # (step, nonfinite flag) of the last step, read one step late: no stall
+  profiler = _Profiler(config, workdir)
   step = start
   while step < config.train.num_steps:
+    profiler.before(step)
     state, metrics = train_step(state, next(batches))
     step += 1
+    profiler.after(step, metrics)
     if previous is not None and config.train.nonfinite == "rollback" and bool(previous[1]):
       batches.close()
       state = _rollback(config, workdir, checkpointer, abstract, previous[0], writer)
@@ -87,7 +95,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
       scalars["skipped"] = float(state.skipped)
       now = time.time()
       if step != start + 1:  # the first step's time is mostly compilation
-        scalars["tokens_per_s"] = tokens_per_step * (step - last_step) / (now - last_time)
+        step_seconds = (now - last_time) / (step - last_step)
+        scalars["tokens_per_s"] = tokens_per_step / step_seconds
+        scalars["tflops_per_device"] = flops_per_step / step_seconds / mesh.size / 1e12
+        if peak is not None:
+          scalars["mfu"] = flops_per_step / step_seconds / (mesh.size * peak)
       if scalars["skipped"] > last_skipped:
         logging.warning("%d updates skipped so far for a non-finite loss or gradient",
                         scalars["skipped"])
@@ -109,6 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
       break
     checkpointer.save(step, state, force=step == config.train.num_steps)
   watcher.close()
+  profiler.close()
   batches.close()
   checkpointer.wait()
   checkpointer.close()
@@ -116,6 +129,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   if start >= config.train.num_steps:
     logging.info("nothing to do: the checkpoint in %s is already at step %d", workdir, start)
   return state
+
+
+class _Profiler:
+  """A jax.profiler trace of the steps in train.profile_steps, for TensorBoard's profile tab."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    self._range = profile_range(config.train.profile_steps) if config.train.profile_steps else None
+    self._dir = str(pathlib.Path(workdir) / "profile")
+    self._active = False
+
+  def before(self, step: int) -> None:
+    if self._range is not None and step == self._range[0] and not self._active:
+      jax.profiler.start_trace(self._dir)
+      self._active = True
+
+  def after(self, step: int, metrics: Any) -> None:
+    if self._active and step >= self._range[1]:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self._active = False
+      logging.info("profile of steps %d..%d written to %s", self._range[0] + 1, step, self._dir)
+
+  def close(self) -> None:
+    """Ends a trace the run stopped inside of (preemption, last step before b)."""
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
 
 
 def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,

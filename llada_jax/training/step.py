@@ -52,17 +52,40 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
 
   inject = config.train.inject_nan_at_step
 
-  def loss_fn(params: Any, state: TrainState, batch: Batch) -> tuple[jax.Array, Metrics]:
+  accum = config.train.grad_accum_steps
+
+  def loss_fn(params: Any, state: TrainState, batch: Batch,
+              micro: jax.Array | int = 0) -> tuple[jax.Array, Metrics]:
     rng = step_rng(config, state.step, stream=1)
+    if accum > 1:  # each micro-batch draws its own noise (device masking)
+      rng = jax.random.fold_in(rng, micro)
     loss, metrics = _loss(config, model, params, batch, rng, config.diffusion.random_length_prob)
     if inject >= 0:  # test knob: a divergence at one step that a cut learning rate avoids
       loss = loss * jnp.where((state.step == inject) & (state.lr_scale == 1.0), jnp.nan, 1.0)
     return loss, metrics
 
+  def gradients(state: TrainState, batch: Batch) -> tuple[tuple[jax.Array, Metrics], Any]:
+    """Loss, metrics and gradients of the batch: at once, or as the mean over `accum`
+    micro-batches (rows j, j + accum, ... form micro-batch j, so every device holds a share of
+    each and the data sharding is kept)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      return grad_fn(state.params, state, batch)
+    micro_batches = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
+
+    def body(total, inputs):
+      index, micro_batch = inputs
+      value = grad_fn(state.params, state, micro_batch, index)
+      return jax.tree.map(lambda t, v: t + v / accum, total, value), None
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro_batches), 0))
+    total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro_batches))
+    return total
+
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with nn.logical_axis_rules(rules):
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state,
-                                                                          batch)
+      (loss, metrics), grads = gradients(state, batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,53 @@
+"""Model FLOPs of a training step and MFU (DESIGN.md section 3).
+
+Per token: 6 N_matmul + 12 n_layers S d_attn, where N_matmul counts every weight used in a matmul
+(the output head included, the embedding lookup not) and attention is bidirectional, not halved.
+MFU = model FLOPs per step / step time / (devices x peak). Rematerialisation is never counted.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+# Dense bf16 peak FLOP/s per chip, by the start of jax.Device.device_kind (first match wins).
+PEAK_FLOPS = (
+    ("NVIDIA H100", 989e12),   # SXM; the PCIe card is lower (756e12), check device_kind
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100", 312e12),
+    ("TPU v6", 918e12),        # v6e (Trillium)
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),   # v5e
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+
+
+def matmul_parameters(config: ml_collections.ConfigDict) -> int:
+  """Weights used in matmuls: attention and SwiGLU projections of every layer, and the head."""
+  m = config.model
+  head_dim = m.d_model // m.n_heads
+  attention = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, out; k, v
+  mlp = 3 * m.d_model * m.mlp_hidden_size
+  return m.n_layers * (attention + mlp) + m.d_model * m.vocab_size
+
+
+def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs per token at the configured sequence length (forward + backward)."""
+  m = config.model
+  return float(6 * matmul_parameters(config)
+               + 12 * m.n_layers * config.data.sequence_length * m.d_model)
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+  """Training FLOPs of one step of the global batch."""
+  return model_flops_per_token(config) * config.data.batch_size * config.data.sequence_length
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """Peak dense bf16 FLOP/s of one device, or None for kinds not in PEAK_FLOPS (e.g. CPUs)."""
+  for prefix, peak in PEAK_FLOPS:
+    if device.device_kind.startswith(prefix):
+      return peak
+  return None
