@@ -219,6 +219,38 @@ def test_trainer_ran_the_evaluation_tasks_at_its_eval_step(trained):
   assert {(400, "eval/arc_easy/acc"), (400, "eval/arc_easy/acc_norm")} <= tags
 
 
+def test_two_processes_give_the_single_process_results(trained, tmp_path):
+  """launch/local.sh runs llada-evaluate as 2 processes x 2 CPU devices: items are split over
+  hosts and devices, and the gathered scores equal a single process's."""
+  workdir, task_file = trained
+  root = pathlib.Path(__file__).resolve().parents[1]
+  output = tmp_path / "multi.json"
+  flags = [f"--checkpoint={workdir}", "--tasks=gsm8k", f"--task_file={task_file}", "--limit=6",
+           "--mc_num=4", "--mc_batch_size=4", "--num_fewshot=0", "--sampler.gen_length=16",
+           "--sampler.steps=4", "--sampler.block_length=8", "--sampler.batch_size=2",
+           "--noprogress"]
+  done = subprocess.run(
+      [str(root / "launch" / "local.sh"), "2", "2", "--", sys.executable, "-m",
+       "llada_jax.evaluate", *flags, f"--output={output}"],
+      capture_output=True, text=True, timeout=600, cwd=root, check=False,
+      env=dict(os.environ, PYTHONPATH=str(root)))
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+  multi = json.loads(output.read_text())
+  assert multi["num_processes"] == 2 and multi["num_devices"] == 4
+
+  model = load_eval_model(workdir)
+  single = run_tasks(model, EvalOptions(
+      tasks=("gsm8k",), task_files=(str(task_file),), limit=6, mc_num=4, mc_batch_size=4,
+      num_fewshot=0, generation_batch_size=2,
+      sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
+                   remasking="low_confidence", logits_eos_inf=False,
+                   confidence_eos_eot_inf=False)))
+  for a, b in zip(multi["samples"]["copy_mc"], single["samples"]["copy_mc"]):
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
+  assert ([s["generation"] for s in multi["samples"]["gsm8k"]]
+          == [s["generation"] for s in single["samples"]["gsm8k"]])
+
+
 def test_pairs_longer_than_the_model_keep_their_newest_tokens():
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.multiple_choice import encode_pairs  # pylint: disable=g-import-not-at-top
