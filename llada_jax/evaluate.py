@@ -48,6 +48,7 @@ _SAMPLER = config_flags.DEFINE_config_dict("sampler", ml_collections.ConfigDict(
     remasking="low_confidence",
     logits_eos_inf=False,
     confidence_eos_eot_inf=False,
+    parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate, faster)
     batch_size=8,          # prompts per generation call
 )), "Reverse-process options for generation tasks.")
 

@@ -32,6 +32,9 @@ _CFG_SCALE = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance weig
 _LOGITS_EOS_INF = flags.DEFINE_bool("logits_eos_inf", False, "Never propose EOS.")
 _CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool("confidence_eos_eot_inf", False,
                                             "Commit EOS/EoT proposals last.")
+_PARALLEL_THRESHOLD = flags.DEFINE_float(
+    "parallel_threshold", 0.0, "0: exact schedule; τ in (0, 1]: commit every proposal with "
+    "probability > τ (at least one a step), an approximation that is faster on confident models.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write tokens and text here.")
 
@@ -66,7 +69,8 @@ def _sample(argv: list[str]) -> None:
       block_length=pick(_BLOCK_LENGTH, s.block_length),
       temperature=pick(_TEMPERATURE, s.temperature), remasking=pick(_REMASKING, s.remasking),
       cfg_scale=_CFG_SCALE.value, logits_eos_inf=_LOGITS_EOS_INF.value,
-      confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value)
+      confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value,
+      parallel_threshold=_PARALLEL_THRESHOLD.value)
   for prompt, text in zip(result["prompt"], result["text"]):
     print(f"=== prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
   if not any(result["text"]):

@@ -91,3 +91,37 @@ def test_left_padding_is_invisible_through_the_attention_mask(model_and_params):
       [jnp.full((1, 3), pad, jnp.int32), prompt], axis=1), mask, **kwargs)) for pad in (0, 77)]
   np.testing.assert_array_equal(outs[0][:, 8:], outs[1][:, 8:])
   assert not (outs[0] == config.tokens.mask_id).any()
+
+
+def test_threshold_one_is_exact_one_token_per_step_decoding(model_and_params):
+  config, params = model_and_params
+  kwargs = dict(steps=16, gen_length=16, block_length=8)
+  exact = generate(config, params, _prompt(), **kwargs)
+  parallel = generate(config, params, _prompt(), parallel_threshold=1.0, **kwargs)
+  np.testing.assert_array_equal(parallel, exact)
+
+
+def test_low_threshold_fills_each_block_in_one_pass(model_and_params):
+  """τ near 0 commits every proposal of a block at once: the answer is the argmax of one forward
+  pass per block (the second block seeing the first one filled)."""
+  from llada_jax.model import logits  # pylint: disable=g-import-not-at-top
+  config, params = model_and_params
+  out = np.asarray(generate(config, params, _prompt(), steps=16, gen_length=16, block_length=8,
+                            parallel_threshold=1e-9))
+  mask_id = config.tokens.mask_id
+  x = np.concatenate([np.asarray(_prompt()), np.full((2, 16), mask_id, np.int32)], 1)
+  for block_end in (13, 21):
+    proposals = np.asarray(jnp.argmax(logits(config, params, jnp.asarray(x)), -1))
+    x[:, block_end - 8:block_end] = proposals[:, block_end - 8:block_end]
+  np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(parallel_threshold=1.5), "parallel_threshold=1.5 is not allowed"),
+    (dict(parallel_threshold=0.9, remasking="random"), "expected low_confidence"),
+    (dict(parallel_threshold=0.9, return_trajectory=True), "return_trajectory is not allowed"),
+])
+def test_bad_threshold_options_are_one_line_errors(model_and_params, kwargs, needle):
+  config, params = model_and_params
+  with pytest.raises(ValueError, match=needle):
+    generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8, **kwargs)

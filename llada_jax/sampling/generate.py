@@ -6,6 +6,12 @@ position and the most confident proposals of the current block are committed. Ma
 the prompt are filled too (infilling): they count towards the first block and are candidates from
 the first step. The whole loop is `lax.fori_loop`s inside one `jit`, its randomness drawn from
 `fold_in(rng, step)`, so a sample costs no host round trip per step.
+
+With `parallel_threshold` τ > 0 (Fast-dLLM's confidence-threshold parallel decoding, an
+approximation) a block runs until it has no mask left: each step commits every masked position of
+the block whose proposal has probability > τ, and at least the most confident one, so easy spans
+take one forward pass instead of one per token. τ = 1 commits exactly one token a step, which is
+exact low-confidence decoding with steps = gen_length.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class SamplerSpec:
   use_noise: bool
   return_trajectory: bool
   float64: bool
+  use_threshold: bool = False
 
 
 def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
@@ -50,7 +57,8 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
              temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
              mask_id: int | None = None, logits_eos_inf: bool = False,
              confidence_eos_eot_inf: bool = False, rng: jax.Array | None = None,
-             return_trajectory: bool = False, float64: bool = False) -> Any:
+             return_trajectory: bool = False, float64: bool = False,
+             parallel_threshold: float = 0.0) -> Any:
   """Samples answers for a batch of prompts with the LLaDA reverse process.
 
   Args:
@@ -71,6 +79,9 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
     rng: PRNG key (default from config.seed).
     return_trajectory: also return the token state after every step, [steps, B, P + gen_length].
     float64: Gumbel noise and probabilities in float64 (needs jax_enable_x64), as the official code.
+    parallel_threshold: 0 (exact schedule) or τ in (0, 1]: commit every proposal of the current
+      block with probability > τ (at least one per step); steps is then unused. Needs
+      remasking="low_confidence" and no trajectory.
 
   Returns:
     int32 [B, P + gen_length] (and the trajectory when asked).
@@ -85,17 +96,33 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
                     else np.asarray(attention_mask).astype(bool))
   check_generate_arguments(config, prompt, attention_mask, steps, gen_length, block_length,
                            temperature, cfg_scale, remasking, mask_id, float64)
+  _check_threshold(parallel_threshold, remasking, return_trajectory)
   spec = SamplerSpec(ModelConfig.from_config(config), steps, gen_length, block_length, remasking,
                      mask_id, tokens.eos_id, tokens.eot_id, logits_eos_inf,
                      confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
-                     float64)
+                     float64, parallel_threshold > 0)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   if placed:
     device_prompt, device_mask = (jax.device_put(a, placed[0].sharding)
                                   for a in (prompt, attention_mask))
   return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
-                                 jnp.float32(cfg_scale), rng)
+                                 jnp.float32(cfg_scale), rng, jnp.float32(parallel_threshold))
+
+
+def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) -> None:
+  """parallel_threshold is 0 (off) or a probability in (0, 1] with low-confidence remasking."""
+  if threshold == 0:
+    return
+  if not 0 < threshold <= 1:
+    raise ConfigError(f"parallel_threshold={threshold} is not allowed: expected 0 (exact "
+                      "schedule) or a probability in (0, 1]")
+  if remasking != "low_confidence":
+    raise ConfigError(f"remasking={remasking!r} is not allowed with parallel_threshold: expected "
+                      "low_confidence (the threshold is on the proposal's probability)")
+  if return_trajectory:
+    raise ConfigError("return_trajectory is not allowed with parallel_threshold (the number of "
+                      "steps is not fixed)")
 
 
 def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,
@@ -136,7 +163,7 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   steps_per_block = spec.steps // num_blocks
   real = jnp.float64 if spec.float64 else jnp.float32
 
-  def run(params, prompt, prompt_mask, temperature, cfg_scale, rng):
+  def run(params, prompt, prompt_mask, temperature, cfg_scale, rng, threshold):
     batch, prompt_len = prompt.shape
     total = prompt_len + spec.gen_length
     x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
@@ -145,43 +172,69 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
     index = jnp.arange(total)
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
 
-    def block_body(block, carry):
-      x, trajectory = carry
+    def propose(x, step, block_end):
+      """Proposals x0 for every position and the confidence of the masked ones up to block_end
+      (-inf elsewhere), from one forward pass; randomness from fold_in(rng, step)."""
+      noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
+      unconditional = jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
+      logits = apply_model(model, params, x, attention_mask, unconditional, cfg_scale)
+      logits = logits.astype(real)
+      if spec.logits_eos_inf:
+        logits = logits.at[..., spec.eos_id].set(-jnp.inf)
+      if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
+        logits_noised = logits + temperature.astype(real) * jax.random.gumbel(
+            noise_key, logits.shape, real)
+      else:
+        logits_noised = logits
+      x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
+      confidence = confidence_of(spec.remasking, logits, x0, remask_key)
+      candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
+      if spec.confidence_eos_eot_inf:
+        last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
+        confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
+      return x0, jnp.where(candidate, confidence, -jnp.inf), candidate
+
+    def block_bounds(block):
       block_end = prompt_len + (block + 1) * spec.block_length
       block_start = jnp.where(block == 0, 0, block_end - spec.block_length)
+      return block_start, block_end
+
+    def exact_block(block, carry):
+      x, trajectory = carry
+      block_start, block_end = block_bounds(block)
       in_block = (index >= block_start) & (index < block_end) & attention_mask
       schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), steps_per_block)
 
       def step_body(i, carry):
         x, trajectory = carry
         step = block * steps_per_block + i
-        noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
-        unconditional = jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
-        logits = apply_model(model, params, x, attention_mask, unconditional, cfg_scale)
-        logits = logits.astype(real)
-        if spec.logits_eos_inf:
-          logits = logits.at[..., spec.eos_id].set(-jnp.inf)
-        if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
-          logits_noised = logits + temperature.astype(real) * jax.random.gumbel(
-              noise_key, logits.shape, real)
-        else:
-          logits_noised = logits
-        x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
-        confidence = confidence_of(spec.remasking, logits, x0, remask_key)
-        candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
-        if spec.confidence_eos_eot_inf:
-          last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
-          confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
-        confidence = jnp.where(candidate, confidence, -jnp.inf)
-        commit = top_k_mask(confidence, schedule[:, i]) & candidate
-        x = jnp.where(commit, x0, x)
+        x0, confidence, candidate = propose(x, step, block_end)
+        x = jnp.where(top_k_mask(confidence, schedule[:, i]) & candidate, x0, x)
         if spec.return_trajectory:
           trajectory = trajectory.at[step].set(x)
         return x, trajectory
 
       return jax.lax.fori_loop(0, steps_per_block, step_body, (x, trajectory))
 
-    x, trajectory = jax.lax.fori_loop(0, num_blocks, block_body, (x, trajectory))
+    def threshold_block(block, carry):
+      _, block_end = block_bounds(block)
+
+      def masked_left(carry):
+        return jnp.any((carry[0] == spec.mask_id) & (index < block_end) & attention_mask)
+
+      def step_body(carry):
+        x, step = carry
+        x0, confidence, candidate = propose(x, step, block_end)
+        best = top_k_mask(confidence, jnp.any(candidate, -1).astype(jnp.int32))
+        commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
+        return jnp.where(commit, x0, x), step + 1
+
+      return jax.lax.while_loop(masked_left, step_body, carry)
+
+    if spec.use_threshold:
+      x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block, (x, jnp.int32(0)))
+      return x
+    x, trajectory = jax.lax.fori_loop(0, num_blocks, exact_block, (x, trajectory))
     return (x, trajectory) if spec.return_trajectory else x
 
   return jax.jit(run)
