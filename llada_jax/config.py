@@ -21,7 +21,7 @@ VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None}
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("xla",)
-REMAT_POLICIES = ("none", "full")
+REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 OBJECTIVES = ("mdm", "arm")
 TIME_SAMPLING = ("uniform", "stratified")

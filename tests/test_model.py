@@ -103,7 +103,7 @@ def test_scanned_and_unrolled_layers_agree():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["minimal", "save_dots", "full"])
 def test_remat_keeps_values_and_gradients(remat):
   tokens = _tokens()
   base, params = _init(make_tiny_config(), tokens)

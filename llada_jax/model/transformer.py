@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.model.attention import attention
 from llada_jax.model.layers import Projection, RMSNorm, apply_rope, dense_init
@@ -49,6 +50,16 @@ class ModelConfig:
     return self.d_model // self.n_heads
 
 
+# What the backward pass may keep of a block (model.remat); everything else is recomputed.
+# minimal: the attention inputs and output (recompute the MLP and norms, the cheap-per-byte part);
+# save_dots: every matmul output without a batch dimension (the projections); full: nothing.
+REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attention"),
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x))."""
   cfg: ModelConfig
@@ -72,8 +83,10 @@ class Block(nn.Module):
     v = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "v_proj")(h)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
+    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask,
                   segment_ids=segment_ids, implementation=cfg.attention)
+    a = checkpoint_name(a, "attention")
     x = x + proj((cfg.d_model,), ("heads", "kv", "embed"), "attn_out", in_dims=2)(a)
     x = nn.with_logical_constraint(x, ACTIVATION)
 
@@ -106,9 +119,8 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     block = Block
-    if cfg.remat == "full":
-      block = nn.remat(block, prevent_cse=not cfg.scan_layers,
-                       policy=jax.checkpoint_policies.nothing_saveable)
+    if cfg.remat != "none":
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
       x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
