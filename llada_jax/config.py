@@ -127,6 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
       max_rollbacks=3,           # at most this many times before stopping with an error
       inject_nan_at_step=-1,     # tests only: make the loss NaN at this step (while lr is uncut)
       grad_accum_steps=1,        # > 1: the batch's gradient as the mean over this many micro-batches
+      loss_chunk=0,              # > 0: the output layer and loss run this many positions at a time
+                                 # (no full [B, L, vocab] logits; LLaDA objectives only)
       profile_steps="",          # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
   ))
 
@@ -250,6 +252,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if data.batch_size % config.train.grad_accum_steps:
     _fail("train.grad_accum_steps", config.train.grad_accum_steps,
           f"a divisor of data.batch_size={data.batch_size}")
+  _non_negative("train.loss_chunk", config.train.loss_chunk)
+  if config.train.loss_chunk and d.objective == "arm":
+    _fail("train.loss_chunk", config.train.loss_chunk, '0 with diffusion.objective="arm"')
+  if config.train.loss_chunk and data.sequence_length % config.train.loss_chunk:
+    _fail("train.loss_chunk", config.train.loss_chunk,
+          f"0 or a divisor of data.sequence_length={data.sequence_length}")
   if config.train.profile_steps:
     profile_range(config.train.profile_steps)
   if o.lr_drop_step > 0 and o.lr_after_drop <= 0:

@@ -73,6 +73,8 @@ def _bad(path: str, value) -> str:
     ("evaluation.mc_num", 20, "a multiple of evaluation.mc_batch_size=16"),
     ("evaluation.limit", 0, "evaluation.limit=0"),
     ("train.profile_steps", "5", '"a:b" with integers 0 <= a < b'),
+    ("train.loss_chunk", 48, "0 or a divisor of data.sequence_length=128"),
+    ("train.grad_accum_steps", 3, "a divisor of data.batch_size=16"),
     ("train.profile_steps", "7:3", "train.profile_steps='7:3'"),
 ])
 def test_bad_values_name_field_and_allowed(path, value, needle):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from llada_jax.diffusion.masking import (forward_process, mask_probability, random_length,
                                          sample_times)
@@ -198,3 +199,21 @@ def test_autoregressive_loss_is_next_token_cross_entropy():
   loss, _ = autoregressive_loss(lambda t, m: table[t], tokens)
   ce = _ce(table[tokens][:, :-1], np.asarray(tokens)[:, 1:])
   np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_full_logits_in_value_and_gradient():
+  from llada_jax.diffusion.objectives import chunked_cross_entropy  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  hidden = jax.random.normal(keys[0], (2, 12, 8))
+  head = jax.random.normal(keys[1], (8, 50))
+  targets = jax.random.randint(keys[2], (2, 12), 0, 50)
+
+  def full(h, w):
+    return optax.softmax_cross_entropy_with_integer_labels(h @ w, targets)
+
+  np.testing.assert_allclose(chunked_cross_entropy(hidden, head, targets, 4), full(hidden, head),
+                             rtol=1e-5)
+  weights = jnp.linspace(0.0, 1.0, 24).reshape(2, 12)
+  grads = [jax.grad(lambda h, w, f=f: jnp.sum(f(h, w) * weights), argnums=(0, 1))(hidden, head)
+           for f in (full, lambda h, w: chunked_cross_entropy(h, w, targets, 3))]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)

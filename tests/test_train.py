@@ -158,15 +158,16 @@ def test_sft_on_gsm8k_trains_with_either_masking(tmp_path, masking):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
 
 
-def test_gradient_accumulation_equals_the_whole_batch():
+def test_gradient_accumulation_and_chunked_loss_equal_the_plain_step():
   """With the noise fixed in the batch (pipeline masking), the mean of two micro-batch gradients
-  is the whole batch's gradient, and the update the same, on a 2-device data-parallel mesh."""
+  is the whole batch's gradient, and a loss over 8-position chunks of the output layer is the full
+  one: same loss, gradient norm and update, on a 2-device data-parallel mesh."""
   from llada_jax.diffusion.masking import noise_batch  # pylint: disable=g-import-not-at-top
 
   results = []
-  for accum in (1, 2):
+  for train_overrides in ({}, {"grad_accum_steps": 2}, {"loss_chunk": 8}):
     config = make_tiny_config()
-    config.train.grad_accum_steps = accum
+    config.train.update(train_overrides)
     mesh = make_mesh(config, jax.devices()[:2])
     model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
     state, shardings = create_train_state(config, model, tx, mesh)
@@ -177,7 +178,9 @@ def test_gradient_accumulation_equals_the_whole_batch():
     state, metrics = step(state, batch)
     results.append((jax.device_get(state.params), float(metrics["loss"]),
                     float(metrics["grad_norm"])))
-  (whole, loss, norm), (accumulated, accum_loss, accum_norm) = results
-  assert accum_loss == pytest.approx(loss, rel=1e-5) and accum_norm == pytest.approx(norm, rel=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated,
-               whole)
+  whole, loss, norm = results[0]
+  for params, other_loss, other_norm in results[1:]:
+    assert other_loss == pytest.approx(loss, rel=1e-5)
+    assert other_norm == pytest.approx(norm, rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
+                 whole)

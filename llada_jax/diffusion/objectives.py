@@ -40,6 +40,13 @@ def diffusion_loss(logits: jax.Array,
   """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                        batch["targets"])
+  return diffusion_loss_from_ce(ce, batch)
+
+
+def diffusion_loss_from_ce(ce: jax.Array,
+                           batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """diffusion_loss given the cross-entropy of every position, ce [B, L] (e.g. computed in chunks
+  by chunked_cross_entropy)."""
   per_token = jnp.where(batch["masked"], ce / batch["p_mask"][:, None], 0.0)
   seq_len = batch["targets"].shape[1]
   metrics = {}
@@ -52,6 +59,28 @@ def diffusion_loss(logits: jax.Array,
     loss = jnp.sum(per_token) / maskable
     metrics["length"] = maskable / batch["targets"].shape[0]
   return loss, dict(metrics, loss=loss, masked_fraction=jnp.sum(batch["masked"]) / maskable)
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int,
+                          dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """CE [B, L] of logits = hidden @ head, `chunk` positions at a time, without full logits.
+
+  hidden [B, L, d] (after the final norm), head [d, V], targets [B, L]; L a multiple of chunk.
+  Each chunk's logits (in `dtype`, softmax in float32) are recomputed in the backward pass, so
+  memory holds B x chunk x V logits instead of B x L x V (126k vocabulary: 2 GB per 4096-token
+  sequence in float32).
+  """
+  batch, length, width = hidden.shape
+  chunks = hidden.reshape(batch, length // chunk, chunk, width).swapaxes(0, 1)
+  labels = targets.reshape(batch, length // chunk, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h: jax.Array, y: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bcd,dv->bcv", h.astype(dtype), head.astype(dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+  ce = jax.lax.map(lambda args: one(*args), (chunks, labels))
+  return ce.swapaxes(0, 1).reshape(batch, length)
 
 
 def unpacked_batch(tokens: jax.Array, **extra: jax.Array) -> dict[str, jax.Array]:

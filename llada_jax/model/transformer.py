@@ -106,9 +106,11 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
     """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
-    segment_ids: int [batch, seq], attention stays within a segment (packed documents)."""
+    segment_ids: int [batch, seq], attention stays within a segment (packed documents);
+    return_hidden: the final-norm output [batch, seq, d_model] instead of the logits (for a loss
+    that applies the head `ff_out` in chunks)."""
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -131,6 +133,8 @@ class Transformer(nn.Module):
         x, _ = block(cfg, name=f"blocks_{i}")(x, positions, attention_mask, segment_ids)
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
+    if return_hidden and not self.is_initializing():
+      return x
     logits = Projection((cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype,
                         name="ff_out")(x)
     return logits.astype(jnp.float32)

@@ -12,7 +12,8 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax.diffusion.masking import noise_batch
-from llada_jax.diffusion.objectives import autoregressive_loss, diffusion_loss
+from llada_jax.diffusion.objectives import (autoregressive_loss, chunked_cross_entropy,
+                                            diffusion_loss, diffusion_loss_from_ce)
 from llada_jax.model import Transformer
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
@@ -38,6 +39,13 @@ def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, ba
     batch = noise_batch(rng, batch, mask_id=config.tokens.mask_id, eps=config.diffusion.eps,
                         random_length_prob=random_length_prob,
                         time_sampling=config.diffusion.time_sampling)
+  chunk = config.train.loss_chunk
+  if chunk:
+    hidden = model.apply({"params": params}, batch["inputs"], batch["valid"], batch["positions"],
+                         batch["segment_ids"], return_hidden=True)
+    ce = chunked_cross_entropy(hidden, params["ff_out"]["kernel"], batch["targets"], chunk,
+                               jnp.dtype(config.model.dtype))
+    return diffusion_loss_from_ce(ce, batch)
   logits = model.apply({"params": params}, batch["inputs"], batch["valid"], batch["positions"],
                        batch["segment_ids"])
   return diffusion_loss(logits, batch)
