@@ -9,7 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn")
+
+
+def resolve(implementation: str, dtype: str, platform: str | None = None) -> str:
+  """The implementation `auto` stands for: cuDNN flash attention on GPUs for 16-bit compute,
+  else the XLA one (TPU splash attention is not built yet). Others are returned unchanged."""
+  if implementation != "auto":
+    return implementation
+  platform = platform or jax.default_backend()
+  return "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
@@ -25,11 +34,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     key_mask: optional bool [batch, kv_len]; False keys are never attended to (padding, cut length).
     segment_ids: optional int [batch, len] (self-attention); a query attends only to keys of its
       own segment (documents packed into one row).
-    implementation: "xla" (materialises the scores; softmax in float32).
+    implementation: "xla" (materialises the scores; softmax in float32), "jax_nn"
+      (`jax.nn.dot_product_attention` lowered by XLA), "cudnn" (the same call as cuDNN flash
+      attention: GPU, 16-bit inputs, head_dim <= 256) or "auto" (see `resolve`).
 
   Returns:
     [batch, q_len, n_heads, head_dim] in the dtype of v.
   """
+  implementation = resolve(implementation, str(v.dtype))
+  if implementation in ("jax_nn", "cudnn"):
+    return _jax_nn(q, k, v, causal, key_mask, segment_ids, implementation)
   if implementation != "xla":
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   batch, q_len, n_heads, head_dim = q.shape
@@ -49,3 +63,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def _jax_nn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: jax.Array | None,
+            segment_ids: jax.Array | None, implementation: str) -> jax.Array:
+  """jax.nn.dot_product_attention with native GQA; padding and segments go in as one boolean
+  mask [B, 1, T, S] (correct for left and right padding; without either the kernel runs maskless).
+  """
+  mask = None
+  if key_mask is not None:
+    mask = key_mask[:, None, None, :]
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = same if mask is None else mask & same
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=causal,
+      implementation=None if implementation == "jax_nn" else "cudnn")

@@ -1,0 +1,64 @@
+"""Every attention implementation against the XLA reference, wherever it can run."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.model import ModelConfig, Transformer, logits
+from llada_jax.model.attention import attention, resolve
+
+
+def _inputs(dtype=jnp.float32):
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (2, 10, 4, 16), dtype)
+  k, v = (jax.random.normal(key, (2, 10, 2, 16), dtype) for key in keys[1:])  # GQA: 2 kv heads
+  key_mask = jnp.asarray([[False] * 3 + [True] * 7, [True] * 8 + [False] * 2])  # left, right pad
+  segments = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10])
+  return q, k, v, key_mask, segments
+
+
+CASES = [dict(causal=False), dict(causal=True), dict(causal=False, mask=True),
+         dict(causal=False, segments=True), dict(causal=True, mask=True, segments=True)]
+
+
+def _run(implementation, case, dtype=jnp.float32):
+  q, k, v, key_mask, segments = _inputs(dtype)
+  fn = jax.jit(lambda q, k, v: attention(
+      q, k, v, causal=case["causal"], key_mask=key_mask if case.get("mask") else None,
+      segment_ids=segments if case.get("segments") else None, implementation=implementation))
+  return np.asarray(fn(q, k, v), np.float32)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jax_nn_equals_xla(case):
+  np.testing.assert_allclose(_run("jax_nn", case), _run("xla", case), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_cudnn_equals_xla_within_bf16_tolerance(case):
+  np.testing.assert_allclose(_run("cudnn", case, jnp.bfloat16), _run("xla", case, jnp.bfloat16),
+                             rtol=2e-2, atol=2e-2)
+
+
+def test_auto_picks_cudnn_for_16_bit_gpu_compute_only():
+  assert resolve("auto", "bfloat16", "gpu") == "cudnn"
+  assert resolve("auto", "float32", "gpu") == "xla"
+  assert resolve("auto", "bfloat16", "tpu") == "xla" and resolve("auto", "bfloat16", "cpu") == "xla"
+  assert resolve("jax_nn", "float32", "gpu") == "jax_nn"
+
+
+def test_model_logits_agree_across_implementations():
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 3, 259)
+  mask = jnp.arange(12)[None, :] >= jnp.asarray([[0], [4]])  # the second row left-padded
+  outs = []
+  for implementation in ("xla", "jax_nn", "auto"):
+    config = make_tiny_config(attention=implementation)
+    params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
+        jax.random.PRNGKey(0), tokens))["params"]
+    outs.append(np.asarray(logits(config, params, tokens, mask)))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
