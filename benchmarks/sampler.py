@@ -21,12 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import tiny
+from configs import llada_1b, llada_8b, tiny
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.sampling import generate
 from llada_jax.training.flops import matmul_parameters
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir (default: random tiny model).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained workdir (default: a random model).")
+_CONFIG = flags.DEFINE_enum("config", "tiny", ["tiny", "llada_1b", "llada_8b"],
+                            "Architecture of the random model (without --workdir).")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute and parameter dtype of the random model.")
 _SMALL = flags.DEFINE_bool("small", False, "CI-sized: gen 32, batch 1 and 4, one repeat.")
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 112, "Answer length.")
 _STEPS = flags.DEFINE_integer("steps", 112, "Exact-mode steps.")
@@ -44,10 +47,12 @@ def _model():
     from llada_jax.sampling.text import load_model, text_codec  # pylint: disable=g-import-not-at-top
     config, params = load_model(_WORKDIR.value)
     return config, params, text_codec(config)
-  config = tiny.get_config()
+  config = {"tiny": tiny, "llada_1b": llada_1b, "llada_8b": llada_8b}[_CONFIG.value].get_config()
+  if _DTYPE.value:
+    config.model.update(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
   model = Transformer(ModelConfig.from_config(config))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  return config, params["params"], None
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return config, nn.meta.unbox(params)["params"], None
 
 
 def _prompts(codec, batch: int) -> np.ndarray:
@@ -75,7 +80,8 @@ def main(argv: list[str]) -> None:
   gen, steps = _GEN_LENGTH.value, _STEPS.value
   device = jax.devices()[0]
   print(f"{device.device_kind} ({device.platform}); model "
-        f"{'trained: ' + _WORKDIR.value if _WORKDIR.value else 'random tiny'}; gen {gen}, "
+        f"{'trained: ' + _WORKDIR.value if _WORKDIR.value else 'random ' + _CONFIG.value}; "
+        f"gen {gen}, "
         f"exact steps {steps}, block {_BLOCK.value}")
   print("batch | mode | tokens/s | speed-up | agreement with exact | GFLOP/s")
   rows = []

@@ -38,6 +38,7 @@ _SEQ = flags.DEFINE_integer("sequence_length", None, "Tokens per row (default: t
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype, e.g. bfloat16 (default: config's).")
 _REMAT = flags.DEFINE_list("remat", ["none"], "Remat policies to compare.")
+_ATTENTION = flags.DEFINE_string("attention", None, "model.attention (default: the config's).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
@@ -54,6 +55,8 @@ def _case(remat: str) -> dict[str, float | str]:
   if _BATCH.value:
     config.data.batch_size = _BATCH.value
   config.train.grad_accum_steps = _ACCUM.value
+  if _ATTENTION.value:
+    config.model.attention = _ATTENTION.value
   validate(config)
   mesh = make_mesh(config)
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
@@ -77,7 +80,8 @@ def _case(remat: str) -> dict[str, float | str]:
   flops = model_flops_per_step(config)
   peak = peak_flops(jax.devices()[0])
   memory = jax.devices()[0].memory_stats() or {}
-  return dict(config=_CONFIG.value, remat=remat, dtype=config.model.dtype,
+  return dict(config=_CONFIG.value, remat=remat, attention=config.model.attention,
+              dtype=config.model.dtype,
               batch=config.data.batch_size, seq=config.data.sequence_length,
               step_ms=seconds * 1e3, tokens_per_s=shape[0] * shape[1] / seconds,
               tflops_per_device=flops / seconds / mesh.size / 1e12,
