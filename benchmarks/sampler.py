@@ -1,4 +1,4 @@
-"""Reverse-process speed per mode and batch size, and how far the fast modes are from exact decoding.
+"""Reverse-process speed per mode and batch size, and how far fast modes are from exact decoding.
 
   python benchmarks/sampler.py --workdir=runs/demo            # a trained model (make demo)
   python benchmarks/sampler.py --small                         # random tiny model, CI-sized
@@ -6,8 +6,8 @@
 
 Modes: `exact` (LLaDA's schedule, low-confidence remasking, temperature 0) and `τ=…`
 (confidence-threshold parallel decoding). For each: generated tokens/s after compilation, and the
-fraction of answer tokens equal to exact decoding's. Exact decoding costs `steps` forward passes over
-prompt + answer: 2 N_matmul (B (P + G)) FLOPs each plus attention; GFLOP/s is printed for it.
+fraction of answer tokens equal to exact decoding's. Exact decoding costs `steps` forward passes
+over prompt + answer: 2 N_matmul (B (P + G)) FLOPs each plus attention; GFLOP/s is printed for it.
 """
 
 from __future__ import annotations
