@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	    --remasking=random --temperature=1.0
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

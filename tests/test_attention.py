@@ -55,10 +55,9 @@ def test_model_logits_agree_across_implementations():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 3, 259)
   mask = jnp.arange(12)[None, :] >= jnp.asarray([[0], [4]])  # the second row left-padded
   outs = []
-  for implementation in ("xla", "jax_nn", "auto"):
+  for implementation in ("xla", "jax_nn"):  # "auto" is "xla" off GPUs (resolve, tested above)
     config = make_tiny_config(attention=implementation)
     params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
         jax.random.PRNGKey(0), tokens))["params"]
     outs.append(np.asarray(logits(config, params, tokens, mask)))
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(outs[2], outs[0], rtol=1e-4, atol=1e-4)
