@@ -60,6 +60,7 @@ def log_likelihood(config: ml_collections.ConfigDict, params: Any,
   """
   single = len(prompt) == 0 or np.isscalar(prompt[0])
   prompts, answers = ([prompt], [answer]) if single else (list(prompt), list(answer))
+  check_pairs(config, prompts, answers, mc_num, batch_size, cfg_scale)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   result = score_pairs(config, params, prompts, answers, jax.random.split(rng, len(prompts)),
                        mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale)
@@ -77,9 +78,9 @@ def score_pairs(config: ml_collections.ConfigDict, params: Any,
 
   sharding, if given, places the pair axis of the inputs (e.g. over the devices of a mesh); the
   number of pairs must then divide evenly over it. width pads every row to that many tokens (one
-  compiled program for pairs of different lengths); padding never changes a result.
+  compiled program for pairs of different lengths); padding never changes a result. The pairs
+  and options must have passed `check_pairs` (callers check a whole list once, not per call).
   """
-  check_pairs(config, prompts, answers, mc_num, batch_size, cfg_scale)
   arrays = (*_pack(prompts, answers, width), keys)
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)

@@ -34,6 +34,7 @@ from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.evaluation.generation import generate_answers
 from llada_jax.evaluation.model import load_eval_model
+from llada_jax.evaluation.multiple_choice import fit_pair
 from llada_jax.evaluation.scoring import loglikelihoods
 
 MODEL_NAME = "llada_jax"
@@ -178,18 +179,17 @@ class LLaDAJaxLM(LM):
 
   def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Ids of context and continuation as lm_eval splits them (trailing spaces of the context go
-    to the continuation; the continuation is the tail of the joint encoding), context left-cut."""
+    to the continuation; the continuation is the tail of the joint encoding), cut to the model's
+    length as multiple-choice tasks are (`fit_pair`)."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     encode = self.model.codec.encode
     context_ids = list(encode(context))
     answer = list(encode(context + continuation))[len(context_ids):]
-    limit = self.model.config.model.max_sequence_length
-    if len(answer) > limit:
-      raise ConfigError(f"a continuation of {len(answer)} tokens is not allowed: expected at most "
-                        f"model.max_sequence_length={limit}")
-    return context_ids[max(0, len(context_ids) + len(answer) - limit):], answer
+    context_ids, answer, _ = fit_pair(context_ids, answer,
+                                      self.model.config.model.max_sequence_length)
+    return context_ids, answer
 
   def _greedy_tokens(self, contexts: Sequence[Sequence[int]], progress: Any) -> list[list[int]]:
     """The token one greedy reverse step puts after each context ([] for EOS or EoT)."""

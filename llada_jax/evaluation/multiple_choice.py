@@ -27,6 +27,16 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
+def fit_pair(context: list[int], continuation: list[int],
+             limit: int) -> tuple[list[int], list[int], bool]:
+  """The window of context ++ continuation ending at the continuation's end, at most `limit`
+  tokens (lm-eval's rule): oldest context tokens go first, then the continuation's first ones
+  (one context token is kept). Also returns whether anything was cut."""
+  cut = len(context) + len(continuation) > limit
+  continuation = continuation[-(limit - 1):]
+  return context[max(0, len(context) + len(continuation) - limit):], continuation, cut
+
+
 def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
                  ) -> tuple[list[list[int]], list[list[int]], int]:
   """(contexts, continuations, number of items cut) as ids, one pair per choice, item-major."""
@@ -38,11 +48,11 @@ def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
       continuation = list(model.codec.encode(item.continuation_prefix + choice))
       if not continuation:
         raise ConfigError(f"item {number}: choice {choice!r} encodes to no tokens")
-      if len(context) + len(continuation) > limit:
+      fitted_context, fitted_continuation, was_cut = fit_pair(context, continuation, limit)
+      if was_cut:
         cut.add(number)
-      continuation = continuation[-(limit - 1):]  # as lm-eval: the window ending at the choice's end
-      contexts.append(context[max(0, len(context) + len(continuation) - limit):])
-      continuations.append(continuation)
+      contexts.append(fitted_context)
+      continuations.append(fitted_continuation)
   return contexts, continuations, len(cut)
 
 

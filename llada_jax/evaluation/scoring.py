@@ -29,8 +29,11 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
   check_pairs(model.config, prompts, answers, mc_num, batch_size, cfg_scale)
   lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
   devices = model.mesh.size
-  width = min(bucket(max(lengths)), model.config.model.max_sequence_length)
-  per_call = max(1, TOKENS_PER_DEVICE // (batch_size * width)) * devices
+
+  def padded_width(items) -> int:
+    return min(bucket(max(lengths[i] for i in items)), model.config.model.max_sequence_length)
+
+  per_call = max(1, TOKENS_PER_DEVICE // (batch_size * padded_width(range(len(lengths))))) * devices
   base = jax.random.PRNGKey(seed)
 
   def evaluate(indices: np.ndarray) -> np.ndarray:
@@ -39,8 +42,7 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
     result = score_pairs(model.config, model.params, [prompts[i] for i in part],
                          [answers[i] for i in part], keys, mc_num=mc_num, batch_size=batch_size,
                          cfg_scale=cfg_scale, sharding=model.item_sharding,
-                         width=min(bucket(max(lengths[i] for i in part)),
-                                   model.config.model.max_sequence_length))
+                         width=padded_width(part))
     return np.stack([result.log_likelihood, result.stderr], -1)[:len(indices)]
 
   rows = run_sharded(lengths, per_call, evaluate, row_shape=(2,), progress=progress)

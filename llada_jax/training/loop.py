@@ -163,12 +163,13 @@ def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
   """config.evaluation.tasks on the current parameters, by llada-evaluate's code."""
   from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.text import text_codec  # pylint: disable=g-import-not-at-top
 
   ev = config.evaluation
   model = eval_model_from_params(config, params, text_codec(config), step, str(workdir))
   options = harness.EvalOptions(
-      tasks=tuple(t.strip() for t in ev.tasks.split(",") if t.strip()), limit=ev.limit,
+      tasks=tuple(parse_tasks(ev.tasks, flag="evaluation.tasks")), limit=ev.limit,
       seed=config.seed, mc_num=ev.mc_num, mc_batch_size=ev.mc_batch_size,
       sampler=dict(config.sampling.to_dict(), logits_eos_inf=False, confidence_eos_eot_inf=False))
   return harness.scalars(harness.run_tasks(model, options))
