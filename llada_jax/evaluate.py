@@ -113,8 +113,8 @@ def _evaluate(argv: list[str]) -> None:
   if _OUTPUT.value:
     pathlib.Path(_OUTPUT.value).write_text(json.dumps(document, indent=1), encoding="utf-8")
   if model.step is not None:
-    from llada_jax.training.metrics import MetricWriter  # pylint: disable=g-import-not-at-top
-    writer = MetricWriter(model.path)
+    from llada_jax.training import metrics  # pylint: disable=g-import-not-at-top
+    writer = metrics.MetricWriter(model.path, metrics.Accounting.from_config(model.config))
     writer.write(model.step, scalars(document), prefix="eval/")
     writer.close()
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from configs import llada_8b
+from configs import llada_1b, llada_8b
 from conftest import make_tiny_config
 from llada_jax.training.flops import (matmul_parameters, model_flops_per_step,
-                                      model_flops_per_token, peak_flops)
+                                      model_flops_per_token, non_embedding_parameters, peak_flops)
 
 
 def test_tiny_model_flops_by_hand():
@@ -31,3 +31,8 @@ def test_llada_8b_matmul_parameters_are_the_official_count_less_the_embedding():
                                        ("TPU v4", 275e12), ("cpu", None)])
 def test_peak_flops_by_device_kind(kind, peak):
   assert peak_flops(SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_non_embedding_parameters_of_llada_1b_match_the_paper():
+  """Table 5 of the LLaDA paper: 1B has 0.97B non-embedding parameters (the N of 6 N D)."""
+  assert round(non_embedding_parameters(llada_1b.get_config()) / 1e9, 2) == 0.97

@@ -1,5 +1,7 @@
 """Train step on one device and on an 8-device mesh, learning, and checkpoint round trips."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +158,24 @@ def test_sft_on_gsm8k_trains_with_either_masking(tmp_path, masking):
   state = train(config, tmp_path)
   assert int(state.step) == 2 and checkpoint.latest_step(tmp_path) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
+  _check_accounting(config, tmp_path)
+
+
+def _check_accounting(config, workdir):
+  """run.json describes the run; metrics.jsonl puts tokens and both FLOPs counts on every record."""
+  from llada_jax.training.flops import model_flops_per_token  # pylint: disable=g-import-not-at-top
+
+  run = json.loads((workdir / "run.json").read_text())
+  tokens_per_step = config.data.batch_size * config.data.sequence_length
+  assert run["objective"] == "mdm" and run["tokens_per_step"] == tokens_per_step
+  assert run["flops_6nd_per_token"] == 6 * run["non_embedding_parameters"]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in records} == {"train", "eval"}
+  final = [r for r in records if r["split"] == "eval"][-1]
+  assert final["step"] == 2 and final["tokens"] == 2 * tokens_per_step
+  assert final["flops"] == pytest.approx(2 * tokens_per_step * model_flops_per_token(config))
+  assert final["flops_6nd"] == 2 * tokens_per_step * run["flops_6nd_per_token"]
+  assert np.isfinite(final["loss_bound"])
 
 
 def test_gradient_accumulation_and_chunked_loss_equal_the_plain_step():

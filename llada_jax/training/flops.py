@@ -3,6 +3,8 @@
 Per token: 6 N_matmul + 12 n_layers S d_attn, where N_matmul counts every weight used in a matmul
 (the output head included, the embedding lookup not) and attention is bidirectional, not halved.
 MFU = model FLOPs per step / step time / (devices x peak). Rematerialisation is never counted.
+Scaling plots also use the 6 N D convention (DESIGN.md section 2) with N the non-embedding
+parameters (Kaplan et al.; neither the embedding nor the head), as LLaDA and SMDM report.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def matmul_parameters(config: ml_collections.ConfigDict) -> int:
   attention = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, out; k, v
   mlp = 3 * m.d_model * m.mlp_hidden_size
   return m.n_layers * (attention + mlp) + m.d_model * m.vocab_size
+
+
+def non_embedding_parameters(config: ml_collections.ConfigDict) -> int:
+  """N of the 6 N D convention: the weights of the blocks, norms included; no embedding or head."""
+  m = config.model
+  return matmul_parameters(config) - m.d_model * m.vocab_size + (2 * m.n_layers + 1) * m.d_model
 
 
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -22,7 +22,7 @@ from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replica
 from llada_jax.training.checkpoint import Checkpointer, architecture_mismatch, load_config
 from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.flops import model_flops_per_step, peak_flops
-from llada_jax.training.metrics import MetricWriter
+from llada_jax.training.metrics import Accounting, MetricWriter, write_run_description
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import TrainState, create_train_state, state_shardings
 from llada_jax.training.step import make_eval_step, make_train_step
@@ -60,7 +60,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   logging.info("model: %s parameters; mesh %s over %d devices", f"{num_params:,}",
                dict(mesh.shape), mesh.size)
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, Accounting.from_config(config))
+  write_run_description(workdir, config, num_params)
   if config.data.vocabulary == "byte" and config.data.task in CORPUS_FILES:
     logging.info("unigram entropy of the training bytes: %.3f bits/byte (a context-free model's "
                  "floor)", unigram_entropy_bits(config.data.task))

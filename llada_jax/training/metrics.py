@@ -1,36 +1,107 @@
-"""Metric output: one console line per log step and TensorBoard scalars, from process 0 only."""
+"""Metric output from process 0 only: one console line per log step, TensorBoard scalars and,
+for scaling studies, `metrics.jsonl` (every record with the tokens seen and FLOPs spent at its step)
+next to `run.json` (the run's size and accounting)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 from typing import Mapping
 
 import jax
+import ml_collections
+import numpy as np
 from absl import logging
+
+from llada_jax.training.flops import (matmul_parameters, model_flops_per_token,
+                                      non_embedding_parameters)
+
+RUN_SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  """What one training step of a config consumes: tokens and FLOPs in both conventions."""
+  tokens_per_step: int
+  flops_per_token: float       # exact: 6 N_matmul + attention (llada_jax.training.flops)
+  flops_6nd_per_token: float   # 6 N, N = non-embedding parameters
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Accounting:
+    return cls(config.data.batch_size * config.data.sequence_length,
+               model_flops_per_token(config), 6.0 * non_embedding_parameters(config))
+
+  def at(self, step: int) -> dict[str, float]:
+    """Tokens seen and FLOPs spent after `step` steps."""
+    tokens = step * self.tokens_per_step
+    return {"tokens": float(tokens), "flops": tokens * self.flops_per_token,
+            "flops_6nd": tokens * self.flops_6nd_per_token}
+
+
+def run_description(config: ml_collections.ConfigDict, num_params: int) -> dict:
+  """The content of run.json: objective, sizes and accounting of a training run."""
+  accounting = Accounting.from_config(config)
+  return {"schema": RUN_SCHEMA, "objective": config.diffusion.objective,
+          "parameters": num_params, "non_embedding_parameters": non_embedding_parameters(config),
+          "matmul_parameters": matmul_parameters(config), **dataclasses.asdict(accounting),
+          "task": config.data.task, "vocabulary": config.data.vocabulary,
+          "sequence_length": config.data.sequence_length, "batch_size": config.data.batch_size,
+          "config": json.loads(config.to_json_best_effort())}
 
 
 class MetricWriter:
-  """Writes scalars to the log and to TensorBoard event files in `<workdir>/tensorboard`."""
+  """Writes scalars to the log and to TensorBoard event files in `<workdir>/tensorboard`; with an
+  Accounting also to `<workdir>/metrics.jsonl` with tokens and FLOPs, which go to TensorBoard too
+  (`tokens_seen`, `flops`, `flops_6nd`) so any curve can be read against them."""
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path, accounting: Accounting | None = None):
     self._enabled = jax.process_index() == 0
     self._tb = None
+    self._accounting = accounting
+    self._jsonl = pathlib.Path(workdir) / "metrics.jsonl"
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+    """One record: a console line, TensorBoard scalars `<prefix><name>` and a JSONL line whose
+    `split` is the prefix without its slash ("train" for none)."""
     if not self._enabled:
       return
     line = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
     logging.info("%sstep %d | %s", prefix, step, line)
     for name, value in scalars.items():
       self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+    if self._accounting is not None:
+      spent = self._accounting.at(step)
+      if not prefix:
+        self._tb.add_scalar("tokens_seen", spent["tokens"], step)
+        self._tb.add_scalar("flops", spent["flops"], step)
+        self._tb.add_scalar("flops_6nd", spent["flops_6nd"], step)
+      record = {"step": step, "split": prefix.rstrip("/") or "train", **spent,
+                **{k: _json_number(v) for k, v in scalars.items()}}
+      with self._jsonl.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
     self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def write_run_description(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
+                          num_params: int) -> None:
+  """Writes `<workdir>/run.json` (process 0; rewritten on resume with the same content)."""
+  if jax.process_index() == 0:
+    path = pathlib.Path(workdir) / "run.json"
+    path.write_text(json.dumps(run_description(config, num_params), indent=1) + "\n")
+
+
+def _json_number(value: float) -> float | None:
+  """A float for JSON; NaN and infinities (a diverged step) become null."""
+  value = float(value)
+  return value if np.isfinite(value) else None
 
 
 def _format(value: float) -> str:
