@@ -49,6 +49,8 @@ _SAMPLER = config_flags.DEFINE_config_dict("sampler", ml_collections.ConfigDict(
     logits_eos_inf=False,
     confidence_eos_eot_inf=False,
     parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate, faster)
+    cache="none",          # prefix or dual key/value cache (approximate, faster)
+    cache_refresh=0,       # > 0: also refresh the cache every N steps inside a block
     batch_size=8,          # prompts per generation call
 )), "Reverse-process options for generation tasks.")
 

@@ -35,6 +35,10 @@ _CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool("confidence_eos_eot_inf", False,
 _PARALLEL_THRESHOLD = flags.DEFINE_float(
     "parallel_threshold", 0.0, "0: exact schedule; τ in (0, 1]: commit every proposal with "
     "probability > τ (at least one a step), an approximation that is faster on confident models.")
+_CACHE = flags.DEFINE_enum("cache", "none", ["none", "prefix", "dual"],
+                           "Key/value cache: none (exact), prefix or dual (approximate, faster).")
+_CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every N steps inside "
+                                      "a block too (0: at block boundaries only).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write tokens and text here.")
 
@@ -70,7 +74,8 @@ def _sample(argv: list[str]) -> None:
       temperature=pick(_TEMPERATURE, s.temperature), remasking=pick(_REMASKING, s.remasking),
       cfg_scale=_CFG_SCALE.value, logits_eos_inf=_LOGITS_EOS_INF.value,
       confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value,
-      parallel_threshold=_PARALLEL_THRESHOLD.value)
+      parallel_threshold=_PARALLEL_THRESHOLD.value, cache=_CACHE.value,
+      cache_refresh=_CACHE_REFRESH.value)
   for prompt, text in zip(result["prompt"], result["text"]):
     print(f"=== prompt: {prompt!r}\n{prompt}{text}\n", flush=True)
   if not any(result["text"]):

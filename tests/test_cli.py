@@ -87,7 +87,8 @@ def test_sample_takes_token_ids_every_option_and_writes_json(trained_workdir, tm
   result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--prompt_ids=70,82,79",
                 "--prompt_ids=74", "--gen_length=8", "--steps=8", "--block_length=4",
                 "--remasking=margin", "--temperature=0.5", "--cfg_scale=1.0", "--logits_eos_inf",
-                "--confidence_eos_eot_inf", f"--output_json={out}")
+                "--confidence_eos_eot_inf", "--cache=dual", "--cache_refresh=2",
+                f"--output_json={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   written = json.loads(out.read_text())
   assert len(written["tokens"]) == 2 and len(written["text"]) == 2

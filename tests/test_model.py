@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model import ModelConfig, Transformer, logits
 from llada_jax.model.layers import RMSNorm, apply_rope
 
 
@@ -140,3 +140,24 @@ def test_rope_matches_rotate_half_reference():
   # Position 0 is the identity, and the rotation preserves norms.
   np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0],
                              x[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_window_against_its_own_cache_equals_the_full_pass(scan_layers):
+  """A window computed against keys and values of the same sequence (prefix/dual caches) gives the
+  full pass's logits; the cache is the keys and values of every layer."""
+  from llada_jax.sampling.cache import window_logits  # pylint: disable=g-import-not-at-top
+  config = make_tiny_config()
+  config.model.scan_layers = scan_layers
+  model = Transformer(ModelConfig.from_config(config))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 3, 200)
+  mask = jnp.ones((2, 24), bool).at[0, :3].set(False)
+  full = logits(config, params["params"], tokens, mask)
+  scale = jnp.float32(0.0)
+  first, cache = window_logits(model, params["params"], tokens, mask, None, scale, 10, 18, None)
+  again, _ = window_logits(model, params["params"], tokens, mask, None, scale, 10, 18, cache)
+  np.testing.assert_allclose(first, full[:, 10:18], atol=1e-5)
+  np.testing.assert_allclose(again, full[:, 10:18], atol=1e-5)
+  assert cache[0].shape == (config.model.n_layers, 2, 24, config.model.n_kv_heads,
+                            config.model.d_model // config.model.n_heads)

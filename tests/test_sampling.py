@@ -125,3 +125,53 @@ def test_bad_threshold_options_are_one_line_errors(model_and_params, kwargs, nee
   config, params = model_and_params
   with pytest.raises(ValueError, match=needle):
     generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("kwargs", [
+    dict(steps=16),
+    dict(steps=8, temperature=1.0, cfg_scale=0.5),
+    dict(steps=8, remasking="random", temperature=0.5),
+    dict(steps=16, parallel_threshold=1.0),
+])
+def test_cache_refreshed_every_step_is_exact_decoding(model_and_params, cache, kwargs):
+  config, params = model_and_params
+  kwargs = dict(gen_length=16, block_length=8, **kwargs)
+  exact = np.asarray(generate(config, params, _prompt(), **kwargs))
+  cached = np.asarray(generate(config, params, _prompt(), cache=cache, cache_refresh=1, **kwargs))
+  np.testing.assert_array_equal(cached, exact)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_with_infilling_and_padding_is_exact_when_refreshed(model_and_params, cache):
+  """Mask tokens inside a left-padded prompt are filled in the first block's window."""
+  config, params = model_and_params
+  prompt = np.array(_prompt())
+  prompt[:, 2] = config.tokens.mask_id
+  mask = np.ones_like(prompt, bool)
+  mask[1, :2] = False
+  kwargs = dict(steps=8, gen_length=8, block_length=4)
+  exact = np.asarray(generate(config, params, prompt, mask, **kwargs))
+  cached = np.asarray(generate(config, params, prompt, mask, cache=cache, cache_refresh=1,
+                               **kwargs))
+  np.testing.assert_array_equal(cached, exact)
+  assert not (exact[:, 2:] == config.tokens.mask_id).any()
+
+
+def test_stale_cache_fills_every_mask_and_keeps_the_prompt(model_and_params):
+  config, params = model_and_params
+  for cache in ("prefix", "dual"):
+    out = np.asarray(generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8,
+                              cache=cache, parallel_threshold=0.5))
+    np.testing.assert_array_equal(out[:, :5], np.asarray(_prompt()))
+    assert not (out == config.tokens.mask_id).any()
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(cache="kv"), "cache='kv' is not allowed"),
+    (dict(cache="dual", cache_refresh=-1), "cache_refresh=-1 is not allowed"),
+])
+def test_bad_cache_options_are_one_line_errors(model_and_params, kwargs, needle):
+  config, params = model_and_params
+  with pytest.raises(ValueError, match=needle):
+    generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8, **kwargs)

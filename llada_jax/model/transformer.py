@@ -60,13 +60,24 @@ REMAT_POLICIES = {
 }
 
 
+KVCache = tuple[jax.Array, jax.Array]  # keys, values [(layers,) batch, length, kv_heads, head_dim]
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x))."""
+  """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x)).
+
+  With `cache` (this layer's keys and values of the whole sequence) x is a window of the sequence
+  starting at `cache_start`: its fresh keys and values overwrite the window's in the cache and its
+  queries attend to the whole sequence. With emit_kv the block also returns the keys and values
+  it attended to (the sampler's prefix and dual caches).
+  """
   cfg: ModelConfig
+  emit_kv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               cache_start: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -84,6 +95,9 @@ class Block(nn.Module):
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+    if cache is not None:
+      k, v = (jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), cache_start, axis=1)
+              for c, t in zip(cache, (k, v)))
     a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask,
                   segment_ids=segment_ids, implementation=cfg.attention)
     a = checkpoint_name(a, "attention")
@@ -96,7 +110,7 @@ class Block(nn.Module):
     hidden = nn.with_logical_constraint(nn.silu(gate) * up,
                                         ("activation_batch", "activation_length", "mlp"))
     x = x + proj((cfg.d_model,), ("mlp", "embed"), "ff_out")(hidden)
-    return nn.with_logical_constraint(x, ACTIVATION), None
+    return nn.with_logical_constraint(x, ACTIVATION), (k, v) if self.emit_kv else None
 
 
 class Transformer(nn.Module):
@@ -106,11 +120,18 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+               segment_ids: jax.Array | None = None, return_hidden: bool = False,
+               kv_cache: KVCache | None = None, cache_start: jax.Array | int = 0,
+               return_kv: bool = False) -> jax.Array | tuple[jax.Array, KVCache]:
     """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
     segment_ids: int [batch, seq], attention stays within a segment (packed documents);
     return_hidden: the final-norm output [batch, seq, d_model] instead of the logits (for a loss
-    that applies the head `ff_out` in chunks)."""
+    that applies the head `ff_out` in chunks);
+    kv_cache: keys and values of every layer for a whole sequence of length S ([n_layers, batch, S,
+    n_kv_heads, head_dim] each); tokens and positions are then the window starting at cache_start,
+    attention_mask covers all S keys, and only the window is computed (its keys and values fresh,
+    the rest from the cache);
+    return_kv: also return the keys and values every layer attended to, as (logits, kv_cache)."""
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -123,18 +144,26 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
+    cache_start = jnp.asarray(cache_start, jnp.int32)
     if cfg.scan_layers:
-      x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                     metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="blocks")(
-                         x, positions, attention_mask, segment_ids)
+      x, kv = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+                          cfg, return_kv, name="blocks")(
+                              x, positions, attention_mask, segment_ids, kv_cache, cache_start)
     else:
+      layer_kv = []
       for i in range(cfg.n_layers):
-        x, _ = block(cfg, name=f"blocks_{i}")(x, positions, attention_mask, segment_ids)
+        cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
+        x, kv_i = block(cfg, return_kv, name=f"blocks_{i}")(
+            x, positions, attention_mask, segment_ids, cache, cache_start)
+        layer_kv.append(kv_i)
+      kv = tuple(jnp.stack(t) for t in zip(*layer_kv)) if return_kv else None
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
     if return_hidden and not self.is_initializing():
       return x
     logits = Projection((cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype,
                         name="ff_out")(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return (logits, kv) if return_kv else logits

@@ -28,6 +28,7 @@ import numpy as np
 from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.sampling.cache import CACHE_MODES, empty_cache, window, window_logits
 from llada_jax.sampling.remasking import confidence_of
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
@@ -50,6 +51,9 @@ class SamplerSpec:
   return_trajectory: bool
   float64: bool
   use_threshold: bool = False
+  cache: str = "none"
+  cache_refresh: int = 0
+  prompt_has_masks: bool = False
 
 
 def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
@@ -58,7 +62,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
              mask_id: int | None = None, logits_eos_inf: bool = False,
              confidence_eos_eot_inf: bool = False, rng: jax.Array | None = None,
              return_trajectory: bool = False, float64: bool = False,
-             parallel_threshold: float = 0.0) -> Any:
+             parallel_threshold: float = 0.0, cache: str = "none", cache_refresh: int = 0) -> Any:
   """Samples answers for a batch of prompts with the LLaDA reverse process.
 
   Args:
@@ -82,6 +86,8 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
     parallel_threshold: 0 (exact schedule) or τ in (0, 1]: commit every proposal of the current
       block with probability > τ (at least one per step); steps is then unused. Needs
       remasking="low_confidence" and no trajectory.
+    cache: "none" (exact), "prefix" or "dual" key/value caches (llada_jax.sampling.cache; an
+      approximation), refreshed at every block boundary and every cache_refresh > 0 steps.
 
   Returns:
     int32 [B, P + gen_length] (and the trajectory when asked).
@@ -97,10 +103,12 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
   check_generate_arguments(config, prompt, attention_mask, steps, gen_length, block_length,
                            temperature, cfg_scale, remasking, mask_id, float64)
   _check_threshold(parallel_threshold, remasking, return_trajectory)
+  _check_cache(cache, cache_refresh, config.model.causal)
   spec = SamplerSpec(ModelConfig.from_config(config), steps, gen_length, block_length, remasking,
                      mask_id, tokens.eos_id, tokens.eot_id, logits_eos_inf,
                      confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
-                     float64, parallel_threshold > 0)
+                     float64, parallel_threshold > 0, cache, cache_refresh,
+                     bool(np.any((prompt == mask_id) & attention_mask)))
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   if placed:
@@ -123,6 +131,18 @@ def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) 
   if return_trajectory:
     raise ConfigError("return_trajectory is not allowed with parallel_threshold (the number of "
                       "steps is not fixed)")
+
+
+def _check_cache(cache: str, cache_refresh: int, causal: bool) -> None:
+  """cache is one of CACHE_MODES, for a bidirectional model; cache_refresh a count >= 0."""
+  if cache not in CACHE_MODES:
+    raise ConfigError(f"cache={cache!r} is not allowed: expected one of {', '.join(CACHE_MODES)}")
+  if not isinstance(cache_refresh, (int, np.integer)) or cache_refresh < 0:
+    raise ConfigError(f"cache_refresh={cache_refresh!r} is not allowed: expected an integer >= 0 "
+                      "(0 refreshes at block boundaries only)")
+  if cache != "none" and causal:
+    raise ConfigError(f"cache={cache!r} is not allowed for a causal model.causal=True: expected "
+                      "cache='none' (the caches reuse keys of a bidirectional mask predictor)")
 
 
 def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,
@@ -172,69 +192,135 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
     index = jnp.arange(total)
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
 
-    def propose(x, step, block_end):
+    def unconditional(x):
+      return jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
+
+    def propose(x, step, block_end, logits, start=0):
       """Proposals x0 for every position and the confidence of the masked ones up to block_end
-      (-inf elsewhere), from one forward pass; randomness from fold_in(rng, step)."""
+      (-inf elsewhere) from the logits of positions [start, start + W); randomness from
+      fold_in(rng, step), drawn for all positions so that a window sees the full pass's draws."""
       noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
-      unconditional = jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
-      logits = apply_model(model, params, x, attention_mask, unconditional, cfg_scale)
+      width = logits.shape[1]
       logits = logits.astype(real)
       if spec.logits_eos_inf:
         logits = logits.at[..., spec.eos_id].set(-jnp.inf)
       if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
-        logits_noised = logits + temperature.astype(real) * jax.random.gumbel(
-            noise_key, logits.shape, real)
+        gumbel = jax.random.gumbel(noise_key, (batch, total, logits.shape[-1]), real)
+        logits_noised = logits + temperature.astype(real) * gumbel[:, start:start + width]
       else:
         logits_noised = logits
       x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
-      confidence = confidence_of(spec.remasking, logits, x0, remask_key)
+      if spec.remasking == "random":
+        confidence = jax.random.uniform(remask_key, (batch, total), real)[:, start:start + width]
+      else:
+        confidence = confidence_of(spec.remasking, logits, x0, remask_key)
+      x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
+      confidence = jax.lax.dynamic_update_slice_in_dim(
+          jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1)
       candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
       if spec.confidence_eos_eot_inf:
         last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
         confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
       return x0, jnp.where(candidate, confidence, -jnp.inf), candidate
 
+    def full_logits(x):
+      return apply_model(model, params, x, attention_mask, unconditional(x), cfg_scale)
+
     def block_bounds(block):
       block_end = prompt_len + (block + 1) * spec.block_length
       block_start = jnp.where(block == 0, 0, block_end - spec.block_length)
       return block_start, block_end
 
-    def exact_block(block, carry):
-      x, trajectory = carry
+    def exact_steps(block, x, trajectory, logits_fn):
+      """The block's steps_per_block steps; logits_fn(x, i, carry) -> (logits, start, carry)."""
       block_start, block_end = block_bounds(block)
       in_block = (index >= block_start) & (index < block_end) & attention_mask
       schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), steps_per_block)
 
       def step_body(i, carry):
-        x, trajectory = carry
+        x, trajectory, extra = carry
         step = block * steps_per_block + i
-        x0, confidence, candidate = propose(x, step, block_end)
+        logits, start, extra = logits_fn(x, i, extra)
+        x0, confidence, candidate = propose(x, step, block_end, logits, start)
         x = jnp.where(top_k_mask(confidence, schedule[:, i]) & candidate, x0, x)
         if spec.return_trajectory:
           trajectory = trajectory.at[step].set(x)
-        return x, trajectory
+        return x, trajectory, extra
 
-      return jax.lax.fori_loop(0, steps_per_block, step_body, (x, trajectory))
+      return step_body
 
-    def threshold_block(block, carry):
-      _, block_end = block_bounds(block)
-
-      def masked_left(carry):
-        return jnp.any((carry[0] == spec.mask_id) & (index < block_end) & attention_mask)
+    def threshold_steps(block_end, logits_fn):
+      """A while_loop body committing every proposal above τ (at least one) per step."""
 
       def step_body(carry):
-        x, step = carry
-        x0, confidence, candidate = propose(x, step, block_end)
+        x, step, i, extra = carry
+        logits, start, extra = logits_fn(x, i, extra)
+        x0, confidence, candidate = propose(x, step, block_end, logits, start)
         best = top_k_mask(confidence, jnp.any(candidate, -1).astype(jnp.int32))
         commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
-        return jnp.where(commit, x0, x), step + 1
+        return jnp.where(commit, x0, x), step + 1, i + 1, extra
 
-      return jax.lax.while_loop(masked_left, step_body, carry)
+      return step_body
 
+    def masked_left(block_end):
+      return lambda carry: jnp.any((carry[0] == spec.mask_id) & (index < block_end)
+                                   & attention_mask)
+
+    def uncached(x, i, extra):
+      return full_logits(x), 0, extra
+
+    if spec.cache == "none":
+      if spec.use_threshold:
+        def threshold_block(block, carry):
+          body = threshold_steps(block_bounds(block)[1], uncached)
+          x, step, _, _ = jax.lax.while_loop(masked_left(block_bounds(block)[1]), body,
+                                             (*carry, jnp.int32(0), ()))
+          return x, step
+
+        x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block, (x, jnp.int32(0)))
+        return x
+
+      def exact_block(block, carry):
+        x, trajectory = carry
+        body = exact_steps(block, x, trajectory, uncached)
+        x, trajectory, _ = jax.lax.fori_loop(0, steps_per_block, body, (x, trajectory, ()))
+        return x, trajectory
+
+      x, trajectory = jax.lax.fori_loop(0, num_blocks, exact_block, (x, trajectory))
+      return (x, trajectory) if spec.return_trajectory else x
+
+    # Cached modes: blocks unrolled, so every window has a static shape.
+    rows = batch * (2 if spec.use_cfg else 1)
+    cache = empty_cache(spec.model, rows, total)
+    step = jnp.int32(0)
+    for block in range(num_blocks):
+      block_end = prompt_len + (block + 1) * spec.block_length
+      first = 0 if block == 0 and spec.prompt_has_masks else block_end - spec.block_length
+      start, end = window(spec.cache, first, block_end, total)
+
+      def cached(x, i, cache, start=start, end=end):
+        refresh = i == 0
+        if spec.cache_refresh:
+          refresh = i % spec.cache_refresh == 0
+        logits, cache = jax.lax.cond(
+            refresh,
+            lambda x, c: window_logits(model, params, x, attention_mask, unconditional(x),
+                                       cfg_scale, start, end, None),
+            lambda x, c: window_logits(model, params, x, attention_mask, unconditional(x),
+                                       cfg_scale, start, end, c),
+            x, cache)
+        return logits, start, cache
+
+      if spec.use_threshold:
+        x, step, _, cache = jax.lax.while_loop(masked_left(block_end),
+                                               threshold_steps(block_end, cached),
+                                               (x, step, jnp.int32(0), cache))
+      else:
+        body = exact_steps(jnp.int32(block), x, trajectory, cached)
+        x, trajectory, cache = jax.lax.fori_loop(0, steps_per_block, body,
+                                                 (x, trajectory, cache))
     if spec.use_threshold:
-      x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block, (x, jnp.int32(0)))
       return x
-    x, trajectory = jax.lax.fori_loop(0, num_blocks, exact_block, (x, trajectory))
     return (x, trajectory) if spec.return_trajectory else x
 
   return jax.jit(run)
