@@ -20,7 +20,7 @@ from llada_jax.errors import ConfigError
 VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None}
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
 REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 OBJECTIVES = ("mdm", "arm")

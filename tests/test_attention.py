@@ -1,5 +1,7 @@
 """Every attention implementation against the XLA reference, wherever it can run."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,14 @@ def _inputs(dtype=jnp.float32):
 
 
 CASES = [dict(causal=False), dict(causal=True), dict(causal=False, mask=True),
-         dict(causal=False, segments=True), dict(causal=True, mask=True, segments=True)]
+         dict(causal=False, segments=True), dict(causal=True, mask=True, segments=True),
+         dict(causal=False, mask="right"), dict(causal=True, mask="right")]
 
 
 def _run(implementation, case, dtype=jnp.float32):
   q, k, v, key_mask, segments = _inputs(dtype)
+  if case.get("mask") == "right":  # every row padded at its end: key lengths, cuDNN's fast path
+    key_mask = jnp.arange(10)[None] < jnp.asarray([[7], [10]])
   fn = jax.jit(lambda q, k, v: attention(
       q, k, v, causal=case["causal"], key_mask=key_mask if case.get("mask") else None,
       segment_ids=segments if case.get("segments") else None, implementation=implementation))
@@ -47,8 +52,47 @@ def test_cudnn_equals_xla_within_bf16_tolerance(case):
 def test_auto_picks_cudnn_for_16_bit_gpu_compute_only():
   assert resolve("auto", "bfloat16", "gpu") == "cudnn"
   assert resolve("auto", "float32", "gpu") == "xla"
-  assert resolve("auto", "bfloat16", "tpu") == "xla" and resolve("auto", "bfloat16", "cpu") == "xla"
+  assert resolve("auto", "bfloat16", "cpu", (128, 128)) == "xla"
   assert resolve("jax_nn", "float32", "gpu") == "jax_nn"
+
+
+def test_auto_picks_splash_on_tpu_for_lengths_it_supports():
+  assert resolve("auto", "bfloat16", "tpu", (256, 512)) == "splash"
+  assert resolve("auto", "float32", "tpu", (128, 128)) == "splash"
+  assert resolve("auto", "bfloat16", "tpu", (100, 128)) == "xla"
+  assert resolve("auto", "bfloat16", "tpu") == "xla"
+
+
+def _long_inputs():
+  """Splash needs lengths that are multiples of 128."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (2, 128, 4, 16))
+  k, v = (jax.random.normal(key, (2, 128, 2, 16)) for key in keys[1:])
+  key_mask = jnp.arange(128)[None] >= jnp.asarray([[5], [0]])
+  key_mask = key_mask & (jnp.arange(128)[None] < jnp.asarray([[128], [119]]))  # left, right pad
+  segments = jnp.asarray([[1] * 60 + [2] * 68, [1] * 128])
+  return q, k, v, key_mask, segments
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]])
+def test_splash_equals_xla_with_gradients(case):
+  """Outputs and gradients of a loss on the real (unpadded) queries; interpreted off TPU."""
+  q, k, v, key_mask, segments = _long_inputs()
+  kwargs = dict(causal=case["causal"], key_mask=key_mask if case.get("mask") else None,
+                segment_ids=segments if case.get("segments") else None)
+  real = key_mask[:, :, None, None] if case.get("mask") else 1.0
+
+  def loss(implementation, q, k, v):
+    out = attention(q, k, v, implementation=implementation, **kwargs)
+    return jnp.sum(jnp.sin(out) * real), out * real
+
+  results = {}
+  for implementation in ("xla", "splash"):
+    (_, out), grads = jax.value_and_grad(functools.partial(loss, implementation), (0, 1, 2),
+                                         has_aux=True)(q, k, v)
+    results[implementation] = (out, *grads)
+  for got, want in zip(results["splash"], results["xla"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_model_logits_agree_across_implementations():
@@ -60,4 +104,17 @@ def test_model_logits_agree_across_implementations():
     params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
         jax.random.PRNGKey(0), tokens))["params"]
     outs.append(np.asarray(logits(config, params, tokens, mask)))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_model_with_splash_attention_equals_xla():
+  """The whole mask predictor at a splash-sized length, a left-padded row included."""
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 3, 259)
+  mask = jnp.arange(128)[None, :] >= jnp.asarray([[0], [7]])
+  outs = []
+  for implementation in ("xla", "splash"):
+    config = make_tiny_config(attention=implementation, max_sequence_length=128)
+    params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
+        jax.random.PRNGKey(0), tokens))["params"]
+    outs.append(np.asarray(logits(config, params, tokens, mask)) * np.asarray(mask)[..., None])
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -9,16 +9,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn")
+from llada_jax.model import splash
+
+IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
 
 
-def resolve(implementation: str, dtype: str, platform: str | None = None) -> str:
+def resolve(implementation: str, dtype: str, platform: str | None = None,
+            lengths: tuple[int, int] | None = None) -> str:
   """The implementation `auto` stands for: cuDNN flash attention on GPUs for 16-bit compute,
-  else the XLA one (TPU splash attention is not built yet). Others are returned unchanged."""
+  Pallas splash attention on TPUs for (query, key) lengths that are multiples of 128, else the
+  XLA one. Others are returned unchanged."""
   if implementation != "auto":
     return implementation
   platform = platform or jax.default_backend()
-  return "cudnn" if platform == "gpu" and dtype in ("bfloat16", "float16") else "xla"
+  if platform == "gpu" and dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  if platform == "tpu" and lengths is not None and splash.supports(*lengths):
+    return "splash"
+  return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
@@ -36,12 +44,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       own segment (documents packed into one row).
     implementation: "xla" (materialises the scores; softmax in float32), "jax_nn"
       (`jax.nn.dot_product_attention` lowered by XLA), "cudnn" (the same call as cuDNN flash
-      attention: GPU, 16-bit inputs, head_dim <= 256) or "auto" (see `resolve`).
+      attention: GPU, 16-bit inputs, head_dim <= 256), "splash" (Pallas TPU flash attention,
+      lengths multiples of 128; interpreted off TPU) or "auto" (see `resolve`).
 
   Returns:
     [batch, q_len, n_heads, head_dim] in the dtype of v.
   """
-  implementation = resolve(implementation, str(v.dtype))
+  implementation = resolve(implementation, str(v.dtype), lengths=(q.shape[1], k.shape[1]))
+  if implementation == "splash":
+    return splash.splash_attention(q, k, v, causal, key_mask, segment_ids)
   if implementation in ("jax_nn", "cudnn"):
     return _jax_nn(q, k, v, causal, key_mask, segment_ids, implementation)
   if implementation != "xla":
@@ -67,15 +78,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
 
 def _jax_nn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: jax.Array | None,
             segment_ids: jax.Array | None, implementation: str) -> jax.Array:
-  """jax.nn.dot_product_attention with native GQA; padding and segments go in as one boolean
-  mask [B, 1, T, S] (correct for left and right padding; without either the kernel runs maskless).
-  """
-  mask = None
-  if key_mask is not None:
-    mask = key_mask[:, None, None, :]
-  if segment_ids is not None:
-    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    mask = same if mask is None else mask & same
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=causal,
-      implementation=None if implementation == "jax_nn" else "cudnn")
+  """jax.nn.dot_product_attention with native GQA. Padding at the end of every row (training's
+  cut sequences) goes in as key lengths, the cuDNN fast path; any other padding (left-padded
+  prompts) or packing goes in as one boolean mask [B, 1, T, S]. The choice is a lax.cond on the
+  mask, so both are compiled and the right one runs."""
+  implementation = None if implementation == "jax_nn" else "cudnn"
+
+  def dense() -> jax.Array:
+    mask = None
+    if key_mask is not None:
+      mask = key_mask[:, None, None, :]
+    if segment_ids is not None:
+      same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+      mask = same if mask is None else mask & same
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation=implementation)
+
+  if key_mask is None or segment_ids is not None:
+    return dense()
+  lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+  right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1]) < lengths[:, None]))
+  return jax.lax.cond(
+      right_padded,
+      lambda: jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                           implementation=implementation),
+      dense)
