@@ -34,6 +34,7 @@ _STEPS = flags.DEFINE_integer("steps", 112, "Steps.")
 _BLOCK = flags.DEFINE_integer("block_length", 16, "Block length.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per case.")
+_SMALL = flags.DEFINE_bool("small", False, "CI-sized: gen 32, steps 32, batch 1, one repeat.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows here.")
 
 PROMPTS = ("ROMEO:\n", "First Citizen:\n", "KING HENRY:\n", "JULIET:\n")
@@ -48,6 +49,9 @@ def _prompts(codec, batch: int) -> list[list[int]]:
 
 def main(argv: list[str]) -> None:
   del argv
+  if _SMALL.value:
+    flags.FLAGS.gen_length, flags.FLAGS.steps, flags.FLAGS.repeats = 32, 32, 1
+    flags.FLAGS.batch = ["1"]
   config, params = load_model(_WORKDIR.value)
   codec = text_codec(config)
   kwargs = dict(steps=_STEPS.value, gen_length=_GEN_LENGTH.value, block_length=_BLOCK.value)
