@@ -36,7 +36,8 @@ def run_reporting_errors(fn: Callable[[], None]) -> None:
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown flag, unknown config key, bad value) are one line."""
   for arg in argv[1:]:
-    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+    # --config=FILE:ARG passes ARG to FILE's get_config (ml_collections config_flags).
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":", 1)[0]):
       print(f"error: {arg} names no file; pass a config such as --config=configs/tiny.py",
             file=sys.stderr)
       sys.exit(2)

@@ -1,0 +1,1 @@
+"""Scaling ladders: model sizes x FLOPs budgets, each with an MDM and an ARM twin."""
