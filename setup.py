@@ -9,7 +9,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*", "configs"]),
+    packages=setuptools.find_packages(include=["llada_jax", "llada_jax.*", "configs",
+                                               "configs.*"]),
     package_data={"llada_jax.data": ["corpora/*/*", "sft/*/*", "vocabularies/*/*"],
                   "llada_jax.evaluation": ["data/*/*"]},
     install_requires=[
@@ -28,11 +29,13 @@ setuptools.setup(
         "ml_dtypes",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5"],
+        "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
+                "nbformat", "ipykernel"],
         "lm_eval": ["lm_eval>=0.4.5"],
+        "analysis": ["matplotlib"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        "notebooks": ["jupyter", "matplotlib"],
+        "notebooks": ["jupyter", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={
         "console_scripts": [
@@ -44,6 +47,7 @@ setuptools.setup(
             "llada-compile=llada_jax.compile:run",
             "llada-evaluate=llada_jax.evaluate:run",
             "llada-lm-eval=llada_jax.evaluation.lm_eval_adapter:main",
+            "llada-scaling=llada_jax.scaling:run",
         ],
     },
 )

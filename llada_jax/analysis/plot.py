@@ -1,0 +1,83 @@
+"""The scaling plot: evaluation loss against compute per run and the fit per objective, and
+downstream accuracy against compute when runs carry evaluation results."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from llada_jax.analysis.fit import PowerLawFit
+from llada_jax.analysis.runs import Run
+from llada_jax.errors import ConfigError
+
+COLOURS = {"mdm": "tab:blue", "arm": "tab:red"}
+LABELS = {"mdm": "MDM (LLaDA) bound", "arm": "ARM NLL"}
+X_LABELS = {"flops": "training FLOPs (exact count)", "flops_6nd": "training FLOPs (6 N D)",
+            "tokens": "training tokens"}
+Y_LABELS = {"bits_per_byte": "held-out bits/byte", "loss_bound": "held-out nats/token"}
+
+
+def _pyplot():
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError("matplotlib is not installed: pip install 'llada_jax[analysis]'") from None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def accuracy_metrics(runs: Sequence[Run]) -> list[str]:
+  """Downstream accuracies recorded by any run (`<task>/acc`), sorted."""
+  return sorted({m for run in runs for m in run.metrics() if m.endswith("/acc")})
+
+
+def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str, x: str,
+                 out: str | pathlib.Path) -> None:
+  """Writes the PNG: thin lines per run (shade by size), thick fitted curve per objective."""
+  plt = _pyplot()
+  accuracies = accuracy_metrics(runs)
+  panels = 2 if accuracies else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), dpi=120, squeeze=False)
+  ax = axes[0, 0]
+  for objective in ("mdm", "arm"):
+    own = [r for r in runs if r.objective == objective]
+    for rank, run in enumerate(own):
+      xs, ys = run.curve(metric, x)
+      shade = 0.35 + 0.65 * (rank + 1) / len(own)
+      ax.plot(xs, ys, "o-", color=COLOURS[objective], alpha=shade, lw=0.8, ms=2.5,
+              label=f"{run.name} ({run.parameters / 1e6:.2f}M)")
+    if objective in fits:
+      fit = fits[objective]
+      grid = np.geomspace(min(min(r.curve(metric, x)[0]) for r in own),
+                          max(max(r.curve(metric, x)[0]) for r in own), 200)
+      low, high = fit.interval(1)
+      ax.plot(grid, fit.predict(grid), color=COLOURS[objective], lw=2.5,
+              label=f"{LABELS[objective]} fit: b = {fit.b:.3f} [{low:.3f}, {high:.3f}], "
+                    f"c = {fit.c:.2f}")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(X_LABELS.get(x, x))
+  ax.set_ylabel(Y_LABELS.get(metric, metric))
+  ax.set_title("loss vs compute: L(C) = a C^-b + c")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=6.5, loc="upper right")
+  if accuracies:
+    ax = axes[0, 1]
+    for run in runs:
+      for name in accuracies:
+        xs, ys = run.curve(name, x)
+        if len(xs):
+          ax.plot(xs, ys, "o", color=COLOURS[run.objective], alpha=0.8,
+                  label=f"{run.name} {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_ylabel("accuracy")
+    ax.set_title("downstream accuracy vs compute")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5)
+  fig.tight_layout()
+  fig.savefig(out, metadata={"Software": None})
+  plt.close(fig)

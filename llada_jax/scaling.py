@@ -1,0 +1,93 @@
+"""Fit and plot a scaling study: loss against compute for MDM (LLaDA) and ARM runs.
+
+  llada-scaling --runs=runs/scaling --out=scaling.png [--x=flops|flops_6nd|tokens]
+      [--points=frontier|final] [--metric=bits_per_byte] [--bootstrap=200]
+
+Reads every workdir under --runs (run.json + metrics.jsonl, written by llada-train and
+llada-evaluate), fits L(C) = a (C / C0)^(-b) + c per objective (llada_jax.analysis.fit), prints
+the fits and the compute multiplier at which MDM matches ARM, writes the plot and the fits as JSON
+(--fits, default: --out with .json). The same runs give byte-identical JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from absl import flags
+
+from llada_jax.cli_support import entry_point
+from llada_jax.errors import ConfigError
+
+SCHEMA = 1
+
+_RUNS = flags.DEFINE_string("runs", None, "Directory of training workdirs (searched recursively).")
+_OUT = flags.DEFINE_string("out", None, "The plot (PNG).")
+_FITS = flags.DEFINE_string("fits", None, "The fits as JSON (default: --out with .json).")
+_X = flags.DEFINE_enum("x", "flops", ["flops", "flops_6nd", "tokens"],
+                       "Compute axis: exact FLOPs, 6 N D FLOPs, or tokens.")
+_POINTS = flags.DEFINE_enum("points", "frontier", ["frontier", "final"],
+                            "Fit the compute frontier of all evaluations or each run's final one.")
+_METRIC = flags.DEFINE_string("metric", None, "Evaluation metric (default: bits_per_byte when "
+                              "every run has it, else loss_bound).")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap refits over runs (0: none).")
+_REFERENCE = flags.DEFINE_float("reference_flops", None, "Compute at which the MDM/ARM multiplier "
+                                "is quoted (default: the largest of the data).")
+
+
+def analyse(runs_dir: str, x: str = "flops", points: str = "frontier", metric: str | None = None,
+            bootstrap: int = 200, reference: float | None = None) -> tuple[dict, list, dict]:
+  """(the fits document, the runs, the fits by objective) of a study directory."""
+  from llada_jax import analysis  # pylint: disable=g-import-not-at-top
+
+  runs = analysis.collect_runs(runs_dir)
+  metric = metric or analysis.default_metric(runs)
+  fits, document = {}, {"schema": SCHEMA, "x": x, "metric": metric, "points": points,
+                        "runs": [r.name for r in runs], "fits": {}}
+  for objective in ("mdm", "arm"):
+    own = [r for r in runs if r.objective == objective]
+    if not own:
+      continue
+    compute, loss, owner = analysis.select_points(own, metric, x, points)
+    fits[objective] = analysis.fit_power_law(compute, loss, owner, bootstrap=bootstrap)
+    document["fits"][objective] = dict(fits[objective].summary(), runs=len(own))
+  if len(fits) == 2:
+    reference = reference or max(float(np.max(r.curve(metric, x)[0])) for r in runs)
+    k, low, high = analysis.compute_multiplier(fits["mdm"], fits["arm"], reference)
+    document["multiplier"] = {"at": reference, "k": k, "interval": [low, high]}
+  return document, runs, fits
+
+
+def _scaling(argv: list[str]) -> None:
+  del argv
+  from llada_jax.analysis.plot import plot_scaling  # pylint: disable=g-import-not-at-top
+
+  if not _RUNS.value or not _OUT.value:
+    raise ConfigError("--runs and --out are required, e.g. --runs=runs/scaling --out=scaling.png")
+  document, runs, fits = analyse(_RUNS.value, _X.value, _POINTS.value, _METRIC.value,
+                                 _BOOTSTRAP.value, _REFERENCE.value)
+  print(f"{len(runs)} runs; metric {document['metric']} against {document['x']}; "
+        f"{document['points']} points")
+  print("objective | runs | points | a | b [16%, 84%] | c [16%, 84%] | rms log residual")
+  for objective, fit in fits.items():
+    summary = document["fits"][objective]
+    b_low, b_high = summary["b_interval"]
+    c_low, c_high = summary["c_interval"]
+    print(f"{objective} | {summary['runs']} | {fit.n_points} | {fit.a:.4g} | {fit.b:.3f} "
+          f"[{b_low:.3f}, {b_high:.3f}] | {fit.c:.3f} [{c_low:.3f}, {c_high:.3f}] | {fit.rms:.4f}")
+  if "multiplier" in document:
+    m = document["multiplier"]
+    print(f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "
+          f"[{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] (MDM bound vs ARM NLL)")
+  plot_scaling(runs, fits, document["metric"], document["x"], _OUT.value)
+  fits_path = pathlib.Path(_FITS.value or pathlib.Path(_OUT.value).with_suffix(".json"))
+  fits_path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+  print(f"wrote {_OUT.value} and {fits_path}")
+
+
+run = entry_point(_scaling)  # console script `llada-scaling`
+
+
+if __name__ == "__main__":
+  run()

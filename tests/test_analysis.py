@@ -1,0 +1,166 @@
+"""Scaling analysis: reading runs, frontier, power-law fits, the multiplier and llada-scaling."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llada_jax.analysis import (collect_runs, compute_multiplier, default_metric, fit_power_law,
+                                frontier, read_records, select_points)
+from llada_jax.analysis.fit import PowerLawFit
+
+LAW = dict(mdm=(2.0, 0.3, 1.0), arm=(1.0, 0.3, 1.0))  # (a, b, c) against C / 1e10
+
+
+def _law(objective, compute):
+  a, b, c = LAW[objective]
+  return a * (compute / 1e10) ** -b + c
+
+
+def _write_run(path, objective, params, budget, noise=0.0, seed=0):
+  """A run whose eval curve follows the objective's law: 6 evaluations up to `budget` FLOPs."""
+  path.mkdir(parents=True)
+  (path / "run.json").write_text(json.dumps({"schema": 1, "objective": objective,
+                                             "parameters": params}))
+  rng = np.random.default_rng(seed)
+  lines = []
+  for step, compute in enumerate(np.geomspace(budget / 30, budget, 6), 1):
+    loss = _law(objective, compute) * np.exp(noise * rng.standard_normal())
+    lines.append({"step": step, "split": "train", "tokens": step * 10.0, "flops": compute,
+                  "flops_6nd": compute, "loss": 9.0})
+    lines.append({"step": step, "split": "eval", "tokens": step * 10.0, "flops": compute,
+                  "flops_6nd": 0.8 * compute, "loss_bound": loss / np.log2(np.e),
+                  "bits_per_byte": loss})
+  (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  root = tmp_path_factory.mktemp("study")
+  for objective in ("mdm", "arm"):
+    for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
+      _write_run(root / f"s{i}-{objective}", objective, 1000 * 4 ** i, budget)
+  return root
+
+
+def test_collect_runs_reads_descriptions_and_records(study):
+  runs = collect_runs(study)
+  assert [r.objective for r in runs] == ["arm"] * 4 + ["mdm"] * 4
+  assert [r.parameters for r in runs[:4]] == [1000, 4000, 16000, 64000]
+  assert default_metric(runs) == "bits_per_byte"
+  xs, ys = runs[0].curve("bits_per_byte")
+  assert len(xs) == 6 and np.all(np.diff(xs) > 0)
+
+
+def test_resumed_steps_keep_the_last_record_and_a_cut_last_line_is_skipped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "split": "eval", "loss_bound": 3.0}\n'
+                  '{"step": 2, "split": "eval", "loss_bound": 2.5}\n'
+                  '{"step": 2, "split": "eval", "loss_bound": 2.4}\n{"step": 3, "spl')
+  records = read_records(path)
+  assert [(r["step"], r["loss_bound"]) for r in records] == [(1, 3.0), (2, 2.4)]
+  path.write_text('{"step": 1, "split": "eval"}\nnot json\n{"step": 2, "split": "eval"}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl:2: not a metrics record"):
+    read_records(path)
+
+
+def test_bad_study_directories_are_one_line_errors(tmp_path):
+  with pytest.raises(ValueError, match="expected a directory"):
+    collect_runs(tmp_path / "missing")
+  with pytest.raises(ValueError, match="holds no runs"):
+    collect_runs(tmp_path)
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "run.json").write_text('{"objective": "gpt"}')
+  with pytest.raises(ValueError, match="objective 'gpt' is not allowed"):
+    collect_runs(tmp_path)
+
+
+def test_frontier_is_the_lower_envelope_by_hand():
+  compute = np.array([1.0, 2.0, 3.0, 2.0, 4.0, 5.0])
+  loss = np.array([5.0, 4.0, 4.5, 3.0, 3.5, 2.0])
+  np.testing.assert_array_equal(frontier(compute, loss), [0, 3, 5])
+
+
+def test_exact_points_give_the_exact_law(study):
+  runs = [r for r in collect_runs(study) if r.objective == "arm"]
+  compute, loss, owner = select_points(runs, "bits_per_byte", points="final")
+  assert len(compute) == 4 and set(owner) == {0, 1, 2, 3}
+  compute, loss, owner = select_points(runs, "bits_per_byte")
+  fit = fit_power_law(compute, loss, owner, bootstrap=0)
+  np.testing.assert_allclose(fit.predict(compute), loss, rtol=1e-6)
+  np.testing.assert_allclose([fit.b, fit.c], [0.3, 1.0], rtol=1e-4)
+  np.testing.assert_allclose(fit.compute_for(fit.predict(3e11)), 3e11, rtol=1e-9)
+  assert fit.compute_for(0.5) == np.inf
+
+
+def test_noisy_points_recover_the_exponent_within_the_bootstrap_interval(tmp_path):
+  """2% log-normal noise on 24 points over 3.5 decades: b = 0.3 is recovered to about 0.1."""
+  for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
+    _write_run(tmp_path / f"s{i}", "arm", 1000 * 4 ** i, budget, noise=0.02, seed=i)
+  compute, loss, owner = [], [], []
+  for index, run in enumerate(collect_runs(tmp_path)):  # every point, not the frontier: noise must not be selected
+    xs, ys = run.curve("bits_per_byte")
+    compute.extend(xs)
+    loss.extend(ys)
+    owner.extend([index] * len(xs))
+  fit = fit_power_law(np.array(compute), np.array(loss), np.array(owner), bootstrap=50)
+  assert abs(fit.b - 0.3) < 0.1
+  low, high = fit.interval(1)
+  assert low <= fit.b <= high and len(fit.bootstrap) > 40
+
+
+def test_multiplier_by_hand():
+  """Equal exponents and no asymptote: k = (a_mdm / a_arm)^(1 / b) at every compute."""
+  empty = np.zeros((0, 3))
+  mdm = PowerLawFit(4.0, 0.5, 0.0, 1.0, (0, 0, 0), 5, 0.0, empty)
+  arm = PowerLawFit(1.0, 0.5, 0.0, 1.0, (0, 0, 0), 5, 0.0, empty)
+  for at in (1.0, 1e3, 1e9):
+    k, low, high = compute_multiplier(mdm, arm, at)
+    assert k == pytest.approx(16.0) and np.isnan(low) and np.isnan(high)
+  assert compute_multiplier(arm, arm, 10.0)[0] == pytest.approx(1.0)
+  above = PowerLawFit(4.0, 0.5, 2.0, 1.0, (0, 0, 0), 5, 0.0, empty)
+  assert compute_multiplier(above, arm, 100.0)[0] == np.inf  # MDM's floor above ARM's loss
+
+
+def test_too_few_points_is_a_one_line_error():
+  with pytest.raises(ValueError, match="at least 3 points"):
+    fit_power_law(np.array([1.0, 2.0]), np.array([3.0, 2.0]))
+
+
+def test_llada_scaling_writes_plot_and_identical_json(study, tmp_path):
+  pytest.importorskip("matplotlib")
+  outputs = []
+  for name in ("a", "b"):
+    result = subprocess.run([sys.executable, "-m", "llada_jax.scaling", f"--runs={study}",
+                             f"--out={tmp_path / name}.png", "--bootstrap=20"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs.append((tmp_path / f"{name}.json").read_bytes())
+  assert outputs[0] == outputs[1]
+  document = json.loads(outputs[0])
+  assert document["fits"]["mdm"]["b"] == pytest.approx(0.3, rel=1e-3)
+  assert document["multiplier"]["k"] == pytest.approx(2.0 ** (1 / 0.3), rel=1e-3)
+  assert (tmp_path / "a.png").stat().st_size > 10_000
+  assert "MDM needs" in result.stdout
+
+
+def test_llada_scaling_reproduces_the_committed_study(tmp_path):
+  """docs/scaling_study: the CPU ladder's runs, their plot and fits (docs/scaling_study.md)."""
+  image = pytest.importorskip("matplotlib.image")
+  study = pathlib.Path(__file__).resolve().parent.parent / "docs" / "scaling_study"
+  result = subprocess.run([sys.executable, "-m", "llada_jax.scaling", f"--runs={study / 'runs'}",
+                           f"--out={tmp_path / 'scaling.png'}"], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  got = json.loads((tmp_path / "scaling.json").read_text())
+  want = json.loads((study / "scaling.json").read_text())
+  assert got["runs"] == want["runs"] and len(got["runs"]) == 8
+  for objective in ("mdm", "arm"):
+    for key in ("a", "b", "c", "b_interval", "c_interval"):
+      np.testing.assert_allclose(got["fits"][objective][key], want["fits"][objective][key],
+                                 rtol=1e-6)
+  drawn, committed = image.imread(tmp_path / "scaling.png"), image.imread(study / "scaling.png")
+  assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01
