@@ -2,6 +2,7 @@
 
   llada-scaling --runs=runs/scaling --out=scaling.png [--x=flops|flops_6nd|tokens]
       [--points=frontier|final] [--metric=bits_per_byte] [--bootstrap=200]
+      [--min_compute=C] [--noirreducible]
 
 Reads every workdir under --runs (run.json + metrics.jsonl, written by llada-train and
 llada-evaluate), fits L(C) = a (C / C0)^(-b) + c per objective (llada_jax.analysis.fit), prints
@@ -32,25 +33,31 @@ _POINTS = flags.DEFINE_enum("points", "frontier", ["frontier", "final"],
 _METRIC = flags.DEFINE_string("metric", None, "Evaluation metric (default: bits_per_byte when "
                               "every run has it, else loss_bound).")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap refits over runs (0: none).")
+_MIN_COMPUTE = flags.DEFINE_float("min_compute", 0.0, "Fit only points at this compute or more "
+                                  "(in the units of --x), e.g. past an early plateau.")
+_IRREDUCIBLE = flags.DEFINE_bool("irreducible", True, "Fit the irreducible loss c; --noirreducible "
+                                  "fits a pure power law (c = 0).")
 _REFERENCE = flags.DEFINE_float("reference_flops", None, "Compute at which the MDM/ARM multiplier "
                                 "is quoted (default: the largest of the data).")
 
 
 def analyse(runs_dir: str, x: str = "flops", points: str = "frontier", metric: str | None = None,
-            bootstrap: int = 200, reference: float | None = None) -> tuple[dict, list, dict]:
+            bootstrap: int = 200, reference: float | None = None,
+            min_compute: float = 0.0, irreducible: bool = True) -> tuple[dict, list, dict]:
   """(the fits document, the runs, the fits by objective) of a study directory."""
   from llada_jax import analysis  # pylint: disable=g-import-not-at-top
 
   runs = analysis.collect_runs(runs_dir)
   metric = metric or analysis.default_metric(runs)
   fits, document = {}, {"schema": SCHEMA, "x": x, "metric": metric, "points": points,
-                        "runs": [r.name for r in runs], "fits": {}}
+                        "min_compute": min_compute, "irreducible": irreducible, "runs": [r.name for r in runs], "fits": {}}
   for objective in ("mdm", "arm"):
     own = [r for r in runs if r.objective == objective]
     if not own:
       continue
-    compute, loss, owner = analysis.select_points(own, metric, x, points)
-    fits[objective] = analysis.fit_power_law(compute, loss, owner, bootstrap=bootstrap)
+    compute, loss, owner = analysis.select_points(own, metric, x, points, min_compute)
+    fits[objective] = analysis.fit_power_law(compute, loss, owner, bootstrap=bootstrap,
+                                                 irreducible=irreducible)
     document["fits"][objective] = dict(fits[objective].summary(), runs=len(own))
   if len(fits) == 2:
     reference = reference or max(float(np.max(r.curve(metric, x)[0])) for r in runs)
@@ -66,9 +73,11 @@ def _scaling(argv: list[str]) -> None:
   if not _RUNS.value or not _OUT.value:
     raise ConfigError("--runs and --out are required, e.g. --runs=runs/scaling --out=scaling.png")
   document, runs, fits = analyse(_RUNS.value, _X.value, _POINTS.value, _METRIC.value,
-                                 _BOOTSTRAP.value, _REFERENCE.value)
+                                 _BOOTSTRAP.value, _REFERENCE.value, _MIN_COMPUTE.value,
+                                 _IRREDUCIBLE.value)
   print(f"{len(runs)} runs; metric {document['metric']} against {document['x']}; "
-        f"{document['points']} points")
+        f"{document['points']} points"
+        + (f" at {_MIN_COMPUTE.value:.3g} or more" if _MIN_COMPUTE.value else ""))
   print("objective | runs | points | a | b [16%, 84%] | c [16%, 84%] | rms log residual")
   for objective, fit in fits.items():
     summary = document["fits"][objective]
@@ -80,7 +89,7 @@ def _scaling(argv: list[str]) -> None:
     m = document["multiplier"]
     print(f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "
           f"[{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] (MDM bound vs ARM NLL)")
-  plot_scaling(runs, fits, document["metric"], document["x"], _OUT.value)
+  plot_scaling(runs, fits, document["metric"], document["x"], _OUT.value, _MIN_COMPUTE.value)
   fits_path = pathlib.Path(_FITS.value or pathlib.Path(_OUT.value).with_suffix(".json"))
   fits_path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
   print(f"wrote {_OUT.value} and {fits_path}")

@@ -96,6 +96,37 @@ def test_exact_points_give_the_exact_law(study):
   assert fit.compute_for(0.5) == np.inf
 
 
+def test_without_irreducible_loss_the_fit_is_a_pure_power_law():
+  compute = np.geomspace(1e10, 1e13, 8)
+  loss = 3.0 * (compute / 1e11) ** -0.07
+  fit = fit_power_law(compute, loss, bootstrap=0, irreducible=False)
+  np.testing.assert_allclose([fit.b, fit.c, fit.stderr[2]], [0.07, 0.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose(fit.predict(compute), loss, rtol=1e-6)
+  free = fit_power_law(compute, loss * 1.05 + 0.5, bootstrap=0)
+  assert free.c > 0.1
+
+
+def test_min_compute_drops_an_early_plateau(tmp_path):
+  """A run stuck at 4.5 before 1e11 FLOPs: cut there, the fit is the law again."""
+  for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
+    _write_run(tmp_path / f"s{i}-arm", "arm", 1000 * 4 ** i, budget)
+  plateau = tmp_path / "p-arm"
+  plateau.mkdir()
+  (plateau / "run.json").write_text(json.dumps({"objective": "arm", "parameters": 10}))
+  (plateau / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 4.5}) + "\n"
+      for s, c in enumerate(np.geomspace(1e8, 9e10, 5), 1)))
+  runs = collect_runs(tmp_path)
+  compute, loss, owner = select_points(runs, "bits_per_byte")
+  assert compute.min() == pytest.approx(1e8)
+  compute, loss, owner = select_points(runs, "bits_per_byte", min_compute=1e11)
+  assert compute.min() >= 1e11 and "p-arm" not in {runs[i].name for i in owner}
+  fit = fit_power_law(compute, loss, owner, bootstrap=0)
+  np.testing.assert_allclose([fit.b, fit.c], [0.3, 1.0], rtol=1e-4)
+  with pytest.raises(ValueError, match="min_compute=-1.0 is not allowed"):
+    select_points(runs, "bits_per_byte", min_compute=-1.0)
+
+
 def test_noisy_points_recover_the_exponent_within_the_bootstrap_interval(tmp_path):
   """2% log-normal noise on 24 points over 3.5 decades: b = 0.3 is recovered to about 0.1."""
   for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
@@ -147,20 +178,23 @@ def test_llada_scaling_writes_plot_and_identical_json(study, tmp_path):
   assert "MDM needs" in result.stdout
 
 
-def test_llada_scaling_reproduces_the_committed_study(tmp_path):
-  """docs/scaling_study: the CPU ladder's runs, their plot and fits (docs/scaling_study.md)."""
+@pytest.mark.parametrize("name, flags", [
+    ("scaling", []), ("scaling_above_1e12", ["--min_compute=1e12", "--noirreducible"])])
+def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
+  """docs/scaling_study: the CPU ladder's runs, their plots and fits (docs/scaling_study.md)."""
   image = pytest.importorskip("matplotlib.image")
   study = pathlib.Path(__file__).resolve().parent.parent / "docs" / "scaling_study"
   result = subprocess.run([sys.executable, "-m", "llada_jax.scaling", f"--runs={study / 'runs'}",
-                           f"--out={tmp_path / 'scaling.png'}"], capture_output=True, text=True,
-                          check=False)
+                           f"--out={tmp_path / name}.png", *flags], capture_output=True,
+                          text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  got = json.loads((tmp_path / "scaling.json").read_text())
-  want = json.loads((study / "scaling.json").read_text())
-  assert got["runs"] == want["runs"] and len(got["runs"]) == 8
+  got = json.loads((tmp_path / f"{name}.json").read_text())
+  want = json.loads((study / f"{name}.json").read_text())
+  assert got["runs"] == want["runs"] and len(got["runs"]) == 10
   for objective in ("mdm", "arm"):
     for key in ("a", "b", "c", "b_interval", "c_interval"):
       np.testing.assert_allclose(got["fits"][objective][key], want["fits"][objective][key],
                                  rtol=1e-6)
-  drawn, committed = image.imread(tmp_path / "scaling.png"), image.imread(study / "scaling.png")
+  np.testing.assert_allclose(got["multiplier"]["k"], want["multiplier"]["k"], rtol=1e-6)
+  drawn, committed = image.imread(tmp_path / f"{name}.png"), image.imread(study / f"{name}.png")
   assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01

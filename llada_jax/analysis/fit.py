@@ -2,8 +2,10 @@
 
 Points are either the compute frontier of all of an objective's evaluation records (a record is
 kept when no record at equal or lower compute has a lower loss: the lower envelope of the learning
-curves, as in Kaplan et al.) or each run's final record. The fit minimises squared log-loss
-residuals (every decade of loss weighs the same) with c in [0, min loss), b in (0, 5]; C0 is the
+curves, as in Kaplan et al.) or each run's final record; `min_compute` then drops the points below
+a compute (an early regime the law should not describe, such as a unigram plateau). The fit minimises squared log-loss
+residuals (every decade of loss weighs the same) with c in [0, min loss) (or c = 0: a pure power
+law, the one shape a short range of compute can pin down), b in (0, 5]; C0 is the
 geometric mean of the points' compute, so a is the loss above c at C0. Uncertainty: the
 Gauss-Newton standard errors of the one fit and a bootstrap over runs (runs resampled with
 replacement, refit), whose 16th-84th percentiles are the quoted intervals.
@@ -78,11 +80,13 @@ def frontier(compute: np.ndarray, loss: np.ndarray) -> np.ndarray:
   return np.asarray(keep, np.int64)
 
 
-def select_points(runs: Sequence[Run], metric: str, x: str = "flops",
-                  points: str = "frontier") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_points(runs: Sequence[Run], metric: str, x: str = "flops", points: str = "frontier",
+                  min_compute: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(compute, loss, run index) of the points a fit uses (see the module docstring)."""
   if points not in POINTS:
     raise ConfigError(f"points={points!r} is not allowed: expected one of {', '.join(POINTS)}")
+  if not min_compute >= 0:
+    raise ConfigError(f"min_compute={min_compute} is not allowed: expected a number >= 0")
   compute, loss, owner = [], [], []
   for index, run in enumerate(runs):
     xs, ys = run.curve(metric, x)
@@ -97,57 +101,61 @@ def select_points(runs: Sequence[Run], metric: str, x: str = "flops",
   if points == "frontier" and len(compute):
     keep = frontier(compute, loss)
     compute, loss, owner = compute[keep], loss[keep], owner[keep]
-  return compute, loss, owner
+  keep = compute >= min_compute
+  return compute[keep], loss[keep], owner[keep]
 
 
-def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float,
+def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float, irreducible: bool = True,
               start: tuple[float, float, float] | None = None):
   """Least squares on log loss from several starts (or from `start`, a previous fit's (a, b, c));
-  (params, stderr, rms) or None."""
+  c stays 0 unless `irreducible`. (params, stderr, rms) or None."""
   z = np.log(compute / scale)
   target = np.log(loss)
   floor = float(np.min(loss))
 
   def residual(p):
-    log_a, b, c = p
-    return np.log(np.exp(log_a) * np.exp(-b * z) + c) - target
+    c = p[2] if irreducible else 0.0
+    return np.log(np.exp(p[0]) * np.exp(-p[1] * z) + c) - target
 
-  upper = floor * (1 - 1e-9)
   if start is None:
     starts = [(max(float(np.exp(np.mean(np.log(np.maximum(loss - c0, 1e-6))))), 1e-6), b0, c0)
-              for c0 in (0.0, 0.5 * floor, 0.9 * floor) for b0 in (0.1, 0.3, 1.0)]
+              for c0 in ((0.0, 0.5 * floor, 0.9 * floor) if irreducible else (0.0,))
+              for b0 in (0.1, 0.3, 1.0)]
   else:
     starts = [(start[0], start[1], min(start[2], 0.99 * floor))]
+  lower, upper = [-50.0, 1e-6, 0.0], [50.0, 5.0, floor * (1 - 1e-9)]
+  size = 3 if irreducible else 2
   best = None
   for a0, b0, c0 in starts:
     try:
-      result = optimize.least_squares(residual, [np.log(a0), b0, c0],
-                                      bounds=([-50.0, 1e-6, 0.0], [50.0, 5.0, upper]))
+      result = optimize.least_squares(residual, [np.log(a0), b0, c0][:size],
+                                      bounds=(lower[:size], upper[:size]))
     except ValueError:
       continue
     if best is None or result.cost < best.cost:
       best = result
   if best is None:
     return None
-  log_a, b, c = best.x
-  dof = max(len(loss) - 3, 1)
+  log_a, b, c = (*best.x, 0.0) if size == 2 else best.x
+  dof = max(len(loss) - size, 1)
   sigma2 = 2 * best.cost / dof
-  jac = best.jac * np.array([1.0 / np.exp(log_a), 1.0, 1.0])  # d/da instead of d/dlog a
+  jac = best.jac * np.array([1.0 / np.exp(log_a), 1.0, 1.0][:size])  # d/da instead of d/dlog a
   cov = np.linalg.pinv(jac.T @ jac) * sigma2
-  stderr = tuple(float(np.sqrt(max(v, 0.0))) for v in np.diag(cov))
+  stderr = tuple(float(np.sqrt(max(v, 0.0))) for v in np.diag(cov)) + (0.0,) * (3 - size)
   rms = float(np.sqrt(np.mean(best.fun ** 2)))
   return (float(np.exp(log_a)), float(b), float(c)), stderr, rms
 
 
 def fit_power_law(compute: np.ndarray, loss: np.ndarray, owner: np.ndarray | None = None,
-                  bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
-  """Fits L(C) = a (C / C0)^(-b) + c to at least 3 points; bootstraps over `owner` (run) groups."""
+                  bootstrap: int = 200, seed: int = 0, irreducible: bool = True) -> PowerLawFit:
+  """Fits L(C) = a (C / C0)^(-b) + c (c = 0 unless `irreducible`) to at least 3 points;
+  bootstraps over `owner` (run) groups."""
   compute, loss = np.asarray(compute, np.float64), np.asarray(loss, np.float64)
   if len(compute) < 3 or len(np.unique(compute)) < 3:
     raise ConfigError(f"a power-law fit needs at least 3 points of different compute, got "
                       f"{len(np.unique(compute))}: run more sizes or evaluate more often")
   scale = float(np.exp(np.mean(np.log(compute))))
-  fitted = _fit_once(compute, loss, scale)
+  fitted = _fit_once(compute, loss, scale, irreducible)
   if fitted is None:
     raise ConfigError("the power-law fit did not converge on these points")
   (a, b, c), stderr, rms = fitted
@@ -160,7 +168,7 @@ def fit_power_law(compute: np.ndarray, loss: np.ndarray, owner: np.ndarray | Non
     rows = np.concatenate([np.flatnonzero(owner == g) for g in chosen])
     if len(np.unique(compute[rows])) < 3:
       continue
-    refit = _fit_once(compute[rows], loss[rows], scale, start=(a, b, c))
+    refit = _fit_once(compute[rows], loss[rows], scale, irreducible, start=(a, b, c))
     if refit is not None:
       samples.append(refit[0])
   return PowerLawFit(a, b, c, scale, stderr, len(compute), rms,

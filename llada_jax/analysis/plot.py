@@ -35,12 +35,13 @@ def accuracy_metrics(runs: Sequence[Run]) -> list[str]:
 
 
 def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str, x: str,
-                 out: str | pathlib.Path) -> None:
-  """Writes the PNG: thin lines per run (shade by size), thick fitted curve per objective."""
+                 out: str | pathlib.Path, min_compute: float = 0.0) -> None:
+  """Writes the PNG: thin lines per run (shade by size), thick fitted curve per objective over
+  the compute it was fitted on (from `min_compute`)."""
   plt = _pyplot()
   accuracies = accuracy_metrics(runs)
   panels = 2 if accuracies else 1
-  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), dpi=120, squeeze=False)
+  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 6.4), dpi=120, squeeze=False)
   ax = axes[0, 0]
   for objective in ("mdm", "arm"):
     own = [r for r in runs if r.objective == objective]
@@ -51,7 +52,7 @@ def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str,
               label=f"{run.name} ({run.parameters / 1e6:.2f}M)")
     if objective in fits:
       fit = fits[objective]
-      grid = np.geomspace(min(min(r.curve(metric, x)[0]) for r in own),
+      grid = np.geomspace(max(min(min(r.curve(metric, x)[0]) for r in own), min_compute),
                           max(max(r.curve(metric, x)[0]) for r in own), 200)
       low, high = fit.interval(1)
       ax.plot(grid, fit.predict(grid), color=COLOURS[objective], lw=2.5,
@@ -63,7 +64,7 @@ def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str,
   ax.set_ylabel(Y_LABELS.get(metric, metric))
   ax.set_title("loss vs compute: L(C) = a C^-b + c")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6.5, loc="upper right")
+  ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
   if accuracies:
     ax = axes[0, 1]
     for run in runs:
