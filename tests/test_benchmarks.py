@@ -30,3 +30,4 @@ def test_sampler_benchmark_compares_modes_with_exact_decoding(tmp_path):
       (b, m) for b in (1, 4) for m in ("exact", "t1.0")]
   assert all(r["tokens_per_s"] > 0 for r in rows)
   assert all(r["agreement"] == 1.0 for r in rows)  # τ = 1 commits one token a step: exact
+  assert all(-1 < r["outside_forward"] < 1 for r in rows if r["mode"] == "exact")
