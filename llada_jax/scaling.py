@@ -50,7 +50,8 @@ def analyse(runs_dir: str, x: str = "flops", points: str = "frontier", metric: s
   runs = analysis.collect_runs(runs_dir)
   metric = metric or analysis.default_metric(runs)
   fits, document = {}, {"schema": SCHEMA, "x": x, "metric": metric, "points": points,
-                        "min_compute": min_compute, "irreducible": irreducible, "runs": [r.name for r in runs], "fits": {}}
+                        "min_compute": min_compute, "irreducible": irreducible,
+                        "runs": [r.name for r in runs], "fits": {}}
   for objective in ("mdm", "arm"):
     own = [r for r in runs if r.objective == objective]
     if not own:

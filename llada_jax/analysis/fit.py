@@ -3,12 +3,12 @@
 Points are either the compute frontier of all of an objective's evaluation records (a record is
 kept when no record at equal or lower compute has a lower loss: the lower envelope of the learning
 curves, as in Kaplan et al.) or each run's final record; `min_compute` then drops the points below
-a compute (an early regime the law should not describe, such as a unigram plateau). The fit minimises squared log-loss
-residuals (every decade of loss weighs the same) with c in [0, min loss) (or c = 0: a pure power
-law, the one shape a short range of compute can pin down), b in (0, 5]; C0 is the
-geometric mean of the points' compute, so a is the loss above c at C0. Uncertainty: the
-Gauss-Newton standard errors of the one fit and a bootstrap over runs (runs resampled with
-replacement, refit), whose 16th-84th percentiles are the quoted intervals.
+a compute (an early regime the law should not describe, such as a unigram plateau). The fit
+minimises squared log-loss residuals (every decade of loss weighs the same) with c in
+[0, min loss) (or c = 0: a pure power law, the one shape a short range of compute can pin down),
+b in (0, 5]; C0 is the geometric mean of the points' compute, so a is the loss above c at C0.
+Uncertainty: the Gauss-Newton standard errors of the one fit and a bootstrap over runs (runs
+resampled with replacement, refit), whose 16th-84th percentiles are the quoted intervals.
 """
 
 from __future__ import annotations
