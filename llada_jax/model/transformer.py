@@ -92,8 +92,9 @@ class Block(nn.Module):
     q = proj((cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"), "q_proj")(h)
     k = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "k_proj")(h)
     v = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "v_proj")(h)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
+    length = max(cfg.max_sequence_length, x.shape[1] if cache is None else cache[0].shape[1])
+    q = apply_rope(q, positions, cfg.rope_theta, length)
+    k = apply_rope(k, positions, cfg.rope_theta, length)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     if cache is not None:
       k, v = (jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), cache_start, axis=1)
