@@ -137,6 +137,11 @@ def test_rope_matches_rotate_half_reference():
   expected = x * np.cos(angles) + rotated * np.sin(angles)
   np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta), expected,
                              rtol=1e-5, atol=1e-6)
+  # Positions past the sequence (a window of a cached sequence) read further down the table.
+  far = positions + 100
+  angles = np.concatenate([far[0, :, None] * inv_freq] * 2, axis=-1)[None, :, None, :]
+  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(far), theta, 128),
+                             x * np.cos(angles) + rotated * np.sin(angles), rtol=1e-5, atol=1e-5)
   # Position 0 is the identity, and the rotation preserves norms.
   np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0],
                              x[:, 0], rtol=1e-6)
