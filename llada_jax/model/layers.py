@@ -50,7 +50,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
 
   x: [batch, seq, heads, head_dim]; positions: [batch, seq] integer positions below
   max(max_length, seq). cos and sin are gathered from constant tables by position: computed in
-  the graph, XLA evaluates them inside every per-head fusion (10% of a small model's forward on CPU).
+  the graph, XLA evaluates them inside every per-head fusion (10% of a small forward on CPU).
   """
   cos, sin = rope_tables(max(max_length, x.shape[1]), x.shape[-1], theta)
   cos, sin = (jnp.asarray(t)[positions][:, :, None, :] for t in (cos, sin))
