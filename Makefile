@@ -15,9 +15,10 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The demo trains on CPU: JAX_PLATFORMS=cpu also keeps libtpu (a dev extra) from probing for TPUs.
 demo: $(VENV)/.installed
-	$(PY) -m llada_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
-	$(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
+	JAX_PLATFORMS=cpu $(PY) -m llada_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
+	JAX_PLATFORMS=cpu $(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
 	    --prompt="KING HENRY:" --gen_length=112 --steps=112 --block_length=112 \
 	    --remasking=random --temperature=1.0
 

@@ -30,11 +30,14 @@ setuptools.setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
-                "nbformat", "ipykernel"],
+                "nbformat", "ipykernel", "libtpu==0.0.52"],
         "lm_eval": ["lm_eval>=0.4.5"],
         "analysis": ["matplotlib"],
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # The TPU compiler alone, for llada-compile --topology on any host (matches jax 0.10.2;
+        # bump the two together).
+        "tpu-aot": ["libtpu==0.0.52"],
         "notebooks": ["jupyter", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={

@@ -1,10 +1,14 @@
-"""Compile the train step for a target mesh ahead of time and print what one device needs.
+"""Compile the train step, the sampler or the likelihood scorer for a target ahead of time, and say
+what one chip needs.
 
-  python -m llada_jax.compile --config=configs/llada_8b.py --config.mesh.fsdp=64 --num_devices=64
+  llada-compile --config=configs/llada_8b.py --topology=v5p:4x4x4 --config.data.batch_size=256
+  llada-compile --config=configs/llada_1b.py --topology=v5e:4x4 --what=sample --num_items=16
+  llada-compile --config=configs/tiny.py --num_devices=8           # fake CPU devices, no libtpu
 
-On a machine without the target hardware it compiles for `--num_devices` fake CPU devices: the
-sharding, argument and output bytes are the target's, temporaries and FLOPs are the CPU compiler's
-(see docs/scaling.md for how far they stand from TPU and GPU numbers). Nothing is allocated.
+With --topology (needs libtpu: pip install 'llada_jax[tpu-aot]') the real TPU compiler compiles for
+that slice (or --num_slices slices over DCN) on any host: bytes, FLOPs and collectives are the
+TPU's own. With --num_devices it compiles for fake CPU devices: shardings, argument and output
+bytes are the target's, temporaries and FLOPs the CPU compiler's. Nothing is allocated.
 """
 
 from __future__ import annotations
@@ -19,12 +23,62 @@ from llada_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).",
                                           lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to compile for with the real TPU "
+                                "compiler, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Fake CPU devices to compile for (0: the "
                                     "machine's own devices).")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory of one target device in GiB, to check the "
-                              "step fits (e.g. 95 for TPU v5p, 80 for H100).")
+_WHAT = flags.DEFINE_string("what", "train", "The program: train, sample or score.")
+_NUM_ITEMS = flags.DEFINE_integer("num_items", 0, "Prompts (sample) or pairs (score); 0: "
+                                  "data.batch_size prompts, or pairs for data.batch_size rows.")
+_PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per row (sample).")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory of one target device in GiB (default: the "
+                              "chip's own for TPUs and known GPUs).")
 
 GIB = 1 << 30
+
+
+def format_report(report) -> str:
+  """The report as the lines llada-compile prints."""
+  lines = [
+      f"compiled the {report.program} program for {report.devices} {report.platform} devices "
+      f"({report.device_kind}), mesh {report.mesh}, in {report.compile_seconds:.1f} s",
+      f"parameters: {report.parameters:,}",
+      "per device:",
+      f"  arguments   {report.argument_bytes / GIB:9.3f} GiB  (parameters, optimizer state, inputs)",
+      f"  outputs     {report.output_bytes / GIB:9.3f} GiB  ({report.alias_bytes / GIB:.3f} GiB "
+      "written into donated arguments)",
+      f"  temporaries {report.temp_bytes / GIB:9.3f} GiB  (activations, gradients, workspace)",
+      f"  code        {report.code_bytes / GIB:9.3f} GiB",
+      f"  peak        {report.peak_bytes / GIB:9.3f} GiB",
+  ]
+  if report.model_flops is None:
+    lines.append(f"FLOPs per device: compiled {report.flops_per_device:.3e}; model: not fixed "
+                 "(threshold decoding runs as many passes as the text needs)")
+  else:
+    per_device = report.model_flops / report.devices
+    ratio = ("" if report.opaque_kernels or report.loops else
+             f"  (compiled / model = {report.flops_per_device / per_device:.2f})")
+    lines.append(f"FLOPs per device: compiled {report.flops_per_device:.3e}, model "
+                 f"{per_device:.3e}{ratio}")
+  if report.opaque_kernels:
+    lines.append(f"  the compiled count leaves out {report.opaque_kernels} kernel calls (Pallas "
+                 "splash attention or cuDNN): no ratio is shown")
+  if report.loops:
+    lines.append(f"  the compiled count covers one trip of each of {report.loops} loops (scanned "
+                 "layers, accumulation, sampling steps): no ratio is shown")
+  lines.append("collectives       instructions  executions per call  MiB per call per device")
+  for kind, (instructions, executions, size) in report.collectives.by_kind().items():
+    lines.append(f"  {kind:18s} {instructions:9d} {executions:20d} {size / (1 << 20):24.1f}")
+  if report.collectives.unknown_trip_counts:
+    lines.append(f"  ({report.collectives.unknown_trip_counts} loops of unknown trip count "
+                 "counted once)")
+  hbm = _HBM_GIB.value * GIB if _HBM_GIB.value else report.hbm_bytes
+  if hbm:
+    verdict = "fits" if report.peak_bytes <= hbm else "DOES NOT FIT"
+    lines.append(f"{verdict} in {hbm / GIB:g} GiB per device "
+                 f"({100 * report.peak_bytes / hbm:.0f}% used)")
+  return "\n".join(lines)
 
 
 def _compile(argv: list[str]) -> None:
@@ -33,6 +87,11 @@ def _compile(argv: list[str]) -> None:
     raise ConfigError("--config is required, e.g. --config=configs/llada_8b.py")
   if _NUM_DEVICES.value < 0:
     raise ConfigError(f"--num_devices={_NUM_DEVICES.value} is not allowed: expected >= 0")
+  if _TOPOLOGY.value and _NUM_DEVICES.value:
+    raise ConfigError("--topology and --num_devices are not allowed together: give one target")
+  if _NUM_ITEMS.value < 0 or _PROMPT_LENGTH.value < 1:
+    raise ConfigError(f"--num_items={_NUM_ITEMS.value} --prompt_length={_PROMPT_LENGTH.value} is "
+                      "not allowed: expected num_items >= 0 and prompt_length >= 1")
   if _NUM_DEVICES.value:
     # Must happen before JAX starts its CPU backend.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -40,28 +99,23 @@ def _compile(argv: list[str]) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.training.aot import compile_train_step  # pylint: disable=g-import-not-at-top
+  if _TOPOLOGY.value and "JAX_PLATFORMS" not in os.environ:
+    # The topology's devices come from libtpu's compiler alone; the host's backend stays the CPU
+    # (no probing for TPU chips this host may not have).
+    jax.config.update("jax_platforms", "cpu")
 
-  report = compile_train_step(_CONFIG.value, jax.devices())
-  lines = [
-      f"compiled the train step for {report.devices} {report.platform} devices, mesh "
-      f"{report.mesh}, in {report.compile_seconds:.1f} s",
-      f"parameters: {report.parameters:,}",
-      "per device:",
-      f"  arguments   {report.argument_bytes / GIB:9.3f} GiB  (parameters, optimizer state, batch)",
-      f"  outputs     {report.output_bytes / GIB:9.3f} GiB  ({report.alias_bytes / GIB:.3f} GiB "
-      "written into donated arguments)",
-      f"  temporaries {report.temp_bytes / GIB:9.3f} GiB  (activations, gradients, workspace)",
-      f"  code        {report.code_bytes / GIB:9.3f} GiB",
-      f"  peak        {report.peak_bytes / GIB:9.3f} GiB",
-      f"  FLOPs       {report.flops_per_device:.3e} per step (compiler's count)",
-      f"model FLOPs per step (6 N D + attention): {report.model_flops_per_step:.3e} in all, "
-      f"{report.model_flops_per_step / report.devices:.3e} per device",
-  ]
-  if _HBM_GIB.value:
-    verdict = "fits" if report.peak_bytes <= _HBM_GIB.value * GIB else "DOES NOT FIT"
-    lines.append(f"{verdict} in {_HBM_GIB.value:g} GiB per device")
-  print("\n".join(lines), flush=True)
+  from llada_jax.aot import PROGRAMS, compile_program  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+
+  if _WHAT.value not in PROGRAMS:
+    raise ConfigError(f"--what={_WHAT.value} is not allowed: expected one of {', '.join(PROGRAMS)}")
+  if _NUM_SLICES.value != 1 and not _TOPOLOGY.value:
+    raise ConfigError(f"--num_slices={_NUM_SLICES.value} is not allowed without --topology")
+  devices = (tpu_devices(_TOPOLOGY.value, _NUM_SLICES.value) if _TOPOLOGY.value
+             else jax.devices())
+  report = compile_program(_CONFIG.value, devices, _WHAT.value, _NUM_ITEMS.value,
+                           _PROMPT_LENGTH.value)
+  print(format_report(report), flush=True)
 
 
 run = entry_point(_compile)  # console script `llada-compile`

@@ -5,6 +5,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on CPUs; libtpu (installed for the TPU-compiler tests, which ask for compile-only
+# TPU devices themselves) would otherwise probe for TPU chips in every process. JAX_PLATFORMS=cuda
+# (or tpu) runs the accelerator-only tests on such a machine.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -119,7 +119,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
 
 
 def test_aot_compile_reports_per_device_state_bytes():
-  from llada_jax.training.aot import compile_train_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.aot import compile_train_step  # pylint: disable=g-import-not-at-top
 
   config = _config((1, 8, 1))
   report = compile_train_step(config, jax.devices())
@@ -139,7 +139,7 @@ def test_compile_command_line_on_fake_devices():
        "--num_devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1", "--hbm_gib=1"],
       capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "compiled the train step for 4 cpu devices" in result.stdout
+  assert "compiled the train program for 4 cpu devices" in result.stdout
   assert "fits in 1 GiB per device" in result.stdout
 
 

@@ -22,6 +22,7 @@ import optax
 
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.parallel.sharding import placement_context
 
 
 class Likelihood(NamedTuple):
@@ -86,7 +87,8 @@ def score_pairs(config: ml_collections.ConfigDict, params: Any,
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   scorer = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, mc_num,
                             batch_size, cfg_scale > 0)
-  estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
+  with placement_context(sharding):
+    estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
 
 
@@ -133,30 +135,38 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
   model = Transformer(model_cfg)
   num_batches = mc_num // batch_size
 
-  def sample_losses(params, tokens, valid, is_answer, key, cfg_scale):
-    """Weighted masked CE of one stratified mini-batch for one pair: [batch_size]."""
+  def sample_masks(tokens, is_answer, key):
+    """One stratified mini-batch of maskings of one pair: (masked [batch_size, T] bool, number of
+    masked answer tokens [batch_size])."""
     answer_len = jnp.sum(is_answer)
     len_key, perm_key = jax.random.split(key)
     num_masked = stratified_lengths(len_key, answer_len, batch_size)
     order = jax.random.uniform(perm_key, (batch_size,) + tokens.shape)
     order = jnp.where(is_answer, order, jnp.inf)
     rank = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1)
-    masked = is_answer & (rank < num_masked[:, None])
-    noisy = jnp.where(masked, mask_id, tokens)
-    attention = jnp.broadcast_to(valid, noisy.shape)
-    prompt_free = jnp.where(valid & ~is_answer, mask_id, noisy) if use_cfg else None
-    logits = apply_model(model, params, noisy, attention, prompt_free, cfg_scale)
-    targets = jnp.broadcast_to(tokens, noisy.shape)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    masked_ce = jnp.sum(jnp.where(masked, ce, 0.0), axis=-1)
-    return masked_ce * answer_len / num_masked
+    return is_answer & (rank < num_masked[:, None]), num_masked
+
+  def batch_losses(params, tokens, valid, is_answer, keys, cfg_scale):
+    """Weighted masked CE of one mini-batch index for every pair: [N, batch_size]. The model sees
+    the N x batch_size rows as one pair-major batch, so a split of the pairs over devices carries
+    over to its rows unchanged."""
+    masked, num_masked = jax.vmap(sample_masks)(tokens, is_answer, keys)  # [N, b, T], [N, b]
+    pairs, width = tokens.shape
+    rows = lambda x: jnp.broadcast_to(x[:, None], masked.shape).reshape(-1, width)
+    noisy = jnp.where(masked, mask_id, tokens[:, None]).reshape(-1, width)
+    prompt_free = None
+    if use_cfg:
+      prompt_free = jnp.where(rows(valid & ~is_answer), mask_id, noisy)
+    logits = apply_model(model, params, noisy, rows(valid), prompt_free, cfg_scale)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows(tokens))
+    masked_ce = jnp.sum(jnp.where(masked, ce.reshape(masked.shape), 0.0), axis=-1)
+    return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked
 
   @jax.jit
   def score(params, tokens, valid, is_answer, pair_keys, cfg_scale):
     keys = jax.vmap(lambda key: jax.random.split(key, num_batches))(pair_keys)  # [N, batches]
-    all_pairs = jax.vmap(sample_losses, in_axes=(None, 0, 0, 0, 0, None))
     losses = jax.lax.map(  # [batches, N, batch_size]: one forward pass per mini-batch index
-        lambda batch_keys: all_pairs(params, tokens, valid, is_answer, batch_keys, cfg_scale),
+        lambda batch_keys: batch_losses(params, tokens, valid, is_answer, batch_keys, cfg_scale),
         jnp.swapaxes(keys, 0, 1))
     losses = jnp.swapaxes(losses, 0, 1)
     batch_means = losses.mean(axis=-1)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.model import splash
+from llada_jax.parallel.kernels import target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
 
@@ -18,10 +19,11 @@ def resolve(implementation: str, dtype: str, platform: str | None = None,
             lengths: tuple[int, int] | None = None) -> str:
   """The implementation `auto` stands for: cuDNN flash attention on GPUs for 16-bit compute,
   Pallas splash attention on TPUs for (query, key) lengths that are multiples of 128, else the
-  XLA one. Others are returned unchanged."""
+  XLA one. Others are returned unchanged. platform defaults to the one the current trace compiles
+  for (`llada_jax.parallel.kernels.target_platform`: a TPU mesh on a CPU host says "tpu")."""
   if implementation != "auto":
     return implementation
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if platform == "gpu" and dtype in ("bfloat16", "float16"):
     return "cudnn"
   if platform == "tpu" and lengths is not None and splash.supports(*lengths):

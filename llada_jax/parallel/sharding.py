@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,41 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of every input feature ([batch] or [batch, length]): batch over the data-parallel
   axes, the other dimensions replicated."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Where a computation on `mesh` is traced and run: the mesh (`jax.set_mesh`, which kernels
+  without a partitioning rule read to run per shard) and the logical axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def batch_rules(sharding: jax.sharding.Sharding | None, rules: Rules = ()) -> Rules:
+  """`rules` for the mesh of `sharding`: "batch" and "activation_batch" mapped to the mesh axes
+  that split its leading dimension (e.g. an evaluation mesh whose one axis splits the items), and
+  every other name that maps to axes this mesh lacks left unsplit."""
+  if not isinstance(sharding, NamedSharding) or not sharding.spec:
+    return rules
+  names = set(sharding.mesh.axis_names)
+
+  def present(axes: Any) -> bool:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return all(a in names for a in axes)
+
+  batch = sharding.spec[0]
+  return (("batch", batch), ("activation_batch", batch)) + tuple(
+      (name, axes if present(axes) else None) for name, axes in rules
+      if name not in ("batch", "activation_batch"))
+
+
+def placement_context(sharding: jax.sharding.Sharding | None,
+                      rules: Rules = ()) -> contextlib.AbstractContextManager[None]:
+  """`mesh_context` for inputs placed with `sharding` (their leading axis is the batch, see
+  `batch_rules`); no context for other placements (one device, or none given)."""
+  if not isinstance(sharding, NamedSharding):
+    return contextlib.nullcontext()
+  return mesh_context(sharding.mesh, batch_rules(sharding, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -28,6 +28,7 @@ import numpy as np
 from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.parallel.sharding import axis_rules, placement_context
 from llada_jax.sampling.cache import CACHE_MODES, empty_cache, window, window_logits
 from llada_jax.sampling.remasking import confidence_of
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
@@ -70,6 +71,7 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
     params: mask predictor parameters.
     prompt: int [B, P] token ids; prompts of different lengths are left-padded with tokens.pad_id.
       A jax.Array keeps its sharding (e.g. the batch split over devices); so does attention_mask.
+      With a NamedSharding the program is traced in its mesh, the batch split as it is split.
     attention_mask: optional [B, P], 0 on padding; padding is neither attended to nor counted in
       the positions, so a padded prompt gives the tokens it gives alone.
     steps, gen_length, block_length: gen_length is a multiple of block_length, steps a multiple of
@@ -111,11 +113,12 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
                      bool(np.any((prompt == mask_id) & attention_mask)))
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
+  sharding = placed[0].sharding if placed else None
   if placed:
-    device_prompt, device_mask = (jax.device_put(a, placed[0].sharding)
-                                  for a in (prompt, attention_mask))
-  return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
-                                 jnp.float32(cfg_scale), rng, jnp.float32(parallel_threshold))
+    device_prompt, device_mask = (jax.device_put(a, sharding) for a in (prompt, attention_mask))
+  with placement_context(sharding, axis_rules(config)):
+    return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
+                                   jnp.float32(cfg_scale), rng, jnp.float32(parallel_threshold))
 
 
 def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) -> None:

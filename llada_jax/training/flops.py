@@ -12,18 +12,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-# Dense bf16 peak FLOP/s per chip, by the start of jax.Device.device_kind (first match wins).
-PEAK_FLOPS = (
-    ("NVIDIA H100", 989e12),   # SXM; the PCIe card is lower (756e12), check device_kind
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA B200", 2250e12),
-    ("NVIDIA A100", 312e12),
-    ("TPU v6", 918e12),        # v6e (Trillium)
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),   # v5e
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-)
+from llada_jax.parallel.topology import chip
 
 
 def matmul_parameters(config: ml_collections.ConfigDict) -> int:
@@ -48,14 +37,20 @@ def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
                + 12 * m.n_layers * config.data.sequence_length * m.d_model)
 
 
+def forward_flops_per_token(config: ml_collections.ConfigDict, length: int) -> float:
+  """FLOPs of one forward pass per token of a `length`-token row (inference: sampling, scoring):
+  a third of the training count, 2 N_matmul + 4 n_layers S d_attn."""
+  m = config.model
+  return float(2 * matmul_parameters(config) + 4 * m.n_layers * length * m.d_model)
+
+
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
   """Training FLOPs of one step of the global batch."""
   return model_flops_per_token(config) * config.data.batch_size * config.data.sequence_length
 
 
 def peak_flops(device: jax.Device) -> float | None:
-  """Peak dense bf16 FLOP/s of one device, or None for kinds not in PEAK_FLOPS (e.g. CPUs)."""
-  for prefix, peak in PEAK_FLOPS:
-    if device.device_kind.startswith(prefix):
-      return peak
-  return None
+  """Peak dense bf16 FLOP/s of one device's chip (llada_jax.parallel.topology.CHIPS), or None for
+  kinds not in that table (e.g. CPUs)."""
+  found = chip(device)
+  return None if found is None else found.peak_flops

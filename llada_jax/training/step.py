@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +14,7 @@ from llada_jax.diffusion.masking import noise_batch
 from llada_jax.diffusion.objectives import (autoregressive_loss, chunked_cross_entropy,
                                             diffusion_loss, diffusion_loss_from_ce)
 from llada_jax.model import Transformer
-from llada_jax.parallel.sharding import axis_rules, batch_sharding, replicated
+from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
 from llada_jax.training.state import TrainState
 
@@ -92,8 +91,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
     return total
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    with nn.logical_axis_rules(rules):
-      (loss, metrics), grads = gradients(state, batch)
+    (loss, metrics), grads = gradients(state, batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -112,11 +110,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
   def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    with jax.set_mesh(mesh):
+    with mesh_context(mesh, rules):
       return jitted(state, batch)
 
   def lower(state: Any, batch: Any) -> jax.stages.Lowered:
-    with jax.set_mesh(mesh):
+    with mesh_context(mesh, rules):
       return jitted.lower(state, batch)
   run.lower = lower  # ahead-of-time compilation from abstract arguments (llada-compile)
   return run
@@ -131,14 +129,13 @@ def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: 
   rules = axis_rules(config)
 
   def eval_step(params: Any, batch: Batch, index: jax.Array) -> jax.Array:
-    with nn.logical_axis_rules(rules):
-      loss, _ = _loss(config, model, params, batch, step_rng(config, index, stream=2), 0.0)
+    loss, _ = _loss(config, model, params, batch, step_rng(config, index, stream=2), 0.0)
     return loss
 
   jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh, rules), None),
                    out_shardings=replicated(mesh))
 
   def run(params: Any, batch: Batch, index: int) -> jax.Array:
-    with jax.set_mesh(mesh):
+    with mesh_context(mesh, rules):
       return jitted(params, batch, index)
   return run

@@ -1,0 +1,99 @@
+"""The real TPU compiler (libtpu) on this host: what crosses chips in the compiled programs.
+
+Every program is compiled for a v5e:2x2 slice (4 chips, seconds to compile) on a data x fsdp mesh.
+Parameters are expected to cross chips (FSDP gathers them, gradients are reduced); activations are
+not: a collective whose result has a dimension of the global batch (or of the batch on one fsdp or
+data group) or of the sequence length means a kernel gathered its operands (a Pallas call outside
+shard_map does). The tiny model's parameter dimensions are 4, 32, 128, 260 and 384, so none of
+those sizes (48, 24, 512) can be a parameter's.
+"""
+
+import jax
+import pytest
+
+from configs import tiny
+from llada_jax.aot import compile_program
+from llada_jax.parallel.collectives import summarize, with_dimension
+
+pytest.importorskip("libtpu", reason="the TPU compiler (pip install 'llada_jax[tpu-aot]')")
+
+BATCH, LENGTH = 48, 512
+ACTIVATION_SIZES = (BATCH, BATCH // 2, LENGTH)
+
+
+@pytest.fixture(scope="module")
+def devices():
+  from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+  return tpu_devices("v5e:2x2")
+
+
+def _config(attention: str):
+  c = tiny.get_config()
+  c.model.update(dict(attention=attention, dtype="bfloat16", max_sequence_length=LENGTH,
+                      n_layers=2))
+  c.data.update(dict(sequence_length=LENGTH, batch_size=BATCH))
+  c.mesh.update(dict(data=2, fsdp=2, tensor=1))
+  c.sampling.update(dict(gen_length=64, steps=8, block_length=32))  # 64 + 64 prompt = 128
+  c.evaluation.update(dict(mc_num=4, mc_batch_size=2))
+  return c
+
+
+@pytest.mark.parametrize("program", ["train", "sample", "score"])
+def test_splash_attention_gathers_no_activation(devices, program):
+  report = compile_program(_config("splash"), devices, program, num_items=BATCH,
+                           prompt_length=64)
+  gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES)
+  assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
+  assert report.opaque_kernels > 0  # the compiled Mosaic kernel, not the interpreted one
+  if program == "train":  # the check sees collectives at all: FSDP's parameter traffic
+    kinds = report.collectives.by_kind()
+    assert kinds["all-gather"][0] + kinds["all-reduce"][0] + kinds["reduce-scatter"][0] > 2
+  assert report.platform == "tpu" and report.hbm_bytes == 16 << 30
+
+
+def test_collectives_are_counted_per_loop_trip():
+  """A gather inside a 7-trip loop body runs 7 times; one outside runs once (HLO by hand)."""
+  hlo = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %ag = f32[32]{0} all-gather(%x), channel_id=1, dimensions={0}, metadata={op_name="inner"}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %y)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %c = s32[] constant(7)
+  %g = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%g, %c), direction=LT
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %ar = (bf16[4,4]{1,0}, f32[2]{0}) all-reduce-start(%a, %b), to_apply=%add
+  ROOT %rs = f32[2]{0} reduce-scatter(%z), dimensions={0}, metadata={op_name="outer"}
+}
+"""
+  summary = summarize(hlo)
+  assert summary.by_kind()["all-gather"] == (1, 7, 7 * 32 * 4)
+  assert summary.by_kind()["all-reduce"] == (1, 1, 4 * 4 * 2 + 2 * 4)
+  assert summary.by_kind()["reduce-scatter"] == (1, 1, 8)
+  assert summary.unknown_trip_counts == 0
+  assert [c.source for c in with_dimension(summary.collectives, [32])] == ["inner"]
+
+
+def test_a_missing_topology_name_is_a_one_line_error():
+  from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="--topology=v9z:1x1 is not allowed"):
+    tpu_devices("v9z:1x1")
+
+
+def test_auto_resolves_by_the_compile_target_not_the_host(devices):
+  """On this CPU host `auto` must still pick splash when compiling for TPU devices."""
+  from llada_jax.model.attention import resolve  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  assert jax.default_backend() == "cpu"
+  with jax.set_mesh(make_mesh(_config("auto"), devices)):
+    assert resolve("auto", "bfloat16", lengths=(512, 512)) == "splash"
+  assert resolve("auto", "bfloat16", lengths=(512, 512)) == "xla"
