@@ -117,3 +117,32 @@ def test_out_of_vocabulary_and_empty_answers_are_rejected(model):
     log_likelihood(config, params, [1, 999], [3], mc_num=1, batch_size=1)
   with pytest.raises(ConfigError, match="answer is empty"):
     log_likelihood(config, params, [[1, 2]], [[]], mc_num=1, batch_size=1)
+
+
+def test_a_pair_scores_the_same_alone_and_in_any_call(model):
+  """Same seed and pair index: the same estimate alone, next to longer pairs, padded wider, and
+  with the pairs split over 8 devices (the masks once depended on the call's padded width)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.diffusion.likelihood import score_pairs  # pylint: disable=g-import-not-at-top
+  from llada_jax.keys import item_keys  # pylint: disable=g-import-not-at-top
+
+  config, params = model
+  rng = jax.random.PRNGKey(7)
+  rows = np.random.default_rng(0)
+  prompts = [list(rows.integers(3, 250, n)) for n in (5, 17, 2, 9, 30, 4, 11, 6)]
+  answers = [list(rows.integers(3, 250, n)) for n in (7, 21, 3, 12, 2, 8, 5, 9)]
+  options = dict(mc_num=8, batch_size=4)
+  alone = score_pairs(config, params, prompts[:1], answers[:1], item_keys(rng, [0]), **options)
+  together = score_pairs(config, params, prompts, answers, item_keys(rng, 8), width=64, **options)
+  order = [3, 0, 5, 1, 7, 2, 6, 4]
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("items",))
+  sharded = score_pairs(config, params, [prompts[i] for i in order], [answers[i] for i in order],
+                        item_keys(rng, order), sharding=NamedSharding(mesh, PartitionSpec("items")),
+                        **options)
+  np.testing.assert_allclose(together.log_likelihood[0], alone.log_likelihood[0], rtol=1e-5)
+  np.testing.assert_allclose(sharded.log_likelihood[order.index(0)], alone.log_likelihood[0],
+                             rtol=1e-5)
+  np.testing.assert_allclose(sharded.log_likelihood, together.log_likelihood[order], rtol=1e-5)
+  single = log_likelihood(config, params, prompts[0], answers[0], rng=rng, **options)
+  np.testing.assert_allclose(single.log_likelihood, alone.log_likelihood[0], rtol=1e-5)

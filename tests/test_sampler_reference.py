@@ -2,8 +2,8 @@
 
 The reference follows the structure of LLaDA's PyTorch code (per-block schedule, per-step top-k,
 Python loops); only its random numbers are drawn from the same jax keys as the compiled sampler
-(fold_in(rng, step), split into noise and remasking keys), so outputs can be compared token for
-token.
+(row r, step s: fold_in(fold_in(rng, r), s), split into noise and remasking keys, each folded with
+the position), so outputs can be compared token for token.
 """
 
 import os
@@ -38,6 +38,19 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
+def _draws(rng, step, shape, which):
+  """Gumbel noise (which=0) [B, L, V] or uniforms (which=1) [B, L] of one step, from
+  fold_in(split(fold_in(fold_in(rng, row), step))[which], position)."""
+  out = np.zeros(shape, np.float64)
+  for row in range(shape[0]):
+    key = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, row), step))[which]
+    for position in range(shape[1]):
+      k = jax.random.fold_in(key, position)
+      out[row, position] = (jax.random.gumbel(k, shape[2:]) if which == 0
+                            else jax.random.uniform(k, ()))
+  return out
+
+
 def reference_generate(config, params, prompt, *, steps, gen_length, block_length, temperature,
                        cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf, rng):
   mask_id = config.tokens.mask_id
@@ -54,7 +67,7 @@ def reference_generate(config, params, prompt, *, steps, gen_length, block_lengt
     for j in range(batch):
       schedule[j, :counts[j] % steps_per_block] += 1
     for i in range(steps_per_block):
-      noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, b * steps_per_block + i))
+      step = b * steps_per_block + i
       mask_index = x == mask_id
       if cfg_scale > 0:
         un_x = x.copy()
@@ -66,14 +79,13 @@ def reference_generate(config, params, prompt, *, steps, gen_length, block_lengt
         z = np.asarray(logits(config, params, x), np.float64)
       if logits_eos_inf:
         z[:, :, EOS] = -np.inf
-      noisy = z + temperature * np.asarray(jax.random.gumbel(noise_key, z.shape), np.float64) \
-          if temperature > 0 else z
+      noisy = z + temperature * _draws(rng, step, z.shape, 0) if temperature > 0 else z
       x0 = noisy.argmax(-1)
       p = _softmax(z)
       if remasking == "low_confidence":
         conf = np.take_along_axis(p, x0[..., None], -1)[..., 0]
       elif remasking == "random":
-        conf = np.asarray(jax.random.uniform(remask_key, x0.shape), np.float64)
+        conf = _draws(rng, step, x0.shape, 1)
       elif remasking == "margin":
         top = np.sort(p, -1)
         conf = top[..., -1] - top[..., -2]
@@ -206,10 +218,11 @@ def test_float64_option_runs_where_x64_is_enabled_and_is_refused_otherwise(setup
       "c = make_tiny_config()\n"
       "p = nn.meta.unbox(Transformer(ModelConfig.from_config(c)).init(jax.random.PRNGKey(0),"
       " jnp.zeros((1, 8), jnp.int32)))['params']\n"
-      "kw = dict(steps=8, gen_length=8, block_length=8, temperature=1.0)\n"
-      "a = generate(c, p, np.asarray([[10, 11]]), float64=True, **kw)\n"
+      "kw = dict(steps=8, gen_length=8, block_length=8)\n"
+      "a = generate(c, p, np.asarray([[10, 11]]), float64=True, temperature=1.0, **kw)\n"
       "assert a.dtype == np.int32 and a.shape == (1, 10)\n"
-      "assert not (np.asarray(a) == c.tokens.mask_id).any()\n"
+      "greedy = [generate(c, p, np.asarray([[10, 11]]), float64=f, **kw) for f in (True, False)]\n"
+      "assert (np.asarray(greedy[0]) == np.asarray(greedy[1])).all()\n"
       "print('ok')\n")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent,

@@ -175,3 +175,38 @@ def test_bad_cache_options_are_one_line_errors(model_and_params, kwargs, needle)
   config, params = model_and_params
   with pytest.raises(ValueError, match=needle):
     generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8, **kwargs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(remasking="random", temperature=1.0),
+    dict(remasking="low_confidence", temperature=0.7, cfg_scale=0.5),
+    dict(parallel_threshold=0.3, temperature=1.0),
+    dict(cache="prefix", temperature=1.0),
+    dict(cache="dual", parallel_threshold=0.3, temperature=1.0),
+    dict(remasking="random", temperature=1.0, infill=True),
+])
+def test_an_answer_is_the_same_alone_and_in_any_batch(model_and_params, options):
+  """Item keys fold_in(seed, item): the answer of a prompt does not depend on its neighbours,
+  the batch's padded width or the batch size, with noise, CFG, thresholds, caches, infilling.
+  (The noise was once drawn over the whole batch, and threshold steps counted for the batch.)"""
+  from llada_jax.keys import item_keys  # pylint: disable=g-import-not-at-top
+
+  config, params = model_and_params
+  options = dict(options)
+  infill = options.pop("infill", False)
+  mask_id = config.tokens.mask_id
+  prompts = [[7, 8, 9, 10, 11], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31, 32, 33, 34, 35]]
+  if infill:
+    prompts[0][2] = mask_id
+  width = 12
+  batch = np.full((3, width), config.tokens.pad_id, np.int32)
+  for row, p in enumerate(prompts):
+    batch[row, width - len(p):] = p
+  keys = item_keys(jax.random.PRNGKey(11), [4, 9, 2])
+  kwargs = dict(steps=8, gen_length=16, block_length=8, **options)
+  together = np.asarray(generate(config, params, batch, batch != config.tokens.pad_id, rng=keys,
+                                 **kwargs))[:, width:]
+  alone = np.asarray(generate(config, params, np.asarray([prompts[0]]), rng=keys[:1], **kwargs))
+  np.testing.assert_array_equal(alone[0, len(prompts[0]):], together[0])
+  if infill:
+    assert alone[0, 2] != mask_id

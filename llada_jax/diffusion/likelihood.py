@@ -6,7 +6,9 @@ of b samples l is stratified as in the official code: l_j = round(linspace(k, k 
 wrapped into [1, L], with k uniform in [1, L]. Many (prompt, answer) pairs of different lengths are
 scored at once (right-padded, padding hidden from attention): one forward pass holds the same
 mini-batch index of every pair, so its batch is pairs x batch_size; all samples run inside one jit.
-Each pair's samples come from its own key, so a pair's estimate does not depend on its neighbours.
+Pair i's key is fold_in(rng, i) and its mini-batch j's key fold_in(pair key, j); the masks are drawn
+per position of the answer, so an estimate depends on (seed, pair index, the pair itself) only:
+not on its neighbours in the call, the padded width, mc_num or the device count.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from llada_jax.errors import ConfigError
+from llada_jax.keys import item_keys
 from llada_jax.model import ModelConfig, Transformer, apply_model
 from llada_jax.parallel.sharding import placement_context
 
@@ -63,7 +66,7 @@ def log_likelihood(config: ml_collections.ConfigDict, params: Any,
   prompts, answers = ([prompt], [answer]) if single else (list(prompt), list(answer))
   check_pairs(config, prompts, answers, mc_num, batch_size, cfg_scale)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-  result = score_pairs(config, params, prompts, answers, jax.random.split(rng, len(prompts)),
+  result = score_pairs(config, params, prompts, answers, item_keys(rng, len(prompts)),
                        mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale)
   if single:
     return Likelihood(result.log_likelihood[0], result.stderr[0])
@@ -135,14 +138,17 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
   model = Transformer(model_cfg)
   num_batches = mc_num // batch_size
 
-  def sample_masks(tokens, is_answer, key):
+  def sample_masks(is_answer, key):
     """One stratified mini-batch of maskings of one pair: (masked [batch_size, T] bool, number of
-    masked answer tokens [batch_size])."""
+    masked answer tokens [batch_size]). The draws are indexed by the position inside the answer,
+    so they depend on the key and the answer's length only, not on the row's padded width T or
+    the prompt's length."""
     answer_len = jnp.sum(is_answer)
     len_key, perm_key = jax.random.split(key)
     num_masked = stratified_lengths(len_key, answer_len, batch_size)
-    order = jax.random.uniform(perm_key, (batch_size,) + tokens.shape)
-    order = jnp.where(is_answer, order, jnp.inf)
+    uniform = jax.random.uniform(perm_key, (batch_size, model_cfg.max_sequence_length))
+    in_answer = jnp.maximum(jnp.cumsum(is_answer) - 1, 0)
+    order = jnp.where(is_answer, uniform[:, in_answer], jnp.inf)
     rank = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1)
     return is_answer & (rank < num_masked[:, None]), num_masked
 
@@ -150,7 +156,7 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     """Weighted masked CE of one mini-batch index for every pair: [N, batch_size]. The model sees
     the N x batch_size rows as one pair-major batch, so a split of the pairs over devices carries
     over to its rows unchanged."""
-    masked, num_masked = jax.vmap(sample_masks)(tokens, is_answer, keys)  # [N, b, T], [N, b]
+    masked, num_masked = jax.vmap(sample_masks)(is_answer, keys)  # [N, b, T], [N, b]
     pairs, width = tokens.shape
     rows = lambda x: jnp.broadcast_to(x[:, None], masked.shape).reshape(-1, width)
     noisy = jnp.where(masked, mask_id, tokens[:, None]).reshape(-1, width)
@@ -163,8 +169,9 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked
 
   @jax.jit
-  def score(params, tokens, valid, is_answer, pair_keys, cfg_scale):
-    keys = jax.vmap(lambda key: jax.random.split(key, num_batches))(pair_keys)  # [N, batches]
+  def score(params, tokens, valid, is_answer, keys, cfg_scale):
+    # The key of mini-batch j of a pair is fold_in(pair key, j): the same for any mc_num.
+    keys = jax.vmap(lambda key: item_keys(key, num_batches))(keys)  # [N, batches]
     losses = jax.lax.map(  # [batches, N, batch_size]: one forward pass per mini-batch index
         lambda batch_keys: batch_losses(params, tokens, valid, is_answer, batch_keys, cfg_scale),
         jnp.swapaxes(keys, 0, 1))

@@ -1,8 +1,8 @@
 """Answers for many prompts with the compiled reverse process, over every host and local device.
 
 Prompts are sorted by length and generated in batches of a fixed size, left-padded to a bucketed
-width (few compilations). With temperature 0 and a deterministic remasking rule an answer depends on
-its prompt only; with noise it also depends on the batch it shared (the noise is drawn per batch).
+width (few compilations). Prompt i draws its noise from fold_in(PRNGKey(seed), i), so an answer
+depends on the seed, its index and its prompt only: not on the batch, padding or host count.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
+from llada_jax.keys import item_keys
 from llada_jax.sampling.generate import generate
 from llada_jax.sampling.text import trim_at_eos
 
@@ -43,8 +44,9 @@ def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed
       batch[row, width - len(prompts[i]):] = prompts[i]
       mask[row, width - len(prompts[i]):] = True
     batch, mask = jax.device_put((batch, mask), model.item_sharding)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), int(indices[0]))
-    out = np.asarray(generate(model.config, model.params, batch, mask, rng=rng, **sampler_kwargs))
+    keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), part), model.item_sharding)
+    out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys,
+                              **sampler_kwargs))
     answers = np.full((len(indices), gen_length), -1, np.int32)
     for row in range(len(indices)):
       answer = trim_at_eos(trim_at_eos(out[row, width:].tolist(), tokens.eos_id), tokens.eot_id)

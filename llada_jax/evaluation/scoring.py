@@ -15,6 +15,7 @@ import numpy as np
 from llada_jax.diffusion.likelihood import Likelihood, check_pairs, score_pairs
 from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
+from llada_jax.keys import item_keys
 
 # Tokens in one forward pass per device (pairs x batch_size x width); bounds activation memory.
 TOKENS_PER_DEVICE = 1 << 15
@@ -38,7 +39,7 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
 
   def evaluate(indices: np.ndarray) -> np.ndarray:
     part = pad_to_multiple(list(indices), min(per_call, devices * -(-len(indices) // devices)))
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.asarray(part, np.uint32))
+    keys = item_keys(base, part)
     result = score_pairs(model.config, model.params, [prompts[i] for i in part],
                          [answers[i] for i in part], keys, mc_num=mc_num, batch_size=batch_size,
                          cfg_scale=cfg_scale, sharding=model.item_sharding,

@@ -4,8 +4,9 @@ x starts as prompt ++ [MASK] * gen_length. The answer is filled block by block (
 when block_length < gen_length); in each step the mask predictor proposes a token for every masked
 position and the most confident proposals of the current block are committed. Mask tokens inside
 the prompt are filled too (infilling): they count towards the first block and are candidates from
-the first step. The whole loop is `lax.fori_loop`s inside one `jit`, its randomness drawn from
-`fold_in(rng, step)`, so a sample costs no host round trip per step.
+the first step. The whole loop is `lax.fori_loop`s inside one `jit`, its randomness drawn per row,
+step and position by `fold_in`, so a sample costs no host round trip per step and a row's answer
+does not depend on the rows it is batched with.
 
 With `parallel_threshold` τ > 0 (Fast-dLLM's confidence-threshold parallel decoding, an
 approximation) a block runs until it has no mask left: each step commits every masked position of
@@ -27,7 +28,8 @@ import numpy as np
 
 from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.keys import item_keys
+from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
 from llada_jax.sampling.cache import CACHE_MODES, empty_cache, window, window_logits
 from llada_jax.sampling.remasking import confidence_of
@@ -82,7 +84,11 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
     mask_id: defaults to config.tokens.mask_id.
     logits_eos_inf: never propose EOS.
     confidence_eos_eot_inf: commit positions proposing EOS or EoT after every other position.
-    rng: PRNG key (default from config.seed).
+    rng: one PRNG key (row r draws from fold_in(rng, r)) or one key per prompt [B, 2] (e.g.
+      `llada_jax.keys.item_keys(seed_key, item_indices)`, so that an item's answer does not
+      depend on the batch it is generated in); default from config.seed. Every random number of
+      row r at step s and position p (counted from the row's first real token) comes from
+      fold_in(fold_in(key_r, s), p): padding, neighbours and caches do not change it.
     return_trajectory: also return the token state after every step, [steps, B, P + gen_length].
     float64: Gumbel noise and probabilities in float64 (needs jax_enable_x64), as the official code.
     parallel_threshold: 0 (exact schedule) or τ in (0, 1]: commit every proposal of the current
@@ -111,14 +117,30 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
                      confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
                      float64, parallel_threshold > 0, cache, cache_refresh,
                      bool(np.any((prompt == mask_id) & attention_mask)))
-  rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+  row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, prompt.shape[0])
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   sharding = placed[0].sharding if placed else None
   if placed:
-    device_prompt, device_mask = (jax.device_put(a, sharding) for a in (prompt, attention_mask))
+    device_prompt, device_mask, row_keys = (jax.device_put(a, sharding)
+                                            for a in (prompt, attention_mask, row_keys))
   with placement_context(sharding, axis_rules(config)):
     return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
-                                   jnp.float32(cfg_scale), rng, jnp.float32(parallel_threshold))
+                                   jnp.float32(cfg_scale), row_keys,
+                                   jnp.float32(parallel_threshold))
+
+
+def _row_keys(rng: Any, rows: int) -> jax.Array:
+  """One raw key per row [rows, 2]: rng's own rows when it holds one per row, else
+  fold_in(rng, row) (`llada_jax.keys.item_keys`)."""
+  rng = jnp.asarray(rng)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  if rng.shape == (2,):
+    return item_keys(rng, rows)
+  if rng.shape != (rows, 2):
+    raise ConfigError(f"rng of shape {rng.shape} is not allowed: expected one key (2,) or one "
+                      f"per prompt ({rows}, 2)")
+  return rng
 
 
 def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) -> None:
@@ -186,11 +208,12 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   steps_per_block = spec.steps // num_blocks
   real = jnp.float64 if spec.float64 else jnp.float32
 
-  def run(params, prompt, prompt_mask, temperature, cfg_scale, rng, threshold):
+  def run(params, prompt, prompt_mask, temperature, cfg_scale, row_keys, threshold):
     batch, prompt_len = prompt.shape
     total = prompt_len + spec.gen_length
     x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
     attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, spec.gen_length), bool)], 1)
+    positions = positions_from_mask(attention_mask)
     is_prompt = (jnp.arange(total) < prompt_len) & (x != spec.mask_id)
     index = jnp.arange(total)
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
@@ -198,25 +221,41 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
     def unconditional(x):
       return jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
 
+    def draws(step, start, width):
+      """This step's random numbers for positions [start, start + width) of every row: Gumbel
+      noise [B, W, V] (None without noise) and uniforms [B, W] (None unless random remasking).
+      Each comes from fold_in(fold_in(row key, step), position), the position counted from the
+      row's first real token: a row's draws do not depend on its batch, padding or window."""
+      keys = jax.vmap(jax.random.fold_in)(row_keys, jnp.broadcast_to(step, (batch,)))
+      noise_keys, remask_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+      where = positions[:, start:start + width]
+
+      def per_position(row_key, draw):
+        return jax.vmap(jax.vmap(lambda k, p: draw(jax.random.fold_in(k, p)), (None, 0)))(
+            row_key, where)
+
+      gumbel = uniform = None
+      if spec.use_noise:
+        vocab = spec.model.vocab_size
+        gumbel = per_position(noise_keys, lambda k: jax.random.gumbel(k, (vocab,), real))
+      if spec.remasking == "random":
+        uniform = per_position(remask_keys, lambda k: jax.random.uniform(k, (), real))
+      return gumbel, uniform
+
     def propose(x, step, block_end, logits, start=0):
       """Proposals x0 for every position and the confidence of the masked ones up to block_end
-      (-inf elsewhere) from the logits of positions [start, start + W); randomness from
-      fold_in(rng, step), drawn for all positions so that a window sees the full pass's draws."""
-      noise_key, remask_key = jax.random.split(jax.random.fold_in(rng, step))
+      (-inf elsewhere) from the logits of positions [start, start + W); step is a scalar or one
+      step count per row."""
       width = logits.shape[1]
+      gumbel, uniform = draws(step, start, width)
       logits = logits.astype(real)
       if spec.logits_eos_inf:
         logits = logits.at[..., spec.eos_id].set(-jnp.inf)
+      logits_noised = logits
       if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
-        gumbel = jax.random.gumbel(noise_key, (batch, total, logits.shape[-1]), real)
-        logits_noised = logits + temperature.astype(real) * gumbel[:, start:start + width]
-      else:
-        logits_noised = logits
+        logits_noised = logits + temperature.astype(real) * gumbel
       x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
-      if spec.remasking == "random":
-        confidence = jax.random.uniform(remask_key, (batch, total), real)[:, start:start + width]
-      else:
-        confidence = confidence_of(spec.remasking, logits, x0, remask_key)
+      confidence = confidence_of(spec.remasking, logits, x0, uniform)
       x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
       confidence = jax.lax.dynamic_update_slice_in_dim(
           jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1)
@@ -253,15 +292,18 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
       return step_body
 
     def threshold_steps(block_end, logits_fn):
-      """A while_loop body committing every proposal above τ (at least one) per step."""
+      """A while_loop body committing every proposal above τ (at least one) per step. `step`
+      counts each row's own steps (rows that finished their block wait without counting), so a
+      row's random draws do not depend on how long its batch-mates take."""
 
       def step_body(carry):
         x, step, i, extra = carry
         logits, start, extra = logits_fn(x, i, extra)
         x0, confidence, candidate = propose(x, step, block_end, logits, start)
-        best = top_k_mask(confidence, jnp.any(candidate, -1).astype(jnp.int32))
+        active = jnp.any(candidate, -1)
+        best = top_k_mask(confidence, active.astype(jnp.int32))
         commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
-        return jnp.where(commit, x0, x), step + 1, i + 1, extra
+        return jnp.where(commit, x0, x), step + active, i + 1, extra
 
       return step_body
 
@@ -280,7 +322,8 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
                                              (*carry, jnp.int32(0), ()))
           return x, step
 
-        x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block, (x, jnp.int32(0)))
+        x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block,
+                                 (x, jnp.zeros((batch,), jnp.int32)))
         return x
 
       def exact_block(block, carry):
@@ -295,7 +338,7 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
     # Cached modes: blocks unrolled, so every window has a static shape.
     rows = batch * (2 if spec.use_cfg else 1)
     cache = empty_cache(spec.model, rows, total)
-    step = jnp.int32(0)
+    step = jnp.zeros((batch,), jnp.int32)
     for block in range(num_blocks):
       block_end = prompt_len + (block + 1) * spec.block_length
       first = 0 if block == 0 and spec.prompt_has_masks else block_end - spec.block_length

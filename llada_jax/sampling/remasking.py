@@ -14,10 +14,12 @@ from llada_jax.config import REMASKING
 
 
 def confidence_of(remasking: str, logits: jax.Array, proposal: jax.Array,
-                  key: jax.Array) -> jax.Array:
-  """Confidence [B, L] of each proposal (higher is committed first)."""
+                  uniform: jax.Array | None) -> jax.Array:
+  """Confidence [B, L] of each proposal (higher is committed first) from logits [B, L, V] and
+  proposals [B, L]; `uniform` [B, L] are the step's U(0, 1) draws (the "random" rule's ranks,
+  unused by the others)."""
   if remasking == "random":
-    return jax.random.uniform(key, proposal.shape, logits.dtype)
+    return uniform
   probs = jax.nn.softmax(logits, axis=-1)
   if remasking == "low_confidence":
     return jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
