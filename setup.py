@@ -27,6 +27,7 @@ setuptools.setup(
         "tokenizers",
         "numpy",
         "ml_dtypes",
+        "safetensors>=0.8",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",

@@ -1,90 +1,127 @@
-"""Reading and writing the safetensors format with NumPy alone (bfloat16 via ml_dtypes).
+"""Reading and writing the safetensors format without torch, via the `safetensors` package.
 
 A file is an 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}
-and the raw tensor bytes. Reading yields one tensor at a time, so a conversion holds the parameters
-being built plus one source tensor, never a second full copy.
+and the raw tensor bytes. The library validates the header (a JSON object of well-typed entries,
+offsets that tile the data section exactly, shape x dtype sizes that neither overflow nor disagree
+with the offsets, a file that ends where the last tensor does); every failure becomes a one-line
+CheckpointError naming the file. Reading yields one tensor at a time, so a conversion holds the
+parameters being built plus one source tensor, never a second full copy.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import pathlib
-import struct
 from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from llada_jax.errors import CheckpointError
 
+# Importing ml_dtypes registers the name "bfloat16" with NumPy, which the library's numpy framework
+# uses for BF16 tensors: they come back as ml_dtypes.bfloat16 arrays, bit for bit.
 DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
           "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
           "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
-NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER_BYTES = 100 * 2 ** 20
+NAMES = [dtype.name for dtype in DTYPES.values()]
+
+
+def _first_line(error: BaseException) -> str:
+  return next(iter(str(error).splitlines()), "") or type(error).__name__
+
+
+@contextlib.contextmanager
+def _open(path: pathlib.Path) -> Iterator[safetensors.safe_open]:
+  """The library's reader over `path`, with the "pread" backend: no memory map stays open.
+
+  Raises:
+    CheckpointError: the file cannot be read or its header is malformed.
+  """
+  try:
+    handle = safetensors.safe_open(path, framework="numpy", backend="pread")
+  except FileNotFoundError:
+    raise CheckpointError(f"{path} does not exist") from None
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e.strerror or _first_line(e)}") from None
+  except safetensors.SafetensorError as e:
+    reason = _first_line(e).removeprefix("Error while deserializing header: ")
+    raise CheckpointError(f"{path} is not a valid safetensors file (corrupted safetensors header "
+                          f"or truncated file): {reason}") from None
+  with handle:
+    yield handle
+
+
+def _entries(path: pathlib.Path, handle: safetensors.safe_open) -> dict[str, dict]:
+  """{name: {dtype, shape, data_offsets}} in file order; CheckpointError on an unsupported dtype."""
+  entries, begin = {}, 0
+  for name in handle.offset_keys():
+    view = handle.get_slice(name)
+    dtype, shape = view.get_dtype(), view.get_shape()
+    if dtype not in DTYPES:
+      raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected one of "
+                            + ", ".join(DTYPES))
+    end = begin + math.prod(shape) * DTYPES[dtype].itemsize
+    entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+    begin = end
+  return entries
 
 
 def read_header(path: str | pathlib.Path) -> tuple[dict[str, dict], int]:
-  """(tensor entries, byte offset of the data section); CheckpointError if the header is bad."""
+  """The tensor entries and the byte offset of the data section.
+
+  Returns:
+    ({name: {"dtype": str, "shape": list[int], "data_offsets": [begin, end]}}, offset), entries
+    in file order, offsets relative to the data section (which ends where the file does).
+
+  Raises:
+    CheckpointError: the file is unreadable, malformed or truncated, or holds a dtype other than
+      those in DTYPES.
+  """
   path = pathlib.Path(path)
-  try:
-    with path.open("rb") as f:
-      size_bytes = f.read(8)
-      if len(size_bytes) != 8:
-        raise CheckpointError(f"{path} is not a safetensors file: shorter than its header size")
-      (size,) = struct.unpack("<Q", size_bytes)
-      if size > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{path} has a corrupted safetensors header (declares {size} bytes)")
-      header = json.loads(f.read(size))
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} has an unreadable safetensors header: {e}") from None
-  header.pop("__metadata__", None)
-  data_size = path.stat().st_size - 8 - size
-  for name, entry in header.items():
-    begin, end = entry.get("data_offsets", (0, -1))
-    if entry.get("dtype") not in DTYPES:
-      raise CheckpointError(f"{path}: tensor {name} has dtype {entry.get('dtype')!r}; expected "
-                            "one of " + ", ".join(DTYPES))
-    expected = int(np.prod(entry["shape"])) * DTYPES[entry["dtype"]].itemsize
-    if end - begin != expected or end > data_size:
-      raise CheckpointError(f"{path}: tensor {name} has data offsets {begin}..{end} that do not "
-                            f"match its shape {entry['shape']} or the file size (truncated file?)")
-  return header, 8 + size
+  with _open(path) as handle:
+    entries = _entries(path, handle)
+  data_size = max((e["data_offsets"][1] for e in entries.values()), default=0)
+  return entries, path.stat().st_size - data_size
 
 
 def iter_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for every tensor, read one at a time.
+  """Yields (name, array) for every tensor in file order, read one at a time.
 
-  Each tensor is read into its own buffer (not memory-mapped), so the pages of tensors already
-  converted do not stay resident: a caller that drops each array keeps one tensor in memory.
+  Arrays have the header's shape and the dtype DTYPES maps its dtype to (BF16 as
+  ml_dtypes.bfloat16). Each is read with pread(2) into its own bytearray, which the array views
+  without a second copy; the file is not memory-mapped, so the pages of tensors already converted
+  do not stay resident: a caller that drops each array keeps one tensor in memory. The whole
+  header is checked before the first tensor is yielded.
+
+  Raises:
+    CheckpointError: as read_header, or the file cannot be read while iterating.
   """
-  header, offset = read_header(path)
-  with pathlib.Path(path).open("rb") as f:
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-      begin, end = entry["data_offsets"]
-      f.seek(offset + begin)
-      raw = np.frombuffer(f.read(end - begin), dtype=DTYPES[entry["dtype"]])
-      yield name, raw.reshape(entry["shape"])
+  path = pathlib.Path(path)
+  with _open(path) as handle:
+    for name in _entries(path, handle):
+      try:
+        tensor = handle.get_tensor(name)
+      except (OSError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"cannot read tensor {name} from {path}: {_first_line(e)}") from None
+      yield name, tensor
 
 
 def write_file(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray],
                metadata: Mapping[str, str] | None = None) -> None:
-  """Writes tensors (C-contiguous, little-endian) in name order, as the reference writer does."""
-  header: dict[str, dict] = {}
-  if metadata:
-    header["__metadata__"] = dict(metadata)
-  offset = 0
-  names = sorted(tensors)
-  for name in names:
-    array = tensors[name]
-    nbytes = array.size * array.dtype.itemsize
-    header[name] = {"dtype": NAMES[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)
-  with pathlib.Path(path).open("wb") as f:
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    for name in names:
-      f.write(np.ascontiguousarray(tensors[name]).tobytes())
+  """Writes tensors (any layout; stored C-contiguous, little-endian) with optional __metadata__.
+
+  Raises:
+    CheckpointError: a tensor's dtype is not one of DTYPES.
+  """
+  contiguous = {}
+  for name, tensor in tensors.items():
+    array = np.asarray(tensor, order="C")
+    if array.dtype.name not in NAMES:
+      raise CheckpointError(f"cannot write tensor {name} to {path}: dtype {array.dtype} is not "
+                            "one of " + ", ".join(NAMES))
+    contiguous[name] = array
+  safetensors.numpy.save_file(contiguous, path, dict(metadata) if metadata else None)
