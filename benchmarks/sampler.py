@@ -55,7 +55,8 @@ PROMPTS = ("ROMEO:\n", "First Citizen:\n", "KING HENRY:\n", "JULIET:\n")
 
 def _model():
   if _WORKDIR.value:
-    from llada_jax.sampling.text import load_model, text_codec  # pylint: disable=g-import-not-at-top
+    from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
+    from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
     config, params = load_model(_WORKDIR.value)
     return config, params, text_codec(config)
   config = {"tiny": tiny, "llada_1b": llada_1b, "llada_8b": llada_8b}[_CONFIG.value].get_config()

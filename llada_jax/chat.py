@@ -39,6 +39,7 @@ def _chat(argv: list[str]) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from llada_jax.data.hf_tokenizer import ChatMessage, HFTokenizer, chat_prompt_ids  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.ending import end_answer  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
 
@@ -51,7 +52,6 @@ def _chat(argv: list[str]) -> None:
   tokenizer = HFTokenizer(tokenizer_path)
   config, params = load_model(_CHECKPOINT.value)
   tokenizer.check_config(config)
-  stops = {tokenizer.special["eos_id"], tokenizer.special["eot_id"]}
   messages: list[ChatMessage] = []
   for turn, line in enumerate(sys.stdin):
     if not line.strip():
@@ -64,12 +64,8 @@ def _chat(argv: list[str]) -> None:
                    logits_eos_inf=_LOGITS_EOS_INF.value,
                    confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value,
                    rng=jax.random.fold_in(jax.random.PRNGKey(_SEED.value), turn))
-    answer = []
-    for token in np.asarray(out)[0, prompt.shape[1]:].tolist():
-      if token in stops:
-        break
-      answer.append(token)
-    text = tokenizer.decode(answer)
+    _, text = end_answer(np.asarray(out)[0, prompt.shape[1]:].tolist(), config.tokens,
+                         tokenizer.decode)
     messages.append(ChatMessage("assistant", text))
     print(f"assistant: {text}", flush=True)
 

@@ -39,6 +39,8 @@ _CACHE = flags.DEFINE_enum("cache", "none", ["none", "prefix", "dual"],
                            "Key/value cache: none (exact), prefix or dual (approximate, faster).")
 _CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every N steps inside "
                                       "a block too (0: at block boundaries only).")
+_STOP = flags.DEFINE_multi_string("stop", [], "Cut each answer's text before the first of these "
+                                   "strings (repeatable); answers always end at EOS and EoT.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write tokens and text here.")
 
@@ -73,7 +75,7 @@ def _sample(argv: list[str]) -> None:
       block_length=pick(_BLOCK_LENGTH, s.block_length),
       temperature=pick(_TEMPERATURE, s.temperature), remasking=pick(_REMASKING, s.remasking),
       cfg_scale=_CFG_SCALE.value, logits_eos_inf=_LOGITS_EOS_INF.value,
-      confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value,
+      confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value, seed=_SEED.value, stops=_STOP.value,
       parallel_threshold=_PARALLEL_THRESHOLD.value, cache=_CACHE.value,
       cache_refresh=_CACHE_REFRESH.value)
   for prompt, text in zip(result["prompt"], result["text"]):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from llada_jax.interop import safetensors_io
-from llada_jax.interop.hf_config import config_to_hf
+from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_to_hf
 
 P = "model.transformer."
 
@@ -29,9 +29,12 @@ def hf_tensors(config, dtype=np.float32, seed=0) -> dict[str, np.ndarray]:
 
 
 def write_folder(path, config, tensors, shards=1):
-  """config.json plus one safetensors file, or `shards` files and an index."""
+  """config.json (as the official one: no llada_jax vocabulary field) plus one safetensors file, or
+  `shards` files and an index."""
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(config_to_hf(config)))
+  hf = config_to_hf(config)
+  del hf[VOCABULARY_FIELD]
+  (path / "config.json").write_text(json.dumps(hf))
   names = sorted(tensors)
   if shards == 1:
     safetensors_io.write_file(path / "model.safetensors", tensors)

@@ -12,7 +12,7 @@ from hf_fixtures import hf_tensors, write_folder
 from llada_jax.data.corpora import split_text
 from llada_jax.data.hf_tokenizer import (SPECIAL_TOKENS, ChatMessage, HFTokenizer,
                                          chat_prompt_ids, render_chat)
-from llada_jax.errors import ConfigError
+from llada_jax.errors import CheckpointError, ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -113,3 +113,64 @@ def test_sample_text_prompts_through_the_hf_tokenizer(hf_folder):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "=== prompt: 'ROMEO:'" in result.stdout
+
+
+def test_import_takes_the_end_of_turn_id_from_the_tokenizer(hf_folder, tmp_path):
+  """The official config.json names no EoT; the folder's tokenizer.json does (once it was lost,
+  so chat and GSM8K kept the text after the end of turn)."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.interop.hf_checkpoint import read_hf_config  # pylint: disable=g-import-not-at-top
+
+  special = HFTokenizer(hf_folder).special
+  config = read_hf_config(hf_folder)
+  assert (config.tokens.eot_id, config.tokens.bos_id) == (special["eot_id"], special["bos_id"])
+  assert (config.tokens.mask_id, config.tokens.eos_id) == (special["mask_id"], special["eos_id"])
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  hf = json.loads((hf_folder / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps(dict(hf, mask_token_id=special["mask_id"] + 1)))
+  (bad / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+  with pytest.raises(CheckpointError, match="mask_token_id=.* tokenizer.json has"):
+    read_hf_config(bad)
+
+
+def test_a_stored_config_without_end_of_turn_gets_the_tokenizers(hf_folder):
+  """Workdirs converted before the fix hold eot_id = -1: the codec fills it from the tokenizer."""
+  from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
+  from llada_jax.interop.hf_checkpoint import read_hf_config  # pylint: disable=g-import-not-at-top
+
+  config = read_hf_config(hf_folder)
+  config.tokens.eot_id = -1
+  text_codec(config)
+  assert config.tokens.eot_id == HFTokenizer(hf_folder).special["eot_id"]
+
+
+@pytest.mark.parametrize("vocabulary", ["byte", "spm8k", "llada_hf"])
+def test_hf_export_keeps_the_vocabulary(hf_folder, tmp_path, vocabulary):
+  """to-hf then from-hf gives back the vocabulary (and tokenizer.json for llada_hf): once a byte
+  model came back labelled llada_hf with no tokenizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
+  from llada_jax.interop.hf_checkpoint import (  # pylint: disable=g-import-not-at-top
+      load_hf, read_hf_config, save_hf)
+
+  if vocabulary == "llada_hf":
+    config, params = load_hf(hf_folder)
+  else:
+    config = make_tiny_config()
+    config.data.vocabulary = vocabulary
+    if vocabulary == "spm8k":
+      config.model.vocab_size, config.tokens.mask_id = 8001, 8000
+    from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    params = nn.meta.unbox(Transformer(ModelConfig.from_config(config)).init(
+        jax.random.PRNGKey(0), jax.numpy.zeros((1, 4), jax.numpy.int32)))["params"]
+  save_hf(config, params, tmp_path / "out", dtype="float32")
+  back = read_hf_config(tmp_path / "out")
+  assert back.data.vocabulary == vocabulary
+  assert (tmp_path / "out" / "tokenizer.json").is_file() == (vocabulary == "llada_hf")
+  assert back.tokens.to_dict() == config.tokens.to_dict()
+  text = "ROMEO: but soft"
+  assert text_codec(back).decode(text_codec(back).encode(text)) == text

@@ -53,11 +53,13 @@ def _requests(kind, args):
 def test_loglikelihood_is_the_monte_carlo_bound_and_checks_one_token_greedily(lm):
   assert (lm.mc_num, lm.batch_size, lm.seed) == (4, 2, 3)
   pairs = [("The cat sat on", " the mat"), ("Two plus two is", " four"), ("", "abc")]
-  got = lm.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)
+  requests = _requests("loglikelihood", pairs)
+  got = lm.loglikelihood(requests, disable_tqdm=True)
   assert [type(v) for r in got for v in r] == [float, bool] * 3
   encode = lm.model.codec.encode
   want = loglikelihoods(lm.model, [encode(c) for c, _ in pairs], [encode(a) for _, a in pairs],
-                        mc_num=4, batch_size=2, seed=3).log_likelihood
+                        mc_num=4, batch_size=2, seed=3,
+                        item_ids=[lm_eval_adapter.request_id(r) for r in requests]).log_likelihood
   np.testing.assert_allclose([ll for ll, _ in got], want, rtol=1e-6)
   assert not any(greedy for _, greedy in got) and all(ll < 0 for ll, _ in got)
 
@@ -69,6 +71,18 @@ def test_loglikelihood_is_the_monte_carlo_bound_and_checks_one_token_greedily(lm
   assert single[-1] == (0.0, True)
   with pytest.raises(NotImplementedError, match="elbo"):
     lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [("some text",)]))
+
+
+def test_a_request_scores_the_same_alone_and_among_longer_requests(lm):
+  """The seed of a request is its task, document and choice: not its place among the requests."""
+  target = Instance(request_type="loglikelihood", doc={}, arguments=("Once upon a", " time"),
+                    idx=1, metadata=("mytask", 5, 1))
+  others = [Instance(request_type="loglikelihood", doc={},
+                     arguments=("A much longer context " * 3 + str(i), " and continuation " * 2),
+                     idx=0, metadata=("mytask", i, 1)) for i in range(12)]
+  alone = lm.loglikelihood([target], disable_tqdm=True)[0][0]
+  together = lm.loglikelihood(others[:7] + [target] + others[7:], disable_tqdm=True)[7][0]
+  assert together == pytest.approx(alone, rel=1e-5)
 
 
 def test_generate_until_cuts_at_the_first_stop_string(lm):

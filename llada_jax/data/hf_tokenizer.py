@@ -58,11 +58,22 @@ class HFTokenizer:
     return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
   def check_config(self, config: ml_collections.ConfigDict) -> None:
-    """The config's token ids must be the tokenizer's; the model must cover its vocabulary."""
-    for name in ("mask_id", "eos_id"):
-      if config.tokens[name] != self.special[name]:
-        raise ConfigError(f"tokens.{name}={config.tokens[name]} is not allowed: the tokenizer "
-                          f"has {SPECIAL_TOKENS[name]} = {self.special[name]}")
+    """Checks the config's special ids against the tokenizer's and fills those the config lacks.
+
+    tokens.mask_id and eos_id must be the tokenizer's; bos_id and eot_id must be the tokenizer's
+    or -1, and a -1 takes the tokenizer's id (configs imported from an official config.json, which
+    names no end-of-turn token, had -1). The model must cover the tokenizer's vocabulary.
+
+    Raises:
+      ConfigError: an id differs from the tokenizer's, or the model's vocabulary is smaller.
+    """
+    for name in ("mask_id", "eos_id", "bos_id", "eot_id"):
+      mine, theirs = config.tokens[name], self.special[name]
+      if name in ("bos_id", "eot_id") and mine == -1:
+        config.tokens[name] = theirs if theirs < config.model.vocab_size else -1
+      elif mine != theirs:
+        raise ConfigError(f"tokens.{name}={mine} is not allowed: the tokenizer has "
+                          f"{SPECIAL_TOKENS[name]} = {theirs}")
     if self.vocab_size > config.model.vocab_size:
       raise ConfigError(f"model.vocab_size={config.model.vocab_size} is not allowed: the "
                         f"tokenizer has {self.vocab_size} tokens")

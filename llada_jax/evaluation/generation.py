@@ -16,18 +16,23 @@ from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.keys import item_keys
 from llada_jax.sampling.generate import generate
-from llada_jax.sampling.text import trim_at_eos
+from llada_jax.sampling.ending import cut_ids
 
 
 def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed: int = 0,
                      batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                     item_ids: Sequence[int] | None = None,
                      **sampler_kwargs: Any) -> list[list[int]]:
   """Answer ids for every prompt (cut at the first EOS or EoT), on every process.
+
+  item_ids: the id of each prompt that seeds its noise, fold_in(PRNGKey(seed), id) (default: its
+  position in `prompts`).
 
   sampler_kwargs go to `generate`: steps, gen_length, block_length, temperature, cfg_scale,
   remasking, logits_eos_inf, confidence_eos_eot_inf.
   """
   prompts = [list(p) for p in prompts]
+  ids = np.arange(len(prompts)) if item_ids is None else np.asarray(item_ids)
   tokens = model.config.tokens
   gen_length = sampler_kwargs["gen_length"]
   devices = model.mesh.size
@@ -44,12 +49,12 @@ def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed
       batch[row, width - len(prompts[i]):] = prompts[i]
       mask[row, width - len(prompts[i]):] = True
     batch, mask = jax.device_put((batch, mask), model.item_sharding)
-    keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), part), model.item_sharding)
+    keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), ids[part]), model.item_sharding)
     out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys,
                               **sampler_kwargs))
     answers = np.full((len(indices), gen_length), -1, np.int32)
     for row in range(len(indices)):
-      answer = trim_at_eos(trim_at_eos(out[row, width:].tolist(), tokens.eos_id), tokens.eot_id)
+      answer = cut_ids(out[row, width:].tolist(), tokens)
       answers[row, :len(answer)] = answer
     return answers
 

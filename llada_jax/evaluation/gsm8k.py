@@ -1,9 +1,11 @@
 """GSM8K by conditional generation: prompt, sample with the reverse process, extract, compare.
 
 Prompts are few-shot ("Question: ...\\nAnswer: <worked solution ending #### N>" examples from the
-train split, as lm-evaluation-harness) or, for chat models, the LLaDA-Instruct chat template. The
-answer is the number after '####', else the last number in the text; a prediction is right when it
-equals the gold number exactly (after removing commas, '$' and a trailing '.').
+train split, as lm-evaluation-harness) or, for chat models, the LLaDA-Instruct chat template. A
+few-shot generation is cut at the first FEWSHOT_STOPS string (the model goes on to invent the next
+question), then the answer is the number after '####', else the last number in the text; a
+prediction is right when it equals the gold number exactly (after removing commas, '$' and a
+trailing '.').
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from llada_jax.evaluation.generation import generate_answers
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.evaluation.multiple_choice import mean_and_stderr
 from llada_jax.evaluation.tasks import MathProblem, gsm8k
+from llada_jax.sampling.ending import cut_text
 
 PROMPT_FORMATS = ("auto", "fewshot", "chat")
+# Where a few-shot answer ends (lm-evaluation-harness's gsm8k `until`, and the blank line that
+# separates the examples): past them the model writes the next question and its answer.
+FEWSHOT_STOPS = ("Question:", "\n\n")
 _NUMBER = re.compile(r"-?[$]?\d[\d,]*(?:\.\d+)?")
 
 
@@ -52,8 +58,9 @@ def fewshot_prefix(num_fewshot: int) -> str:
 
 
 def build_prompts(model: EvalModel, problems: Sequence[MathProblem], prompt_format: str,
-                  num_fewshot: int, gen_length: int) -> tuple[list[list[int]], int]:
-  """Prompt ids (left-truncated to leave gen_length tokens) and how many were cut."""
+                  num_fewshot: int, gen_length: int) -> tuple[list[list[int]], int, bool]:
+  """Prompt ids (left-truncated to leave gen_length tokens), how many were cut, and whether they
+  are chat prompts."""
   if prompt_format not in PROMPT_FORMATS:
     raise ConfigError(f"--gsm8k_format={prompt_format} is not allowed: expected one of "
                       f"{PROMPT_FORMATS}")
@@ -76,7 +83,7 @@ def build_prompts(model: EvalModel, problems: Sequence[MathProblem], prompt_form
       ids = list(model.codec.encode(f"{prefix}Question: {problem.question}\nAnswer:"))
     cut += len(ids) > limit
     prompts.append(ids[-limit:])
-  return prompts, cut
+  return prompts, cut, use_chat
 
 
 def evaluate_gsm8k(model: EvalModel, problems: Sequence[MathProblem], *, prompt_format: str,
@@ -84,13 +91,14 @@ def evaluate_gsm8k(model: EvalModel, problems: Sequence[MathProblem], *, prompt_
                    progress: Callable[[int], None] | None = None,
                    **sampler: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
   """Exact-match accuracy with its standard error, and one record per problem."""
-  prompts, truncated = build_prompts(model, problems, prompt_format, num_fewshot,
-                                     sampler["gen_length"])
+  prompts, truncated, chat = build_prompts(model, problems, prompt_format, num_fewshot,
+                                           sampler["gen_length"])
+  stops = () if chat else FEWSHOT_STOPS
   answers = generate_answers(model, prompts, seed=seed, batch_size=batch_size, progress=progress,
                              **sampler)
   records, correct = [], []
   for problem, answer in zip(problems, answers):
-    text = model.codec.decode(answer)
+    text = cut_text(model.codec.decode(answer), stops)
     predicted = extract_answer(text)
     correct.append(float(predicted == normalize_number(problem.answer)))
     records.append(dict(question=problem.question, generation=text, predicted=predicted,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ from llada_jax.evaluation.generation import generate_answers
 from llada_jax.evaluation.model import load_eval_model
 from llada_jax.evaluation.multiple_choice import fit_pair
 from llada_jax.evaluation.scoring import loglikelihoods
+from llada_jax.sampling.ending import cut_text, end_ids
 
 MODEL_NAME = "llada_jax"
 ROLLING_UNSUPPORTED = ("loglikelihood_rolling is not available: a masked diffusion model has no "
@@ -44,6 +46,17 @@ ROLLING_UNSUPPORTED = ("loglikelihood_rolling is not available: a masked diffusi
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
 
 log = logging.getLogger(__name__)
+
+
+def request_id(request: Instance) -> int:
+  """A 32-bit id that seeds a request's random draws: its task, document and choice index
+  (lm_eval's Instance fields; its arguments when those are missing), so that a request scores the
+  same whatever other requests, --limit or batch size share its run."""
+  if request.doc_id is None:
+    text = repr(request.args)
+  else:
+    text = f"{request.task_name}/{request.doc_id}/{request.idx}"
+  return zlib.crc32(text.encode("utf-8"))
 
 
 class LLaDAJaxLM(LM):
@@ -131,9 +144,10 @@ class LLaDAJaxLM(LM):
           scores[index] = loglikelihoods(
               self.model, [pairs[i][0] for i in index], [pairs[i][1] for i in index],
               mc_num=mc_num, batch_size=batch_size, cfg_scale=self.cfg_scale, seed=self.seed,
-              progress=bar.update).log_likelihood
+              progress=bar.update, item_ids=[request_id(requests[i]) for i in index]
+          ).log_likelihood
       greedy = dict(zip(contexts, self._greedy_tokens(contexts, bar.update))) if contexts else {}
-    stops = self._stop_ids()
+    stops = set(end_ids(self.model.config.tokens))
     results = []
     for request, (context, answer), score in zip(requests, pairs, scores):
       if not answer:
@@ -171,9 +185,10 @@ class LLaDAJaxLM(LM):
         keep = limit - options["gen_length"]
         prompts = [self.model.codec.encode(requests[i].args[0])[-keep:] for i in numbers]
         answers = generate_answers(self.model, prompts, seed=self.seed,
-                                   batch_size=self.batch_size, progress=bar.update, **options)
+                                   batch_size=self.batch_size, progress=bar.update,
+                                   item_ids=[request_id(requests[i]) for i in numbers], **options)
         for i, answer in zip(numbers, answers):
-          texts[i] = cut_at_stop(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
+          texts[i] = cut_text(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
           self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
     return texts
 
@@ -196,10 +211,6 @@ class LLaDAJaxLM(LM):
     return generate_answers(self.model, contexts, seed=self.seed, batch_size=self.batch_size,
                             progress=progress, steps=1, gen_length=1, block_length=1,
                             temperature=0.0, cfg_scale=self.cfg_scale, remasking="low_confidence")
-
-  def _stop_ids(self) -> set[int]:
-    tokens = self.model.config.tokens
-    return {t for t in (tokens.eos_id, tokens.eot_id) if t >= 0}
 
   def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """generate_answers' sampler options for a request's gen_kwargs (see the class docstring)."""
@@ -250,12 +261,6 @@ def stop_strings(gen_kwargs: dict[str, Any] | None) -> list[str]:
   """The non-empty `until` strings of gen_kwargs (a string or a list)."""
   until = (gen_kwargs or {}).get("until") or []
   return [s for s in ([until] if isinstance(until, str) else until) if s]
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-  """text up to the earliest occurrence of any stop string."""
-  ends = [text.find(s) for s in stops if s in text]
-  return text[:min(ends)] if ends else text
 
 
 def _flag(name: str, value: Any) -> bool:

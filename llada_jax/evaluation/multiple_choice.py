@@ -72,7 +72,7 @@ def evaluate_multiple_choice(model: EvalModel, items: Sequence[MultipleChoice], 
       result = loglikelihoods(
           model, [contexts[i] for i in index], [continuations[i] for i in index],
           mc_num=group_mc, batch_size=group_batch, cfg_scale=cfg_scale, seed=seed,
-          progress=progress)
+          progress=progress, item_ids=index)
       scores[index], stderrs[index] = result.log_likelihood, result.stderr
   correct, correct_norm, records, start = [], [], [], 0
   for item in items:

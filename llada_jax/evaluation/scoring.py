@@ -24,8 +24,14 @@ TOKENS_PER_DEVICE = 1 << 15
 def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
                    answers: Sequence[Sequence[int]], *, mc_num: int = 128, batch_size: int = 16,
                    cfg_scale: float = 0.0, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> Likelihood:
-  """Estimates (nats) and standard errors of log p(answers[i] | prompts[i]), every process."""
+                   progress: Callable[[int], None] | None = None,
+                   item_ids: Sequence[int] | None = None) -> Likelihood:
+  """Estimates (nats) and standard errors of log p(answers[i] | prompts[i]), every process.
+
+  item_ids: the id of each pair that seeds its samples, fold_in(PRNGKey(seed), id) (default: its
+  position in the lists); give ids that do not depend on which other pairs share the call (e.g.
+  a pair's index in its whole task) and a pair's estimate depends on its id and tokens only.
+  """
   prompts, answers = [list(p) for p in prompts], [list(a) for a in answers]
   check_pairs(model.config, prompts, answers, mc_num, batch_size, cfg_scale)
   lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
@@ -36,10 +42,11 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
 
   per_call = max(1, TOKENS_PER_DEVICE // (batch_size * padded_width(range(len(lengths))))) * devices
   base = jax.random.PRNGKey(seed)
+  ids = np.arange(len(lengths)) if item_ids is None else np.asarray(item_ids)
 
   def evaluate(indices: np.ndarray) -> np.ndarray:
     part = pad_to_multiple(list(indices), min(per_call, devices * -(-len(indices) // devices)))
-    keys = item_keys(base, part)
+    keys = item_keys(base, ids[part])
     result = score_pairs(model.config, model.params, [prompts[i] for i in part],
                          [answers[i] for i in part], keys, mc_num=mc_num, batch_size=batch_size,
                          cfg_scale=cfg_scale, sharding=model.item_sharding,

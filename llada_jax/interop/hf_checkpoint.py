@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 from typing import Any, Callable, Iterator
 
 import jax
@@ -17,9 +18,10 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from llada_jax.data.hf_tokenizer import HFTokenizer
 from llada_jax.errors import CheckpointError
 from llada_jax.interop import safetensors_io
-from llada_jax.interop.hf_config import config_from_hf, config_to_hf
+from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_from_hf, config_to_hf
 
 PREFIX = "model.transformer."
 BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(\w+)\.weight$")
@@ -73,7 +75,13 @@ def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
 
 def read_hf_config(path: str | pathlib.Path,
                    base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-  """The llada_jax config of an HF folder's config.json (other sections from `base`)."""
+  """The llada_jax config of an HF folder's config.json (other sections from `base`), with the
+  special ids of its tokenizer.json when it has one (the official config.json names no BOS or
+  end-of-turn id) and data.tokenizer pointing at that file.
+
+  Raises:
+    CheckpointError: unreadable files, or ids that config.json and tokenizer.json disagree on.
+  """
   path = pathlib.Path(path) / "config.json"
   try:
     hf = json.loads(path.read_text())
@@ -81,9 +89,11 @@ def read_hf_config(path: str | pathlib.Path,
     raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-  config = config_from_hf(hf, base)
   tokenizer = path.parent / "tokenizer.json"
-  if tokenizer.is_file():
+  has_tokenizer = tokenizer.is_file() and hf.get(VOCABULARY_FIELD, "llada_hf") == "llada_hf"
+  special = HFTokenizer(tokenizer).special if has_tokenizer else None
+  config = config_from_hf(hf, base, special)
+  if has_tokenizer:
     config.data.tokenizer = str(tokenizer.absolute())
   return config
 
@@ -208,7 +218,9 @@ def parse_size(size: str | int) -> int:
 
 def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.Path,
             max_shard_size: str | int = "5GB", dtype: str = "bfloat16") -> list[pathlib.Path]:
-  """Writes config.json and safetensors (sharded with an index when over max_shard_size).
+  """Writes config.json and safetensors (sharded with an index when over max_shard_size), and the
+  model's tokenizer.json for a "llada_hf" vocabulary (config.json records the vocabulary, so a
+  byte or spm8k model comes back as one).
 
   Shards are written as they fill, so at most one shard is held on the host at a time.
   """
@@ -218,6 +230,10 @@ def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+  tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
+  if config.data.vocabulary == "llada_hf" and tokenizer is not None and tokenizer.is_file() and (
+      tokenizer.resolve() != (path / "tokenizer.json").resolve()):
+    shutil.copyfile(tokenizer, path / "tokenizer.json")
   written: list[tuple[pathlib.Path, list[str]]] = []
   shard: dict[str, np.ndarray] = {}
   size = total = 0

@@ -9,9 +9,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from llada_jax.data.codec import text_codec
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
+from llada_jax.sampling.ending import end_answer
 from llada_jax.sampling.generate import generate
 from llada_jax.training.checkpoint import latest_step, load_config, load_params
 from llada_jax.training.optimizer import make_optimizer
@@ -38,35 +40,21 @@ def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.Confi
   return config, load_params(workdir, step, abstract.params)
 
 
-def text_codec(config: ml_collections.ConfigDict) -> Any:
-  """Something with encode/decode for the config's vocabulary, or None when it has no tokenizer."""
-  if config.data.vocabulary == "byte":
-    from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
-    return get_vocabulary(config)
-  if config.data.tokenizer and pathlib.Path(config.data.tokenizer).is_file():
-    from llada_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
-    return HFTokenizer(config.data.tokenizer)
-  return None
-
-
-def trim_at_eos(ids: Sequence[int], eos_id: int) -> list[int]:
-  """The ids before the first EOS (all of them if there is none)."""
-  ids = list(ids)
-  return ids[:ids.index(eos_id)] if eos_id in ids else ids
-
-
 def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[str] | None = None,
            ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
-           **generate_kwargs: Any) -> dict[str, list]:
+           stops: Sequence[str] = (), **generate_kwargs: Any) -> dict[str, list]:
   """Generates one answer per prompt (text or ids; left-padded to a common length).
 
-  Returns {"prompt": prompts as text, "tokens": answer ids cut at the first EOS, "text": decoded}.
-  generate_kwargs go to `generate` (steps, gen_length, block_length, temperature, ...).
+  Returns {"prompt": prompts as text, "tokens": answer ids cut at the first end token, "text":
+  their text cut at the first of `stops`} (`llada_jax.sampling.ending`). generate_kwargs go to
+  `generate` (steps, gen_length, block_length, temperature, ...).
   """
-  vocab = text_codec(config)
-  if texts is not None and vocab is None:
-    raise ConfigError(f"text prompts need a tokenizer, and data.vocabulary="
-                      f"{config.data.vocabulary!r} has none bundled: give token ids instead")
+  try:
+    vocab = text_codec(config)
+  except ConfigError:
+    if texts is not None:
+      raise
+    vocab = None  # token ids in and out: an HF model whose tokenizer.json is not at hand
   encoded = [list(vocab.encode(t)) for t in texts] if texts is not None else [list(i) for i in ids]
   width = max(len(e) for e in encoded)
   tokens = np.full((len(encoded), width), config.tokens.pad_id, np.int32)
@@ -75,7 +63,8 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
     tokens[row, width - len(row_ids):] = row_ids
     mask[row, width - len(row_ids):] = True
   out = generate(config, params, tokens, mask, rng=jax.random.PRNGKey(seed), **generate_kwargs)
-  answers = [trim_at_eos(row, config.tokens.eos_id) for row in np.asarray(out)[:, width:].tolist()]
   decode = vocab.decode if vocab is not None else lambda ids: ""
+  ended = [end_answer(row, config.tokens, decode, stops)
+           for row in np.asarray(out)[:, width:].tolist()]
   prompts = list(texts) if texts is not None else [decode(e) for e in encoded]
-  return {"prompt": prompts, "tokens": answers, "text": [decode(a) for a in answers]}
+  return {"prompt": prompts, "tokens": [i for i, _ in ended], "text": [t for _, t in ended]}
