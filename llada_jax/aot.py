@@ -187,7 +187,8 @@ def _sampler(config: ml_collections.ConfigDict, num_items: int, prompt_length: i
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   args = (jax.ShapeDtypeStruct((num_items, prompt_length), jnp.int32, sharding=sharding),
           jax.ShapeDtypeStruct((num_items, prompt_length), jnp.bool_, sharding=sharding),
-          scalar, scalar, jax.ShapeDtypeStruct((2,), jnp.uint32), scalar)
+          scalar, scalar, jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
+          scalar)
   flops = s.steps * num_items * total * forward_flops_per_token(config, total)
   return _compiled_sampler(spec), args, flops
 

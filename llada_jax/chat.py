@@ -1,16 +1,16 @@
-"""A multi-turn terminal chat with a LLaDA-Instruct model (like the official chat.py).
+"""A multi-turn terminal chat with a LLaDA model (like the official chat.py).
 
   python -m llada_jax.chat --checkpoint=HF_OR_WORKDIR [--tokenizer=tokenizer.json] \
       [--gen_length=128 --steps=128 --block_length=32 --temperature=0 ...]
 
-Each line read from standard input is a user turn; the whole conversation goes through the chat
-template and the reverse process fills the assistant's answer, cut at the first EOS or EoT. An empty
-line or end of input ends the chat.
+Each line read from standard input is a user turn; the whole conversation goes through the
+LLaDA-Instruct chat template (a plain "User: / Assistant:" transcript for vocabularies without one,
+such as byte and spm8k) and the reverse process fills the assistant's answer, which ends as every
+answer does (`llada_jax.sampling.ending`). An empty line or end of input ends the chat.
 """
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from absl import flags
@@ -38,26 +38,27 @@ def _chat(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.data.hf_tokenizer import ChatMessage, HFTokenizer, chat_prompt_ids  # pylint: disable=g-import-not-at-top
+  from llada_jax.data.codec import chat_prompt, text_codec  # pylint: disable=g-import-not-at-top
+  from llada_jax.data.hf_tokenizer import ChatMessage  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.ending import end_answer  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
 
   if not _CHECKPOINT.value:
     raise ConfigError("--checkpoint is required: an HF LLaDA folder or a workdir")
-  tokenizer_path = _TOKENIZER.value or pathlib.Path(_CHECKPOINT.value) / "tokenizer.json"
-  if not pathlib.Path(tokenizer_path).is_file():
-    raise ConfigError(f"--tokenizer={tokenizer_path} names no file; pass the model's "
-                      "tokenizer.json")
-  tokenizer = HFTokenizer(tokenizer_path)
-  config, params = load_model(_CHECKPOINT.value)
-  tokenizer.check_config(config)
+  config, params = load_model(_CHECKPOINT.value, _TOKENIZER.value)
+  codec = text_codec(config)
+  room = config.model.max_sequence_length - _GEN_LENGTH.value
+  if room < 1:
+    raise ConfigError(f"--gen_length={_GEN_LENGTH.value} is not allowed: expected less than "
+                      f"model.max_sequence_length={config.model.max_sequence_length}")
   messages: list[ChatMessage] = []
   for turn, line in enumerate(sys.stdin):
     if not line.strip():
       break
     messages.append(ChatMessage("user", line.strip()))
-    prompt = np.asarray([chat_prompt_ids(tokenizer, messages)], np.int32)
+    ids, stops = chat_prompt(codec, messages)
+    prompt = np.asarray([ids[-room:]], np.int32)  # a long conversation drops its oldest tokens
     out = generate(config, params, prompt, steps=_STEPS.value, gen_length=_GEN_LENGTH.value,
                    block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
                    cfg_scale=_CFG_SCALE.value, remasking=_REMASKING.value,
@@ -65,9 +66,9 @@ def _chat(argv: list[str]) -> None:
                    confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value,
                    rng=jax.random.fold_in(jax.random.PRNGKey(_SEED.value), turn))
     _, text = end_answer(np.asarray(out)[0, prompt.shape[1]:].tolist(), config.tokens,
-                         tokenizer.decode)
-    messages.append(ChatMessage("assistant", text))
-    print(f"assistant: {text}", flush=True)
+                         codec.decode, stops)
+    messages.append(ChatMessage("assistant", text.strip()))
+    print(f"assistant: {text.strip()}", flush=True)
 
 
 run = entry_point(_chat)  # console script `llada-chat`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import sys
@@ -33,6 +34,20 @@ def run_reporting_errors(fn: Callable[[], None]) -> None:
     sys.exit(2)
 
 
+def _unknown_key_message(error: Exception) -> str:
+  """One line for ml_collections' unknown-key error, whose text arrives quoted (once or twice)
+  with its "Did you mean" hint on a second line."""
+  text = str(error.args[0] if error.args else error)
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      break
+  key, *rest = text.splitlines() or [""]
+  hint = f" ({rest[0][0].lower()}{rest[0][1:]})" if rest and rest[0] else ""
+  return f"unknown config key {key.strip(chr(39))!r} in a --config.* override{hint}"
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown flag, unknown config key, bad value) are one line."""
   for arg in argv[1:]:
@@ -46,7 +61,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   except flags.Error as e:
     message = str(e).strip().splitlines()[-1].strip()
   except (AttributeError, KeyError) as e:  # ml_collections: --config.<path> names no field
-    message = f"unknown config key {str(e).strip(chr(34))} in a --config.* override"
+    message = _unknown_key_message(e)
   except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
     message = f"bad --config.* override: {e}"
   print(f"error: {message}", file=sys.stderr)

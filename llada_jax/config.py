@@ -289,9 +289,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_tasks(ev.tasks, flag="evaluation.tasks")
   for name in ("limit", "mc_num", "mc_batch_size"):
     _positive(f"evaluation.{name}", ev[name])
-  if ev.mc_num % ev.mc_batch_size:
+  if ev.mc_num % min(ev.mc_batch_size, ev.mc_num):
     _fail("evaluation.mc_num", ev.mc_num, f"a multiple of evaluation.mc_batch_size="
-          f"{ev.mc_batch_size}")
+          f"{ev.mc_batch_size} (or fewer samples than it)")
 
   validate_sampling(config.sampling.steps, config.sampling.gen_length,
                     config.sampling.block_length, config.sampling.temperature,

@@ -11,6 +11,7 @@ that the official PyTorch loader reads.
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 from absl import flags, logging
 
@@ -45,6 +46,11 @@ def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
   config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   state = TrainState.fresh(params, opt_state)
+  if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine
+    from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config.data.tokenizer, pathlib.Path(workdir) / TOKENIZER_FILE)
+    config.data.tokenizer = TOKENIZER_FILE
   checkpointer = Checkpointer(workdir, config)
   checkpointer.save(0, state, force=True)
   checkpointer.wait()
@@ -55,9 +61,9 @@ def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
 def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[pathlib.Path]:
   """Exports the latest checkpoint of a workdir as an HF folder."""
   from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_for_sampling  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
 
-  config, params = load_for_sampling(workdir)
+  config, params = load_model(workdir)
   return save_hf(config, params, out, max_shard_size=max_shard_size, dtype=dtype)
 
 

@@ -14,6 +14,7 @@ training workdir, TensorBoard scalars under eval/ at the checkpoint's step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -82,7 +83,7 @@ def _evaluate(argv: list[str]) -> None:
   del argv
   import jax  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.evaluation.harness import EvalOptions, run_tasks, scalars  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.harness import EvalOptions, check_options, run_tasks, scalars  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.tasks import parse_tasks, read_jsonl_task  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.distributed import initialize  # pylint: disable=g-import-not-at-top
@@ -94,17 +95,17 @@ def _evaluate(argv: list[str]) -> None:
     read_jsonl_task(path)  # a bad file fails before the model is loaded
   if not tasks and not _TASK_FILE.value:
     raise ConfigError("--tasks is empty and no --task_file is given: nothing to evaluate")
-  if _LIMIT.value is not None and _LIMIT.value < 1:
-    raise ConfigError(f"--limit={_LIMIT.value} is not allowed: expected a positive integer")
-  initialize()
-  model = load_eval_model(_CHECKPOINT.value, _TOKENIZER.value)
   options = EvalOptions(
       tasks=tuple(tasks), task_files=tuple(_TASK_FILE.value), limit=_LIMIT.value,
       seed=_SEED.value, mc_num=_MC_NUM.value, mc_batch_size=_MC_BATCH.value,
       cfg_scale=_CFG_SCALE.value, elbo_task=_ELBO_TASK.value, elbo_samples=_ELBO_SAMPLES.value,
       gsm8k_format=_GSM8K_FORMAT.value, num_fewshot=_NUM_FEWSHOT.value,
-      generation_batch_size=_SAMPLER.value.batch_size,
-      sampler=sampler_options(model.config, _SAMPLER.value))
+      generation_batch_size=_SAMPLER.value.batch_size)
+  check_options(options)  # before the model loads
+  initialize()
+  model = load_eval_model(_CHECKPOINT.value, _TOKENIZER.value)
+  options = dataclasses.replace(options, sampler=sampler_options(model.config, _SAMPLER.value))
+  check_options(options, model.config)  # the sampler, before any task runs
   document = run_tasks(model, options, _progress_factory())
   if jax.process_index() != 0:
     return

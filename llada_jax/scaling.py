@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import pathlib
 
-import numpy as np
 from absl import flags
 
+from llada_jax.analysis.study import analyse
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
-
-SCHEMA = 1
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory of training workdirs (searched recursively).")
 _OUT = flags.DEFINE_string("out", None, "The plot (PNG).")
@@ -39,32 +37,6 @@ _IRREDUCIBLE = flags.DEFINE_bool("irreducible", True, "Fit the irreducible loss 
                                   "fits a pure power law (c = 0).")
 _REFERENCE = flags.DEFINE_float("reference_flops", None, "Compute at which the MDM/ARM multiplier "
                                 "is quoted (default: the largest of the data).")
-
-
-def analyse(runs_dir: str, x: str = "flops", points: str = "frontier", metric: str | None = None,
-            bootstrap: int = 200, reference: float | None = None,
-            min_compute: float = 0.0, irreducible: bool = True) -> tuple[dict, list, dict]:
-  """(the fits document, the runs, the fits by objective) of a study directory."""
-  from llada_jax import analysis  # pylint: disable=g-import-not-at-top
-
-  runs = analysis.collect_runs(runs_dir)
-  metric = metric or analysis.default_metric(runs)
-  fits, document = {}, {"schema": SCHEMA, "x": x, "metric": metric, "points": points,
-                        "min_compute": min_compute, "irreducible": irreducible,
-                        "runs": [r.name for r in runs], "fits": {}}
-  for objective in ("mdm", "arm"):
-    own = [r for r in runs if r.objective == objective]
-    if not own:
-      continue
-    compute, loss, owner = analysis.select_points(own, metric, x, points, min_compute)
-    fits[objective] = analysis.fit_power_law(compute, loss, owner, bootstrap=bootstrap,
-                                                 irreducible=irreducible)
-    document["fits"][objective] = dict(fits[objective].summary(), runs=len(own))
-  if len(fits) == 2:
-    reference = reference or max(float(np.max(r.curve(metric, x)[0])) for r in runs)
-    k, low, high = analysis.compute_multiplier(fits["mdm"], fits["arm"], reference)
-    document["multiplier"] = {"at": reference, "k": k, "interval": [low, high]}
-  return document, runs, fits
 
 
 def _scaling(argv: list[str]) -> None:
@@ -86,6 +58,8 @@ def _scaling(argv: list[str]) -> None:
     c_low, c_high = summary["c_interval"]
     print(f"{objective} | {summary['runs']} | {fit.n_points} | {fit.a:.4g} | {fit.b:.3f} "
           f"[{b_low:.3f}, {b_high:.3f}] | {fit.c:.3f} [{c_low:.3f}, {c_high:.3f}] | {fit.rms:.4f}")
+  for warning in document.get("warnings", []):
+    print(f"warning: {warning}")
   if "multiplier" in document:
     m = document["multiplier"]
     print(f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "

@@ -1,9 +1,13 @@
-"""Training that survives: non-finite steps, SIGTERM, kill -9, broken checkpoints."""
+"""Training that survives: non-finite steps, SIGTERM, Ctrl-C, kill -9, broken checkpoints, a
+second trainer on the same workdir."""
 
+import json
 import os
 import pathlib
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,13 +17,15 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from llada_jax.errors import TrainingDiverged
+from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.training import checkpoint
 from llada_jax.training.loop import train
 from llada_jax.training.optimizer import make_optimizer
+from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.state import state_shardings
+from llada_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "tests" / "configs" / "micro.py")
@@ -191,3 +197,168 @@ def test_full_disk_is_an_error_before_training(tmp_path, monkeypatch):
     train(_config(), tmp_path)
   assert not checkpoint.checkpoint_dir(tmp_path).exists() or not any(
       checkpoint.checkpoint_dir(tmp_path).iterdir())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A workdir holding checkpoints 2 and 4 of a finished run."""
+  workdir = tmp_path_factory.mktemp("finished")
+  config = _config()
+  config.train.num_steps = 4
+  train(config, workdir)
+  return workdir
+
+
+def _copy(finished, tmp_path):
+  return pathlib.Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def _listing(workdir):
+  return sorted((str(p.relative_to(workdir)), p.stat().st_size) for p in workdir.rglob("*"))
+
+
+def _damage(workdir, step, how):
+  """Truncates or deletes every tensor data file of a step (a crash or a lost file)."""
+  data = list((checkpoint.checkpoint_dir(workdir) / str(step) / "state").glob("ocdbt.*/d/*"))
+  assert data
+  for path in data:
+    if how == "truncate":
+      path.write_bytes(path.read_bytes()[:7])
+    else:
+      path.unlink()
+
+
+def _serving_params(config):
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
+  return abstract.params
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_read_only_restore_skips_a_damaged_newest_step_and_moves_nothing(finished, tmp_path, how):
+  workdir = _copy(finished, tmp_path)
+  _damage(workdir, 4, how)
+  before = _listing(workdir)
+  step, config, params = checkpoint.restore_newest(workdir, _serving_params, params_only=True,
+                                                   read_only=True)
+  assert step == 2 and config.model.d_model == 64
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+               jax.device_get(checkpoint.load_params(workdir, 2, _serving_params(config))))
+  assert _listing(workdir) == before
+
+
+def test_no_restorable_step_is_a_one_line_error_that_moves_nothing(finished, tmp_path):
+  workdir = _copy(finished, tmp_path)
+  _damage(workdir, 4, "truncate")
+  _damage(workdir, 2, "delete")
+  before = _listing(workdir)
+  with pytest.raises(CheckpointError, match=r"no checkpoint in it can be restored \(newest: "
+                     r"step 4: its tensors cannot be read") as error:
+    checkpoint.restore_newest(workdir, _serving_params, params_only=True, read_only=True)
+  assert "\n" not in str(error.value)
+  with pytest.raises(CheckpointError, match="no checkpoint in it can be restored"):
+    train(_config(), workdir)  # the trainer neither moves them aside nor starts over
+  assert _listing(workdir) == before
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.d_model", 128, "holds a different model: model.d_model=128 but the checkpoint has 64"),
+    ("optimizer.grad_clip_norm", 0.0, "holds a different optimizer state: checkpoint 4 has no "
+     "opt_state.0.count;"),
+])
+def test_resume_with_another_model_stops_and_leaves_the_checkpoints_alone(finished, tmp_path,
+                                                                         field, value, message):
+  workdir = _copy(finished, tmp_path)
+  before = _listing(workdir)
+  config = _config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(CheckpointError, match=f"^--workdir={re.escape(str(workdir))} {message}"):
+    train(config, workdir)
+  assert _listing(workdir) == before  # nothing renamed, no lock or log left behind
+
+
+def test_a_locked_workdir_stops_a_second_trainer_before_it_writes(tmp_path):
+  holder = WorkdirLock(tmp_path)
+  holder.acquire()  # this process: alive on this host
+  with pytest.raises(ConfigError, match=f"in use by another trainer: pid {os.getpid()} on "):
+    train(_config(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+  holder.release()
+  assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  lock = tmp_path / LOCK_NAME
+  lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+  taker = WorkdirLock(tmp_path)
+  taker.acquire()
+  assert f'"pid": {os.getpid()}' in lock.read_text()
+  taker.release()
+  lock.write_text('{"pid": 1, "host": "elsewhere.example", "started": "yesterday"}')
+  with pytest.raises(ConfigError, match=r"locked by pid 1 on host elsewhere.example, started "
+                     "yesterday, which this host cannot check; if that run has ended, delete"):
+    WorkdirLock(tmp_path).acquire()
+
+
+def test_first_ctrl_c_requests_a_save_and_the_second_aborts():
+  before = signal.getsignal(signal.SIGINT)
+  watcher = PreemptionWatcher()
+  try:
+    assert not watcher.reached(1)
+    try:
+      signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+      pytest.fail("the first Ctrl-C aborted instead of asking for a save")
+    assert watcher.reached(1)
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    watcher.close()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_saves_at_the_next_step_and_a_second_trainer_is_refused_meanwhile(tmp_path):
+  proc = _start(tmp_path, "--config.train.num_steps=100000",
+                "--config.checkpoint.save_every=100000")
+  _wait_for_line(proc, "step 5 |")
+  second = subprocess.run(_train_command(tmp_path, "--config.optimizer.peak_lr=1e-3"), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+  assert second.returncode == 2, second.stderr[-3000:]
+  error = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1 and f"in use by another trainer: pid {proc.pid} on " in error[0]
+  proc.send_signal(signal.SIGINT)
+  out = proc.stderr.read()
+  assert proc.wait(timeout=120) == 0, out[-3000:]
+  saved = checkpoint.latest_step(tmp_path)
+  assert 5 <= saved < 100000 and f"preempted: saved step {saved}" in out
+  assert "Traceback" not in out and not (tmp_path / LOCK_NAME).exists()
+  assert checkpoint.load_config(tmp_path).optimizer.peak_lr == 3e-3
+
+
+def test_every_read_only_command_falls_back_past_a_damaged_step(finished, tmp_path):
+  """sample, evaluate and to-hf load through the one restore path: the damaged newest step is
+  skipped (once they died with a TensorStore traceback) and nothing is renamed."""
+  from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model, load_model_and_step, sample  # pylint: disable=g-import-not-at-top
+
+  workdir = _copy(finished, tmp_path)
+  _damage(workdir, 4, "truncate")
+  before = _listing(workdir)
+  step, config, params = load_model_and_step(workdir)
+  assert step == 2
+  assert sample(config, params, texts=["ab"], steps=4, gen_length=4, block_length=4)["text"]
+  assert load_eval_model(workdir).step == 2
+  save_hf(*load_model(workdir), tmp_path / "hf", dtype="float32")  # what to-hf does
+  assert (tmp_path / "hf" / "model.safetensors").is_file()
+  assert _listing(workdir) == before
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-m", "llada_jax.sample", f"--workdir={workdir}",
+                           "--prompt=ab", "--gen_length=4", "--steps=4", "--block_length=4"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "checkpoint 4 in" in result.stderr and "cannot be restored" in result.stderr
+  assert _listing(workdir) == before

@@ -54,7 +54,8 @@ def log_likelihood(config: ml_collections.ConfigDict, params: Any,
     config: the model's config (architecture and tokens.mask_id).
     params: mask predictor parameters.
     prompt, answer: token ids; every answer must be non-empty.
-    mc_num: Monte-Carlo samples per pair (a multiple of batch_size); 1 suffices for one-token answers.
+    mc_num: Monte-Carlo samples per pair (a multiple of batch_size, or fewer: then one pass of
+      mc_num); 1 suffices for one-token answers.
     batch_size: samples per forward pass, stratified in l.
     cfg_scale: classifier-free guidance weight w (logits = u + (w+1)(c - u), u without the prompt).
     rng: PRNG key (default: from config.seed).
@@ -89,10 +90,25 @@ def score_pairs(config: ml_collections.ConfigDict, params: Any,
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   scorer = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, mc_num,
-                            batch_size, cfg_scale > 0)
+                            mc_batch_size(mc_num, batch_size), cfg_scale > 0)
   with placement_context(sharding):
     estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
+
+
+def mc_batch_size(mc_num: int, batch_size: int) -> int:
+  """Samples per forward pass: batch_size, or mc_num when fewer samples are asked for."""
+  return min(batch_size, mc_num)
+
+
+def check_mc(mc_num: int, batch_size: int, prefix: str = "") -> None:
+  """mc_num must be a positive multiple of mc_batch_size(mc_num, batch_size); ConfigError else."""
+  if batch_size < 1:
+    raise ConfigError(f"{prefix}mc_batch_size={batch_size} is not allowed: expected a positive "
+                      "number of samples per forward pass")
+  if mc_num < 1 or mc_num % mc_batch_size(mc_num, batch_size):
+    raise ConfigError(f"{prefix}mc_num={mc_num} is not allowed: expected a positive multiple of "
+                      f"mc_batch_size={batch_size} (or fewer samples than it)")
 
 
 def check_pairs(config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
@@ -101,9 +117,7 @@ def check_pairs(config: ml_collections.ConfigDict, prompts: Sequence[Sequence[in
   """Raises ConfigError with one line for any pair or option that cannot be scored."""
   if len(prompts) != len(answers):
     raise ConfigError(f"got {len(prompts)} prompts but {len(answers)} answers: expected pairs")
-  if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
-    raise ConfigError(f"mc_num={mc_num} is not allowed: expected a positive multiple of "
-                      f"batch_size={batch_size}")
+  check_mc(mc_num, batch_size)
   if cfg_scale < 0:
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   vocab = config.model.vocab_size

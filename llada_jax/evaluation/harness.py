@@ -12,12 +12,16 @@ import time
 from typing import Any, Callable
 
 import jax
+import ml_collections
 
 from llada_jax.evaluation.elbo import evaluate_elbo
-from llada_jax.evaluation.gsm8k import evaluate_gsm8k
+from llada_jax.diffusion.likelihood import check_mc
+from llada_jax.errors import ConfigError
+from llada_jax.evaluation.gsm8k import PROMPT_FORMATS, evaluate_gsm8k
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice
 from llada_jax.evaluation.tasks import MULTIPLE_CHOICE, gsm8k, read_jsonl_task
+from llada_jax.sampling.generate import check_sampler_options
 
 RESULTS_SCHEMA = 1
 # Metrics that get a TensorBoard scalar (the others are counts and settings).
@@ -42,6 +46,29 @@ class EvalOptions:
   sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def check_options(options: EvalOptions,
+                  config: ml_collections.ConfigDict | None = None) -> None:
+  """Raises ConfigError (one line) for any option no task could run with, before any work: the
+  Monte-Carlo numbers, limits, GSM8K prompt settings and, given the model's config, the sampler
+  options of generation tasks."""
+  check_mc(options.mc_num, options.mc_batch_size, prefix="--")
+  for name in ("elbo_samples", "generation_batch_size"):
+    if getattr(options, name) < 1:
+      raise ConfigError(f"--{name}={getattr(options, name)} is not allowed: expected a positive "
+                        "integer")
+  if options.limit is not None and options.limit < 1:
+    raise ConfigError(f"--limit={options.limit} is not allowed: expected a positive integer")
+  if options.cfg_scale < 0:
+    raise ConfigError(f"--cfg_scale={options.cfg_scale} is not allowed: expected a number >= 0")
+  if options.num_fewshot < 0:
+    raise ConfigError(f"--num_fewshot={options.num_fewshot} is not allowed: expected >= 0")
+  if options.gsm8k_format not in PROMPT_FORMATS:
+    raise ConfigError(f"--gsm8k_format={options.gsm8k_format} is not allowed: expected one of "
+                      f"{', '.join(PROMPT_FORMATS)}")
+  if config is not None and "gsm8k" in options.tasks:
+    check_sampler_options(config, **options.sampler)
+
+
 def task_names(options: EvalOptions) -> list[str]:
   """Names of the tasks to run: the built-in ones, then one per task file (its file stem)."""
   return list(options.tasks) + [pathlib.Path(f).stem for f in options.task_files]
@@ -54,6 +81,7 @@ def run_tasks(model: EvalModel, options: EvalOptions,
 
   progress(task, total) may return a callback receiving the number of items just finished.
   """
+  check_options(options, model.config)
   start = time.time()
   results: dict[str, Any] = {}
   samples: dict[str, Any] = {}

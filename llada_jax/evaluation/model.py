@@ -11,9 +11,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llada_jax.errors import ConfigError
 from llada_jax.data.codec import text_codec
-from llada_jax.sampling.text import load_model
+from llada_jax.sampling.text import load_model_and_step
 
 # The one mesh axis of evaluation: items (pairs, prompts) are split over the local devices.
 ITEMS = "items"
@@ -36,29 +35,13 @@ class EvalModel:
 
 
 def load_eval_model(path: str | pathlib.Path, tokenizer: str | None = None) -> EvalModel:
-  """A training workdir or HF LLaDA folder, ready to evaluate.
+  """A training workdir or HF LLaDA folder, ready to evaluate (`load_model_and_step`).
 
   tokenizer: a tokenizer.json for checkpoints without a bundled vocabulary (default: the one in an
-  HF folder, or the config's data.tokenizer).
+  HF folder or workdir, or the config's data.tokenizer).
   """
-  if not pathlib.Path(path).exists():
-    raise ConfigError(f"--checkpoint={path} does not exist: expected a training workdir or an HF "
-                      "LLaDA folder")
-  config, params = load_model(path)
-  hf_tokenizer = pathlib.Path(path) / "tokenizer.json"
-  if tokenizer is None and hf_tokenizer.is_file() and config.data.vocabulary != "byte":
-    tokenizer = str(hf_tokenizer)
-  if tokenizer is not None:
-    if not pathlib.Path(tokenizer).is_file():
-      raise ConfigError(f"--tokenizer={tokenizer} names no file: expected the model's "
-                        "tokenizer.json")
-    config.data.update(vocabulary="llada_hf", tokenizer=str(tokenizer))
-  codec = text_codec(config)
-  step = None
-  if not (pathlib.Path(path) / "config.json").is_file():
-    from llada_jax.training.checkpoint import latest_step  # pylint: disable=g-import-not-at-top
-    step = latest_step(path)
-  return eval_model_from_params(config, params, codec, step, str(path))
+  step, config, params = load_model_and_step(path, tokenizer)
+  return eval_model_from_params(config, params, text_codec(config), step, str(path))
 
 
 def eval_model_from_params(config: ml_collections.ConfigDict, params: Any, codec: Any,

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from llada_jax.diffusion.likelihood import Likelihood, check_pairs, score_pairs
+from llada_jax.diffusion.likelihood import Likelihood, check_pairs, mc_batch_size, score_pairs
 from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.keys import item_keys
@@ -40,7 +40,8 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
   def padded_width(items) -> int:
     return min(bucket(max(lengths[i] for i in items)), model.config.model.max_sequence_length)
 
-  per_call = max(1, TOKENS_PER_DEVICE // (batch_size * padded_width(range(len(lengths))))) * devices
+  per_pass = mc_batch_size(mc_num, batch_size)
+  per_call = max(1, TOKENS_PER_DEVICE // (per_pass * padded_width(range(len(lengths))))) * devices
   base = jax.random.PRNGKey(seed)
   ids = np.arange(len(lengths)) if item_ids is None else np.asarray(item_ids)
 

@@ -16,8 +16,10 @@ from llada_jax.errors import ConfigError
 AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves the -1 axis and checks that the axes multiply to the device count."""
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
+               check_batch: bool = True) -> tuple[int, ...]:
+  """Resolves the -1 axis and checks that the axes multiply to the device count (and, with
+  check_batch, that data.batch_size splits over the data-parallel axes: training)."""
   sizes = [config.mesh[a] for a in AXES]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
@@ -29,7 +31,7 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
     raise ConfigError(f"mesh={dict(zip(AXES, sizes))} is not allowed: the axes must multiply to "
                       f"the {num_devices} devices")
   data_parallel = sizes[0] * sizes[1]
-  if config.data.batch_size % data_parallel:
+  if check_batch and config.data.batch_size % data_parallel:
     raise ConfigError(f"data.batch_size={config.data.batch_size} is not allowed: expected a "
                       f"multiple of mesh.data x mesh.fsdp = {data_parallel}")
   return tuple(sizes)
@@ -55,14 +57,15 @@ def check_divisibility(config: ml_collections.ConfigDict, shape: tuple[int, ...]
 
 
 def make_mesh(config: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over `devices` (default: all devices of all processes).
+              devices: Sequence[jax.Device] | None = None, check_batch: bool = True) -> Mesh:
+  """A Mesh over `devices` (default: all devices of all processes). check_batch=False for
+  inference, whose batches are not config.data.batch_size.
 
   With mesh.dcn_* > 1 (several TPU slices) the slices are laid out along those axes by
   `create_hybrid_device_mesh`, so only the dcn_* axes cross the data-centre network.
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(config, len(devices))
+  shape = mesh_shape(config, len(devices), check_batch)
   check_divisibility(config, shape)
   dcn = tuple(config.mesh[f"dcn_{a}"] for a in AXES)
   if math.prod(dcn) > 1:

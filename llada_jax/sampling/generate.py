@@ -170,6 +170,24 @@ def _check_cache(cache: str, cache_refresh: int, causal: bool) -> None:
                       "cache='none' (the caches reuse keys of a bidirectional mask predictor)")
 
 
+def check_sampler_options(config: ml_collections.ConfigDict, *, steps: int, gen_length: int,
+                          block_length: int, temperature: float = 0.0, remasking: str =
+                          "low_confidence", cfg_scale: float = 0.0, parallel_threshold: float = 0.0,
+                          cache: str = "none", cache_refresh: int = 0,
+                          **unused: Any) -> None:
+  """Raises ConfigError (one line) for sampler options `generate` would refuse for any prompt of
+  this model (the prompt-dependent checks run in generate). Other keywords are ignored."""
+  del unused
+  validate_sampling(steps, gen_length, block_length, temperature, remasking)
+  if cfg_scale < 0:
+    raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
+  if gen_length >= config.model.max_sequence_length:
+    raise ConfigError(f"gen_length={gen_length} is not allowed: expected less than "
+                      f"model.max_sequence_length={config.model.max_sequence_length}")
+  _check_threshold(parallel_threshold, remasking, False)
+  _check_cache(cache, cache_refresh, config.model.causal)
+
+
 def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,
                              attention_mask: np.ndarray, steps: int, gen_length: int,
                              block_length: int, temperature: float, cfg_scale: float,

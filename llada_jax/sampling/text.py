@@ -15,29 +15,68 @@ from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.sampling.ending import end_answer
 from llada_jax.sampling.generate import generate
-from llada_jax.training.checkpoint import latest_step, load_config, load_params
+from llada_jax.training.checkpoint import restore_newest
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
 
 
-def load_model(path: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) from a training workdir or an official HuggingFace LLaDA folder."""
-  if (pathlib.Path(path) / "config.json").is_file():
+TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
+
+
+def load_model(path: str | pathlib.Path,
+               tokenizer: str | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) from a training workdir or an official HuggingFace LLaDA folder: see
+  `load_model_and_step`."""
+  return load_model_and_step(path, tokenizer)[1:]
+
+
+def load_model_and_step(path: str | pathlib.Path, tokenizer: str | None = None
+                        ) -> tuple[int | None, ml_collections.ConfigDict, Any]:
+  """(checkpoint step or None for an HF folder, config, params) of a workdir or HF folder.
+
+  A workdir gives its newest checkpoint that restores (`restore_newest`: damaged newer steps are
+  skipped with a warning, nothing is renamed), parameters only, replicated over the local
+  devices whatever batch and mesh it was trained with. tokenizer: a tokenizer.json for the
+  "llada_hf" vocabulary; default: the folder's or workdir's own tokenizer.json, or the config's
+  data.tokenizer (a relative path is taken from the workdir).
+
+  Raises:
+    ConfigError: `path` does not exist or `tokenizer` names no file.
+    CheckpointError: no checkpoint, another model, nothing restorable, a bad HF folder.
+  """
+  root = pathlib.Path(path)
+  if not root.exists():
+    raise ConfigError(f"--checkpoint={path} does not exist: expected a training workdir or an HF "
+                      "LLaDA folder")
+  if tokenizer is not None and not pathlib.Path(tokenizer).is_file():
+    raise ConfigError(f"--tokenizer={tokenizer} names no file: expected the model's "
+                      "tokenizer.json")
+  if (root / "config.json").is_file():
     from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
-    return load_hf(path)
-  return load_for_sampling(path)
+    step, (config, params) = None, load_hf(path)
+  else:
+    step, config, params = restore_newest(path, serving_abstract_params, params_only=True,
+                                          read_only=True)
+  if tokenizer is not None:
+    config.data.update(vocabulary="llada_hf", tokenizer=str(pathlib.Path(tokenizer).absolute()))
+  elif config.data.vocabulary == "llada_hf":
+    stored = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
+    for candidate in (stored, root / stored if stored else None, root / TOKENIZER_FILE):
+      if candidate is not None and candidate.is_file():
+        config.data.tokenizer = str(candidate.absolute())
+        break
+  return step, config, params
 
 
-def load_for_sampling(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) of the latest checkpoint, parameters only, replicated over local devices."""
-  step = latest_step(workdir)
-  config = load_config(workdir, step)
+def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
+  data-parallel axis; the training batch and mesh play no part)."""
   serving = ml_collections.ConfigDict(config.to_dict())
   serving.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-  mesh = make_mesh(serving, jax.local_devices())
+  mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
   abstract, _ = state_shardings(serving, Transformer(ModelConfig.from_config(serving)),
                                 make_optimizer(serving), mesh)
-  return config, load_params(workdir, step, abstract.params)
+  return abstract.params
 
 
 def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[str] | None = None,

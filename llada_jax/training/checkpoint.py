@@ -2,13 +2,17 @@
 
 Saves are asynchronous (training continues while the previous state is written); keeping the config
 in every checkpoint makes a workdir self-describing, so `sample` needs nothing but its path.
+
+Every command restores through `restore_newest`: the newest step that can be read, after warning
+about each newer one that cannot (a deleted or truncated file), and a one-line CheckpointError when
+the workdir holds a different model or no step in it can be read.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -16,7 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from llada_jax import config as config_lib
-from llada_jax.errors import CheckpointError
+from llada_jax.errors import CheckpointError, ConfigError
 
 
 # Model fields that change the parameter tree; the others (dtype, remat, ...) may change on resume.
@@ -38,6 +42,7 @@ class Checkpointer:
         save_interval_steps=config.checkpoint.save_every, max_to_keep=config.checkpoint.keep,
         keep_period=config.checkpoint.keep_every or None,
         enable_async_checkpointing=config.checkpoint.async_save, create=True)
+    self._workdir = workdir
     self._config = config
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_names=("state", "config"))
@@ -55,29 +60,19 @@ class Checkpointer:
     """True on every process once the cluster announced a preemption (multi-process jobs)."""
     return self._manager.reached_preemption(step)
 
-  def restore_latest_valid(self, workdir: str | pathlib.Path,
-                           abstract_state: Any) -> tuple[int, Any] | None:
-    """(step, state) of the newest checkpoint that restores. Broken newer ones (a damaged or
-    deleted file) are reported and moved aside to `<step>.broken`, never deleted, so that new saves
-    of their steps can happen. None if no checkpoint restores."""
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        load_config(workdir, step)
-        return step, self.restore(step, abstract_state)
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        broken = checkpoint_dir(workdir) / f"{step}.broken"
-        logging.warning("checkpoint %d in %s cannot be restored (%s); moved to %s, trying the "
-                        "one before", step, workdir, str(e).splitlines()[0][:200], broken)
-        if jax.process_index() == 0:
-          (checkpoint_dir(workdir) / str(step)).rename(broken)
-        self._manager.reload()
-    return None
+  def restore_newest(self, abstract_state: Any) -> tuple[int, Any]:
+    """(step, state) of the newest checkpoint that restores into `abstract_state`'s shardings.
 
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores the state at `step` into the shardings carried by `abstract_state`."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+    Damaged newer steps are moved aside to `<step>.broken` (never deleted), so that this run can
+    save those steps again. Raises CheckpointError if the workdir holds no checkpoint, holds
+    another model than this Checkpointer's config, or holds none that can be restored.
+    """
+    try:
+      step, _, state = restore_newest(self._workdir, lambda _: abstract_state, params_only=False,
+                                      read_only=False, wanted=self._config)
+    finally:
+      self._manager.reload()
+    return step, state
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -87,55 +82,208 @@ class Checkpointer:
     self._manager.close()
 
 
-def latest_step(workdir: str | pathlib.Path) -> int:
-  """The newest complete checkpoint step of a workdir; CheckpointError if there is none."""
+class _Damaged(Exception):
+  """A step whose files cannot be read (deleted, truncated): skipped for an older one, unlike a
+  step that reads fine but holds another model."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of the error's root cause (TensorStore's, under Orbax's wrapper)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  return lines[0][:200] if lines else type(error).__name__
+
+
+def _steps(workdir: str | pathlib.Path) -> list[int]:
+  """The complete checkpoint steps of a workdir, newest first; CheckpointError if there is none."""
   path = checkpoint_dir(workdir)
   steps = ocp.utils.checkpoint_steps(path) if path.is_dir() else []
   if not steps:
     raise CheckpointError(f"--workdir={workdir} holds no checkpoint (looked in {path}); train "
                           "first with `python -m llada_jax.train --workdir=...`")
-  return max(steps)
+  return sorted(steps, reverse=True)
 
 
-def load_config(workdir: str | pathlib.Path, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config stored with a checkpoint (the latest if step is None)."""
-  step = latest_step(workdir) if step is None else step
+def latest_step(workdir: str | pathlib.Path) -> int:
+  """The newest complete checkpoint step of a workdir; CheckpointError if there is none."""
+  return _steps(workdir)[0]
+
+
+def _stored_config(workdir: str | pathlib.Path, step: int) -> ml_collections.ConfigDict:
+  """The config saved with `step`: _Damaged if its file is missing or cut short, CheckpointError
+  if it reads but this version of the code cannot use it (an unknown field, a bad value)."""
   path = checkpoint_dir(workdir) / str(step) / "config" / "metadata"
   try:
     text = path.read_text()
-  except OSError as e:
+    json.loads(text)
+  except (OSError, ValueError) as e:
+    raise _Damaged(f"its config cannot be read: {_first_line(e)}") from None
+  try:
+    return config_lib.from_json(text)
+  except ConfigError as e:
+    raise CheckpointError(f"checkpoint {step} in {workdir} has a config this version cannot "
+                          f"use: {e}") from None
+
+
+def load_config(workdir: str | pathlib.Path, step: int | None = None) -> ml_collections.ConfigDict:
+  """The config stored with a checkpoint (the latest if step is None); CheckpointError if there
+  is no checkpoint or its config cannot be read."""
+  step = latest_step(workdir) if step is None else step
+  try:
+    return _stored_config(workdir, step)
+  except _Damaged as e:
     raise CheckpointError(f"checkpoint {step} in {workdir} has no readable config: {e}") from None
-  return config_lib.from_json(text)
 
 
-def load_state(workdir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
-  """Restores one checkpoint's train state without a manager (read-only use)."""
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "idx", "name"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
+  """Dotted leaf path -> shape; dataclass, named-tuple and dict nodes spell their keys alike."""
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = getattr(leaf, "shape", None)
+    shapes[".".join(_key_name(k) for k in path)] = None if shape is None else tuple(shape)
+  return shapes
+
+
+def _check_stored_tree(workdir: str | pathlib.Path, step: int, target: Any) -> None:
+  """Compares the leaves and shapes `step` stores (under the top-level names of `target`) with
+  `target`: _Damaged if the checkpoint's tree cannot be read, CheckpointError if it differs."""
   path = checkpoint_dir(workdir) / str(step) / "state"
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      stored_tree = checkpointer.metadata(path).item_metadata
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _Damaged(f"its tree metadata cannot be read: {_first_line(e)}") from None
+  if stored_tree is None:
+    raise _Damaged(f"its tree metadata in {path} cannot be read")
+  wanted = _leaf_shapes(target)
+  tops = {name.split(".")[0] for name in wanted}
+  stored = {k: v for k, v in _leaf_shapes(stored_tree).items() if k.split(".")[0] in tops}
+  for name in sorted(set(stored) | set(wanted)):
+    if name not in stored:
+      problem = f"no {name}"
+    elif name not in wanted:
+      problem = f"{name}, which this config does not have"
+    elif None not in (stored[name], wanted[name]) and stored[name] != wanted[name]:
+      problem = f"{name} of shape {stored[name]} where this config needs {wanted[name]}"
+    else:
+      continue
+    what = "optimizer state" if name.startswith("opt_state") else "model"
+    raise CheckpointError(f"--workdir={workdir} holds a different {what}: checkpoint {step} has "
+                          f"{problem}; use a new workdir or the stored settings")
+
+
+def _restore_state(path: pathlib.Path, abstract_state: Any) -> Any:
   with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      return checkpointer.restore(path, abstract_state)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"cannot restore {path}: {e}") from None
+    return checkpointer.restore(path, abstract_state)
 
 
-def load_params(workdir: str | pathlib.Path, step: int, abstract_params: Any) -> Any:
-  """Restores only the parameters of a checkpoint (the optimizer state is never read), into the
-  shardings carried by `abstract_params`: what sampling and export need, at a third of the memory."""
-  path = checkpoint_dir(workdir) / str(step) / "state"
+def _restore_params(path: pathlib.Path, abstract_params: Any) -> Any:
   item = {"params": abstract_params}
   args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(item))
   with ocp.PyTreeCheckpointer() as checkpointer:
-    try:
-      params = checkpointer.restore(path, args=args)["params"]
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"cannot restore the parameters in {path}: {e}") from None
+    params = checkpointer.restore(path, args=args)["params"]
   # A partial restore hands back the abstract leaf for a name the checkpoint does not hold.
   missing = [jax.tree_util.keystr(key) for key, leaf in jax.tree_util.tree_leaves_with_path(params)
              if isinstance(leaf, jax.ShapeDtypeStruct)]
   if missing:
-    raise CheckpointError(f"cannot restore the parameters in {path}: it holds no {missing[0]}")
+    raise CheckpointError(f"it holds no {missing[0]}")
   return params
+
+
+def restore_newest(workdir: str | pathlib.Path,
+                   abstract: Callable[[ml_collections.ConfigDict], Any], *, params_only: bool,
+                   read_only: bool, wanted: ml_collections.ConfigDict | None = None
+                   ) -> tuple[int, ml_collections.ConfigDict, Any]:
+  """(step, stored config, restored tree) of the newest checkpoint of `workdir` that restores.
+
+  abstract(stored config) gives the tree to restore into, whose ShapeDtypeStructs carry the
+  shardings: the whole train state, or with params_only the parameters alone (the optimizer state
+  is then never read). Each step is checked before its tensors are read: its config must read,
+  match `wanted` in the parameter-shaping model fields (when given) and store the leaves and shapes
+  of the abstract tree. A step whose files cannot be read is damaged: a warning names it and the
+  next older one is tried. Once a step restores, the damaged newer ones are moved aside to
+  `<step>.broken` unless read_only (a trainer must save those steps again); nothing is moved when
+  no step restores.
+
+  Raises CheckpointError (one line) if the workdir holds no checkpoint, if a readable step holds a
+  different model or a config this version cannot use, or if no step can be restored.
+  """
+  damaged = []
+  for step in _steps(workdir):
+    try:
+      config, tree = _restore_step(workdir, step, abstract, params_only, wanted)
+    except _Damaged as e:
+      logging.warning("checkpoint %d in %s cannot be restored (%s); trying the one before", step,
+                      workdir, e)
+      damaged.append((step, str(e)))
+      continue
+    if not read_only and jax.process_index() == 0:
+      for bad, _ in damaged:
+        _move_aside(workdir, bad)
+    return step, config, tree
+  newest, reason = damaged[0]
+  raise CheckpointError(f"--workdir={workdir}: no checkpoint in it can be restored (newest: step "
+                        f"{newest}: {reason})")
+
+
+def _restore_step(workdir: str | pathlib.Path, step: int,
+                  abstract: Callable[[ml_collections.ConfigDict], Any], params_only: bool,
+                  wanted: ml_collections.ConfigDict | None
+                  ) -> tuple[ml_collections.ConfigDict, Any]:
+  """restore_newest's work on one step: _Damaged if it cannot be read, CheckpointError if it reads
+  but holds another model."""
+  config = _stored_config(workdir, step)
+  mismatch = [] if wanted is None else architecture_mismatch(config, wanted)
+  if mismatch:
+    raise CheckpointError(f"--workdir={workdir} holds a different model: {mismatch[0]}; use a new "
+                          "workdir or the stored model settings")
+  target = abstract(config)
+  _check_stored_tree(workdir, step, {"params": target} if params_only else target)
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  try:
+    return config, _restore_params(path, target) if params_only else _restore_state(path, target)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _Damaged(f"its tensors cannot be read: {_first_line(e)}") from None
+
+
+def _move_aside(workdir: str | pathlib.Path, step: int) -> None:
+  """Renames a damaged step to `<step>.broken` (`<step>.broken-2`, ... if that name is taken)."""
+  root = checkpoint_dir(workdir)
+  broken, n = root / f"{step}.broken", 1
+  while broken.exists():
+    n += 1
+    broken = root / f"{step}.broken-{n}"
+  (root / str(step)).rename(broken)
+  logging.warning("moved the damaged checkpoint %d aside to %s", step, broken)
+
+
+def load_state(workdir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
+  """Restores one checkpoint's train state without a manager; CheckpointError if it cannot."""
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  try:
+    return _restore_state(path, abstract_state)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f"cannot restore {path}: {_first_line(e)}") from None
+
+
+def load_params(workdir: str | pathlib.Path, step: int, abstract_params: Any) -> Any:
+  """Restores only the parameters of a checkpoint (the optimizer state is never read), into the
+  shardings carried by `abstract_params`: what sampling and export need, at a third of the memory.
+  Raises CheckpointError if they cannot be restored."""
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  try:
+    return _restore_params(path, abstract_params)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f"cannot restore the parameters in {path}: {_first_line(e)}") from None
 
 
 def architecture_mismatch(saved: ml_collections.ConfigDict,

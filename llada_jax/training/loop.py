@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -15,28 +16,43 @@ from absl import logging
 
 from llada_jax.config import profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
-from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
+from llada_jax.errors import ConfigError, TrainingDiverged
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
-from llada_jax.training.checkpoint import Checkpointer, architecture_mismatch, load_config
+from llada_jax.training.checkpoint import Checkpointer
 from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.flops import model_flops_per_step, peak_flops
 from llada_jax.training.metrics import Accounting, MetricWriter, write_run_description
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import TrainState, create_train_state, state_shardings
 from llada_jax.training.step import make_eval_step, make_train_step
+from llada_jax.training.workdir_lock import lock_for_job
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
-  """Trains until config.train.num_steps, resuming from the latest checkpoint in `workdir`."""
-  from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  """Trains until config.train.num_steps, resuming from the newest restorable checkpoint in
+  `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises.
 
+  Raises ConfigError for a bad config value or an unusable workdir (one another trainer holds
+  included), CheckpointError when the workdir holds checkpoints of another model or none that
+  restores, and TrainingDiverged; all of them before anything is compiled, except the last.
+  """
   validate(config)
   if config.evaluation.tasks and jax.process_count() > 1:
     raise ConfigError(f"evaluation.tasks={config.evaluation.tasks!r} is not allowed in a "
                       f"{jax.process_count()}-process job: run llada-evaluate on its checkpoints")
   _check_workdir(workdir)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(lock_for_job(workdir).release)
+    return _train(config, workdir, cleanup)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+           cleanup: contextlib.ExitStack) -> TrainState:
+  """train() in a locked workdir; `cleanup` undoes what it sets up on any way out."""
+  from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   mesh = make_mesh(config)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.data.batch_size % (data_parallel * config.train.grad_accum_steps):
@@ -45,13 +61,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                       f"train.grad_accum_steps={config.train.grad_accum_steps}")
   model = Transformer(ModelConfig.from_config(config))
   tx = make_optimizer(config)
-  checkpointer = Checkpointer(workdir, config)
-  # Data first: a bad task or vocabulary fails here, before parameters are allocated.
+  # Data first: a bad task or vocabulary fails here, before parameters are allocated and before
+  # anything is written in the workdir.
   data_sharding = batch_sharding(mesh, axis_rules(config))
   validation = pipeline.eval_batches(config, data_sharding, config.train.eval_batches)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   _check_free_space(workdir, abstract)
-  state = _restore(config, workdir, checkpointer, abstract)
+  _warn_schedule(config)
+  checkpointer = Checkpointer(workdir, config)
+  state = _restore(workdir, checkpointer, abstract)
   if state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
   start = int(state.step)
@@ -62,6 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
 
   writer = MetricWriter(workdir, Accounting.from_config(config))
   write_run_description(workdir, config, num_params)
+  _keep_tokenizer(config, workdir)
   if config.data.vocabulary == "byte" and config.data.task in CORPUS_FILES:
     logging.info("unigram entropy of the training bytes: %.3f bits/byte (a context-free model's "
                  "floor)", unigram_entropy_bits(config.data.task))
@@ -71,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
   flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
   logging.info("model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: "
                "%s", flops_per_step, "unknown (no MFU)" if peak is None else f"{peak:.3e}")
-  watcher = PreemptionWatcher(checkpointer)
+  watcher = cleanup.enter_context(PreemptionWatcher(checkpointer))
 
   batches = pipeline.train_batches(config, data_sharding, start_step=start)
   last_time, last_step, last_skipped = time.time(), start, int(state.skipped)
@@ -85,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     profiler.after(step, metrics)
     if previous is not None and config.train.nonfinite == "rollback" and bool(previous[1]):
       batches.close()
-      state = _rollback(config, workdir, checkpointer, abstract, previous[0], writer)
+      state = _rollback(config, checkpointer, abstract, previous[0], writer)
       step = int(state.step)
       batches = pipeline.train_batches(config, data_sharding, start_step=step)
       previous = None
@@ -165,7 +184,7 @@ def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
   from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import text_codec  # pylint: disable=g-import-not-at-top
+  from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
 
   ev = config.evaluation
   model = eval_model_from_params(config, params, text_codec(config), step, str(workdir))
@@ -176,34 +195,28 @@ def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
   return harness.scalars(harness.run_tasks(model, options))
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-             checkpointer: Checkpointer, abstract: TrainState) -> TrainState | None:
-  """The newest restorable checkpoint's state (None for a new run), after the model check."""
-  found = checkpointer.restore_latest_valid(workdir, abstract)
-  if found is None:
-    if checkpointer.latest_step() is not None:
-      raise CheckpointError(f"--workdir={workdir}: no checkpoint in it can be restored; move it "
-                            "away to start afresh")
+def _restore(workdir: str | pathlib.Path, checkpointer: Checkpointer,
+             abstract: TrainState) -> TrainState | None:
+  """The newest restorable checkpoint's state, None for a workdir without checkpoints.
+
+  Raises CheckpointError if the checkpoints hold another model or none of them restores: a run
+  never starts over in a workdir that holds checkpoints.
+  """
+  if checkpointer.latest_step() is None:
     return None
-  step, state = found
-  mismatch = architecture_mismatch(load_config(workdir, step), config)
-  if mismatch:
-    raise CheckpointError(f"--workdir={workdir} holds a different model: {mismatch[0]}; use a "
-                          "new workdir or the stored model settings")
+  step, state = checkpointer.restore_newest(abstract)
   logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
   return state
 
 
-def _rollback(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-              checkpointer: Checkpointer, abstract: TrainState, bad_step: int,
-              writer: MetricWriter) -> TrainState:
+def _rollback(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
+              abstract: TrainState, bad_step: int, writer: MetricWriter) -> TrainState:
   """Restores the last checkpoint with the learning rate cut (LLaDA's recovery at 1.2T tokens)."""
   checkpointer.wait()
-  found = checkpointer.restore_latest_valid(workdir, abstract)
-  if found is None:
+  if checkpointer.latest_step() is None:
     raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} and no checkpoint to "
                            "roll back to; lower optimizer.peak_lr or checkpoint.save_every")
-  _, state = found
+  _, state = checkpointer.restore_newest(abstract)
   rollbacks = int(state.rollbacks) + 1
   if rollbacks > config.train.max_rollbacks:
     raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} after "
@@ -226,6 +239,27 @@ def _check_free_space(workdir: str | pathlib.Path, abstract: TrainState) -> None
   if free < needed:
     raise ConfigError(f"--workdir={workdir} has {free / 1e9:.2f} GB free; one checkpoint of this "
                       f"model needs {needed / 1e9:.2f} GB")
+
+
+def _warn_schedule(config: ml_collections.ConfigDict) -> None:
+  """Warns about a learning-rate schedule that cannot run as configured."""
+  o, steps = config.optimizer, config.train.num_steps
+  if o.warmup_steps > steps:
+    logging.warning("train.num_steps=%d < optimizer.warmup_steps=%d: the learning rate never "
+                    "reaches optimizer.peak_lr=%g (it ends at %.3g)", steps, o.warmup_steps,
+                    o.peak_lr, o.peak_lr * steps / o.warmup_steps)
+
+
+def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+  """Copies a "llada_hf" run's tokenizer.json into the workdir (process 0), so that its
+  checkpoints decode on a machine without the original file (`load_model` looks there)."""
+  from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+
+  source = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
+  target = pathlib.Path(workdir) / TOKENIZER_FILE
+  if (jax.process_index() == 0 and config.data.vocabulary == "llada_hf" and source is not None
+      and source.is_file() and source.resolve() != target.resolve()):
+    shutil.copyfile(source, target)
 
 
 def _check_workdir(workdir: str | pathlib.Path) -> None:

@@ -1,7 +1,8 @@
 """Preemption: SIGTERM (or the TPU maintenance notice) asks for a checkpoint at the next step.
 
-One process: a SIGTERM handler sets a flag. Several processes: Orbax/JAX's preemption sync point,
-which the coordination service fires on every host at the same step, so all save together.
+One process: SIGTERM and the first Ctrl-C (SIGINT) set a flag; a second Ctrl-C raises
+KeyboardInterrupt as usual, to abort without saving. Several processes: Orbax/JAX's preemption sync
+point, which the coordination service fires on every host at the same step, so all save together.
 """
 
 from __future__ import annotations
@@ -14,19 +15,30 @@ from absl import logging
 
 
 class PreemptionWatcher:
-  """`reached(step)` is True once a stop was requested; agreed across processes."""
+  """`reached(step)` is True once a stop was requested; agreed across processes. A context
+  manager: leaving it puts the previous signal handlers back."""
 
   def __init__(self, manager=None):
     self._manager = manager
     self._requested = threading.Event()
-    self._previous = None
+    self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, `cmd &` in scripts: leave it
+          previous = signal.signal(signum, self._on_signal)
+          self._previous[signum] = signal.SIG_DFL if previous is None else previous
 
   def _on_signal(self, signum, frame) -> None:
     del frame
-    logging.warning("received signal %d: saving a checkpoint at the next step, then stopping",
-                    signum)
+    if signum == signal.SIGINT:
+      previous = self._previous.pop(signum, None)
+      if previous is not None:
+        signal.signal(signum, previous)  # the next Ctrl-C aborts
+      logging.warning("Ctrl-C: saving a checkpoint at the next step, then stopping; press Ctrl-C "
+                      "again to abort without saving")
+    else:
+      logging.warning("received signal %d: saving a checkpoint at the next step, then stopping",
+                      signum)
     self._requested.set()
 
   def reached(self, step: int) -> bool:
@@ -37,7 +49,13 @@ class PreemptionWatcher:
     return False
 
   def close(self) -> None:
-    """Puts the previous SIGTERM handler back."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    """Puts the previous SIGTERM and SIGINT handlers back."""
+    handlers, self._previous = self._previous, {}
+    for signum, previous in handlers.items():
+      signal.signal(signum, previous)
+
+  def __enter__(self) -> PreemptionWatcher:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

@@ -1,0 +1,167 @@
+"""Fault kinds found by public bug reports and a newcomer run, each pinned by a test: inference that
+depends on the training batch, late flag errors, vocabularies without a text path, chat without a
+template, schedule and fit warnings, one-line config-key errors, debris of early errors."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.parallel.mesh import make_mesh
+from llada_jax.training import checkpoint
+from llada_jax.training.optimizer import make_optimizer
+from llada_jax.training.state import create_train_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _workdir(path, config):
+  """A workdir holding one checkpoint (step 0) of `config`'s model, made on one device."""
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1],
+                                                             check_batch=False))
+  saver = checkpoint.Checkpointer(path, config)
+  saver.save(0, state, force=True)
+  saver.wait()
+  saver.close()
+  return path
+
+
+@pytest.fixture(scope="module")
+def spm_workdir(tmp_path_factory):
+  config = make_tiny_config()
+  config.data.vocabulary = "spm8k"
+  config.model.update(vocab_size=8001)
+  config.tokens.mask_id = 8000
+  config.data.batch_size = 12  # a training batch that 8 serving devices cannot split
+  return _workdir(tmp_path_factory.mktemp("spm"), config)
+
+
+def test_inference_loads_whatever_batch_the_run_trained_with(spm_workdir):
+  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+
+  assert jax.local_device_count() == 8
+  config, params = load_model(spm_workdir)
+  assert config.data.batch_size == 12
+  leaf = jax.tree.leaves(params)[0]
+  assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+
+
+def test_an_spm8k_model_takes_text_in_every_command(spm_workdir):
+  """Sampling from text, multiple choice and GSM8K prompts (once only bytes and tokenizer.json
+  could encode)."""
+  from llada_jax.evaluation.gsm8k import build_prompts  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.tasks import MathProblem, MultipleChoice  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
+
+  config, params = load_model(spm_workdir)
+  result = sample(config, params, texts=["ROMEO: what"], steps=4, gen_length=8, block_length=8)
+  assert result["prompt"] == ["ROMEO: what"] and isinstance(result["text"][0], str)
+  model = load_eval_model(spm_workdir)
+  items = [MultipleChoice("The cat", ("sat", "ran"), 0)]
+  metrics, records = evaluate_multiple_choice(model, items, mc_num=2, batch_size=2)
+  assert metrics["count"] == 1 and len(records[0]["scores"]) == 2
+  prompts, _, chat = build_prompts(model, [MathProblem("1 + 1?", "#### 2", "2")], "fewshot", 0,
+                                   16)
+  assert not chat and model.codec.decode(prompts[0]) == "Question: 1 + 1?\nAnswer:"
+
+
+def test_monte_carlo_batch_shrinks_to_mc_num_and_bad_flags_fail_before_any_task(monkeypatch):
+  from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.model import EvalModel  # pylint: disable=g-import-not-at-top
+
+  harness.check_options(harness.EvalOptions(mc_num=4, mc_batch_size=16))
+  with pytest.raises(ConfigError, match="--mc_num=20 is not allowed"):
+    harness.check_options(harness.EvalOptions(mc_num=20, mc_batch_size=16))
+  ran = []
+  monkeypatch.setattr(harness, "evaluate_elbo", lambda *a, **k: ran.append("elbo") or {})
+  config = make_tiny_config()
+  model = EvalModel(config, None, None, None, None, "test")
+  options = harness.EvalOptions(tasks=("elbo", "gsm8k"), sampler=dict(
+      steps=5, gen_length=16, block_length=8, temperature=0.0, remasking="low_confidence"))
+  with pytest.raises(ConfigError, match="steps=5 is not allowed"):
+    harness.run_tasks(model, options)
+  assert not ran  # the elbo task did not run first
+
+
+def test_likelihood_with_fewer_samples_than_a_batch(spm_workdir):
+  from llada_jax.diffusion.likelihood import log_likelihood  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+
+  config, params = load_model(spm_workdir)
+  result = log_likelihood(config, params, [5, 6, 7], [8, 9], mc_num=4, batch_size=16)
+  assert np.isfinite(result.log_likelihood)
+
+
+def test_chat_with_byte_and_spm8k_models(spm_workdir, tmp_path):
+  """llada-chat once demanded a tokenizer.json that byte and spm8k models do not have."""
+  byte_workdir = _workdir(tmp_path / "byte", make_tiny_config())
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  for workdir in (byte_workdir, spm_workdir):
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_jax.chat", f"--checkpoint={workdir}", "--gen_length=8",
+         "--steps=8", "--block_length=8"], input="Hello there\nAnd then?\n", cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(line.startswith("assistant:") for line in result.stdout.splitlines()) == 2
+
+
+def test_a_short_run_warns_that_the_learning_rate_never_peaks(caplog):
+  from llada_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.optimizer.warmup_steps, config.train.num_steps = 50, 10
+  with caplog.at_level(logging.WARNING):
+    loop._warn_schedule(config)  # pylint: disable=protected-access
+  assert "never reaches optimizer.peak_lr" in caplog.text
+  caplog.clear()
+  config.train.num_steps = 100
+  loop._warn_schedule(config)  # pylint: disable=protected-access
+  assert not caplog.text
+
+
+def test_an_early_error_leaves_no_checkpoint_folder(tmp_path):
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.data.task = "no_such_task"
+  with pytest.raises(ConfigError, match="no_such_task"):
+    train(config, tmp_path / "w")
+  assert not checkpoint.checkpoint_dir(tmp_path / "w").exists()
+
+
+def test_an_unknown_config_key_is_one_readable_line():
+  from llada_jax.cli_support import _unknown_key_message  # pylint: disable=g-import-not-at-top
+
+  raw = KeyError("'numsteps'\nDid you mean \"num_steps\" instead of \"numsteps\"?")
+  for error in (raw, KeyError(str(raw))):  # once or twice quoted, as ml_collections raises it
+    assert _unknown_key_message(error) == (
+        "unknown config key 'numsteps' in a --config.* override (did you mean \"num_steps\" "
+        "instead of \"numsteps\"?)")
+
+
+def test_a_fit_from_two_runs_carries_a_warning(tmp_path):
+  from llada_jax.analysis import analyse  # pylint: disable=g-import-not-at-top
+
+  for i, budget in enumerate((1e10, 1e12)):
+    run = tmp_path / f"s{i}-mdm"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"objective": "mdm", "parameters": 10 ** (i + 3)}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 2 * c ** -0.1 + 1})
+        + "\n" for s, c in enumerate(np.geomspace(budget / 30, budget, 3), 1)))
+  document, _, _ = analyse(tmp_path, "flops", "frontier", None, 0, None, 0.0, True)
+  assert any("from 2 runs" in w for w in document["warnings"])
