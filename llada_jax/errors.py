@@ -19,3 +19,12 @@ class CheckpointError(LladaError):
 
 class TrainingDiverged(LladaError):
   """The loss or gradient stayed non-finite after the allowed number of rollbacks."""
+
+
+class DoesNotFit(LladaError):
+  """The compiler found that a program needs more memory than the target device has."""
+
+
+class SaveFailed(LladaError):
+  """A checkpoint could not be written (storage unreachable, disk full); training stopped so as
+  not to go on as if it had been saved."""

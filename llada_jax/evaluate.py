@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from llada_jax import storage
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
@@ -114,7 +114,7 @@ def _evaluate(argv: list[str]) -> None:
                       for k, v in metrics.items())
     print(f"{task}: {shown}", flush=True)
   if _OUTPUT.value:
-    pathlib.Path(_OUTPUT.value).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    storage.path(_OUTPUT.value).write_text(json.dumps(document, indent=1), encoding="utf-8")
   if model.step is not None:
     from llada_jax.training import metrics  # pylint: disable=g-import-not-at-top
     writer = metrics.MetricWriter(model.path, metrics.Accounting.from_config(model.config))

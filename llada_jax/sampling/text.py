@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
+from llada_jax import storage
 from llada_jax.data.codec import text_codec
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer
@@ -23,14 +24,14 @@ from llada_jax.training.state import state_shardings
 TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
 
 
-def load_model(path: str | pathlib.Path,
+def load_model(path: storage.PathLike,
                tokenizer: str | None = None) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) from a training workdir or an official HuggingFace LLaDA folder: see
   `load_model_and_step`."""
   return load_model_and_step(path, tokenizer)[1:]
 
 
-def load_model_and_step(path: str | pathlib.Path, tokenizer: str | None = None
+def load_model_and_step(path: storage.PathLike, tokenizer: str | None = None
                         ) -> tuple[int | None, ml_collections.ConfigDict, Any]:
   """(checkpoint step or None for an HF folder, config, params) of a workdir or HF folder.
 
@@ -44,26 +45,30 @@ def load_model_and_step(path: str | pathlib.Path, tokenizer: str | None = None
     ConfigError: `path` does not exist or `tokenizer` names no file.
     CheckpointError: no checkpoint, another model, nothing restorable, a bad HF folder.
   """
-  root = pathlib.Path(path)
+  root = storage.path(path)
   if not root.exists():
     raise ConfigError(f"--checkpoint={path} does not exist: expected a training workdir or an HF "
                       "LLaDA folder")
-  if tokenizer is not None and not pathlib.Path(tokenizer).is_file():
+  if tokenizer is not None and not storage.path(tokenizer).is_file():
     raise ConfigError(f"--tokenizer={tokenizer} names no file: expected the model's "
                       "tokenizer.json")
   if (root / "config.json").is_file():
+    if storage.is_remote(root):
+      raise ConfigError(f"--checkpoint={path}: HF folders are read from a local disk; copy it "
+                        "first (gsutil -m cp -r) or convert it into a workdir on a local disk")
     from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
     step, (config, params) = None, load_hf(path)
   else:
     step, config, params = restore_newest(path, serving_abstract_params, params_only=True,
                                           read_only=True)
   if tokenizer is not None:
-    config.data.update(vocabulary="llada_hf", tokenizer=str(pathlib.Path(tokenizer).absolute()))
+    config.data.update(vocabulary="llada_hf", tokenizer=storage.cached_local_copy(tokenizer))
   elif config.data.vocabulary == "llada_hf":
-    stored = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
-    for candidate in (stored, root / stored if stored else None, root / TOKENIZER_FILE):
-      if candidate is not None and candidate.is_file():
-        config.data.tokenizer = str(candidate.absolute())
+    stored = config.data.tokenizer
+    relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
+    for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
+      if candidate and storage.path(candidate).is_file():
+        config.data.tokenizer = storage.cached_local_copy(candidate)
         break
   return step, config, params
 

@@ -10,9 +10,9 @@ the workdir holds a different model or no step in it can be read.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from llada_jax import config as config_lib
-from llada_jax.errors import CheckpointError, ConfigError
+from llada_jax import storage
+from llada_jax.errors import CheckpointError, ConfigError, SaveFailed
 
 
 # Model fields that change the parameter tree; the others (dtype, remat, ...) may change on resume.
@@ -28,8 +29,9 @@ PARAMETER_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"
                     "scan_layers")
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / "checkpoints"
+def checkpoint_dir(workdir: storage.PathLike) -> storage.Path:
+  """`<workdir>/checkpoints` (a URL stays one: gs://bucket/run/checkpoints)."""
+  return storage.path(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -37,13 +39,14 @@ class Checkpointer:
   those at multiples of keep_every. Orbax writes to a temporary folder and renames it when the save
   is complete, so a crash mid-save leaves the previous checkpoints as they were."""
 
-  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: storage.PathLike, config: ml_collections.ConfigDict):
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.checkpoint.save_every, max_to_keep=config.checkpoint.keep,
         keep_period=config.checkpoint.keep_every or None,
         enable_async_checkpointing=config.checkpoint.async_save, create=True)
     self._workdir = workdir
     self._config = config
+    self._pending: int | None = None  # the step of an asynchronous save not known to be written
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                           item_names=("state", "config"))
 
@@ -51,10 +54,33 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Starts saving `state` at `step` if the interval says so (or force); returns whether it did."""
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(json.loads(config_lib.to_json(self._config)))))
+    """Starts saving `state` at `step` if the interval says so (or force); returns whether it did.
+
+    Raises SaveFailed if this save, or the asynchronous one before it, could not be written
+    (Orbax reports a background failure at the next save or wait)."""
+    with self._reporting_failures(step):
+      started = self._manager.save(step, force=force, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(json.loads(config_lib.to_json(self._config)))))
+    if started:
+      self._pending = step
+    return started
+
+  @contextlib.contextmanager
+  def _reporting_failures(self, step: int | None) -> Iterator[None]:
+    """Turns a failed write (storage down, disk full) into one SaveFailed line that names the
+    step and the newest complete checkpoint to resume from."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught  (TensorStore, gcsfs, OS)
+      failed = self._pending if self._pending is not None else step
+      try:
+        newest = max(_complete_steps(self._workdir), default=None)
+      except Exception:  # pylint: disable=broad-exception-caught  (storage still unreachable)
+        newest = "unknown (storage unreachable)"
+      raise SaveFailed(f"saving checkpoint {failed} to {checkpoint_dir(self._workdir)} failed: "
+                       f"{_first_line(e)}; the newest complete checkpoint is {newest}: rerun the "
+                       "same command to resume from it") from e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once the cluster announced a preemption (multi-process jobs)."""
@@ -75,8 +101,10 @@ class Checkpointer:
     return step, state
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are written; SaveFailed if one could not be."""
+    with self._reporting_failures(None):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
     self._manager.close()
@@ -95,22 +123,28 @@ def _first_line(error: BaseException) -> str:
   return lines[0][:200] if lines else type(error).__name__
 
 
-def _steps(workdir: str | pathlib.Path) -> list[int]:
+def _complete_steps(workdir: storage.PathLike) -> list[int]:
+  """The steps Orbax finished writing (committed) in a workdir, in no particular order."""
+  path = checkpoint_dir(workdir)
+  return ocp.utils.checkpoint_steps(path) if path.is_dir() else []
+
+
+def _steps(workdir: storage.PathLike) -> list[int]:
   """The complete checkpoint steps of a workdir, newest first; CheckpointError if there is none."""
   path = checkpoint_dir(workdir)
-  steps = ocp.utils.checkpoint_steps(path) if path.is_dir() else []
+  steps = _complete_steps(workdir)
   if not steps:
     raise CheckpointError(f"--workdir={workdir} holds no checkpoint (looked in {path}); train "
                           "first with `python -m llada_jax.train --workdir=...`")
   return sorted(steps, reverse=True)
 
 
-def latest_step(workdir: str | pathlib.Path) -> int:
+def latest_step(workdir: storage.PathLike) -> int:
   """The newest complete checkpoint step of a workdir; CheckpointError if there is none."""
   return _steps(workdir)[0]
 
 
-def _stored_config(workdir: str | pathlib.Path, step: int) -> ml_collections.ConfigDict:
+def _stored_config(workdir: storage.PathLike, step: int) -> ml_collections.ConfigDict:
   """The config saved with `step`: _Damaged if its file is missing or cut short, CheckpointError
   if it reads but this version of the code cannot use it (an unknown field, a bad value)."""
   path = checkpoint_dir(workdir) / str(step) / "config" / "metadata"
@@ -126,7 +160,7 @@ def _stored_config(workdir: str | pathlib.Path, step: int) -> ml_collections.Con
                           f"use: {e}") from None
 
 
-def load_config(workdir: str | pathlib.Path, step: int | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: storage.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
   """The config stored with a checkpoint (the latest if step is None); CheckpointError if there
   is no checkpoint or its config cannot be read."""
   step = latest_step(workdir) if step is None else step
@@ -152,7 +186,7 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
   return shapes
 
 
-def _check_stored_tree(workdir: str | pathlib.Path, step: int, target: Any) -> None:
+def _check_stored_tree(workdir: storage.PathLike, step: int, target: Any) -> None:
   """Compares the leaves and shapes `step` stores (under the top-level names of `target`) with
   `target`: _Damaged if the checkpoint's tree cannot be read, CheckpointError if it differs."""
   path = checkpoint_dir(workdir) / str(step) / "state"
@@ -180,12 +214,12 @@ def _check_stored_tree(workdir: str | pathlib.Path, step: int, target: Any) -> N
                           f"{problem}; use a new workdir or the stored settings")
 
 
-def _restore_state(path: pathlib.Path, abstract_state: Any) -> Any:
+def _restore_state(path: storage.Path, abstract_state: Any) -> Any:
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, abstract_state)
 
 
-def _restore_params(path: pathlib.Path, abstract_params: Any) -> Any:
+def _restore_params(path: storage.Path, abstract_params: Any) -> Any:
   item = {"params": abstract_params}
   args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(item))
@@ -199,7 +233,7 @@ def _restore_params(path: pathlib.Path, abstract_params: Any) -> Any:
   return params
 
 
-def restore_newest(workdir: str | pathlib.Path,
+def restore_newest(workdir: storage.PathLike,
                    abstract: Callable[[ml_collections.ConfigDict], Any], *, params_only: bool,
                    read_only: bool, wanted: ml_collections.ConfigDict | None = None
                    ) -> tuple[int, ml_collections.ConfigDict, Any]:
@@ -235,7 +269,7 @@ def restore_newest(workdir: str | pathlib.Path,
                         f"{newest}: {reason})")
 
 
-def _restore_step(workdir: str | pathlib.Path, step: int,
+def _restore_step(workdir: storage.PathLike, step: int,
                   abstract: Callable[[ml_collections.ConfigDict], Any], params_only: bool,
                   wanted: ml_collections.ConfigDict | None
                   ) -> tuple[ml_collections.ConfigDict, Any]:
@@ -255,7 +289,7 @@ def _restore_step(workdir: str | pathlib.Path, step: int,
     raise _Damaged(f"its tensors cannot be read: {_first_line(e)}") from None
 
 
-def _move_aside(workdir: str | pathlib.Path, step: int) -> None:
+def _move_aside(workdir: storage.PathLike, step: int) -> None:
   """Renames a damaged step to `<step>.broken` (`<step>.broken-2`, ... if that name is taken)."""
   root = checkpoint_dir(workdir)
   broken, n = root / f"{step}.broken", 1
@@ -266,7 +300,7 @@ def _move_aside(workdir: str | pathlib.Path, step: int) -> None:
   logging.warning("moved the damaged checkpoint %d aside to %s", step, broken)
 
 
-def load_state(workdir: str | pathlib.Path, step: int, abstract_state: Any) -> Any:
+def load_state(workdir: storage.PathLike, step: int, abstract_state: Any) -> Any:
   """Restores one checkpoint's train state without a manager; CheckpointError if it cannot."""
   path = checkpoint_dir(workdir) / str(step) / "state"
   try:
@@ -275,7 +309,7 @@ def load_state(workdir: str | pathlib.Path, step: int, abstract_state: Any) -> A
     raise CheckpointError(f"cannot restore {path}: {_first_line(e)}") from None
 
 
-def load_params(workdir: str | pathlib.Path, step: int, abstract_params: Any) -> Any:
+def load_params(workdir: storage.PathLike, step: int, abstract_params: Any) -> Any:
   """Restores only the parameters of a checkpoint (the optimizer state is never read), into the
   shardings carried by `abstract_params`: what sampling and export need, at a third of the memory.
   Raises CheckpointError if they cannot be restored."""

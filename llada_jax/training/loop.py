@@ -6,6 +6,7 @@ import contextlib
 import os
 import pathlib
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from llada_jax import storage
 from llada_jax.config import profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
 from llada_jax.errors import ConfigError, TrainingDiverged
@@ -30,7 +32,7 @@ from llada_jax.training.step import make_eval_step, make_train_step
 from llada_jax.training.workdir_lock import lock_for_job
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> TrainState:
   """Trains until config.train.num_steps, resuming from the newest restorable checkpoint in
   `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises.
 
@@ -48,17 +50,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     return _train(config, workdir, cleanup)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def _train(config: ml_collections.ConfigDict, workdir: storage.PathLike,
            cleanup: contextlib.ExitStack) -> TrainState:
   """train() in a locked workdir; `cleanup` undoes what it sets up on any way out."""
   from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = make_mesh(config)
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.data.batch_size % (data_parallel * config.train.grad_accum_steps):
-    raise ConfigError(f"data.batch_size={config.data.batch_size} is not allowed: expected a "
-                      f"multiple of mesh.data x mesh.fsdp = {data_parallel} times "
-                      f"train.grad_accum_steps={config.train.grad_accum_steps}")
   model = Transformer(ModelConfig.from_config(config))
   tx = make_optimizer(config)
   # Data first: a bad task or vocabulary fails here, before parameters are allocated and before
@@ -104,7 +101,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     profiler.after(step, metrics)
     if previous is not None and config.train.nonfinite == "rollback" and bool(previous[1]):
       batches.close()
-      state = _rollback(config, checkpointer, abstract, previous[0], writer)
+      state = _rollback(config, checkpointer, abstract, previous[0], writer, state)
       step = int(state.step)
       batches = pipeline.train_batches(config, data_sharding, start_step=step)
       previous = None
@@ -154,32 +151,45 @@ def _train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 class _Profiler:
   """A jax.profiler trace of the steps in train.profile_steps, for TensorBoard's profile tab."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: storage.PathLike):
     self._range = profile_range(config.train.profile_steps) if config.train.profile_steps else None
-    self._dir = str(pathlib.Path(workdir) / "profile")
+    self._dir = storage.path(workdir) / "profile"
     self._active = False
+    self._trace_dir = ""
 
   def before(self, step: int) -> None:
     if self._range is not None and step == self._range[0] and not self._active:
-      jax.profiler.start_trace(self._dir)
+      # The profiler writes local files; a trace for object storage is copied there at the end.
+      remote = storage.is_remote(self._dir)
+      self._trace_dir = tempfile.mkdtemp(prefix="llada_profile_") if remote else str(self._dir)
+      jax.profiler.start_trace(self._trace_dir)
       self._active = True
 
   def after(self, step: int, metrics: Any) -> None:
     if self._active and step >= self._range[1]:
       jax.block_until_ready(metrics)
-      jax.profiler.stop_trace()
-      self._active = False
+      self._stop()
       logging.info("profile of steps %d..%d written to %s", self._range[0] + 1, step, self._dir)
 
   def close(self) -> None:
     """Ends a trace the run stopped inside of (preemption, last step before b)."""
     if self._active:
-      jax.profiler.stop_trace()
-      self._active = False
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._active = False
+    if storage.is_remote(self._dir):
+      for local in pathlib.Path(self._trace_dir).rglob("*"):
+        if local.is_file():
+          target = self._dir / str(local.relative_to(self._trace_dir))
+          target.parent.mkdir(parents=True, exist_ok=True)
+          storage.copy_file(local, target)
+      shutil.rmtree(self._trace_dir, ignore_errors=True)
 
 
 def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
-                    workdir: str | pathlib.Path) -> dict[str, float]:
+                    workdir: storage.PathLike) -> dict[str, float]:
   """config.evaluation.tasks on the current parameters, by llada-evaluate's code."""
   from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
@@ -195,7 +205,7 @@ def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
   return harness.scalars(harness.run_tasks(model, options))
 
 
-def _restore(workdir: str | pathlib.Path, checkpointer: Checkpointer,
+def _restore(workdir: storage.PathLike, checkpointer: Checkpointer,
              abstract: TrainState) -> TrainState | None:
   """The newest restorable checkpoint's state, None for a workdir without checkpoints.
 
@@ -210,18 +220,23 @@ def _restore(workdir: str | pathlib.Path, checkpointer: Checkpointer,
 
 
 def _rollback(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
-              abstract: TrainState, bad_step: int, writer: MetricWriter) -> TrainState:
-  """Restores the last checkpoint with the learning rate cut (LLaDA's recovery at 1.2T tokens)."""
+              abstract: TrainState, bad_step: int, writer: MetricWriter,
+              current: TrainState) -> TrainState:
+  """Restores the last checkpoint with the learning rate cut (LLaDA's recovery at 1.2T tokens).
+
+  The count and the cut continue from `current`, the diverged state, not from the checkpoint: a
+  divergence that comes back before the next save rolls back again at a lower rate, and
+  train.max_rollbacks ends it (taken from the checkpoint, they would repeat forever)."""
+  rollbacks = int(current.rollbacks) + 1
+  lr_scale = float(current.lr_scale) * config.train.rollback_lr_factor
   checkpointer.wait()
   if checkpointer.latest_step() is None:
     raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} and no checkpoint to "
                            "roll back to; lower optimizer.peak_lr or checkpoint.save_every")
-  _, state = checkpointer.restore_newest(abstract)
-  rollbacks = int(state.rollbacks) + 1
   if rollbacks > config.train.max_rollbacks:
     raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} after "
                            f"train.max_rollbacks={config.train.max_rollbacks} rollbacks")
-  lr_scale = float(state.lr_scale) * config.train.rollback_lr_factor
+  _, state = checkpointer.restore_newest(abstract)
   state = state.replace(lr_scale=jax.device_put(np.float32(lr_scale), state.lr_scale.sharding),
                         rollbacks=jax.device_put(np.int32(rollbacks), state.rollbacks.sharding))
   logging.warning("non-finite loss or gradient at step %d: rolled back to step %d, learning rate "
@@ -232,8 +247,11 @@ def _rollback(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
   return state
 
 
-def _check_free_space(workdir: str | pathlib.Path, abstract: TrainState) -> None:
-  """Fails before training when the workdir's disk cannot hold one more checkpoint."""
+def _check_free_space(workdir: storage.PathLike, abstract: TrainState) -> None:
+  """Fails before training when the workdir's disk cannot hold one more checkpoint (local disks;
+  a bucket's space is not checked)."""
+  if storage.is_remote(workdir):
+    return
   needed = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
   free = shutil.disk_usage(workdir).free
   if free < needed:
@@ -250,24 +268,30 @@ def _warn_schedule(config: ml_collections.ConfigDict) -> None:
                     o.peak_lr, o.peak_lr * steps / o.warmup_steps)
 
 
-def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
   """Copies a "llada_hf" run's tokenizer.json into the workdir (process 0), so that its
   checkpoints decode on a machine without the original file (`load_model` looks there)."""
   from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
 
-  source = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
-  target = pathlib.Path(workdir) / TOKENIZER_FILE
+  source = storage.path(config.data.tokenizer) if config.data.tokenizer else None
+  target = storage.path(workdir) / TOKENIZER_FILE
   if (jax.process_index() == 0 and config.data.vocabulary == "llada_hf" and source is not None
-      and source.is_file() and source.resolve() != target.resolve()):
-    shutil.copyfile(source, target)
+      and source.is_file() and source != target):
+    storage.copy_file(source, target)
 
 
-def _check_workdir(workdir: str | pathlib.Path) -> None:
-  """Fails before any compile if the workdir cannot be created or written."""
-  path = pathlib.Path(workdir)
+def _check_workdir(workdir: storage.PathLike) -> None:
+  """Fails before any compile if the workdir cannot be created or written (for a bucket: if a
+  probe object cannot be written, e.g. a missing bucket or missing credentials)."""
+  path = storage.path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
-  if not os.access(path, os.W_OK):
+    if storage.is_remote(path):
+      probe = path / f".write_probe_{jax.process_index()}"
+      probe.write_text("")
+      probe.unlink()
+  except Exception as e:  # pylint: disable=broad-exception-caught  (OSError, gcsfs, auth errors)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"--workdir={workdir} cannot be created or written: {first}") from None
+  if not storage.is_remote(path) and not os.access(path, os.W_OK):
     raise ConfigError(f"--workdir={workdir} is not writable")

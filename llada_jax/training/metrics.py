@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import time
 from typing import Mapping
 
 import jax
@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from llada_jax import storage
 from llada_jax.training.flops import (matmul_parameters, model_flops_per_token,
                                       non_embedding_parameters)
 
@@ -53,16 +54,26 @@ def run_description(config: ml_collections.ConfigDict, num_params: int) -> dict:
 class MetricWriter:
   """Writes scalars to the log and to TensorBoard event files in `<workdir>/tensorboard`; with an
   Accounting also to `<workdir>/metrics.jsonl` with tokens and FLOPs, which go to TensorBoard too
-  (`tokens_seen`, `flops`, `flops_6nd`) so any curve can be read against them."""
+  (`tokens_seen`, `flops`, `flops_6nd`) so any curve can be read against them.
 
-  def __init__(self, workdir: str | pathlib.Path, accounting: Accounting | None = None):
+  A local workdir gets every record at once. On object storage, where a file is rewritten whole
+  at each flush (no append), records are flushed every FLUSH_SECONDS and at close: a killed run
+  loses at most that much of its log (its resumed run logs those steps again)."""
+
+  FLUSH_SECONDS = 60.0
+
+  def __init__(self, workdir: storage.PathLike, accounting: Accounting | None = None):
     self._enabled = jax.process_index() == 0
     self._tb = None
     self._accounting = accounting
-    self._jsonl = pathlib.Path(workdir) / "metrics.jsonl"
+    self._jsonl = storage.path(workdir) / "metrics.jsonl"
+    self._remote = storage.is_remote(workdir)
+    self._pending: list[str] = []
+    self._flushed = time.monotonic()
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"),
+                               flush_secs=self.FLUSH_SECONDS if self._remote else 120)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
     """One record: a console line, TensorBoard scalars `<prefix><name>` and a JSONL line whose
@@ -81,20 +92,31 @@ class MetricWriter:
         self._tb.add_scalar("flops_6nd", spent["flops_6nd"], step)
       record = {"step": step, "split": prefix.rstrip("/") or "train", **spent,
                 **{k: _json_number(v) for k, v in scalars.items()}}
-      with self._jsonl.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+      self._pending.append(json.dumps(record) + "\n")
+    if not self._remote or time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes the pending records and TensorBoard events out."""
+    if not self._enabled:
+      return
+    storage.append_jsonl(self._jsonl, self._pending)
+    self._pending = []
     self._tb.flush()
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
     if self._tb is not None:
+      self.flush()
       self._tb.close()
+      self._tb = None
 
 
-def write_run_description(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
+def write_run_description(workdir: storage.PathLike, config: ml_collections.ConfigDict,
                           num_params: int) -> None:
   """Writes `<workdir>/run.json` (process 0; rewritten on resume with the same content)."""
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / "run.json"
+    path = storage.path(workdir) / "run.json"
     path.write_text(json.dumps(run_description(config, num_params), indent=1) + "\n")
 
 

@@ -6,7 +6,10 @@ error, a preemption or Ctrl-C save). A second trainer on the workdir stops with 
 names the holder. A lock left by a killed run is recognised as stale and taken over with a warning
 when its host is this host and its process is gone (or the pid now belongs to a later process, or
 the machine rebooted since). A lock from another host cannot be checked, so it is never taken
-over: the error says to delete the file once that run is known to be dead.
+over: the error says to delete the file once that run is known to be dead. On object storage
+(a gs:// workdir), where this path layer has no atomic create, the lock is written, left to settle
+for SETTLE_SECONDS and read back: of two trainers starting together, the one whose record was
+overwritten stops.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from llada_jax import storage
 from llada_jax.errors import ConfigError
 
 LOCK_NAME = "train.lock"
+SETTLE_SECONDS = 2.0  # object storage: how long a written lock must survive to count as taken
 
 
 def _boot_id() -> str | None:
@@ -36,13 +41,18 @@ def _boot_id() -> str | None:
     return None
 
 
-def _process_start(pid: int) -> int | None:
-  """The start time of process `pid` in clock ticks since boot (Linux), or None."""
+def _stat(pid: int) -> list[str] | None:
+  """Fields 3.. of /proc/<pid>/stat (Linux), or None; the name before ")" may hold spaces."""
   try:
-    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
   except OSError:
     return None
-  return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def _process_start(pid: int) -> int | None:
+  """The start time of process `pid` in clock ticks since boot (Linux), or None."""
+  fields = _stat(pid)
+  return None if fields is None else int(fields[19])  # field 22
 
 
 def _alive(holder: dict[str, Any]) -> bool | None:
@@ -57,6 +67,9 @@ def _alive(holder: dict[str, Any]) -> bool | None:
     return False
   except PermissionError:
     pass  # another user's process
+  fields = _stat(holder["pid"])
+  if fields is not None and fields[0] in ("Z", "X"):
+    return False  # killed, not yet reaped (a container whose init does not reap orphans)
   started = holder.get("process_start")
   return started is None or _process_start(holder["pid"]) in (None, started)
 
@@ -75,9 +88,9 @@ def _parse(text: str) -> dict[str, Any] | None:
 class WorkdirLock:
   """`acquire` takes `<workdir>/train.lock`; `release` removes it if this object still holds it."""
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: storage.PathLike):
     self._workdir = workdir
-    self.path = pathlib.Path(workdir) / LOCK_NAME
+    self.path = storage.path(workdir) / LOCK_NAME
     self._token = None
 
   def acquire(self) -> None:
@@ -90,6 +103,9 @@ class WorkdirLock:
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "boot_id": _boot_id(),
               "process_start": _process_start(os.getpid()), "token": uuid.uuid4().hex,
               "command": " ".join(sys.argv)}
+    if storage.is_remote(self.path):
+      self._acquire_object(record)
+      return
     draft = self.path.with_name(f"{LOCK_NAME}.{record['token']}")
     draft.write_text(json.dumps(record, indent=1) + "\n")
     try:
@@ -103,6 +119,28 @@ class WorkdirLock:
         self._take_over_if_stale()
     finally:
       draft.unlink(missing_ok=True)
+    raise ConfigError(f"--workdir={self._workdir} is being locked by another trainer at this "
+                      f"moment ({self.path}); use another workdir")
+
+  def _acquire_object(self, record: dict[str, Any]) -> None:
+    """acquire() on object storage, which has no atomic create-if-absent through this path
+    layer: write the record, wait, read it back. Two trainers starting within SETTLE_SECONDS
+    of each other both see the later record, so the earlier one stops."""
+    for _ in range(3):
+      if self.path.exists():
+        self._take_over_if_stale()
+        if self.path.exists():
+          continue
+      self.path.write_text(json.dumps(record, indent=1) + "\n")
+      time.sleep(SETTLE_SECONDS)
+      holder = _parse(self.path.read_text()) if self.path.exists() else None
+      if holder is not None and holder.get("token") == record["token"]:
+        self._token = record["token"]
+        return
+      if holder is not None:
+        raise ConfigError(f"--workdir={self._workdir} was locked at the same moment by pid "
+                          f"{holder['pid']} on {holder['host']} ({self.path}); use another "
+                          "workdir")
     raise ConfigError(f"--workdir={self._workdir} is being locked by another trainer at this "
                       f"moment ({self.path}); use another workdir")
 
@@ -129,6 +167,10 @@ class WorkdirLock:
 
   def _remove_if_unchanged(self, text: str) -> None:
     """Deletes the lock if it still holds `text` (another trainer may have taken it over)."""
+    if storage.is_remote(self.path):
+      if self.path.exists() and self.path.read_text() == text:
+        self.path.unlink()
+      return
     aside = self.path.with_name(f"{LOCK_NAME}.{uuid.uuid4().hex}.stale")
     try:
       os.rename(self.path, aside)
@@ -154,7 +196,7 @@ class WorkdirLock:
     self._token = None
 
 
-def lock_for_job(workdir: str | pathlib.Path) -> WorkdirLock:
+def lock_for_job(workdir: storage.PathLike) -> WorkdirLock:
   """The workdir's lock, taken by process 0 of the job; the other processes hold an empty one.
 
   Raises ConfigError on every process when process 0 could not take it.

@@ -1,0 +1,62 @@
+"""Workdir <-> HuggingFace folder conversion (the functions behind `llada-convert`, free of flags).
+
+from_hf writes a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
+`llada-sample` reads and `llada-train` fine-tunes from; to_hf writes config.json and safetensors
+that the official PyTorch loader reads.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+from llada_jax import storage
+
+
+def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
+  """Imports an HF folder into a workdir; returns the number of parameters."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
+  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import TrainState, state_shardings  # pylint: disable=g-import-not-at-top
+
+  config = read_hf_config(hf_dir)
+  config.model.param_dtype = dtype
+  tx = make_optimizer(config)
+  _, shardings = state_shardings(config, Transformer(ModelConfig.from_config(config)), tx,
+                                 make_mesh(config))
+  config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  state = TrainState.fresh(params, opt_state)
+  if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine
+    from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
+    storage.copy_file(config.data.tokenizer, storage.path(workdir) / TOKENIZER_FILE)
+    config.data.tokenizer = TOKENIZER_FILE
+  checkpointer = Checkpointer(workdir, config)
+  checkpointer.save(0, state, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
+  """Exports the newest restorable checkpoint of a workdir as an HF folder (local or a URL: the
+  files are then written locally and uploaded one by one); returns the safetensors files."""
+  from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+
+  config, params = load_model(workdir)
+  if not storage.is_remote(out):
+    return [str(f) for f in save_hf(config, params, out, max_shard_size=max_shard_size,
+                                    dtype=dtype)]
+  with tempfile.TemporaryDirectory(prefix="llada_hf_") as folder:
+    files = save_hf(config, params, folder, max_shard_size=max_shard_size, dtype=dtype)
+    storage.path(out).mkdir(parents=True, exist_ok=True)
+    for local in sorted(pathlib.Path(folder).iterdir()):
+      storage.copy_file(local, storage.path(out) / local.name)
+  return [str(storage.path(out) / f.name) for f in files]
