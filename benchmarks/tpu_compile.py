@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from configs import llada_1b, llada_8b, tiny  # noqa: E402  pylint: disable=wrong-import-position
 from llada_jax.aot import compile_program  # noqa: E402
-from llada_jax.errors import ConfigError  # noqa: E402
+from llada_jax.errors import ConfigError, DoesNotFit  # noqa: E402
 from llada_jax.parallel.topology import tpu_devices  # noqa: E402
 from llada_jax.training.flops import forward_flops_per_token  # noqa: E402
 
@@ -38,12 +38,17 @@ CONFIGS = {"tiny": tiny, "llada_1b": llada_1b, "llada_8b": llada_8b}
 # name, config, topology, overrides. Batch 1280 x 4096 (the paper's) through gradient accumulation.
 SLICES = [
     ("8b v5p-64", "llada_8b", "v5p:4x4x4", dict(grad_accum_steps=5)),
+    ("8b v5p-64 accum 2", "llada_8b", "v5p:4x4x4", dict(grad_accum_steps=2)),
     ("8b v5p-128", "llada_8b", "v5p:4x4x8", dict(grad_accum_steps=2)),
     ("8b v6e-64", "llada_8b", "v6e:8x8", dict(grad_accum_steps=10)),
+    ("8b v6e-64 accum 5", "llada_8b", "v6e:8x8", dict(grad_accum_steps=5)),
     ("8b v5e-256", "llada_8b", "v5e:16x16", dict(grad_accum_steps=5)),
+    ("8b v5e-256 loss_chunk", "llada_8b", "v5e:16x16", dict(grad_accum_steps=5,
+                                                             loss_chunk=512)),
     ("1b v5p-64", "llada_1b", "v5p:4x4x4", dict(grad_accum_steps=2)),
     ("1b v6e-64", "llada_1b", "v6e:8x8", dict(grad_accum_steps=4)),
     ("1b v5e-256", "llada_1b", "v5e:16x16", dict(grad_accum_steps=1)),
+    ("1b v5e-256 accum 5", "llada_1b", "v5e:16x16", dict(grad_accum_steps=5)),
 ]
 # Sequence 4096, 2 sequences per chip, remat full: what each attention implementation costs. The
 # layers are unrolled so that the compiler's FLOPs and bytes cover all of them (a scanned loop's
@@ -114,8 +119,9 @@ def main(argv: list[str]) -> None:
       continue
     try:
       row = run_row(name, config_name, topology, overrides)
-    except ConfigError as e:
-      print(f"| {name} | error: {e} |", flush=True)
+    except (ConfigError, DoesNotFit) as e:
+      print(f"| {name} | {e} |", flush=True)
+      results.append(dict(name=name, topology=topology, error=str(e)))
       continue
     results.append(row)
     verdict = "fits" if row["fits"] else "DOES NOT FIT"

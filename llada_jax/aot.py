@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from llada_jax.config import validate
-from llada_jax.errors import ConfigError
+from llada_jax.errors import ConfigError, DoesNotFit
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.collectives import CollectiveSummary, summarize
 from llada_jax.parallel.mesh import make_mesh
@@ -112,7 +112,8 @@ def compile_program(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
 
   Raises:
     ConfigError for a bad program name, a mesh the devices cannot hold, or items that do not split
-    evenly over the data-parallel axes.
+    evenly over the data-parallel axes. DoesNotFit when the compiler itself runs out of device
+    memory (the TPU compiler refuses programs larger than HBM).
   """
   validate(config)
   if program not in PROGRAMS:
@@ -143,7 +144,16 @@ def compile_program(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   with mesh_context(mesh, rules):
     lowered = lower()
   start = time.perf_counter()
-  compiled, hlo = _compile_with_hlo(lowered)
+  try:
+    compiled, hlo = _compile_with_hlo(lowered)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    reason = next((line for line in str(e).splitlines() if "memory" in line.lower()),
+                  str(e).splitlines()[0])
+    raise DoesNotFit(f"the {program} program of this config DOES NOT FIT on "
+                     f"{len(devices)} x {devices[0].device_kind}: the compiler says "
+                     f"{reason.strip()}") from None
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()

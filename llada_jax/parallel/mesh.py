@@ -31,9 +31,12 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
     raise ConfigError(f"mesh={dict(zip(AXES, sizes))} is not allowed: the axes must multiply to "
                       f"the {num_devices} devices")
   data_parallel = sizes[0] * sizes[1]
-  if check_batch and config.data.batch_size % data_parallel:
+  accum = config.train.grad_accum_steps
+  if check_batch and config.data.batch_size % (data_parallel * accum):
     raise ConfigError(f"data.batch_size={config.data.batch_size} is not allowed: expected a "
-                      f"multiple of mesh.data x mesh.fsdp = {data_parallel}")
+                      f"multiple of mesh.data x mesh.fsdp = {data_parallel}"
+                      + (f" times train.grad_accum_steps={accum}" if accum > 1 else "")
+                      + " (every micro-batch splits evenly over the data-parallel devices)")
   return tuple(sizes)
 
 
