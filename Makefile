@@ -19,8 +19,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	JAX_PLATFORMS=cpu $(PY) -m llada_jax.train --config=configs/tiny.py --workdir=$(WORKDIR)
 	JAX_PLATFORMS=cpu $(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
-	    --prompt="KING HENRY:" --gen_length=112 --steps=112 --block_length=112 \
-	    --remasking=random --temperature=1.0
+	    --prompt="KING HENRY:" --gen_length=112 --steps=112
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadscope tests
