@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from conftest import make_tiny_config, write_workdir
+from llada_jax.sampling.text import load_model, sample
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "tests" / "configs" / "micro.py")
 
@@ -82,17 +85,33 @@ def test_missing_config_file_is_one_line_error(tmp_path):
   _assert_one_line_error(result, "names no file")
 
 
-def test_sample_takes_token_ids_every_option_and_writes_json(trained_workdir, tmp_path):
+@pytest.fixture(scope="module")
+def two_layer_workdir(tmp_path_factory) -> pathlib.Path:
+  """A workdir holding step 0 of the tiny two-layer model (random weights): unlike the one-layer
+  micro model, its answers change with the key/value cache (with one layer a stale cache of the
+  tokens outside the window is exact)."""
+  return write_workdir(tmp_path_factory.mktemp("two_layers"), make_tiny_config())
+
+
+def test_sample_takes_token_ids_every_option_and_writes_json(two_layer_workdir, tmp_path):
+  """Every option reaches the sampler: the written tokens equal llada_jax.sampling.text.sample
+  called in this process with the same non-default options, each of which changes them (a dropped
+  --cfg_scale, --remasking, --temperature, --seed, --cache or --cache_refresh fails here)."""
   out = tmp_path / "samples.json"
-  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--prompt_ids=70,82,79",
-                "--prompt_ids=74", "--gen_length=8", "--steps=8", "--block_length=4",
+  result = _run("llada_jax.sample", f"--workdir={two_layer_workdir}", "--prompt_ids=70,82,79",
+                "--prompt_ids=74", "--gen_length=8", "--steps=8", "--block_length=8",
                 "--remasking=margin", "--temperature=0.5", "--cfg_scale=1.0", "--logits_eos_inf",
-                "--confidence_eos_eot_inf", "--cache=dual", "--cache_refresh=2",
+                "--confidence_eos_eot_inf", "--cache=dual", "--cache_refresh=3", "--seed=5",
                 f"--output_json={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   written = json.loads(out.read_text())
   assert len(written["tokens"]) == 2 and len(written["text"]) == 2
   assert all(len(row) <= 8 for row in written["tokens"])
+  expected = sample(*load_model(two_layer_workdir), ids=[[70, 82, 79], [74]], seed=5,
+                    gen_length=8, steps=8, block_length=8, remasking="margin", temperature=0.5,
+                    cfg_scale=1.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
+                    cache="dual", cache_refresh=3)
+  assert written == {"tokens": expected["tokens"], "text": expected["text"]}
 
 
 def test_sample_bad_option_is_one_line_error(trained_workdir):

@@ -132,10 +132,14 @@ def test_gsm8k_generation_runs_and_records_each_problem(trained):
                                      remasking="low_confidence", logits_eos_inf=False,
                                      confidence_eos_eot_inf=False))
   document = run_tasks(model, options)
-  metrics = document["results"]["gsm8k"]
+  metrics, records = document["results"]["gsm8k"], document["samples"]["gsm8k"]
   assert metrics["count"] == 3 and metrics["truncated"] == 3  # questions exceed 64 - 16 tokens
-  assert len(document["samples"]["gsm8k"]) == 3
-  assert 0.0 <= metrics["exact_match"] <= 1.0
+  problems = tasks.gsm8k("test")[:3]
+  assert [r["question"] for r in records] == [p.question for p in problems]
+  correct = [extract_answer(r["generation"]) == normalize_number(p.answer)
+             for r, p in zip(records, problems)]
+  assert [r["correct"] for r in records] == correct
+  assert metrics["exact_match"] == np.mean(correct)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -245,7 +249,12 @@ def test_two_processes_give_the_single_process_results(trained, tmp_path):
       sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
                    remasking="low_confidence", logits_eos_inf=False,
                    confidence_eos_eot_inf=False)))
-  for a, b in zip(multi["samples"]["copy_mc"], single["samples"]["copy_mc"]):
+  golds = [item.gold for item in tasks.read_jsonl_task(task_file)[:6]]
+  questions = [p.question for p in tasks.gsm8k("test")[:6]]
+  for document in (multi, single):  # every item exactly once, in order
+    assert [r["gold"] for r in document["samples"]["copy_mc"]] == golds
+    assert [r["question"] for r in document["samples"]["gsm8k"]] == questions
+  for a, b in zip(multi["samples"]["copy_mc"], single["samples"]["copy_mc"], strict=True):
     np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
   assert ([s["generation"] for s in multi["samples"]["gsm8k"]]
           == [s["generation"] for s in single["samples"]["gsm8k"]])

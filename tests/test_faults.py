@@ -9,33 +9,15 @@ import pathlib
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from conftest import make_tiny_config, write_workdir
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer
-from llada_jax.parallel.mesh import make_mesh
 from llada_jax.training import checkpoint
-from llada_jax.training.optimizer import make_optimizer
-from llada_jax.training.state import create_train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _workdir(path, config):
-  """A workdir holding one checkpoint (step 0) of `config`'s model, made on one device."""
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
-  state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1],
-                                                             check_batch=False))
-  saver = checkpoint.Checkpointer(path, config)
-  saver.save(0, state, force=True)
-  saver.wait()
-  saver.close()
-  return path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def spm_workdir(tmp_path_factory):
   config.model.update(vocab_size=8001)
   config.tokens.mask_id = 8000
   config.data.batch_size = 12  # a training batch that 8 serving devices cannot split
-  return _workdir(tmp_path_factory.mktemp("spm"), config)
+  return write_workdir(tmp_path_factory.mktemp("spm"), config)
 
 
 def test_inference_loads_whatever_batch_the_run_trained_with(spm_workdir):
@@ -108,7 +90,7 @@ def test_likelihood_with_fewer_samples_than_a_batch(spm_workdir):
 
 def test_chat_with_byte_and_spm8k_models(spm_workdir, tmp_path):
   """llada-chat once demanded a tokenizer.json that byte and spm8k models do not have."""
-  byte_workdir = _workdir(tmp_path / "byte", make_tiny_config())
+  byte_workdir = write_workdir(tmp_path / "byte", make_tiny_config())
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   for workdir in (byte_workdir, spm_workdir):
     result = subprocess.run(

@@ -101,6 +101,24 @@ def test_cfg_zero_equals_no_guidance_and_positive_cfg_changes_scores(model):
   assert abs(float(guided.log_likelihood) - float(plain.log_likelihood)) > 1e-4
 
 
+def test_guided_one_token_estimate_is_minus_the_ce_of_the_guided_logits(model):
+  """One-token answers, mc_num=1: the one sample masks the answer, so the estimate is exactly
+  log_softmax(u + (w + 1)(c - u))[answer], c the logits at the mask of prompt ++ [MASK] and u those
+  with the prompt masked too, here from two plain forward passes combined in NumPy."""
+  config, params = model
+  mask_id, scale = config.tokens.mask_id, 2.0
+  pairs = [([3, 4, 5], [6]), ([7], [8]), ([9, 10, 11, 12, 13], [14])]
+  got = log_likelihood(config, params, [p for p, _ in pairs], [a for _, a in pairs], mc_num=1,
+                       batch_size=1, cfg_scale=scale)
+  for (prompt, answer), value in zip(pairs, got.log_likelihood):
+    c, u = (np.asarray(logits(config, params, jnp.asarray([seq]))[0, -1], np.float64)
+            for seq in (prompt + [mask_id], [mask_id] * (len(prompt) + 1)))
+    guided = u + (scale + 1) * (c - u)
+    top = guided.max()
+    expected = guided[answer[0]] - top - np.log(np.sum(np.exp(guided - top)))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(mc_num=10, batch_size=4), "mc_num=10"),
     (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),

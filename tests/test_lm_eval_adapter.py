@@ -3,16 +3,10 @@
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
-from llada_jax.model import ModelConfig, Transformer
-from llada_jax.parallel.mesh import make_mesh
-from llada_jax.training import checkpoint
-from llada_jax.training.optimizer import make_optimizer
-from llada_jax.training.state import create_train_state
+from conftest import make_tiny_config, write_workdir
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -20,6 +14,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from llada_jax.diffusion.likelihood import Likelihood  # noqa: E402
 from llada_jax.evaluation import lm_eval_adapter  # noqa: E402
 from llada_jax.evaluation.scoring import loglikelihoods  # noqa: E402
 # pylint: enable=wrong-import-position
@@ -28,15 +23,7 @@ from llada_jax.evaluation.scoring import loglikelihoods  # noqa: E402
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> pathlib.Path:
   """A training workdir holding one checkpoint of a tiny randomly initialised byte-level model."""
-  config = make_tiny_config()
-  path = tmp_path_factory.mktemp("workdir")
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
-  state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1]))
-  saver = checkpoint.Checkpointer(path, config)
-  saver.save(0, state, force=True)
-  saver.wait()
-  saver.close()
-  return path
+  return write_workdir(tmp_path_factory.mktemp("workdir"), make_tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +97,9 @@ def test_max_gen_toks_sets_gen_length_in_whole_blocks(lm):
 
 
 def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, monkeypatch):
+  """lm_eval's accuracy comes from the adapter's scores: with scoring patched so that the gold
+  choice wins for items 0 and 1 and loses for items 2 and 3, acc is exactly 0.5 (scores the
+  adapter dropped would give 1.0, every gold choice being first; reversed ones 0.25)."""
   import datasets  # pylint: disable=import-outside-toplevel
 
   # datasets read HF_DATASETS_OFFLINE and HF_DATASETS_CACHE when lm_eval imported it: patch both.
@@ -133,10 +123,19 @@ def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, mo
       "doc_to_choice: choices\n"
       "doc_to_target: answer\n"
       "metric_list:\n  - metric: acc\n")
+  scores = {"4": 0.0, "5": -1.0, "22": -1.0, "blue": 0.0, "green": -1.0,  # gold wins
+            "meow": -2.0, "woof": 0.0, "cold": -2.0, "hot": -1.0}  # gold loses
+
+  def patched(model, prompts, answers, **kwargs):
+    del prompts, kwargs
+    values = [scores[model.codec.decode(answer).strip()] for answer in answers]
+    return Likelihood(np.asarray(values), np.zeros(len(values)))
+
+  monkeypatch.setattr(lm_eval_adapter, "loglikelihoods", patched)
   results = lm_eval.simple_evaluate(
       model="llada_jax", model_args=f"checkpoint={workdir},mc_num=1,batch_size=1",
       tasks=["llada_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
       batch_size=4, device="cpu")  # model_args' batch_size wins; device is ignored
   metrics = results["results"]["llada_tiny_mc"]
-  assert 0.0 <= metrics["acc,none"] <= 1.0
+  assert metrics["acc,none"] == 0.5
   assert results["config"]["checkpoint"] == str(workdir)

@@ -1,5 +1,7 @@
 """The compiled reverse process: schedule, selection and end-to-end invariants."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model import ModelConfig, Transformer, logits
 from llada_jax.sampling import generate
+from llada_jax.sampling.cache import window, window_logits
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
 
@@ -210,3 +213,81 @@ def test_an_answer_is_the_same_alone_and_in_any_batch(model_and_params, options)
   np.testing.assert_array_equal(alone[0, len(prompts[0]):], together[0])
   if infill:
     assert alone[0, 2] != mask_id
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_window_logits(model_cfg):
+  """cache.window_logits of the model, jitted with start and end static (host loops call it)."""
+  model = Transformer(model_cfg)
+  return jax.jit(lambda params, tokens, mask, uncond, scale, start, end, cache: window_logits(
+      model, params, tokens, mask, uncond, scale, start, end, cache), static_argnums=(5, 6))
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_window_against_the_cache_of_the_same_tokens_is_the_full_pass(model_and_params, mode):
+  """A non-refresh step's logits: the window computed against the cache a full pass of the same
+  tokens left (padding, CFG, a half-filled answer) equals that window of two plain forward passes
+  combined by hand, u + (w + 1)(c - u); with a zero cache it does not."""
+  config, params = model_and_params
+  mask_id, scale = config.tokens.mask_id, 0.5
+  x = np.concatenate([np.asarray(_prompt()), np.full((2, 16), mask_id, np.int32)], 1)
+  x[:, [6, 9, 15, 18]] = [[40, 41, 42, 43], [50, 51, 52, 53]]
+  mask = np.ones_like(x, bool)
+  mask[1, :2] = False
+  uncond = np.where(np.arange(21) < 5, mask_id, x)
+  start, end = window(mode, 5, 13, 21)
+  c, u = (np.asarray(logits(config, params, t, mask), np.float64) for t in (x, uncond))
+  want = (u + (scale + 1) * (c - u))[:, start:end]
+  run = _jitted_window_logits(ModelConfig.from_config(config))
+  full, cache = run(params, x, mask, uncond, scale, start, end, None)
+  cached, _ = run(params, x, mask, uncond, scale, start, end, cache)
+  zeros, _ = run(params, x, mask, uncond, scale, start, end, jax.tree.map(jnp.zeros_like, cache))
+  np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cached, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(zeros) - want).max() > 1e-2
+
+
+def _stale_cache_decoding(config, params, prompt, mode, steps, gen_length, block_length, zero):
+  """Greedy low-confidence decoding with a `mode` cache refreshed at block starts only, step by
+  step on the host (NumPy schedule and selection): each block's first step is a full pass whose
+  keys and values the block's other steps read, or zeros instead with zero=True."""
+  run = _jitted_window_logits(ModelConfig.from_config(config))
+  mask_id = config.tokens.mask_id
+  rows, prompt_len = prompt.shape
+  total, blocks = prompt_len + gen_length, gen_length // block_length
+  x = np.concatenate([prompt, np.full((rows, gen_length), mask_id, np.int32)], 1)
+  mask = np.ones_like(x, bool)
+  for block in range(blocks):
+    block_start = prompt_len + block * block_length
+    block_end = block_start + block_length
+    start, end = window(mode, block_start, block_end, total)
+    counts = _official_num_transfer_tokens((x[:, block_start:block_end] == mask_id).sum(1),
+                                           steps // blocks)
+    for i in range(steps // blocks):
+      out, fresh = run(params, x, mask, None, 0.0, start, end, None if i == 0 else cache)
+      if i == 0:
+        cache = jax.tree.map(jnp.zeros_like, fresh) if zero else fresh
+      probs = np.asarray(jax.nn.softmax(out, axis=-1))
+      proposal = probs.argmax(-1)
+      confidence = np.take_along_axis(probs, proposal[..., None], -1)[..., 0]
+      candidate = (x[:, start:end] == mask_id) & (np.arange(start, end) < block_end)
+      confidence = np.where(candidate, confidence, -np.inf)
+      for row in range(rows):
+        chosen = np.argsort(-confidence[row], kind="stable")[:counts[row, i]]
+        x[row, start + chosen] = proposal[row, chosen]
+  return x
+
+
+def test_stale_cache_decoding_reads_the_keys_of_the_block_start(model_and_params):
+  """cache_refresh=0: inside a block, steps read the keys and values of the block's first step.
+  The sampler's tokens equal a host loop doing exactly that, and differ from the same loop with a
+  zero cache (a sampler whose cached steps read zeros passes every refresh-every-step test). The
+  dual cache only: prefix mode shares this code path, and its window is checked above."""
+  config, params = model_and_params
+  prompt = np.asarray(_prompt())
+  kwargs = dict(steps=8, gen_length=16, block_length=8)
+  got = np.asarray(generate(config, params, prompt, cache="dual", **kwargs))
+  want = _stale_cache_decoding(config, params, prompt, "dual", zero=False, **kwargs)
+  zeros = _stale_cache_decoding(config, params, prompt, "dual", zero=True, **kwargs)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(want, zeros)

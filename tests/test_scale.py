@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import make_tiny_config
 from llada_jax.diffusion.objectives import unpacked_batch
@@ -65,6 +66,47 @@ def test_three_steps_agree_on_every_mesh(reference, name):
   np.testing.assert_allclose(losses, reference[1], rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(state.params), jax.device_get(reference[0].params))
+
+
+def test_train_state_is_split_as_the_logical_axis_rules_say():
+  """On a data 2 x fsdp 2 x tensor 2 mesh every parameter and both Adam moments carry the
+  PartitionSpec the default axis rules give their logical names (embed -> fsdp; vocab, heads,
+  kv_heads, mlp -> tensor; layers, kv, norm unsplit), and each device holds a shard of the shape
+  written out here by hand; the shards tile the array, each block held by the same number of
+  devices. The batch is split over data x fsdp."""
+  config = _config((2, 2, 2))
+  mesh = make_mesh(config, jax.devices())
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  state, _ = create_train_state(config, model, tx, mesh)
+  fsdp_tensor = (P(None, "fsdp", "tensor", None), (2, 32, 2, 16))  # layers, embed, heads, kv
+  kv_proj = (P(None, "fsdp", "tensor", None), (2, 32, 1, 16))  # layers, embed, kv_heads, kv
+  mlp_in, norm = (P(None, "fsdp", "tensor"), (2, 32, 64)), (P(None, None), (2, 64))
+  expected = {
+      "['blocks']['q_proj']['kernel']": fsdp_tensor,
+      "['blocks']['k_proj']['kernel']": kv_proj, "['blocks']['v_proj']['kernel']": kv_proj,
+      "['blocks']['attn_out']['kernel']": (P(None, "tensor", None, "fsdp"), (2, 2, 16, 32)),
+      "['blocks']['ff_proj']['kernel']": mlp_in, "['blocks']['up_proj']['kernel']": mlp_in,
+      "['blocks']['ff_out']['kernel']": (P(None, "tensor", "fsdp"), (2, 64, 32)),
+      "['blocks']['attn_norm']['weight']": norm, "['blocks']['ff_norm']['weight']": norm,
+      "['ln_f']['weight']": (P(None), (64,)),
+      "['wte']['embedding']": (P("tensor", "fsdp"), (130, 32)),
+      "['ff_out']['kernel']": (P("fsdp", "tensor"), (32, 130)),
+  }
+  adam = state.opt_state[1][0]  # clip, then AdamW's (ScaleByAdamState, mask, schedule)
+  for tree in (state.params, adam.mu, adam.nu):
+    got = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      shards = leaf.addressable_shards
+      blocks = [tuple((i.start, i.stop) for i in shard.index) for shard in shards]
+      shape = {shard.data.shape for shard in shards}
+      assert len(shards) == 8 and len(shape) == 1
+      assert len(set(blocks)) * np.prod(next(iter(shape))) == leaf.size
+      assert all(blocks.count(b) == 8 // len(set(blocks)) for b in blocks)
+      got[jax.tree_util.keystr(path)] = (leaf.sharding.spec, next(iter(shape)))
+    assert got == expected
+  batch = jax.device_put(np.zeros((8, 32), np.int32), batch_sharding(mesh, axis_rules(config)))
+  assert batch.sharding.spec == P(("data", "fsdp"))
+  assert {shard.data.shape for shard in batch.addressable_shards} == {(2, 32)}
 
 
 def test_save_on_one_mesh_restore_on_another_and_continue_identically(tmp_path, reference):

@@ -17,14 +17,17 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
+from llada_jax.data import pipeline
 from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.model import ModelConfig, Transformer
 from llada_jax.parallel.mesh import make_mesh
+from llada_jax.parallel.sharding import axis_rules, batch_sharding
 from llada_jax.training import checkpoint
 from llada_jax.training.loop import train
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.state import state_shardings
+from llada_jax.training.step import make_train_step
 from llada_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,18 +49,72 @@ def _finite(tree):
   return all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
 
 
-def test_nan_with_rollback_restores_the_last_checkpoint_and_cuts_the_learning_rate(tmp_path):
-  state = train(_config(nonfinite="rollback", inject_nan_at_step=3), tmp_path)
+@pytest.fixture(scope="module")
+def rolled_back(tmp_path_factory):
+  """(workdir, final state) of a 6-step run whose step 3 is non-finite with nonfinite=rollback: the
+  step is skipped, checkpoint 4 saved, and the flag (read one step late) rolls back to it."""
+  workdir = tmp_path_factory.mktemp("rollback")
+  return workdir, train(_config(nonfinite="rollback", inject_nan_at_step=3), workdir)
+
+
+def test_nan_with_rollback_restores_the_last_checkpoint_and_cuts_the_learning_rate(rolled_back):
+  workdir, state = rolled_back
   assert int(state.step) == 6 and int(state.rollbacks) == 1
   assert float(state.lr_scale) == pytest.approx(0.25) and _finite(_params(state))
-  events = list((tmp_path / "tensorboard").glob("events.*"))
+  events = list((workdir / "tensorboard").glob("events.*"))
   assert events and b"events/lr_scale" in b"".join(p.read_bytes() for p in events)
+
+
+@pytest.fixture(scope="module")
+def by_hand(rolled_back):
+  """Steps 4 to 7 run by hand (make_train_step, the loop's data stream) from checkpoint 4 of the
+  rollback run, with the peak learning rate itself x 0.25 and lr_scale left at 1, step 6 made
+  non-finite: after each step, (host copies of params and opt_state, nonfinite, step, skipped)."""
+  config = _config(nonfinite="skip", inject_nan_at_step=6)
+  config.optimizer.update(peak_lr=0.25 * config.optimizer.peak_lr,
+                          final_lr=0.25 * config.optimizer.final_lr)
+  mesh = make_mesh(config)
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  abstract, shardings = state_shardings(config, model, tx, mesh)
+  state = checkpoint.load_state(rolled_back[0], 4, abstract)
+  assert int(state.step) == 4 and float(state.lr_scale) == 1.0
+  step = make_train_step(config, model, tx, mesh, shardings)
+  batches = pipeline.train_batches(config, batch_sharding(mesh, axis_rules(config)), start_step=4)
+  after = {}
+  for number in range(4, 8):
+    state, metrics = step(state, next(batches))  # donates the state: keep host copies
+    after[number] = (jax.device_get((state.params, state.opt_state)), bool(metrics["nonfinite"]),
+                     int(state.step), int(state.skipped))
+  batches.close()
+  return after
+
+
+def test_rollback_continues_as_a_run_from_the_checkpoint_at_a_quarter_of_the_rate(rolled_back,
+                                                                                  by_hand):
+  """The rolled-back run's final parameters equal those of steps 4 and 5 run by hand from
+  checkpoint 4 at a quarter of the peak rate: restoring nothing, an older checkpoint, another
+  data position or a step that ignores lr_scale all fail here."""
+  (params, _), nonfinite, step, _ = by_hand[5]
+  assert not nonfinite and step == 6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               _params(rolled_back[1]), params)
 
 
 def test_nan_with_skip_skips_exactly_that_update(tmp_path):
   state = train(_config(nonfinite="skip", inject_nan_at_step=3), tmp_path)
   assert int(state.step) == 6 and int(state.skipped) == 1 and int(state.rollbacks) == 0
   assert float(state.lr_scale) == 1.0 and _finite(_params(state))
+
+
+def test_a_skipped_step_leaves_parameters_and_optimizer_state_bitwise_as_they_were(by_hand):
+  """Steps 4 and 5 are finite, step 6's loss is NaN: parameters and optimizer state after step 6
+  are bitwise those after step 5 (only step and skipped count on; checkpoint 4 already counts the
+  rollback run's skipped step 3); step 7 updates again."""
+  assert [by_hand[n][1:] for n in range(4, 8)] == [(False, 5, 1), (False, 6, 1), (True, 7, 2),
+                                                   (False, 8, 2)]
+  jax.tree.map(np.testing.assert_array_equal, by_hand[6][0], by_hand[5][0])
+  assert _finite(by_hand[7][0]) and not np.array_equal(by_hand[7][0][0]["ln_f"]["weight"],
+                                                       by_hand[6][0][0]["ln_f"]["weight"])
 
 
 def test_divergence_beyond_max_rollbacks_is_an_error(tmp_path):
@@ -70,7 +127,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   config = _config()
   config.train.num_steps = 4
   train(config, tmp_path / "broken")
-  state_dir = checkpoint.checkpoint_dir(tmp_path / "broken") / "4" / "state"
+  state_dir = pathlib.Path(checkpoint.checkpoint_dir(tmp_path / "broken")) / "4" / "state"
   victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
   for victim in victims:
     victim.write_bytes(victim.read_bytes()[:7])  # a crash while the file was written
@@ -362,3 +419,73 @@ def test_every_read_only_command_falls_back_past_a_damaged_step(finished, tmp_pa
   assert result.returncode == 0, result.stderr[-2000:]
   assert "checkpoint 4 in" in result.stderr and "cannot be restored" in result.stderr
   assert _listing(workdir) == before
+
+
+def test_a_divergence_that_comes_back_rolls_back_at_lower_rates_until_max_rollbacks(
+    tmp_path, monkeypatch):
+  """A step that is non-finite at every learning rate: each rollback cuts the rate again and
+  the third stops the run (once the count and cut came from the checkpoint, so they repeated
+  1 and x0.25 forever)."""
+  from llada_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+  make = loop.make_train_step
+  rates = []
+
+  def diverging_step(*args, **kwargs):
+    step = make(*args, **kwargs)
+
+    def run(state, batch):
+      state, metrics = step(state, batch)
+      rates.append(float(state.lr_scale))
+      assert len(rates) < 60, "rollbacks never stop"
+      return state, dict(metrics, nonfinite=metrics["nonfinite"] | (state.step == 5))
+    return run
+
+  monkeypatch.setattr(loop, "make_train_step", diverging_step)
+  with pytest.raises(TrainingDiverged, match="after train.max_rollbacks=2 rollbacks"):
+    train(_config(nonfinite="rollback", max_rollbacks=2), tmp_path)
+  assert sorted(set(rates), reverse=True) == [1.0, 0.25, 0.0625]
+
+
+def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path,
+                                                                               monkeypatch):
+  """A write that fails in the background (storage down) surfaces at the next save or wait as
+  SaveFailed, not as a library traceback, and training does not go on as if it had saved."""
+  from llada_jax.errors import SaveFailed  # pylint: disable=g-import-not-at-top
+
+  config = _config()
+  saver = checkpoint.Checkpointer(tmp_path, config)
+  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+  state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1]))
+  saver.save(2, state, force=True)
+  saver.wait()
+
+  def broken(*args, **kwargs):
+    raise OSError("connection refused")
+
+  monkeypatch.setattr(saver._manager, "wait_until_finished", broken)  # pylint: disable=protected-access
+  with pytest.raises(SaveFailed, match=r"saving checkpoint 4 to .* failed: connection refused; the "
+                     r"newest complete checkpoint is 2: rerun the same command") as error:
+    saver.save(4, state, force=True)
+    saver.wait()
+  assert "\n" not in str(error.value)
+
+
+def test_a_lock_held_by_a_killed_unreaped_process_is_stale(tmp_path):
+  """kill -9 of a trainer whose parent never reaps it (containers without an init) leaves a
+  zombie: its pid answers signals but no run holds the workdir."""
+  import json as json_lib  # pylint: disable=g-import-not-at-top
+
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  child.kill()
+  deadline = time.time() + 10
+  while (pathlib.Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+         and time.time() < deadline):
+    time.sleep(0.05)
+  (tmp_path / LOCK_NAME).write_text(json_lib.dumps({"pid": child.pid, "host": socket.gethostname(),
+                                                    "started": "earlier"}))
+  lock = WorkdirLock(tmp_path)
+  lock.acquire()  # taken over, not refused
+  lock.release()
+  child.wait()
