@@ -43,8 +43,10 @@ def _time(mode: str) -> tuple[float, float]:
   state, shardings = create_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, mesh, shardings)
   shape = (config.data.batch_size, config.data.sequence_length)
-  batch = jax.device_put(unpacked_batch(jax.random.randint(jax.random.PRNGKey(0), shape, 3, 200)),
-                         batch_sharding(mesh, axis_rules(config)))
+  batch = jax.device_put(
+      unpacked_batch(jax.random.randint(jax.random.PRNGKey(0), shape, 3, 200)),
+      batch_sharding(mesh, axis_rules(config)),
+  )
   state, _ = step(state, batch)  # compile
   with tempfile.TemporaryDirectory() as workdir:
     saver = Checkpointer(workdir, config) if mode != "none" else None
@@ -66,14 +68,18 @@ def _time(mode: str) -> tuple[float, float]:
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  print(f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}; configs/tiny.py, "
-        f"{_STEPS.value} steps, a save every {_SAVE_EVERY.value}")
+  print(
+      f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}; configs/tiny.py, "
+      f"{_STEPS.value} steps, a save every {_SAVE_EVERY.value}"
+  )
   baseline = None
   for mode in ("none", "async", "sync"):
     seconds, blocked = _time(mode)
     baseline = seconds if baseline is None else baseline
-    print(f"{mode:5}: median {seconds * 1e3:6.1f} ms/step ({seconds / baseline:.2f}x no saves); "
-          f"loop blocked {blocked * 1e3:7.1f} ms per save")
+    print(
+        f"{mode:5}: median {seconds * 1e3:6.1f} ms/step ({seconds / baseline:.2f}x no saves); "
+        f"loop blocked {blocked * 1e3:7.1f} ms per save"
+    )
 
 
 if __name__ == "__main__":

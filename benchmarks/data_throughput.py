@@ -41,8 +41,9 @@ CASES = (  # (task, vocabulary, packing, sequence length)
 
 def _config(task: str, vocabulary: str, packing: str, length: int, masking: str):
   c = tiny.get_config()
-  c.data.update(task=task, vocabulary=vocabulary, packing=packing, sequence_length=length,
-                masking=masking)
+  c.data.update(
+      task=task, vocabulary=vocabulary, packing=packing, sequence_length=length, masking=masking
+  )
   c.model.max_sequence_length = max(c.model.max_sequence_length, length)
   if vocabulary == "spm8k":
     c.tokens.mask_id, c.model.vocab_size = 8000, 8064
@@ -69,8 +70,10 @@ def main(argv: list[str]) -> None:
       sharding = batch_sharding(make_mesh(c), axis_rules(c))
       seconds = _time(pipeline.train_batches(c, sharding), n)
       examples = n * c.data.batch_size / jax.process_count()
-      print(f"{task:16} {vocabulary:6} {packing:6} {masking:9} {examples / seconds:11.0f} "
-            f"{examples * length / seconds:10.0f}")
+      print(
+          f"{task:16} {vocabulary:6} {packing:6} {masking:9} {examples / seconds:11.0f} "
+          f"{examples * length / seconds:10.0f}"
+      )
 
   c = tiny.get_config()
   mesh = make_mesh(c)
@@ -87,8 +90,10 @@ def main(argv: list[str]) -> None:
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   tokens = c.data.batch_size * c.data.sequence_length
-  print(f"configs/tiny.py train step: {seconds * 1e3:.0f} ms = {tokens / seconds:.0f} tokens/s "
-        f"({c.data.batch_size / seconds:.0f} examples/s)")
+  print(
+      f"configs/tiny.py train step: {seconds * 1e3:.0f} ms = {tokens / seconds:.0f} tokens/s "
+      f"({c.data.batch_size / seconds:.0f} examples/s)"
+  )
 
 
 if __name__ == "__main__":

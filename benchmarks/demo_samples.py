@@ -26,32 +26,41 @@ PROMPTS = ("ROMEO:", "First Citizen:", "KING HENRY:", "JULIET:", "MENENIUS:")
 WORD = re.compile(r"[a-z']+")
 # name -> sampler options (steps = gen_length: one byte committed per step)
 SETTINGS = {
-    "random remasking, T=1, one block": dict(remasking="random", temperature=1.0,
-                                             block_length=112),
-    "random remasking, T=0.8, one block": dict(remasking="random", temperature=0.8,
-                                               block_length=112),
-    "random remasking, T=0.8, blocks of 16": dict(remasking="random", temperature=0.8,
-                                                  block_length=16),
-    "low confidence, T=0, blocks of 16": dict(remasking="low_confidence", temperature=0.0,
-                                              block_length=16),
-    "low confidence, T=0.5, blocks of 16": dict(remasking="low_confidence", temperature=0.5,
-                                                block_length=16),
-    "low confidence, T=0.8, blocks of 16": dict(remasking="low_confidence", temperature=0.8,
-                                                block_length=16),
-    "low confidence, T=0.8, blocks of 8": dict(remasking="low_confidence", temperature=0.8,
-                                               block_length=8),
-    "low confidence, T=0.8, blocks of 4": dict(remasking="low_confidence", temperature=0.8,
-                                               block_length=4),
-    "low confidence, T=1, blocks of 8": dict(remasking="low_confidence", temperature=1.0,
-                                             block_length=8),
-    "low confidence, T=0.8, one block": dict(remasking="low_confidence", temperature=0.8,
-                                             block_length=112),
+    "random remasking, T=1, one block": dict(remasking="random", temperature=1.0, block_length=112),
+    "random remasking, T=0.8, one block": dict(
+        remasking="random", temperature=0.8, block_length=112
+    ),
+    "random remasking, T=0.8, blocks of 16": dict(
+        remasking="random", temperature=0.8, block_length=16
+    ),
+    "low confidence, T=0, blocks of 16": dict(
+        remasking="low_confidence", temperature=0.0, block_length=16
+    ),
+    "low confidence, T=0.5, blocks of 16": dict(
+        remasking="low_confidence", temperature=0.5, block_length=16
+    ),
+    "low confidence, T=0.8, blocks of 16": dict(
+        remasking="low_confidence", temperature=0.8, block_length=16
+    ),
+    "low confidence, T=0.8, blocks of 8": dict(
+        remasking="low_confidence", temperature=0.8, block_length=8
+    ),
+    "low confidence, T=0.8, blocks of 4": dict(
+        remasking="low_confidence", temperature=0.8, block_length=4
+    ),
+    "low confidence, T=1, blocks of 8": dict(
+        remasking="low_confidence", temperature=1.0, block_length=8
+    ),
+    "low confidence, T=0.8, one block": dict(
+        remasking="low_confidence", temperature=0.8, block_length=112
+    ),
     "margin, T=0.8, blocks of 16": dict(remasking="margin", temperature=0.8, block_length=16),
 }
 
 
 def corpus_words() -> set[str]:
   from llada_jax.data.corpora import split_text  # pylint: disable=g-import-not-at-top
+
   return set(WORD.findall(split_text("tinyshakespeare")["train"].lower()))
 
 
@@ -59,8 +68,9 @@ def score(texts: list[str], vocabulary: set[str]) -> tuple[float, float]:
   """(real-word rate, distinct word bigrams) over all texts."""
   words = [w for t in texts for w in WORD.findall(t.lower())]
   real = sum(w in vocabulary for w in words) / max(len(words), 1)
-  bigrams = [tuple(p) for t in texts for p in zip(WORD.findall(t.lower()),
-                                                    WORD.findall(t.lower())[1:])]
+  bigrams = [
+      tuple(p) for t in texts for p in zip(WORD.findall(t.lower()), WORD.findall(t.lower())[1:])
+  ]
   return real, len(set(bigrams)) / max(len(bigrams), 1)
 
 
@@ -75,8 +85,15 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     texts = []
     for seed in range(_SEEDS.value):
-      texts += sample(config, params, texts=list(PROMPTS), seed=seed, gen_length=_GEN_LENGTH.value,
-                      steps=_GEN_LENGTH.value, **options)["text"]
+      texts += sample(
+          config,
+          params,
+          texts=list(PROMPTS),
+          seed=seed,
+          gen_length=_GEN_LENGTH.value,
+          steps=_GEN_LENGTH.value,
+          **options,
+      )["text"]
     real, distinct = score(texts, vocabulary)
     rows.append((real * distinct, real, distinct, name, texts[0], time.perf_counter() - start))
   print("| setting | real-word rate | distinct bigrams | product | seconds |")

@@ -68,17 +68,31 @@ def main(argv: list[str]) -> None:
   del argv
   with tempfile.TemporaryDirectory() as tmp:
     args = [str(a) for a in (tmp, _LAYERS.value, _D_MODEL.value, _MLP.value, _VOCAB.value)]
-    size, largest = map(int, subprocess.run([sys.executable, "-c", WRITE, *args], check=True,
-                                            capture_output=True, text=True).stdout.split())
-    reader = subprocess.run([sys.executable, "-c", READ, tmp], check=True, capture_output=True,
-                            text=True)
+    size, largest = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", WRITE, *args], check=True, capture_output=True, text=True
+        ).stdout.split(),
+    )
+    reader = subprocess.run(
+        [sys.executable, "-c", READ, tmp], check=True, capture_output=True, text=True
+    )
     baseline, peak, params_bytes, seconds = reader.stdout.split()
   baseline, peak = int(baseline), int(peak)
   gb = 1e9
-  print(json.dumps({"checkpoint_gb": size / gb, "largest_tensor_gb": largest / gb,
-                    "params_gb": int(params_bytes) / gb, "import_seconds": float(seconds),
-                    "baseline_rss_gb": baseline / gb, "peak_rss_gb": peak / gb,
-                    "peak_minus_baseline_over_checkpoint": (peak - baseline) / size}))
+  print(
+      json.dumps(
+          {
+              "checkpoint_gb": size / gb,
+              "largest_tensor_gb": largest / gb,
+              "params_gb": int(params_bytes) / gb,
+              "import_seconds": float(seconds),
+              "baseline_rss_gb": baseline / gb,
+              "peak_rss_gb": peak / gb,
+              "peak_minus_baseline_over_checkpoint": (peak - baseline) / size,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -36,17 +36,36 @@ _JSON = flags.DEFINE_string("json", "", "Also write the trials here.")
 
 def command(workdir: str, steps: int) -> list[str]:
   """The 2-process x 4-device training job (launch/local.sh, gloo) of the micro config."""
-  return [str(ROOT / "launch" / "local.sh"), "2", "4", "--", sys.executable, "-m",
-          "llada_jax.train", f"--config={ROOT / 'tests/configs/micro.py'}", f"--workdir={workdir}",
-          f"--config.train.num_steps={steps}", "--config.checkpoint.save_every=4",
-          "--config.checkpoint.keep=2", "--config.checkpoint.async_save=True",
-          "--config.optimizer.decay_fraction=0.0", "--config.train.log_every=1"]
+  return [
+      str(ROOT / "launch" / "local.sh"),
+      "2",
+      "4",
+      "--",
+      sys.executable,
+      "-m",
+      "llada_jax.train",
+      f"--config={ROOT / 'tests/configs/micro.py'}",
+      f"--workdir={workdir}",
+      f"--config.train.num_steps={steps}",
+      "--config.checkpoint.save_every=4",
+      "--config.checkpoint.keep=2",
+      "--config.checkpoint.async_save=True",
+      "--config.optimizer.decay_fraction=0.0",
+      "--config.train.log_every=1",
+  ]
 
 
 def run_to_end(workdir: str, steps: int, env: dict[str, str]) -> float:
   start = time.perf_counter()
-  result = subprocess.run(command(workdir, steps), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+  result = subprocess.run(
+      command(workdir, steps),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=False,
+  )
   if result.returncode:
     raise RuntimeError(f"{workdir}: exit {result.returncode}\n{result.stdout[-3000:]}")
   return time.perf_counter() - start
@@ -55,8 +74,14 @@ def run_to_end(workdir: str, steps: int, env: dict[str, str]) -> float:
 def interrupt(workdir: str, steps: int, env: dict[str, str], delay: float, term_first: bool) -> str:
   """Starts the job and kills it after `delay` s (SIGTERM first, then SIGKILL 0.5 s later, when
   term_first): what the job was doing is not known, which is the point."""
-  proc = subprocess.Popen(command(workdir, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+  proc = subprocess.Popen(
+      command(workdir, steps),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+  )
   time.sleep(delay)
   if proc.poll() is not None:
     return "finished before the kill"
@@ -75,6 +100,7 @@ def final_params(workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
 
   from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+
   step, _, params = load_model_and_step(workdir)
   return step, jax.device_get(params)
 
@@ -104,16 +130,21 @@ def main(argv: list[str]) -> None:
       run_to_end(workdir, steps, env)
       step, params = final_params(workdir)
       equal = step == steps and all(
-          np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
-                                               jax.tree.leaves(reference)))
+          np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference))
+      )
       trials.append(dict(trial=trial, delay_s=delay, how=how, final_step=step, bitwise=equal))
-      print(f"trial {trial}: {how} after {delay:.1f} s; rerun ends at step {step}; "
-            f"parameters bitwise equal: {equal}", flush=True)
+      print(
+          f"trial {trial}: {how} after {delay:.1f} s; rerun ends at step {step}; "
+          f"parameters bitwise equal: {equal}",
+          flush=True,
+      )
     killed = [t for t in trials if t["how"] != "finished before the kill"]
     survived = sum(t["bitwise"] for t in killed)
-    print(f"{survived}/{len(killed)} kills survived (bitwise-equal final parameters); "
-          f"{len(trials) - len(killed)} runs ended before their kill and are not counted",
-          flush=True)
+    print(
+        f"{survived}/{len(killed)} kills survived (bitwise-equal final parameters); "
+        f"{len(trials) - len(killed)} runs ended before their kill and are not counted",
+        flush=True,
+    )
     if _JSON.value:
       pathlib.Path(_JSON.value).write_text(json.dumps(trials, indent=1))
   finally:

@@ -28,8 +28,9 @@ from llada_jax.data.codec import text_codec
 from llada_jax.sampling.text import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Trained workdir (make demo).")
-_TORCH_PYTHON = flags.DEFINE_string("torch_python", None, "A Python interpreter with torch.",
-                                    required=True)
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", None, "A Python interpreter with torch.", required=True
+)
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 112, "Answer length.")
 _STEPS = flags.DEFINE_integer("steps", 112, "Steps.")
 _BLOCK = flags.DEFINE_integer("block_length", 16, "Block length.")
@@ -63,13 +64,23 @@ def main(argv: list[str]) -> None:
     prompts_file, torch_file = pathlib.Path(tmp) / "prompts.json", pathlib.Path(tmp) / "t.json"
     prompts_file.write_text(json.dumps(batches))
     script = pathlib.Path(__file__).parent / "official" / "torch_generate.py"
-    subprocess.run([_TORCH_PYTHON.value, str(script), f"--checkpoint={tmp}",
-                    f"--prompts={prompts_file}", f"--out={torch_file}",
-                    f"--repeats={_REPEATS.value}",
-                    *(f"--{k}={v}" for k, v in kwargs.items())], check=True)
+    subprocess.run(
+        [
+            _TORCH_PYTHON.value,
+            str(script),
+            f"--checkpoint={tmp}",
+            f"--prompts={prompts_file}",
+            f"--out={torch_file}",
+            f"--repeats={_REPEATS.value}",
+            *(f"--{k}={v}" for k, v in kwargs.items()),
+        ],
+        check=True,
+    )
     reference = json.loads(torch_file.read_text())
-  print(f"{jax.devices()[0].device_kind}; torch {reference['torch']} with "
-        f"{reference['threads']} threads; gen {gen}, steps {_STEPS.value}, block {_BLOCK.value}")
+  print(
+      f"{jax.devices()[0].device_kind}; torch {reference['torch']} with "
+      f"{reference['threads']} threads; gen {gen}, steps {_STEPS.value}, block {_BLOCK.value}"
+  )
   print("batch | llada_jax tokens/s | PyTorch tokens/s | ratio | answer tokens equal")
   rows = []
   for prompt, torch_run in zip(batches, reference["runs"]):
@@ -80,16 +91,23 @@ def main(argv: list[str]) -> None:
       out = np.asarray(generate(config, params, prompt, **kwargs))
     seconds = (time.perf_counter() - start) / _REPEATS.value
     theirs = np.asarray(torch_run["tokens"])
-    row = dict(batch=len(prompt), jax_tokens_per_s=len(prompt) * gen / seconds,
-               torch_tokens_per_s=len(prompt) * gen / torch_run["seconds"],
-               agreement=float(np.mean(out[:, -gen:] == theirs[:, -gen:])))
+    row = dict(
+        batch=len(prompt),
+        jax_tokens_per_s=len(prompt) * gen / seconds,
+        torch_tokens_per_s=len(prompt) * gen / torch_run["seconds"],
+        agreement=float(np.mean(out[:, -gen:] == theirs[:, -gen:])),
+    )
     row["ratio"] = row["jax_tokens_per_s"] / row["torch_tokens_per_s"]
     rows.append(row)
-    print(f"{row['batch']} | {row['jax_tokens_per_s']:.0f} | {row['torch_tokens_per_s']:.0f} | "
-          f"{row['ratio']:.2f}x | {row['agreement']:.3f}", flush=True)
+    print(
+        f"{row['batch']} | {row['jax_tokens_per_s']:.0f} | {row['torch_tokens_per_s']:.0f} | "
+        f"{row['ratio']:.2f}x | {row['agreement']:.3f}",
+        flush=True,
+    )
   if _JSON.value:
-    pathlib.Path(_JSON.value).write_text(json.dumps(dict(torch=reference["torch"], rows=rows),
-                                                    indent=1))
+    pathlib.Path(_JSON.value).write_text(
+        json.dumps(dict(torch=reference["torch"], rows=rows), indent=1)
+    )
 
 
 if __name__ == "__main__":

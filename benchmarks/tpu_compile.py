@@ -43,8 +43,7 @@ SLICES = [
     ("8b v6e-64", "llada_8b", "v6e:8x8", dict(grad_accum_steps=10)),
     ("8b v6e-64 accum 5", "llada_8b", "v6e:8x8", dict(grad_accum_steps=5)),
     ("8b v5e-256", "llada_8b", "v5e:16x16", dict(grad_accum_steps=5)),
-    ("8b v5e-256 loss_chunk", "llada_8b", "v5e:16x16", dict(grad_accum_steps=5,
-                                                             loss_chunk=512)),
+    ("8b v5e-256 loss_chunk", "llada_8b", "v5e:16x16", dict(grad_accum_steps=5, loss_chunk=512)),
     ("1b v5p-64", "llada_1b", "v5p:4x4x4", dict(grad_accum_steps=2)),
     ("1b v6e-64", "llada_1b", "v6e:8x8", dict(grad_accum_steps=4)),
     ("1b v5e-256", "llada_1b", "v5e:16x16", dict(grad_accum_steps=1)),
@@ -54,25 +53,48 @@ SLICES = [
 # layers are unrolled so that the compiler's FLOPs and bytes cover all of them (a scanned loop's
 # body is counted once).
 ATTENTION = [
-    (f"1b {topology} {attention}", "llada_1b", topology,
-     dict(batch_size=32, attention=attention, grad_accum_steps=1, scan_layers=False))
-    for topology in ("v5e:4x4", "v6e:4x4") for attention in ("xla", "splash")
+    (
+        f"1b {topology} {attention}",
+        "llada_1b",
+        topology,
+        dict(batch_size=32, attention=attention, grad_accum_steps=1, scan_layers=False),
+    )
+    for topology in ("v5e:4x4", "v6e:4x4")
+    for attention in ("xla", "splash")
 ]
-SMALL = [("tiny v5e-4 splash", "tiny", "v5e:2x2",
-          dict(batch_size=16, sequence_length=512, attention="splash", grad_accum_steps=1))]
+SMALL = [
+    (
+        "tiny v5e-4 splash",
+        "tiny",
+        "v5e:2x2",
+        dict(batch_size=16, sequence_length=512, attention="splash", grad_accum_steps=1),
+    )
+]
 
 
 def _config(name: str, overrides: dict):
   c = CONFIGS[name].get_config()
-  c.model.update(dict(attention=overrides.get("attention", "splash"), remat="full",
-                      dtype="bfloat16", scan_layers=overrides.get("scan_layers", True)))
+  c.model.update(
+      dict(
+          attention=overrides.get("attention", "splash"),
+          remat="full",
+          dtype="bfloat16",
+          scan_layers=overrides.get("scan_layers", True),
+      )
+  )
   if name == "tiny":
     c.model.max_sequence_length = overrides["sequence_length"]
-  c.data.update(dict(batch_size=overrides.get("batch_size", 1280),
-                     sequence_length=overrides.get("sequence_length",
-                                                   c.data.sequence_length)))
-  c.train.update(dict(grad_accum_steps=overrides["grad_accum_steps"],
-                      loss_chunk=overrides.get("loss_chunk", 0)))
+  c.data.update(
+      dict(
+          batch_size=overrides.get("batch_size", 1280),
+          sequence_length=overrides.get("sequence_length", c.data.sequence_length),
+      )
+  )
+  c.train.update(
+      dict(
+          grad_accum_steps=overrides["grad_accum_steps"], loss_chunk=overrides.get("loss_chunk", 0)
+      )
+  )
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   return c
 
@@ -90,29 +112,41 @@ def run_row(name: str, config_name: str, topology: str, overrides: dict) -> dict
     attention_flops = 3 * 4 * m.n_layers * s * m.d_model * s * config.data.batch_size
     attention_flops /= len(devices)
   return dict(
-      name=name, topology=topology, chips=len(devices), device_kind=report.device_kind,
-      mesh=report.mesh, batch=config.data.batch_size,
+      name=name,
+      topology=topology,
+      chips=len(devices),
+      device_kind=report.device_kind,
+      mesh=report.mesh,
+      batch=config.data.batch_size,
       micro_batch=config.data.batch_size // config.train.grad_accum_steps,
-      grad_accum_steps=config.train.grad_accum_steps, remat=config.model.remat,
-      attention=config.model.attention, loss_chunk=config.train.loss_chunk,
-      peak_gib=report.peak_bytes / GIB, temp_gib=report.temp_bytes / GIB,
+      grad_accum_steps=config.train.grad_accum_steps,
+      remat=config.model.remat,
+      attention=config.model.attention,
+      loss_chunk=config.train.loss_chunk,
+      peak_gib=report.peak_bytes / GIB,
+      temp_gib=report.temp_bytes / GIB,
       hbm_gib=(report.hbm_bytes or 0) / GIB,
       fits=report.hbm_bytes is not None and report.peak_bytes <= report.hbm_bytes,
       collective_gib=sum(size for _, _, size in kinds.values()) / GIB,
       collectives={k: v[:2] for k, v in kinds.items() if v[0]},
-      compiled_flops=report.flops_per_device, kernel_flops=attention_flops,
+      compiled_flops=report.flops_per_device,
+      kernel_flops=attention_flops,
       bytes_accessed_gib=report.bytes_accessed / GIB,
       model_flops_per_chip=report.model_flops / len(devices),
       forward_flops_per_token=forward_flops_per_token(config, config.data.sequence_length),
-      compile_seconds=time.perf_counter() - start)
+      compile_seconds=time.perf_counter() - start,
+  )
 
 
 def main(argv: list[str]) -> None:
   del argv
   rows = SMALL if _SMALL.value else {"slices": SLICES, "attention": ATTENTION}[_ROWS.value]
   results = []
-  print("| row | mesh | batch (micro x accum) | peak / HBM per chip | collectives per step "
-        "| compile |", flush=True)
+  print(
+      "| row | mesh | batch (micro x accum) | peak / HBM per chip | collectives per step "
+      "| compile |",
+      flush=True,
+  )
   print("|---|---|---|---|---|---|", flush=True)
   for name, config_name, topology, overrides in rows:
     if _ONLY.value and _ONLY.value not in name:
@@ -126,14 +160,19 @@ def main(argv: list[str]) -> None:
     results.append(row)
     verdict = "fits" if row["fits"] else "DOES NOT FIT"
     mesh = "x".join(f"{k} {v}" for k, v in row["mesh"].items() if v > 1)
-    print(f"| {name} ({row['attention']}) | {mesh} | {row['batch']} ({row['micro_batch']} x "
-          f"{row['grad_accum_steps']}) | {row['peak_gib']:.1f} / {row['hbm_gib']:.0f} GiB "
-          f"{verdict} | {row['collective_gib']:.1f} GiB | {row['compile_seconds']:.0f} s |",
-          flush=True)
+    print(
+        f"| {name} ({row['attention']}) | {mesh} | {row['batch']} ({row['micro_batch']} x "
+        f"{row['grad_accum_steps']}) | {row['peak_gib']:.1f} / {row['hbm_gib']:.0f} GiB "
+        f"{verdict} | {row['collective_gib']:.1f} GiB | {row['compile_seconds']:.0f} s |",
+        flush=True,
+    )
     if _ROWS.value == "attention" or _SMALL.value:
-      print(f"|   | FLOPs per chip: compiled {row['compiled_flops']:.3e} + kernel "
-            f"{row['kernel_flops']:.3e}; bytes accessed {row['bytes_accessed_gib']:.1f} GiB; "
-            f"temporaries {row['temp_gib']:.1f} GiB |||||", flush=True)
+      print(
+          f"|   | FLOPs per chip: compiled {row['compiled_flops']:.3e} + kernel "
+          f"{row['kernel_flops']:.3e}; bytes accessed {row['bytes_accessed_gib']:.1f} GiB; "
+          f"temporaries {row['temp_gib']:.1f} GiB |||||",
+          flush=True,
+      )
   print(f"host: {os.cpu_count()} CPUs; jax {jax.__version__}", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:

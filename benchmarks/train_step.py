@@ -80,14 +80,20 @@ def _case(remat: str) -> dict[str, float | str]:
   flops = model_flops_per_step(config)
   peak = peak_flops(jax.devices()[0])
   memory = jax.devices()[0].memory_stats() or {}
-  return dict(config=_CONFIG.value, remat=remat, attention=config.model.attention,
-              dtype=config.model.dtype,
-              batch=config.data.batch_size, seq=config.data.sequence_length,
-              step_ms=seconds * 1e3, tokens_per_s=shape[0] * shape[1] / seconds,
-              tflops_per_device=flops / seconds / mesh.size / 1e12,
-              mfu=flops / seconds / (mesh.size * peak) if peak else float("nan"),
-              peak_memory_gib=memory.get("peak_bytes_in_use", float("nan")) / 2**30,
-              compile_s=compile_seconds)
+  return dict(
+      config=_CONFIG.value,
+      remat=remat,
+      attention=config.model.attention,
+      dtype=config.model.dtype,
+      batch=config.data.batch_size,
+      seq=config.data.sequence_length,
+      step_ms=seconds * 1e3,
+      tokens_per_s=shape[0] * shape[1] / seconds,
+      tflops_per_device=flops / seconds / mesh.size / 1e12,
+      mfu=flops / seconds / (mesh.size * peak) if peak else float("nan"),
+      peak_memory_gib=memory.get("peak_bytes_in_use", float("nan")) / 2**30,
+      compile_s=compile_seconds,
+  )
 
 
 def main(argv: list[str]) -> None:

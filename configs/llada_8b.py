@@ -12,14 +12,35 @@ from llada_jax.config import default_config
 
 def get_config() -> ml_collections.ConfigDict:
   c = default_config()
-  c.model.update(dict(
-      vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-      mlp_hidden_size=12288, max_sequence_length=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
-      dtype="bfloat16", param_dtype="float32", remat="full"))
+  c.model.update(
+      dict(
+          vocab_size=126464,
+          d_model=4096,
+          n_layers=32,
+          n_heads=32,
+          n_kv_heads=32,
+          mlp_hidden_size=12288,
+          max_sequence_length=4096,
+          rope_theta=500000.0,
+          rms_norm_eps=1e-5,
+          dtype="bfloat16",
+          param_dtype="float32",
+          remat="full",
+      )
+  )
   c.tokens.update(dict(mask_id=126336, pad_id=126081, eos_id=126081, bos_id=126080, eot_id=126348))
   c.data.update(dict(vocabulary="llada_hf", sequence_length=4096, batch_size=1280))
-  c.optimizer.update(dict(peak_lr=4e-4, warmup_steps=2000, lr_drop_step=228_900, lr_after_drop=1e-4,
-                          decay_fraction=0.13, final_lr=1e-5, weight_decay=0.1))
+  c.optimizer.update(
+      dict(
+          peak_lr=4e-4,
+          warmup_steps=2000,
+          lr_drop_step=228_900,
+          lr_after_drop=1e-4,
+          decay_fraction=0.13,
+          final_lr=1e-5,
+          weight_decay=0.1,
+      )
+  )
   c.train.update(dict(num_steps=438_700, log_every=10, eval_every=1000))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.checkpoint.update(dict(save_every=1000, keep=3))

@@ -39,20 +39,27 @@ from llada_jax.errors import ConfigError  # noqa: E402
 from llada_jax.training.flops import model_flops_per_token, non_embedding_parameters  # noqa: E402
 
 LAUNCHERS = ("local", "tpu_vm", "slurm", "gke")
-LAUNCHER_ARGS = {"tpu_vm": ("TPU_NAME", "ZONE"),
-                 "gke": ("IMAGE", "ACCELERATOR", "TOPOLOGY", "HOSTS", "CHIPS_PER_HOST")}
+LAUNCHER_ARGS = {
+    "tpu_vm": ("TPU_NAME", "ZONE"),
+    "gke": ("IMAGE", "ACCELERATOR", "TOPOLOGY", "HOSTS", "CHIPS_PER_HOST"),
+}
 
 _LADDER = flags.DEFINE_string("ladder", None, "A ladder file of configs/scaling/ (defines LADDER).")
 _OUT = flags.DEFINE_string("out", None, "Parent of the runs' workdirs (OUT/RUN); gs:// for pods.")
 _ONLY = flags.DEFINE_string("only", "", "Only runs whose name matches this regular expression.")
 _OBJECTIVES = flags.DEFINE_list("objectives", ["mdm", "arm"], "Objectives to run of each pair.")
-_MODE = flags.DEFINE_enum("mode", "local", ["local", "print"],
-                          "local: train the runs here, one after the other; print: print their "
-                          "launcher commands.")
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", list(LAUNCHERS),
-                              "Launcher of the printed commands (--mode=print).")
-_LAUNCHER_ARGS = flags.DEFINE_string("launcher_args", "",
-                                     "The launcher's positional arguments or sbatch options.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "local",
+    ["local", "print"],
+    "local: train the runs here, one after the other; print: print their " "launcher commands.",
+)
+_LAUNCHER = flags.DEFINE_enum(
+    "launcher", "local", list(LAUNCHERS), "Launcher of the printed commands (--mode=print)."
+)
+_LAUNCHER_ARGS = flags.DEFINE_string(
+    "launcher_args", "", "The launcher's positional arguments or sbatch options."
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "--mode=local: print the commands, run nothing.")
 
 
@@ -78,28 +85,46 @@ def select(ladder: Ladder, only: str, objectives: list[str]) -> list[Run]:
   everything = runs(ladder, tuple(objectives))
   selected = [r for r in everything if pattern.search(r.name)]
   if not selected:
-    raise ConfigError(f"--only={only!r} matches no run of ladder {ladder.name!r}: "
-                      f"{', '.join(r.name for r in everything)}")
+    raise ConfigError(
+        f"--only={only!r} matches no run of ladder {ladder.name!r}: "
+        f"{', '.join(r.name for r in everything)}"
+    )
   return selected
 
 
 def table(ladder: Ladder, selected: list[Run]) -> str:
   """One row per run: size, steps, tokens and FLOPs in both conventions."""
-  rows = [("run", "objective", "params", "non-emb", "lr", "steps", "tokens", "FLOPs",
-           "FLOPs 6ND")]
+  rows = [("run", "objective", "params", "non-emb", "lr", "steps", "tokens", "FLOPs", "FLOPs 6ND")]
   for run in selected:
     c = run_config(ladder, run)
     tokens = c.train.num_steps * c.data.batch_size * c.data.sequence_length
-    rows.append((run.name, run.objective, _count(parameters(c)),
-                 _count(non_embedding_parameters(c)), f"{c.optimizer.peak_lr:g}",
-                 str(c.train.num_steps), _count(tokens), f"{tokens * model_flops_per_token(c):.3e}",
-                 f"{tokens * 6 * non_embedding_parameters(c):.3e}"))
+    rows.append(
+        (
+            run.name,
+            run.objective,
+            _count(parameters(c)),
+            _count(non_embedding_parameters(c)),
+            f"{c.optimizer.peak_lr:g}",
+            str(c.train.num_steps),
+            _count(tokens),
+            f"{tokens * model_flops_per_token(c):.3e}",
+            f"{tokens * 6 * non_embedding_parameters(c):.3e}",
+        )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  title = (f"ladder {ladder.name}: {len(selected)} runs, budgets in {ladder.convention} FLOPs, "
-           f"{ladder.batch_size} x {ladder.sequence_length} tokens per step")
-  return "\n".join([title] + ["  ".join(cell.rjust(w) if i else cell.ljust(w)
-                                        for i, (cell, w) in enumerate(zip(row, widths)))
-                              for row in rows])
+  title = (
+      f"ladder {ladder.name}: {len(selected)} runs, budgets in {ladder.convention} FLOPs, "
+      f"{ladder.batch_size} x {ladder.sequence_length} tokens per step"
+  )
+  return "\n".join(
+      [title]
+      + [
+          "  ".join(
+              cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+          )
+          for row in rows
+      ]
+  )
 
 
 def workdir(out: str, run: Run) -> str:
@@ -117,16 +142,20 @@ def check_launcher_args(launcher: str, launcher_args: str) -> list[str]:
   args = shlex.split(launcher_args)
   wanted = LAUNCHER_ARGS.get(launcher)
   if wanted is not None and len(args) != len(wanted):
-    raise ConfigError(f"--launcher_args={launcher_args!r} is not allowed for --launcher="
-                      f"{launcher}: expected {len(wanted)} arguments, {' '.join(wanted)}")
+    raise ConfigError(
+        f"--launcher_args={launcher_args!r} is not allowed for --launcher="
+        f"{launcher}: expected {len(wanted)} arguments, {' '.join(wanted)}"
+    )
   if launcher == "local" and args:
-    raise ConfigError(f"--launcher_args={launcher_args!r} is not allowed for --launcher=local: "
-                      "expected none")
+    raise ConfigError(
+        f"--launcher_args={launcher_args!r} is not allowed for --launcher=local: " "expected none"
+    )
   return args
 
 
-def launcher_command(launcher: str, launcher_args: str, ladder_path: str, run: Run, out: str,
-                     overrides: list[str]) -> list[str]:
+def launcher_command(
+    launcher: str, launcher_args: str, ladder_path: str, run: Run, out: str, overrides: list[str]
+) -> list[str]:
   """The command that trains `run` through a launcher of launch/."""
   args = check_launcher_args(launcher, launcher_args)
   train = train_flags(ladder_path, run, out, overrides)
@@ -171,13 +200,20 @@ def run_subprocess(command: list[str], log: pathlib.Path) -> int:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
   with log.open("ab") as f:
-    return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env,
-                          check=False).returncode
+    return subprocess.run(
+        command, stdout=f, stderr=subprocess.STDOUT, env=env, check=False
+    ).returncode
 
 
-def sweep_local(ladder_path: str, ladder: Ladder, selected: list[Run], out: str,
-                overrides: list[str], dry_run: bool = False,
-                execute: Callable[[list[str], pathlib.Path], int] = run_subprocess) -> None:
+def sweep_local(
+    ladder_path: str,
+    ladder: Ladder,
+    selected: list[Run],
+    out: str,
+    overrides: list[str],
+    dry_run: bool = False,
+    execute: Callable[[list[str], pathlib.Path], int] = run_subprocess,
+) -> None:
   """Trains the runs one after the other, skipping finished ones; one line per run.
 
   `execute(command, log)` runs one training command (tests pass an in-process one).
@@ -196,8 +232,10 @@ def sweep_local(ladder_path: str, ladder: Ladder, selected: list[Run], out: str,
     start = time.time()
     status = execute(command, path / "train.log")
     if status != 0:
-      print(f"error: run {run.name} failed with exit status {status}; see {path / 'train.log'}",
-            file=sys.stderr)
+      print(
+          f"error: run {run.name} failed with exit status {status}; see {path / 'train.log'}",
+          file=sys.stderr,
+      )
       sys.exit(1)
     print(_summary(ladder, run, path, step, f"{time.time() - start:.0f} s"), flush=True)
 
@@ -209,8 +247,10 @@ def _summary(ladder: Ladder, run: Run, path: pathlib.Path, step: int, wall: str)
   loss = f"{record['loss_bound']:.4f}" if record else "none"
   if record.get("bits_per_byte") is not None:
     loss += f" ({record['bits_per_byte']:.3f} bits/byte)"
-  return (f"{run.name}: {_count(parameters(c))} params, {step} steps, {_count(tokens)} tokens, "
-          f"{tokens * model_flops_per_token(c):.3e} FLOPs, {wall}, final eval loss {loss}")
+  return (
+      f"{run.name}: {_count(parameters(c))} params, {step} steps, {_count(tokens)} tokens, "
+      f"{tokens * model_flops_per_token(c):.3e} FLOPs, {wall}, final eval loss {loss}"
+  )
 
 
 def _count(n: float) -> str:
@@ -224,11 +264,14 @@ def _sweep(argv: list[str]) -> None:
   overrides = argv[1:]
   for name, flag in (("ladder", _LADDER), ("out", _OUT)):
     if not flag.value:
-      raise ConfigError(f"--{name} is required, e.g. --ladder=configs/scaling/cpu.py "
-                        "--out=runs/scaling")
+      raise ConfigError(
+          f"--{name} is required, e.g. --ladder=configs/scaling/cpu.py " "--out=runs/scaling"
+      )
   if _MODE.value == "local" and (_LAUNCHER.value != "local" or _LAUNCHER_ARGS.value):
-    raise ConfigError(f"--launcher={_LAUNCHER.value} is not allowed with --mode=local: expected "
-                      "--mode=print to print launcher commands")
+    raise ConfigError(
+        f"--launcher={_LAUNCHER.value} is not allowed with --mode=local: expected "
+        "--mode=print to print launcher commands"
+    )
   for arg in overrides:
     if not arg.startswith("--config."):
       raise ConfigError(f"{arg!r} after -- is not allowed: expected --config.<field>=<value>")
@@ -238,8 +281,13 @@ def _sweep(argv: list[str]) -> None:
   print(table(ladder, selected), flush=True)
   if _MODE.value == "print":
     for run in selected:
-      print(shlex.join(launcher_command(_LAUNCHER.value, _LAUNCHER_ARGS.value, _LADDER.value,
-                                        run, _OUT.value, overrides)))
+      print(
+          shlex.join(
+              launcher_command(
+                  _LAUNCHER.value, _LAUNCHER_ARGS.value, _LADDER.value, run, _OUT.value, overrides
+              )
+          )
+      )
   else:
     sweep_local(_LADDER.value, ladder, selected, _OUT.value, overrides, _DRY_RUN.value)
 

@@ -48,6 +48,7 @@ class CompileReport:
   passes is not fixed (threshold decoding). hbm_bytes is the memory of one device of that kind
   (None for CPUs and unknown chips).
   """
+
   program: str
   devices: int
   platform: str
@@ -78,25 +79,39 @@ class CompileReport:
     return self.model_flops
 
 
-def abstract_batch(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding,
-                   sft: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding, sft: bool = False
+) -> dict[str, jax.ShapeDtypeStruct]:
   """The feature batch the input pipeline delivers, as ShapeDtypeStructs."""
   b, length = config.data.batch_size, config.data.sequence_length
+
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  batch = {"targets": spec((b, length), jnp.int32), "segment_ids": spec((b, length), jnp.int32),
-           "positions": spec((b, length), jnp.int32), "valid": spec((b, length), jnp.bool_)}
+
+  batch = {
+      "targets": spec((b, length), jnp.int32),
+      "segment_ids": spec((b, length), jnp.int32),
+      "positions": spec((b, length), jnp.int32),
+      "valid": spec((b, length), jnp.bool_),
+  }
   if config.data.masking == "pipeline" and config.diffusion.objective == "mdm":
-    batch.update(inputs=spec((b, length), jnp.int32), masked=spec((b, length), jnp.bool_),
-                 p_mask=spec((b,), jnp.float32))
+    batch.update(
+        inputs=spec((b, length), jnp.int32),
+        masked=spec((b, length), jnp.bool_),
+        p_mask=spec((b,), jnp.float32),
+    )
   if sft:
     batch["prompt_length"] = spec((b,), jnp.int32)
   return batch
 
 
-def compile_program(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
-                    program: str = "train", num_items: int = 0,
-                    prompt_length: int = 64) -> CompileReport:
+def compile_program(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    program: str = "train",
+    num_items: int = 0,
+    prompt_length: int = 64,
+) -> CompileReport:
   """Compiles one program of `config` for `devices` (default: all) and reports its needs.
 
   Args:
@@ -127,18 +142,25 @@ def compile_program(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if program == "train":
     from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
+
     step = make_train_step(config, model, tx, mesh, shardings)
     lower = lambda: step.lower(abstract, abstract_batch(config, items_sharding))
     model_flops = model_flops_per_step(config)
   else:
     ev = config.evaluation
-    num_items = num_items or (config.data.batch_size if program == "sample"
-                              else max(1, config.data.batch_size // ev.mc_batch_size))
+    num_items = num_items or (
+        config.data.batch_size
+        if program == "sample"
+        else max(1, config.data.batch_size // ev.mc_batch_size)
+    )
     if num_items % data_parallel:
-      raise ConfigError(f"--num_items={num_items} is not allowed: expected a multiple of "
-                        f"mesh.data x mesh.fsdp = {data_parallel} (items are split over them)")
+      raise ConfigError(
+          f"--num_items={num_items} is not allowed: expected a multiple of "
+          f"mesh.data x mesh.fsdp = {data_parallel} (items are split over them)"
+      )
     fn, args, model_flops = (_sampler if program == "sample" else _scorer)(
-        config, num_items, prompt_length, items_sharding)
+        config, num_items, prompt_length, items_sharding
+    )
     params = abstract.params
     lower = lambda: fn.lower(params, *args)
   with mesh_context(mesh, rules):
@@ -149,37 +171,54 @@ def compile_program(config: ml_collections.ConfigDict, devices: Sequence[jax.Dev
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    reason = next((line for line in str(e).splitlines() if "memory" in line.lower()),
-                  str(e).splitlines()[0])
-    raise DoesNotFit(f"the {program} program of this config DOES NOT FIT on "
-                     f"{len(devices)} x {devices[0].device_kind}: the compiler says "
-                     f"{reason.strip()}") from None
+    reason = next(
+        (line for line in str(e).splitlines() if "memory" in line.lower()), str(e).splitlines()[0]
+    )
+    raise DoesNotFit(
+        f"the {program} program of this config DOES NOT FIT on "
+        f"{len(devices)} x {devices[0].device_kind}: the compiler says "
+        f"{reason.strip()}"
+    ) from None
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return CompileReport(
-      program=program, devices=len(devices), platform=devices[0].platform,
-      device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
+      program=program,
+      devices=len(devices),
+      platform=devices[0].platform,
+      device_kind=devices[0].device_kind,
+      mesh=dict(mesh.shape),
       parameters=sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params)),
-      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
-      temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+      argument_bytes=memory.argument_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes,
       flops_per_device=float((cost or {}).get("flops", 0.0)),
-      bytes_accessed=float((cost or {}).get("bytes accessed", 0.0)), model_flops=model_flops,
-      compile_seconds=seconds, collectives=summarize(hlo),
-      opaque_kernels=sum(hlo.count(k) for k in _OPAQUE_KERNELS), loops=hlo.count(" while("),
-      hbm_bytes=hbm_per_device(devices) if chip(devices[0]) else None)
+      bytes_accessed=float((cost or {}).get("bytes accessed", 0.0)),
+      model_flops=model_flops,
+      compile_seconds=seconds,
+      collectives=summarize(hlo),
+      opaque_kernels=sum(hlo.count(k) for k in _OPAQUE_KERNELS),
+      loops=hlo.count(" while("),
+      hbm_bytes=hbm_per_device(devices) if chip(devices[0]) else None,
+  )
 
 
-def compile_train_step(config: ml_collections.ConfigDict,
-                       devices: Sequence[jax.Device] | None = None) -> CompileReport:
+def compile_train_step(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> CompileReport:
   """compile_program(config, devices, "train")."""
   return compile_program(config, devices, "train")
 
 
-def _sampler(config: ml_collections.ConfigDict, num_items: int, prompt_length: int,
-             sharding: jax.sharding.Sharding) -> tuple[Any, tuple[Any, ...], float]:
+def _sampler(
+    config: ml_collections.ConfigDict,
+    num_items: int,
+    prompt_length: int,
+    sharding: jax.sharding.Sharding,
+) -> tuple[Any, tuple[Any, ...], float]:
   """The jitted reverse process of config.sampling, its abstract arguments after the parameters,
   and its model FLOPs (every step a full forward pass; None for threshold decoding)."""
   from llada_jax.sampling.generate import SamplerSpec, _compiled_sampler  # pylint: disable=g-import-not-at-top
@@ -187,36 +226,63 @@ def _sampler(config: ml_collections.ConfigDict, num_items: int, prompt_length: i
   s, tokens = config.sampling, config.tokens
   total = prompt_length + s.gen_length
   if total > config.model.max_sequence_length:
-    raise ConfigError(f"--prompt_length={prompt_length} + sampling.gen_length={s.gen_length} is "
-                      f"not allowed: expected at most model.max_sequence_length="
-                      f"{config.model.max_sequence_length}")
-  spec = SamplerSpec(ModelConfig.from_config(config), s.steps, s.gen_length, s.block_length,
-                     s.remasking, tokens.mask_id, tokens.eos_id, tokens.eot_id, False, False,
-                     use_cfg=False, use_noise=s.temperature > 0, return_trajectory=False,
-                     float64=False)
+    raise ConfigError(
+        f"--prompt_length={prompt_length} + sampling.gen_length={s.gen_length} is "
+        f"not allowed: expected at most model.max_sequence_length="
+        f"{config.model.max_sequence_length}"
+    )
+  spec = SamplerSpec(
+      ModelConfig.from_config(config),
+      s.steps,
+      s.gen_length,
+      s.block_length,
+      s.remasking,
+      tokens.mask_id,
+      tokens.eos_id,
+      tokens.eot_id,
+      False,
+      False,
+      use_cfg=False,
+      use_noise=s.temperature > 0,
+      return_trajectory=False,
+      float64=False,
+  )
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  args = (jax.ShapeDtypeStruct((num_items, prompt_length), jnp.int32, sharding=sharding),
-          jax.ShapeDtypeStruct((num_items, prompt_length), jnp.bool_, sharding=sharding),
-          scalar, scalar, jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
-          scalar)
+  args = (
+      jax.ShapeDtypeStruct((num_items, prompt_length), jnp.int32, sharding=sharding),
+      jax.ShapeDtypeStruct((num_items, prompt_length), jnp.bool_, sharding=sharding),
+      scalar,
+      scalar,
+      jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
+      scalar,
+  )
   flops = s.steps * num_items * total * forward_flops_per_token(config, total)
   return _compiled_sampler(spec), args, flops
 
 
-def _scorer(config: ml_collections.ConfigDict, num_items: int, prompt_length: int,
-            sharding: jax.sharding.Sharding) -> tuple[Any, tuple[Any, ...], float]:
+def _scorer(
+    config: ml_collections.ConfigDict,
+    num_items: int,
+    prompt_length: int,
+    sharding: jax.sharding.Sharding,
+) -> tuple[Any, tuple[Any, ...], float]:
   """The jitted Monte-Carlo likelihood for pairs of data.sequence_length tokens, its abstract
   arguments after the parameters, and its model FLOPs (mc_num forward passes per pair)."""
   del prompt_length
   from llada_jax.diffusion.likelihood import _compiled_scorer  # pylint: disable=g-import-not-at-top
 
   ev, width = config.evaluation, config.data.sequence_length
-  fn = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, ev.mc_num,
-                        ev.mc_batch_size, False)
+  fn = _compiled_scorer(
+      ModelConfig.from_config(config), config.tokens.mask_id, ev.mc_num, ev.mc_batch_size, False
+  )
   rows = lambda dtype: jax.ShapeDtypeStruct((num_items, width), dtype, sharding=sharding)
-  args = (rows(jnp.int32), rows(jnp.bool_), rows(jnp.bool_),
-          jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
-          jax.ShapeDtypeStruct((), jnp.float32))
+  args = (
+      rows(jnp.int32),
+      rows(jnp.bool_),
+      rows(jnp.bool_),
+      jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
+      jax.ShapeDtypeStruct((), jnp.float32),
+  )
   flops = ev.mc_num * num_items * width * forward_flops_per_token(config, width)
   return fn, args, flops
 
@@ -225,9 +291,13 @@ def _compile_with_hlo(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled,
   """Compiles and returns the optimized HLO text. The compiler writes it to a scratch folder
   (`compiled.as_text()` cannot read some TPU programs back: libtpu's asynchronous instructions)."""
   with tempfile.TemporaryDirectory(prefix="llada_aot_") as folder:
-    compiled = lowered.compile(compiler_options={
-        "xla_dump_to": folder, "xla_dump_hlo_as_text": True,
-        "xla_dump_hlo_pass_re": "NO_PASS"})
+    compiled = lowered.compile(
+        compiler_options={
+            "xla_dump_to": folder,
+            "xla_dump_hlo_as_text": True,
+            "xla_dump_hlo_pass_re": "NO_PASS",
+        }
+    )
     files = sorted(glob.glob(os.path.join(folder, "*after_optimizations.txt")))
     if files:
       with open(files[0], encoding="utf-8") as f:

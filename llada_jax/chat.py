@@ -19,8 +19,9 @@ from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF LLaDA folder or llada_jax workdir.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None,
-                                 "tokenizer.json (default: the one in --checkpoint).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "tokenizer.json (default: the one in --checkpoint)."
+)
 _GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Answer tokens per turn.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Reverse-process steps per turn.")
 _BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
@@ -28,8 +29,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Gumbel noise scale; 0 is 
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance weight.")
 _REMASKING = flags.DEFINE_string("remasking", "low_confidence", "Remasking rule.")
 _LOGITS_EOS_INF = flags.DEFINE_bool("logits_eos_inf", False, "Never propose EOS.")
-_CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool("confidence_eos_eot_inf", False,
-                                            "Commit EOS/EoT proposals last.")
+_CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool(
+    "confidence_eos_eot_inf", False, "Commit EOS/EoT proposals last."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 
 
@@ -50,8 +52,10 @@ def _chat(argv: list[str]) -> None:
   codec = text_codec(config)
   room = config.model.max_sequence_length - _GEN_LENGTH.value
   if room < 1:
-    raise ConfigError(f"--gen_length={_GEN_LENGTH.value} is not allowed: expected less than "
-                      f"model.max_sequence_length={config.model.max_sequence_length}")
+    raise ConfigError(
+        f"--gen_length={_GEN_LENGTH.value} is not allowed: expected less than "
+        f"model.max_sequence_length={config.model.max_sequence_length}"
+    )
   messages: list[ChatMessage] = []
   for turn, line in enumerate(sys.stdin):
     if not line.strip():
@@ -59,14 +63,23 @@ def _chat(argv: list[str]) -> None:
     messages.append(ChatMessage("user", line.strip()))
     ids, stops = chat_prompt(codec, messages)
     prompt = np.asarray([ids[-room:]], np.int32)  # a long conversation drops its oldest tokens
-    out = generate(config, params, prompt, steps=_STEPS.value, gen_length=_GEN_LENGTH.value,
-                   block_length=_BLOCK_LENGTH.value, temperature=_TEMPERATURE.value,
-                   cfg_scale=_CFG_SCALE.value, remasking=_REMASKING.value,
-                   logits_eos_inf=_LOGITS_EOS_INF.value,
-                   confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value,
-                   rng=jax.random.fold_in(jax.random.PRNGKey(_SEED.value), turn))
-    _, text = end_answer(np.asarray(out)[0, prompt.shape[1]:].tolist(), config.tokens,
-                         codec.decode, stops)
+    out = generate(
+        config,
+        params,
+        prompt,
+        steps=_STEPS.value,
+        gen_length=_GEN_LENGTH.value,
+        block_length=_BLOCK_LENGTH.value,
+        temperature=_TEMPERATURE.value,
+        cfg_scale=_CFG_SCALE.value,
+        remasking=_REMASKING.value,
+        logits_eos_inf=_LOGITS_EOS_INF.value,
+        confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value,
+        rng=jax.random.fold_in(jax.random.PRNGKey(_SEED.value), turn),
+    )
+    _, text = end_answer(
+        np.asarray(out)[0, prompt.shape[1] :].tolist(), config.tokens, codec.decode, stops
+    )
     messages.append(ChatMessage("assistant", text.strip()))
     print(f"assistant: {text.strip()}", flush=True)
 

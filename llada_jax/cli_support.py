@@ -13,15 +13,16 @@ from absl import logging as absl_logging
 
 from llada_jax.errors import LladaError
 
-
 # Libraries whose INFO lines would drown the training log (warnings still show).
 QUIET_LIBRARIES = ("/orbax/", "/seqio/", "/tensorflow/", "/jax/")
 
 
 class _QuietLibraries(logging.Filter):
+
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not any(
-        part in record.pathname for part in QUIET_LIBRARIES)
+        part in record.pathname for part in QUIET_LIBRARIES
+    )
 
 
 def run_reporting_errors(fn: Callable[[], None]) -> None:
@@ -53,8 +54,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   for arg in argv[1:]:
     # --config=FILE:ARG passes ARG to FILE's get_config (ml_collections config_flags).
     if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":", 1)[0]):
-      print(f"error: {arg} names no file; pass a config such as --config=configs/tiny.py",
-            file=sys.stderr)
+      print(
+          f"error: {arg} names no file; pass a config such as --config=configs/tiny.py",
+          file=sys.stderr,
+      )
       sys.exit(2)
   try:
     return flags.FLAGS(argv)
@@ -70,9 +73,11 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
 def entry_point(body: Callable[[list[str]], None]) -> Callable[[], None]:
   """The console-script function of an absl program whose work is body(argv)."""
+
   def main(argv: list[str]) -> None:
     run_reporting_errors(lambda: body(argv))
 
   def run() -> None:
     app.run(main, flags_parser=parse_flags_or_exit)
+
   return run

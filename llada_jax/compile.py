@@ -21,19 +21,32 @@ from ml_collections import config_flags
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to compile for with the real TPU "
-                                "compiler, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path of a config file (configs/*.py).", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    "",
+    "TPU topology to compile for with the real TPU "
+    "compiler, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:2x2x2.",
+)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN.")
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Fake CPU devices to compile for (0: the "
-                                    "machine's own devices).")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", 0, "Fake CPU devices to compile for (0: the " "machine's own devices)."
+)
 _WHAT = flags.DEFINE_string("what", "train", "The program: train, sample or score.")
-_NUM_ITEMS = flags.DEFINE_integer("num_items", 0, "Prompts (sample) or pairs (score); 0: "
-                                  "data.batch_size prompts, or pairs for data.batch_size rows.")
+_NUM_ITEMS = flags.DEFINE_integer(
+    "num_items",
+    0,
+    "Prompts (sample) or pairs (score); 0: "
+    "data.batch_size prompts, or pairs for data.batch_size rows.",
+)
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per row (sample).")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory of one target device in GiB (default: the "
-                              "chip's own for TPUs and known GPUs).")
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib",
+    0.0,
+    "Memory of one target device in GiB (default: the " "chip's own for TPUs and known GPUs).",
+)
 
 GIB = 1 << 30
 
@@ -53,31 +66,44 @@ def format_report(report) -> str:
       f"  peak        {report.peak_bytes / GIB:9.3f} GiB",
   ]
   if report.model_flops is None:
-    lines.append(f"FLOPs per device: compiled {report.flops_per_device:.3e}; model: not fixed "
-                 "(threshold decoding runs as many passes as the text needs)")
+    lines.append(
+        f"FLOPs per device: compiled {report.flops_per_device:.3e}; model: not fixed "
+        "(threshold decoding runs as many passes as the text needs)"
+    )
   else:
     per_device = report.model_flops / report.devices
-    ratio = ("" if report.opaque_kernels or report.loops else
-             f"  (compiled / model = {report.flops_per_device / per_device:.2f})")
-    lines.append(f"FLOPs per device: compiled {report.flops_per_device:.3e}, model "
-                 f"{per_device:.3e}{ratio}")
+    ratio = (
+        ""
+        if report.opaque_kernels or report.loops
+        else f"  (compiled / model = {report.flops_per_device / per_device:.2f})"
+    )
+    lines.append(
+        f"FLOPs per device: compiled {report.flops_per_device:.3e}, model "
+        f"{per_device:.3e}{ratio}"
+    )
   if report.opaque_kernels:
-    lines.append(f"  the compiled count leaves out {report.opaque_kernels} kernel calls (Pallas "
-                 "splash attention or cuDNN): no ratio is shown")
+    lines.append(
+        f"  the compiled count leaves out {report.opaque_kernels} kernel calls (Pallas "
+        "splash attention or cuDNN): no ratio is shown"
+    )
   if report.loops:
-    lines.append(f"  the compiled count covers one trip of each of {report.loops} loops (scanned "
-                 "layers, accumulation, sampling steps): no ratio is shown")
+    lines.append(
+        f"  the compiled count covers one trip of each of {report.loops} loops (scanned "
+        "layers, accumulation, sampling steps): no ratio is shown"
+    )
   lines.append("collectives       instructions  executions per call  MiB per call per device")
   for kind, (instructions, executions, size) in report.collectives.by_kind().items():
     lines.append(f"  {kind:18s} {instructions:9d} {executions:20d} {size / (1 << 20):24.1f}")
   if report.collectives.unknown_trip_counts:
-    lines.append(f"  ({report.collectives.unknown_trip_counts} loops of unknown trip count "
-                 "counted once)")
+    lines.append(
+        f"  ({report.collectives.unknown_trip_counts} loops of unknown trip count " "counted once)"
+    )
   hbm = _HBM_GIB.value * GIB if _HBM_GIB.value else report.hbm_bytes
   if hbm:
     verdict = "fits" if report.peak_bytes <= hbm else "DOES NOT FIT"
-    lines.append(f"{verdict} in {hbm / GIB:g} GiB per device "
-                 f"({100 * report.peak_bytes / hbm:.0f}% used)")
+    lines.append(
+        f"{verdict} in {hbm / GIB:g} GiB per device " f"({100 * report.peak_bytes / hbm:.0f}% used)"
+    )
   return "\n".join(lines)
 
 
@@ -90,12 +116,16 @@ def _compile(argv: list[str]) -> None:
   if _TOPOLOGY.value and _NUM_DEVICES.value:
     raise ConfigError("--topology and --num_devices are not allowed together: give one target")
   if _NUM_ITEMS.value < 0 or _PROMPT_LENGTH.value < 1:
-    raise ConfigError(f"--num_items={_NUM_ITEMS.value} --prompt_length={_PROMPT_LENGTH.value} is "
-                      "not allowed: expected num_items >= 0 and prompt_length >= 1")
+    raise ConfigError(
+        f"--num_items={_NUM_ITEMS.value} --prompt_length={_PROMPT_LENGTH.value} is "
+        "not allowed: expected num_items >= 0 and prompt_length >= 1"
+    )
   if _NUM_DEVICES.value:
     # Must happen before JAX starts its CPU backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_NUM_DEVICES.value}")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={_NUM_DEVICES.value}"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -111,10 +141,10 @@ def _compile(argv: list[str]) -> None:
     raise ConfigError(f"--what={_WHAT.value} is not allowed: expected one of {', '.join(PROGRAMS)}")
   if _NUM_SLICES.value != 1 and not _TOPOLOGY.value:
     raise ConfigError(f"--num_slices={_NUM_SLICES.value} is not allowed without --topology")
-  devices = (tpu_devices(_TOPOLOGY.value, _NUM_SLICES.value) if _TOPOLOGY.value
-             else jax.devices())
-  report = compile_program(_CONFIG.value, devices, _WHAT.value, _NUM_ITEMS.value,
-                           _PROMPT_LENGTH.value)
+  devices = tpu_devices(_TOPOLOGY.value, _NUM_SLICES.value) if _TOPOLOGY.value else jax.devices()
+  report = compile_program(
+      _CONFIG.value, devices, _WHAT.value, _NUM_ITEMS.value, _PROMPT_LENGTH.value
+  )
   print(format_report(report), flush=True)
 
 

@@ -30,8 +30,20 @@ MASKING = ("pipeline", "device")
 NONFINITE_POLICIES = ("skip", "rollback")
 
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
-LOGICAL_AXES = ("batch", "activation_batch", "activation_length", "activation_embed", "embed",
-                "vocab", "heads", "kv_heads", "kv", "mlp", "layers", "norm")
+LOGICAL_AXES = (
+    "batch",
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "embed",
+    "vocab",
+    "heads",
+    "kv_heads",
+    "kv",
+    "mlp",
+    "layers",
+    "norm",
+)
 DEFAULT_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("activation_batch", ("data", "fsdp")),
@@ -53,116 +65,136 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=260,            # rows of the embedding / columns of the head (>= mask_id + 1)
-      d_model=128,
-      n_layers=4,
-      n_heads=4,
-      n_kv_heads=4,              # < n_heads gives grouped-query attention
-      mlp_hidden_size=384,       # SwiGLU hidden width
-      max_sequence_length=128,
-      rope_theta=10000.0,
-      rms_norm_eps=1e-5,
-      causal=False,              # True gives the autoregressive (ARM) baseline from the same code
-      dtype="float32",           # compute dtype
-      param_dtype="float32",
-      init_std=0.088,            # ~1/sqrt(d_model); LLaDA-8B uses 0.02 (~1/sqrt(4096))
-      scan_layers=True,          # one compiled block scanned over layers (fast compiles at depth)
-      remat="none",
-      attention="xla",
-  ))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          vocab_size=260,  # rows of the embedding / columns of the head (>= mask_id + 1)
+          d_model=128,
+          n_layers=4,
+          n_heads=4,
+          n_kv_heads=4,  # < n_heads gives grouped-query attention
+          mlp_hidden_size=384,  # SwiGLU hidden width
+          max_sequence_length=128,
+          rope_theta=10000.0,
+          rms_norm_eps=1e-5,
+          causal=False,  # True gives the autoregressive (ARM) baseline from the same code
+          dtype="float32",  # compute dtype
+          param_dtype="float32",
+          init_std=0.088,  # ~1/sqrt(d_model); LLaDA-8B uses 0.02 (~1/sqrt(4096))
+          scan_layers=True,  # one compiled block scanned over layers (fast compiles at depth)
+          remat="none",
+          attention="xla",
+      )
+  )
 
-  c.tokens = ml_collections.ConfigDict(dict(
-      mask_id=259,               # reserved id above the real tokens of the vocabulary
-      pad_id=0,
-      eos_id=1,
-      bos_id=-1,                 # -1: the vocabulary has no such token
-      eot_id=-1,                 # end of turn (chat models)
-  ))
+  c.tokens = ml_collections.ConfigDict(
+      dict(
+          mask_id=259,  # reserved id above the real tokens of the vocabulary
+          pad_id=0,
+          eos_id=1,
+          bos_id=-1,  # -1: the vocabulary has no such token
+          eot_id=-1,  # end of turn (chat models)
+      )
+  )
 
-  c.diffusion = ml_collections.ConfigDict(dict(
-      objective="mdm",           # "mdm": LLaDA masked diffusion; "arm": next-token baseline
-      eps=1e-3,                  # p_mask = (1 - eps) * t + eps
-      time_sampling="uniform",   # "stratified": t_i = (u + i/B) mod 1, lower variance
-      random_length_prob=0.01,   # fraction of batches cut to a random length in [1, L]
-  ))
+  c.diffusion = ml_collections.ConfigDict(
+      dict(
+          objective="mdm",  # "mdm": LLaDA masked diffusion; "arm": next-token baseline
+          eps=1e-3,  # p_mask = (1 - eps) * t + eps
+          time_sampling="uniform",  # "stratified": t_i = (u + i/B) mod 1, lower variance
+          random_length_prob=0.01,  # fraction of batches cut to a random length in [1, L]
+      )
+  )
 
-  c.data = ml_collections.ConfigDict(dict(
-      task="tinyshakespeare",    # a task or mixture of llada_jax.data.registry
-      task_module="",            # python module imported first: it may register the user's tasks
-      vocabulary="byte",         # "byte", "spm8k" (shipped SentencePiece) or "llada_hf"
-      tokenizer="",              # tokenizer.json for vocabulary "llada_hf"
-      sequence_length=128,
-      batch_size=16,             # global batch, split over the data-parallel mesh axes
-      packing="chunk",           # "chunk": cut the token stream (LLaDA); "pack": whole documents
-      masking="pipeline",        # forward process in the input pipeline, or "device" (in the step)
-      num_shards=-1,             # data shards (fix it for resumes on another host count); -1: one
-                                 # per process that holds its own rows of the batch
-      shuffle_buffer=10_000,
-      prefetch=2,                # global batches prepared ahead of the step
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          task="tinyshakespeare",  # a task or mixture of llada_jax.data.registry
+          task_module="",  # python module imported first: it may register the user's tasks
+          vocabulary="byte",  # "byte", "spm8k" (shipped SentencePiece) or "llada_hf"
+          tokenizer="",  # tokenizer.json for vocabulary "llada_hf"
+          sequence_length=128,
+          batch_size=16,  # global batch, split over the data-parallel mesh axes
+          packing="chunk",  # "chunk": cut the token stream (LLaDA); "pack": whole documents
+          masking="pipeline",  # forward process in the input pipeline, or "device" (in the step)
+          num_shards=-1,  # data shards (fix it for resumes on another host count); -1: one
+          # per process that holds its own rows of the batch
+          shuffle_buffer=10_000,
+          prefetch=2,  # global batches prepared ahead of the step
+      )
+  )
 
-  c.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=3e-3,
-      warmup_steps=50,           # linear warm-up 0 -> peak_lr
-      lr_drop_step=0,            # > 0: the stable phase steps down to lr_after_drop at this step
-      lr_after_drop=0.0,
-      decay_fraction=0.2,        # last fraction of train.num_steps decays linearly to final_lr
-      final_lr=1e-4,
-      weight_decay=0.1,
-      b1=0.9,
-      b2=0.95,
-      adam_eps=1e-8,
-      grad_clip_norm=1.0,        # 0 disables clipping
-  ))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          peak_lr=3e-3,
+          warmup_steps=50,  # linear warm-up 0 -> peak_lr
+          lr_drop_step=0,  # > 0: the stable phase steps down to lr_after_drop at this step
+          lr_after_drop=0.0,
+          decay_fraction=0.2,  # last fraction of train.num_steps decays linearly to final_lr
+          final_lr=1e-4,
+          weight_decay=0.1,
+          b1=0.9,
+          b2=0.95,
+          adam_eps=1e-8,
+          grad_clip_norm=1.0,  # 0 disables clipping
+      )
+  )
 
-  c.train = ml_collections.ConfigDict(dict(
-      num_steps=1500,
-      log_every=50,
-      eval_every=250,
-      eval_batches=8,
-      nonfinite="rollback",      # NaN/inf loss or gradient: the update is always skipped; then
-                                 # "skip" goes on, "rollback" restores the last checkpoint and
-      rollback_lr_factor=0.25,   # multiplies the learning rate by this factor,
-      max_rollbacks=3,           # at most this many times before stopping with an error
-      inject_nan_at_step=-1,     # tests only: make the loss NaN at this step (while lr is uncut)
-      grad_accum_steps=1,        # > 1: the batch's gradient as the mean over this many micro-batches
-      loss_chunk=0,              # > 0: the output layer and loss run this many positions at a time
-                                 # (no full [B, L, vocab] logits; LLaDA objectives only)
-      profile_steps="",          # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
-  ))
+  c.train = ml_collections.ConfigDict(
+      dict(
+          num_steps=1500,
+          log_every=50,
+          eval_every=250,
+          eval_batches=8,
+          nonfinite="rollback",  # NaN/inf loss or gradient: the update is always skipped; then
+          # "skip" goes on, "rollback" restores the last checkpoint and
+          rollback_lr_factor=0.25,  # multiplies the learning rate by this factor,
+          max_rollbacks=3,  # at most this many times before stopping with an error
+          inject_nan_at_step=-1,  # tests only: make the loss NaN at this step (while lr is uncut)
+          grad_accum_steps=1,  # > 1: the batch's gradient as the mean over this many micro-batches
+          loss_chunk=0,  # > 0: the output layer and loss run this many positions at a time
+          # (no full [B, L, vocab] logits; LLaDA objectives only)
+          profile_steps="",  # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
+      )
+  )
 
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1,                   # -1 takes the devices the other axes leave
-      fsdp=1,
-      tensor=1,
-      dcn_data=1,                # multi-slice: how many slices each axis spans (divides its size;
-      dcn_fsdp=1,                # only these factors cross the data-centre network)
-      dcn_tensor=1,
-      axis_rules=DEFAULT_AXIS_RULES,
-  ))
+  c.mesh = ml_collections.ConfigDict(
+      dict(
+          data=-1,  # -1 takes the devices the other axes leave
+          fsdp=1,
+          tensor=1,
+          dcn_data=1,  # multi-slice: how many slices each axis spans (divides its size;
+          dcn_fsdp=1,  # only these factors cross the data-centre network)
+          dcn_tensor=1,
+          axis_rules=DEFAULT_AXIS_RULES,
+      )
+  )
 
-  c.checkpoint = ml_collections.ConfigDict(dict(
-      save_every=250,
-      keep=3,                    # the newest checkpoints kept ...
-      keep_every=0,              # ... plus every checkpoint at a multiple of this step (0: none)
-      async_save=True,
-  ))
+  c.checkpoint = ml_collections.ConfigDict(
+      dict(
+          save_every=250,
+          keep=3,  # the newest checkpoints kept ...
+          keep_every=0,  # ... plus every checkpoint at a multiple of this step (0: none)
+          async_save=True,
+      )
+  )
 
-  c.evaluation = ml_collections.ConfigDict(dict(
-      tasks="",                  # llada-evaluate tasks run every train.eval_every, e.g. "piqa"
-      limit=200,                 # items per task
-      mc_num=32,                 # Monte-Carlo samples per choice
-      mc_batch_size=16,          # samples per forward pass (divides mc_num)
-  ))
+  c.evaluation = ml_collections.ConfigDict(
+      dict(
+          tasks="",  # llada-evaluate tasks run every train.eval_every, e.g. "piqa"
+          limit=200,  # items per task
+          mc_num=32,  # Monte-Carlo samples per choice
+          mc_batch_size=16,  # samples per forward pass (divides mc_num)
+      )
+  )
 
-  c.sampling = ml_collections.ConfigDict(dict(
-      steps=112,
-      gen_length=112,
-      block_length=16,
-      temperature=0.0,
-      remasking="low_confidence",
-  ))
+  c.sampling = ml_collections.ConfigDict(
+      dict(
+          steps=112,
+          gen_length=112,
+          block_length=16,
+          temperature=0.0,
+          remasking="low_confidence",
+      )
+  )
   return c
 
 
@@ -171,8 +203,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys_and_types(config, default_config(), prefix="")
   m, d, data, tok = config.model, config.diffusion, config.data, config.tokens
 
-  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
-               "max_sequence_length"):
+  for name in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "mlp_hidden_size",
+      "max_sequence_length",
+  ):
     _positive(f"model.{name}", m[name])
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model, f"a multiple of model.n_heads={m.n_heads}")
@@ -200,9 +239,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _non_negative("data.prefetch", data.prefetch)
   real_tokens = VOCABULARY_SIZES[data.vocabulary] or 0
   if not real_tokens <= tok.mask_id < m.vocab_size:
-    _fail("tokens.mask_id", tok.mask_id,
-          f"an id outside the {data.vocabulary!r} vocabulary's real tokens and inside the model: "
-          f"{real_tokens} <= mask_id < model.vocab_size={m.vocab_size}")
+    _fail(
+        "tokens.mask_id",
+        tok.mask_id,
+        f"an id outside the {data.vocabulary!r} vocabulary's real tokens and inside the model: "
+        f"{real_tokens} <= mask_id < model.vocab_size={m.vocab_size}",
+    )
   for name in ("pad_id", "eos_id"):
     if not 0 <= tok[name] < m.vocab_size:
       _fail(f"tokens.{name}", tok[name], f"an id in [0, model.vocab_size={m.vocab_size})")
@@ -214,8 +256,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f"tokens.{name}", tok[name], f"an id different from tokens.mask_id={tok.mask_id}")
   _choice("diffusion.objective", d.objective, OBJECTIVES)
   if (d.objective == "arm") != m.causal:
-    _fail("model.causal", m.causal, f"{d.objective == 'arm'} with diffusion.objective="
-          f"{d.objective!r} (the ARM baseline is the causal model, LLaDA the bidirectional one)")
+    _fail(
+        "model.causal",
+        m.causal,
+        f"{d.objective == 'arm'} with diffusion.objective="
+        f"{d.objective!r} (the ARM baseline is the causal model, LLaDA the bidirectional one)",
+    )
   _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
   if not 0.0 < d.eps < 1.0:
     _fail("diffusion.eps", d.eps, "0 < eps < 1")
@@ -224,15 +270,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _positive("data.sequence_length", data.sequence_length)
   if data.sequence_length > m.max_sequence_length:
-    _fail("data.sequence_length", data.sequence_length,
-          f"at most model.max_sequence_length={m.max_sequence_length}")
+    _fail(
+        "data.sequence_length",
+        data.sequence_length,
+        f"at most model.max_sequence_length={m.max_sequence_length}",
+    )
   _positive("data.batch_size", data.batch_size)
   _positive("data.shuffle_buffer", data.shuffle_buffer)
 
   o = config.optimizer
   _positive("optimizer.peak_lr", o.peak_lr)
-  for name in ("warmup_steps", "lr_drop_step", "lr_after_drop", "final_lr", "weight_decay",
-               "adam_eps", "grad_clip_norm"):
+  for name in (
+      "warmup_steps",
+      "lr_drop_step",
+      "lr_after_drop",
+      "final_lr",
+      "weight_decay",
+      "adam_eps",
+      "grad_clip_norm",
+  ):
     _non_negative(f"optimizer.{name}", o[name])
   if not 0.0 <= o.decay_fraction <= 1.0:
     _fail("optimizer.decay_fraction", o.decay_fraction, "a fraction in [0, 1]")
@@ -250,14 +306,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("train.inject_nan_at_step", config.train.inject_nan_at_step, "-1 (off) or a step")
   _positive("train.grad_accum_steps", config.train.grad_accum_steps)
   if data.batch_size % config.train.grad_accum_steps:
-    _fail("train.grad_accum_steps", config.train.grad_accum_steps,
-          f"a divisor of data.batch_size={data.batch_size}")
+    _fail(
+        "train.grad_accum_steps",
+        config.train.grad_accum_steps,
+        f"a divisor of data.batch_size={data.batch_size}",
+    )
   _non_negative("train.loss_chunk", config.train.loss_chunk)
   if config.train.loss_chunk and d.objective == "arm":
     _fail("train.loss_chunk", config.train.loss_chunk, '0 with diffusion.objective="arm"')
   if config.train.loss_chunk and data.sequence_length % config.train.loss_chunk:
-    _fail("train.loss_chunk", config.train.loss_chunk,
-          f"0 or a divisor of data.sequence_length={data.sequence_length}")
+    _fail(
+        "train.loss_chunk",
+        config.train.loss_chunk,
+        f"0 or a divisor of data.sequence_length={data.sequence_length}",
+    )
   if config.train.profile_steps:
     profile_range(config.train.profile_steps)
   if o.lr_drop_step > 0 and o.lr_after_drop <= 0:
@@ -286,30 +348,48 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   ev = config.evaluation
   if ev.tasks:
     from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
+
     parse_tasks(ev.tasks, flag="evaluation.tasks")
   for name in ("limit", "mc_num", "mc_batch_size"):
     _positive(f"evaluation.{name}", ev[name])
   if ev.mc_num % min(ev.mc_batch_size, ev.mc_num):
-    _fail("evaluation.mc_num", ev.mc_num, f"a multiple of evaluation.mc_batch_size="
-          f"{ev.mc_batch_size} (or fewer samples than it)")
+    _fail(
+        "evaluation.mc_num",
+        ev.mc_num,
+        f"a multiple of evaluation.mc_batch_size=" f"{ev.mc_batch_size} (or fewer samples than it)",
+    )
 
-  validate_sampling(config.sampling.steps, config.sampling.gen_length,
-                    config.sampling.block_length, config.sampling.temperature,
-                    config.sampling.remasking, prefix="sampling.")
+  validate_sampling(
+      config.sampling.steps,
+      config.sampling.gen_length,
+      config.sampling.block_length,
+      config.sampling.temperature,
+      config.sampling.remasking,
+      prefix="sampling.",
+  )
   return config
 
 
 def profile_range(text: str) -> tuple[int, int]:
   """(a, b) of train.profile_steps "a:b": the trace covers the steps after a up to b."""
   parts = text.split(":")
-  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(
-      parts[1]):
+  if (
+      len(parts) != 2
+      or not all(p.strip().isdigit() for p in parts)
+      or int(parts[0]) >= int(parts[1])
+  ):
     _fail("train.profile_steps", text, '"a:b" with integers 0 <= a < b, e.g. "10:15"')
   return int(parts[0]), int(parts[1])
 
 
-def validate_sampling(steps: int, gen_length: int, block_length: int, temperature: float,
-                      remasking: str, prefix: str = "") -> None:
+def validate_sampling(
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float,
+    remasking: str,
+    prefix: str = "",
+) -> None:
   """Checks sampler arguments (shared by the config and the sample command line)."""
   _positive(f"{prefix}steps", steps)
   _positive(f"{prefix}gen_length", gen_length)
@@ -320,8 +400,11 @@ def validate_sampling(steps: int, gen_length: int, block_length: int, temperatur
     _fail(f"{prefix}steps", steps, f"at most gen_length={gen_length} (one token per step at least)")
   num_blocks = gen_length // block_length
   if steps % num_blocks:
-    _fail(f"{prefix}steps", steps,
-          f"a multiple of the number of blocks gen_length/block_length={num_blocks}")
+    _fail(
+        f"{prefix}steps",
+        steps,
+        f"a multiple of the number of blocks gen_length/block_length={num_blocks}",
+    )
   _non_negative(f"{prefix}temperature", temperature)
   _choice(f"{prefix}remasking", remasking, REMASKING)
 
@@ -363,8 +446,9 @@ def _as_tuple(value: Any) -> Any:
   return value
 
 
-def _check_keys_and_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
-                          prefix: str) -> None:
+def _check_keys_and_types(
+    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str
+) -> None:
   for key in config.keys():
     if key not in schema:
       allowed = ", ".join(sorted(schema.keys()))

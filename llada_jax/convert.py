@@ -17,11 +17,11 @@ from llada_jax.errors import ConfigError
 from llada_jax.interop.workdir import from_hf, to_hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace LLaDA folder (from-hf).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "llada_jax workdir (written by from-hf, read by "
-                               "to-hf).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "llada_jax workdir (written by from-hf, read by " "to-hf)."
+)
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace folder (to-hf).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "Parameter dtype written.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype written.")
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (to-hf).")
 
 
@@ -33,8 +33,9 @@ def _convert(argv: list[str]) -> None:
     if not _HF_DIR.value or not _WORKDIR.value:
       raise ConfigError("from-hf needs --hf_dir and --workdir")
     count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value)
-    logging.info("imported %s parameters from %s into %s", f"{count:,}", _HF_DIR.value,
-                 _WORKDIR.value)
+    logging.info(
+        "imported %s parameters from %s into %s", f"{count:,}", _HF_DIR.value, _WORKDIR.value
+    )
   else:
     if not _WORKDIR.value or not _OUT.value:
       raise ConfigError("to-hf needs --workdir and --out")

@@ -37,27 +37,36 @@ _MC_BATCH = flags.DEFINE_integer("mc_batch_size", 16, "Samples per forward pass 
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance weight.")
 _ELBO_TASK = flags.DEFINE_string("elbo_task", None, "Data task for elbo (default: checkpoint's).")
 _ELBO_SAMPLES = flags.DEFINE_integer("elbo_samples", 1, "Noise draws per elbo sequence.")
-_GSM8K_FORMAT = flags.DEFINE_enum("gsm8k_format", "auto", ["auto", "fewshot", "chat"],
-                                  "GSM8K prompt: auto is chat for chat tokenizers, else fewshot.")
+_GSM8K_FORMAT = flags.DEFINE_enum(
+    "gsm8k_format",
+    "auto",
+    ["auto", "fewshot", "chat"],
+    "GSM8K prompt: auto is chat for chat tokenizers, else fewshot.",
+)
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 4, "Worked examples in a few-shot prompt.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bar with ETA on process 0.")
-_SAMPLER = config_flags.DEFINE_config_dict("sampler", ml_collections.ConfigDict(dict(
-    gen_length=0,          # 0: the checkpoint's config.sampling value
-    steps=0,
-    block_length=0,
-    temperature=0.0,       # greedy, as LLaDA's GSM8K evaluation
-    remasking="low_confidence",
-    logits_eos_inf=False,
-    confidence_eos_eot_inf=False,
-    parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate, faster)
-    cache="none",          # prefix or dual key/value cache (approximate, faster)
-    cache_refresh=0,       # > 0: also refresh the cache every N steps inside a block
-    batch_size=8,          # prompts per generation call
-)), "Reverse-process options for generation tasks.")
+_SAMPLER = config_flags.DEFINE_config_dict(
+    "sampler",
+    ml_collections.ConfigDict(
+        dict(
+            gen_length=0,  # 0: the checkpoint's config.sampling value
+            steps=0,
+            block_length=0,
+            temperature=0.0,  # greedy, as LLaDA's GSM8K evaluation
+            remasking="low_confidence",
+            logits_eos_inf=False,
+            confidence_eos_eot_inf=False,
+            parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate, faster)
+            cache="none",  # prefix or dual key/value cache (approximate, faster)
+            cache_refresh=0,  # > 0: also refresh the cache every N steps inside a block
+            batch_size=8,  # prompts per generation call
+        )
+    ),
+    "Reverse-process options for generation tasks.",
+)
 
 
-def sampler_options(config: ml_collections.ConfigDict,
-                    sampler: ml_collections.ConfigDict) -> dict:
+def sampler_options(config: ml_collections.ConfigDict, sampler: ml_collections.ConfigDict) -> dict:
   """The sampler flags with 0 lengths taken from the checkpoint's config.sampling."""
   options = {k: v for k, v in sampler.items() if k != "batch_size"}
   for name in ("gen_length", "steps", "block_length"):
@@ -69,6 +78,7 @@ def sampler_options(config: ml_collections.ConfigDict,
 def _progress_factory():
   """tqdm bars on process 0 (none elsewhere or with --noprogress)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if not _PROGRESS.value or jax.process_index() != 0:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -76,6 +86,7 @@ def _progress_factory():
   def make(task: str, total: int):
     bar = tqdm(total=total or None, desc=task, unit="item", dynamic_ncols=True)
     return bar.update
+
   return make
 
 
@@ -96,11 +107,19 @@ def _evaluate(argv: list[str]) -> None:
   if not tasks and not _TASK_FILE.value:
     raise ConfigError("--tasks is empty and no --task_file is given: nothing to evaluate")
   options = EvalOptions(
-      tasks=tuple(tasks), task_files=tuple(_TASK_FILE.value), limit=_LIMIT.value,
-      seed=_SEED.value, mc_num=_MC_NUM.value, mc_batch_size=_MC_BATCH.value,
-      cfg_scale=_CFG_SCALE.value, elbo_task=_ELBO_TASK.value, elbo_samples=_ELBO_SAMPLES.value,
-      gsm8k_format=_GSM8K_FORMAT.value, num_fewshot=_NUM_FEWSHOT.value,
-      generation_batch_size=_SAMPLER.value.batch_size)
+      tasks=tuple(tasks),
+      task_files=tuple(_TASK_FILE.value),
+      limit=_LIMIT.value,
+      seed=_SEED.value,
+      mc_num=_MC_NUM.value,
+      mc_batch_size=_MC_BATCH.value,
+      cfg_scale=_CFG_SCALE.value,
+      elbo_task=_ELBO_TASK.value,
+      elbo_samples=_ELBO_SAMPLES.value,
+      gsm8k_format=_GSM8K_FORMAT.value,
+      num_fewshot=_NUM_FEWSHOT.value,
+      generation_batch_size=_SAMPLER.value.batch_size,
+  )
   check_options(options)  # before the model loads
   initialize()
   model = load_eval_model(_CHECKPOINT.value, _TOKENIZER.value)
@@ -110,13 +129,15 @@ def _evaluate(argv: list[str]) -> None:
   if jax.process_index() != 0:
     return
   for task, metrics in document["results"].items():
-    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in metrics.items())
+    shown = ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
     print(f"{task}: {shown}", flush=True)
   if _OUTPUT.value:
     storage.path(_OUTPUT.value).write_text(json.dumps(document, indent=1), encoding="utf-8")
   if model.step is not None:
     from llada_jax.training import metrics  # pylint: disable=g-import-not-at-top
+
     writer = metrics.MetricWriter(model.path, metrics.Accounting.from_config(model.config))
     writer.write(model.step, scalars(document), prefix="eval/")
     writer.close()

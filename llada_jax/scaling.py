@@ -24,19 +24,39 @@ from llada_jax.errors import ConfigError
 _RUNS = flags.DEFINE_string("runs", None, "Directory of training workdirs (searched recursively).")
 _OUT = flags.DEFINE_string("out", None, "The plot (PNG).")
 _FITS = flags.DEFINE_string("fits", None, "The fits as JSON (default: --out with .json).")
-_X = flags.DEFINE_enum("x", "flops", ["flops", "flops_6nd", "tokens"],
-                       "Compute axis: exact FLOPs, 6 N D FLOPs, or tokens.")
-_POINTS = flags.DEFINE_enum("points", "frontier", ["frontier", "final"],
-                            "Fit the compute frontier of all evaluations or each run's final one.")
-_METRIC = flags.DEFINE_string("metric", None, "Evaluation metric (default: bits_per_byte when "
-                              "every run has it, else loss_bound).")
+_X = flags.DEFINE_enum(
+    "x",
+    "flops",
+    ["flops", "flops_6nd", "tokens"],
+    "Compute axis: exact FLOPs, 6 N D FLOPs, or tokens.",
+)
+_POINTS = flags.DEFINE_enum(
+    "points",
+    "frontier",
+    ["frontier", "final"],
+    "Fit the compute frontier of all evaluations or each run's final one.",
+)
+_METRIC = flags.DEFINE_string(
+    "metric",
+    None,
+    "Evaluation metric (default: bits_per_byte when " "every run has it, else loss_bound).",
+)
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap refits over runs (0: none).")
-_MIN_COMPUTE = flags.DEFINE_float("min_compute", 0.0, "Fit only points at this compute or more "
-                                  "(in the units of --x), e.g. past an early plateau.")
-_IRREDUCIBLE = flags.DEFINE_bool("irreducible", True, "Fit the irreducible loss c; --noirreducible "
-                                  "fits a pure power law (c = 0).")
-_REFERENCE = flags.DEFINE_float("reference_flops", None, "Compute at which the MDM/ARM multiplier "
-                                "is quoted (default: the largest of the data).")
+_MIN_COMPUTE = flags.DEFINE_float(
+    "min_compute",
+    0.0,
+    "Fit only points at this compute or more " "(in the units of --x), e.g. past an early plateau.",
+)
+_IRREDUCIBLE = flags.DEFINE_bool(
+    "irreducible",
+    True,
+    "Fit the irreducible loss c; --noirreducible " "fits a pure power law (c = 0).",
+)
+_REFERENCE = flags.DEFINE_float(
+    "reference_flops",
+    None,
+    "Compute at which the MDM/ARM multiplier " "is quoted (default: the largest of the data).",
+)
 
 
 def _scaling(argv: list[str]) -> None:
@@ -45,25 +65,38 @@ def _scaling(argv: list[str]) -> None:
 
   if not _RUNS.value or not _OUT.value:
     raise ConfigError("--runs and --out are required, e.g. --runs=runs/scaling --out=scaling.png")
-  document, runs, fits = analyse(_RUNS.value, _X.value, _POINTS.value, _METRIC.value,
-                                 _BOOTSTRAP.value, _REFERENCE.value, _MIN_COMPUTE.value,
-                                 _IRREDUCIBLE.value)
-  print(f"{len(runs)} runs; metric {document['metric']} against {document['x']}; "
-        f"{document['points']} points"
-        + (f" at {_MIN_COMPUTE.value:.3g} or more" if _MIN_COMPUTE.value else ""))
+  document, runs, fits = analyse(
+      _RUNS.value,
+      _X.value,
+      _POINTS.value,
+      _METRIC.value,
+      _BOOTSTRAP.value,
+      _REFERENCE.value,
+      _MIN_COMPUTE.value,
+      _IRREDUCIBLE.value,
+  )
+  print(
+      f"{len(runs)} runs; metric {document['metric']} against {document['x']}; "
+      f"{document['points']} points"
+      + (f" at {_MIN_COMPUTE.value:.3g} or more" if _MIN_COMPUTE.value else "")
+  )
   print("objective | runs | points | a | b [16%, 84%] | c [16%, 84%] | rms log residual")
   for objective, fit in fits.items():
     summary = document["fits"][objective]
     b_low, b_high = summary["b_interval"]
     c_low, c_high = summary["c_interval"]
-    print(f"{objective} | {summary['runs']} | {fit.n_points} | {fit.a:.4g} | {fit.b:.3f} "
-          f"[{b_low:.3f}, {b_high:.3f}] | {fit.c:.3f} [{c_low:.3f}, {c_high:.3f}] | {fit.rms:.4f}")
+    print(
+        f"{objective} | {summary['runs']} | {fit.n_points} | {fit.a:.4g} | {fit.b:.3f} "
+        f"[{b_low:.3f}, {b_high:.3f}] | {fit.c:.3f} [{c_low:.3f}, {c_high:.3f}] | {fit.rms:.4f}"
+    )
   for warning in document.get("warnings", []):
     print(f"warning: {warning}")
   if "multiplier" in document:
     m = document["multiplier"]
-    print(f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "
-          f"[{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] (MDM bound vs ARM NLL)")
+    print(
+        f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "
+        f"[{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] (MDM bound vs ARM NLL)"
+    )
   plot_scaling(runs, fits, document["metric"], document["x"], _OUT.value, _MIN_COMPUTE.value)
   fits_path = pathlib.Path(_FITS.value or pathlib.Path(_OUT.value).with_suffix(".json"))
   fits_path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -14,12 +14,16 @@ from ml_collections import config_flags
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path of a config file (configs/*.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0 in a multi-process job (default: "
-                                   "$JAX_COORDINATOR_ADDRESS, or the TPU/SLURM/GKE cluster's).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    "",
+    "host:port of process 0 in a multi-process job (default: "
+    "$JAX_COORDINATOR_ADDRESS, or the TPU/SLURM/GKE cluster's).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (0: from env).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (-1: from env).")
 

@@ -2,8 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on CPUs; libtpu (installed for the TPU-compiler tests, which ask for compile-only
 # TPU devices themselves) would otherwise probe for TPU chips in every process. JAX_PLATFORMS=cuda
@@ -22,8 +23,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   """A model small enough to compile and run in a second or two on one CPU core."""
   c = default_config()
-  c.model.update(dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
-                      max_sequence_length=64))
+  c.model.update(
+      dict(
+          d_model=64,
+          n_layers=2,
+          n_heads=4,
+          n_kv_heads=2,
+          mlp_hidden_size=128,
+          max_sequence_length=64,
+      )
+  )
   c.model.update(model_overrides)
   c.diffusion.objective = "arm" if c.model.causal else "mdm"
   c.data.update(dict(sequence_length=32, batch_size=8, shuffle_buffer=64))
@@ -44,8 +53,9 @@ def write_workdir(path, config: ml_collections.ConfigDict):
   from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
 
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
-  state, _ = create_train_state(config, model, tx,
-                                make_mesh(config, jax.devices()[:1], check_batch=False))
+  state, _ = create_train_state(
+      config, model, tx, make_mesh(config, jax.devices()[:1], check_batch=False)
+  )
   saver = checkpoint.Checkpointer(path, config)
   saver.save(0, state, force=True)
   saver.wait()

@@ -50,14 +50,35 @@ class GCSServer:
   def env(self) -> dict[str, str]:
     """What a process needs to use this server for gs:// paths."""
     # gcsfs's experimental bucket-type probe needs real credentials and warns on every call.
-    return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "EPATH_USE_TF": "false", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {
+        "STORAGE_EMULATOR_HOST": self.url,
+        "TENSORSTORE_GCS_HTTP_URL": self.url,
+        "EPATH_USE_TF": "false",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
 
   def start(self) -> None:
     self._process = subprocess.Popen(
-        [str(_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-         "-backend", "filesystem", "-filesystem-root", str(self.data), "-external-url", self.url,
-         "-log-level", "error"], stdout=self._log, stderr=self._log)
+        [
+            str(_binary()),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(self.port),
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            str(self.data),
+            "-external-url",
+            self.url,
+            "-log-level",
+            "error",
+        ],
+        stdout=self._log,
+        stderr=self._log,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
       try:
@@ -76,8 +97,11 @@ class GCSServer:
   def bucket(self, name: str) -> str:
     """Creates bucket `name` (if new); returns gs://name."""
     request = urllib.request.Request(
-        f"{self.url}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+        f"{self.url}/storage/v1/b?project=test",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
       urllib.request.urlopen(request, timeout=10)
     except urllib.error.HTTPError as e:

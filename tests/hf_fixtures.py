@@ -19,13 +19,23 @@ def hf_tensors(config, dtype=np.float32, seed=0) -> dict[str, np.ndarray]:
   shapes = {P + "wte.weight": (v, d), P + "ln_f.weight": (d,), P + "ff_out.weight": (v, d)}
   for i in range(m.n_layers):
     b = f"{P}blocks.{i}."
-    shapes.update({b + "attn_norm.weight": (d,), b + "ff_norm.weight": (d,),
-                   b + "q_proj.weight": (h * hd, d), b + "k_proj.weight": (k * hd, d),
-                   b + "v_proj.weight": (k * hd, d), b + "attn_out.weight": (d, h * hd),
-                   b + "ff_proj.weight": (f, d), b + "up_proj.weight": (f, d),
-                   b + "ff_out.weight": (d, f)})
-  return {name: (1.0 + 0.1 * rng.randn(*s) if len(s) == 1 else 0.2 * rng.randn(*s)).astype(dtype)
-          for name, s in shapes.items()}
+    shapes.update(
+        {
+            b + "attn_norm.weight": (d,),
+            b + "ff_norm.weight": (d,),
+            b + "q_proj.weight": (h * hd, d),
+            b + "k_proj.weight": (k * hd, d),
+            b + "v_proj.weight": (k * hd, d),
+            b + "attn_out.weight": (d, h * hd),
+            b + "ff_proj.weight": (f, d),
+            b + "up_proj.weight": (f, d),
+            b + "ff_out.weight": (d, f),
+        }
+    )
+  return {
+      name: (1.0 + 0.1 * rng.randn(*s) if len(s) == 1 else 0.2 * rng.randn(*s)).astype(dtype)
+      for name, s in shapes.items()
+  }
 
 
 def write_folder(path, config, tensors, shards=1):

@@ -8,8 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from llada_jax.analysis import (collect_runs, compute_multiplier, default_metric, fit_power_law,
-                                frontier, read_records, select_points)
+from llada_jax.analysis import (
+    collect_runs,
+    compute_multiplier,
+    default_metric,
+    fit_power_law,
+    frontier,
+    read_records,
+    select_points,
+)
 from llada_jax.analysis.fit import PowerLawFit
 
 LAW = dict(mdm=(2.0, 0.3, 1.0), arm=(1.0, 0.3, 1.0))  # (a, b, c) against C / 1e10
@@ -23,17 +30,34 @@ def _law(objective, compute):
 def _write_run(path, objective, params, budget, noise=0.0, seed=0):
   """A run whose eval curve follows the objective's law: 6 evaluations up to `budget` FLOPs."""
   path.mkdir(parents=True)
-  (path / "run.json").write_text(json.dumps({"schema": 1, "objective": objective,
-                                             "parameters": params}))
+  (path / "run.json").write_text(
+      json.dumps({"schema": 1, "objective": objective, "parameters": params})
+  )
   rng = np.random.default_rng(seed)
   lines = []
   for step, compute in enumerate(np.geomspace(budget / 30, budget, 6), 1):
     loss = _law(objective, compute) * np.exp(noise * rng.standard_normal())
-    lines.append({"step": step, "split": "train", "tokens": step * 10.0, "flops": compute,
-                  "flops_6nd": compute, "loss": 9.0})
-    lines.append({"step": step, "split": "eval", "tokens": step * 10.0, "flops": compute,
-                  "flops_6nd": 0.8 * compute, "loss_bound": loss / np.log2(np.e),
-                  "bits_per_byte": loss})
+    lines.append(
+        {
+            "step": step,
+            "split": "train",
+            "tokens": step * 10.0,
+            "flops": compute,
+            "flops_6nd": compute,
+            "loss": 9.0,
+        }
+    )
+    lines.append(
+        {
+            "step": step,
+            "split": "eval",
+            "tokens": step * 10.0,
+            "flops": compute,
+            "flops_6nd": 0.8 * compute,
+            "loss_bound": loss / np.log2(np.e),
+            "bits_per_byte": loss,
+        }
+    )
   (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
@@ -42,7 +66,7 @@ def study(tmp_path_factory):
   root = tmp_path_factory.mktemp("study")
   for objective in ("mdm", "arm"):
     for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
-      _write_run(root / f"s{i}-{objective}", objective, 1000 * 4 ** i, budget)
+      _write_run(root / f"s{i}-{objective}", objective, 1000 * 4**i, budget)
   return root
 
 
@@ -57,9 +81,11 @@ def test_collect_runs_reads_descriptions_and_records(study):
 
 def test_resumed_steps_keep_the_last_record_and_a_cut_last_line_is_skipped(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  path.write_text('{"step": 1, "split": "eval", "loss_bound": 3.0}\n'
-                  '{"step": 2, "split": "eval", "loss_bound": 2.5}\n'
-                  '{"step": 2, "split": "eval", "loss_bound": 2.4}\n{"step": 3, "spl')
+  path.write_text(
+      '{"step": 1, "split": "eval", "loss_bound": 3.0}\n'
+      '{"step": 2, "split": "eval", "loss_bound": 2.5}\n'
+      '{"step": 2, "split": "eval", "loss_bound": 2.4}\n{"step": 3, "spl'
+  )
   records = read_records(path)
   assert [(r["step"], r["loss_bound"]) for r in records] == [(1, 3.0), (2, 2.4)]
   path.write_text('{"step": 1, "split": "eval"}\nnot json\n{"step": 2, "split": "eval"}\n')
@@ -109,13 +135,16 @@ def test_without_irreducible_loss_the_fit_is_a_pure_power_law():
 def test_min_compute_drops_an_early_plateau(tmp_path):
   """A run stuck at 4.5 before 1e11 FLOPs: cut there, the fit is the law again."""
   for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
-    _write_run(tmp_path / f"s{i}-arm", "arm", 1000 * 4 ** i, budget)
+    _write_run(tmp_path / f"s{i}-arm", "arm", 1000 * 4**i, budget)
   plateau = tmp_path / "p-arm"
   plateau.mkdir()
   (plateau / "run.json").write_text(json.dumps({"objective": "arm", "parameters": 10}))
-  (plateau / "metrics.jsonl").write_text("".join(
-      json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 4.5}) + "\n"
-      for s, c in enumerate(np.geomspace(1e8, 9e10, 5), 1)))
+  (plateau / "metrics.jsonl").write_text(
+      "".join(
+          json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 4.5}) + "\n"
+          for s, c in enumerate(np.geomspace(1e8, 9e10, 5), 1)
+      )
+  )
   runs = collect_runs(tmp_path)
   compute, loss, owner = select_points(runs, "bits_per_byte")
   assert compute.min() == pytest.approx(1e8)
@@ -130,9 +159,11 @@ def test_min_compute_drops_an_early_plateau(tmp_path):
 def test_noisy_points_recover_the_exponent_within_the_bootstrap_interval(tmp_path):
   """2% log-normal noise on 24 points over 3.5 decades: b = 0.3 is recovered to about 0.1."""
   for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
-    _write_run(tmp_path / f"s{i}", "arm", 1000 * 4 ** i, budget, noise=0.02, seed=i)
+    _write_run(tmp_path / f"s{i}", "arm", 1000 * 4**i, budget, noise=0.02, seed=i)
   compute, loss, owner = [], [], []
-  for index, run in enumerate(collect_runs(tmp_path)):  # every point, not the frontier: noise must not be selected
+  for index, run in enumerate(
+      collect_runs(tmp_path)
+  ):  # every point, not the frontier: noise must not be selected
     xs, ys = run.curve("bits_per_byte")
     compute.extend(xs)
     loss.extend(ys)
@@ -165,9 +196,19 @@ def test_llada_scaling_writes_plot_and_identical_json(study, tmp_path):
   pytest.importorskip("matplotlib")
   outputs = []
   for name in ("a", "b"):
-    result = subprocess.run([sys.executable, "-m", "llada_jax.scaling", f"--runs={study}",
-                             f"--out={tmp_path / name}.png", "--bootstrap=20"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llada_jax.scaling",
+            f"--runs={study}",
+            f"--out={tmp_path / name}.png",
+            "--bootstrap=20",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     outputs.append((tmp_path / f"{name}.json").read_bytes())
   assert outputs[0] == outputs[1]
@@ -178,23 +219,36 @@ def test_llada_scaling_writes_plot_and_identical_json(study, tmp_path):
   assert "MDM needs" in result.stdout
 
 
-@pytest.mark.parametrize("name, flags", [
-    ("scaling", []), ("scaling_above_1e12", ["--min_compute=1e12", "--noirreducible"])])
+@pytest.mark.parametrize(
+    "name, flags",
+    [("scaling", []), ("scaling_above_1e12", ["--min_compute=1e12", "--noirreducible"])],
+)
 def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
   """docs/scaling_study: the CPU ladder's runs, their plots and fits (docs/scaling_study.md)."""
   image = pytest.importorskip("matplotlib.image")
   study = pathlib.Path(__file__).resolve().parent.parent / "docs" / "scaling_study"
-  result = subprocess.run([sys.executable, "-m", "llada_jax.scaling", f"--runs={study / 'runs'}",
-                           f"--out={tmp_path / name}.png", *flags], capture_output=True,
-                          text=True, check=False)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.scaling",
+          f"--runs={study / 'runs'}",
+          f"--out={tmp_path / name}.png",
+          *flags,
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads((tmp_path / f"{name}.json").read_text())
   want = json.loads((study / f"{name}.json").read_text())
   assert got["runs"] == want["runs"] and len(got["runs"]) == 10
   for objective in ("mdm", "arm"):
     for key in ("a", "b", "c", "b_interval", "c_interval"):
-      np.testing.assert_allclose(got["fits"][objective][key], want["fits"][objective][key],
-                                 rtol=1e-6)
+      np.testing.assert_allclose(
+          got["fits"][objective][key], want["fits"][objective][key], rtol=1e-6
+      )
   np.testing.assert_allclose(got["multiplier"]["k"], want["multiplier"]["k"], rtol=1e-6)
   drawn, committed = image.imread(tmp_path / f"{name}.png"), image.imread(study / f"{name}.png")
   assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01

@@ -22,18 +22,32 @@ def _inputs(dtype=jnp.float32):
   return q, k, v, key_mask, segments
 
 
-CASES = [dict(causal=False), dict(causal=True), dict(causal=False, mask=True),
-         dict(causal=False, segments=True), dict(causal=True, mask=True, segments=True),
-         dict(causal=False, mask="right"), dict(causal=True, mask="right")]
+CASES = [
+    dict(causal=False),
+    dict(causal=True),
+    dict(causal=False, mask=True),
+    dict(causal=False, segments=True),
+    dict(causal=True, mask=True, segments=True),
+    dict(causal=False, mask="right"),
+    dict(causal=True, mask="right"),
+]
 
 
 def _run(implementation, case, dtype=jnp.float32):
   q, k, v, key_mask, segments = _inputs(dtype)
   if case.get("mask") == "right":  # every row padded at its end: key lengths, cuDNN's fast path
     key_mask = jnp.arange(10)[None] < jnp.asarray([[7], [10]])
-  fn = jax.jit(lambda q, k, v: attention(
-      q, k, v, causal=case["causal"], key_mask=key_mask if case.get("mask") else None,
-      segment_ids=segments if case.get("segments") else None, implementation=implementation))
+  fn = jax.jit(
+      lambda q, k, v: attention(
+          q,
+          k,
+          v,
+          causal=case["causal"],
+          key_mask=key_mask if case.get("mask") else None,
+          segment_ids=segments if case.get("segments") else None,
+          implementation=implementation,
+      )
+  )
   return np.asarray(fn(q, k, v), np.float32)
 
 
@@ -45,8 +59,9 @@ def test_jax_nn_equals_xla(case):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 @pytest.mark.parametrize("case", CASES)
 def test_cudnn_equals_xla_within_bf16_tolerance(case):
-  np.testing.assert_allclose(_run("cudnn", case, jnp.bfloat16), _run("xla", case, jnp.bfloat16),
-                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(
+      _run("cudnn", case, jnp.bfloat16), _run("xla", case, jnp.bfloat16), rtol=2e-2, atol=2e-2
+  )
 
 
 def test_auto_picks_cudnn_for_16_bit_gpu_compute_only():
@@ -74,14 +89,24 @@ def _long_inputs():
   return q, k, v, key_mask, segments
 
 
-@pytest.mark.parametrize("implementation,case", [
-    ("splash", CASES[0]), ("splash", CASES[2]), ("splash", CASES[4]),
-    ("jax_nn", CASES[2]), ("jax_nn", CASES[4])])
+@pytest.mark.parametrize(
+    "implementation,case",
+    [
+        ("splash", CASES[0]),
+        ("splash", CASES[2]),
+        ("splash", CASES[4]),
+        ("jax_nn", CASES[2]),
+        ("jax_nn", CASES[4]),
+    ],
+)
 def test_outputs_and_gradients_equal_xla(implementation, case):
   """Outputs and gradients of a loss on the real (unpadded) queries; splash interpreted off TPU."""
   q, k, v, key_mask, segments = _long_inputs()
-  kwargs = dict(causal=case["causal"], key_mask=key_mask if case.get("mask") else None,
-                segment_ids=segments if case.get("segments") else None)
+  kwargs = dict(
+      causal=case["causal"],
+      key_mask=key_mask if case.get("mask") else None,
+      segment_ids=segments if case.get("segments") else None,
+  )
   real = key_mask[:, :, None, None] if case.get("mask") else 1.0
 
   def loss(implementation, q, k, v):
@@ -90,8 +115,9 @@ def test_outputs_and_gradients_equal_xla(implementation, case):
 
   results = {}
   for name in ("xla", implementation):
-    (_, out), grads = jax.value_and_grad(functools.partial(loss, name), (0, 1, 2),
-                                         has_aux=True)(q, k, v)
+    (_, out), grads = jax.value_and_grad(functools.partial(loss, name), (0, 1, 2), has_aux=True)(
+        q, k, v
+    )
     results[name] = (out, *grads)
   for got, want in zip(results[implementation], results["xla"]):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -103,8 +129,9 @@ def test_model_logits_agree_across_implementations():
   outs = []
   for implementation in ("xla", "jax_nn"):  # "auto" is "xla" off GPUs (resolve, tested above)
     config = make_tiny_config(attention=implementation)
-    params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
-        jax.random.PRNGKey(0), tokens))["params"]
+    params = nn.meta.unbox(
+        jax.jit(Transformer(ModelConfig.from_config(config)).init)(jax.random.PRNGKey(0), tokens)
+    )["params"]
     outs.append(np.asarray(logits(config, params, tokens, mask)))
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
@@ -116,8 +143,9 @@ def test_model_with_splash_attention_equals_xla():
   outs = []
   for implementation in ("xla", "splash"):
     config = make_tiny_config(attention=implementation, max_sequence_length=128)
-    params = nn.meta.unbox(jax.jit(Transformer(ModelConfig.from_config(config)).init)(
-        jax.random.PRNGKey(0), tokens))["params"]
+    params = nn.meta.unbox(
+        jax.jit(Transformer(ModelConfig.from_config(config)).init)(jax.random.PRNGKey(0), tokens)
+    )["params"]
     outs.append(np.asarray(logits(config, params, tokens, mask)) * np.asarray(mask)[..., None])
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
@@ -137,7 +165,8 @@ def test_splash_on_an_8_device_mesh_equals_xla_with_gradients():
   q = jax.random.normal(keys[0], (4, 128, 4, 16))
   k, v = (jax.random.normal(key, (4, 128, 2, 16)) for key in keys[1:])
   key_mask = (jnp.arange(128)[None] >= jnp.asarray([[5], [0], [0], [9]])) & (
-      jnp.arange(128)[None] < jnp.asarray([[128], [119], [128], [100]]))
+      jnp.arange(128)[None] < jnp.asarray([[128], [119], [128], [100]])
+  )
   segments = jnp.where(jnp.arange(128)[None] < jnp.asarray([[60], [128], [30], [128]]), 1, 2)
   place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
   q = place(q, (("data", "fsdp"), None, "tensor"))
@@ -146,8 +175,15 @@ def test_splash_on_an_8_device_mesh_equals_xla_with_gradients():
   real = key_mask[:, :, None, None]
 
   def loss(implementation, q, k, v):
-    out = attention(q, k, v, causal=False, key_mask=key_mask, segment_ids=segments,
-                    implementation=implementation)
+    out = attention(
+        q,
+        k,
+        v,
+        causal=False,
+        key_mask=key_mask,
+        segment_ids=segments,
+        implementation=implementation,
+    )
     return jnp.sum(jnp.sin(out) * real), out * real
 
   results = {}

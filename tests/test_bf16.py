@@ -29,7 +29,7 @@ from llada_jax.interop.hf_checkpoint import load_hf
 from llada_jax.model import ModelConfig, Transformer, logits
 from llada_jax.training.step import _loss
 
-U = 2.0 ** -8  # bfloat16's unit roundoff
+U = 2.0**-8  # bfloat16's unit roundoff
 
 
 def _config(dtype, **train):
@@ -50,14 +50,21 @@ def losses(params):
   """(loss, flat gradient) of one noised batch (the noise fixed in the batch) for float32,
   bfloat16 and bfloat16 with the output layer's loss in chunks of 8 positions (train.loss_chunk)."""
   tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 32), 3, 259)
-  batch = noise_batch(jax.random.PRNGKey(2), unpacked_batch(tokens), mask_id=259, eps=1e-3,
-                      random_length_prob=0.0)
+  batch = noise_batch(
+      jax.random.PRNGKey(2), unpacked_batch(tokens), mask_id=259, eps=1e-3, random_length_prob=0.0
+  )
   results = {}
-  for name, config in (("float32", _config("float32")), ("bfloat16", _config("bfloat16")),
-                       ("chunked", _config("bfloat16", loss_chunk=8))):
+  for name, config in (
+      ("float32", _config("float32")),
+      ("bfloat16", _config("bfloat16")),
+      ("chunked", _config("bfloat16", loss_chunk=8)),
+  ):
     model = Transformer(ModelConfig.from_config(config))
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda p, c=config, m=model: _loss(c, m, p, batch, jax.random.PRNGKey(0), 0.0)[0]))(params)
+    loss, grads = jax.jit(
+        jax.value_and_grad(
+            lambda p, c=config, m=model: _loss(c, m, p, batch, jax.random.PRNGKey(0), 0.0)[0]
+        )
+    )(params)
     results[name] = float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
   return results
 
@@ -72,10 +79,16 @@ def test_bf16_runs_every_matmul_in_bfloat16():
   per layer, the head), all but the attention scores (float32 by design) give bfloat16."""
   config = _config("bfloat16")
   model = Transformer(ModelConfig.from_config(config))
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(
-      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"])
-  text = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(
-      abstract, jax.ShapeDtypeStruct((2, 16), jnp.int32)))
+  abstract = jax.eval_shape(
+      lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))[
+          "params"
+      ]
+  )
+  text = str(
+      jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(
+          abstract, jax.ShapeDtypeStruct((2, 16), jnp.int32)
+      )
+  )
   outputs = re.findall(r"(\w+)\[[\d,]*\] = dot_general", text)
   assert sorted(outputs) == ["bf16"] * 9 + ["f32"], outputs
 

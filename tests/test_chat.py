@@ -10,8 +10,13 @@ import pytest
 from conftest import make_tiny_config
 from hf_fixtures import hf_tensors, write_folder
 from llada_jax.data.corpora import split_text
-from llada_jax.data.hf_tokenizer import (SPECIAL_TOKENS, ChatMessage, HFTokenizer,
-                                         chat_prompt_ids, render_chat)
+from llada_jax.data.hf_tokenizer import (
+    SPECIAL_TOKENS,
+    ChatMessage,
+    HFTokenizer,
+    chat_prompt_ids,
+    render_chat,
+)
 from llada_jax.errors import CheckpointError, ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,15 +32,22 @@ def hf_folder(tmp_path_factory) -> pathlib.Path:
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=list(SPECIAL_TOKENS.values()),
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+      vocab_size=400,
+      special_tokens=list(SPECIAL_TOKENS.values()),
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
   tokenizer.train_from_iterator([split_text("tinyshakespeare")["train"][:200_000]], trainer)
   tokenizer.save(str(folder / "tokenizer.json"))
   loaded = HFTokenizer(folder)
   config = make_tiny_config()
   config.model.update(dict(vocab_size=416, max_sequence_length=128))
-  config.tokens.update(dict(mask_id=loaded.special["mask_id"], eos_id=loaded.special["eos_id"],
-                            pad_id=loaded.special["eos_id"]))
+  config.tokens.update(
+      dict(
+          mask_id=loaded.special["mask_id"],
+          eos_id=loaded.special["eos_id"],
+          pad_id=loaded.special["eos_id"],
+      )
+  )
   write_folder(folder, config, hf_tensors(config))
   return folder
 
@@ -51,13 +63,17 @@ def test_special_tokens_and_round_trip(hf_folder):
 
 
 def test_chat_template_is_the_llama3_layout(hf_folder):
-  messages = [ChatMessage("user", " Hi there "), ChatMessage("assistant", "Hello."),
-              ChatMessage("user", "Who are you?")]
+  messages = [
+      ChatMessage("user", " Hi there "),
+      ChatMessage("assistant", "Hello."),
+      ChatMessage("user", "Who are you?"),
+  ]
   assert render_chat(messages) == (
       "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
       "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
       "<|start_header_id|>user<|end_header_id|>\n\nWho are you?<|eot_id|>"
-      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+      "<|start_header_id|>assistant<|end_header_id|>\n\n"
+  )
   tokenizer = HFTokenizer(hf_folder)
   ids = chat_prompt_ids(tokenizer, messages[:1])
   special = tokenizer.special
@@ -75,10 +91,22 @@ def test_config_ids_must_match_the_tokenizer(hf_folder):
 def test_chat_answers_a_scripted_two_turn_conversation(hf_folder):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run(
-      [sys.executable, "-m", "llada_jax.chat", f"--checkpoint={hf_folder}", "--gen_length=16",
-       "--steps=16", "--block_length=8"],
-      input="Hello there\nHow are you?\n", cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.chat",
+          f"--checkpoint={hf_folder}",
+          "--gen_length=16",
+          "--steps=16",
+          "--block_length=8",
+      ],
+      input="Hello there\nHow are you?\n",
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   replies = [line for line in result.stdout.splitlines() if line.startswith("assistant:")]
   assert len(replies) == 2
@@ -108,9 +136,22 @@ def test_seqio_vocabulary_over_tokenizer_json(hf_folder):
 def test_sample_text_prompts_through_the_hf_tokenizer(hf_folder):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run(
-      [sys.executable, "-m", "llada_jax.sample", f"--checkpoint={hf_folder}", "--prompt=ROMEO:",
-       "--gen_length=8", "--steps=8", "--block_length=8"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.sample",
+          f"--checkpoint={hf_folder}",
+          "--prompt=ROMEO:",
+          "--gen_length=8",
+          "--steps=8",
+          "--block_length=8",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "=== prompt: 'ROMEO:'" in result.stdout
 
@@ -154,7 +195,10 @@ def test_hf_export_keeps_the_vocabulary(hf_folder, tmp_path, vocabulary):
 
   from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
   from llada_jax.interop.hf_checkpoint import (  # pylint: disable=g-import-not-at-top
-      load_hf, read_hf_config, save_hf)
+      load_hf,
+      read_hf_config,
+      save_hf,
+  )
 
   if vocabulary == "llada_hf":
     config, params = load_hf(hf_folder)
@@ -165,8 +209,12 @@ def test_hf_export_keeps_the_vocabulary(hf_folder, tmp_path, vocabulary):
       config.model.vocab_size, config.tokens.mask_id = 8001, 8000
     from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    params = nn.meta.unbox(Transformer(ModelConfig.from_config(config)).init(
-        jax.random.PRNGKey(0), jax.numpy.zeros((1, 4), jax.numpy.int32)))["params"]
+
+    params = nn.meta.unbox(
+        Transformer(ModelConfig.from_config(config)).init(
+            jax.random.PRNGKey(0), jax.numpy.zeros((1, 4), jax.numpy.int32)
+        )
+    )["params"]
   save_hf(config, params, tmp_path / "out", dtype="float32")
   back = read_hf_config(tmp_path / "out")
   assert back.data.vocabulary == vocabulary

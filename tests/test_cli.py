@@ -17,8 +17,14 @@ MICRO = str(ROOT / "tests" / "configs" / "micro.py")
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
@@ -31,8 +37,12 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory) -> pathlib.Path:
   workdir = tmp_path_factory.mktemp("run")
-  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}",
-                "--config.train.profile_steps=1:2")
+  result = _run(
+      "llada_jax.train",
+      f"--config={MICRO}",
+      f"--workdir={workdir}",
+      "--config.train.profile_steps=1:2",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval/step 3" in result.stderr and "bits_per_byte" in result.stderr
   assert "tflops_per_device" in result.stderr and "| mfu" not in result.stderr  # no CPU peak
@@ -41,23 +51,35 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
 
 
 def test_train_writes_checkpoints_and_tensorboard(trained_workdir):
-  steps = sorted(int(p.name) for p in (trained_workdir / "checkpoints").iterdir()
-                 if p.name.isdigit())
+  steps = sorted(
+      int(p.name) for p in (trained_workdir / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert steps == [2, 3]
   assert list((trained_workdir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_rerun_resumes_from_latest_checkpoint(trained_workdir):
-  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={trained_workdir}",
-                "--config.train.num_steps=4")
+  result = _run(
+      "llada_jax.train",
+      f"--config={MICRO}",
+      f"--workdir={trained_workdir}",
+      "--config.train.num_steps=4",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from the checkpoint at step 3" in result.stderr
   assert "step 4 |" in result.stderr and "step 1 |" not in result.stderr
 
 
 def test_sample_prints_a_completion(trained_workdir):
-  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--prompt=ROMEO:",
-                "--prompt=JULIET:", "--gen_length=8", "--steps=4", "--block_length=4")
+  result = _run(
+      "llada_jax.sample",
+      f"--workdir={trained_workdir}",
+      "--prompt=ROMEO:",
+      "--prompt=JULIET:",
+      "--gen_length=8",
+      "--steps=4",
+      "--block_length=4",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "=== prompt: 'ROMEO:'" in result.stdout and "=== prompt: 'JULIET:'" in result.stdout
 
@@ -67,14 +89,16 @@ def test_sample_without_checkpoint_is_one_line_error(tmp_path):
 
 
 def test_unknown_config_key_is_one_line_error(tmp_path):
-  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}",
-                "--config.model.n_experts=4")
+  result = _run(
+      "llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}", "--config.model.n_experts=4"
+  )
   _assert_one_line_error(result, "n_experts")
 
 
 def test_bad_value_is_one_line_error_before_compiling(tmp_path):
-  result = _run("llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}",
-                "--config.tokens.mask_id=42")
+  result = _run(
+      "llada_jax.train", f"--config={MICRO}", f"--workdir={tmp_path}", "--config.tokens.mask_id=42"
+  )
   _assert_one_line_error(result, "tokens.mask_id=42")
   assert result.returncode == 2
   assert not (tmp_path / "checkpoints").exists()
@@ -98,23 +122,53 @@ def test_sample_takes_token_ids_every_option_and_writes_json(two_layer_workdir, 
   called in this process with the same non-default options, each of which changes them (a dropped
   --cfg_scale, --remasking, --temperature, --seed, --cache or --cache_refresh fails here)."""
   out = tmp_path / "samples.json"
-  result = _run("llada_jax.sample", f"--workdir={two_layer_workdir}", "--prompt_ids=70,82,79",
-                "--prompt_ids=74", "--gen_length=8", "--steps=8", "--block_length=8",
-                "--remasking=margin", "--temperature=0.5", "--cfg_scale=1.0", "--logits_eos_inf",
-                "--confidence_eos_eot_inf", "--cache=dual", "--cache_refresh=3", "--seed=5",
-                f"--output_json={out}")
+  result = _run(
+      "llada_jax.sample",
+      f"--workdir={two_layer_workdir}",
+      "--prompt_ids=70,82,79",
+      "--prompt_ids=74",
+      "--gen_length=8",
+      "--steps=8",
+      "--block_length=8",
+      "--remasking=margin",
+      "--temperature=0.5",
+      "--cfg_scale=1.0",
+      "--logits_eos_inf",
+      "--confidence_eos_eot_inf",
+      "--cache=dual",
+      "--cache_refresh=3",
+      "--seed=5",
+      f"--output_json={out}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   written = json.loads(out.read_text())
   assert len(written["tokens"]) == 2 and len(written["text"]) == 2
   assert all(len(row) <= 8 for row in written["tokens"])
-  expected = sample(*load_model(two_layer_workdir), ids=[[70, 82, 79], [74]], seed=5,
-                    gen_length=8, steps=8, block_length=8, remasking="margin", temperature=0.5,
-                    cfg_scale=1.0, logits_eos_inf=True, confidence_eos_eot_inf=True,
-                    cache="dual", cache_refresh=3)
+  expected = sample(
+      *load_model(two_layer_workdir),
+      ids=[[70, 82, 79], [74]],
+      seed=5,
+      gen_length=8,
+      steps=8,
+      block_length=8,
+      remasking="margin",
+      temperature=0.5,
+      cfg_scale=1.0,
+      logits_eos_inf=True,
+      confidence_eos_eot_inf=True,
+      cache="dual",
+      cache_refresh=3,
+  )
   assert written == {"tokens": expected["tokens"], "text": expected["text"]}
 
 
 def test_sample_bad_option_is_one_line_error(trained_workdir):
-  result = _run("llada_jax.sample", f"--workdir={trained_workdir}", "--remasking=top_p",
-                "--gen_length=8", "--steps=8", "--block_length=8")
+  result = _run(
+      "llada_jax.sample",
+      f"--workdir={trained_workdir}",
+      "--remasking=top_p",
+      "--gen_length=8",
+      "--steps=8",
+      "--block_length=8",
+  )
   _assert_one_line_error(result, "remasking='top_p'")

@@ -26,8 +26,13 @@ def test_codec_ids_and_text_equal_seqios(vocabulary):
 
 
 def test_plain_chat_transcript_for_vocabularies_without_a_template():
-  ids, stops = chat_prompt(ByteCodec(), [ChatMessage("user", " Hi "),
-                                         ChatMessage("assistant", "Hello."),
-                                         ChatMessage("user", "Who?")])
+  ids, stops = chat_prompt(
+      ByteCodec(),
+      [
+          ChatMessage("user", " Hi "),
+          ChatMessage("assistant", "Hello."),
+          ChatMessage("user", "Who?"),
+      ],
+  )
   assert ByteCodec().decode(ids) == "User: Hi\nAssistant: Hello.\nUser: Who?\nAssistant:"
   assert stops == ("\nUser:",)

@@ -21,7 +21,13 @@ def test_shipped_configs_validate(module):
 def test_8b_architecture_matches_the_official_model():
   m = llada_8b.get_config().model
   assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.mlp_hidden_size, m.vocab_size) == (
-      4096, 32, 32, 32, 12288, 126464)
+      4096,
+      32,
+      32,
+      32,
+      12288,
+      126464,
+  )
   assert m.rope_theta == 500000.0 and llada_8b.get_config().tokens.mask_id == 126336
 
 
@@ -35,48 +41,55 @@ def _bad(path: str, value) -> str:
   return message
 
 
-@pytest.mark.parametrize("path,value,needle", [
-    ("model.d_model", 0, "model.d_model=0"),
-    ("model.n_layers", -2, "model.n_layers=-2"),
-    ("model.n_kv_heads", 3, "divisor of model.n_heads"),
-    ("tokens.mask_id", 100, "real tokens"),
-    ("tokens.mask_id", 260, "mask_id < model.vocab_size=260"),
-    ("data.sequence_length", 512, "at most model.max_sequence_length=128"),
-    ("sampling.block_length", 48, "divisor of gen_length=112"),
-    ("sampling.steps", 6, "multiple of the number of blocks"),
-    ("model.dtype", "float8", "one of float32, bfloat16, float16"),
-    ("diffusion.eps", 1.5, "0 < eps < 1"),
-    ("model.d_model", 256.0, "type int"),
-    ("optimizer.decay_fraction", 2.0, "a fraction in [0, 1]"),
-    ("mesh.fsdp", 0, "a positive size or -1"),
-    ("mesh.dcn_data", 0, "mesh.dcn_data=0"),
-    ("data.vocabulary", "bpe", "one of byte, spm8k, llada_hf"),
-    ("data.packing", "greedy", "one of chunk, pack"),
-    ("data.masking", "host", "one of pipeline, device"),
-    ("data.num_shards", 3, "a divisor of data.batch_size=16"),
-    ("data.num_shards", 0, "a positive number of shards or -1"),
-    ("data.task", "", "the name of a registered task"),
-    ("data.batch_size", 0, "data.batch_size=0"),
-    ("data.prefetch", -1, "data.prefetch=-1"),
-    ("tokens.eos_id", 259, "different from tokens.mask_id=259"),
-    ("tokens.pad_id", 999, "an id in [0, model.vocab_size=260)"),
-    ("diffusion.objective", "ar", "one of mdm, arm"),
-    ("diffusion.random_length_prob", 1.5, "a probability in [0, 1]"),
-    ("train.nonfinite", "ignore", "one of skip, rollback"),
-    ("train.rollback_lr_factor", 1.0, "0 < factor < 1"),
-    ("train.max_rollbacks", -1, "train.max_rollbacks=-1"),
-    ("train.num_steps", 0, "train.num_steps=0"),
-    ("checkpoint.keep", 0, "checkpoint.keep=0"),
-    ("optimizer.b2", 1.0, "0 <= value < 1"),
-    ("sampling.remasking", "topk", "one of low_confidence, random, margin, entropy"),
-    ("evaluation.tasks", "piqa,mmlu", "evaluation.tasks: unknown task 'mmlu'; known tasks: elbo"),
-    ("evaluation.mc_num", 20, "a multiple of evaluation.mc_batch_size=16"),
-    ("evaluation.limit", 0, "evaluation.limit=0"),
-    ("train.profile_steps", "5", '"a:b" with integers 0 <= a < b'),
-    ("train.loss_chunk", 48, "0 or a divisor of data.sequence_length=128"),
-    ("train.grad_accum_steps", 3, "a divisor of data.batch_size=16"),
-    ("train.profile_steps", "7:3", "train.profile_steps='7:3'"),
-])
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        ("model.d_model", 0, "model.d_model=0"),
+        ("model.n_layers", -2, "model.n_layers=-2"),
+        ("model.n_kv_heads", 3, "divisor of model.n_heads"),
+        ("tokens.mask_id", 100, "real tokens"),
+        ("tokens.mask_id", 260, "mask_id < model.vocab_size=260"),
+        ("data.sequence_length", 512, "at most model.max_sequence_length=128"),
+        ("sampling.block_length", 48, "divisor of gen_length=112"),
+        ("sampling.steps", 6, "multiple of the number of blocks"),
+        ("model.dtype", "float8", "one of float32, bfloat16, float16"),
+        ("diffusion.eps", 1.5, "0 < eps < 1"),
+        ("model.d_model", 256.0, "type int"),
+        ("optimizer.decay_fraction", 2.0, "a fraction in [0, 1]"),
+        ("mesh.fsdp", 0, "a positive size or -1"),
+        ("mesh.dcn_data", 0, "mesh.dcn_data=0"),
+        ("data.vocabulary", "bpe", "one of byte, spm8k, llada_hf"),
+        ("data.packing", "greedy", "one of chunk, pack"),
+        ("data.masking", "host", "one of pipeline, device"),
+        ("data.num_shards", 3, "a divisor of data.batch_size=16"),
+        ("data.num_shards", 0, "a positive number of shards or -1"),
+        ("data.task", "", "the name of a registered task"),
+        ("data.batch_size", 0, "data.batch_size=0"),
+        ("data.prefetch", -1, "data.prefetch=-1"),
+        ("tokens.eos_id", 259, "different from tokens.mask_id=259"),
+        ("tokens.pad_id", 999, "an id in [0, model.vocab_size=260)"),
+        ("diffusion.objective", "ar", "one of mdm, arm"),
+        ("diffusion.random_length_prob", 1.5, "a probability in [0, 1]"),
+        ("train.nonfinite", "ignore", "one of skip, rollback"),
+        ("train.rollback_lr_factor", 1.0, "0 < factor < 1"),
+        ("train.max_rollbacks", -1, "train.max_rollbacks=-1"),
+        ("train.num_steps", 0, "train.num_steps=0"),
+        ("checkpoint.keep", 0, "checkpoint.keep=0"),
+        ("optimizer.b2", 1.0, "0 <= value < 1"),
+        ("sampling.remasking", "topk", "one of low_confidence, random, margin, entropy"),
+        (
+            "evaluation.tasks",
+            "piqa,mmlu",
+            "evaluation.tasks: unknown task 'mmlu'; known tasks: elbo",
+        ),
+        ("evaluation.mc_num", 20, "a multiple of evaluation.mc_batch_size=16"),
+        ("evaluation.limit", 0, "evaluation.limit=0"),
+        ("train.profile_steps", "5", '"a:b" with integers 0 <= a < b'),
+        ("train.loss_chunk", 48, "0 or a divisor of data.sequence_length=128"),
+        ("train.grad_accum_steps", 3, "a divisor of data.batch_size=16"),
+        ("train.profile_steps", "7:3", "train.profile_steps='7:3'"),
+    ],
+)
 def test_bad_values_name_field_and_allowed(path, value, needle):
   assert needle in _bad(path, value)
 

@@ -39,8 +39,14 @@ def _decode(config, row) -> str:
 def test_train_batches_are_corpus_text_with_every_feature(config, stream):
   batch = stream[0]
   assert {k: v.shape for k, v in batch.items()} == {
-      "targets": (8, 32), "inputs": (8, 32), "masked": (8, 32), "valid": (8, 32),
-      "segment_ids": (8, 32), "positions": (8, 32), "p_mask": (8,)}
+      "targets": (8, 32),
+      "inputs": (8, 32),
+      "masked": (8, 32),
+      "valid": (8, 32),
+      "segment_ids": (8, 32),
+      "positions": (8, 32),
+      "p_mask": (8,),
+  }
   train_text = corpora.split_text("tinyshakespeare")["train"]
   for row in batch["targets"]:
     assert _decode(config, row) in train_text
@@ -51,8 +57,9 @@ def test_train_batches_are_corpus_text_with_every_feature(config, stream):
 def test_pipeline_noise_is_the_forward_process(config, stream):
   mask_id, eps = config.tokens.mask_id, config.diffusion.eps
   for batch in stream:
-    np.testing.assert_array_equal(batch["inputs"],
-                                  np.where(batch["masked"], mask_id, batch["targets"]))
+    np.testing.assert_array_equal(
+        batch["inputs"], np.where(batch["masked"], mask_id, batch["targets"])
+    )
     assert not np.any(batch["masked"] & ~batch["valid"])
     assert np.all((batch["p_mask"] >= eps) & (batch["p_mask"] <= 1.0))
 
@@ -132,7 +139,7 @@ def test_chunking_keeps_the_token_stream_in_order(config, tmp_path):
   stream = np.concatenate([r.reshape(-1) for r in _epoch_rows(c)])
   vocab = get_vocabulary(c)
   expected = np.concatenate([vocab.encode(d) + [vocab.eos_id] for d in docs])
-  np.testing.assert_array_equal(stream, expected[:stream.size])
+  np.testing.assert_array_equal(stream, expected[: stream.size])
   assert expected.size - stream.size < 32 * 2  # at most the last partial batch is dropped
 
 
@@ -146,7 +153,7 @@ def test_packing_keeps_every_token_once_with_segments_and_positions(config, tmp_
   for d in docs:  # documents longer than the row are split into row-length pieces
     ids = vocab.encode(d) + [vocab.eos_id]
     for i in range(0, len(ids), 32):
-      expected[tuple(ids[i:i + 32])] = expected.get(tuple(ids[i:i + 32]), 0) + 1
+      expected[tuple(ids[i : i + 32])] = expected.get(tuple(ids[i : i + 32]), 0) + 1
   seen = {}
   for b in pipeline.eval_batches(c, ONE_DEVICE, 10_000):
     targets, seg, pos = (np.asarray(b[k])[0] for k in ("targets", "segment_ids", "positions"))
@@ -200,12 +207,15 @@ def test_register_text_task_reads_txt_paragraphs(config, tmp_path):
   assert joined and (text * 50).startswith(joined)
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "holds no records"),
-    (b"\xff\xfe bad bytes", "undecodable byte at offset 0"),
-    (b'{"body": "ok"}\n{"other": 1}\n', "bad.jsonl:2: no string field 'body'"),
-    (b'{"body": "ok"}\nnot json\n', "bad.jsonl:2: not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "holds no records"),
+        (b"\xff\xfe bad bytes", "undecodable byte at offset 0"),
+        (b'{"body": "ok"}\n{"other": 1}\n', "bad.jsonl:2: no string field 'body'"),
+        (b'{"body": "ok"}\nnot json\n', "bad.jsonl:2: not a JSON object"),
+    ],
+)
 def test_bad_files_give_one_line_errors(config, tmp_path, content, needle):
   path = tmp_path / "bad.jsonl"
   path.write_bytes(content)
@@ -263,8 +273,14 @@ def _run_two_processes(tmp_path, layout):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   worker = pathlib.Path(__file__).parent / "multiprocess" / "data_worker.py"
-  procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(tmp_path), layout],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(worker), str(i), str(port), str(tmp_path), layout],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(2)
+  ]
   for proc in procs:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out.decode()[-3000:]
@@ -273,7 +289,8 @@ def _run_two_processes(tmp_path, layout):
 
 def _micro_config(**data):
   spec = importlib.util.spec_from_file_location(
-      "micro", pathlib.Path(__file__).parent / "configs" / "micro.py")
+      "micro", pathlib.Path(__file__).parent / "configs" / "micro.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -285,6 +302,7 @@ def _mesh_sharding(config):
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
 
   from llada_jax.parallel.sharding import axis_rules, batch_sharding  # pylint: disable=g-import-not-at-top
+
   mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
   return batch_sharding(mesh, axis_rules(config))
 
@@ -297,10 +315,11 @@ def test_two_processes_read_disjoint_shards_whose_union_is_the_global_batch(tmp_
   reference = _take(config, 3, sharding=_mesh_sharding(config))
   for step, batch in enumerate(reference):
     for name, value in batch.items():
-      got = np.concatenate([rows[p][f"{step}/{name}/{r}"] for p in (0, 1) for r in range(4 * p,
-                                                                                        4 * p + 4)])
+      got = np.concatenate(
+          [rows[p][f"{step}/{name}/{r}"] for p in (0, 1) for r in range(4 * p, 4 * p + 4)]
+      )
       np.testing.assert_array_equal(got, value, err_msg=f"{name} step {step}")
-    first, second = (bytes(batch["targets"][4 * p:4 * p + 4]) for p in (0, 1))
+    first, second = (bytes(batch["targets"][4 * p : 4 * p + 4]) for p in (0, 1))
     assert first != second
 
 
@@ -327,6 +346,7 @@ def test_spm8k_pipeline_rows_are_corpus_text(config):
   c.tokens.mask_id = 7999
   with pytest.raises(ConfigError, match="tokens.mask_id=7999"):
     from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+
     validate(c)
 
 
@@ -337,10 +357,16 @@ def test_pretokenized_shards_give_the_stream_of_the_text_task(config, tmp_path):
 
   path = tmp_path / "shakespeare.txt"
   path.write_text(corpora.split_text("tinyshakespeare")["validation"])
-  pretokenized.write_shards([str(path)], str(tmp_path / "shards"),
-                            pretokenized.VocabularySpec("byte"), num_shards=2, num_workers=1)
-  registry.register_pretokenized_task("shakespeare_shards", str(tmp_path / "shards"),
-                                      str(tmp_path / "shards"), append_eos=False)
+  pretokenized.write_shards(
+      [str(path)],
+      str(tmp_path / "shards"),
+      pretokenized.VocabularySpec("byte"),
+      num_shards=2,
+      num_workers=1,
+  )
+  registry.register_pretokenized_task(
+      "shakespeare_shards", str(tmp_path / "shards"), str(tmp_path / "shards"), append_eos=False
+  )
   registry.register_text_task("shakespeare_text", [path], [path])
   c = config.copy_and_resolve_references()
   c.data.update(num_shards=2, batch_size=4)

@@ -18,12 +18,15 @@ def _tokens(eot=EOT):
   return config
 
 
-@pytest.mark.parametrize("ids,eot,kept", [
-    ([7, 8, EOT, 9, EOS], EOT, [7, 8]),
-    ([7, EOS, 8, EOT], EOT, [7]),
-    ([7, 8, EOT, 9], -1, [7, 8, EOT, 9]),  # a vocabulary without EoT
-    ([7, 8, 9], EOT, [7, 8, 9]),
-])
+@pytest.mark.parametrize(
+    "ids,eot,kept",
+    [
+        ([7, 8, EOT, 9, EOS], EOT, [7, 8]),
+        ([7, EOS, 8, EOT], EOT, [7]),
+        ([7, 8, EOT, 9], -1, [7, 8, EOT, 9]),  # a vocabulary without EoT
+        ([7, 8, 9], EOT, [7, 8, 9]),
+    ],
+)
 def test_ids_end_at_the_first_end_token(ids, eot, kept):
   assert ending.cut_ids(ids, _tokens(eot).tokens) == kept
 
@@ -57,17 +60,20 @@ def test_fewshot_gsm8k_scores_the_answer_before_the_invented_follow_up(monkeypat
 
   config = make_tiny_config(max_sequence_length=4096)
   codec = get_vocabulary(config)
-  generations = ["She sells 9 a day. #### 72\n\nQuestion: What is 5 + 7?\nAnswer: #### 12",
-                 "Total: #### 11\nQuestion: Then?\nAnswer: #### 72"]
+  generations = [
+      "She sells 9 a day. #### 72\n\nQuestion: What is 5 + 7?\nAnswer: #### 12",
+      "Total: #### 11\nQuestion: Then?\nAnswer: #### 72",
+  ]
 
   def fake_answers(model, prompts, **kwargs):
-    return [list(codec.encode(g)) for g in generations[:len(prompts)]]
+    return [list(codec.encode(g)) for g in generations[: len(prompts)]]
 
   monkeypatch.setattr(gsm8k, "generate_answers", fake_answers)
   model = EvalModel(config, None, codec, None, None, "test")
   problems = [MathProblem("q1", "#### 72", "72"), MathProblem("q2", "#### 72", "72")]
-  metrics, records = gsm8k.evaluate_gsm8k(model, problems, prompt_format="fewshot",
-                                          num_fewshot=0, gen_length=16)
+  metrics, records = gsm8k.evaluate_gsm8k(
+      model, problems, prompt_format="fewshot", num_fewshot=0, gen_length=16
+  )
   assert [r["predicted"] for r in records] == ["72", "11"]
   assert [r["correct"] for r in records] == [True, False]
   assert metrics["exact_match"] == 0.5

@@ -44,8 +44,9 @@ def _copy_items(rng):
       if other not in choices:
         choices.append(other)
     rng.shuffle(choices)
-    items.append({"context": f"{word} =", "choices": [c + "." for c in choices],
-                  "gold": choices.index(word)})
+    items.append(
+        {"context": f"{word} =", "choices": [c + "." for c in choices], "gold": choices.index(word)}
+    )
   return items
 
 
@@ -85,9 +86,11 @@ def test_trained_model_reaches_95_percent_where_random_init_is_near_chance(train
   assert all(len(r["scores"]) == 4 and max(r["scores"]) < 0 for r in records)
 
   params = Transformer(ModelConfig.from_config(model.config)).init(
-      jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32))
-  fresh = eval_model_from_params(model.config, nn.meta.unbox(params)["params"], model.codec, None,
-                                 "random-init")
+      jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32)
+  )
+  fresh = eval_model_from_params(
+      model.config, nn.meta.unbox(params)["params"], model.codec, None, "random-init"
+  )
   random_metrics, _ = evaluate_multiple_choice(fresh, items, mc_num=16, batch_size=16)
   assert random_metrics["acc"] <= 0.6, random_metrics
   assert random_metrics["chance"] == 0.25 and random_metrics["count"] == ITEMS
@@ -95,6 +98,7 @@ def test_trained_model_reaches_95_percent_where_random_init_is_near_chance(train
 
 def test_scores_depend_on_the_seed_only_not_on_how_pairs_are_batched(trained, monkeypatch):
   from llada_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+
   model = load_eval_model(trained[0])
   words = ["abc", "bcd", "cdefgh", "de", "efgabc"]
   prompts = [list(model.codec.encode(f"{w} =")) for w in words]
@@ -110,11 +114,23 @@ def test_scores_depend_on_the_seed_only_not_on_how_pairs_are_batched(trained, mo
 def test_results_document_schema_and_elbo(trained):
   workdir, task_file = trained
   model = load_eval_model(workdir)
-  options = EvalOptions(tasks=("elbo",), task_files=(str(task_file),), limit=8, mc_num=4,
-                        mc_batch_size=4)
+  options = EvalOptions(
+      tasks=("elbo",), task_files=(str(task_file),), limit=8, mc_num=4, mc_batch_size=4
+  )
   document = run_tasks(model, options)
-  assert set(document) == {"schema", "checkpoint", "step", "results", "samples", "options",
-                           "model", "tokens", "num_processes", "num_devices", "wall_time_s"}
+  assert set(document) == {
+      "schema",
+      "checkpoint",
+      "step",
+      "results",
+      "samples",
+      "options",
+      "model",
+      "tokens",
+      "num_processes",
+      "num_devices",
+      "wall_time_s",
+  }
   assert document["schema"] == RESULTS_SCHEMA and document["step"] == 400
   elbo, mc = document["results"]["elbo"], document["results"]["copy_mc"]
   assert elbo["count"] == 8 and elbo["tokens"] == 8 * 32
@@ -127,31 +143,47 @@ def test_results_document_schema_and_elbo(trained):
 
 def test_gsm8k_generation_runs_and_records_each_problem(trained):
   model = load_eval_model(trained[0])
-  options = EvalOptions(tasks=("gsm8k",), limit=3, num_fewshot=0, generation_batch_size=2,
-                        sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
-                                     remasking="low_confidence", logits_eos_inf=False,
-                                     confidence_eos_eot_inf=False))
+  options = EvalOptions(
+      tasks=("gsm8k",),
+      limit=3,
+      num_fewshot=0,
+      generation_batch_size=2,
+      sampler=dict(
+          gen_length=16,
+          steps=4,
+          block_length=8,
+          temperature=0.0,
+          remasking="low_confidence",
+          logits_eos_inf=False,
+          confidence_eos_eot_inf=False,
+      ),
+  )
   document = run_tasks(model, options)
   metrics, records = document["results"]["gsm8k"], document["samples"]["gsm8k"]
   assert metrics["count"] == 3 and metrics["truncated"] == 3  # questions exceed 64 - 16 tokens
   problems = tasks.gsm8k("test")[:3]
   assert [r["question"] for r in records] == [p.question for p in problems]
-  correct = [extract_answer(r["generation"]) == normalize_number(p.answer)
-             for r, p in zip(records, problems)]
+  correct = [
+      extract_answer(r["generation"]) == normalize_number(p.answer)
+      for r, p in zip(records, problems)
+  ]
   assert [r["correct"] for r in records] == correct
   assert metrics["exact_match"] == np.mean(correct)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so she makes 9 * 2 = $18 a day.\n#### 18", "18"),
-    ("#### 1,234", "1234"),
-    ("The answer is 72.", "72"),
-    ("costs $5.50 then 3.0", "3"),
-    ("#### -7", "-7"),
-    ("she paid $1,050.00", "1050"),
-    ("no digits here", None),
-    ("first 3, #### then 4 and 5", "4"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so she makes 9 * 2 = $18 a day.\n#### 18", "18"),
+        ("#### 1,234", "1234"),
+        ("The answer is 72.", "72"),
+        ("costs $5.50 then 3.0", "3"),
+        ("#### -7", "-7"),
+        ("she paid $1,050.00", "1050"),
+        ("no digits here", None),
+        ("first 3, #### then 4 and 5", "4"),
+    ],
+)
 def test_gsm8k_answer_extraction(text, expected):
   assert extract_answer(text) == expected
 
@@ -167,12 +199,15 @@ def test_bundled_benchmarks_load_with_their_sizes():
   assert sizes == {"hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838}
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"context": "a", "choices": ["x", "y"]}', "missing field 'gold'"),
-    ('{"context": "a", "choices": ["x", "y"], "gold": 2}', "gold=2 is not allowed"),
-    ('{"context": "a", "choices": "xy", "gold": 0}', "choices a list of strings"),
-    ('not json', "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"context": "a", "choices": ["x", "y"]}', "missing field 'gold'"),
+        ('{"context": "a", "choices": ["x", "y"], "gold": 2}', "gold=2 is not allowed"),
+        ('{"context": "a", "choices": "xy", "gold": 0}', "choices a list of strings"),
+        ("not json", "not a JSON object"),
+    ],
+)
 def test_bad_task_file_lines_name_file_and_line(tmp_path, line, message):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"context": "a", "choices": ["x", "y"], "gold": 0}\n' + line + "\n")
@@ -191,8 +226,10 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(trained, tmp_pa
 
   tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.train_from_iterator(["abc = abc."] * 10, tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=list(SPECIAL_TOKENS.values())))
+  tokenizer.train_from_iterator(
+      ["abc = abc."] * 10,
+      tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS.values())),
+  )
   tokenizer.save(str(tmp_path / "tokenizer.json"))
   with pytest.raises(ConfigError, match="tokens.mask_id=259 is not allowed: the tokenizer has"):
     load_eval_model(trained[0], tokenizer=str(tmp_path / "tokenizer.json"))
@@ -201,25 +238,40 @@ def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(trained, tmp_pa
 def test_cli_writes_results_and_fails_in_one_line(trained, tmp_path):
   workdir, task_file = trained
   output = tmp_path / "results.json"
-  cmd = [sys.executable, "-m", "llada_jax.evaluate", f"--checkpoint={workdir}", "--tasks=",
-         f"--task_file={task_file}", "--limit=4", "--mc_num=4", "--mc_batch_size=4",
-         f"--output={output}", "--noprogress"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "llada_jax.evaluate",
+      f"--checkpoint={workdir}",
+      "--tasks=",
+      f"--task_file={task_file}",
+      "--limit=4",
+      "--mc_num=4",
+      "--mc_batch_size=4",
+      f"--output={output}",
+      "--noprogress",
+  ]
   done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   document = json.loads(output.read_text())
   assert document["results"]["copy_mc"]["count"] == 4
-  bad = subprocess.run(cmd[:4] + ["--tasks=hellaswag,nope"], capture_output=True, text=True,
-                       timeout=300, check=False)
+  bad = subprocess.run(
+      cmd[:4] + ["--tasks=hellaswag,nope"], capture_output=True, text=True, timeout=300, check=False
+  )
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
-      "error: --tasks: unknown task 'nope'")
+      "error: --tasks: unknown task 'nope'"
+  )
 
 
 def test_trainer_ran_the_evaluation_tasks_at_its_eval_step(trained):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = {(event.step, value.tag)
-          for path in (trained[0] / "tensorboard").glob("events.out.tfevents.*")
-          for event in tf.compat.v1.train.summary_iterator(str(path))
-          for value in event.summary.value}
+
+  tags = {
+      (event.step, value.tag)
+      for path in (trained[0] / "tensorboard").glob("events.out.tfevents.*")
+      for event in tf.compat.v1.train.summary_iterator(str(path))
+      for value in event.summary.value
+  }
   assert {(400, "eval/arc_easy/acc"), (400, "eval/arc_easy/acc_norm")} <= tags
 
 
@@ -229,26 +281,65 @@ def test_two_processes_give_the_single_process_results(trained, tmp_path):
   workdir, task_file = trained
   root = pathlib.Path(__file__).resolve().parents[1]
   output = tmp_path / "multi.json"
-  flags = [f"--checkpoint={workdir}", "--tasks=gsm8k", f"--task_file={task_file}", "--limit=6",
-           "--mc_num=4", "--mc_batch_size=4", "--num_fewshot=0", "--sampler.gen_length=16",
-           "--sampler.steps=4", "--sampler.block_length=8", "--sampler.batch_size=2",
-           "--noprogress"]
+  flags = [
+      f"--checkpoint={workdir}",
+      "--tasks=gsm8k",
+      f"--task_file={task_file}",
+      "--limit=6",
+      "--mc_num=4",
+      "--mc_batch_size=4",
+      "--num_fewshot=0",
+      "--sampler.gen_length=16",
+      "--sampler.steps=4",
+      "--sampler.block_length=8",
+      "--sampler.batch_size=2",
+      "--noprogress",
+  ]
   done = subprocess.run(
-      [str(root / "launch" / "local.sh"), "2", "2", "--", sys.executable, "-m",
-       "llada_jax.evaluate", *flags, f"--output={output}"],
-      capture_output=True, text=True, timeout=600, cwd=root, check=False,
-      env=dict(os.environ, PYTHONPATH=str(root)))
+      [
+          str(root / "launch" / "local.sh"),
+          "2",
+          "2",
+          "--",
+          sys.executable,
+          "-m",
+          "llada_jax.evaluate",
+          *flags,
+          f"--output={output}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=root,
+      check=False,
+      env=dict(os.environ, PYTHONPATH=str(root)),
+  )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
   multi = json.loads(output.read_text())
   assert multi["num_processes"] == 2 and multi["num_devices"] == 4
 
   model = load_eval_model(workdir)
-  single = run_tasks(model, EvalOptions(
-      tasks=("gsm8k",), task_files=(str(task_file),), limit=6, mc_num=4, mc_batch_size=4,
-      num_fewshot=0, generation_batch_size=2,
-      sampler=dict(gen_length=16, steps=4, block_length=8, temperature=0.0,
-                   remasking="low_confidence", logits_eos_inf=False,
-                   confidence_eos_eot_inf=False)))
+  single = run_tasks(
+      model,
+      EvalOptions(
+          tasks=("gsm8k",),
+          task_files=(str(task_file),),
+          limit=6,
+          mc_num=4,
+          mc_batch_size=4,
+          num_fewshot=0,
+          generation_batch_size=2,
+          sampler=dict(
+              gen_length=16,
+              steps=4,
+              block_length=8,
+              temperature=0.0,
+              remasking="low_confidence",
+              logits_eos_inf=False,
+              confidence_eos_eot_inf=False,
+          ),
+      ),
+  )
   golds = [item.gold for item in tasks.read_jsonl_task(task_file)[:6]]
   questions = [p.question for p in tasks.gsm8k("test")[:6]]
   for document in (multi, single):  # every item exactly once, in order
@@ -256,17 +347,21 @@ def test_two_processes_give_the_single_process_results(trained, tmp_path):
     assert [r["question"] for r in document["samples"]["gsm8k"]] == questions
   for a, b in zip(multi["samples"]["copy_mc"], single["samples"]["copy_mc"], strict=True):
     np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4)
-  assert ([s["generation"] for s in multi["samples"]["gsm8k"]]
-          == [s["generation"] for s in single["samples"]["gsm8k"]])
+  assert [s["generation"] for s in multi["samples"]["gsm8k"]] == [
+      s["generation"] for s in single["samples"]["gsm8k"]
+  ]
 
 
 def test_pairs_longer_than_the_model_keep_their_newest_tokens():
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.multiple_choice import encode_pairs  # pylint: disable=g-import-not-at-top
+
   codec = SimpleNamespace(encode=lambda text: [ord(c) for c in text])
   model = SimpleNamespace(config=make_tiny_config(), codec=codec)  # max_sequence_length 64
-  items = [tasks.MultipleChoice("c" * 50, ("short", "x" * 70), 0),
-           tasks.MultipleChoice("fits", ("a", "b"), 1)]
+  items = [
+      tasks.MultipleChoice("c" * 50, ("short", "x" * 70), 0),
+      tasks.MultipleChoice("fits", ("a", "b"), 1),
+  ]
   contexts, continuations, truncated = encode_pairs(model, items)
   assert truncated == 1 and all(len(c) + len(a) <= 64 for c, a in zip(contexts, continuations))
   assert continuations[0] == codec.encode(" short") and len(contexts[0]) == 50

@@ -56,8 +56,7 @@ def test_an_spm8k_model_takes_text_in_every_command(spm_workdir):
   items = [MultipleChoice("The cat", ("sat", "ran"), 0)]
   metrics, records = evaluate_multiple_choice(model, items, mc_num=2, batch_size=2)
   assert metrics["count"] == 1 and len(records[0]["scores"]) == 2
-  prompts, _, chat = build_prompts(model, [MathProblem("1 + 1?", "#### 2", "2")], "fewshot", 0,
-                                   16)
+  prompts, _, chat = build_prompts(model, [MathProblem("1 + 1?", "#### 2", "2")], "fewshot", 0, 16)
   assert not chat and model.codec.decode(prompts[0]) == "Question: 1 + 1?\nAnswer:"
 
 
@@ -72,8 +71,12 @@ def test_monte_carlo_batch_shrinks_to_mc_num_and_bad_flags_fail_before_any_task(
   monkeypatch.setattr(harness, "evaluate_elbo", lambda *a, **k: ran.append("elbo") or {})
   config = make_tiny_config()
   model = EvalModel(config, None, None, None, None, "test")
-  options = harness.EvalOptions(tasks=("elbo", "gsm8k"), sampler=dict(
-      steps=5, gen_length=16, block_length=8, temperature=0.0, remasking="low_confidence"))
+  options = harness.EvalOptions(
+      tasks=("elbo", "gsm8k"),
+      sampler=dict(
+          steps=5, gen_length=16, block_length=8, temperature=0.0, remasking="low_confidence"
+      ),
+  )
   with pytest.raises(ConfigError, match="steps=5 is not allowed"):
     harness.run_tasks(model, options)
   assert not ran  # the elbo task did not run first
@@ -94,9 +97,23 @@ def test_chat_with_byte_and_spm8k_models(spm_workdir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   for workdir in (byte_workdir, spm_workdir):
     result = subprocess.run(
-        [sys.executable, "-m", "llada_jax.chat", f"--checkpoint={workdir}", "--gen_length=8",
-         "--steps=8", "--block_length=8"], input="Hello there\nAnd then?\n", cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "llada_jax.chat",
+            f"--checkpoint={workdir}",
+            "--gen_length=8",
+            "--steps=8",
+            "--block_length=8",
+        ],
+        input="Hello there\nAnd then?\n",
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sum(line.startswith("assistant:") for line in result.stdout.splitlines()) == 2
 
@@ -128,11 +145,12 @@ def test_an_early_error_leaves_no_checkpoint_folder(tmp_path):
 def test_an_unknown_config_key_is_one_readable_line():
   from llada_jax.cli_support import _unknown_key_message  # pylint: disable=g-import-not-at-top
 
-  raw = KeyError("'numsteps'\nDid you mean \"num_steps\" instead of \"numsteps\"?")
+  raw = KeyError('\'numsteps\'\nDid you mean "num_steps" instead of "numsteps"?')
   for error in (raw, KeyError(str(raw))):  # once or twice quoted, as ml_collections raises it
     assert _unknown_key_message(error) == (
         "unknown config key 'numsteps' in a --config.* override (did you mean \"num_steps\" "
-        "instead of \"numsteps\"?)")
+        'instead of "numsteps"?)'
+    )
 
 
 def test_a_fit_from_two_runs_carries_a_warning(tmp_path):
@@ -142,8 +160,12 @@ def test_a_fit_from_two_runs_carries_a_warning(tmp_path):
     run = tmp_path / f"s{i}-mdm"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"objective": "mdm", "parameters": 10 ** (i + 3)}))
-    (run / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 2 * c ** -0.1 + 1})
-        + "\n" for s, c in enumerate(np.geomspace(budget / 30, budget, 3), 1)))
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "split": "eval", "flops": c, "bits_per_byte": 2 * c**-0.1 + 1})
+            + "\n"
+            for s, c in enumerate(np.geomspace(budget / 30, budget, 3), 1)
+        )
+    )
   document, _, _ = analyse(tmp_path, "flops", "frontier", None, 0, None, 0.0, True)
   assert any("from 2 runs" in w for w in document["warnings"])

@@ -6,8 +6,13 @@ import pytest
 
 from configs import llada_1b, llada_8b
 from conftest import make_tiny_config
-from llada_jax.training.flops import (matmul_parameters, model_flops_per_step,
-                                      model_flops_per_token, non_embedding_parameters, peak_flops)
+from llada_jax.training.flops import (
+    matmul_parameters,
+    model_flops_per_step,
+    model_flops_per_token,
+    non_embedding_parameters,
+    peak_flops,
+)
 
 
 def test_tiny_model_flops_by_hand():
@@ -27,8 +32,10 @@ def test_llada_8b_matmul_parameters_are_the_official_count_less_the_embedding():
   assert matmul_parameters(config) == 8_015_581_184 - embedding - norms
 
 
-@pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("TPU v5 lite", 197e12),
-                                       ("TPU v4", 275e12), ("cpu", None)])
+@pytest.mark.parametrize(
+    "kind,peak",
+    [("NVIDIA H100 80GB HBM3", 989e12), ("TPU v5 lite", 197e12), ("TPU v4", 275e12), ("cpu", None)],
+)
 def test_peak_flops_by_device_kind(kind, peak):
   assert peak_flops(SimpleNamespace(device_kind=kind)) == peak
 

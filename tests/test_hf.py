@@ -18,14 +18,14 @@ from llada_jax.model import logits
 
 
 def _rms(x, w, eps):
-  return w * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+  return w * x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
 
 
 def _rope(x, theta):
   t, _, hd = x.shape
   inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
   ang = np.concatenate([np.arange(t)[:, None] * inv] * 2, -1)[:, None, :]
-  rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+  rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
   return x * np.cos(ang) + rot * np.sin(ang)
 
 
@@ -60,8 +60,17 @@ def test_import_matches_numpy_reference_forward(tmp_path, scan_layers):
   tensors = hf_tensors(config)
   folder = write_folder(tmp_path / "hf", config, tensors)
   loaded_config, params = load_hf(folder, base=config)
-  for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
-                "rope_theta", "rms_norm_eps", "scan_layers"):
+  for field in (
+      "vocab_size",
+      "d_model",
+      "n_layers",
+      "n_heads",
+      "n_kv_heads",
+      "mlp_hidden_size",
+      "rope_theta",
+      "rms_norm_eps",
+      "scan_layers",
+  ):
     assert loaded_config.model[field] == config.model[field], field
   assert loaded_config.tokens.mask_id == config.tokens.mask_id
   ids = np.asarray([5, 17, 42, 259, 259, 7, 99, 3])
@@ -70,8 +79,9 @@ def test_import_matches_numpy_reference_forward(tmp_path, scan_layers):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("dtype,save_as", [(np.float32, "float32"),
-                                           (ml_dtypes.bfloat16, "bfloat16")])
+@pytest.mark.parametrize(
+    "dtype,save_as", [(np.float32, "float32"), (ml_dtypes.bfloat16, "bfloat16")]
+)
 def test_round_trip_is_byte_identical(tmp_path, dtype, save_as):
   config = make_tiny_config()
   tensors = hf_tensors(config, dtype=dtype)
@@ -114,9 +124,16 @@ def test_missing_files_are_named(tmp_path):
     load_hf(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("field,value", [("weight_tying", True), ("alibi", True),
-                                         ("include_bias", True), ("attention_layer_norm", True),
-                                         ("block_type", "sequential")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("weight_tying", True),
+        ("alibi", True),
+        ("include_bias", True),
+        ("attention_layer_norm", True),
+        ("block_type", "sequential"),
+    ],
+)
 def test_unsupported_features_are_named(tmp_path, field, value):
   config, folder = _good_folder(tmp_path)
   hf = json.loads((folder / "config.json").read_text())
@@ -165,19 +182,36 @@ def test_convert_command_lines_round_trip_and_sample(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
 
   def run(*args):
-    result = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
   workdir, out = tmp_path / "work", tmp_path / "out"
-  run("llada_jax.convert", "from-hf", f"--hf_dir={folder}", f"--workdir={workdir}",
-      "--dtype=float32")
+  run(
+      "llada_jax.convert",
+      "from-hf",
+      f"--hf_dir={folder}",
+      f"--workdir={workdir}",
+      "--dtype=float32",
+  )
   run("llada_jax.convert", "to-hf", f"--workdir={workdir}", f"--out={out}", "--dtype=float32")
   written = dict(safetensors_io.iter_tensors(out / "model.safetensors"))
   assert all(written[n].tobytes() == t.tobytes() for n, t in tensors.items())
-  sample_args = ("--prompt_ids=5,6,7", "--gen_length=8", "--steps=8", "--block_length=8",
-                 "--remasking=low_confidence", "--temperature=0")
+  sample_args = (
+      "--prompt_ids=5,6,7",
+      "--gen_length=8",
+      "--steps=8",
+      "--block_length=8",
+      "--remasking=low_confidence",
+      "--temperature=0",
+  )
   from_workdir = run("llada_jax.sample", f"--checkpoint={workdir}", *sample_args).stdout
   from_hf = run("llada_jax.sample", f"--checkpoint={folder}", *sample_args).stdout
   assert '{"tokens": [[' in from_hf and from_hf == from_workdir
@@ -197,12 +231,28 @@ def test_train_fine_tunes_from_a_converted_checkpoint(tmp_path):
   folder = write_folder(tmp_path / "hf", config, hf_tensors(config))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
   workdir = tmp_path / "work"
-  for args in (("llada_jax.convert", "from-hf", f"--hf_dir={folder}", f"--workdir={workdir}",
-                "--dtype=float32"),
-               ("llada_jax.train", f"--config={root / 'tests' / 'configs' / 'micro.py'}",
-                f"--workdir={workdir}")):
-    result = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
+  for args in (
+      (
+          "llada_jax.convert",
+          "from-hf",
+          f"--hf_dir={folder}",
+          f"--workdir={workdir}",
+          "--dtype=float32",
+      ),
+      (
+          "llada_jax.train",
+          f"--config={root / 'tests' / 'configs' / 'micro.py'}",
+          f"--workdir={workdir}",
+      ),
+  ):
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from the checkpoint at step 0" in result.stderr
   assert "step 3 |" in result.stderr

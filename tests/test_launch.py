@@ -13,8 +13,17 @@ def _dry_run(*args):
 
 
 def test_local_dry_run_gives_every_process_its_id_and_the_coordinator():
-  out = _dry_run(LAUNCH / "local.sh", "--dry_run", "3", "2", "--", "python", "-m",
-                 "llada_jax.train", "--config=configs/tiny.py").splitlines()
+  out = _dry_run(
+      LAUNCH / "local.sh",
+      "--dry_run",
+      "3",
+      "2",
+      "--",
+      "python",
+      "-m",
+      "llada_jax.train",
+      "--config=configs/tiny.py",
+  ).splitlines()
   assert len(out) == 3
   port = out[0].split("JAX_COORDINATOR_ADDRESS=127.0.0.1:")[1].split()[0]
   for i, line in enumerate(out):
@@ -23,8 +32,15 @@ def test_local_dry_run_gives_every_process_its_id_and_the_coordinator():
 
 
 def test_tpu_vm_dry_run_runs_on_all_workers_with_auto_discovery():
-  out = _dry_run(LAUNCH / "tpu_vm.sh", "--dry_run", "my-tpu", "us-central2-b", "--",
-                 "--config=configs/llada_8b.py", "--workdir=gs://b/r")
+  out = _dry_run(
+      LAUNCH / "tpu_vm.sh",
+      "--dry_run",
+      "my-tpu",
+      "us-central2-b",
+      "--",
+      "--config=configs/llada_8b.py",
+      "--workdir=gs://b/r",
+  )
   assert out.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all")
   assert "LLADA_AUTO_DISTRIBUTED=1" in out and "--workdir=gs://b/r" in out
 
@@ -36,8 +52,18 @@ def test_slurm_dry_run_takes_the_coordinator_from_the_first_node():
 
 
 def test_gke_dry_run_renders_the_jobset():
-  out = _dry_run(LAUNCH / "gke.sh", "--dry_run", "llada8b", "img:1", "tpu-v5p-slice", "4x4x4",
-                 "16", "4", "--", "--config=configs/llada_8b.py")
+  out = _dry_run(
+      LAUNCH / "gke.sh",
+      "--dry_run",
+      "llada8b",
+      "img:1",
+      "tpu-v5p-slice",
+      "4x4x4",
+      "16",
+      "4",
+      "--",
+      "--config=configs/llada_8b.py",
+  )
   assert "kind: JobSet" in out and "parallelism: 16" in out and "google.com/tpu: 4" in out
   assert 'args: ["python -m llada_jax.train --config=configs/llada_8b.py"]' in out
   assert "${" not in out
@@ -45,6 +71,7 @@ def test_gke_dry_run_renders_the_jobset():
 
 def test_launchers_reject_missing_arguments():
   for script in ("local.sh", "tpu_vm.sh", "gke.sh"):
-    result = subprocess.run([LAUNCH / script, "--dry_run"], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [LAUNCH / script, "--dry_run"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 2 and result.stderr.startswith("usage:")

@@ -19,7 +19,8 @@ from llada_jax.model import ModelConfig, Transformer, logits
 def model():
   config = make_tiny_config()
   params = Transformer(ModelConfig.from_config(config)).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+  )
   return config, nn.meta.unbox(params)["params"]
 
 
@@ -57,8 +58,9 @@ def test_estimate_is_unbiased_and_its_stderr_calibrated(model):
   config, params = model
   prompt, answer = [10, 20, 30], [40, 50, 60]
   exact = _exact_bound(config, params, prompt, answer)
-  result = log_likelihood(config, params, prompt, answer, mc_num=512, batch_size=16,
-                          rng=jax.random.PRNGKey(1))
+  result = log_likelihood(
+      config, params, prompt, answer, mc_num=512, batch_size=16, rng=jax.random.PRNGKey(1)
+  )
   assert abs(float(result.log_likelihood) - exact) < 4 * float(result.stderr)
   assert float(result.stderr) < 0.05 * abs(exact)
 
@@ -67,10 +69,24 @@ def test_stderr_shrinks_like_one_over_sqrt_n_and_mean_is_stable(model):
   config, params = model
   prompt, answer = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14]
   copies = 8  # independent estimates of the same pair: a stderr from 4 batch means is noisy alone
-  small = log_likelihood(config, params, [prompt] * copies, [answer] * copies, mc_num=32,
-                         batch_size=8, rng=jax.random.PRNGKey(2))
-  large = log_likelihood(config, params, [prompt] * copies, [answer] * copies, mc_num=512,
-                         batch_size=8, rng=jax.random.PRNGKey(3))
+  small = log_likelihood(
+      config,
+      params,
+      [prompt] * copies,
+      [answer] * copies,
+      mc_num=32,
+      batch_size=8,
+      rng=jax.random.PRNGKey(2),
+  )
+  large = log_likelihood(
+      config,
+      params,
+      [prompt] * copies,
+      [answer] * copies,
+      mc_num=512,
+      batch_size=8,
+      rng=jax.random.PRNGKey(3),
+  )
   ratio = float(np.mean(small.stderr)) / float(np.mean(large.stderr))
   assert 2.0 < ratio < 8.0  # sqrt(512 / 32) = 4
   gap = abs(float(np.mean(small.log_likelihood)) - float(np.mean(large.log_likelihood)))
@@ -82,8 +98,9 @@ def test_stderr_shrinks_like_one_over_sqrt_n_and_mean_is_stable(model):
 def test_single_token_answers_are_exact_and_independent_of_batching(model):
   config, params = model
   pairs = [([3, 4, 5], [6]), ([7], [8]), ([9, 10, 11, 12, 13], [14])]
-  batched = log_likelihood(config, params, [p for p, _ in pairs], [a for _, a in pairs],
-                           mc_num=1, batch_size=1)
+  batched = log_likelihood(
+      config, params, [p for p, _ in pairs], [a for _, a in pairs], mc_num=1, batch_size=1
+  )
   for (prompt, answer), value in zip(pairs, batched.log_likelihood):
     seq = jnp.asarray([prompt + [config.tokens.mask_id]])
     expected = jax.nn.log_softmax(logits(config, params, seq)[0, -1])[answer[0]]
@@ -108,21 +125,33 @@ def test_guided_one_token_estimate_is_minus_the_ce_of_the_guided_logits(model):
   config, params = model
   mask_id, scale = config.tokens.mask_id, 2.0
   pairs = [([3, 4, 5], [6]), ([7], [8]), ([9, 10, 11, 12, 13], [14])]
-  got = log_likelihood(config, params, [p for p, _ in pairs], [a for _, a in pairs], mc_num=1,
-                       batch_size=1, cfg_scale=scale)
+  got = log_likelihood(
+      config,
+      params,
+      [p for p, _ in pairs],
+      [a for _, a in pairs],
+      mc_num=1,
+      batch_size=1,
+      cfg_scale=scale,
+  )
   for (prompt, answer), value in zip(pairs, got.log_likelihood):
-    c, u = (np.asarray(logits(config, params, jnp.asarray([seq]))[0, -1], np.float64)
-            for seq in (prompt + [mask_id], [mask_id] * (len(prompt) + 1)))
+    c, u = (
+        np.asarray(logits(config, params, jnp.asarray([seq]))[0, -1], np.float64)
+        for seq in (prompt + [mask_id], [mask_id] * (len(prompt) + 1))
+    )
     guided = u + (scale + 1) * (c - u)
     top = guided.max()
     expected = guided[answer[0]] - top - np.log(np.sum(np.exp(guided - top)))
     np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(mc_num=10, batch_size=4), "mc_num=10"),
-    (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(mc_num=10, batch_size=4), "mc_num=10"),
+        (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),
+    ],
+)
 def test_bad_arguments_are_one_line_value_errors(model, kwargs, needle):
   config, params = model
   with pytest.raises(ValueError, match=needle):
@@ -155,12 +184,19 @@ def test_a_pair_scores_the_same_alone_and_in_any_call(model):
   together = score_pairs(config, params, prompts, answers, item_keys(rng, 8), width=64, **options)
   order = [3, 0, 5, 1, 7, 2, 6, 4]
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("items",))
-  sharded = score_pairs(config, params, [prompts[i] for i in order], [answers[i] for i in order],
-                        item_keys(rng, order), sharding=NamedSharding(mesh, PartitionSpec("items")),
-                        **options)
+  sharded = score_pairs(
+      config,
+      params,
+      [prompts[i] for i in order],
+      [answers[i] for i in order],
+      item_keys(rng, order),
+      sharding=NamedSharding(mesh, PartitionSpec("items")),
+      **options,
+  )
   np.testing.assert_allclose(together.log_likelihood[0], alone.log_likelihood[0], rtol=1e-5)
-  np.testing.assert_allclose(sharded.log_likelihood[order.index(0)], alone.log_likelihood[0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      sharded.log_likelihood[order.index(0)], alone.log_likelihood[0], rtol=1e-5
+  )
   np.testing.assert_allclose(sharded.log_likelihood, together.log_likelihood[order], rtol=1e-5)
   single = log_likelihood(config, params, prompts[0], answers[0], rng=rng, **options)
   np.testing.assert_allclose(single.log_likelihood, alone.log_likelihood[0], rtol=1e-5)

@@ -17,6 +17,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from llada_jax.diffusion.likelihood import Likelihood  # noqa: E402
 from llada_jax.evaluation import lm_eval_adapter  # noqa: E402
 from llada_jax.evaluation.scoring import loglikelihoods  # noqa: E402
+
 # pylint: enable=wrong-import-position
 
 
@@ -30,7 +31,8 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 def lm(workdir) -> lm_eval_adapter.LLaDAJaxLM:
   """The adapter as lm_eval builds it (lm_eval's own batch_size and device are overridden)."""
   return lm_eval.api.registry.get_model("llada_jax").create_from_arg_string(
-      f"checkpoint={workdir},mc_num=4,batch_size=2,seed=3", {"batch_size": 1, "device": "cuda"})
+      f"checkpoint={workdir},mc_num=4,batch_size=2,seed=3", {"batch_size": 1, "device": "cuda"}
+  )
 
 
 def _requests(kind, args):
@@ -44,15 +46,22 @@ def test_loglikelihood_is_the_monte_carlo_bound_and_checks_one_token_greedily(lm
   got = lm.loglikelihood(requests, disable_tqdm=True)
   assert [type(v) for r in got for v in r] == [float, bool] * 3
   encode = lm.model.codec.encode
-  want = loglikelihoods(lm.model, [encode(c) for c, _ in pairs], [encode(a) for _, a in pairs],
-                        mc_num=4, batch_size=2, seed=3,
-                        item_ids=[lm_eval_adapter.request_id(r) for r in requests]).log_likelihood
+  want = loglikelihoods(
+      lm.model,
+      [encode(c) for c, _ in pairs],
+      [encode(a) for _, a in pairs],
+      mc_num=4,
+      batch_size=2,
+      seed=3,
+      item_ids=[lm_eval_adapter.request_id(r) for r in requests],
+  ).log_likelihood
   np.testing.assert_allclose([ll for ll, _ in got], want, rtol=1e-6)
   assert not any(greedy for _, greedy in got) and all(ll < 0 for ll, _ in got)
 
   context, choices = "Once upon a", [chr(c) for c in range(32, 127)]
-  single = lm.loglikelihood(_requests("loglikelihood", [(context, c) for c in choices + [""]]),
-                            disable_tqdm=True)
+  single = lm.loglikelihood(
+      _requests("loglikelihood", [(context, c) for c in choices + [""]]), disable_tqdm=True
+  )
   greedy = [choice for choice, (_, is_greedy) in zip(choices, single) if is_greedy]
   assert greedy == [choices[int(np.argmax([ll for ll, _ in single[:-1]]))]]
   assert single[-1] == (0.0, True)
@@ -62,11 +71,23 @@ def test_loglikelihood_is_the_monte_carlo_bound_and_checks_one_token_greedily(lm
 
 def test_a_request_scores_the_same_alone_and_among_longer_requests(lm):
   """The seed of a request is its task, document and choice: not its place among the requests."""
-  target = Instance(request_type="loglikelihood", doc={}, arguments=("Once upon a", " time"),
-                    idx=1, metadata=("mytask", 5, 1))
-  others = [Instance(request_type="loglikelihood", doc={},
-                     arguments=("A much longer context " * 3 + str(i), " and continuation " * 2),
-                     idx=0, metadata=("mytask", i, 1)) for i in range(12)]
+  target = Instance(
+      request_type="loglikelihood",
+      doc={},
+      arguments=("Once upon a", " time"),
+      idx=1,
+      metadata=("mytask", 5, 1),
+  )
+  others = [
+      Instance(
+          request_type="loglikelihood",
+          doc={},
+          arguments=("A much longer context " * 3 + str(i), " and continuation " * 2),
+          idx=0,
+          metadata=("mytask", i, 1),
+      )
+      for i in range(12)
+  ]
   alone = lm.loglikelihood([target], disable_tqdm=True)[0][0]
   together = lm.loglikelihood(others[:7] + [target] + others[7:], disable_tqdm=True)[7][0]
   assert together == pytest.approx(alone, rel=1e-5)
@@ -74,15 +95,17 @@ def test_a_request_scores_the_same_alone_and_among_longer_requests(lm):
 
 def test_generate_until_cuts_at_the_first_stop_string(lm):
   prompts = ["Question: what is one plus one?\nAnswer:", "ROMEO:"]
-  free = lm.generate_until(_requests("generate_until", [(p, {"until": []}) for p in prompts]),
-                           disable_tqdm=True)
+  free = lm.generate_until(
+      _requests("generate_until", [(p, {"until": []}) for p in prompts]), disable_tqdm=True
+  )
   assert [type(t) for t in free] == [str, str] and all(free)
   assert len(free[0]) >= 3
   stop = free[0][1:3]
   kwargs = {"until": ["\x00never\x00", stop], "max_gen_toks": 16, "do_sample": False, "top_p": 0.9}
-  cut = lm.generate_until(_requests("generate_until", [(prompts[0], kwargs), (prompts[1], {})]),
-                          disable_tqdm=True)
-  assert cut[0] == free[0][:free[0].find(stop)] and stop not in cut[0]
+  cut = lm.generate_until(
+      _requests("generate_until", [(prompts[0], kwargs), (prompts[1], {})]), disable_tqdm=True
+  )
+  assert cut[0] == free[0][: free[0].find(stop)] and stop not in cut[0]
   assert cut[1] == free[1]
 
 
@@ -107,10 +130,12 @@ def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, mo
   for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     monkeypatch.setattr(datasets.config, name, True)
   monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-  items = [dict(question="2 + 2 =", choices=[" 4", " 5", " 22"], answer=0),
-           dict(question="The sky is", choices=[" blue", " green"], answer=0),
-           dict(question="Cats say", choices=[" meow", " woof"], answer=0),
-           dict(question="Ice is", choices=[" cold", " hot"], answer=0)]
+  items = [
+      dict(question="2 + 2 =", choices=[" 4", " 5", " 22"], answer=0),
+      dict(question="The sky is", choices=[" blue", " green"], answer=0),
+      dict(question="Cats say", choices=[" meow", " woof"], answer=0),
+      dict(question="Ice is", choices=[" cold", " hot"], answer=0),
+  ]
   data = tmp_path / "items.jsonl"
   data.write_text("".join(json.dumps(item) + "\n" for item in items))
   (tmp_path / "tiny_mc.yaml").write_text(
@@ -122,9 +147,19 @@ def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, mo
       "doc_to_text: '{{question}}'\n"
       "doc_to_choice: choices\n"
       "doc_to_target: answer\n"
-      "metric_list:\n  - metric: acc\n")
-  scores = {"4": 0.0, "5": -1.0, "22": -1.0, "blue": 0.0, "green": -1.0,  # gold wins
-            "meow": -2.0, "woof": 0.0, "cold": -2.0, "hot": -1.0}  # gold loses
+      "metric_list:\n  - metric: acc\n"
+  )
+  scores = {
+      "4": 0.0,
+      "5": -1.0,
+      "22": -1.0,
+      "blue": 0.0,
+      "green": -1.0,  # gold wins
+      "meow": -2.0,
+      "woof": 0.0,
+      "cold": -2.0,
+      "hot": -1.0,
+  }  # gold loses
 
   def patched(model, prompts, answers, **kwargs):
     del prompts, kwargs
@@ -133,9 +168,13 @@ def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, mo
 
   monkeypatch.setattr(lm_eval_adapter, "loglikelihoods", patched)
   results = lm_eval.simple_evaluate(
-      model="llada_jax", model_args=f"checkpoint={workdir},mc_num=1,batch_size=1",
-      tasks=["llada_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-      batch_size=4, device="cpu")  # model_args' batch_size wins; device is ignored
+      model="llada_jax",
+      model_args=f"checkpoint={workdir},mc_num=1,batch_size=1",
+      tasks=["llada_tiny_mc"],
+      task_manager=TaskManager(include_path=str(tmp_path)),
+      batch_size=4,
+      device="cpu",
+  )  # model_args' batch_size wins; device is ignored
   metrics = results["results"]["llada_tiny_mc"]
   assert metrics["acc,none"] == 0.5
   assert results["config"]["checkpoint"] == str(workdir)

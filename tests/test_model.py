@@ -52,8 +52,12 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   for name in ("k_proj", "v_proj"):
     kernel = params["blocks"][name]["kernel"]
     mha_params["blocks"][name] = {"kernel": jnp.repeat(kernel, 2, axis=2)}
-  np.testing.assert_allclose(jax.jit(gqa.apply)({"params": params}, tokens),
-                             jax.jit(mha.apply)({"params": mha_params}, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(gqa.apply)({"params": params}, tokens),
+      jax.jit(mha.apply)({"params": mha_params}, tokens),
+      rtol=1e-5,
+      atol=1e-5,
+  )
 
 
 def test_bidirectional_sees_the_future_causal_does_not():
@@ -98,9 +102,12 @@ def test_scanned_and_unrolled_layers_agree():
   unrolled_params = {k: v for k, v in params.items() if k != "blocks"}
   for i in range(2):
     unrolled_params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
-  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": params}, tokens),
-                             jax.jit(unrolled.apply)({"params": unrolled_params}, tokens),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(scanned.apply)({"params": params}, tokens),
+      jax.jit(unrolled.apply)({"params": unrolled_params}, tokens),
+      rtol=1e-5,
+      atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("remat", ["minimal", "save_dots", "full"])
@@ -111,6 +118,7 @@ def test_remat_keeps_values_and_gradients(remat):
 
   def loss(model, p):
     return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+
   g1 = jax.jit(jax.grad(lambda p: loss(base, p)))(params)
   g2 = jax.jit(jax.grad(lambda p: loss(other, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
@@ -122,7 +130,7 @@ def test_rmsnorm_matches_numpy():
   variables = norm.init(jax.random.PRNGKey(0), x)
   weight = np.linspace(0.5, 1.5, 8).astype(np.float32)
   variables = {"params": {"weight": weight}}
-  expected = weight * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5)
+  expected = weight * x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5)
   np.testing.assert_allclose(norm.apply(variables, x), expected, rtol=1e-6)
 
 
@@ -135,16 +143,22 @@ def test_rope_matches_rotate_half_reference():
   angles = np.concatenate([positions[0, :, None] * inv_freq] * 2, axis=-1)[None, :, None, :]
   rotated = np.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
   expected = x * np.cos(angles) + rotated * np.sin(angles)
-  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta), expected,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      apply_rope(jnp.asarray(x), jnp.asarray(positions), theta), expected, rtol=1e-5, atol=1e-6
+  )
   # Positions past the sequence (a window of a cached sequence) read further down the table.
   far = positions + 100
   angles = np.concatenate([far[0, :, None] * inv_freq] * 2, axis=-1)[None, :, None, :]
-  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(far), theta, 128),
-                             x * np.cos(angles) + rotated * np.sin(angles), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      apply_rope(jnp.asarray(x), jnp.asarray(far), theta, 128),
+      x * np.cos(angles) + rotated * np.sin(angles),
+      rtol=1e-5,
+      atol=1e-5,
+  )
   # Position 0 is the identity, and the rotation preserves norms.
-  np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0],
-                             x[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(
+      apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0], x[:, 0], rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -152,6 +166,7 @@ def test_window_against_its_own_cache_equals_the_full_pass(scan_layers):
   """A window computed against keys and values of the same sequence (prefix/dual caches) gives the
   full pass's logits; the cache is the keys and values of every layer."""
   from llada_jax.sampling.cache import window_logits  # pylint: disable=g-import-not-at-top
+
   config = make_tiny_config()
   config.model.scan_layers = scan_layers
   model = Transformer(ModelConfig.from_config(config))
@@ -164,5 +179,10 @@ def test_window_against_its_own_cache_equals_the_full_pass(scan_layers):
   again, _ = window_logits(model, params["params"], tokens, mask, None, scale, 10, 18, cache)
   np.testing.assert_allclose(first, full[:, 10:18], atol=1e-5)
   np.testing.assert_allclose(again, full[:, 10:18], atol=1e-5)
-  assert cache[0].shape == (config.model.n_layers, 2, 24, config.model.n_kv_heads,
-                            config.model.d_model // config.model.n_heads)
+  assert cache[0].shape == (
+      config.model.n_layers,
+      2,
+      24,
+      config.model.n_kv_heads,
+      config.model.d_model // config.model.n_heads,
+  )

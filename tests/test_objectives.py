@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llada_jax.diffusion.masking import (forward_process, mask_probability, random_length,
-                                         sample_times)
-from llada_jax.diffusion.objectives import (autoregressive_loss, masked_diffusion_loss,
-                                            pretraining_loss, sft_loss)
+from llada_jax.diffusion.masking import (
+    forward_process,
+    mask_probability,
+    random_length,
+    sample_times,
+)
+from llada_jax.diffusion.objectives import (
+    autoregressive_loss,
+    masked_diffusion_loss,
+    pretraining_loss,
+    sft_loss,
+)
 
 MASK = 259
 
@@ -94,8 +102,9 @@ def test_length_cut_equals_truncation():
   tokens = jax.random.randint(jax.random.PRNGKey(4), (3, length), 0, vocab)
   for seed in range(20):
     rng = jax.random.PRNGKey(seed)
-    loss, metrics = pretraining_loss(apply_fn, tokens, rng, mask_id=vocab, eps=1e-3,
-                                     random_length_prob=1.0)
+    loss, metrics = pretraining_loss(
+        apply_fn, tokens, rng, mask_id=vocab, eps=1e-3, random_length_prob=1.0
+    )
     cut = int(metrics["length"])
     if 1 < cut < length:
       break
@@ -104,8 +113,9 @@ def test_length_cut_equals_truncation():
   valid = jnp.broadcast_to(jnp.arange(length) < cut, tokens.shape)
   noised = forward_process(noise_key, tokens, mask_id=vocab, eps=1e-3, valid=valid)
   logits = apply_fn(noised.tokens[:, :cut], jnp.ones((3, cut), bool))
-  expected = masked_diffusion_loss(logits, tokens[:, :cut], noised.masked[:, :cut], noised.p_mask,
-                                   3 * cut)
+  expected = masked_diffusion_loss(
+      logits, tokens[:, :cut], noised.masked[:, :cut], noised.p_mask, 3 * cut
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
@@ -118,16 +128,21 @@ def test_loss_is_an_unbiased_estimate_of_log_vocab_at_uniform_logits():
     return jnp.zeros(tokens.shape + (vocab,))
 
   tokens = jnp.zeros((256, 64), jnp.int32)
-  losses = [pretraining_loss(apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab, eps=1e-3,
-                             random_length_prob=0.0)[0] for i in range(8)]
+  losses = [
+      pretraining_loss(
+          apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab, eps=1e-3, random_length_prob=0.0
+      )[0]
+      for i in range(8)
+  ]
   assert abs(float(np.mean(losses)) - np.log(vocab)) / np.log(vocab) < 0.05
 
 
 def test_stratified_times_cover_the_unit_interval_evenly():
   t = np.asarray(sample_times(jax.random.PRNGKey(0), 8, "stratified"))
   np.testing.assert_allclose(np.sort(np.diff(np.sort(t))), np.full(7, 1 / 8), atol=1e-6)
-  many = np.concatenate([np.asarray(sample_times(jax.random.PRNGKey(i), 4, "stratified"))
-                         for i in range(2000)])
+  many = np.concatenate(
+      [np.asarray(sample_times(jax.random.PRNGKey(i), 4, "stratified")) for i in range(2000)]
+  )
   assert abs(many.mean() - 0.5) < 0.01 and abs(np.mean(many < 0.25) - 0.25) < 0.02
 
 
@@ -145,9 +160,21 @@ def test_stratified_times_keep_the_expected_loss_and_lower_its_variance():
   tokens = jnp.broadcast_to(jnp.arange(length) % vocab, (8, length))
 
   def losses(method):
-    return np.asarray([pretraining_loss(apply_fn, tokens, jax.random.PRNGKey(i), mask_id=vocab,
-                                        eps=1e-3, random_length_prob=0.0, time_sampling=method)[0]
-                       for i in range(400)])
+    return np.asarray(
+        [
+            pretraining_loss(
+                apply_fn,
+                tokens,
+                jax.random.PRNGKey(i),
+                mask_id=vocab,
+                eps=1e-3,
+                random_length_prob=0.0,
+                time_sampling=method,
+            )[0]
+            for i in range(400)
+        ]
+    )
+
   uniform, stratified = losses("uniform"), losses("stratified")
   stderr = np.hypot(uniform.std(), stratified.std()) / np.sqrt(400)
   assert abs(uniform.mean() - stratified.mean()) < 4 * stderr
@@ -185,10 +212,16 @@ def test_sft_loss_never_masks_the_prompt_and_matches_the_official_formula():
     np.testing.assert_array_equal(noisy[b, :plen], np.asarray(tokens)[b, :plen])
   is_response = np.arange(length)[None] >= np.asarray(prompt_lengths)[:, None]
   _, noise_key = jax.random.split(rng)
-  noised = forward_process(noise_key, tokens, mask_id=vocab, eps=1e-3,
-                           valid=jnp.asarray(is_response))
-  expected = _sft_reference(table[noisy], np.asarray(tokens), np.asarray(noised.masked),
-                            np.asarray(noised.p_mask), prompt_lengths)
+  noised = forward_process(
+      noise_key, tokens, mask_id=vocab, eps=1e-3, valid=jnp.asarray(is_response)
+  )
+  expected = _sft_reference(
+      table[noisy],
+      np.asarray(tokens),
+      np.asarray(noised.masked),
+      np.asarray(noised.p_mask),
+      prompt_lengths,
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
@@ -203,6 +236,7 @@ def test_autoregressive_loss_is_next_token_cross_entropy():
 
 def test_chunked_cross_entropy_equals_full_logits_in_value_and_gradient():
   from llada_jax.diffusion.objectives import chunked_cross_entropy  # pylint: disable=g-import-not-at-top
+
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   hidden = jax.random.normal(keys[0], (2, 12, 8))
   head = jax.random.normal(keys[1], (8, 50))
@@ -211,9 +245,12 @@ def test_chunked_cross_entropy_equals_full_logits_in_value_and_gradient():
   def full(h, w):
     return optax.softmax_cross_entropy_with_integer_labels(h @ w, targets)
 
-  np.testing.assert_allclose(chunked_cross_entropy(hidden, head, targets, 4), full(hidden, head),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      chunked_cross_entropy(hidden, head, targets, 4), full(hidden, head), rtol=1e-5
+  )
   weights = jnp.linspace(0.0, 1.0, 24).reshape(2, 12)
-  grads = [jax.grad(lambda h, w, f=f: jnp.sum(f(h, w) * weights), argnums=(0, 1))(hidden, head)
-           for f in (full, lambda h, w: chunked_cross_entropy(h, w, targets, 3))]
+  grads = [
+      jax.grad(lambda h, w, f=f: jnp.sum(f(h, w) * weights), argnums=(0, 1))(hidden, head)
+      for f in (full, lambda h, w: chunked_cross_entropy(h, w, targets, 3))
+  ]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)

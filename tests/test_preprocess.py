@@ -15,8 +15,14 @@ import seqio
 import tensorflow as tf
 
 from llada_jax.data.corpora import corpus_path
-from llada_jax.data.pretokenized import (VocabularySpec, check_vocabulary, densify,
-                                         pretokenized_source, read_manifest, write_shards)
+from llada_jax.data.pretokenized import (
+    VocabularySpec,
+    check_vocabulary,
+    densify,
+    pretokenized_source,
+    read_manifest,
+    write_shards,
+)
 from llada_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +43,8 @@ def _read_shard(directory: str, index: int, num_shards: int) -> list[np.ndarray]
   """The documents of one shard, read through the seqio source the way one of num_shards hosts
   would read them."""
   ds = pretokenized_source(directory).get_dataset(
-      "train", shuffle=False, shard_info=seqio.ShardInfo(index, num_shards))
+      "train", shuffle=False, shard_info=seqio.ShardInfo(index, num_shards)
+  )
   return [ex["targets"] for ex in densify(ds).as_numpy_iterator()]
 
 
@@ -55,8 +62,9 @@ def _files(directory: pathlib.Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory) -> tuple[pathlib.Path, dict]:
   out = tmp_path_factory.mktemp("shakespeare")
-  manifest = write_shards([str(corpus_path("tinyshakespeare"))], str(out), BYTE,
-                          num_shards=NUM_SHARDS, num_workers=2)
+  manifest = write_shards(
+      [str(corpus_path("tinyshakespeare"))], str(out), BYTE, num_shards=NUM_SHARDS, num_workers=2
+  )
   return out, manifest
 
 
@@ -78,17 +86,21 @@ def test_shards_read_back_as_the_tokenized_paragraphs(shakespeare):
   assert manifest["vocabulary"] == "byte" and manifest["vocab_size"] == 259
   assert manifest["skipped"] == {"empty": 0, "undecodable": 0, "missing_field": 0}
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      [e["path"] for e in manifest["files"]] + ["manifest.json"])
+      [e["path"] for e in manifest["files"]] + ["manifest.json"]
+  )
 
 
 def test_source_feeds_a_seqio_task(shakespeare):
   out, manifest = shakespeare
   name = "test_preprocess_pretokenized"
   task = seqio.TaskRegistry.add(
-      name, source=pretokenized_source({"train": str(out), "validation": str(out)}),
+      name,
+      source=pretokenized_source({"train": str(out), "validation": str(out)}),
       preprocessors=[densify],
-      output_features={"targets": seqio.Feature(seqio.ByteVocabulary(), add_eos=False,
-                                                dtype=tf.int32)})
+      output_features={
+          "targets": seqio.Feature(seqio.ByteVocabulary(), add_eos=False, dtype=tf.int32)
+      },
+  )
   try:
     assert task.num_input_examples("validation") == manifest["documents"]
     ds = task.get_dataset(sequence_length=None, split="validation", shuffle=False)
@@ -99,22 +111,36 @@ def test_source_feeds_a_seqio_task(shakespeare):
 
 def test_shards_do_not_depend_on_the_number_of_workers(shakespeare, tmp_path):
   out, _ = shakespeare
-  write_shards([str(corpus_path("tinyshakespeare"))], str(tmp_path), BYTE,
-               num_shards=NUM_SHARDS, num_workers=1)
+  write_shards(
+      [str(corpus_path("tinyshakespeare"))],
+      str(tmp_path),
+      BYTE,
+      num_shards=NUM_SHARDS,
+      num_workers=1,
+  )
   assert _files(tmp_path) == _files(out)
 
 
 def test_jsonl_field_and_documents_across_files(tmp_path):
   jsonl = tmp_path / "a.jsonl"
-  records = [{"body": "héllo\n", "id": 1}, {"body": ""}, None, {"body": "line\u2028sep"},
-             {"body": "  \n"}, {"body": "world", "text": "not this"}]
-  jsonl.write_text("".join("\n" if r is None else json.dumps(r, ensure_ascii=False) + "\n"
-                           for r in records), encoding="utf-8")
+  records = [
+      {"body": "héllo\n", "id": 1},
+      {"body": ""},
+      None,
+      {"body": "line\u2028sep"},
+      {"body": "  \n"},
+      {"body": "world", "text": "not this"},
+  ]
+  jsonl.write_text(
+      "".join("\n" if r is None else json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+      encoding="utf-8",
+  )
   txt = tmp_path / "b.txt"
   txt.write_text("one\n\ntwo\n", encoding="utf-8")
   out = tmp_path / "out"
-  manifest = write_shards([str(jsonl), str(txt)], str(out), BYTE, num_shards=3,
-                          text_field="body", num_workers=1)
+  manifest = write_shards(
+      [str(jsonl), str(txt)], str(out), BYTE, num_shards=3, text_field="body", num_workers=1
+  )
   docs = [_decode(d) for d in _read_all(str(out), 3)]
   assert docs == ["héllo\n", "line\u2028sep", "world", "one\n\n", "two\n"]
   assert manifest["skipped"] == {"empty": 3, "undecodable": 0, "missing_field": 0}
@@ -130,19 +156,25 @@ def _write(path: pathlib.Path, data: bytes) -> str:
 BAD_TEXT = b"first para\n\nsecond \xff para\n\nthird\n"
 
 
-@pytest.mark.parametrize("name,data,message", [
-    ("nope.txt", None, "input file {path} does not exist"),
-    ("empty.txt", b"", "{path} holds no documents"),
-    ("blank.txt", b"\n\n \n\n", "{path} holds no documents"),
-    ("bad.txt", BAD_TEXT, "{path}: undecodable byte at offset 19 (expected UTF-8 text)"),
-    ("notjson.jsonl", b'{"text": "a"}\n{"text": \n', "{path}:2: not a JSON object"),
-    ("nofield.jsonl", b'{"text": "a"}\n\n{"body": "b"}\n', "{path}:3: no string field 'text'"),
-    ("number.jsonl", b'{"text": 5}\n', "{path}:1: no string field 'text'"),
-    ("notobject.jsonl", b'["text"]\n', "{path}:1: no string field 'text'"),
-    ("bad.jsonl", b'{"text": "a"}\n{"text": "\xc3"}\n',
-     "{path}:2: undecodable byte at offset 24 (expected UTF-8 text)"),
-    ("corpus.csv", b"a,b\n", "input {path} is not allowed"),
-])
+@pytest.mark.parametrize(
+    "name,data,message",
+    [
+        ("nope.txt", None, "input file {path} does not exist"),
+        ("empty.txt", b"", "{path} holds no documents"),
+        ("blank.txt", b"\n\n \n\n", "{path} holds no documents"),
+        ("bad.txt", BAD_TEXT, "{path}: undecodable byte at offset 19 (expected UTF-8 text)"),
+        ("notjson.jsonl", b'{"text": "a"}\n{"text": \n', "{path}:2: not a JSON object"),
+        ("nofield.jsonl", b'{"text": "a"}\n\n{"body": "b"}\n', "{path}:3: no string field 'text'"),
+        ("number.jsonl", b'{"text": 5}\n', "{path}:1: no string field 'text'"),
+        ("notobject.jsonl", b'["text"]\n', "{path}:1: no string field 'text'"),
+        (
+            "bad.jsonl",
+            b'{"text": "a"}\n{"text": "\xc3"}\n',
+            "{path}:2: undecodable byte at offset 24 (expected UTF-8 text)",
+        ),
+        ("corpus.csv", b"a,b\n", "input {path} is not allowed"),
+    ],
+)
 def test_bad_input_is_a_config_error_naming_the_place(tmp_path, name, data, message):
   path = str(tmp_path / name) if data is None else _write(tmp_path / name, data)
   out = tmp_path / "out"
@@ -155,17 +187,21 @@ def test_bad_input_after_good_documents_stops_the_workers_and_cleans_up(tmp_path
   bad = _write(tmp_path / "bad.jsonl", b'{"text": "a"}\n{"text": \n')
   out = tmp_path / "out"
   with pytest.raises(ConfigError, match=re.escape(f"{bad}:2: not a JSON object")):
-    write_shards([str(corpus_path("tinyshakespeare")), bad], str(out), BYTE, num_shards=2,
-                 num_workers=2)
+    write_shards(
+        [str(corpus_path("tinyshakespeare")), bad], str(out), BYTE, num_shards=2, num_workers=2
+    )
   assert not list(out.iterdir())
 
 
 def test_skip_counts_bad_documents(tmp_path):
   text = _write(tmp_path / "bad.txt", BAD_TEXT)
-  jsonl = _write(tmp_path / "bad.jsonl",
-                 b'{"text": "a"}\nnot json\n{"body": "b"}\n{"text": "\xff"}\n{"text": ""}\n')
-  manifest = write_shards([text, jsonl], str(tmp_path / "out"), BYTE, num_shards=2,
-                          num_workers=1, errors="skip")
+  jsonl = _write(
+      tmp_path / "bad.jsonl",
+      b'{"text": "a"}\nnot json\n{"body": "b"}\n{"text": "\xff"}\n{"text": ""}\n',
+  )
+  manifest = write_shards(
+      [text, jsonl], str(tmp_path / "out"), BYTE, num_shards=2, num_workers=1, errors="skip"
+  )
   docs = [_decode(d) for d in _read_all(str(tmp_path / "out"), 2)]
   assert docs == ["first para\n\n", "third\n", "a"]
   assert manifest["skipped"] == {"empty": 1, "undecodable": 3, "missing_field": 1}
@@ -193,8 +229,14 @@ def test_manifest_and_vocabulary_checks(shakespeare, tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "-m", "llada_jax.preprocess", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, "-m", "llada_jax.preprocess", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
 
 
 def test_cli_missing_input_is_one_line_error(tmp_path):
@@ -214,9 +256,14 @@ def _tokenizer_json(folder: pathlib.Path, text: str) -> str:
   tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = tokenizers.decoders.ByteLevel()
-  tokenizer.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=list(SPECIAL_TOKENS.values()),
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.train_from_iterator(
+      [text],
+      tokenizers.trainers.BpeTrainer(
+          vocab_size=300,
+          special_tokens=list(SPECIAL_TOKENS.values()),
+          initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   tokenizer.save(str(folder / "tokenizer.json"))
   return str(folder / "tokenizer.json")
 
@@ -226,12 +273,18 @@ def test_cli_tokenizes_with_a_tokenizer_json_in_workers(tmp_path):
   (tmp_path / "in.txt").write_text(text, encoding="utf-8")
   tokenizer = _tokenizer_json(tmp_path, text)
   out = tmp_path / "out"
-  result = _cli(f"--input={tmp_path / 'in.txt'}", f"--output_dir={out}",
-                f"--vocabulary={tokenizer}", "--num_shards=2", "--num_workers=2")
+  result = _cli(
+      f"--input={tmp_path / 'in.txt'}",
+      f"--output_dir={out}",
+      f"--vocabulary={tokenizer}",
+      "--num_shards=2",
+      "--num_workers=2",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   manifest = read_manifest(str(out))
   assert f"wrote 2 shards to {out}: 50 documents, {manifest['tokens']:,} tokens (llada_hf)" in (
-      result.stdout)
+      result.stdout
+  )
   assert (manifest["vocabulary"], manifest["tokenizer"]) == ("llada_hf", tokenizer)
   vocabulary = VocabularySpec("llada_hf", tokenizer).build()
   assert manifest["vocab_size"] == vocabulary.vocab_size

@@ -31,9 +31,9 @@ MALFORMED = {
     "missing_shape": _raw({"w": {"dtype": "F32", "data_offsets": [0, 16]}}),
     "one_offset": _raw(_entry(data_offsets=[16])),
     "dtype_is_a_list": _raw(_entry(dtype=["F32"])),
-    "shape_overflows_int64": _raw(_entry(shape=[2 ** 32, 2 ** 31])),
-    "shape_overflows_uint64": _raw(_entry(shape=[2 ** 32, 2 ** 32, 4])),
-    "shape_dim_overflows_uint64": _raw(_entry(shape=[2 ** 70])),
+    "shape_overflows_int64": _raw(_entry(shape=[2**32, 2**31])),
+    "shape_overflows_uint64": _raw(_entry(shape=[2**32, 2**32, 4])),
+    "shape_dim_overflows_uint64": _raw(_entry(shape=[2**70])),
     "negative_offsets": _raw(_entry(data_offsets=[-16, 0])),
     "offsets_past_the_end": _raw(_entry(shape=[4, 2], data_offsets=[0, 32])),
     "header_longer_than_file": _raw(_entry(), data=b"", size=4096),
@@ -50,9 +50,11 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
-@pytest.mark.parametrize("read", [safetensors_io.read_header,
-                                  lambda path: list(safetensors_io.iter_tensors(path))],
-                         ids=["read_header", "iter_tensors"])
+@pytest.mark.parametrize(
+    "read",
+    [safetensors_io.read_header, lambda path: list(safetensors_io.iter_tensors(path))],
+    ids=["read_header", "iter_tensors"],
+)
 def test_malformed_file_is_a_one_line_checkpoint_error_naming_it(tmp_path, kind, read):
   path = tmp_path / f"{kind}.safetensors"
   path.write_bytes(MALFORMED[kind])
@@ -73,17 +75,24 @@ def test_missing_or_unreadable_path_is_named(tmp_path, name):
 
 def test_round_trip_keeps_bf16_bits_shapes_and_metadata(tmp_path):
   rng = np.random.default_rng(0)
-  bits = rng.integers(0, 2 ** 16, size=(3, 5), dtype=np.uint16)
-  tensors = {"bf16": bits.view(ml_dtypes.bfloat16),
-             "f32": rng.standard_normal((4, 2)).astype(np.float32).T,
-             "f16": np.float16([1.5, -2.0]), "f64": np.float64(3.25).reshape(()),
-             "i64": np.arange(6, dtype=np.int64).reshape(2, 3), "i32": np.zeros((0, 4), np.int32)}
+  bits = rng.integers(0, 2**16, size=(3, 5), dtype=np.uint16)
+  tensors = {
+      "bf16": bits.view(ml_dtypes.bfloat16),
+      "f32": rng.standard_normal((4, 2)).astype(np.float32).T,
+      "f16": np.float16([1.5, -2.0]),
+      "f64": np.float64(3.25).reshape(()),
+      "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+      "i32": np.zeros((0, 4), np.int32),
+  }
   path = tmp_path / "ok.safetensors"
   safetensors_io.write_file(path, tensors, {"format": "pt"})
   header, offset = safetensors_io.read_header(path)
   assert sorted(header) == sorted(tensors)
-  assert header["bf16"] == {"dtype": "BF16", "shape": [3, 5],
-                            "data_offsets": header["bf16"]["data_offsets"]}
+  assert header["bf16"] == {
+      "dtype": "BF16",
+      "shape": [3, 5],
+      "data_offsets": header["bf16"]["data_offsets"],
+  }
   data_size = max(e["data_offsets"][1] for e in header.values())
   assert offset + data_size == path.stat().st_size
   assert json.loads(path.read_bytes()[8:offset])["__metadata__"] == {"format": "pt"}

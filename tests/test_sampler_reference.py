@@ -29,7 +29,8 @@ def setup():
   config = make_tiny_config()
   config.tokens.eot_id = EOT
   params = Transformer(ModelConfig.from_config(config)).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+  )
   return config, nn.meta.unbox(params)["params"]
 
 
@@ -46,13 +47,27 @@ def _draws(rng, step, shape, which):
     key = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, row), step))[which]
     for position in range(shape[1]):
       k = jax.random.fold_in(key, position)
-      out[row, position] = (jax.random.gumbel(k, shape[2:]) if which == 0
-                            else jax.random.uniform(k, ()))
+      out[row, position] = (
+          jax.random.gumbel(k, shape[2:]) if which == 0 else jax.random.uniform(k, ())
+      )
   return out
 
 
-def reference_generate(config, params, prompt, *, steps, gen_length, block_length, temperature,
-                       cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf, rng):
+def reference_generate(
+    config,
+    params,
+    prompt,
+    *,
+    steps,
+    gen_length,
+    block_length,
+    temperature,
+    cfg_scale,
+    remasking,
+    logits_eos_inf,
+    confidence_eos_eot_inf,
+    rng,
+):
   mask_id = config.tokens.mask_id
   batch, plen = prompt.shape
   x = np.full((batch, plen + gen_length), mask_id, np.int64)
@@ -61,11 +76,11 @@ def reference_generate(config, params, prompt, *, steps, gen_length, block_lengt
   num_blocks = gen_length // block_length
   steps_per_block = steps // num_blocks
   for b in range(num_blocks):
-    block = x[:, plen + b * block_length: plen + (b + 1) * block_length] == mask_id
+    block = x[:, plen + b * block_length : plen + (b + 1) * block_length] == mask_id
     counts = block.sum(1)
     schedule = np.zeros((batch, steps_per_block), np.int64) + (counts // steps_per_block)[:, None]
     for j in range(batch):
-      schedule[j, :counts[j] % steps_per_block] += 1
+      schedule[j, : counts[j] % steps_per_block] += 1
     for i in range(steps_per_block):
       step = b * steps_per_block + i
       mask_index = x == mask_id
@@ -93,11 +108,11 @@ def reference_generate(config, params, prompt, *, steps, gen_length, block_lengt
         conf = (p * np.log(p + 1e-10)).sum(-1)
       if confidence_eos_eot_inf:
         conf[(x0 == EOS) | (x0 == EOT)] = -1e30
-      conf[:, plen + (b + 1) * block_length:] = -np.inf
+      conf[:, plen + (b + 1) * block_length :] = -np.inf
       x0 = np.where(mask_index, x0, x)
       conf = np.where(mask_index, conf, -np.inf)
       for j in range(batch):
-        chosen = np.argsort(-conf[j], kind="stable")[:schedule[j, i]]
+        chosen = np.argsort(-conf[j], kind="stable")[: schedule[j, i]]
         x[j, chosen] = x0[j, chosen]
   return x
 
@@ -117,11 +132,21 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+)
 def test_matches_reference(setup, options):
   config, params = setup
-  kwargs = dict(steps=16, gen_length=16, block_length=8, temperature=0.0, cfg_scale=0.0,
-                logits_eos_inf=False, confidence_eos_eot_inf=False, rng=jax.random.PRNGKey(5))
+  kwargs = dict(
+      steps=16,
+      gen_length=16,
+      block_length=8,
+      temperature=0.0,
+      cfg_scale=0.0,
+      logits_eos_inf=False,
+      confidence_eos_eot_inf=False,
+      rng=jax.random.PRNGKey(5),
+  )
   kwargs.update(options)
   prompt = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 6), 3, 259))
   got = np.asarray(generate(config, params, prompt, **kwargs))
@@ -131,8 +156,9 @@ def test_matches_reference(setup, options):
 def test_one_token_per_step_with_steps_equal_gen_length(setup):
   config, params = setup
   prompt = np.asarray([[10, 11, 12]])
-  out, trajectory = generate(config, params, prompt, steps=16, gen_length=16, block_length=16,
-                             return_trajectory=True)
+  out, trajectory = generate(
+      config, params, prompt, steps=16, gen_length=16, block_length=16, return_trajectory=True
+  )
   remaining = (np.asarray(trajectory) == config.tokens.mask_id).sum(axis=(1, 2))
   np.testing.assert_array_equal(remaining, np.arange(15, -1, -1))
   np.testing.assert_array_equal(np.asarray(trajectory)[-1], np.asarray(out))
@@ -140,8 +166,16 @@ def test_one_token_per_step_with_steps_equal_gen_length(setup):
 
 def test_committed_tokens_never_change(setup):
   config, params = setup
-  _, trajectory = generate(config, params, np.asarray([[10, 11, 12]]), steps=8, gen_length=16,
-                           block_length=8, temperature=1.0, return_trajectory=True)
+  _, trajectory = generate(
+      config,
+      params,
+      np.asarray([[10, 11, 12]]),
+      steps=8,
+      gen_length=16,
+      block_length=8,
+      temperature=1.0,
+      return_trajectory=True,
+  )
   trajectory = np.asarray(trajectory)
   committed = trajectory[:-1] != config.tokens.mask_id
   assert np.all(trajectory[1:][committed] == trajectory[:-1][committed])
@@ -151,8 +185,10 @@ def test_cfg_scale_zero_equals_no_guidance(setup):
   config, params = setup
   prompt = np.asarray([[10, 11, 12, 13]])
   kwargs = dict(steps=8, gen_length=16, block_length=8)
-  np.testing.assert_array_equal(generate(config, params, prompt, cfg_scale=0.0, **kwargs),
-                                generate(config, params, prompt, cfg_scale=1e-9, **kwargs))
+  np.testing.assert_array_equal(
+      generate(config, params, prompt, cfg_scale=0.0, **kwargs),
+      generate(config, params, prompt, cfg_scale=1e-9, **kwargs),
+  )
 
 
 def test_left_padded_batch_equals_each_prompt_alone(setup):
@@ -177,15 +213,18 @@ def test_masks_in_the_prompt_are_infilled(setup):
   np.testing.assert_array_equal(out[0, [0, 2, 5]], [10, 12, 15])
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(steps=8, gen_length=16, block_length=5), "block_length=5"),
-    (dict(steps=3, gen_length=16, block_length=8), "steps=3"),
-    (dict(steps=32, gen_length=16, block_length=16), "steps=32"),
-    (dict(steps=8, gen_length=64, block_length=8), "max_sequence_length"),
-    (dict(steps=8, gen_length=8, block_length=8, remasking="top_p"), "remasking='top_p'"),
-    (dict(steps=8, gen_length=8, block_length=8, temperature=-1.0), "temperature=-1.0"),
-    (dict(steps=8, gen_length=8, block_length=8, cfg_scale=-0.5), "cfg_scale=-0.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(steps=8, gen_length=16, block_length=5), "block_length=5"),
+        (dict(steps=3, gen_length=16, block_length=8), "steps=3"),
+        (dict(steps=32, gen_length=16, block_length=16), "steps=32"),
+        (dict(steps=8, gen_length=64, block_length=8), "max_sequence_length"),
+        (dict(steps=8, gen_length=8, block_length=8, remasking="top_p"), "remasking='top_p'"),
+        (dict(steps=8, gen_length=8, block_length=8, temperature=-1.0), "temperature=-1.0"),
+        (dict(steps=8, gen_length=8, block_length=8, cfg_scale=-0.5), "cfg_scale=-0.5"),
+    ],
+)
 def test_bad_arguments_are_one_line_value_errors(setup, kwargs, needle):
   config, params = setup
   with pytest.raises(ValueError, match=needle) as err:
@@ -206,8 +245,9 @@ def test_out_of_vocabulary_prompt_and_pad_equal_mask_are_rejected(setup):
 def test_float64_option_runs_where_x64_is_enabled_and_is_refused_otherwise(setup):
   config, params = setup
   with pytest.raises(ValueError, match="jax_enable_x64"):
-    generate(config, params, np.asarray([[10]]), steps=8, gen_length=8, block_length=8,
-             float64=True)
+    generate(
+        config, params, np.asarray([[10]]), steps=8, gen_length=8, block_length=8, float64=True
+    )
   script = (
       "import jax, numpy as np\n"
       "jax.config.update('jax_enable_x64', True)\n"
@@ -223,8 +263,15 @@ def test_float64_option_runs_where_x64_is_enabled_and_is_refused_otherwise(setup
       "assert a.dtype == np.int32 and a.shape == (1, 10)\n"
       "greedy = [generate(c, p, np.asarray([[10, 11]]), float64=f, **kw) for f in (True, False)]\n"
       "assert (np.asarray(greedy[0]) == np.asarray(greedy[1])).all()\n"
-      "print('ok')\n")
+      "print('ok')\n"
+  )
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent,
-                          env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=pathlib.Path(__file__).parent,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

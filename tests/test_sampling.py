@@ -21,7 +21,7 @@ def _official_num_transfer_tokens(mask_num: np.ndarray, steps: int) -> np.ndarra
   remainder = mask_num % steps
   out = np.zeros((mask_num.shape[0], steps), np.int64) + base[:, None]
   for i in range(mask_num.shape[0]):
-    out[i, :remainder[i]] += 1
+    out[i, : remainder[i]] += 1
   return out
 
 
@@ -90,8 +90,18 @@ def test_left_padding_is_invisible_through_the_attention_mask(model_and_params):
   prompt = _prompt()[:1]
   mask = jnp.arange(8)[None] >= 3
   kwargs = dict(steps=8, gen_length=16, block_length=8)
-  outs = [np.asarray(generate(config, params, jnp.concatenate(
-      [jnp.full((1, 3), pad, jnp.int32), prompt], axis=1), mask, **kwargs)) for pad in (0, 77)]
+  outs = [
+      np.asarray(
+          generate(
+              config,
+              params,
+              jnp.concatenate([jnp.full((1, 3), pad, jnp.int32), prompt], axis=1),
+              mask,
+              **kwargs,
+          )
+      )
+      for pad in (0, 77)
+  ]
   np.testing.assert_array_equal(outs[0][:, 8:], outs[1][:, 8:])
   assert not (outs[0] == config.tokens.mask_id).any()
 
@@ -108,22 +118,35 @@ def test_low_threshold_fills_each_block_in_one_pass(model_and_params):
   """τ near 0 commits every proposal of a block at once: the answer is the argmax of one forward
   pass per block (the second block seeing the first one filled)."""
   from llada_jax.model import logits  # pylint: disable=g-import-not-at-top
+
   config, params = model_and_params
-  out = np.asarray(generate(config, params, _prompt(), steps=16, gen_length=16, block_length=8,
-                            parallel_threshold=1e-9))
+  out = np.asarray(
+      generate(
+          config,
+          params,
+          _prompt(),
+          steps=16,
+          gen_length=16,
+          block_length=8,
+          parallel_threshold=1e-9,
+      )
+  )
   mask_id = config.tokens.mask_id
   x = np.concatenate([np.asarray(_prompt()), np.full((2, 16), mask_id, np.int32)], 1)
   for block_end in (13, 21):
     proposals = np.asarray(jnp.argmax(logits(config, params, jnp.asarray(x)), -1))
-    x[:, block_end - 8:block_end] = proposals[:, block_end - 8:block_end]
+    x[:, block_end - 8 : block_end] = proposals[:, block_end - 8 : block_end]
   np.testing.assert_array_equal(out, x)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(parallel_threshold=1.5), "parallel_threshold=1.5 is not allowed"),
-    (dict(parallel_threshold=0.9, remasking="random"), "expected low_confidence"),
-    (dict(parallel_threshold=0.9, return_trajectory=True), "return_trajectory is not allowed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(parallel_threshold=1.5), "parallel_threshold=1.5 is not allowed"),
+        (dict(parallel_threshold=0.9, remasking="random"), "expected low_confidence"),
+        (dict(parallel_threshold=0.9, return_trajectory=True), "return_trajectory is not allowed"),
+    ],
+)
 def test_bad_threshold_options_are_one_line_errors(model_and_params, kwargs, needle):
   config, params = model_and_params
   with pytest.raises(ValueError, match=needle):
@@ -131,12 +154,15 @@ def test_bad_threshold_options_are_one_line_errors(model_and_params, kwargs, nee
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("kwargs", [
-    dict(steps=16),
-    dict(steps=8, temperature=1.0, cfg_scale=0.5),
-    dict(steps=8, remasking="random", temperature=0.5),
-    dict(steps=16, parallel_threshold=1.0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(steps=16),
+        dict(steps=8, temperature=1.0, cfg_scale=0.5),
+        dict(steps=8, remasking="random", temperature=0.5),
+        dict(steps=16, parallel_threshold=1.0),
+    ],
+)
 def test_cache_refreshed_every_step_is_exact_decoding(model_and_params, cache, kwargs):
   config, params = model_and_params
   kwargs = dict(gen_length=16, block_length=8, **kwargs)
@@ -155,8 +181,9 @@ def test_cache_with_infilling_and_padding_is_exact_when_refreshed(model_and_para
   mask[1, :2] = False
   kwargs = dict(steps=8, gen_length=8, block_length=4)
   exact = np.asarray(generate(config, params, prompt, mask, **kwargs))
-  cached = np.asarray(generate(config, params, prompt, mask, cache=cache, cache_refresh=1,
-                               **kwargs))
+  cached = np.asarray(
+      generate(config, params, prompt, mask, cache=cache, cache_refresh=1, **kwargs)
+  )
   np.testing.assert_array_equal(cached, exact)
   assert not (exact[:, 2:] == config.tokens.mask_id).any()
 
@@ -164,30 +191,46 @@ def test_cache_with_infilling_and_padding_is_exact_when_refreshed(model_and_para
 def test_stale_cache_fills_every_mask_and_keeps_the_prompt(model_and_params):
   config, params = model_and_params
   for cache in ("prefix", "dual"):
-    out = np.asarray(generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8,
-                              cache=cache, parallel_threshold=0.5))
+    out = np.asarray(
+        generate(
+            config,
+            params,
+            _prompt(),
+            steps=8,
+            gen_length=16,
+            block_length=8,
+            cache=cache,
+            parallel_threshold=0.5,
+        )
+    )
     np.testing.assert_array_equal(out[:, :5], np.asarray(_prompt()))
     assert not (out == config.tokens.mask_id).any()
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(cache="kv"), "cache='kv' is not allowed"),
-    (dict(cache="dual", cache_refresh=-1), "cache_refresh=-1 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(cache="kv"), "cache='kv' is not allowed"),
+        (dict(cache="dual", cache_refresh=-1), "cache_refresh=-1 is not allowed"),
+    ],
+)
 def test_bad_cache_options_are_one_line_errors(model_and_params, kwargs, needle):
   config, params = model_and_params
   with pytest.raises(ValueError, match=needle):
     generate(config, params, _prompt(), steps=8, gen_length=16, block_length=8, **kwargs)
 
 
-@pytest.mark.parametrize("options", [
-    dict(remasking="random", temperature=1.0),
-    dict(remasking="low_confidence", temperature=0.7, cfg_scale=0.5),
-    dict(parallel_threshold=0.3, temperature=1.0),
-    dict(cache="prefix", temperature=1.0),
-    dict(cache="dual", parallel_threshold=0.3, temperature=1.0),
-    dict(remasking="random", temperature=1.0, infill=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(remasking="random", temperature=1.0),
+        dict(remasking="low_confidence", temperature=0.7, cfg_scale=0.5),
+        dict(parallel_threshold=0.3, temperature=1.0),
+        dict(cache="prefix", temperature=1.0),
+        dict(cache="dual", parallel_threshold=0.3, temperature=1.0),
+        dict(remasking="random", temperature=1.0, infill=True),
+    ],
+)
 def test_an_answer_is_the_same_alone_and_in_any_batch(model_and_params, options):
   """Item keys fold_in(seed, item): the answer of a prompt does not depend on its neighbours,
   the batch's padded width or the batch size, with noise, CFG, thresholds, caches, infilling.
@@ -204,13 +247,14 @@ def test_an_answer_is_the_same_alone_and_in_any_batch(model_and_params, options)
   width = 12
   batch = np.full((3, width), config.tokens.pad_id, np.int32)
   for row, p in enumerate(prompts):
-    batch[row, width - len(p):] = p
+    batch[row, width - len(p) :] = p
   keys = item_keys(jax.random.PRNGKey(11), [4, 9, 2])
   kwargs = dict(steps=8, gen_length=16, block_length=8, **options)
-  together = np.asarray(generate(config, params, batch, batch != config.tokens.pad_id, rng=keys,
-                                 **kwargs))[:, width:]
+  together = np.asarray(
+      generate(config, params, batch, batch != config.tokens.pad_id, rng=keys, **kwargs)
+  )[:, width:]
   alone = np.asarray(generate(config, params, np.asarray([prompts[0]]), rng=keys[:1], **kwargs))
-  np.testing.assert_array_equal(alone[0, len(prompts[0]):], together[0])
+  np.testing.assert_array_equal(alone[0, len(prompts[0]) :], together[0])
   if infill:
     assert alone[0, 2] != mask_id
 
@@ -219,8 +263,12 @@ def test_an_answer_is_the_same_alone_and_in_any_batch(model_and_params, options)
 def _jitted_window_logits(model_cfg):
   """cache.window_logits of the model, jitted with start and end static (host loops call it)."""
   model = Transformer(model_cfg)
-  return jax.jit(lambda params, tokens, mask, uncond, scale, start, end, cache: window_logits(
-      model, params, tokens, mask, uncond, scale, start, end, cache), static_argnums=(5, 6))
+  return jax.jit(
+      lambda params, tokens, mask, uncond, scale, start, end, cache: window_logits(
+          model, params, tokens, mask, uncond, scale, start, end, cache
+      ),
+      static_argnums=(5, 6),
+  )
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
@@ -261,8 +309,9 @@ def _stale_cache_decoding(config, params, prompt, mode, steps, gen_length, block
     block_start = prompt_len + block * block_length
     block_end = block_start + block_length
     start, end = window(mode, block_start, block_end, total)
-    counts = _official_num_transfer_tokens((x[:, block_start:block_end] == mask_id).sum(1),
-                                           steps // blocks)
+    counts = _official_num_transfer_tokens(
+        (x[:, block_start:block_end] == mask_id).sum(1), steps // blocks
+    )
     for i in range(steps // blocks):
       out, fresh = run(params, x, mask, None, 0.0, start, end, None if i == 0 else cache)
       if i == 0:
@@ -273,7 +322,7 @@ def _stale_cache_decoding(config, params, prompt, mode, steps, gen_length, block
       candidate = (x[:, start:end] == mask_id) & (np.arange(start, end) < block_end)
       confidence = np.where(candidate, confidence, -np.inf)
       for row in range(rows):
-        chosen = np.argsort(-confidence[row], kind="stable")[:counts[row, i]]
+        chosen = np.argsort(-confidence[row], kind="stable")[: counts[row, i]]
         x[row, start + chosen] = proposal[row, chosen]
   return x
 

@@ -64,8 +64,11 @@ def test_three_steps_agree_on_every_mesh(reference, name):
   config = _config(MESHES[name])
   state, losses = _steps(config, jax.devices(), _batches(config, 3))
   np.testing.assert_allclose(losses, reference[1], rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(state.params), jax.device_get(reference[0].params))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      jax.device_get(state.params),
+      jax.device_get(reference[0].params),
+  )
 
 
 def test_train_state_is_split_as_the_logical_axis_rules_say():
@@ -83,11 +86,14 @@ def test_train_state_is_split_as_the_logical_axis_rules_say():
   mlp_in, norm = (P(None, "fsdp", "tensor"), (2, 32, 64)), (P(None, None), (2, 64))
   expected = {
       "['blocks']['q_proj']['kernel']": fsdp_tensor,
-      "['blocks']['k_proj']['kernel']": kv_proj, "['blocks']['v_proj']['kernel']": kv_proj,
+      "['blocks']['k_proj']['kernel']": kv_proj,
+      "['blocks']['v_proj']['kernel']": kv_proj,
       "['blocks']['attn_out']['kernel']": (P(None, "tensor", None, "fsdp"), (2, 2, 16, 32)),
-      "['blocks']['ff_proj']['kernel']": mlp_in, "['blocks']['up_proj']['kernel']": mlp_in,
+      "['blocks']['ff_proj']['kernel']": mlp_in,
+      "['blocks']['up_proj']['kernel']": mlp_in,
       "['blocks']['ff_out']['kernel']": (P(None, "tensor", "fsdp"), (2, 64, 32)),
-      "['blocks']['attn_norm']['weight']": norm, "['blocks']['ff_norm']['weight']": norm,
+      "['blocks']['attn_norm']['weight']": norm,
+      "['blocks']['ff_norm']['weight']": norm,
       "['ln_f']['weight']": (P(None), (64,)),
       "['wte']['embedding']": (P("tensor", "fsdp"), (130, 32)),
       "['ff_out']['kernel']": (P("fsdp", "tensor"), (32, 130)),
@@ -121,13 +127,18 @@ def test_save_on_one_mesh_restore_on_another_and_continue_identically(tmp_path, 
   model, tx = Transformer(ModelConfig.from_config(target)), make_optimizer(target)
   abstract, _ = state_shardings(target, model, tx, make_mesh(target, jax.devices()))
   restored = checkpoint.load_state(tmp_path, 2, abstract)
-  assert restored.params["wte"]["embedding"].sharding.spec == abstract.params["wte"][
-      "embedding"].sharding.spec
+  assert (
+      restored.params["wte"]["embedding"].sharding.spec
+      == abstract.params["wte"]["embedding"].sharding.spec
+  )
   continued, losses = _steps(target, jax.devices(), batches[2:], state=restored)
   straight, straight_losses = _steps(source, jax.devices(), batches[2:], state=state)
   np.testing.assert_allclose(losses, straight_losses, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(continued.params), jax.device_get(straight.params))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      jax.device_get(continued.params),
+      jax.device_get(straight.params),
+  )
 
 
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
@@ -138,13 +149,30 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   micro = ROOT / "tests" / "configs" / "micro.py"
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   result = subprocess.run(
-      [str(ROOT / "launch" / "local.sh"), "2", "4", "--", sys.executable, "-m", "llada_jax.train",
-       f"--config={micro}", "--config.data.num_shards=2", f"--workdir={tmp_path / 'multi'}"],
-      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False)
+      [
+          str(ROOT / "launch" / "local.sh"),
+          "2",
+          "4",
+          "--",
+          sys.executable,
+          "-m",
+          "llada_jax.train",
+          f"--config={micro}",
+          "--config.data.num_shards=2",
+          f"--workdir={tmp_path / 'multi'}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+      cwd=ROOT,
+      check=False,
+  )
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
   assert "[0] " in result.stdout and "[1] " in result.stdout
 
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("micro", micro)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -156,8 +184,11 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
   multi = checkpoint.load_params(tmp_path / "multi", step, abstract.params)
   single = checkpoint.load_params(tmp_path / "single", step, abstract.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               jax.device_get(multi), jax.device_get(single))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      jax.device_get(multi),
+      jax.device_get(single),
+  )
 
 
 def test_aot_compile_reports_per_device_state_bytes():
@@ -170,28 +201,45 @@ def test_aot_compile_reports_per_device_state_bytes():
   assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
   assert report.argument_bytes == pytest.approx(state_bytes / 8 + batch_bytes / 8, rel=0.05)
   assert report.alias_bytes > 0.9 * state_bytes / 8  # the donated state is updated in place
-  assert report.peak_bytes == (report.argument_bytes + report.output_bytes + report.temp_bytes
-                               - report.alias_bytes)
+  assert report.peak_bytes == (
+      report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
+  )
   assert report.flops_per_device > 0 and report.model_flops_per_step > 0
 
 
 def test_compile_command_line_on_fake_devices():
   result = subprocess.run(
-      [sys.executable, "-m", "llada_jax.compile", f"--config={ROOT / 'tests/configs/micro.py'}",
-       "--num_devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1", "--hbm_gib=1"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.compile",
+          f"--config={ROOT / 'tests/configs/micro.py'}",
+          "--num_devices=4",
+          "--config.mesh.fsdp=4",
+          "--config.mesh.data=1",
+          "--hbm_gib=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "compiled the train program for 4 cpu devices" in result.stdout
   assert "fits in 1 GiB per device" in result.stdout
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    ({"mesh.data": 3}, "the axes must multiply to the 8 devices"),
-    ({"mesh.data": 8, "data.batch_size": 12}, "data.batch_size=12 is not allowed"),
-    ({"mesh.data": 2, "mesh.tensor": 4}, "model.n_kv_heads=2 is not allowed"),
-    ({"mesh.data": 1, "mesh.tensor": 8}, "model.vocab_size=260 is not allowed"),
-    ({"mesh.dcn_data": 3}, "mesh.dcn_"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"mesh.data": 3}, "the axes must multiply to the 8 devices"),
+        ({"mesh.data": 8, "data.batch_size": 12}, "data.batch_size=12 is not allowed"),
+        ({"mesh.data": 2, "mesh.tensor": 4}, "model.n_kv_heads=2 is not allowed"),
+        ({"mesh.data": 1, "mesh.tensor": 8}, "model.vocab_size=260 is not allowed"),
+        ({"mesh.dcn_data": 3}, "mesh.dcn_"),
+    ],
+)
 def test_bad_meshes_fail_before_compiling(overrides, needle):
   config = make_tiny_config()
   for key, value in overrides.items():

@@ -15,7 +15,7 @@ _SHAKESPEARE, _GUTENBERG = (split_text(name)["train"] for name in ("tinyshakespe
 
 def _around(text: str, marker: str, before: int, after: int) -> str:
   index = text.index(marker)
-  return text[index - before:index + after]
+  return text[index - before : index + after]
 
 
 PASSAGES = [
@@ -26,8 +26,16 @@ PASSAGES = [
     _around(_GUTENBERG, "\n                          * * * * *\n", 200, 300),
 ]
 ODD_TEXTS = [
-    "", " ", "\n", "\n\n\n", "  two leading spaces", "trailing spaces  \n", "a\tb\t\tc\r\n",
-    "café, naïve, Ελληνικά, 日本語", "emoji 😀👍🏽 and \x00\x7f control bytes", "x  y   z",
+    "",
+    " ",
+    "\n",
+    "\n\n\n",
+    "  two leading spaces",
+    "trailing spaces  \n",
+    "a\tb\t\tc\r\n",
+    "café, naïve, Ελληνικά, 日本語",
+    "emoji 😀👍🏽 and \x00\x7f control bytes",
+    "x  y   z",
     "3.14159, 2025",
 ]
 

@@ -27,6 +27,7 @@ from gcs_server import GCSServer, environment_for  # noqa: E402
 
 from llada_jax import storage  # noqa: E402
 from llada_jax.training import checkpoint  # noqa: E402
+
 # pylint: enable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +89,14 @@ def test_training_writes_everything_to_the_bucket(trained):
   assert any(n.startswith("tensorboard/events.") for n in names)
   assert checkpoint.latest_step(trained) == 4 and "train.lock" not in names
   assert {"checkpoints/2/config/metadata", "checkpoints/4/config/metadata"} <= names
-  lines = storage.path(trained, ).joinpath("metrics.jsonl").read_text().splitlines()
+  lines = (
+      storage.path(
+          trained,
+      )
+      .joinpath("metrics.jsonl")
+      .read_text()
+      .splitlines()
+  )
   assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines][:2] == [1, 2]
 
 
@@ -130,8 +138,9 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_is_skipped_and_kept(trained, 
     for obj in data:
       obj.write_bytes(obj.read_bytes()[:7])
   else:
-    markers = [storage.path(n) for n, _ in _listing(str(step_dir))
-               if n.endswith("commit_success.txt")]
+    markers = [
+        storage.path(n) for n, _ in _listing(str(step_dir)) if n.endswith("commit_success.txt")
+    ]
     for marker in markers:
       marker.unlink()
   before = _listing(run)
@@ -141,8 +150,7 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_is_skipped_and_kept(trained, 
 
 
 def _env(gcs):
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3",
-              **gcs.env())
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", **gcs.env())
 
 
 @pytest.mark.slow
@@ -151,9 +159,16 @@ def test_a_storage_outage_during_a_save_fails_loudly_or_retries(gcs):
   or the run stops with an error; it never goes on believing it saved, and the last good
   checkpoint stays restorable."""
   run = gcs.bucket("outage") + "/run"
-  command = [sys.executable, "-m", "llada_jax.train", "--config=tests/configs/micro.py",
-             f"--workdir={run}", "--config.train.num_steps=40", "--config.checkpoint.save_every=5",
-             "--config.train.log_every=1"]
+  command = [
+      sys.executable,
+      "-m",
+      "llada_jax.train",
+      "--config=tests/configs/micro.py",
+      f"--workdir={run}",
+      "--config.train.num_steps=40",
+      "--config.checkpoint.save_every=5",
+      "--config.train.log_every=1",
+  ]
   proc = subprocess.Popen(command, cwd=ROOT, env=_env(gcs), stderr=subprocess.PIPE, text=True)
   for line in proc.stderr:
     if "step 7 |" in line:
@@ -169,14 +184,26 @@ def test_a_storage_outage_during_a_save_fails_loudly_or_retries(gcs):
   else:  # a lost upload: one line naming the step and the checkpoint to resume from
     assert code == 2 and "error: saving checkpoint" in out and "rerun the same command" in out
   from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+
   step, _, _ = load_model_and_step(run)
   assert step == steps[0] or step in steps
 
 
 def _two_process_command(workdir, *flags):
-  return [str(ROOT / "launch" / "local.sh"), "2", "4", "--", sys.executable, "-m",
-          "llada_jax.train", f"--config={ROOT / 'tests/configs/micro.py'}", f"--workdir={workdir}",
-          "--config.optimizer.decay_fraction=0.0", "--config.train.log_every=1", *flags]
+  return [
+      str(ROOT / "launch" / "local.sh"),
+      "2",
+      "4",
+      "--",
+      sys.executable,
+      "-m",
+      "llada_jax.train",
+      f"--config={ROOT / 'tests/configs/micro.py'}",
+      f"--workdir={workdir}",
+      "--config.optimizer.decay_fraction=0.0",
+      "--config.train.log_every=1",
+      *flags,
+  ]
 
 
 @pytest.mark.slow
@@ -186,22 +213,34 @@ def test_sigterm_in_a_two_process_job_on_the_bucket_saves_one_step_and_exits_0(g
   import signal  # pylint: disable=g-import-not-at-top
 
   run = gcs.bucket("preempted") + "/run"
-  proc = subprocess.Popen(_two_process_command(run, "--config.train.num_steps=3000",
-                                               "--config.checkpoint.save_every=1000"),
-                          cwd=ROOT, env=_env(gcs), stdout=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+      _two_process_command(
+          run, "--config.train.num_steps=3000", "--config.checkpoint.save_every=1000"
+      ),
+      cwd=ROOT,
+      env=_env(gcs),
+      stdout=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+  )
   for line in proc.stdout:
     if "step 20 |" in line:
       break
-  trainers = subprocess.run(["pgrep", "-f", f"^[^ ]*python[^ ]* -m llada_jax.train .*{run}"],
-                            capture_output=True, text=True).stdout.split()
+  trainers = subprocess.run(
+      ["pgrep", "-f", f"^[^ ]*python[^ ]* -m llada_jax.train .*{run}"],
+      capture_output=True,
+      text=True,
+  ).stdout.split()
   assert len(trainers) == 2
   for pid in trainers:  # the two processes, not the launcher
     os.kill(int(pid), signal.SIGTERM)
   out = proc.stdout.read()
   assert proc.wait(timeout=300) == 0, out[-3000:]
-  saved = [line.split("saved step ")[1].split()[0] for line in out.splitlines()
-           if "preempted: saved step" in line]
+  saved = [
+      line.split("saved step ")[1].split()[0]
+      for line in out.splitlines()
+      if "preempted: saved step" in line
+  ]
   assert len(saved) == 2 and saved[0] == saved[1], out[-3000:]
   assert checkpoint.latest_step(run) == int(saved[0]) < 3000
 
@@ -216,23 +255,46 @@ def test_kill_9_of_a_two_process_job_on_the_bucket_then_rerun_is_bitwise_uninter
   from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
 
   bucket = gcs.bucket("killed")
-  flags = ("--config.train.num_steps=24", "--config.checkpoint.save_every=4",
-           "--config.checkpoint.keep=2", "--config.checkpoint.async_save=True")
-  reference = subprocess.run(_two_process_command(f"{bucket}/reference", *flags), cwd=ROOT,
-                             env=_env(gcs), capture_output=True, text=True, timeout=600)
+  flags = (
+      "--config.train.num_steps=24",
+      "--config.checkpoint.save_every=4",
+      "--config.checkpoint.keep=2",
+      "--config.checkpoint.async_save=True",
+  )
+  reference = subprocess.run(
+      _two_process_command(f"{bucket}/reference", *flags),
+      cwd=ROOT,
+      env=_env(gcs),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert reference.returncode == 0, reference.stdout[-3000:]
   for delay in (17.0, 22.0):
     run = f"{bucket}/after{int(delay)}"
-    proc = subprocess.Popen(_two_process_command(run, *flags), cwd=ROOT, env=_env(gcs),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _two_process_command(run, *flags),
+        cwd=ROOT,
+        env=_env(gcs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    rerun = subprocess.run(_two_process_command(run, *flags), cwd=ROOT, env=_env(gcs),
-                           capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(
+        _two_process_command(run, *flags),
+        cwd=ROOT,
+        env=_env(gcs),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    (step, _, got), (_, _, want) = (load_model_and_step(run),
-                                    load_model_and_step(f"{bucket}/reference"))
+    (step, _, got), (_, _, want) = (
+        load_model_and_step(run),
+        load_model_and_step(f"{bucket}/reference"),
+    )
     assert step == 24
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))

@@ -71,8 +71,9 @@ def by_hand(rolled_back):
   rollback run, with the peak learning rate itself x 0.25 and lr_scale left at 1, step 6 made
   non-finite: after each step, (host copies of params and opt_state, nonfinite, step, skipped)."""
   config = _config(nonfinite="skip", inject_nan_at_step=6)
-  config.optimizer.update(peak_lr=0.25 * config.optimizer.peak_lr,
-                          final_lr=0.25 * config.optimizer.final_lr)
+  config.optimizer.update(
+      peak_lr=0.25 * config.optimizer.peak_lr, final_lr=0.25 * config.optimizer.final_lr
+  )
   mesh = make_mesh(config)
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
   abstract, shardings = state_shardings(config, model, tx, mesh)
@@ -83,21 +84,29 @@ def by_hand(rolled_back):
   after = {}
   for number in range(4, 8):
     state, metrics = step(state, next(batches))  # donates the state: keep host copies
-    after[number] = (jax.device_get((state.params, state.opt_state)), bool(metrics["nonfinite"]),
-                     int(state.step), int(state.skipped))
+    after[number] = (
+        jax.device_get((state.params, state.opt_state)),
+        bool(metrics["nonfinite"]),
+        int(state.step),
+        int(state.skipped),
+    )
   batches.close()
   return after
 
 
-def test_rollback_continues_as_a_run_from_the_checkpoint_at_a_quarter_of_the_rate(rolled_back,
-                                                                                  by_hand):
+def test_rollback_continues_as_a_run_from_the_checkpoint_at_a_quarter_of_the_rate(
+    rolled_back, by_hand
+):
   """The rolled-back run's final parameters equal those of steps 4 and 5 run by hand from
   checkpoint 4 at a quarter of the peak rate: restoring nothing, an older checkpoint, another
   data position or a step that ignores lr_scale all fail here."""
   (params, _), nonfinite, step, _ = by_hand[5]
   assert not nonfinite and step == 6
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               _params(rolled_back[1]), params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      _params(rolled_back[1]),
+      params,
+  )
 
 
 def test_nan_with_skip_skips_exactly_that_update(tmp_path):
@@ -110,11 +119,16 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bitwise_as_they_we
   """Steps 4 and 5 are finite, step 6's loss is NaN: parameters and optimizer state after step 6
   are bitwise those after step 5 (only step and skipped count on; checkpoint 4 already counts the
   rollback run's skipped step 3); step 7 updates again."""
-  assert [by_hand[n][1:] for n in range(4, 8)] == [(False, 5, 1), (False, 6, 1), (True, 7, 2),
-                                                   (False, 8, 2)]
+  assert [by_hand[n][1:] for n in range(4, 8)] == [
+      (False, 5, 1),
+      (False, 6, 1),
+      (True, 7, 2),
+      (False, 8, 2),
+  ]
   jax.tree.map(np.testing.assert_array_equal, by_hand[6][0], by_hand[5][0])
-  assert _finite(by_hand[7][0]) and not np.array_equal(by_hand[7][0][0]["ln_f"]["weight"],
-                                                       by_hand[6][0][0]["ln_f"]["weight"])
+  assert _finite(by_hand[7][0]) and not np.array_equal(
+      by_hand[7][0][0]["ln_f"]["weight"], by_hand[6][0][0]["ln_f"]["weight"]
+  )
 
 
 def test_divergence_beyond_max_rollbacks_is_an_error(tmp_path):
@@ -142,13 +156,26 @@ def _env():
 
 
 def _train_command(workdir, *flags):
-  return [sys.executable, "-m", "llada_jax.train", f"--config={MICRO}", f"--workdir={workdir}",
-          "--config.optimizer.decay_fraction=0.0", *flags]
+  return [
+      sys.executable,
+      "-m",
+      "llada_jax.train",
+      f"--config={MICRO}",
+      f"--workdir={workdir}",
+      "--config.optimizer.decay_fraction=0.0",
+      *flags,
+  ]
 
 
 def _start(workdir, *flags):
-  return subprocess.Popen(_train_command(workdir, *flags), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      _train_command(workdir, *flags),
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def _wait_for_line(proc, needle, timeout=300):
@@ -173,9 +200,16 @@ def test_sigterm_saves_at_the_next_step_and_the_rerun_resumes(tmp_path):
   assert proc.wait(timeout=120) == 0, out[-3000:]
   saved = checkpoint.latest_step(tmp_path)
   assert 5 <= saved < 500 and f"preempted: saved step {saved}" in out
-  rerun = subprocess.run(_train_command(tmp_path, f"--config.train.num_steps={saved + 2}",
-                                        "--config.checkpoint.save_every=1000"),
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(
+      _train_command(
+          tmp_path, f"--config.train.num_steps={saved + 2}", "--config.checkpoint.save_every=1000"
+      ),
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed from the checkpoint at step {saved}" in rerun.stderr
   assert checkpoint.latest_step(tmp_path) == saved + 2
@@ -186,15 +220,25 @@ def _checkpoint_tmp_dir(workdir):
   return root.is_dir() and any("tmp" in p.name for p in root.iterdir())
 
 
-KILL_FLAGS = ("--config.train.num_steps=12", "--config.checkpoint.save_every=3",
-              "--config.checkpoint.async_save=True", "--config.checkpoint.keep=2")
+KILL_FLAGS = (
+    "--config.train.num_steps=12",
+    "--config.checkpoint.save_every=3",
+    "--config.checkpoint.async_save=True",
+    "--config.checkpoint.keep=2",
+)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = subprocess.run(_train_command(workdir, *KILL_FLAGS), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      _train_command(workdir, *KILL_FLAGS),
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return _stored_params(workdir)
 
@@ -203,16 +247,24 @@ def _stored_params(workdir):
   config = checkpoint.load_config(workdir)
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
-  return jax.device_get(checkpoint.load_params(workdir, checkpoint.latest_step(workdir),
-                                               abstract.params))
+  return jax.device_get(
+      checkpoint.load_params(workdir, checkpoint.latest_step(workdir), abstract.params)
+  )
 
 
-@pytest.mark.parametrize("moment", [
-    "mid_step", "mid_async_save",
-    pytest.param("between_saves", marks=pytest.mark.slow),  # mid_step restarts between saves too
-])
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "mid_step",
+        "mid_async_save",
+        pytest.param(
+            "between_saves", marks=pytest.mark.slow
+        ),  # mid_step restarts between saves too
+    ],
+)
 def test_kill_9_at_any_moment_then_rerun_gives_bitwise_the_same_parameters(
-    tmp_path, uninterrupted, moment):
+    tmp_path, uninterrupted, moment
+):
   proc = _start(tmp_path, *KILL_FLAGS)
   if moment == "mid_step":
     _wait_for_line(proc, "step 4 |")
@@ -228,8 +280,14 @@ def test_kill_9_at_any_moment_then_rerun_gives_bitwise_the_same_parameters(
   root = checkpoint.checkpoint_dir(tmp_path)
   saved = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
   assert not saved or saved[-1] < 12  # the run was cut short
-  rerun = subprocess.run(_train_command(tmp_path, *KILL_FLAGS), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(
+      _train_command(tmp_path, *KILL_FLAGS),
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert checkpoint.latest_step(tmp_path) == 12
   jax.tree.map(np.testing.assert_array_equal, _stored_params(tmp_path), uninterrupted)
@@ -253,7 +311,8 @@ def test_full_disk_is_an_error_before_training(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="has 0.00 GB free; one checkpoint of this model needs"):
     train(_config(), tmp_path)
   assert not checkpoint.checkpoint_dir(tmp_path).exists() or not any(
-      checkpoint.checkpoint_dir(tmp_path).iterdir())
+      checkpoint.checkpoint_dir(tmp_path).iterdir()
+  )
 
 
 @pytest.fixture(scope="module")
@@ -296,11 +355,15 @@ def test_read_only_restore_skips_a_damaged_newest_step_and_moves_nothing(finishe
   workdir = _copy(finished, tmp_path)
   _damage(workdir, 4, how)
   before = _listing(workdir)
-  step, config, params = checkpoint.restore_newest(workdir, _serving_params, params_only=True,
-                                                   read_only=True)
+  step, config, params = checkpoint.restore_newest(
+      workdir, _serving_params, params_only=True, read_only=True
+  )
   assert step == 2 and config.model.d_model == 64
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
-               jax.device_get(checkpoint.load_params(workdir, 2, _serving_params(config))))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.device_get(params),
+      jax.device_get(checkpoint.load_params(workdir, 2, _serving_params(config))),
+  )
   assert _listing(workdir) == before
 
 
@@ -309,8 +372,10 @@ def test_no_restorable_step_is_a_one_line_error_that_moves_nothing(finished, tmp
   _damage(workdir, 4, "truncate")
   _damage(workdir, 2, "delete")
   before = _listing(workdir)
-  with pytest.raises(CheckpointError, match=r"no checkpoint in it can be restored \(newest: "
-                     r"step 4: its tensors cannot be read") as error:
+  with pytest.raises(
+      CheckpointError,
+      match=r"no checkpoint in it can be restored \(newest: " r"step 4: its tensors cannot be read",
+  ) as error:
     checkpoint.restore_newest(workdir, _serving_params, params_only=True, read_only=True)
   assert "\n" not in str(error.value)
   with pytest.raises(CheckpointError, match="no checkpoint in it can be restored"):
@@ -318,13 +383,24 @@ def test_no_restorable_step_is_a_one_line_error_that_moves_nothing(finished, tmp
   assert _listing(workdir) == before
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.d_model", 128, "holds a different model: model.d_model=128 but the checkpoint has 64"),
-    ("optimizer.grad_clip_norm", 0.0, "holds a different optimizer state: checkpoint 4 has no "
-     "opt_state.0.count;"),
-])
-def test_resume_with_another_model_stops_and_leaves_the_checkpoints_alone(finished, tmp_path,
-                                                                         field, value, message):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "model.d_model",
+            128,
+            "holds a different model: model.d_model=128 but the checkpoint has 64",
+        ),
+        (
+            "optimizer.grad_clip_norm",
+            0.0,
+            "holds a different optimizer state: checkpoint 4 has no " "opt_state.0.count;",
+        ),
+    ],
+)
+def test_resume_with_another_model_stops_and_leaves_the_checkpoints_alone(
+    finished, tmp_path, field, value, message
+):
   workdir = _copy(finished, tmp_path)
   before = _listing(workdir)
   config = _config()
@@ -355,8 +431,11 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path):
   assert f'"pid": {os.getpid()}' in lock.read_text()
   taker.release()
   lock.write_text('{"pid": 1, "host": "elsewhere.example", "started": "yesterday"}')
-  with pytest.raises(ConfigError, match=r"locked by pid 1 on host elsewhere.example, started "
-                     "yesterday, which this host cannot check; if that run has ended, delete"):
+  with pytest.raises(
+      ConfigError,
+      match=r"locked by pid 1 on host elsewhere.example, started "
+      "yesterday, which this host cannot check; if that run has ended, delete",
+  ):
     WorkdirLock(tmp_path).acquire()
 
 
@@ -378,11 +457,18 @@ def test_first_ctrl_c_requests_a_save_and_the_second_aborts():
 
 
 def test_ctrl_c_saves_at_the_next_step_and_a_second_trainer_is_refused_meanwhile(tmp_path):
-  proc = _start(tmp_path, "--config.train.num_steps=100000",
-                "--config.checkpoint.save_every=100000")
+  proc = _start(
+      tmp_path, "--config.train.num_steps=100000", "--config.checkpoint.save_every=100000"
+  )
   _wait_for_line(proc, "step 5 |")
-  second = subprocess.run(_train_command(tmp_path, "--config.optimizer.peak_lr=1e-3"), cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+  second = subprocess.run(
+      _train_command(tmp_path, "--config.optimizer.peak_lr=1e-3"),
+      cwd=ROOT,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert second.returncode == 2, second.stderr[-3000:]
   error = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
   assert len(error) == 1 and f"in use by another trainer: pid {proc.pid} on " in error[0]
@@ -413,16 +499,31 @@ def test_every_read_only_command_falls_back_past_a_damaged_step(finished, tmp_pa
   assert (tmp_path / "hf" / "model.safetensors").is_file()
   assert _listing(workdir) == before
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  result = subprocess.run([sys.executable, "-m", "llada_jax.sample", f"--workdir={workdir}",
-                           "--prompt=ab", "--gen_length=4", "--steps=4", "--block_length=4"],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.sample",
+          f"--workdir={workdir}",
+          "--prompt=ab",
+          "--gen_length=4",
+          "--steps=4",
+          "--block_length=4",
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "checkpoint 4 in" in result.stderr and "cannot be restored" in result.stderr
   assert _listing(workdir) == before
 
 
 def test_a_divergence_that_comes_back_rolls_back_at_lower_rates_until_max_rollbacks(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   """A step that is non-finite at every learning rate: each rollback cuts the rate again and
   the third stops the run (once the count and cut came from the checkpoint, so they repeated
   1 and x0.25 forever)."""
@@ -439,6 +540,7 @@ def test_a_divergence_that_comes_back_rolls_back_at_lower_rates_until_max_rollba
       rates.append(float(state.lr_scale))
       assert len(rates) < 60, "rollbacks never stop"
       return state, dict(metrics, nonfinite=metrics["nonfinite"] | (state.step == 5))
+
     return run
 
   monkeypatch.setattr(loop, "make_train_step", diverging_step)
@@ -447,8 +549,9 @@ def test_a_divergence_that_comes_back_rolls_back_at_lower_rates_until_max_rollba
   assert sorted(set(rates), reverse=True) == [1.0, 0.25, 0.0625]
 
 
-def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path,
-                                                                               monkeypatch):
+def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(
+    tmp_path, monkeypatch
+):
   """A write that fails in the background (storage down) surfaces at the next save or wait as
   SaveFailed, not as a library traceback, and training does not go on as if it had saved."""
   from llada_jax.errors import SaveFailed  # pylint: disable=g-import-not-at-top
@@ -457,6 +560,7 @@ def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(
   saver = checkpoint.Checkpointer(tmp_path, config)
   model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
   from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+
   state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1]))
   saver.save(2, state, force=True)
   saver.wait()
@@ -465,8 +569,11 @@ def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(
     raise OSError("connection refused")
 
   monkeypatch.setattr(saver._manager, "wait_until_finished", broken)  # pylint: disable=protected-access
-  with pytest.raises(SaveFailed, match=r"saving checkpoint 4 to .* failed: connection refused; the "
-                     r"newest complete checkpoint is 2: rerun the same command") as error:
+  with pytest.raises(
+      SaveFailed,
+      match=r"saving checkpoint 4 to .* failed: connection refused; the "
+      r"newest complete checkpoint is 2: rerun the same command",
+  ) as error:
     saver.save(4, state, force=True)
     saver.wait()
   assert "\n" not in str(error.value)
@@ -480,11 +587,14 @@ def test_a_lock_held_by_a_killed_unreaped_process_is_stale(tmp_path):
   child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   child.kill()
   deadline = time.time() + 10
-  while (pathlib.Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-         and time.time() < deadline):
+  while (
+      pathlib.Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+      and time.time() < deadline
+  ):
     time.sleep(0.05)
-  (tmp_path / LOCK_NAME).write_text(json_lib.dumps({"pid": child.pid, "host": socket.gethostname(),
-                                                    "started": "earlier"}))
+  (tmp_path / LOCK_NAME).write_text(
+      json_lib.dumps({"pid": child.pid, "host": socket.gethostname(), "started": "earlier"})
+  )
   lock = WorkdirLock(tmp_path)
   lock.acquire()  # taken over, not refused
   lock.release()

@@ -36,8 +36,15 @@ micro = _load(MICRO_LADDER, "micro_ladder")
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  return subprocess.run(
+      [sys.executable, "launch/sweep.py", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
 
 
 def _pairs(lad: ladder.Ladder):
@@ -71,6 +78,7 @@ def test_cpu_ladder_spans_the_sizes_and_compute_grows():
 
 def test_pod_ladder_holds_the_llada_1b_shape():
   from configs import llada_1b  # pylint: disable=import-outside-toplevel
+
   c = ladder.run_config(pod.LADDER, "1b-mdm-1e20")
   want = llada_1b.get_config().model
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
@@ -96,23 +104,29 @@ def test_num_steps_spend_the_budget_within_a_step(name, convention):
   lad = dataclasses.replace(LADDERS[name], convention=convention)
   for run in ladder.runs(lad):
     c = ladder.run_config(lad, run)
-    per_token = (model_flops_per_token(c) if convention == "exact"
-                 else 6.0 * non_embedding_parameters(c))
+    per_token = (
+        model_flops_per_token(c) if convention == "exact" else 6.0 * non_embedding_parameters(c)
+    )
     per_step = per_token * c.data.batch_size * c.data.sequence_length
     assert abs(c.train.num_steps * per_step - run.budget) <= per_step / 2
 
 
 def test_run_names_round_trip():
   assert [ladder.format_budget(b) for b in (3e13, 1.5e19, 2.25e14, 1e8)] == [
-      "3e13", "1.5e19", "2.25e14", "1e8"]
+      "3e13",
+      "1.5e19",
+      "2.25e14",
+      "1e8",
+  ]
   for lad in LADDERS.values():
     for run in ladder.runs(lad):
       assert ladder.parse_run(lad, run.name) == run
   assert ladder.parse_run(cpu.LADDER, "d64-arm-1.0e12").name == "d64-arm-1e12"
 
 
-@pytest.mark.parametrize("bad", ["d65-mdm-1e12", "d64-gpt-1e12", "d64-mdm-2e12", "d64-mdm-x",
-                                 "d64", ""])
+@pytest.mark.parametrize(
+    "bad", ["d65-mdm-1e12", "d64-gpt-1e12", "d64-mdm-2e12", "d64-mdm-x", "d64", ""]
+)
 def test_bad_run_name_is_one_line_error_listing_the_runs(bad):
   with pytest.raises(ConfigError) as e:
     cpu.get_config(bad)
@@ -138,24 +152,37 @@ def test_ladder_checks_its_budgets_and_convention():
 def _check_with_launcher_dry_run(command: list[str]) -> str:
   """Runs a printed launcher command with the launcher's own --dry_run: it must accept it."""
   script = next(i for i, a in enumerate(command) if a.startswith("launch/"))
-  dry = ["bash", *command[script:script + 1], "--dry_run", *command[script + 1:]]
+  dry = ["bash", *command[script : script + 1], "--dry_run", *command[script + 1 :]]
   result = subprocess.run(dry, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
   assert result.returncode == 0, result.stderr
   return result.stdout
 
 
 def test_print_mode_wraps_each_run_for_every_launcher():
-  args = ("--ladder=configs/scaling/pod.py", "--out=gs://b/sc", "--mode=print", "--only=^1b-",
-          "--objectives=mdm", "--", "--config.data.task=corpora")
+  args = (
+      "--ladder=configs/scaling/pod.py",
+      "--out=gs://b/sc",
+      "--mode=print",
+      "--only=^1b-",
+      "--objectives=mdm",
+      "--",
+      "--config.data.task=corpora",
+  )
   want = "--config=configs/scaling/pod.py:1b-mdm-1e19 --workdir=gs://b/sc/1b-mdm-1e19"
   expected = {
       "local": ([], f"-m llada_jax.train {want} --config.data.task=corpora"),
-      "tpu_vm": (["--launcher_args=my-tpu us-central2-b"],
-                 f"launch/tpu_vm.sh my-tpu us-central2-b -- {want}"),
-      "slurm": (["--launcher_args=--nodes=4"],
-                f"sbatch --nodes=4 --job-name=1b-mdm-1e19 launch/slurm.sbatch {want}"),
-      "gke": (["--launcher_args=img:1 tpu-v5p-slice 4x4x4 16 4"],
-              f"launch/gke.sh llada-1b-mdm-1e19 img:1 tpu-v5p-slice 4x4x4 16 4 -- {want}"),
+      "tpu_vm": (
+          ["--launcher_args=my-tpu us-central2-b"],
+          f"launch/tpu_vm.sh my-tpu us-central2-b -- {want}",
+      ),
+      "slurm": (
+          ["--launcher_args=--nodes=4"],
+          f"sbatch --nodes=4 --job-name=1b-mdm-1e19 launch/slurm.sbatch {want}",
+      ),
+      "gke": (
+          ["--launcher_args=img:1 tpu-v5p-slice 4x4x4 16 4"],
+          f"launch/gke.sh llada-1b-mdm-1e19 img:1 tpu-v5p-slice 4x4x4 16 4 -- {want}",
+      ),
   }
   for launcher, (extra, line) in expected.items():
     result = _sweep(*args[:-2], f"--launcher={launcher}", *extra, *args[-2:])
@@ -164,29 +191,34 @@ def test_print_mode_wraps_each_run_for_every_launcher():
     assert out[0].startswith("ladder pod: 3 runs") and "FLOPs 6ND" in out[1]
     commands = out[-3:]
     assert [c.split("--config=")[1].split()[0] for c in commands] == [
-        f"configs/scaling/pod.py:1b-mdm-{b}" for b in ("1e19", "1e20", "1e21")]
+        f"configs/scaling/pod.py:1b-mdm-{b}" for b in ("1e19", "1e20", "1e21")
+    ]
     assert line in commands[0] and commands[0].endswith("--config.data.task=corpora")
     if launcher != "local":
       _check_with_launcher_dry_run(commands[0].split())
 
 
 def test_dry_run_prints_the_train_commands_and_runs_nothing(tmp_path):
-  result = _sweep(f"--ladder={MICRO_LADDER}", f"--out={tmp_path / 'sw'}", "--dry_run",
-                  "--only=d16")
+  result = _sweep(f"--ladder={MICRO_LADDER}", f"--out={tmp_path / 'sw'}", "--dry_run", "--only=d16")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()[-2:]
   for line, run in zip(lines, ("d16-mdm-5e7", "d16-arm-5e7")):
-    assert line == (f"{sys.executable} -m llada_jax.train --config={MICRO_LADDER}:{run} "
-                    f"--workdir={tmp_path / 'sw' / run}")
+    assert line == (
+        f"{sys.executable} -m llada_jax.train --config={MICRO_LADDER}:{run} "
+        f"--workdir={tmp_path / 'sw' / run}"
+    )
   assert not (tmp_path / "sw").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--mode=print", "--launcher=tpu_vm", "--launcher_args=my-tpu"], "TPU_NAME ZONE"),
-    (["--launcher=gke"], "not allowed with --mode=local"),
-    (["--only=d99"], "matches no run of ladder 'cpu': d48-mdm-2.5e11"),
-    (["--", "--workdir=x"], "expected --config.<field>=<value>"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--mode=print", "--launcher=tpu_vm", "--launcher_args=my-tpu"], "TPU_NAME ZONE"),
+        (["--launcher=gke"], "not allowed with --mode=local"),
+        (["--only=d99"], "matches no run of ladder 'cpu': d48-mdm-2.5e11"),
+        (["--", "--workdir=x"], "expected --config.<field>=<value>"),
+    ],
+)
 def test_bad_sweep_arguments_are_one_line_errors(args, needle):
   result = _sweep("--ladder=configs/scaling/cpu.py", "--out=/nonexistent/sw", *args)
   assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -195,10 +227,21 @@ def test_bad_sweep_arguments_are_one_line_errors(args, needle):
 
 def test_train_takes_a_run_name_after_the_config_file(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "-m", "llada_jax.train",
-                           "--config=configs/scaling/cpu.py:d64-mdm-7e12",
-                           f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.train",
+          "--config=configs/scaling/cpu.py:d64-mdm-7e12",
+          f"--workdir={tmp_path}",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "run 'd64-mdm-7e12' is not in ladder 'cpu'" in result.stderr, result.stderr
 
@@ -206,6 +249,7 @@ def test_train_takes_a_run_name_after_the_config_file(tmp_path):
 def _train_in_process(command: list[str], log: pathlib.Path) -> int:
   """sweep_local's `execute` without a subprocess: trains the run of `command` here."""
   from llada_jax.training.loop import train  # pylint: disable=import-outside-toplevel
+
   flags = dict(a[2:].split("=", 1) for a in command if a.startswith("--"))
   train(micro.get_config(flags["config"].split(":")[1]), flags["workdir"])
   log.write_text("trained in process\n")
@@ -235,16 +279,23 @@ def test_local_sweep_trains_then_skips_finished_runs(tmp_path, capsys):
   assert len(calls) == 2 and all("done before" in line for line in second)
 
   longer = ["--config.train.num_steps=5"]  # a new last step: not done, the run resumes
-  sweep.sweep_local(MICRO_LADDER, micro.LADDER, runs[:1], str(tmp_path), longer,
-                    execute=lambda command, log: calls.append(command) or 0)
+  sweep.sweep_local(
+      MICRO_LADDER,
+      micro.LADDER,
+      runs[:1],
+      str(tmp_path),
+      longer,
+      execute=lambda command, log: calls.append(command) or 0,
+  )
   assert calls[-1][-1] == longer[0] and len(calls) == 3
 
 
 def test_local_sweep_stops_at_a_failed_run_naming_it(tmp_path, capsys):
   runs = sweep.select(micro.LADDER, "d32", ["mdm", "arm"])
   with pytest.raises(SystemExit) as e:
-    sweep.sweep_local(MICRO_LADDER, micro.LADDER, runs, str(tmp_path), [],
-                      execute=lambda command, log: 3)
+    sweep.sweep_local(
+        MICRO_LADDER, micro.LADDER, runs, str(tmp_path), [], execute=lambda command, log: 3
+    )
   assert e.value.code == 1
   err = capsys.readouterr().err
   assert err.startswith("error: run d32-mdm-1.2e8 failed with exit status 3")

@@ -24,13 +24,15 @@ ACTIVATION_SIZES = (BATCH, BATCH // 2, LENGTH)
 @pytest.fixture(scope="module")
 def devices():
   from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+
   return tpu_devices("v5e:2x2")
 
 
 def _config(attention: str):
   c = tiny.get_config()
-  c.model.update(dict(attention=attention, dtype="bfloat16", max_sequence_length=LENGTH,
-                      n_layers=2))
+  c.model.update(
+      dict(attention=attention, dtype="bfloat16", max_sequence_length=LENGTH, n_layers=2)
+  )
   c.data.update(dict(sequence_length=LENGTH, batch_size=BATCH))
   c.mesh.update(dict(data=2, fsdp=2, tensor=1))
   c.sampling.update(dict(gen_length=64, steps=8, block_length=32))  # 64 + 64 prompt = 128
@@ -40,8 +42,7 @@ def _config(attention: str):
 
 @pytest.mark.parametrize("program", ["train", "sample", "score"])
 def test_splash_attention_gathers_no_activation(devices, program):
-  report = compile_program(_config("splash"), devices, program, num_items=BATCH,
-                           prompt_length=64)
+  report = compile_program(_config("splash"), devices, program, num_items=BATCH, prompt_length=64)
   gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES)
   assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
   assert report.opaque_kernels > 0  # the compiled Mosaic kernel, not the interpreted one
@@ -85,6 +86,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 def test_a_missing_topology_name_is_a_one_line_error():
   from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(ConfigError, match="--topology=v9z:1x1 is not allowed"):
     tpu_devices("v9z:1x1")
 
@@ -93,6 +95,7 @@ def test_auto_resolves_by_the_compile_target_not_the_host(devices):
   """On this CPU host `auto` must still pick splash when compiling for TPU devices."""
   from llada_jax.model.attention import resolve  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+
   assert jax.default_backend() == "cpu"
   with jax.set_mesh(make_mesh(_config("auto"), devices)):
     assert resolve("auto", "bfloat16", lengths=(512, 512)) == "splash"

@@ -44,11 +44,16 @@ def test_one_device_and_eight_device_mesh_agree():
   single, single_losses, _ = _run(config, jax.devices()[:1], tokens, steps=2)
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   sharded, sharded_losses, shardings = _run(config, jax.devices()[:8], tokens, steps=2)
-  assert shardings.params["blocks"]["ff_proj"]["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert shardings.params["blocks"]["ff_proj"]["kernel"].spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor"
+  )
   assert len(sharded.params["blocks"]["ff_proj"]["kernel"].sharding.device_set) == 8
   np.testing.assert_allclose(single_losses, sharded_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(single.params), jax.device_get(sharded.params))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      jax.device_get(single.params),
+      jax.device_get(sharded.params),
+  )
 
 
 def test_loss_falls_when_fitting_one_batch():
@@ -64,8 +69,16 @@ def test_loss_falls_when_fitting_one_batch():
 def test_warmup_stable_decay_schedule():
   config = make_tiny_config()
   config.train.num_steps = 100
-  config.optimizer.update(dict(peak_lr=1.0, warmup_steps=10, decay_fraction=0.2, final_lr=0.1,
-                               lr_drop_step=50, lr_after_drop=0.5))
+  config.optimizer.update(
+      dict(
+          peak_lr=1.0,
+          warmup_steps=10,
+          decay_fraction=0.2,
+          final_lr=0.1,
+          lr_drop_step=50,
+          lr_after_drop=0.5,
+      )
+  )
   lr = learning_rate_schedule(config)
   got = [float(lr(s)) for s in (0, 5, 10, 49, 50, 80, 90, 100)]
   np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 1.0, 0.5, 0.5, 0.3, 0.1], rtol=1e-6)
@@ -99,7 +112,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_architecture_mismatch_is_named():
   saved, wanted = make_tiny_config(), make_tiny_config(d_model=128)
   assert checkpoint.architecture_mismatch(saved, wanted) == [
-      "model.d_model=128 but the checkpoint has 64"]
+      "model.d_model=128 but the checkpoint has 64"
+  ]
   assert not checkpoint.architecture_mismatch(saved, make_tiny_config(remat="full"))
 
 
@@ -192,15 +206,20 @@ def test_gradient_accumulation_and_chunked_loss_equal_the_plain_step():
     model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
     state, shardings = create_train_state(config, model, tx, mesh)
     step = make_train_step(config, model, tx, mesh, shardings)
-    batch = noise_batch(jax.random.PRNGKey(5), unpacked_batch(_tokens(config)),
-                        mask_id=config.tokens.mask_id, eps=1e-3, random_length_prob=0.0)
+    batch = noise_batch(
+        jax.random.PRNGKey(5),
+        unpacked_batch(_tokens(config)),
+        mask_id=config.tokens.mask_id,
+        eps=1e-3,
+        random_length_prob=0.0,
+    )
     batch = jax.device_put(batch, batch_sharding(mesh, axis_rules(config)))
     state, metrics = step(state, batch)
-    results.append((jax.device_get(state.params), float(metrics["loss"]),
-                    float(metrics["grad_norm"])))
+    results.append(
+        (jax.device_get(state.params), float(metrics["loss"]), float(metrics["grad_norm"]))
+    )
   whole, loss, norm = results[0]
   for params, other_loss, other_norm in results[1:]:
     assert other_loss == pytest.approx(loss, rel=1e-5)
     assert other_norm == pytest.approx(norm, rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
-                 whole)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, whole)

@@ -33,8 +33,9 @@ class LLaDA(torch.nn.Module):
     self.c = config
     self.w = weights
     head_dim = config["d_model"] // config["n_heads"]
-    self.inv_freq = 1.0 / (config["rope_theta"] ** (
-        torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    self.inv_freq = 1.0 / (
+        config["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    )
 
   def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
     variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -79,21 +80,22 @@ def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
   out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + mask_num // steps
   remainder = mask_num % steps
   for row in range(mask_num.size(0)):
-    out[row, :remainder[row]] += 1
+    out[row, : remainder[row]] += 1
   return out
 
 
 @torch.no_grad()
-def generate(model: LLaDA, prompt: torch.Tensor, steps: int, gen_length: int, block_length: int,
-             mask_id: int) -> torch.Tensor:
+def generate(
+    model: LLaDA, prompt: torch.Tensor, steps: int, gen_length: int, block_length: int, mask_id: int
+) -> torch.Tensor:
   """Greedy low-confidence reverse process, step for step as the official generate."""
   x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-  x[:, :prompt.shape[1]] = prompt.clone()
+  x[:, : prompt.shape[1]] = prompt.clone()
   num_blocks = gen_length // block_length
   steps_per_block = steps // num_blocks
   for block in range(num_blocks):
     end = prompt.shape[1] + (block + 1) * block_length
-    schedule = num_transfer_tokens(x[:, end - block_length:end] == mask_id, steps_per_block)
+    schedule = num_transfer_tokens(x[:, end - block_length : end] == mask_id, steps_per_block)
     for i in range(steps_per_block):
       mask_index = x == mask_id
       logits = model(x)
@@ -123,14 +125,21 @@ def main() -> None:
   results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "runs": []}
   for prompt in json.load(open(args.prompts, encoding="utf-8")):
     prompt = torch.tensor(prompt, dtype=torch.long)
-    run = lambda: generate(model, prompt, args.steps, args.gen_length, args.block_length,  # noqa: E731
-                           config["mask_token_id"])
+    run = lambda: generate(
+        model,
+        prompt,
+        args.steps,
+        args.gen_length,
+        args.block_length,  # noqa: E731
+        config["mask_token_id"],
+    )
     out = run()  # warm-up, as the JAX side excludes compilation
     start = time.perf_counter()
     for _ in range(args.repeats):
       out = run()
-    results["runs"].append({"tokens": out.tolist(),
-                            "seconds": (time.perf_counter() - start) / args.repeats})
+    results["runs"].append(
+        {"tokens": out.tolist(), "seconds": (time.perf_counter() - start) / args.repeats}
+    )
   json.dump(results, open(args.out, "w", encoding="utf-8"))
 
 

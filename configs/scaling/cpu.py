@@ -30,19 +30,35 @@ def _base() -> ml_collections.ConfigDict:
 SIZES = (
     Size("d48", d_model=48, n_layers=2, n_heads=3, n_kv_heads=3, mlp_hidden_size=128, peak_lr=5e-3),
     Size("d64", d_model=64, n_layers=3, n_heads=4, n_kv_heads=4, mlp_hidden_size=176, peak_lr=4e-3),
-    Size("d96", d_model=96, n_layers=4, n_heads=3, n_kv_heads=3, mlp_hidden_size=256,
-         peak_lr=3.5e-3),
-    Size("d128", d_model=128, n_layers=5, n_heads=4, n_kv_heads=4, mlp_hidden_size=352,
-         peak_lr=3e-3),
-    Size("d192", d_model=192, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden_size=512,
-         peak_lr=2.5e-3),
+    Size(
+        "d96", d_model=96, n_layers=4, n_heads=3, n_kv_heads=3, mlp_hidden_size=256, peak_lr=3.5e-3
+    ),
+    Size(
+        "d128", d_model=128, n_layers=5, n_heads=4, n_kv_heads=4, mlp_hidden_size=352, peak_lr=3e-3
+    ),
+    Size(
+        "d192",
+        d_model=192,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=6,
+        mlp_hidden_size=512,
+        peak_lr=2.5e-3,
+    ),
 )
 
-LADDER = Ladder("cpu", _base, SIZES,
-                budgets={"d48": (2.5e11,), "d64": (1e12,), "d96": (4e12,), "d128": (1.2e13,),
-                         "d192": (4e13,)},
-                convention="exact", sequence_length=128, batch_size=16, eval_points=10,
-                eval_batches=8, checkpoints=2)
+LADDER = Ladder(
+    "cpu",
+    _base,
+    SIZES,
+    budgets={"d48": (2.5e11,), "d64": (1e12,), "d96": (4e12,), "d128": (1.2e13,), "d192": (4e13,)},
+    convention="exact",
+    sequence_length=128,
+    batch_size=16,
+    eval_points=10,
+    eval_batches=8,
+    checkpoints=2,
+)
 
 
 def get_config(run: str = "") -> ml_collections.ConfigDict:

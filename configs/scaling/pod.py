@@ -21,21 +21,60 @@ from configs import llada_1b
 from configs.scaling.ladder import Ladder, Size, run_config
 
 SIZES = (
-    Size("150m", d_model=1024, n_layers=13, n_heads=16, n_kv_heads=4, mlp_hidden_size=2816,
-         peak_lr=8e-4),
-    Size("400m", d_model=1536, n_layers=16, n_heads=24, n_kv_heads=4, mlp_hidden_size=4096,
-         peak_lr=6e-4),
-    Size("1b", d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, mlp_hidden_size=5634,
-         peak_lr=4e-4),
-    Size("2b", d_model=2560, n_layers=28, n_heads=32, n_kv_heads=8, mlp_hidden_size=6912,
-         peak_lr=3e-4),
+    Size(
+        "150m",
+        d_model=1024,
+        n_layers=13,
+        n_heads=16,
+        n_kv_heads=4,
+        mlp_hidden_size=2816,
+        peak_lr=8e-4,
+    ),
+    Size(
+        "400m",
+        d_model=1536,
+        n_layers=16,
+        n_heads=24,
+        n_kv_heads=4,
+        mlp_hidden_size=4096,
+        peak_lr=6e-4,
+    ),
+    Size(
+        "1b",
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        mlp_hidden_size=5634,
+        peak_lr=4e-4,
+    ),
+    Size(
+        "2b",
+        d_model=2560,
+        n_layers=28,
+        n_heads=32,
+        n_kv_heads=8,
+        mlp_hidden_size=6912,
+        peak_lr=3e-4,
+    ),
 )
 
 BUDGETS = (1e19, 1e20, 1e21)
 
-LADDER = Ladder("pod", llada_1b.get_config, SIZES, budgets={s.name: BUDGETS for s in SIZES},
-                convention="6nd", sequence_length=4096, batch_size=512, eval_points=10,
-                eval_batches=8, checkpoints=20, max_save_every=1000, warmup_fraction=0.02)
+LADDER = Ladder(
+    "pod",
+    llada_1b.get_config,
+    SIZES,
+    budgets={s.name: BUDGETS for s in SIZES},
+    convention="6nd",
+    sequence_length=4096,
+    batch_size=512,
+    eval_points=10,
+    eval_batches=8,
+    checkpoints=20,
+    max_save_every=1000,
+    warmup_fraction=0.02,
+)
 
 
 def get_config(run: str = "") -> ml_collections.ConfigDict:

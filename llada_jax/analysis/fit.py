@@ -28,6 +28,7 @@ POINTS = ("frontier", "final")
 @dataclasses.dataclass(frozen=True)
 class PowerLawFit:
   """L(C) = a (C / scale)^(-b) + c with standard errors and bootstrap samples [n, 3] of (a, b, c)."""
+
   a: float
   b: float
   c: float
@@ -54,13 +55,20 @@ class PowerLawFit:
   def summary(self) -> dict[str, float | int | list[float]]:
     """The numbers of the fit as plain JSON values."""
     out: dict[str, float | int | list[float]] = dict(
-        a=self.a, b=self.b, c=self.c, scale=self.scale, n_points=self.n_points, rms=self.rms,
-        bootstrap_samples=len(self.bootstrap))
+        a=self.a,
+        b=self.b,
+        c=self.c,
+        scale=self.scale,
+        n_points=self.n_points,
+        rms=self.rms,
+        bootstrap_samples=len(self.bootstrap),
+    )
     for index, name in enumerate("abc"):
       out[f"{name}_stderr"] = self.stderr[index]
       out[f"{name}_interval"] = list(self.interval(index))
-      out[f"{name}_bootstrap_std"] = (float(np.std(self.bootstrap[:, index]))
-                                      if len(self.bootstrap) else float("nan"))
+      out[f"{name}_bootstrap_std"] = (
+          float(np.std(self.bootstrap[:, index])) if len(self.bootstrap) else float("nan")
+      )
     return out
 
 
@@ -80,8 +88,13 @@ def frontier(compute: np.ndarray, loss: np.ndarray) -> np.ndarray:
   return np.asarray(keep, np.int64)
 
 
-def select_points(runs: Sequence[Run], metric: str, x: str = "flops", points: str = "frontier",
-                  min_compute: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_points(
+    runs: Sequence[Run],
+    metric: str,
+    x: str = "flops",
+    points: str = "frontier",
+    min_compute: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(compute, loss, run index) of the points a fit uses (see the module docstring)."""
   if points not in POINTS:
     raise ConfigError(f"points={points!r} is not allowed: expected one of {', '.join(POINTS)}")
@@ -105,8 +118,13 @@ def select_points(runs: Sequence[Run], metric: str, x: str = "flops", points: st
   return compute[keep], loss[keep], owner[keep]
 
 
-def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float, irreducible: bool = True,
-              start: tuple[float, float, float] | None = None):
+def _fit_once(
+    compute: np.ndarray,
+    loss: np.ndarray,
+    scale: float,
+    irreducible: bool = True,
+    start: tuple[float, float, float] | None = None,
+):
   """Least squares on log loss from several starts (or from `start`, a previous fit's (a, b, c));
   c stays 0 unless `irreducible`. (params, stderr, rms) or None."""
   z = np.log(compute / scale)
@@ -118,9 +136,11 @@ def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float, irreducible: 
     return np.log(np.exp(p[0]) * np.exp(-p[1] * z) + c) - target
 
   if start is None:
-    starts = [(max(float(np.exp(np.mean(np.log(np.maximum(loss - c0, 1e-6))))), 1e-6), b0, c0)
-              for c0 in ((0.0, 0.5 * floor, 0.9 * floor) if irreducible else (0.0,))
-              for b0 in (0.1, 0.3, 1.0)]
+    starts = [
+        (max(float(np.exp(np.mean(np.log(np.maximum(loss - c0, 1e-6))))), 1e-6), b0, c0)
+        for c0 in ((0.0, 0.5 * floor, 0.9 * floor) if irreducible else (0.0,))
+        for b0 in (0.1, 0.3, 1.0)
+    ]
   else:
     starts = [(start[0], start[1], min(start[2], 0.99 * floor))]
   lower, upper = [-50.0, 1e-6, 0.0], [50.0, 5.0, floor * (1 - 1e-9)]
@@ -128,8 +148,9 @@ def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float, irreducible: 
   best = None
   for a0, b0, c0 in starts:
     try:
-      result = optimize.least_squares(residual, [np.log(a0), b0, c0][:size],
-                                      bounds=(lower[:size], upper[:size]))
+      result = optimize.least_squares(
+          residual, [np.log(a0), b0, c0][:size], bounds=(lower[:size], upper[:size])
+      )
     except ValueError:
       continue
     if best is None or result.cost < best.cost:
@@ -142,18 +163,26 @@ def _fit_once(compute: np.ndarray, loss: np.ndarray, scale: float, irreducible: 
   jac = best.jac * np.array([1.0 / np.exp(log_a), 1.0, 1.0][:size])  # d/da instead of d/dlog a
   cov = np.linalg.pinv(jac.T @ jac) * sigma2
   stderr = tuple(float(np.sqrt(max(v, 0.0))) for v in np.diag(cov)) + (0.0,) * (3 - size)
-  rms = float(np.sqrt(np.mean(best.fun ** 2)))
+  rms = float(np.sqrt(np.mean(best.fun**2)))
   return (float(np.exp(log_a)), float(b), float(c)), stderr, rms
 
 
-def fit_power_law(compute: np.ndarray, loss: np.ndarray, owner: np.ndarray | None = None,
-                  bootstrap: int = 200, seed: int = 0, irreducible: bool = True) -> PowerLawFit:
+def fit_power_law(
+    compute: np.ndarray,
+    loss: np.ndarray,
+    owner: np.ndarray | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    irreducible: bool = True,
+) -> PowerLawFit:
   """Fits L(C) = a (C / C0)^(-b) + c (c = 0 unless `irreducible`) to at least 3 points;
   bootstraps over `owner` (run) groups."""
   compute, loss = np.asarray(compute, np.float64), np.asarray(loss, np.float64)
   if len(compute) < 3 or len(np.unique(compute)) < 3:
-    raise ConfigError(f"a power-law fit needs at least 3 points of different compute, got "
-                      f"{len(np.unique(compute))}: run more sizes or evaluate more often")
+    raise ConfigError(
+        f"a power-law fit needs at least 3 points of different compute, got "
+        f"{len(np.unique(compute))}: run more sizes or evaluate more often"
+    )
   scale = float(np.exp(np.mean(np.log(compute))))
   fitted = _fit_once(compute, loss, scale, irreducible)
   if fitted is None:
@@ -171,12 +200,12 @@ def fit_power_law(compute: np.ndarray, loss: np.ndarray, owner: np.ndarray | Non
     refit = _fit_once(compute[rows], loss[rows], scale, irreducible, start=(a, b, c))
     if refit is not None:
       samples.append(refit[0])
-  return PowerLawFit(a, b, c, scale, stderr, len(compute), rms,
-                     np.asarray(samples, np.float64).reshape(-1, 3))
+  return PowerLawFit(
+      a, b, c, scale, stderr, len(compute), rms, np.asarray(samples, np.float64).reshape(-1, 3)
+  )
 
 
-def compute_multiplier(mdm: PowerLawFit, arm: PowerLawFit,
-                       at: float) -> tuple[float, float, float]:
+def compute_multiplier(mdm: PowerLawFit, arm: PowerLawFit, at: float) -> tuple[float, float, float]:
   """k such that the MDM fit at k C reaches the ARM fit's loss at C, with the 16th-84th
   percentiles over paired bootstrap fits (nan without them). It compares the MDM *bound* with the
   ARM *NLL*, so k overstates what MDM needs to match ARM's likelihood (the bound >= the NLL)."""

@@ -14,8 +14,11 @@ from llada_jax.errors import ConfigError
 
 COLOURS = {"mdm": "tab:blue", "arm": "tab:red"}
 LABELS = {"mdm": "MDM (LLaDA) bound", "arm": "ARM NLL"}
-X_LABELS = {"flops": "training FLOPs (exact count)", "flops_6nd": "training FLOPs (6 N D)",
-            "tokens": "training tokens"}
+X_LABELS = {
+    "flops": "training FLOPs (exact count)",
+    "flops_6nd": "training FLOPs (6 N D)",
+    "tokens": "training tokens",
+}
 Y_LABELS = {"bits_per_byte": "held-out bits/byte", "loss_bound": "held-out nats/token"}
 
 
@@ -26,6 +29,7 @@ def _pyplot():
     raise ConfigError("matplotlib is not installed: pip install 'llada_jax[analysis]'") from None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -34,8 +38,14 @@ def accuracy_metrics(runs: Sequence[Run]) -> list[str]:
   return sorted({m for run in runs for m in run.metrics() if m.endswith("/acc")})
 
 
-def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str, x: str,
-                 out: str | pathlib.Path, min_compute: float = 0.0) -> None:
+def plot_scaling(
+    runs: Sequence[Run],
+    fits: dict[str, PowerLawFit],
+    metric: str,
+    x: str,
+    out: str | pathlib.Path,
+    min_compute: float = 0.0,
+) -> None:
   """Writes the PNG: thin lines per run (shade by size), thick fitted curve per objective over
   the compute it was fitted on (from `min_compute`)."""
   plt = _pyplot()
@@ -48,16 +58,32 @@ def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str,
     for rank, run in enumerate(own):
       xs, ys = run.curve(metric, x)
       shade = 0.35 + 0.65 * (rank + 1) / len(own)
-      ax.plot(xs, ys, "o-", color=COLOURS[objective], alpha=shade, lw=0.8, ms=2.5,
-              label=f"{run.name} ({run.parameters / 1e6:.2f}M)")
+      ax.plot(
+          xs,
+          ys,
+          "o-",
+          color=COLOURS[objective],
+          alpha=shade,
+          lw=0.8,
+          ms=2.5,
+          label=f"{run.name} ({run.parameters / 1e6:.2f}M)",
+      )
     if objective in fits:
       fit = fits[objective]
-      grid = np.geomspace(max(min(min(r.curve(metric, x)[0]) for r in own), min_compute),
-                          max(max(r.curve(metric, x)[0]) for r in own), 200)
+      grid = np.geomspace(
+          max(min(min(r.curve(metric, x)[0]) for r in own), min_compute),
+          max(max(r.curve(metric, x)[0]) for r in own),
+          200,
+      )
       low, high = fit.interval(1)
-      ax.plot(grid, fit.predict(grid), color=COLOURS[objective], lw=2.5,
-              label=f"{LABELS[objective]} fit: b = {fit.b:.3f} [{low:.3f}, {high:.3f}], "
-                    f"c = {fit.c:.2f}")
+      ax.plot(
+          grid,
+          fit.predict(grid),
+          color=COLOURS[objective],
+          lw=2.5,
+          label=f"{LABELS[objective]} fit: b = {fit.b:.3f} [{low:.3f}, {high:.3f}], "
+          f"c = {fit.c:.2f}",
+      )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel(X_LABELS.get(x, x))
@@ -71,8 +97,7 @@ def plot_scaling(runs: Sequence[Run], fits: dict[str, PowerLawFit], metric: str,
       for name in accuracies:
         xs, ys = run.curve(name, x)
         if len(xs):
-          ax.plot(xs, ys, "o", color=COLOURS[run.objective], alpha=0.8,
-                  label=f"{run.name} {name}")
+          ax.plot(xs, ys, "o", color=COLOURS[run.objective], alpha=0.8, label=f"{run.name} {name}")
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel("accuracy")

@@ -18,6 +18,7 @@ X_AXES = ("flops", "flops_6nd", "tokens")
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run: its description (run.json) and its records, the last one per step."""
+
   name: str
   path: pathlib.Path
   description: dict[str, Any]
@@ -31,11 +32,13 @@ class Run:
   def parameters(self) -> int:
     return int(self.description["parameters"])
 
-  def curve(self, metric: str, x: str = "flops", split: str = "eval") -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+  def curve(
+      self, metric: str, x: str = "flops", split: str = "eval"
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(x values, metric values) of the records of `split` that carry the metric, by step."""
-    rows = [(r[x], r[metric]) for r in self.records
-            if r["split"] == split and r.get(metric) is not None]
+    rows = [
+        (r[x], r[metric]) for r in self.records if r["split"] == split and r.get(metric) is not None
+    ]
     xs, ys = (np.asarray(v, np.float64) for v in zip(*rows)) if rows else (np.zeros(0),) * 2
     return xs, ys
 
@@ -59,8 +62,9 @@ def read_records(path: pathlib.Path) -> tuple[dict[str, Any], ...]:
     except (ValueError, KeyError, TypeError):
       if number == len(lines):
         continue
-      raise ConfigError(f"{path}:{number}: not a metrics record (expected a JSON object with "
-                        "split and step)") from None
+      raise ConfigError(
+          f"{path}:{number}: not a metrics record (expected a JSON object with " "split and step)"
+      ) from None
     latest[key] = record
   return tuple(latest[k] for k in sorted(latest))
 
@@ -78,15 +82,24 @@ def collect_runs(root: str | pathlib.Path) -> list[Run]:
       raise ConfigError(f"{description_file}: not valid JSON ({e})") from None
     objective = description.get("objective") if isinstance(description, dict) else None
     if objective not in OBJECTIVES:
-      raise ConfigError(f"{description_file}: objective {objective!r} is not allowed: expected "
-                        f"one of {', '.join(OBJECTIVES)}")
+      raise ConfigError(
+          f"{description_file}: objective {objective!r} is not allowed: expected "
+          f"one of {', '.join(OBJECTIVES)}"
+      )
     metrics_file = description_file.parent / "metrics.jsonl"
     records = read_records(metrics_file) if metrics_file.exists() else ()
-    found.append(Run(str(description_file.parent.relative_to(root)), description_file.parent,
-                     description, records))
+    found.append(
+        Run(
+            str(description_file.parent.relative_to(root)),
+            description_file.parent,
+            description,
+            records,
+        )
+    )
   if not found:
-    raise ConfigError(f"--runs={root} holds no runs: expected workdirs with run.json (written by "
-                      "llada-train)")
+    raise ConfigError(
+        f"--runs={root} holds no runs: expected workdirs with run.json (written by " "llada-train)"
+    )
   return sorted(found, key=lambda r: (r.objective, r.parameters, r.name))
 
 

@@ -27,9 +27,11 @@ PLAIN_CHAT_STOPS = ("\nUser:",)
 class Codec(Protocol):
   """encode: text -> ids; decode: ids -> text (ids outside the vocabulary's text are dropped)."""
 
-  def encode(self, text: str) -> list[int]: ...
+  def encode(self, text: str) -> list[int]:
+    ...
 
-  def decode(self, ids: Sequence[int]) -> str: ...
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
 
 
 class ByteCodec:
@@ -67,8 +69,10 @@ def _codec(vocabulary: str, tokenizer: str) -> Codec:
     return ByteCodec()
   if vocabulary == "spm8k":
     from llada_jax.data.spm_vocab import SPM8K_PATH  # pylint: disable=g-import-not-at-top
+
     return SentencePieceCodec(SPM8K_PATH)
   from llada_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+
   return HFTokenizer(tokenizer)
 
 
@@ -81,8 +85,10 @@ def text_codec(config: ml_collections.ConfigDict) -> Codec:
   """
   vocabulary, tokenizer = config.data.vocabulary, config.data.tokenizer
   if vocabulary == "llada_hf" and not (tokenizer and pathlib.Path(tokenizer).is_file()):
-    raise ConfigError(f"data.vocabulary='llada_hf' needs the model's tokenizer.json, and "
-                      f"data.tokenizer={tokenizer!r} names no file: pass --tokenizer=PATH")
+    raise ConfigError(
+        f"data.vocabulary='llada_hf' needs the model's tokenizer.json, and "
+        f"data.tokenizer={tokenizer!r} names no file: pass --tokenizer=PATH"
+    )
   codec = _codec(vocabulary, tokenizer if vocabulary == "llada_hf" else "")
   if hasattr(codec, "check_config"):
     codec.check_config(config)
@@ -101,6 +107,7 @@ def chat_prompt(codec: Codec, messages: Sequence) -> tuple[list[int], tuple[str,
   has it (its answer ends at EoT), else the plain transcript "User: ...\\nAssistant: ..."."""
   if has_chat_template(codec):
     from llada_jax.data.hf_tokenizer import chat_prompt_ids  # pylint: disable=g-import-not-at-top
+
     return chat_prompt_ids(codec, messages), ()
   lines = [f"{m.role.capitalize()}: {m.content.strip()}\n" for m in messages]
   return codec.encode("".join(lines) + "Assistant:"), PLAIN_CHAT_STOPS

@@ -29,6 +29,7 @@ TRAIN_STREAM, EVAL_STREAM = 1, 2
 @dataclasses.dataclass(frozen=True)
 class MaskingSpec:
   """What the forward process needs: ids, eps, time sampling and the random-length cut."""
+
   seed: int
   stream: int
   mask_id: int
@@ -49,15 +50,19 @@ def add_structure(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   if "segment_ids" in example:
     return example
   length = tf.size(example["targets"])
-  return {**example, "segment_ids": tf.ones([length], tf.int32),
-          "positions": tf.range(length, dtype=tf.int32)}
+  return {
+      **example,
+      "segment_ids": tf.ones([length], tf.int32),
+      "positions": tf.range(length, dtype=tf.int32),
+  }
 
 
 def cut_length(spec: MaskingSpec, step: tf.Tensor, length: int) -> tf.Tensor:
   """The batch's length: L, or with probability random_length_prob a draw from U{1..L}."""
   cut = tf.random.stateless_uniform([], _key(spec, 0, step)) < spec.random_length_prob
-  drawn = tf.random.stateless_uniform([], _key(spec, 1, step), minval=1, maxval=length + 1,
-                                      dtype=tf.int32)
+  drawn = tf.random.stateless_uniform(
+      [], _key(spec, 1, step), minval=1, maxval=length + 1, dtype=tf.int32
+  )
   return tf.where(cut, drawn, length)
 
 
@@ -70,15 +75,20 @@ def diffusion_time(spec: MaskingSpec, index: tf.Tensor) -> tf.Tensor:
   return tf.random.stateless_uniform([], _key(spec, 3, index))
 
 
-def convert(example: dict[str, tf.Tensor], index: tf.Tensor, spec: MaskingSpec,
-            mask_in_pipeline: bool) -> dict[str, tf.Tensor]:
+def convert(
+    example: dict[str, tf.Tensor], index: tf.Tensor, spec: MaskingSpec, mask_in_pipeline: bool
+) -> dict[str, tf.Tensor]:
   """The model features of the example with global index `index` (see the module docstring)."""
   example = add_structure(example)
   targets = example["targets"]
   length = targets.shape[0]
   in_cut = tf.range(length) < cut_length(spec, index // spec.global_batch, length)
-  features = {"targets": targets, "segment_ids": example["segment_ids"],
-              "positions": example["positions"], "valid": in_cut & (example["segment_ids"] > 0)}
+  features = {
+      "targets": targets,
+      "segment_ids": example["segment_ids"],
+      "positions": example["positions"],
+      "valid": in_cut & (example["segment_ids"] > 0),
+  }
   maskable = features["valid"]
   if "prompt_length" in example:
     features["prompt_length"] = example["prompt_length"]

@@ -15,15 +15,18 @@ import ml_collections
 from llada_jax.errors import CheckpointError, ConfigError
 
 SPECIAL_TOKENS = {
-    "bos_id": "<|startoftext|>", "eos_id": "<|endoftext|>", "mask_id": "<|mdm_mask|>",
-    "eot_id": "<|eot_id|>", "header_start_id": "<|start_header_id|>",
+    "bos_id": "<|startoftext|>",
+    "eos_id": "<|endoftext|>",
+    "mask_id": "<|mdm_mask|>",
+    "eot_id": "<|eot_id|>",
+    "header_start_id": "<|start_header_id|>",
     "header_end_id": "<|end_header_id|>",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatMessage:
-  role: str       # "system", "user" or "assistant"
+  role: str  # "system", "user" or "assistant"
   content: str
 
 
@@ -72,21 +75,30 @@ class HFTokenizer:
       if name in ("bos_id", "eot_id") and mine == -1:
         config.tokens[name] = theirs if theirs < config.model.vocab_size else -1
       elif mine != theirs:
-        raise ConfigError(f"tokens.{name}={mine} is not allowed: the tokenizer has "
-                          f"{SPECIAL_TOKENS[name]} = {theirs}")
+        raise ConfigError(
+            f"tokens.{name}={mine} is not allowed: the tokenizer has "
+            f"{SPECIAL_TOKENS[name]} = {theirs}"
+        )
     if self.vocab_size > config.model.vocab_size:
-      raise ConfigError(f"model.vocab_size={config.model.vocab_size} is not allowed: the "
-                        f"tokenizer has {self.vocab_size} tokens")
+      raise ConfigError(
+          f"model.vocab_size={config.model.vocab_size} is not allowed: the "
+          f"tokenizer has {self.vocab_size} tokens"
+      )
 
 
-def render_chat(messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                bos: str = SPECIAL_TOKENS["bos_id"]) -> str:
+def render_chat(
+    messages: Sequence[ChatMessage],
+    add_generation_prompt: bool = True,
+    bos: str = SPECIAL_TOKENS["bos_id"],
+) -> str:
   """The LLaDA-Instruct chat template: BOS, then per message
   <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>, then the assistant header."""
   parts = [bos]
   for message in messages:
-    parts.append(f"<|start_header_id|>{message.role}<|end_header_id|>\n\n"
-                 f"{message.content.strip()}<|eot_id|>")
+    parts.append(
+        f"<|start_header_id|>{message.role}<|end_header_id|>\n\n"
+        f"{message.content.strip()}<|eot_id|>"
+    )
   if add_generation_prompt:
     parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
   return "".join(parts)
@@ -134,13 +146,15 @@ def seqio_vocabulary(path: str | pathlib.Path):
       return tokenizer.decode([i for i in ids if i >= 0])
 
     def _encode_tf(self, s):
-      ids = tf.py_function(lambda t: tf.constant(tokenizer.encode(t.numpy().decode()), tf.int32),
-                           [s], tf.int32)
+      ids = tf.py_function(
+          lambda t: tf.constant(tokenizer.encode(t.numpy().decode()), tf.int32), [s], tf.int32
+      )
       return tf.ensure_shape(ids, [None])
 
     def _decode_tf(self, ids):
-      return tf.py_function(lambda t: tf.constant(tokenizer.decode(t.numpy().tolist())),
-                            [ids], tf.string)
+      return tf.py_function(
+          lambda t: tf.constant(tokenizer.decode(t.numpy().tolist())), [ids], tf.string
+      )
 
     def __eq__(self, other) -> bool:
       return isinstance(other, TokenizerJsonVocabulary) and other.tokenizer is tokenizer

@@ -35,6 +35,7 @@ Batch = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class HostLayout:
   """Which shards this process reads, and where their rows sit in the global batch."""
+
   num_shards: int
   rows_per_shard: int
   shards: tuple[int, ...]
@@ -47,8 +48,10 @@ def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> range:
     rows.update(range(*index[0].indices(batch_size)))
   ordered = sorted(rows)
   if ordered != list(range(ordered[0], ordered[-1] + 1)):
-    raise ConfigError(f"the batch sharding {sharding} gives this process rows {ordered}, which "
-                      "are not contiguous; order the mesh so each host holds consecutive rows")
+    raise ConfigError(
+        f"the batch sharding {sharding} gives this process rows {ordered}, which "
+        "are not contiguous; order the mesh so each host holds consecutive rows"
+    )
   return range(ordered[0], ordered[-1] + 1)
 
 
@@ -59,11 +62,14 @@ def host_layout(config: ml_collections.ConfigDict, sharding: jax.sharding.Shardi
   shards = config.data.num_shards if config.data.num_shards > 0 else batch // len(rows)
   per_shard = batch // shards
   if batch % shards or rows.start % per_shard or len(rows) % per_shard:
-    raise ConfigError(f"data.num_shards={config.data.num_shards} is not allowed: this process "
-                      f"holds rows {rows.start}..{rows.stop - 1} of the batch of {batch}, which "
-                      f"must be whole shards of batch_size / num_shards rows")
-  return HostLayout(shards, per_shard,
-                    tuple(range(rows.start // per_shard, rows.stop // per_shard)))
+    raise ConfigError(
+        f"data.num_shards={config.data.num_shards} is not allowed: this process "
+        f"holds rows {rows.start}..{rows.stop - 1} of the batch of {batch}, which "
+        f"must be whole shards of batch_size / num_shards rows"
+    )
+  return HostLayout(
+      shards, per_shard, tuple(range(rows.start // per_shard, rows.stop // per_shard))
+  )
 
 
 def _vocabulary_and_provider(config: ml_collections.ConfigDict):
@@ -80,16 +86,19 @@ def _vocabulary_and_provider(config: ml_collections.ConfigDict):
     try:
       importlib.import_module(config.data.task_module)
     except ImportError as e:
-      raise ConfigError(f"data.task_module={config.data.task_module!r} cannot be imported: "
-                        f"{e}") from None
+      raise ConfigError(
+          f"data.task_module={config.data.task_module!r} cannot be imported: " f"{e}"
+      ) from None
   vocabulary = get_vocabulary(config)
-  provider = registry.seqio_provider(config.data.task, config.data.vocabulary, vocabulary,
-                                     config.data.packing)
+  provider = registry.seqio_provider(
+      config.data.task, config.data.vocabulary, vocabulary, config.data.packing
+  )
   return vocabulary, provider, registry.task_kind(config.data.task)
 
 
-def _feature_dataset(config: ml_collections.ConfigDict, layout: HostLayout, split: str,
-                     train: bool, start_step: int):
+def _feature_dataset(
+    config: ml_collections.ConfigDict, layout: HostLayout, split: str, train: bool, start_step: int
+):
   """This process's part of the global batches, as a tf.data.Dataset of numpy-able dicts."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -98,39 +107,56 @@ def _feature_dataset(config: ml_collections.ConfigDict, layout: HostLayout, spli
 
   _, provider, kind = _vocabulary_and_provider(config)
   spec = features.MaskingSpec(
-      seed=config.seed, stream=features.TRAIN_STREAM if train else features.EVAL_STREAM,
-      mask_id=config.tokens.mask_id, eps=config.diffusion.eps,
+      seed=config.seed,
+      stream=features.TRAIN_STREAM if train else features.EVAL_STREAM,
+      mask_id=config.tokens.mask_id,
+      eps=config.diffusion.eps,
       time_sampling=config.diffusion.time_sampling,
-      random_length_prob=config.diffusion.random_length_prob if train and kind == "pretrain"
+      random_length_prob=config.diffusion.random_length_prob
+      if train and kind == "pretrain"
       else 0.0,
-      global_batch=config.data.batch_size)
+      global_batch=config.data.batch_size,
+  )
   mask_here = config.data.masking == "pipeline" and config.diffusion.objective == "mdm"
   per_shard = layout.rows_per_shard
   parts = []
   for shard in layout.shards:
     ds = provider.get_dataset(
-        sequence_length={"targets": config.data.sequence_length}, split=split, shuffle=False,
-        seed=config.seed, shard_info=seqio.ShardInfo(shard, layout.num_shards),
-        num_epochs=None if train else 1)
+        sequence_length={"targets": config.data.sequence_length},
+        split=split,
+        shuffle=False,
+        seed=config.seed,
+        shard_info=seqio.ShardInfo(shard, layout.num_shards),
+        num_epochs=None if train else 1,
+    )
     if train:
-      ds = ds.shuffle(config.data.shuffle_buffer, seed=config.seed * 65_537 + shard,
-                      reshuffle_each_iteration=True)
+      ds = ds.shuffle(
+          config.data.shuffle_buffer,
+          seed=config.seed * 65_537 + shard,
+          reshuffle_each_iteration=True,
+      )
     first = start_step * per_shard
     offset = shard * per_shard
 
     def convert(i, ex, offset=offset):
       index = (i // per_shard) * config.data.batch_size + offset + i % per_shard
       return features.convert(ex, index, spec, mask_here)
-    ds = ds.skip(first).enumerate(first).map(convert, num_parallel_calls=tf.data.AUTOTUNE,
-                                             deterministic=True)
+
+    ds = (
+        ds.skip(first)
+        .enumerate(first)
+        .map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )
     parts.append(ds.batch(per_shard, drop_remainder=True))
   joined = tf.data.Dataset.zip(tuple(parts)).map(
-      lambda *shards: {k: tf.concat([s[k] for s in shards], 0) for k in shards[0]})
+      lambda *shards: {k: tf.concat([s[k] for s in shards], 0) for k in shards[0]}
+  )
   return joined.prefetch(tf.data.AUTOTUNE)
 
 
-def _global(sharding: jax.sharding.Sharding, local: dict[str, np.ndarray],
-            batch_size: int) -> Batch:
+def _global(
+    sharding: jax.sharding.Sharding, local: dict[str, np.ndarray], batch_size: int
+) -> Batch:
   """Assembles this process's rows of every feature into global arrays."""
   out = {}
   for name, value in local.items():
@@ -188,40 +214,53 @@ def _prefetched(iterator: Iterator[Any], size: int) -> Iterator[Any]:
 
 def _check_not_empty(config: ml_collections.ConfigDict, split: str, first: Any) -> None:
   if first is None:
-    raise ConfigError(f"data.task={config.data.task!r} split {split!r} yields no batch of "
-                      f"{config.data.batch_size} x {config.data.sequence_length} tokens on this "
-                      "process: check the files, data.sequence_length and data.batch_size")
+    raise ConfigError(
+        f"data.task={config.data.task!r} split {split!r} yields no batch of "
+        f"{config.data.batch_size} x {config.data.sequence_length} tokens on this "
+        "process: check the files, data.sequence_length and data.batch_size"
+    )
 
 
-def train_batches(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding,
-                  start_step: int = 0) -> Iterator[Batch]:
+def train_batches(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding, start_step: int = 0
+) -> Iterator[Batch]:
   """Endless global feature batches for steps start_step, start_step + 1, ... (resumes exactly)."""
   layout = host_layout(config, sharding)
   _log_sft_overflow(config, "train")
-  local = _feature_dataset(config, layout, "train", train=True,
-                           start_step=start_step).as_numpy_iterator()
+  local = _feature_dataset(
+      config, layout, "train", train=True, start_step=start_step
+  ).as_numpy_iterator()
   first = next(local, None)
   _check_not_empty(config, "train", first)
 
   def stream():
     yield first
     yield from local
-  return _prefetched((_global(sharding, b, config.data.batch_size) for b in stream()),
-                     config.data.prefetch)
+
+  return _prefetched(
+      (_global(sharding, b, config.data.batch_size) for b in stream()), config.data.prefetch
+  )
 
 
-def eval_batches(config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding,
-                 num_batches: int | None) -> list[Batch]:
+def eval_batches(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding, num_batches: int | None
+) -> list[Batch]:
   """The first `num_batches` (None: all) validation batches with their noise (fixed across
   evaluations)."""
   layout = host_layout(config, sharding)
   ds = _feature_dataset(config, layout, "validation", train=False, start_step=0)
-  batches = [_global(sharding, b, config.data.batch_size)
-             for b in ds.take(-1 if num_batches is None else num_batches).as_numpy_iterator()]
+  batches = [
+      _global(sharding, b, config.data.batch_size)
+      for b in ds.take(-1 if num_batches is None else num_batches).as_numpy_iterator()
+  ]
   _check_not_empty(config, "validation", batches[0] if batches else None)
   if num_batches is not None and len(batches) < num_batches:
-    logging.warning("validation split of %r holds %d batches; evaluating on those, not %d",
-                    config.data.task, len(batches), num_batches)
+    logging.warning(
+        "validation split of %r holds %d batches; evaluating on those, not %d",
+        config.data.task,
+        len(batches),
+        num_batches,
+    )
   return batches
 
 
@@ -232,11 +271,20 @@ def _log_sft_overflow(config: ml_collections.ConfigDict, split: str) -> None:
   vocabulary, _, kind = _vocabulary_and_provider(config)
   if kind != "sft":
     return
-  too_long, total = registry.count_too_long(config.data.task, split, vocabulary,
-                                            config.data.sequence_length)
+  too_long, total = registry.count_too_long(
+      config.data.task, split, vocabulary, config.data.sequence_length
+  )
   if too_long == total:
-    raise ConfigError(f"data.sequence_length={config.data.sequence_length} is not allowed for "
-                      f"{config.data.task!r}: none of its {total} {split} examples fits")
+    raise ConfigError(
+        f"data.sequence_length={config.data.sequence_length} is not allowed for "
+        f"{config.data.task!r}: none of its {total} {split} examples fits"
+    )
   if too_long:
-    logging.warning("%s: skipping %d of %d %s examples longer than data.sequence_length=%d",
-                    config.data.task, too_long, total, split, config.data.sequence_length)
+    logging.warning(
+        "%s: skipping %d of %d %s examples longer than data.sequence_length=%d",
+        config.data.task,
+        too_long,
+        total,
+        split,
+        config.data.sequence_length,
+    )

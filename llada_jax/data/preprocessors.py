@@ -11,8 +11,11 @@ import tensorflow as tf
 
 def append_eos(dataset: tf.data.Dataset, eos_id: int) -> tf.data.Dataset:
   """Ends every document's `targets` with EOS, the separator LLaDA puts between documents."""
-  return dataset.map(lambda ex: {**ex, "targets": tf.concat([ex["targets"], [eos_id]], 0)},
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.map(
+      lambda ex: {**ex, "targets": tf.concat([ex["targets"], [eos_id]], 0)},
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+  )
 
 
 def chunk(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
@@ -27,14 +30,18 @@ def chunk(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
 
 def split_long_documents(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
   """Cuts documents longer than `length` into consecutive pieces, so packing loses no token."""
+
   def pieces(ex):
     tokens = ex["targets"]
     n = tf.size(tokens, out_type=tf.int64)
     rows = tf.maximum((n + length - 1) // length, 1)
-    sizes = tf.concat([tf.fill([rows - 1], tf.constant(length, tf.int64)),
-                       [n - (rows - 1) * length]], 0)
+    sizes = tf.concat(
+        [tf.fill([rows - 1], tf.constant(length, tf.int64)), [n - (rows - 1) * length]], 0
+    )
     return tf.data.Dataset.from_tensor_slices(
-        {"targets": tf.RaggedTensor.from_row_lengths(tokens, sizes)})
+        {"targets": tf.RaggedTensor.from_row_lengths(tokens, sizes)}
+    )
+
   return dataset.flat_map(pieces).map(lambda ex: {"targets": ex["targets"]})
 
 
@@ -43,11 +50,16 @@ def pack(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
   (1, 2, ... per document, 0 for padding) and positions restarting at 0 in every document."""
   import seqio  # pylint: disable=g-import-not-at-top
 
-  packed = seqio.utils.trim_and_pack_dataset(split_long_documents(dataset, length),
-                                             {"targets": length})
-  return packed.map(lambda ex: {"targets": ex["targets"],
-                                "segment_ids": ex["targets_segment_ids"],
-                                "positions": ex["targets_positions"]})
+  packed = seqio.utils.trim_and_pack_dataset(
+      split_long_documents(dataset, length), {"targets": length}
+  )
+  return packed.map(
+      lambda ex: {
+          "targets": ex["targets"],
+          "segment_ids": ex["targets_segment_ids"],
+          "positions": ex["targets_positions"],
+      }
+  )
 
 
 def sft_layout(dataset: tf.data.Dataset, length: int, eos_id: int) -> tf.data.Dataset:
@@ -56,12 +68,16 @@ def sft_layout(dataset: tf.data.Dataset, length: int, eos_id: int) -> tf.data.Da
   Examples whose prompt and response with one EOS do not fit are dropped; the pipeline counts them
   and logs the count (and fails when nothing fits).
   """
+
   def fits(ex):
     return tf.size(ex["prompt"]) + tf.size(ex["response"]) < length
 
   def layout(ex):
     tokens = tf.concat([ex["prompt"], ex["response"]], 0)
     padding = tf.fill([length - tf.size(tokens)], tf.constant(eos_id, tokens.dtype))
-    return {"targets": tf.ensure_shape(tf.concat([tokens, padding], 0), [length]),
-            "prompt_length": tf.size(ex["prompt"], out_type=tf.int32)}
+    return {
+        "targets": tf.ensure_shape(tf.concat([tokens, padding], 0), [length]),
+        "prompt_length": tf.size(ex["prompt"], out_type=tf.int32),
+    }
+
   return dataset.filter(fits).map(layout)

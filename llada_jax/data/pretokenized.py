@@ -29,13 +29,14 @@ FORMAT = "llada_jax.pretokenized.v1"
 MANIFEST = "manifest.json"
 ERROR_MODES = ("raise", "skip")
 SKIP_REASONS = ("empty", "undecodable", "missing_field")
-_BATCH_CHARS = 1 << 18        # text per tokenizer task
-_TASKS_PER_WORKER = 4         # tasks in flight per process: bounds memory on inputs of any size
+_BATCH_CHARS = 1 << 18  # text per tokenizer task
+_TASKS_PER_WORKER = 4  # tasks in flight per process: bounds memory on inputs of any size
 
 
 def _tensorflow():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return tf
 
 
@@ -43,12 +44,14 @@ def _tensorflow():
 class VocabularySpec:
   """A vocabulary by its data.vocabulary name (and tokenizer.json for "llada_hf"): picklable, so
   tokenizer processes rebuild it instead of receiving it."""
+
   name: str
   tokenizer: str | None = None
 
   def build(self) -> seqio.Vocabulary:
     """The seqio Vocabulary this spec names; ConfigError for an unknown name or a missing file."""
     from llada_jax.data.vocab import vocabulary_by_name  # pylint: disable=g-import-not-at-top
+
     return vocabulary_by_name(self.name, self.tokenizer or "")
 
 
@@ -241,9 +244,16 @@ def _check_inputs(input_files: list[str], num_shards: int, num_workers: int, err
     raise ConfigError(f"errors={errors!r} is not allowed: expected one of {ERROR_MODES}")
 
 
-def write_shards(input_files: list[str], output_dir: str, vocabulary: VocabularySpec, *,
-                 num_shards: int, text_field: str = "text", num_workers: int = 2,
-                 errors: str = "raise") -> dict:
+def write_shards(
+    input_files: list[str],
+    output_dir: str,
+    vocabulary: VocabularySpec,
+    *,
+    num_shards: int,
+    text_field: str = "text",
+    num_workers: int = 2,
+    errors: str = "raise",
+) -> dict:
   """Tokenizes .txt (a document per paragraph) and .jsonl (per line's text_field) files into
   num_shards TFRecord shards plus manifest.json in output_dir; returns the manifest."""
   _check_inputs(input_files, num_shards, num_workers, errors)
@@ -269,8 +279,10 @@ def write_shards(input_files: list[str], output_dir: str, vocabulary: Vocabulary
       "vocab_size": vocab_size,
       "tokenizer": vocabulary.tokenizer,
       "num_shards": num_shards,
-      "files": [{"path": os.path.basename(path), "documents": documents, "tokens": tokens}
-                for path, documents, tokens in zip(shards.paths, shards.documents, shards.tokens)],
+      "files": [
+          {"path": os.path.basename(path), "documents": documents, "tokens": tokens}
+          for path, documents, tokens in zip(shards.paths, shards.documents, shards.tokens)
+      ],
       "documents": sum(shards.documents),
       "tokens": sum(shards.tokens),
       "sources": list(input_files),
@@ -298,8 +310,9 @@ def read_manifest(directory: str) -> dict:
   found = manifest.get("format") if isinstance(manifest, dict) else None
   if found != FORMAT:
     raise ConfigError(f"{path} has format {found!r}; expected {FORMAT!r}")
-  missing = [key for key in ("vocabulary", "vocab_size", "files", "documents")
-             if key not in manifest]
+  missing = [
+      key for key in ("vocabulary", "vocab_size", "files", "documents") if key not in manifest
+  ]
   if missing:
     raise ConfigError(f"{path} lacks the fields {missing}")
   return manifest
@@ -312,7 +325,8 @@ def check_vocabulary(manifest: dict, vocabulary_name: str, vocab_size: int) -> N
     raise ConfigError(
         f"data.vocabulary={vocabulary_name!r} ({vocab_size} ids) is not allowed: the shards were "
         f"tokenized with {manifest['vocabulary']!r} ({manifest['vocab_size']} ids); use that "
-        "vocabulary or rerun llada-preprocess")
+        "vocabulary or rerun llada-preprocess"
+    )
 
 
 def pretokenized_source(directories: str | Mapping[str, str]) -> seqio.DataSource:
@@ -321,6 +335,7 @@ def pretokenized_source(directories: str | Mapping[str, str]) -> seqio.DataSourc
   Its `targets` are sparse int64; put `densify` first among the task's preprocessors.
   """
   import seqio  # pylint: disable=g-import-not-at-top
+
   tf = _tensorflow()
 
   if isinstance(directories, str):
@@ -328,8 +343,10 @@ def pretokenized_source(directories: str | Mapping[str, str]) -> seqio.DataSourc
   manifests = {split: read_manifest(directory) for split, directory in directories.items()}
   vocabularies = {(m["vocabulary"], m["vocab_size"]) for m in manifests.values()}
   if len(vocabularies) > 1:
-    raise ConfigError(f"the splits {dict(directories)} were tokenized with different vocabularies: "
-                      f"{sorted(vocabularies)}")
+    raise ConfigError(
+        f"the splits {dict(directories)} were tokenized with different vocabularies: "
+        f"{sorted(vocabularies)}"
+    )
   files = {}
   for split, directory in directories.items():
     names = [entry["path"] for entry in manifests[split]["files"]]
@@ -340,7 +357,8 @@ def pretokenized_source(directories: str | Mapping[str, str]) -> seqio.DataSourc
   return seqio.TFExampleDataSource(
       split_to_filepattern=files,
       feature_description={"targets": tf.io.VarLenFeature(tf.int64)},
-      num_input_examples={split: m["documents"] for split, m in manifests.items()})
+      num_input_examples={split: m["documents"] for split, m in manifests.items()},
+  )
 
 
 def densify(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -348,4 +366,5 @@ def densify(dataset: tf.data.Dataset) -> tf.data.Dataset:
   tf = _tensorflow()
   return dataset.map(
       lambda ex: {**ex, "targets": tf.cast(tf.sparse.to_dense(ex["targets"]), tf.int32)},
-      num_parallel_calls=tf.data.AUTOTUNE)
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )

@@ -36,6 +36,7 @@ Reader = Callable[[str], list[dict[str, str]]]
 class TaskSpec:
   """A registered task: how to read each split (records in memory, or the directories of
   pre-tokenized shards), and whether to add EOS after each record."""
+
   name: str
   kind: str
   reader: Reader | None
@@ -47,6 +48,7 @@ class TaskSpec:
 @dataclasses.dataclass(frozen=True)
 class MixtureSpec:
   """Tasks sampled with the given rates (after each task is chunked or packed)."""
+
   name: str
   rates: tuple[tuple[str, float], ...]
 
@@ -75,7 +77,9 @@ def register_mixture(name: str, rates: dict[str, float]) -> MixtureSpec:
   """Adds a mixture of registered pre-training tasks, sampled in proportion to `rates`."""
   for task, rate in rates.items():
     if task not in _TASKS:
-      raise ConfigError(f"mixture {name!r}: unknown task {task!r}; registered: {registered_names()}")
+      raise ConfigError(
+          f"mixture {name!r}: unknown task {task!r}; registered: {registered_names()}"
+      )
     if rate <= 0:
       raise ConfigError(f"mixture {name!r}: rate {rate} of {task!r} is not allowed: expected > 0")
   _MIXTURES[name] = MixtureSpec(name, tuple(rates.items()))
@@ -83,7 +87,7 @@ def register_mixture(name: str, rates: dict[str, float]) -> MixtureSpec:
 
 
 def task_kind(name: str) -> str:
-  """"pretrain" or "sft" for a registered task or mixture."""
+  """ "pretrain" or "sft" for a registered task or mixture."""
   if name in _MIXTURES:
     return task_kind(_MIXTURES[name].rates[0][0])
   return _spec(name).kind
@@ -91,8 +95,10 @@ def task_kind(name: str) -> str:
 
 def _spec(name: str) -> TaskSpec:
   if name not in _TASKS:
-    raise ConfigError(f"data.task={name!r} is not a registered task or mixture; registered: "
-                      f"{', '.join(registered_names())}")
+    raise ConfigError(
+        f"data.task={name!r} is not a registered task or mixture; registered: "
+        f"{', '.join(registered_names())}"
+    )
   return _TASKS[name]
 
 
@@ -119,6 +125,7 @@ def _tokenize(dataset, vocabulary, fields: Sequence[str], rename: dict[str, str]
 
   def encode(ex):
     return {rename.get(f, f): tf.cast(vocabulary.encode_tf(ex[f]), tf.int32) for f in fields}
+
   return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -135,8 +142,10 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
   if full_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(full_name)
   if name in _MIXTURES:
-    tasks = [(seqio_provider(t, vocabulary_name, vocabulary, packing), rate)
-             for t, rate in _MIXTURES[name].rates]
+    tasks = [
+        (seqio_provider(t, vocabulary_name, vocabulary, packing), rate)
+        for t, rate in _MIXTURES[name].rates
+    ]
     return seqio.MixtureRegistry.add(full_name, tasks)
 
   spec = _spec(name)
@@ -144,27 +153,35 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
   if spec.shard_dirs:
     return _pretokenized_task(full_name, spec, vocabulary_name, vocabulary, packing)
   if spec.kind == "sft":
-    steps = [functools.partial(_tokenize, vocabulary=vocabulary, fields=("prompt", "response"),
-                               rename={}),
-             lambda ds, sequence_length: preprocessors.sft_layout(ds, sequence_length["targets"],
-                                                                  eos)]
+    steps = [
+        functools.partial(
+            _tokenize, vocabulary=vocabulary, fields=("prompt", "response"), rename={}
+        ),
+        lambda ds, sequence_length: preprocessors.sft_layout(ds, sequence_length["targets"], eos),
+    ]
   else:
     layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
-    steps = [functools.partial(_tokenize, vocabulary=vocabulary, fields=("text",),
-                               rename={"text": "targets"})]
+    steps = [
+        functools.partial(
+            _tokenize, vocabulary=vocabulary, fields=("text",), rename={"text": "targets"}
+        )
+    ]
     if spec.append_eos:
       steps.append(functools.partial(preprocessors.append_eos, eos_id=eos))
     steps.append(lambda ds, sequence_length: layout(ds, sequence_length["targets"]))
   return seqio.TaskRegistry.add(
       full_name,
-      source=seqio.FunctionDataSource(functools.partial(_records_dataset, spec),
-                                      splits=spec.splits),
+      source=seqio.FunctionDataSource(
+          functools.partial(_records_dataset, spec), splits=spec.splits
+      ),
       preprocessors=steps,
-      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)})
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+  )
 
 
-def _pretokenized_task(full_name: str, spec: TaskSpec, vocabulary_name: str, vocabulary,
-                       packing: str):
+def _pretokenized_task(
+    full_name: str, spec: TaskSpec, vocabulary_name: str, vocabulary, packing: str
+):
   """The seqio Task over llada-preprocess shards, refusing a vocabulary other than theirs."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -172,29 +189,34 @@ def _pretokenized_task(full_name: str, spec: TaskSpec, vocabulary_name: str, voc
   from llada_jax.data import pretokenized, preprocessors  # pylint: disable=g-import-not-at-top
 
   for _, directory in spec.shard_dirs:
-    pretokenized.check_vocabulary(pretokenized.read_manifest(directory), vocabulary_name,
-                                  vocabulary.vocab_size)
+    pretokenized.check_vocabulary(
+        pretokenized.read_manifest(directory), vocabulary_name, vocabulary.vocab_size
+    )
   layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
   steps = [pretokenized.densify]
   if spec.append_eos:
     steps.append(functools.partial(preprocessors.append_eos, eos_id=vocabulary.eos_id))
   steps.append(lambda ds, sequence_length: layout(ds, sequence_length["targets"]))
   return seqio.TaskRegistry.add(
-      full_name, source=pretokenized.pretokenized_source(dict(spec.shard_dirs)),
+      full_name,
+      source=pretokenized.pretokenized_source(dict(spec.shard_dirs)),
       preprocessors=steps,
-      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)})
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+  )
 
 
-def register_pretokenized_task(name: str, train_dir: str, validation_dir: str = "", *,
-                               append_eos: bool = True) -> TaskSpec:
+def register_pretokenized_task(
+    name: str, train_dir: str, validation_dir: str = "", *, append_eos: bool = True
+) -> TaskSpec:
   """Registers a pre-training task over `llada-preprocess` shards (local or gs:// directories).
 
   Shards store documents without EOS; `append_eos` (default) separates them with one. A host
   reads whole files, so write at least as many shards as data.num_shards.
   """
   dirs = (("train", train_dir),) + ((("validation", validation_dir),) if validation_dir else ())
-  return register_task(TaskSpec(name, "pretrain", None, append_eos, tuple(s for s, _ in dirs),
-                                dirs))
+  return register_task(
+      TaskSpec(name, "pretrain", None, append_eos, tuple(s for s, _ in dirs), dirs)
+  )
 
 
 def count_too_long(name: str, split: str, vocabulary, length: int) -> tuple[int, int]:
@@ -203,8 +225,10 @@ def count_too_long(name: str, split: str, vocabulary, length: int) -> tuple[int,
   spec = _spec(name)
   _check_split(spec, split)
   records = spec.reader(split)
-  too_long = sum(len(vocabulary.encode(r["prompt"])) + len(vocabulary.encode(r["response"]))
-                 >= length for r in records)
+  too_long = sum(
+      len(vocabulary.encode(r["prompt"])) + len(vocabulary.encode(r["response"])) >= length
+      for r in records
+  )
   return too_long, len(records)
 
 
@@ -224,8 +248,12 @@ def _read_gsm8k(split: str) -> list[dict[str, str]]:
   records = []
   for ex in _read_jsonl_objects(path, ("question", "answer")):
     answer = re.sub(r"<<[^>]*>>", "", ex["answer"]).strip()
-    records.append({"prompt": render_chat([ChatMessage("user", ex["question"])]),
-                    "response": answer + "<|eot_id|>"})
+    records.append(
+        {
+            "prompt": render_chat([ChatMessage("user", ex["question"])]),
+            "response": answer + "<|eot_id|>",
+        }
+    )
   return records
 
 
@@ -234,7 +262,9 @@ def _decode_utf8(path: pathlib.Path) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ConfigError(f"{path}: undecodable byte at offset {e.start} (expected UTF-8 text)") from None
+    raise ConfigError(
+        f"{path}: undecodable byte at offset {e.start} (expected UTF-8 text)"
+    ) from None
 
 
 def _read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[str, str]]:
@@ -259,16 +289,24 @@ def _read_files(files: Sequence[pathlib.Path], text_field: str) -> list[dict[str
   records = []
   for path in files:
     if path.suffix == ".jsonl":
-      records += [{"text": obj[text_field]} for obj in _read_jsonl_objects(path, (text_field,))
-                  if obj[text_field]]
+      records += [
+          {"text": obj[text_field]}
+          for obj in _read_jsonl_objects(path, (text_field,))
+          if obj[text_field]
+      ]
     else:
       records += _paragraphs(_decode_utf8(path))
   return records
 
 
-def register_text_task(name: str, files: Sequence[str | pathlib.Path],
-                       validation_files: Sequence[str | pathlib.Path] = (), *,
-                       text_field: str = "text", append_eos: bool | None = None) -> TaskSpec:
+def register_text_task(
+    name: str,
+    files: Sequence[str | pathlib.Path],
+    validation_files: Sequence[str | pathlib.Path] = (),
+    *,
+    text_field: str = "text",
+    append_eos: bool | None = None,
+) -> TaskSpec:
   """Registers a pre-training task over the user's .txt and .jsonl files, usable as data.task.
 
   .txt files are read as paragraphs (blank-line separated, all characters kept); in .jsonl files
@@ -277,8 +315,10 @@ def register_text_task(name: str, files: Sequence[str | pathlib.Path],
   The "validation" split reads `validation_files`. Files are read when the task is first used;
   for corpora beyond memory, pre-tokenize them with `llada-preprocess`.
   """
-  paths = {"train": [pathlib.Path(f) for f in files],
-           "validation": [pathlib.Path(f) for f in validation_files]}
+  paths = {
+      "train": [pathlib.Path(f) for f in files],
+      "validation": [pathlib.Path(f) for f in validation_files],
+  }
   if not paths["train"]:
     raise ConfigError(f"register_text_task({name!r}): no files given")
   for path in paths["train"] + paths["validation"]:
@@ -287,12 +327,16 @@ def register_text_task(name: str, files: Sequence[str | pathlib.Path],
   if append_eos is None:
     append_eos = all(p.suffix == ".jsonl" for p in paths["train"])
   splits = tuple(s for s in SPLITS if paths[s])
-  return register_task(TaskSpec(
-      name, "pretrain", lambda split: _read_files(paths[split], text_field), append_eos, splits))
+  return register_task(
+      TaskSpec(
+          name, "pretrain", lambda split: _read_files(paths[split], text_field), append_eos, splits
+      )
+  )
 
 
 for _corpus in corpora.CORPUS_FILES:
   register_task(TaskSpec(_corpus, "pretrain", functools.partial(_read_corpus, _corpus), False))
 register_task(TaskSpec("gsm8k_sft", "sft", _read_gsm8k, False))
-register_mixture("corpora", {c: float(corpora.corpus_path(c).stat().st_size)
-                             for c in corpora.CORPUS_FILES})
+register_mixture(
+    "corpora", {c: float(corpora.corpus_path(c).stat().st_size) for c in corpora.CORPUS_FILES}
+)

@@ -38,8 +38,9 @@ from llada_jax.errors import ConfigError
 _CHUNK_BYTES = 4096  # lines are packed into training "sentences" of at most this many bytes
 
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", SPM8K_SIZE, "Number of pieces, specials included.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", str(SPM8K_PATH.parent),
-                                  f"Folder that receives {SPM8K_PATH.name}.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", str(SPM8K_PATH.parent), f"Folder that receives {SPM8K_PATH.name}."
+)
 
 
 def _chunks(text: str) -> Iterator[str]:
@@ -65,12 +66,25 @@ def train_sentencepiece(output_prefix: str, vocab_size: int = SPM8K_SIZE) -> pat
   try:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=(chunk for text in train_texts for chunk in _chunks(text)),
-        model_writer=model, model_type="unigram", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=False, max_sentence_length=8 * _CHUNK_BYTES,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        input_sentence_size=0, shuffle_input_sentence=False, num_threads=2, minloglevel=1)
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        max_sentence_length=8 * _CHUNK_BYTES,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=2,
+        minloglevel=1,
+    )
   except RuntimeError as e:  # how the trainer rejects a setting, e.g. too small a vocab_size
     raise ConfigError(f"vocab_size={vocab_size}: {str(e).rsplit('] ', 1)[-1]}") from None
   path = pathlib.Path(f"{output_prefix}.model")
@@ -93,8 +107,11 @@ def _train(argv: list[str]) -> None:
   path = train_sentencepiece(str(prefix), _VOCAB_SIZE.value)
   logging.info("wrote %s", path)
   for name in CORPUS_FILES:
-    logging.info("%s validation tail: %.4f bytes/token", name,
-                 bytes_per_token(path, split_text(name)["validation"]))
+    logging.info(
+        "%s validation tail: %.4f bytes/token",
+        name,
+        bytes_per_token(path, split_text(name)["validation"]),
+    )
 
 
 run = entry_point(_train)

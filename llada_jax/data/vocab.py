@@ -20,17 +20,24 @@ def vocabulary_by_name(name: str, tokenizer: str = ""):
   """The seqio Vocabulary called `name` ("byte", "spm8k", or "llada_hf" with a tokenizer.json)."""
   if name == "llada_hf":
     if not tokenizer or not os.path.isfile(tokenizer):
-      raise ConfigError(f"vocabulary 'llada_hf' needs the path of the model's tokenizer.json "
-                        f"(data.tokenizer); {tokenizer!r} names no file")
+      raise ConfigError(
+          f"vocabulary 'llada_hf' needs the path of the model's tokenizer.json "
+          f"(data.tokenizer); {tokenizer!r} names no file"
+      )
     from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
+
     return seqio_vocabulary(tokenizer)
   if name == "spm8k":
     from llada_jax.data.spm_vocab import spm_vocabulary  # pylint: disable=g-import-not-at-top
+
     return spm_vocabulary()
   if name == "byte":
     import seqio  # pylint: disable=g-import-not-at-top
+
     return seqio.ByteVocabulary()
-  raise ConfigError(f"vocabulary {name!r} is not allowed: expected one of {tuple(VOCABULARY_SIZES)}")
+  raise ConfigError(
+      f"vocabulary {name!r} is not allowed: expected one of {tuple(VOCABULARY_SIZES)}"
+  )
 
 
 def get_vocabulary(config: ml_collections.ConfigDict):
@@ -41,11 +48,15 @@ def get_vocabulary(config: ml_collections.ConfigDict):
     return vocabulary
   for name in ("eos_id", "pad_id"):
     if config.tokens[name] != getattr(vocabulary, name):
-      raise ConfigError(f"tokens.{name}={config.tokens[name]} is not allowed: the "
-                        f"{config.data.vocabulary!r} vocabulary has {name} "
-                        f"{getattr(vocabulary, name)}")
+      raise ConfigError(
+          f"tokens.{name}={config.tokens[name]} is not allowed: the "
+          f"{config.data.vocabulary!r} vocabulary has {name} "
+          f"{getattr(vocabulary, name)}"
+      )
   if config.model.vocab_size < vocabulary.vocab_size + 1:
-    raise ConfigError(f"model.vocab_size={config.model.vocab_size} is not allowed: the "
-                      f"{config.data.vocabulary!r} vocabulary has {vocabulary.vocab_size} ids "
-                      "and the model needs one more for the mask id")
+    raise ConfigError(
+        f"model.vocab_size={config.model.vocab_size} is not allowed: the "
+        f"{config.data.vocabulary!r} vocabulary has {vocabulary.vocab_size} ids "
+        "and the model needs one more for the mask id"
+    )
   return vocabulary

@@ -30,6 +30,7 @@ from llada_jax.parallel.sharding import placement_context
 
 class Likelihood(NamedTuple):
   """Per pair: the estimate of log p(answer | prompt) (nats) and its standard error."""
+
   log_likelihood: np.ndarray
   stderr: np.ndarray
 
@@ -43,11 +44,17 @@ def stratified_lengths(key: jax.Array, answer_len: jax.Array, batch_size: int) -
   return (grid - 1) % answer_len + 1
 
 
-def log_likelihood(config: ml_collections.ConfigDict, params: Any,
-                   prompt: Sequence[int] | Sequence[Sequence[int]],
-                   answer: Sequence[int] | Sequence[Sequence[int]], *, mc_num: int = 128,
-                   batch_size: int = 16, cfg_scale: float = 0.0,
-                   rng: jax.Array | None = None) -> Likelihood:
+def log_likelihood(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    prompt: Sequence[int] | Sequence[Sequence[int]],
+    answer: Sequence[int] | Sequence[Sequence[int]],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    rng: jax.Array | None = None,
+) -> Likelihood:
   """Estimates log p(answer | prompt) for one pair (flat id lists) or many (lists of lists).
 
   Args:
@@ -67,18 +74,34 @@ def log_likelihood(config: ml_collections.ConfigDict, params: Any,
   prompts, answers = ([prompt], [answer]) if single else (list(prompt), list(answer))
   check_pairs(config, prompts, answers, mc_num, batch_size, cfg_scale)
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-  result = score_pairs(config, params, prompts, answers, item_keys(rng, len(prompts)),
-                       mc_num=mc_num, batch_size=batch_size, cfg_scale=cfg_scale)
+  result = score_pairs(
+      config,
+      params,
+      prompts,
+      answers,
+      item_keys(rng, len(prompts)),
+      mc_num=mc_num,
+      batch_size=batch_size,
+      cfg_scale=cfg_scale,
+  )
   if single:
     return Likelihood(result.log_likelihood[0], result.stderr[0])
   return result
 
 
-def score_pairs(config: ml_collections.ConfigDict, params: Any,
-                prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                keys: jax.Array, *, mc_num: int, batch_size: int, cfg_scale: float = 0.0,
-                sharding: jax.sharding.Sharding | None = None,
-                width: int | None = None) -> Likelihood:
+def score_pairs(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    keys: jax.Array,
+    *,
+    mc_num: int,
+    batch_size: int,
+    cfg_scale: float = 0.0,
+    sharding: jax.sharding.Sharding | None = None,
+    width: int | None = None,
+) -> Likelihood:
   """log_likelihood for a list of pairs with one PRNG key per pair (keys [N]).
 
   sharding, if given, places the pair axis of the inputs (e.g. over the devices of a mesh); the
@@ -89,8 +112,13 @@ def score_pairs(config: ml_collections.ConfigDict, params: Any,
   arrays = (*_pack(prompts, answers, width), keys)
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
-  scorer = _compiled_scorer(ModelConfig.from_config(config), config.tokens.mask_id, mc_num,
-                            mc_batch_size(mc_num, batch_size), cfg_scale > 0)
+  scorer = _compiled_scorer(
+      ModelConfig.from_config(config),
+      config.tokens.mask_id,
+      mc_num,
+      mc_batch_size(mc_num, batch_size),
+      cfg_scale > 0,
+  )
   with placement_context(sharding):
     estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
@@ -104,16 +132,25 @@ def mc_batch_size(mc_num: int, batch_size: int) -> int:
 def check_mc(mc_num: int, batch_size: int, prefix: str = "") -> None:
   """mc_num must be a positive multiple of mc_batch_size(mc_num, batch_size); ConfigError else."""
   if batch_size < 1:
-    raise ConfigError(f"{prefix}mc_batch_size={batch_size} is not allowed: expected a positive "
-                      "number of samples per forward pass")
+    raise ConfigError(
+        f"{prefix}mc_batch_size={batch_size} is not allowed: expected a positive "
+        "number of samples per forward pass"
+    )
   if mc_num < 1 or mc_num % mc_batch_size(mc_num, batch_size):
-    raise ConfigError(f"{prefix}mc_num={mc_num} is not allowed: expected a positive multiple of "
-                      f"mc_batch_size={batch_size} (or fewer samples than it)")
+    raise ConfigError(
+        f"{prefix}mc_num={mc_num} is not allowed: expected a positive multiple of "
+        f"mc_batch_size={batch_size} (or fewer samples than it)"
+    )
 
 
-def check_pairs(config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
-                answers: Sequence[Sequence[int]], mc_num: int, batch_size: int,
-                cfg_scale: float) -> None:
+def check_pairs(
+    config: ml_collections.ConfigDict,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    mc_num: int,
+    batch_size: int,
+    cfg_scale: float,
+) -> None:
   """Raises ConfigError with one line for any pair or option that cannot be scored."""
   if len(prompts) != len(answers):
     raise ConfigError(f"got {len(prompts)} prompts but {len(answers)} answers: expected pairs")
@@ -126,11 +163,15 @@ def check_pairs(config: ml_collections.ConfigDict, prompts: Sequence[Sequence[in
       raise ConfigError("an answer is empty: expected at least one token to score")
     ids = np.asarray(list(p) + list(a))
     if ids.min() < 0 or ids.max() >= vocab:
-      raise ConfigError(f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is not "
-                        f"allowed: expected ids in [0, model.vocab_size={vocab})")
+      raise ConfigError(
+          f"token id {int(ids.max() if ids.max() >= vocab else ids.min())} is not "
+          f"allowed: expected ids in [0, model.vocab_size={vocab})"
+      )
     if len(ids) > config.model.max_sequence_length:
-      raise ConfigError(f"prompt + answer length {len(ids)} is not allowed: expected at most "
-                        f"model.max_sequence_length={config.model.max_sequence_length}")
+      raise ConfigError(
+          f"prompt + answer length {len(ids)} is not allowed: expected at most "
+          f"model.max_sequence_length={config.model.max_sequence_length}"
+      )
 
 
 def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,15 +181,16 @@ def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndar
   valid = np.zeros((len(prompts), width), bool)
   is_answer = np.zeros((len(prompts), width), bool)
   for row, (p, a) in enumerate(zip(prompts, answers)):
-    tokens[row, :len(p) + len(a)] = list(p) + list(a)
-    valid[row, :len(p) + len(a)] = True
-    is_answer[row, len(p):len(p) + len(a)] = True
+    tokens[row, : len(p) + len(a)] = list(p) + list(a)
+    valid[row, : len(p) + len(a)] = True
+    is_answer[row, len(p) : len(p) + len(a)] = True
   return tokens, valid, is_answer
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_size: int,
-                     use_cfg: bool):
+def _compiled_scorer(
+    model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_size: int, use_cfg: bool
+):
   model = Transformer(model_cfg)
   num_batches = mc_num // batch_size
 
@@ -188,7 +230,8 @@ def _compiled_scorer(model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_si
     keys = jax.vmap(lambda key: item_keys(key, num_batches))(keys)  # [N, batches]
     losses = jax.lax.map(  # [batches, N, batch_size]: one forward pass per mini-batch index
         lambda batch_keys: batch_losses(params, tokens, valid, is_answer, batch_keys, cfg_scale),
-        jnp.swapaxes(keys, 0, 1))
+        jnp.swapaxes(keys, 0, 1),
+    )
     losses = jnp.swapaxes(losses, 0, 1)
     batch_means = losses.mean(axis=-1)
     estimate = -batch_means.mean(axis=-1)

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 
 class Noised(NamedTuple):
   """One draw of the forward process for a batch."""
-  tokens: jax.Array      # [B, L] input to the mask predictor: mask_id where masked
-  masked: jax.Array      # [B, L] bool, positions replaced by the mask id
-  p_mask: jax.Array      # [B] masking probability of each sequence
+
+  tokens: jax.Array  # [B, L] input to the mask predictor: mask_id where masked
+  masked: jax.Array  # [B, L] bool, positions replaced by the mask id
+  p_mask: jax.Array  # [B] masking probability of each sequence
 
 
 def mask_probability(t: jax.Array, eps: float) -> jax.Array:
@@ -38,8 +39,15 @@ def sample_times(rng: jax.Array, batch: int, method: str = "uniform") -> jax.Arr
   raise ValueError(f"time sampling {method!r} is not one of uniform, stratified")
 
 
-def forward_process(rng: jax.Array, tokens: jax.Array, *, mask_id: int, eps: float,
-                    valid: jax.Array | None = None, time_sampling: str = "uniform") -> Noised:
+def forward_process(
+    rng: jax.Array,
+    tokens: jax.Array,
+    *,
+    mask_id: int,
+    eps: float,
+    valid: jax.Array | None = None,
+    time_sampling: str = "uniform",
+) -> Noised:
   """Masks every token of `tokens` [B, L] with its sequence's probability p.
 
   valid: optional bool [B, L]; positions outside it are never masked (the prompt in SFT, positions
@@ -67,9 +75,15 @@ def random_length(rng: jax.Array, seq_len: int, prob: float) -> jax.Array:
   return jnp.where(cut, drawn, seq_len)
 
 
-def noise_batch(rng: jax.Array, batch: dict[str, jax.Array], *, mask_id: int, eps: float,
-                random_length_prob: float,
-                time_sampling: str = "uniform") -> dict[str, jax.Array]:
+def noise_batch(
+    rng: jax.Array,
+    batch: dict[str, jax.Array],
+    *,
+    mask_id: int,
+    eps: float,
+    random_length_prob: float,
+    time_sampling: str = "uniform",
+) -> dict[str, jax.Array]:
   """On-device forward process for a feature batch (llada_jax.data.features): adds inputs, masked
   and p_mask, and applies the batch-level random-length cut to `valid` (pre-training only).
 
@@ -84,7 +98,7 @@ def noise_batch(rng: jax.Array, batch: dict[str, jax.Array], *, mask_id: int, ep
   else:
     valid = valid & (jnp.arange(seq_len) < random_length(len_key, seq_len, random_length_prob))
     maskable = valid
-  noised = forward_process(noise_key, targets, mask_id=mask_id, eps=eps, valid=maskable,
-                           time_sampling=time_sampling)
-  return dict(batch, valid=valid, inputs=noised.tokens, masked=noised.masked,
-              p_mask=noised.p_mask)
+  noised = forward_process(
+      noise_key, targets, mask_id=mask_id, eps=eps, valid=maskable, time_sampling=time_sampling
+  )
+  return dict(batch, valid=valid, inputs=noised.tokens, masked=noised.masked, p_mask=noised.p_mask)

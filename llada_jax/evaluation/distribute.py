@@ -15,12 +15,12 @@ def this_host_indices(lengths: Sequence[int]) -> np.ndarray:
   """Indices of the items this process evaluates: sorted by length, then dealt out round-robin,
   so every host gets a similar mix of lengths and similar lengths share a padded batch."""
   order = np.argsort(np.asarray(lengths), kind="stable")
-  return order[jax.process_index()::jax.process_count()]
+  return order[jax.process_index() :: jax.process_count()]
 
 
 def chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
   """Consecutive slices of at most `size` indices."""
-  return [indices[i:i + size] for i in range(0, len(indices), size)]
+  return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def pad_to_multiple(items: list[T], multiple: int) -> list[T]:
@@ -41,9 +41,9 @@ def gather_rows(total: int, indices: np.ndarray, rows: np.ndarray) -> np.ndarray
     return out
   width = -(-total // jax.process_count())
   padded_idx = np.full((width,), -1, np.int64)
-  padded_idx[:len(indices)] = indices
+  padded_idx[: len(indices)] = indices
   padded_rows = np.zeros((width,) + rows.shape[1:], rows.dtype)
-  padded_rows[:len(rows)] = rows
+  padded_rows[: len(rows)] = rows
   all_idx = np.asarray(multihost_utils.process_allgather(padded_idx)).reshape(-1)
   all_rows = np.asarray(multihost_utils.process_allgather(padded_rows))
   all_rows = all_rows.reshape((-1,) + rows.shape[1:])
@@ -52,10 +52,14 @@ def gather_rows(total: int, indices: np.ndarray, rows: np.ndarray) -> np.ndarray
   return out
 
 
-def run_sharded(lengths: Sequence[int], batch_items: int,
-                evaluate: Callable[[np.ndarray], np.ndarray], row_shape: tuple[int, ...] = (),
-                dtype: np.dtype | type = np.float32,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
+def run_sharded(
+    lengths: Sequence[int],
+    batch_items: int,
+    evaluate: Callable[[np.ndarray], np.ndarray],
+    row_shape: tuple[int, ...] = (),
+    dtype: np.dtype | type = np.float32,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
   """Evaluates every item once over all hosts: evaluate(indices) -> rows [len, *row_shape].
 
   Returns the rows of all items in their original order, on every process.

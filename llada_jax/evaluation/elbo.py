@@ -31,28 +31,49 @@ def _sequence_bounds(model_cfg: ModelConfig, mask_id: int, eps: float, samples: 
   model = Transformer(model_cfg)
 
   def one_draw(params, batch, keys):
-    noised = jax.vmap(lambda key, row: noise_batch(
-        key, jax.tree.map(lambda x: x[None], row), mask_id=mask_id, eps=eps,
-        random_length_prob=0.0))(keys, batch)
+    noised = jax.vmap(
+        lambda key, row: noise_batch(
+            key,
+            jax.tree.map(lambda x: x[None], row),
+            mask_id=mask_id,
+            eps=eps,
+            random_length_prob=0.0,
+        )
+    )(keys, batch)
     noised = jax.tree.map(lambda x: x[:, 0], noised)
-    logits = model.apply({"params": params}, noised["inputs"], noised["valid"],
-                         noised["positions"], noised["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         noised["targets"])
+    logits = model.apply(
+        {"params": params},
+        noised["inputs"],
+        noised["valid"],
+        noised["positions"],
+        noised["segment_ids"],
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), noised["targets"]
+    )
     weighted = jnp.where(noised["masked"], ce / noised["p_mask"][:, None], 0.0)
     return jnp.sum(weighted, -1) / jnp.maximum(jnp.sum(noised["valid"], -1), 1)
 
   @jax.jit
   def bounds(params, batch, keys):
-    draws = jax.lax.map(lambda k: one_draw(params, batch, k),
-                        jax.vmap(lambda key: jax.random.split(key, samples), out_axes=1)(keys))
+    draws = jax.lax.map(
+        lambda k: one_draw(params, batch, k),
+        jax.vmap(lambda key: jax.random.split(key, samples), out_axes=1)(keys),
+    )
     return draws.mean(0)
+
   return bounds
 
 
-def evaluate_elbo(model: EvalModel, *, task: str | None = None, limit: int | None = None,
-                  samples: int = 1, seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> dict[str, float]:
+def evaluate_elbo(
+    model: EvalModel,
+    *,
+    task: str | None = None,
+    limit: int | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
   """Bound in nats/bits per token and bits per byte, with standard errors, on held-out text."""
   from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -62,18 +83,21 @@ def evaluate_elbo(model: EvalModel, *, task: str | None = None, limit: int | Non
   config.data.update(task=task or config.data.task, masking="device", num_shards=-1)
   config.data.batch_size = -(-config.data.batch_size // model.mesh.size) * model.mesh.size
   batch_size = config.data.batch_size
-  batches = pipeline.eval_batches(config, model.item_sharding,
-                                  None if limit is None else -(-limit // batch_size))
-  bounds_fn = _sequence_bounds(ModelConfig.from_config(config), config.tokens.mask_id,
-                               config.diffusion.eps, samples)
+  batches = pipeline.eval_batches(
+      config, model.item_sharding, None if limit is None else -(-limit // batch_size)
+  )
+  bounds_fn = _sequence_bounds(
+      ModelConfig.from_config(config), config.tokens.mask_id, config.diffusion.eps, samples
+  )
   base = jax.random.PRNGKey(seed)
   mine = np.arange(jax.process_index(), len(batches), jax.process_count())
   rows = []
   for b in mine:
     batch = {k: batches[b][k] for k in ("targets", "valid", "positions", "segment_ids")}
     index = np.arange(b * batch_size, (b + 1) * batch_size, dtype=np.uint32)
-    keys = jax.device_put(jax.vmap(lambda i: jax.random.fold_in(base, i))(index),
-                          model.item_sharding)
+    keys = jax.device_put(
+        jax.vmap(lambda i: jax.random.fold_in(base, i))(index), model.item_sharding
+    )
     bound = np.asarray(bounds_fn(model.params, batch, keys))
     targets, valid = np.asarray(batch["targets"]), np.asarray(batch["valid"])
     tokens = valid.sum(-1)
@@ -93,18 +117,30 @@ def _text_bytes(model: EvalModel, ids: list[int]) -> int:
   return len(model.codec.decode([i for i in ids if i not in special]).encode("utf-8"))
 
 
-def _summary(bound: np.ndarray, tokens: np.ndarray, nbytes: np.ndarray,
-             task: str) -> dict[str, Any]:
+def _summary(
+    bound: np.ndarray, tokens: np.ndarray, nbytes: np.ndarray, task: str
+) -> dict[str, Any]:
   """Token-weighted means and standard errors (ratio estimator over sequences)."""
   n = bound.size
   nats = float(np.sum(bound * tokens) / np.sum(tokens))
   per_seq = bound * tokens / np.mean(tokens)  # sequence contributions on the mean's scale
-  stderr = float(np.std(per_seq - nats * tokens / np.mean(tokens), ddof=1) / math.sqrt(n)) \
-      if n > 1 else float("nan")
+  stderr = (
+      float(np.std(per_seq - nats * tokens / np.mean(tokens), ddof=1) / math.sqrt(n))
+      if n > 1
+      else float("nan")
+  )
   tokens_per_byte = float(np.sum(tokens) / max(np.sum(nbytes), 1))
   bits = nats / math.log(2)
   bits_stderr = stderr / math.log(2)
-  return dict(nats_per_token=nats, nats_per_token_stderr=stderr, bits_per_token=bits,
-              bits_per_token_stderr=bits_stderr, bits_per_byte=bits * tokens_per_byte,
-              bits_per_byte_stderr=bits_stderr * tokens_per_byte, count=n,
-              tokens=int(np.sum(tokens)), bytes=int(np.sum(nbytes)), task=task)
+  return dict(
+      nats_per_token=nats,
+      nats_per_token_stderr=stderr,
+      bits_per_token=bits,
+      bits_per_token_stderr=bits_stderr,
+      bits_per_byte=bits * tokens_per_byte,
+      bits_per_byte_stderr=bits_stderr * tokens_per_byte,
+      count=n,
+      tokens=int(np.sum(tokens)),
+      bytes=int(np.sum(nbytes)),
+      task=task,
+  )

@@ -19,10 +19,16 @@ from llada_jax.sampling.generate import generate
 from llada_jax.sampling.ending import cut_ids
 
 
-def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed: int = 0,
-                     batch_size: int = 8, progress: Callable[[int], None] | None = None,
-                     item_ids: Sequence[int] | None = None,
-                     **sampler_kwargs: Any) -> list[list[int]]:
+def generate_answers(
+    model: EvalModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+    item_ids: Sequence[int] | None = None,
+    **sampler_kwargs: Any,
+) -> list[list[int]]:
   """Answer ids for every prompt (cut at the first EOS or EoT), on every process.
 
   item_ids: the id of each prompt that seeds its noise, fold_in(PRNGKey(seed), id) (default: its
@@ -46,18 +52,23 @@ def generate_answers(model: EvalModel, prompts: Sequence[Sequence[int]], *, seed
     batch = np.full((len(part), width), tokens.pad_id, np.int32)
     mask = np.zeros((len(part), width), bool)
     for row, i in enumerate(part):
-      batch[row, width - len(prompts[i]):] = prompts[i]
-      mask[row, width - len(prompts[i]):] = True
+      batch[row, width - len(prompts[i]) :] = prompts[i]
+      mask[row, width - len(prompts[i]) :] = True
     batch, mask = jax.device_put((batch, mask), model.item_sharding)
     keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), ids[part]), model.item_sharding)
-    out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys,
-                              **sampler_kwargs))
+    out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys, **sampler_kwargs))
     answers = np.full((len(indices), gen_length), -1, np.int32)
     for row in range(len(indices)):
       answer = cut_ids(out[row, width:].tolist(), tokens)
-      answers[row, :len(answer)] = answer
+      answers[row, : len(answer)] = answer
     return answers
 
-  rows = run_sharded([len(p) for p in prompts], per_call, evaluate, row_shape=(gen_length,),
-                     dtype=np.int32, progress=progress)
+  rows = run_sharded(
+      [len(p) for p in prompts],
+      per_call,
+      evaluate,
+      row_shape=(gen_length,),
+      dtype=np.int32,
+      progress=progress,
+  )
   return [[int(t) for t in row if t >= 0] for row in rows]

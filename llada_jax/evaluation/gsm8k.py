@@ -57,27 +57,38 @@ def fewshot_prefix(num_fewshot: int) -> str:
   return "".join(f"Question: {p.question}\nAnswer: {p.solution}\n\n" for p in shots)
 
 
-def build_prompts(model: EvalModel, problems: Sequence[MathProblem], prompt_format: str,
-                  num_fewshot: int, gen_length: int) -> tuple[list[list[int]], int, bool]:
+def build_prompts(
+    model: EvalModel,
+    problems: Sequence[MathProblem],
+    prompt_format: str,
+    num_fewshot: int,
+    gen_length: int,
+) -> tuple[list[list[int]], int, bool]:
   """Prompt ids (left-truncated to leave gen_length tokens), how many were cut, and whether they
   are chat prompts."""
   if prompt_format not in PROMPT_FORMATS:
-    raise ConfigError(f"--gsm8k_format={prompt_format} is not allowed: expected one of "
-                      f"{PROMPT_FORMATS}")
+    raise ConfigError(
+        f"--gsm8k_format={prompt_format} is not allowed: expected one of " f"{PROMPT_FORMATS}"
+    )
   chat = hasattr(model.codec, "special") and model.codec.special.get("eot_id", -1) >= 0
   if prompt_format == "chat" and not chat:
-    raise ConfigError("--gsm8k_format=chat is not allowed for this checkpoint: its tokenizer has "
-                      "no chat tokens; use fewshot")
+    raise ConfigError(
+        "--gsm8k_format=chat is not allowed for this checkpoint: its tokenizer has "
+        "no chat tokens; use fewshot"
+    )
   use_chat = chat if prompt_format == "auto" else prompt_format == "chat"
   limit = model.config.model.max_sequence_length - gen_length
   if limit < 1:
-    raise ConfigError(f"gen_length={gen_length} is not allowed: expected less than "
-                      f"model.max_sequence_length={model.config.model.max_sequence_length}")
+    raise ConfigError(
+        f"gen_length={gen_length} is not allowed: expected less than "
+        f"model.max_sequence_length={model.config.model.max_sequence_length}"
+    )
   prefix = "" if use_chat else fewshot_prefix(num_fewshot)
   prompts, cut = [], 0
   for problem in problems:
     if use_chat:
       from llada_jax.data.hf_tokenizer import ChatMessage, chat_prompt_ids  # pylint: disable=g-import-not-at-top
+
       ids = chat_prompt_ids(model.codec, [ChatMessage("user", problem.question)])
     else:
       ids = list(model.codec.encode(f"{prefix}Question: {problem.question}\nAnswer:"))
@@ -86,23 +97,43 @@ def build_prompts(model: EvalModel, problems: Sequence[MathProblem], prompt_form
   return prompts, cut, use_chat
 
 
-def evaluate_gsm8k(model: EvalModel, problems: Sequence[MathProblem], *, prompt_format: str,
-                   num_fewshot: int, seed: int = 0, batch_size: int = 8,
-                   progress: Callable[[int], None] | None = None,
-                   **sampler: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_gsm8k(
+    model: EvalModel,
+    problems: Sequence[MathProblem],
+    *,
+    prompt_format: str,
+    num_fewshot: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+    **sampler: Any,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
   """Exact-match accuracy with its standard error, and one record per problem."""
-  prompts, truncated, chat = build_prompts(model, problems, prompt_format, num_fewshot,
-                                           sampler["gen_length"])
+  prompts, truncated, chat = build_prompts(
+      model, problems, prompt_format, num_fewshot, sampler["gen_length"]
+  )
   stops = () if chat else FEWSHOT_STOPS
-  answers = generate_answers(model, prompts, seed=seed, batch_size=batch_size, progress=progress,
-                             **sampler)
+  answers = generate_answers(
+      model, prompts, seed=seed, batch_size=batch_size, progress=progress, **sampler
+  )
   records, correct = [], []
   for problem, answer in zip(problems, answers):
     text = cut_text(model.codec.decode(answer), stops)
     predicted = extract_answer(text)
     correct.append(float(predicted == normalize_number(problem.answer)))
-    records.append(dict(question=problem.question, generation=text, predicted=predicted,
-                        gold=problem.answer, correct=bool(correct[-1])))
+    records.append(
+        dict(
+            question=problem.question,
+            generation=text,
+            predicted=predicted,
+            gold=problem.answer,
+            correct=bool(correct[-1]),
+        )
+    )
   accuracy, stderr = mean_and_stderr(np.asarray(correct))
-  return dict(exact_match=accuracy, exact_match_stderr=stderr, count=len(problems),
-              truncated=truncated), records
+  return (
+      dict(
+          exact_match=accuracy, exact_match_stderr=stderr, count=len(problems), truncated=truncated
+      ),
+      records,
+  )

@@ -31,6 +31,7 @@ SCALAR_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "bits_per_t
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
   """Everything that shapes an evaluation besides the model (the CLI flags)."""
+
   tasks: tuple[str, ...] = ("elbo",)
   task_files: tuple[str, ...] = ()
   limit: int | None = None
@@ -46,16 +47,16 @@ class EvalOptions:
   sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def check_options(options: EvalOptions,
-                  config: ml_collections.ConfigDict | None = None) -> None:
+def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None = None) -> None:
   """Raises ConfigError (one line) for any option no task could run with, before any work: the
   Monte-Carlo numbers, limits, GSM8K prompt settings and, given the model's config, the sampler
   options of generation tasks."""
   check_mc(options.mc_num, options.mc_batch_size, prefix="--")
   for name in ("elbo_samples", "generation_batch_size"):
     if getattr(options, name) < 1:
-      raise ConfigError(f"--{name}={getattr(options, name)} is not allowed: expected a positive "
-                        "integer")
+      raise ConfigError(
+          f"--{name}={getattr(options, name)} is not allowed: expected a positive " "integer"
+      )
   if options.limit is not None and options.limit < 1:
     raise ConfigError(f"--limit={options.limit} is not allowed: expected a positive integer")
   if options.cfg_scale < 0:
@@ -63,8 +64,10 @@ def check_options(options: EvalOptions,
   if options.num_fewshot < 0:
     raise ConfigError(f"--num_fewshot={options.num_fewshot} is not allowed: expected >= 0")
   if options.gsm8k_format not in PROMPT_FORMATS:
-    raise ConfigError(f"--gsm8k_format={options.gsm8k_format} is not allowed: expected one of "
-                      f"{', '.join(PROMPT_FORMATS)}")
+    raise ConfigError(
+        f"--gsm8k_format={options.gsm8k_format} is not allowed: expected one of "
+        f"{', '.join(PROMPT_FORMATS)}"
+    )
   if config is not None and "gsm8k" in options.tasks:
     check_sampler_options(config, **options.sampler)
 
@@ -74,9 +77,11 @@ def task_names(options: EvalOptions) -> list[str]:
   return list(options.tasks) + [pathlib.Path(f).stem for f in options.task_files]
 
 
-def run_tasks(model: EvalModel, options: EvalOptions,
-              progress: Callable[[str, int], Callable[[int], None]] | None = None
-              ) -> dict[str, Any]:
+def run_tasks(
+    model: EvalModel,
+    options: EvalOptions,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
   """Evaluates every task of `options`; returns the results document (JSON-serialisable).
 
   progress(task, total) may return a callback receiving the number of items just finished.
@@ -85,38 +90,65 @@ def run_tasks(model: EvalModel, options: EvalOptions,
   start = time.time()
   results: dict[str, Any] = {}
   samples: dict[str, Any] = {}
-  files = dict(zip(task_names(options)[len(options.tasks):], options.task_files))
+  files = dict(zip(task_names(options)[len(options.tasks) :], options.task_files))
   for name in task_names(options):
     task_start = time.time()
     if name == "elbo":
       total = options.limit or 0
-      metrics = evaluate_elbo(model, task=options.elbo_task, limit=options.limit,
-                              samples=options.elbo_samples, seed=options.seed,
-                              progress=progress and progress(name, total))
+      metrics = evaluate_elbo(
+          model,
+          task=options.elbo_task,
+          limit=options.limit,
+          samples=options.elbo_samples,
+          seed=options.seed,
+          progress=progress and progress(name, total),
+      )
     elif name == "gsm8k":
-      problems = gsm8k("test")[:options.limit]
+      problems = gsm8k("test")[: options.limit]
       metrics, samples[name] = evaluate_gsm8k(
-          model, problems, prompt_format=options.gsm8k_format, num_fewshot=options.num_fewshot,
-          seed=options.seed, batch_size=options.generation_batch_size,
-          progress=progress and progress(name, len(problems)), **options.sampler)
+          model,
+          problems,
+          prompt_format=options.gsm8k_format,
+          num_fewshot=options.num_fewshot,
+          seed=options.seed,
+          batch_size=options.generation_batch_size,
+          progress=progress and progress(name, len(problems)),
+          **options.sampler,
+      )
     else:
-      items = (read_jsonl_task(files[name]) if name in files else MULTIPLE_CHOICE[name]())
-      items = items[:options.limit]
+      items = read_jsonl_task(files[name]) if name in files else MULTIPLE_CHOICE[name]()
+      items = items[: options.limit]
       metrics, samples[name] = evaluate_multiple_choice(
-          model, items, mc_num=options.mc_num, batch_size=options.mc_batch_size,
-          cfg_scale=options.cfg_scale, seed=options.seed,
-          progress=progress and progress(name, sum(len(i.choices) for i in items)))
+          model,
+          items,
+          mc_num=options.mc_num,
+          batch_size=options.mc_batch_size,
+          cfg_scale=options.cfg_scale,
+          seed=options.seed,
+          progress=progress and progress(name, sum(len(i.choices) for i in items)),
+      )
     metrics["wall_time_s"] = time.time() - task_start
     results[name] = metrics
   return dict(
-      schema=RESULTS_SCHEMA, checkpoint=model.path, step=model.step, results=results,
-      samples=samples, options=dataclasses.asdict(options),
-      model=model.config.model.to_dict(), tokens=model.config.tokens.to_dict(),
-      num_processes=jax.process_count(), num_devices=jax.device_count(),
-      wall_time_s=time.time() - start)
+      schema=RESULTS_SCHEMA,
+      checkpoint=model.path,
+      step=model.step,
+      results=results,
+      samples=samples,
+      options=dataclasses.asdict(options),
+      model=model.config.model.to_dict(),
+      tokens=model.config.tokens.to_dict(),
+      num_processes=jax.process_count(),
+      num_devices=jax.device_count(),
+      wall_time_s=time.time() - start,
+  )
 
 
 def scalars(document: dict[str, Any]) -> dict[str, float]:
   """'<task>/<metric>' -> value for the headline metrics, for TensorBoard."""
-  return {f"{task}/{name}": float(value) for task, metrics in document["results"].items()
-          for name, value in metrics.items() if name in SCALAR_METRICS}
+  return {
+      f"{task}/{name}": float(value)
+      for task, metrics in document["results"].items()
+      for name, value in metrics.items()
+      if name in SCALAR_METRICS
+  }

@@ -40,8 +40,10 @@ from llada_jax.evaluation.scoring import loglikelihoods
 from llada_jax.sampling.ending import cut_text, end_ids
 
 MODEL_NAME = "llada_jax"
-ROLLING_UNSUPPORTED = ("loglikelihood_rolling is not available: a masked diffusion model has no "
-                       "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound")
+ROLLING_UNSUPPORTED = (
+    "loglikelihood_rolling is not available: a masked diffusion model has no "
+    "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound"
+)
 # gen_kwargs the sampler understands; others (top_p, top_k, num_beams, ...) are ignored.
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
 
@@ -76,17 +78,30 @@ class LLaDAJaxLM(LM):
   at most one step per token. do_sample=False means temperature 0. Other gen_kwargs are ignored.
   """
 
-  def __init__(self, checkpoint: str, tokenizer: str | None = None, mc_num: int = 128,
-               batch_size: int = 16, cfg_scale: float = 0.0, seed: int = 0,
-               steps: int | None = None, gen_length: int | None = None,
-               block_length: int | None = None, temperature: float | None = None,
-               remasking: str | None = None, logits_eos_inf: bool = False,
-               confidence_eos_eot_inf: bool = False, check_greedy: bool = True) -> None:
+  def __init__(
+      self,
+      checkpoint: str,
+      tokenizer: str | None = None,
+      mc_num: int = 128,
+      batch_size: int = 16,
+      cfg_scale: float = 0.0,
+      seed: int = 0,
+      steps: int | None = None,
+      gen_length: int | None = None,
+      block_length: int | None = None,
+      temperature: float | None = None,
+      remasking: str | None = None,
+      logits_eos_inf: bool = False,
+      confidence_eos_eot_inf: bool = False,
+      check_greedy: bool = True,
+  ) -> None:
     super().__init__()
     self.mc_num, self.batch_size = int(mc_num), int(batch_size)
     if self.batch_size < 1 or self.mc_num < 1 or self.mc_num % self.batch_size:
-      raise ConfigError(f"mc_num={mc_num} is not allowed: expected a positive multiple of "
-                        f"batch_size={batch_size}")
+      raise ConfigError(
+          f"mc_num={mc_num} is not allowed: expected a positive multiple of "
+          f"batch_size={batch_size}"
+      )
     self.cfg_scale, self.seed = float(cfg_scale), int(seed)
     self.steps = None if steps is None else int(steps)
     self.gen_length = None if gen_length is None else int(gen_length)
@@ -100,14 +115,16 @@ class LLaDAJaxLM(LM):
     self._warned: set[str] = set()
 
   @classmethod
-  def create_from_arg_string(cls, arg_string: str,
-                             additional_config: dict | None = None) -> LLaDAJaxLM:
+  def create_from_arg_string(
+      cls, arg_string: str, additional_config: dict | None = None
+  ) -> LLaDAJaxLM:
     """From `key=value,...` model_args; see create_from_arg_obj for lm_eval's own options."""
     return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
 
   @classmethod
-  def create_from_arg_obj(cls, arg_dict: dict[str, Any],
-                          additional_config: dict | None = None) -> LLaDAJaxLM:
+  def create_from_arg_obj(
+      cls, arg_dict: dict[str, Any], additional_config: dict | None = None
+  ) -> LLaDAJaxLM:
     """From a model_args dict. lm_eval's integer --batch_size applies when model_args set none
     (the CLI passes 1 by default); its device and max_batch_size are ignored (all local devices)."""
     args = dict(arg_dict)
@@ -120,8 +137,9 @@ class LLaDAJaxLM(LM):
     """Recorded in lm_eval's results["config"]."""
     return {"checkpoint": self.model.path, "checkpoint_step": self.model.step}
 
-  def loglikelihood(self, requests: list[Instance],
-                    disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+  def loglikelihood(
+      self, requests: list[Instance], disable_tqdm: bool = False
+  ) -> list[tuple[float, bool]]:
     """(log p(continuation | context) estimate in nats, is_greedy) per (context, continuation).
 
     The estimate is LLaDA's Monte-Carlo bound (mc_num samples); one-token continuations are
@@ -137,14 +155,23 @@ class LLaDAJaxLM(LM):
     single = [i for i, (_, answer) in enumerate(pairs) if len(answer) == 1]
     longer = [i for i, (_, answer) in enumerate(pairs) if len(answer) > 1]
     contexts = list(dict.fromkeys(tuple(pairs[i][0]) for i in single)) if self.check_greedy else []
-    with tqdm.tqdm(total=len(single) + len(longer) + len(contexts), disable=disable_tqdm,
-                   desc="llada_jax loglikelihood") as bar:
+    with tqdm.tqdm(
+        total=len(single) + len(longer) + len(contexts),
+        disable=disable_tqdm,
+        desc="llada_jax loglikelihood",
+    ) as bar:
       for index, mc_num, batch_size in ((single, 1, 1), (longer, self.mc_num, self.batch_size)):
         if index:
           scores[index] = loglikelihoods(
-              self.model, [pairs[i][0] for i in index], [pairs[i][1] for i in index],
-              mc_num=mc_num, batch_size=batch_size, cfg_scale=self.cfg_scale, seed=self.seed,
-              progress=bar.update, item_ids=[request_id(requests[i]) for i in index]
+              self.model,
+              [pairs[i][0] for i in index],
+              [pairs[i][1] for i in index],
+              mc_num=mc_num,
+              batch_size=batch_size,
+              cfg_scale=self.cfg_scale,
+              seed=self.seed,
+              progress=bar.update,
+              item_ids=[request_id(requests[i]) for i in index],
           ).log_likelihood
       greedy = dict(zip(contexts, self._greedy_tokens(contexts, bar.update))) if contexts else {}
     stops = set(end_ids(self.model.config.tokens))
@@ -161,8 +188,9 @@ class LLaDAJaxLM(LM):
       results.append(result)
     return results
 
-  def loglikelihood_rolling(self, requests: list[Instance],
-                            disable_tqdm: bool = False) -> list[float]:
+  def loglikelihood_rolling(
+      self, requests: list[Instance], disable_tqdm: bool = False
+  ) -> list[float]:
     """Not available for a masked diffusion model: raises NotImplementedError."""
     raise NotImplementedError(ROLLING_UNSUPPORTED)
 
@@ -178,15 +206,22 @@ class LLaDAJaxLM(LM):
       groups.setdefault(tuple(sorted(options.items())), []).append(number)
     texts = [""] * len(requests)
     limit = self.model.config.model.max_sequence_length
-    with tqdm.tqdm(total=len(requests), disable=disable_tqdm,
-                   desc="llada_jax generate_until") as bar:
+    with tqdm.tqdm(
+        total=len(requests), disable=disable_tqdm, desc="llada_jax generate_until"
+    ) as bar:
       for key, numbers in groups.items():
         options = dict(key)
         keep = limit - options["gen_length"]
         prompts = [self.model.codec.encode(requests[i].args[0])[-keep:] for i in numbers]
-        answers = generate_answers(self.model, prompts, seed=self.seed,
-                                   batch_size=self.batch_size, progress=bar.update,
-                                   item_ids=[request_id(requests[i]) for i in numbers], **options)
+        answers = generate_answers(
+            self.model,
+            prompts,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            progress=bar.update,
+            item_ids=[request_id(requests[i]) for i in numbers],
+            **options,
+        )
         for i, answer in zip(numbers, answers):
           texts[i] = cut_text(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
           self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
@@ -201,16 +236,27 @@ class LLaDAJaxLM(LM):
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     encode = self.model.codec.encode
     context_ids = list(encode(context))
-    answer = list(encode(context + continuation))[len(context_ids):]
-    context_ids, answer, _ = fit_pair(context_ids, answer,
-                                      self.model.config.model.max_sequence_length)
+    answer = list(encode(context + continuation))[len(context_ids) :]
+    context_ids, answer, _ = fit_pair(
+        context_ids, answer, self.model.config.model.max_sequence_length
+    )
     return context_ids, answer
 
   def _greedy_tokens(self, contexts: Sequence[Sequence[int]], progress: Any) -> list[list[int]]:
     """The token one greedy reverse step puts after each context ([] for EOS or EoT)."""
-    return generate_answers(self.model, contexts, seed=self.seed, batch_size=self.batch_size,
-                            progress=progress, steps=1, gen_length=1, block_length=1,
-                            temperature=0.0, cfg_scale=self.cfg_scale, remasking="low_confidence")
+    return generate_answers(
+        self.model,
+        contexts,
+        seed=self.seed,
+        batch_size=self.batch_size,
+        progress=progress,
+        steps=1,
+        gen_length=1,
+        block_length=1,
+        temperature=0.0,
+        cfg_scale=self.cfg_scale,
+        remasking="low_confidence",
+    )
 
   def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """generate_answers' sampler options for a request's gen_kwargs (see the class docstring)."""
@@ -249,12 +295,20 @@ class LLaDAJaxLM(LM):
     validate_sampling(steps, gen_length, block_length, temperature, remasking)
     limit = self.model.config.model.max_sequence_length
     if gen_length >= limit:
-      raise ConfigError(f"gen_length={gen_length} is not allowed: expected less than "
-                        f"model.max_sequence_length={limit}")
-    return dict(steps=steps, gen_length=gen_length, block_length=block_length,
-                temperature=temperature, cfg_scale=self.cfg_scale, remasking=remasking,
-                logits_eos_inf=self.logits_eos_inf,
-                confidence_eos_eot_inf=self.confidence_eos_eot_inf)
+      raise ConfigError(
+          f"gen_length={gen_length} is not allowed: expected less than "
+          f"model.max_sequence_length={limit}"
+      )
+    return dict(
+        steps=steps,
+        gen_length=gen_length,
+        block_length=block_length,
+        temperature=temperature,
+        cfg_scale=self.cfg_scale,
+        remasking=remasking,
+        logits_eos_inf=self.logits_eos_inf,
+        confidence_eos_eot_inf=self.confidence_eos_eot_inf,
+    )
 
 
 def stop_strings(gen_kwargs: dict[str, Any] | None) -> list[str]:

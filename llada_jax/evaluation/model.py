@@ -21,6 +21,7 @@ ITEMS = "items"
 @dataclasses.dataclass
 class EvalModel:
   """What every evaluation needs; params are replicated over `mesh` (this host's devices)."""
+
   config: ml_collections.ConfigDict
   params: Any
   codec: Any
@@ -44,8 +45,9 @@ def load_eval_model(path: str | pathlib.Path, tokenizer: str | None = None) -> E
   return eval_model_from_params(config, params, text_codec(config), step, str(path))
 
 
-def eval_model_from_params(config: ml_collections.ConfigDict, params: Any, codec: Any,
-                           step: int | None, path: str) -> EvalModel:
+def eval_model_from_params(
+    config: ml_collections.ConfigDict, params: Any, codec: Any, step: int | None, path: str
+) -> EvalModel:
   """An EvalModel of in-memory parameters (e.g. the trainer's), replicated on this host's devices.
 
   The parameters must be addressable by this process (true in single-process runs).

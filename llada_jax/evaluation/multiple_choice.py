@@ -27,18 +27,20 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
-def fit_pair(context: list[int], continuation: list[int],
-             limit: int) -> tuple[list[int], list[int], bool]:
+def fit_pair(
+    context: list[int], continuation: list[int], limit: int
+) -> tuple[list[int], list[int], bool]:
   """The window of context ++ continuation ending at the continuation's end, at most `limit`
   tokens (lm-eval's rule): oldest context tokens go first, then the continuation's first ones
   (one context token is kept). Also returns whether anything was cut."""
   cut = len(context) + len(continuation) > limit
-  continuation = continuation[-(limit - 1):]
-  return context[max(0, len(context) + len(continuation) - limit):], continuation, cut
+  continuation = continuation[-(limit - 1) :]
+  return context[max(0, len(context) + len(continuation) - limit) :], continuation, cut
 
 
-def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
-                 ) -> tuple[list[list[int]], list[list[int]], int]:
+def encode_pairs(
+    model: EvalModel, items: Sequence[MultipleChoice]
+) -> tuple[list[list[int]], list[list[int]], int]:
   """(contexts, continuations, number of items cut) as ids, one pair per choice, item-major."""
   limit = model.config.model.max_sequence_length
   contexts, continuations, cut = [], [], set()
@@ -56,11 +58,16 @@ def encode_pairs(model: EvalModel, items: Sequence[MultipleChoice]
   return contexts, continuations, len(cut)
 
 
-def evaluate_multiple_choice(model: EvalModel, items: Sequence[MultipleChoice], *,
-                             mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
-                             seed: int = 0,
-                             progress: Callable[[int], None] | None = None
-                             ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_multiple_choice(
+    model: EvalModel,
+    items: Sequence[MultipleChoice],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
   """acc and acc_norm with standard errors, count, truncated and mc_num; and per item its choices'
   scores (nats), their standard errors and the predictions."""
   contexts, continuations, truncated = encode_pairs(model, items)
@@ -70,23 +77,48 @@ def evaluate_multiple_choice(model: EvalModel, items: Sequence[MultipleChoice], 
     index = np.flatnonzero(group)
     if index.size:
       result = loglikelihoods(
-          model, [contexts[i] for i in index], [continuations[i] for i in index],
-          mc_num=group_mc, batch_size=group_batch, cfg_scale=cfg_scale, seed=seed,
-          progress=progress, item_ids=index)
+          model,
+          [contexts[i] for i in index],
+          [continuations[i] for i in index],
+          mc_num=group_mc,
+          batch_size=group_batch,
+          cfg_scale=cfg_scale,
+          seed=seed,
+          progress=progress,
+          item_ids=index,
+      )
       scores[index], stderrs[index] = result.log_likelihood, result.stderr
   correct, correct_norm, records, start = [], [], [], 0
   for item in items:
-    item_scores = scores[start:start + len(item.choices)]
-    item_stderrs = stderrs[start:start + len(item.choices)]
+    item_scores = scores[start : start + len(item.choices)]
+    item_stderrs = stderrs[start : start + len(item.choices)]
     start += len(item.choices)
     lengths = np.asarray([max(len(c), 1) for c in item.choices], np.float64)
     predicted, predicted_norm = int(np.argmax(item_scores)), int(np.argmax(item_scores / lengths))
     correct.append(float(predicted == item.gold))
     correct_norm.append(float(predicted_norm == item.gold))
-    records.append(dict(scores=item_scores.tolist(), stderr=item_stderrs.tolist(), gold=item.gold,
-                        predicted=predicted, predicted_norm=predicted_norm))
+    records.append(
+        dict(
+            scores=item_scores.tolist(),
+            stderr=item_stderrs.tolist(),
+            gold=item.gold,
+            predicted=predicted,
+            predicted_norm=predicted_norm,
+        )
+    )
   acc, acc_stderr = mean_and_stderr(np.asarray(correct))
   acc_norm, acc_norm_stderr = mean_and_stderr(np.asarray(correct_norm))
   chance = float(np.mean([1.0 / len(item.choices) for item in items]))
-  return dict(acc=acc, acc_stderr=acc_stderr, acc_norm=acc_norm, acc_norm_stderr=acc_norm_stderr,
-              count=len(items), truncated=truncated, mc_num=mc_num, chance=chance), records
+  return (
+      dict(
+          acc=acc,
+          acc_stderr=acc_stderr,
+          acc_norm=acc_norm,
+          acc_norm_stderr=acc_norm_stderr,
+          count=len(items),
+          truncated=truncated,
+          mc_num=mc_num,
+          chance=chance,
+      ),
+      records,
+  )

@@ -21,11 +21,18 @@ from llada_jax.keys import item_keys
 TOKENS_PER_DEVICE = 1 << 15
 
 
-def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
-                   answers: Sequence[Sequence[int]], *, mc_num: int = 128, batch_size: int = 16,
-                   cfg_scale: float = 0.0, seed: int = 0,
-                   progress: Callable[[int], None] | None = None,
-                   item_ids: Sequence[int] | None = None) -> Likelihood:
+def loglikelihoods(
+    model: EvalModel,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    item_ids: Sequence[int] | None = None,
+) -> Likelihood:
   """Estimates (nats) and standard errors of log p(answers[i] | prompts[i]), every process.
 
   item_ids: the id of each pair that seeds its samples, fold_in(PRNGKey(seed), id) (default: its
@@ -48,11 +55,19 @@ def loglikelihoods(model: EvalModel, prompts: Sequence[Sequence[int]],
   def evaluate(indices: np.ndarray) -> np.ndarray:
     part = pad_to_multiple(list(indices), min(per_call, devices * -(-len(indices) // devices)))
     keys = item_keys(base, ids[part])
-    result = score_pairs(model.config, model.params, [prompts[i] for i in part],
-                         [answers[i] for i in part], keys, mc_num=mc_num, batch_size=batch_size,
-                         cfg_scale=cfg_scale, sharding=model.item_sharding,
-                         width=padded_width(part))
-    return np.stack([result.log_likelihood, result.stderr], -1)[:len(indices)]
+    result = score_pairs(
+        model.config,
+        model.params,
+        [prompts[i] for i in part],
+        [answers[i] for i in part],
+        keys,
+        mc_num=mc_num,
+        batch_size=batch_size,
+        cfg_scale=cfg_scale,
+        sharding=model.item_sharding,
+        width=padded_width(part),
+    )
+    return np.stack([result.log_likelihood, result.stderr], -1)[: len(indices)]
 
   rows = run_sharded(lengths, per_call, evaluate, row_shape=(2,), progress=progress)
   return Likelihood(rows[:, 0], rows[:, 1])

@@ -25,6 +25,7 @@ GSM8K_DIR = pathlib.Path(__file__).parent.parent / "data" / "sft" / "gsm8k"
 @dataclasses.dataclass(frozen=True)
 class MultipleChoice:
   """One item: score log p(continuation_prefix + choice | context) for every choice."""
+
   context: str
   choices: tuple[str, ...]
   gold: int
@@ -34,6 +35,7 @@ class MultipleChoice:
 @dataclasses.dataclass(frozen=True)
 class MathProblem:
   """A GSM8K problem: the question, the worked solution and its final number."""
+
   question: str
   solution: str
   answer: str
@@ -43,8 +45,10 @@ def _check_item(item: MultipleChoice, where: str) -> MultipleChoice:
   if len(item.choices) < 2:
     raise ConfigError(f"{where}: {len(item.choices)} choices is not allowed: expected at least 2")
   if not 0 <= item.gold < len(item.choices):
-    raise ConfigError(f"{where}: gold={item.gold} is not allowed: expected an index in "
-                      f"[0, {len(item.choices)})")
+    raise ConfigError(
+        f"{where}: gold={item.gold} is not allowed: expected an index in "
+        f"[0, {len(item.choices)})"
+    )
   return item
 
 
@@ -52,8 +56,10 @@ def read_jsonl_task(path: str | pathlib.Path) -> list[MultipleChoice]:
   """Items of a generic multiple-choice JSONL file; a bad line fails naming file:line."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ConfigError(f"--task_file={path} names no file: expected a JSONL file of "
-                      "{\"context\", \"choices\", \"gold\"} objects")
+    raise ConfigError(
+        f"--task_file={path} names no file: expected a JSONL file of "
+        '{"context", "choices", "gold"} objects'
+    )
   items = []
   with path.open(encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
@@ -68,15 +74,27 @@ def read_jsonl_task(path: str | pathlib.Path) -> list[MultipleChoice]:
         raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
       missing = [k for k in ("context", "choices", "gold") if k not in record]
       if missing:
-        raise ConfigError(f"{where}: missing field {missing[0]!r}: every line needs context, "
-                          "choices and gold")
+        raise ConfigError(
+            f"{where}: missing field {missing[0]!r}: every line needs context, " "choices and gold"
+        )
       choices, gold = record["choices"], record["gold"]
-      if (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)
-          or not isinstance(gold, int) or not isinstance(record["context"], str)):
-        raise ConfigError(f"{where}: expected context a string, choices a list of strings and "
-                          "gold an integer")
-      items.append(_check_item(MultipleChoice(record["context"], tuple(choices), gold,
-                                              record.get("continuation_prefix", " ")), where))
+      if (
+          not isinstance(choices, list)
+          or not all(isinstance(c, str) for c in choices)
+          or not isinstance(gold, int)
+          or not isinstance(record["context"], str)
+      ):
+        raise ConfigError(
+            f"{where}: expected context a string, choices a list of strings and " "gold an integer"
+        )
+      items.append(
+          _check_item(
+              MultipleChoice(
+                  record["context"], tuple(choices), gold, record.get("continuation_prefix", " ")
+              ),
+              where,
+          )
+      )
   if not items:
     raise ConfigError(f"--task_file={path} holds no items")
   return items
@@ -86,8 +104,10 @@ def _hellaswag() -> list[MultipleChoice]:
   """HellaSwag validation: 6 lines per item (context, gold, four endings)."""
   lines = bz2.decompress((DATA_DIR / "hellaswag" / "hellaswag_val_full.txt.bz2").read_bytes())
   lines = lines.decode("utf-8").splitlines()
-  return [MultipleChoice(lines[i], tuple(lines[i + 2:i + 6]), int(lines[i + 1]))
-          for i in range(0, len(lines) - 5, 6)]
+  return [
+      MultipleChoice(lines[i], tuple(lines[i + 2 : i + 6]), int(lines[i + 1]))
+      for i in range(0, len(lines) - 5, 6)
+  ]
 
 
 def _arc(level: str) -> list[MultipleChoice]:
@@ -96,8 +116,9 @@ def _arc(level: str) -> list[MultipleChoice]:
   path = DATA_DIR / "arc" / f"arc_{level}_test.jsonl"
   for line in path.read_text(encoding="utf-8").splitlines():
     record = json.loads(line)
-    items.append(MultipleChoice(record["query"] + "\nAnswer:", tuple(record["choices"]),
-                                record["gold"]))
+    items.append(
+        MultipleChoice(record["query"] + "\nAnswer:", tuple(record["choices"]), record["gold"])
+    )
   return items
 
 
@@ -108,8 +129,11 @@ def _piqa() -> list[MultipleChoice]:
   items = []
   for line, label in zip((folder / "valid.jsonl").read_text(encoding="utf-8").splitlines(), labels):
     record = json.loads(line)
-    items.append(MultipleChoice(f"Question: {record['goal']}\nAnswer:",
-                                (record["sol1"], record["sol2"]), int(label)))
+    items.append(
+        MultipleChoice(
+            f"Question: {record['goal']}\nAnswer:", (record["sol1"], record["sol2"]), int(label)
+        )
+    )
   return items
 
 
@@ -119,8 +143,11 @@ def gsm8k(split: str = "test") -> list[MathProblem]:
   for line in (GSM8K_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
     record = json.loads(line)
     solution = record["answer"]
-    problems.append(MathProblem(record["question"], solution,
-                                solution.split("####")[-1].strip().replace(",", "")))
+    problems.append(
+        MathProblem(
+            record["question"], solution, solution.split("####")[-1].strip().replace(",", "")
+        )
+    )
   return problems
 
 
@@ -138,8 +165,10 @@ def parse_tasks(names: str, flag: str = "--tasks") -> list[str]:
   tasks = [n.strip() for n in names.split(",") if n.strip()]
   for name in tasks:
     if name not in KNOWN_TASKS:
-      raise ConfigError(f"{flag}: unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)} "
-                        "(or give --task_file=path.jsonl)")
+      raise ConfigError(
+          f"{flag}: unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)} "
+          "(or give --task_file=path.jsonl)"
+      )
   if len(set(tasks)) != len(tasks):
     raise ConfigError(f"{flag}={names} names a task twice")
   return tasks

@@ -27,22 +27,28 @@ PREFIX = "model.transformer."
 BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(\w+)\.weight$")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12, "B": 1}
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
 
 
-def _block_layouts(m: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...],
-                                                                    Callable, Callable]]:
+def _block_layouts(
+    m: ml_collections.ConfigDict,
+) -> dict[str, tuple[tuple[int, ...], Callable, Callable]]:
   """Per block weight: (our shape, hf -> ours, ours -> hf)."""
   d, h, k, hd, f = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads, m.mlp_hidden_size
 
   def split_out(heads: int):
-    return ((d, heads, hd), lambda w: w.T.reshape(d, heads, hd),
-            lambda w: w.reshape(d, heads * hd).T)
+    return (
+        (d, heads, hd),
+        lambda w: w.T.reshape(d, heads, hd),
+        lambda w: w.reshape(d, heads * hd).T,
+    )
 
   return {
       "attn_norm": ((d,), lambda w: w, lambda w: w),
       "ff_norm": ((d,), lambda w: w, lambda w: w),
-      "q_proj": split_out(h), "k_proj": split_out(k), "v_proj": split_out(k),
+      "q_proj": split_out(h),
+      "k_proj": split_out(k),
+      "v_proj": split_out(k),
       "attn_out": ((h, hd, d), lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
       "ff_proj": ((d, f), lambda w: w.T, lambda w: w.T),
       "up_proj": ((d, f), lambda w: w.T, lambda w: w.T),
@@ -73,8 +79,9 @@ def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def read_hf_config(path: str | pathlib.Path,
-                   base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+def read_hf_config(
+    path: str | pathlib.Path, base: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
   """The llada_jax config of an HF folder's config.json (other sections from `base`), with the
   special ids of its tokenizer.json when it has one (the official config.json names no BOS or
   end-of-turn id) and data.tokenizer pointing at that file.
@@ -98,9 +105,13 @@ def read_hf_config(path: str | pathlib.Path,
   return config
 
 
-def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,
-            base: ml_collections.ConfigDict | None = None,
-            shardings: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
+def load_hf(
+    path: str | pathlib.Path,
+    *,
+    dtype: str | None = None,
+    base: ml_collections.ConfigDict | None = None,
+    shardings: Any = None,
+) -> tuple[ml_collections.ConfigDict, Any]:
   """Reads an HF LLaDA folder into (config, params).
 
   dtype: parameter dtype ("float32", "bfloat16"; default: as stored). base: config whose non-model
@@ -112,8 +123,9 @@ def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,
   config = read_hf_config(path, base)
   m = config.model
   layouts = _block_layouts(m)
-  target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else (
-      np.dtype(dtype) if dtype else None)
+  target = (
+      np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else (np.dtype(dtype) if dtype else None)
+  )
   params: dict[str, Any] = {}
   seen: set[str] = set()
 
@@ -138,8 +150,10 @@ def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,
     if match:
       layer, block = int(match.group(1)), match.group(2)
       if block not in layouts or layer >= m.n_layers:
-        raise CheckpointError(f"unexpected tensor {name} in {path} (unknown to a LLaDA "
-                              f"{m.n_layers}-layer llama model)")
+        raise CheckpointError(
+            f"unexpected tensor {name} in {path} (unknown to a LLaDA "
+            f"{m.n_layers}-layer llama model)"
+        )
       shape, to_ours, _ = layouts[block]
       converted = _convert(name, value, shape, to_ours, dtype_out)
       if m.scan_layers:
@@ -147,13 +161,19 @@ def load_hf(path: str | pathlib.Path, *, dtype: str | None = None,
       else:
         store((f"blocks_{layer}", block, _leaf(block)), converted, None)
     elif name == PREFIX + "wte.weight":
-      store(("wte", "embedding"), _convert(name, value, (m.vocab_size, m.d_model), lambda w: w,
-                                           dtype_out), None)
+      store(
+          ("wte", "embedding"),
+          _convert(name, value, (m.vocab_size, m.d_model), lambda w: w, dtype_out),
+          None,
+      )
     elif name == PREFIX + "ln_f.weight":
       store(("ln_f", "weight"), _convert(name, value, (m.d_model,), lambda w: w, dtype_out), None)
     elif name == PREFIX + "ff_out.weight":
-      store(("ff_out", "kernel"), _convert(name, value, (m.d_model, m.vocab_size),
-                                           lambda w: w.T, dtype_out), None)
+      store(
+          ("ff_out", "kernel"),
+          _convert(name, value, (m.d_model, m.vocab_size), lambda w: w.T, dtype_out),
+          None,
+      )
     else:
       raise CheckpointError(f"unexpected tensor {name} in {path} (not part of a LLaDA model)")
   missing = sorted(set(hf_names(config)) - seen)
@@ -169,12 +189,15 @@ def _all_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
     yield from safetensors_io.iter_tensors(file)
 
 
-def _convert(name: str, value: np.ndarray, shape: tuple[int, ...], fn: Callable,
-             dtype: np.dtype) -> np.ndarray:
+def _convert(
+    name: str, value: np.ndarray, shape: tuple[int, ...], fn: Callable, dtype: np.dtype
+) -> np.ndarray:
   converted = fn(value)
   if converted.shape != shape:
-    raise CheckpointError(f"tensor {name} has shape {list(value.shape)}, which does not give "
-                          f"the expected {list(shape)} for this config")
+    raise CheckpointError(
+        f"tensor {name} has shape {list(value.shape)}, which does not give "
+        f"the expected {list(shape)} for this config"
+    )
   return np.ascontiguousarray(converted, dtype=dtype)
 
 
@@ -186,8 +209,9 @@ def hf_names(config: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
-def to_hf_tensors(config: ml_collections.ConfigDict, params: Any,
-                  dtype: str = "bfloat16") -> Iterator[tuple[str, np.ndarray]]:
+def to_hf_tensors(
+    config: ml_collections.ConfigDict, params: Any, dtype: str = "bfloat16"
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array in PyTorch layout) one tensor at a time."""
   out = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
@@ -216,8 +240,13 @@ def parse_size(size: str | int) -> int:
   return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
-def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.Path,
-            max_shard_size: str | int = "5GB", dtype: str = "bfloat16") -> list[pathlib.Path]:
+def save_hf(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    path: str | pathlib.Path,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "bfloat16",
+) -> list[pathlib.Path]:
   """Writes config.json and safetensors (sharded with an index when over max_shard_size), and the
   model's tokenizer.json for a "llada_hf" vocabulary (config.json records the vocabulary, so a
   byte or spm8k model comes back as one).
@@ -231,8 +260,12 @@ def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
   tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
-  if config.data.vocabulary == "llada_hf" and tokenizer is not None and tokenizer.is_file() and (
-      tokenizer.resolve() != (path / "tokenizer.json").resolve()):
+  if (
+      config.data.vocabulary == "llada_hf"
+      and tokenizer is not None
+      and tokenizer.is_file()
+      and (tokenizer.resolve() != (path / "tokenizer.json").resolve())
+  ):
     shutil.copyfile(tokenizer, path / "tokenizer.json")
   written: list[tuple[pathlib.Path, list[str]]] = []
   shard: dict[str, np.ndarray] = {}
@@ -260,6 +293,10 @@ def save_hf(config: ml_collections.ConfigDict, params: Any, path: str | pathlib.
     partial.rename(file)
     weight_map.update({name: file.name for name in names})
     files.append(file)
-  (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                        "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+  (path / INDEX).write_text(
+      json.dumps(
+          {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+          indent=2,
+      )
+  )
   return files

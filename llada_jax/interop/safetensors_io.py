@@ -24,9 +24,14 @@ from llada_jax.errors import CheckpointError
 
 # Importing ml_dtypes registers the name "bfloat16" with NumPy, which the library's numpy framework
 # uses for BF16 tensors: they come back as ml_dtypes.bfloat16 arrays, bit for bit.
-DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
-          "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
 NAMES = [dtype.name for dtype in DTYPES.values()]
 
 
@@ -49,8 +54,10 @@ def _open(path: pathlib.Path) -> Iterator[safetensors.safe_open]:
     raise CheckpointError(f"cannot read {path}: {e.strerror or _first_line(e)}") from None
   except safetensors.SafetensorError as e:
     reason = _first_line(e).removeprefix("Error while deserializing header: ")
-    raise CheckpointError(f"{path} is not a valid safetensors file (corrupted safetensors header "
-                          f"or truncated file): {reason}") from None
+    raise CheckpointError(
+        f"{path} is not a valid safetensors file (corrupted safetensors header "
+        f"or truncated file): {reason}"
+    ) from None
   with handle:
     yield handle
 
@@ -62,8 +69,9 @@ def _entries(path: pathlib.Path, handle: safetensors.safe_open) -> dict[str, dic
     view = handle.get_slice(name)
     dtype, shape = view.get_dtype(), view.get_shape()
     if dtype not in DTYPES:
-      raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected one of "
-                            + ", ".join(DTYPES))
+      raise CheckpointError(
+          f"{path}: tensor {name} has dtype {dtype}; expected one of " + ", ".join(DTYPES)
+      )
     end = begin + math.prod(shape) * DTYPES[dtype].itemsize
     entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
     begin = end
@@ -110,8 +118,11 @@ def iter_tensors(path: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
       yield name, tensor
 
 
-def write_file(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray],
-               metadata: Mapping[str, str] | None = None) -> None:
+def write_file(
+    path: str | pathlib.Path,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes tensors (any layout; stored C-contiguous, little-endian) with optional __metadata__.
 
   Raises:
@@ -121,7 +132,9 @@ def write_file(path: str | pathlib.Path, tensors: Mapping[str, np.ndarray],
   for name, tensor in tensors.items():
     array = np.asarray(tensor, order="C")
     if array.dtype.name not in NAMES:
-      raise CheckpointError(f"cannot write tensor {name} to {path}: dtype {array.dtype} is not "
-                            "one of " + ", ".join(NAMES))
+      raise CheckpointError(
+          f"cannot write tensor {name} to {path}: dtype {array.dtype} is not "
+          "one of " + ", ".join(NAMES)
+      )
     contiguous[name] = array
   safetensors.numpy.save_file(contiguous, path, dict(metadata) if metadata else None)

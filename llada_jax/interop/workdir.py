@@ -27,13 +27,15 @@ def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
   config = read_hf_config(hf_dir)
   config.model.param_dtype = dtype
   tx = make_optimizer(config)
-  _, shardings = state_shardings(config, Transformer(ModelConfig.from_config(config)), tx,
-                                 make_mesh(config))
+  _, shardings = state_shardings(
+      config, Transformer(ModelConfig.from_config(config)), tx, make_mesh(config)
+  )
   config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   state = TrainState.fresh(params, opt_state)
   if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine
     from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
     storage.copy_file(config.data.tokenizer, storage.path(workdir) / TOKENIZER_FILE)
     config.data.tokenizer = TOKENIZER_FILE
@@ -52,8 +54,9 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
 
   config, params = load_model(workdir)
   if not storage.is_remote(out):
-    return [str(f) for f in save_hf(config, params, out, max_shard_size=max_shard_size,
-                                    dtype=dtype)]
+    return [
+        str(f) for f in save_hf(config, params, out, max_shard_size=max_shard_size, dtype=dtype)
+    ]
   with tempfile.TemporaryDirectory(prefix="llada_hf_") as folder:
     files = save_hf(config, params, folder, max_shard_size=max_shard_size, dtype=dtype)
     storage.path(out).mkdir(parents=True, exist_ok=True)

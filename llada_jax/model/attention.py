@@ -15,8 +15,12 @@ from llada_jax.parallel.kernels import target_platform
 IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
 
 
-def resolve(implementation: str, dtype: str, platform: str | None = None,
-            lengths: tuple[int, int] | None = None) -> str:
+def resolve(
+    implementation: str,
+    dtype: str,
+    platform: str | None = None,
+    lengths: tuple[int, int] | None = None,
+) -> str:
   """The implementation `auto` stands for: cuDNN flash attention on GPUs for 16-bit compute,
   Pallas splash attention on TPUs for (query, key) lengths that are multiples of 128, else the
   XLA one. Others are returned unchanged. platform defaults to the one the current trace compiles
@@ -31,9 +35,16 @@ def resolve(implementation: str, dtype: str, platform: str | None = None,
   return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-              key_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-              implementation: str = "xla") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    key_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
   """Scaled dot-product attention with grouped-query heads.
 
   Args:
@@ -78,8 +89,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   return out.reshape(batch, q_len, n_heads, head_dim)
 
 
-def _jax_nn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: jax.Array | None,
-            segment_ids: jax.Array | None, implementation: str) -> jax.Array:
+def _jax_nn(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool,
+    key_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+    implementation: str,
+) -> jax.Array:
   """jax.nn.dot_product_attention with native GQA. Padding at the end of every row (training's
   cut sequences) goes in as key lengths, the cuDNN fast path; any other padding (left-padded
   prompts) or packing goes in as one boolean mask [B, 1, T, S]. The choice is a lax.cond on the
@@ -93,8 +111,9 @@ def _jax_nn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: ja
     if segment_ids is not None:
       same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
       mask = same if mask is None else mask & same
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation=implementation
+    )
 
   if key_mask is None or segment_ids is not None:
     return dense()
@@ -102,6 +121,8 @@ def _jax_nn(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: ja
   right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1]) < lengths[:, None]))
   return jax.lax.cond(
       right_padded,
-      lambda: jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
-                                           implementation=implementation),
-      dense)
+      lambda: jax.nn.dot_product_attention(
+          q, k, v, is_causal=causal, key_value_seq_lengths=lengths, implementation=implementation
+      ),
+      dense,
+  )

@@ -22,9 +22,14 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def apply_model(model: Transformer, params: Any, tokens: jax.Array, attention_mask: jax.Array,
-                unconditional: jax.Array | None = None,
-                cfg_scale: jax.Array | float = 0.0) -> jax.Array:
+def apply_model(
+    model: Transformer,
+    params: Any,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    unconditional: jax.Array | None = None,
+    cfg_scale: jax.Array | float = 0.0,
+) -> jax.Array:
   """Logits of `model` for tokens [B, L] with padding-aware positions (traceable, not jitted).
 
   With `unconditional` tokens (the same rows with the prompt masked), both passes run as one batch
@@ -34,14 +39,22 @@ def apply_model(model: Transformer, params: Any, tokens: jax.Array, attention_ma
   positions = positions_from_mask(mask)
   if unconditional is None:
     return model.apply({"params": params}, tokens, mask, positions)
-  both = model.apply({"params": params}, jnp.concatenate([tokens, unconditional]),
-                     jnp.concatenate([mask, mask]), jnp.concatenate([positions, positions]))
+  both = model.apply(
+      {"params": params},
+      jnp.concatenate([tokens, unconditional]),
+      jnp.concatenate([mask, mask]),
+      jnp.concatenate([positions, positions]),
+  )
   cond, uncond = jnp.split(both, 2)
   return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def logits(config: ml_collections.ConfigDict, params: Any, tokens: jax.Array,
-           attention_mask: jax.Array | None = None) -> jax.Array:
+def logits(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
   """float32 logits [B, L, V] of the mask predictor for `tokens` [B, L].
 
   attention_mask: optional bool/int [B, L]; 0 marks padding, which no position attends to and which

@@ -17,14 +17,19 @@ def dense_init(std: float, axes: tuple[str, ...]) -> nn.initializers.Initializer
 
 class RMSNorm(nn.Module):
   """RMSNorm with a weight and no bias; the variance is computed in float32 (as official LLaDA)."""
+
   eps: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        (x.shape[-1],), self.param_dtype)
+    weight = self.param(
+        "weight",
+        nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        (x.shape[-1],),
+        self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
@@ -44,8 +49,7 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, n
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
-               max_length: int = 0) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, max_length: int = 0) -> jax.Array:
   """Rotary embedding, "rotate-half" convention, computed in float32.
 
   x: [batch, seq, heads, head_dim]; positions: [batch, seq] integer positions below
@@ -66,6 +70,7 @@ class Projection(nn.Module):
   The kernel has shape x.shape[-in_dims:] + features and logical names `axes` (input axes first),
   so e.g. q_proj is [embed, heads, kv] and attn_out is [heads, kv, embed].
   """
+
   features: tuple[int, ...]
   axes: tuple[str, ...]
   init_std: float
@@ -75,6 +80,6 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = tuple(x.shape[-self.in_dims:]) + tuple(self.features)
+    shape = tuple(x.shape[-self.in_dims :]) + tuple(self.features)
     kernel = self.param("kernel", dense_init(self.init_std, self.axes), shape, self.param_dtype)
     return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)

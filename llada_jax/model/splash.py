@@ -27,8 +27,14 @@ def supports(q_len: int, kv_len: int) -> bool:
   return q_len % LANES == 0 and kv_len % LANES == 0
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
-                     key_mask: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array:
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool,
+    key_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+) -> jax.Array:
   """attention() through the splash kernel; q [B, T, H, D], k and v [B, S, KH, D].
 
   Inside a mesh (`jax.set_mesh`) the kernel runs per device under `shard_map`: the batch split as
@@ -40,8 +46,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
   batch, q_len, n_heads, _ = q.shape
   kv_len, n_kv_heads = k.shape[1], k.shape[2]
   if not supports(q_len, kv_len):
-    raise ValueError(f"splash attention needs lengths that are multiples of {LANES}, got queries "
-                     f"{q_len} and keys {kv_len}: use model.attention='xla' or 'auto'")
+    raise ValueError(
+        f"splash attention needs lengths that are multiples of {LANES}, got queries "
+        f"{q_len} and keys {kv_len}: use model.attention='xla' or 'auto'"
+    )
   q_segments, kv_segments = _segments(batch, q_len, kv_len, key_mask, segment_ids)
   groups = n_heads // n_kv_heads
   q_names = ("activation_batch", None, "heads", None)
@@ -50,27 +58,40 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
 
   def local(q, k, v, q_segments, kv_segments):
     if q.shape[2] != k.shape[2] * groups:
-      raise ValueError(f"splash attention got {q.shape[2]} query heads and {k.shape[2]} key/value "
-                       f"heads per device: mesh.axis_rules must split 'heads' and 'kv_heads' over "
-                       f"the same mesh axes (groups of {groups} query heads per key/value head)")
+      raise ValueError(
+          f"splash attention got {q.shape[2]} query heads and {k.shape[2]} key/value "
+          f"heads per device: mesh.axis_rules must split 'heads' and 'kv_heads' over "
+          f"the same mesh axes (groups of {groups} query heads per key/value head)"
+      )
     return _local_splash(q, k, v, causal, q_segments, kv_segments)
 
-  return shard_map_logical(local, (q, k, v, q_segments, kv_segments),
-                           (q_names, kv_names, kv_names, segment_names, segment_names),
-                           q_names, q.shape)
+  return shard_map_logical(
+      local,
+      (q, k, v, q_segments, kv_segments),
+      (q_names, kv_names, kv_names, segment_names, segment_names),
+      q_names,
+      q.shape,
+  )
 
 
-def _local_splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
-                  q_segments: jax.Array | None, kv_segments: jax.Array | None) -> jax.Array:
+def _local_splash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool,
+    q_segments: jax.Array | None,
+    kv_segments: jax.Array | None,
+) -> jax.Array:
   """The splash kernel on one device's rows and heads: the compiled Mosaic kernel when lowered for
   TPU, the same kernel interpreted elsewhere (decided at lowering, by the target platform)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as kernel_lib)
+      splash_attention_kernel as kernel_lib,
+  )
 
   batch, q_len, n_heads, head_dim = q.shape
   kv_len, n_kv_heads = k.shape[1], k.shape[2]
   groups = n_heads // n_kv_heads
-  q = (q * (1.0 / np.sqrt(head_dim)).astype(q.dtype))
+  q = q * (1.0 / np.sqrt(head_dim)).astype(q.dtype)
   q = q.reshape(batch, q_len, n_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
   k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))
 
@@ -85,9 +106,15 @@ def _local_splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
     return jax.vmap(per_example)(q, k, v, q_segments, kv_segments)
 
   def call(q, k, v, q_segments, kv_segments):
-    return jax.lax.platform_dependent(q, k, v, q_segments, kv_segments,
-                                      tpu=functools.partial(run, False),
-                                      default=functools.partial(run, True))
+    return jax.lax.platform_dependent(
+        q,
+        k,
+        v,
+        q_segments,
+        kv_segments,
+        tpu=functools.partial(run, False),
+        default=functools.partial(run, True),
+    )
 
   if jnp.dtype(q.dtype).itemsize == 2:
     out = _at_default_precision(call, q, k, v, q_segments, kv_segments)
@@ -97,9 +124,14 @@ def _local_splash(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _at_default_precision(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
-                          q_segments: jax.Array | None,
-                          kv_segments: jax.Array | None) -> jax.Array:
+def _at_default_precision(
+    fn: Callable[..., jax.Array],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segments: jax.Array | None,
+    kv_segments: jax.Array | None,
+) -> jax.Array:
   """fn(q, k, v, segments) with its forward and backward kernels traced at the default matmul
   precision. Mosaic refuses a "highest" request for 16-bit operands (their products are exact in
   the float32 accumulator anyway), and jax_default_matmul_precision=highest is a common setting;
@@ -122,8 +154,9 @@ def _at_default_precision_bwd(fn, pullback, cotangent):
 _at_default_precision.defvjp(_at_default_precision_fwd, _at_default_precision_bwd)
 
 
-def _segments(batch: int, q_len: int, kv_len: int, key_mask: jax.Array | None,
-              segment_ids: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+def _segments(
+    batch: int, q_len: int, kv_len: int, key_mask: jax.Array | None, segment_ids: jax.Array | None
+) -> tuple[jax.Array | None, jax.Array | None]:
   """Query and key segment ids [B, T], [B, S]: documents numbered from 1, padding keys 0."""
   if key_mask is None and segment_ids is None:
     return None, None
@@ -145,17 +178,26 @@ def _kernel(q_len: int, kv_len: int, groups: int, causal: bool, interpret: bool)
   would need a device of the trace's mesh, and compile-only TPU devices have none); the expensive
   mask preprocessing is cached by the kernel library itself."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+      splash_attention_kernel as kernel_lib,
+      splash_attention_mask as mask_lib,
+  )
 
   shape = (q_len, kv_len)
   one = mask_lib.CausalMask(shape) if causal else mask_lib.FullMask(shape)
   block_q, block_kv = _block(q_len), _block(kv_len)
   sizes = kernel_lib.BlockSizes(
-      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
-      block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-      block_kv_dq=block_kv)
+      block_q=block_q,
+      block_kv=block_kv,
+      block_kv_compute=block_kv,
+      block_q_dkv=block_q,
+      block_kv_dkv=block_kv,
+      block_kv_dkv_compute=block_kv,
+      block_q_dq=block_q,
+      block_kv_dq=block_kv,
+  )
   return kernel_lib.make_splash_mqa_single_device(
-      mask_lib.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret)
+      mask_lib.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret
+  )
 
 
 def _block(length: int) -> int:

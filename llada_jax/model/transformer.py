@@ -24,6 +24,7 @@ ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static architecture settings (the `model` section of the config)."""
+
   vocab_size: int
   d_model: int
   n_layers: int
@@ -71,21 +72,29 @@ class Block(nn.Module):
   queries attend to the whole sequence. With emit_kv the block also returns the keys and values
   it attended to (the sampler's prefix and dual caches).
   """
+
   cfg: ModelConfig
   emit_kv: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-               cache_start: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      key_mask: jax.Array | None,
+      segment_ids: jax.Array | None = None,
+      cache: KVCache | None = None,
+      cache_start: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
     def norm(name: str) -> RMSNorm:
       return RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)
 
-    def proj(features: tuple[int, ...], axes: tuple[str, ...], name: str,
-             in_dims: int = 1) -> Projection:
+    def proj(
+        features: tuple[int, ...], axes: tuple[str, ...], name: str, in_dims: int = 1
+    ) -> Projection:
       return Projection(features, axes, cfg.init_std, dtype, param_dtype, in_dims, name=name)
 
     h = norm("attn_norm")(x)
@@ -97,10 +106,19 @@ class Block(nn.Module):
     k = apply_rope(k, positions, cfg.rope_theta, length)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     if cache is not None:
-      k, v = (jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), cache_start, axis=1)
-              for c, t in zip(cache, (k, v)))
-    a = attention(q, k, v, causal=cfg.causal, key_mask=key_mask,
-                  segment_ids=segment_ids, implementation=cfg.attention)
+      k, v = (
+          jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), cache_start, axis=1)
+          for c, t in zip(cache, (k, v))
+      )
+    a = attention(
+        q,
+        k,
+        v,
+        causal=cfg.causal,
+        key_mask=key_mask,
+        segment_ids=segment_ids,
+        implementation=cfg.attention,
+    )
     a = checkpoint_name(a, "attention")
     x = x + proj((cfg.d_model,), ("heads", "kv", "embed"), "attn_out", in_dims=2)(a)
     x = nn.with_logical_constraint(x, ACTIVATION)
@@ -108,22 +126,30 @@ class Block(nn.Module):
     h = norm("ff_norm")(x)
     gate = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "ff_proj")(h)
     up = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "up_proj")(h)
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up,
-                                        ("activation_batch", "activation_length", "mlp"))
+    hidden = nn.with_logical_constraint(
+        nn.silu(gate) * up, ("activation_batch", "activation_length", "mlp")
+    )
     x = x + proj((cfg.d_model,), ("mlp", "embed"), "ff_out")(hidden)
     return nn.with_logical_constraint(x, ACTIVATION), (k, v) if self.emit_kv else None
 
 
 class Transformer(nn.Module):
   """Maps token ids [batch, seq] to float32 logits [batch, seq, vocab_size]."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, return_hidden: bool = False,
-               kv_cache: KVCache | None = None, cache_start: jax.Array | int = 0,
-               return_kv: bool = False) -> jax.Array | tuple[jax.Array, KVCache]:
+  def __call__(
+      self,
+      tokens: jax.Array,
+      attention_mask: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      return_hidden: bool = False,
+      kv_cache: KVCache | None = None,
+      cache_start: jax.Array | int = 0,
+      return_kv: bool = False,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
     segment_ids: int [batch, seq], attention stays within a segment (packed documents);
     return_hidden: the final-norm output [batch, seq, d_model] instead of the logits (for a loss
@@ -138,8 +164,14 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-    x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-                 embedding_init=dense_init(cfg.init_std, ("vocab", "embed")), name="wte")(tokens)
+    x = nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=dense_init(cfg.init_std, ("vocab", "embed")),
+        name="wte",
+    )(tokens)
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     block = Block
@@ -147,24 +179,31 @@ class Transformer(nn.Module):
       block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     cache_start = jnp.asarray(cache_start, jnp.int32)
     if cfg.scan_layers:
-      x, kv = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-                          cfg, return_kv, name="blocks")(
-                              x, positions, attention_mask, segment_ids, kv_cache, cache_start)
+      x, kv = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, return_kv, name="blocks")(
+          x, positions, attention_mask, segment_ids, kv_cache, cache_start
+      )
     else:
       layer_kv = []
       for i in range(cfg.n_layers):
         cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
         x, kv_i = block(cfg, return_kv, name=f"blocks_{i}")(
-            x, positions, attention_mask, segment_ids, cache, cache_start)
+            x, positions, attention_mask, segment_ids, cache, cache_start
+        )
         layer_kv.append(kv_i)
       kv = tuple(jnp.stack(t) for t in zip(*layer_kv)) if return_kv else None
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
     if return_hidden and not self.is_initializing():
       return x
-    logits = Projection((cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype,
-                        name="ff_out")(x)
+    logits = Projection(
+        (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype, name="ff_out"
+    )(x)
     logits = logits.astype(jnp.float32)
     return (logits, kv) if return_kv else logits

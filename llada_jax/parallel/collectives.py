@@ -21,14 +21,34 @@ from typing import Iterable
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-          "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "s4": 0.5, "u4": 0.5}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "f8e4m3b11fnuz": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+}
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) ")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
-_CALLS = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)="
-                    r"%([\w.\-]+)")
+_CALLS = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=" r"%([\w.\-]+)"
+)
 _CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -43,6 +63,7 @@ class Collective:
   kind: one of KINDS. shapes: its result arrays as (dtype, dims). bytes: their size on one device.
   executions: how often it runs per call of the program. source: the JAX op that produced it.
   """
+
   kind: str
   shapes: tuple[tuple[str, tuple[int, ...]], ...]
   bytes: int
@@ -53,6 +74,7 @@ class Collective:
 @dataclasses.dataclass(frozen=True)
 class CollectiveSummary:
   """Collectives of one program: per kind (instructions, executions per call, bytes per call)."""
+
   collectives: tuple[Collective, ...]
   unknown_trip_counts: int
 
@@ -74,20 +96,23 @@ def _type_and_opcode(line: str, start: int) -> tuple[str, str]:
       depth += {"(": 1, ")": -1}.get(line[end], 0)
       if depth == 0:
         break
-    type_text, rest = line[start:end + 1], line[end + 2:]
+    type_text, rest = line[start : end + 1], line[end + 2 :]
   else:
     type_text, _, rest = line[start:].partition(" ")
   return type_text, rest.split("(", 1)[0]
 
 
 def _arrays(type_text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-  return tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
-               for dtype, dims in _ARRAY.findall(type_text) if dtype in _BYTES)
+  return tuple(
+      (dtype, tuple(int(d) for d in dims.split(",") if d))
+      for dtype, dims in _ARRAY.findall(type_text)
+      if dtype in _BYTES
+  )
 
 
 def _kind(opcode: str) -> str | None:
   """The collective kind of an opcode; None for others and for `-done` halves of async pairs."""
-  base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+  base = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
   return base if base in KINDS else None
 
 
@@ -153,7 +178,7 @@ def summarize(hlo_text: str) -> CollectiveSummary:
         continue
       arrays = _arrays(type_text)
       if opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
-        arrays = arrays[len(arrays) // 2:]  # (operands..., results...): keep the results
+        arrays = arrays[len(arrays) // 2 :]  # (operands..., results...): keep the results
       size = int(sum(_BYTES[d] * math.prod(dims) for d, dims in arrays))
       op_name = _OP_NAME.search(line)
       found.append(Collective(kind, arrays, size, times, op_name.group(1) if op_name else ""))

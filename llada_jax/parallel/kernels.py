@@ -50,9 +50,13 @@ def logical_spec(shape: Sequence[int], names: Names, mesh: AbstractMesh) -> Part
   return PartitionSpec(*out)
 
 
-def shard_map_logical(fn: Callable[..., jax.Array], args: Sequence[jax.Array | None],
-                      arg_names: Sequence[Names], out_names: Names,
-                      out_shape: Sequence[int]) -> jax.Array:
+def shard_map_logical(
+    fn: Callable[..., jax.Array],
+    args: Sequence[jax.Array | None],
+    arg_names: Sequence[Names],
+    out_names: Names,
+    out_shape: Sequence[int],
+) -> jax.Array:
   """fn(*args) computed shard by shard over the trace's mesh.
 
   Args:
@@ -76,6 +80,10 @@ def shard_map_logical(fn: Callable[..., jax.Array], args: Sequence[jax.Array | N
       full[i] = a
     return fn(*full)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                       out_specs=logical_spec(out_shape, out_names, mesh),
-                       check_vma=False)(*(args[i] for i in present))
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=in_specs,
+      out_specs=logical_spec(out_shape, out_names, mesh),
+      check_vma=False,
+  )(*(args[i] for i in present))

@@ -16,37 +16,48 @@ from llada_jax.errors import ConfigError
 AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
-               check_batch: bool = True) -> tuple[int, ...]:
+def mesh_shape(
+    config: ml_collections.ConfigDict, num_devices: int, check_batch: bool = True
+) -> tuple[int, ...]:
   """Resolves the -1 axis and checks that the axes multiply to the device count (and, with
   check_batch, that data.batch_size splits over the data-parallel axes: training)."""
   sizes = [config.mesh[a] for a in AXES]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f"mesh={dict(zip(AXES, sizes))} is not allowed: the fixed axes ({known}) "
-                        f"must divide the {num_devices} devices")
+      raise ConfigError(
+          f"mesh={dict(zip(AXES, sizes))} is not allowed: the fixed axes ({known}) "
+          f"must divide the {num_devices} devices"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh={dict(zip(AXES, sizes))} is not allowed: the axes must multiply to "
-                      f"the {num_devices} devices")
+    raise ConfigError(
+        f"mesh={dict(zip(AXES, sizes))} is not allowed: the axes must multiply to "
+        f"the {num_devices} devices"
+    )
   data_parallel = sizes[0] * sizes[1]
   accum = config.train.grad_accum_steps
   if check_batch and config.data.batch_size % (data_parallel * accum):
-    raise ConfigError(f"data.batch_size={config.data.batch_size} is not allowed: expected a "
-                      f"multiple of mesh.data x mesh.fsdp = {data_parallel}"
-                      + (f" times train.grad_accum_steps={accum}" if accum > 1 else "")
-                      + " (every micro-batch splits evenly over the data-parallel devices)")
+    raise ConfigError(
+        f"data.batch_size={config.data.batch_size} is not allowed: expected a "
+        f"multiple of mesh.data x mesh.fsdp = {data_parallel}"
+        + (f" times train.grad_accum_steps={accum}" if accum > 1 else "")
+        + " (every micro-batch splits evenly over the data-parallel devices)"
+    )
   return tuple(sizes)
 
 
 def check_divisibility(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
   """Every model dimension must split evenly over the mesh axes its logical name maps to."""
   m = config.model
-  dims = {"heads": ("model.n_heads", m.n_heads), "kv_heads": ("model.n_kv_heads", m.n_kv_heads),
-          "mlp": ("model.mlp_hidden_size", m.mlp_hidden_size),
-          "vocab": ("model.vocab_size", m.vocab_size), "embed": ("model.d_model", m.d_model),
-          "layers": ("model.n_layers", m.n_layers)}
+  dims = {
+      "heads": ("model.n_heads", m.n_heads),
+      "kv_heads": ("model.n_kv_heads", m.n_kv_heads),
+      "mlp": ("model.mlp_hidden_size", m.mlp_hidden_size),
+      "vocab": ("model.vocab_size", m.vocab_size),
+      "embed": ("model.d_model", m.d_model),
+      "layers": ("model.n_layers", m.n_layers),
+  }
   sizes = dict(zip(AXES, shape))
   for name, axes in config.mesh.axis_rules:
     if name not in dims or axes is None:
@@ -55,12 +66,17 @@ def check_divisibility(config: ml_collections.ConfigDict, shape: tuple[int, ...]
     split = math.prod(sizes[a] for a in axes)
     field, value = dims[name]
     if value % split:
-      raise ConfigError(f"{field}={value} is not allowed: logical axis {name!r} is sharded over "
-                        f"mesh axes {axes} of size {split}, which must divide it")
+      raise ConfigError(
+          f"{field}={value} is not allowed: logical axis {name!r} is sharded over "
+          f"mesh axes {axes} of size {split}, which must divide it"
+      )
 
 
-def make_mesh(config: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None, check_batch: bool = True) -> Mesh:
+def make_mesh(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    check_batch: bool = True,
+) -> Mesh:
   """A Mesh over `devices` (default: all devices of all processes). check_batch=False for
   inference, whose batches are not config.data.batch_size.
 

@@ -17,8 +17,10 @@ Rules = tuple[tuple[str, Any], ...]
 
 def axis_rules(config: ml_collections.ConfigDict) -> Rules:
   """The logical axis rules as tuples (configs loaded from JSON hold lists)."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.mesh.axis_rules)
+  return tuple(
+      (name, tuple(axes) if isinstance(axes, list) else axes)
+      for name, axes in config.mesh.axis_rules
+  )
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -54,12 +56,15 @@ def batch_rules(sharding: jax.sharding.Sharding | None, rules: Rules = ()) -> Ru
 
   batch = sharding.spec[0]
   return (("batch", batch), ("activation_batch", batch)) + tuple(
-      (name, axes if present(axes) else None) for name, axes in rules
-      if name not in ("batch", "activation_batch"))
+      (name, axes if present(axes) else None)
+      for name, axes in rules
+      if name not in ("batch", "activation_batch")
+  )
 
 
-def placement_context(sharding: jax.sharding.Sharding | None,
-                      rules: Rules = ()) -> contextlib.AbstractContextManager[None]:
+def placement_context(
+    sharding: jax.sharding.Sharding | None, rules: Rules = ()
+) -> contextlib.AbstractContextManager[None]:
   """`mesh_context` for inputs placed with `sharding` (their leading axis is the batch, see
   `batch_rules`); no context for other placements (one device, or none given)."""
   if not isinstance(sharding, NamedSharding):
@@ -75,12 +80,19 @@ def warn_replicated(params: Any, shardings: Any, min_elements: int = 1 << 20) ->
   """Logs (and returns) the parameters of at least `min_elements` that every device holds whole
   on a multi-device mesh: usually an axis rule that maps their logical names to nothing."""
   names = []
-  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
-                                    jax.tree.leaves(shardings)):
-    if (math.prod(leaf.shape) >= min_elements and len(sharding.device_set) > 1
-        and sharding.is_fully_replicated):
+  for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings)
+  ):
+    if (
+        math.prod(leaf.shape) >= min_elements
+        and len(sharding.device_set) > 1
+        and sharding.is_fully_replicated
+    ):
       names.append(jax.tree_util.keystr(path))
   if names:
-    logging.warning("%d large parameters are replicated on every device (check "
-                    "mesh.axis_rules): %s", len(names), ", ".join(names[:8]))
+    logging.warning(
+        "%d large parameters are replicated on every device (check " "mesh.axis_rules): %s",
+        len(names),
+        ", ".join(names[:8]),
+    )
   return names

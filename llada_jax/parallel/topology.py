@@ -23,6 +23,7 @@ GIB = 1 << 30
 class Chip:
   """One accelerator kind: `jax.Device.device_kind` starts with `kind`. peak_flops: dense bf16
   FLOP/s of the chip; hbm_bytes: its memory (the vendor's figure)."""
+
   kind: str
   peak_flops: float
   hbm_bytes: int
@@ -30,13 +31,13 @@ class Chip:
 
 # First match wins, so longer names come before their prefixes ("TPU v5 lite" before "TPU v5").
 CHIPS = (
-    Chip("NVIDIA H100", 989e12, 80 * GIB),     # SXM; the PCIe card is lower (756e12)
+    Chip("NVIDIA H100", 989e12, 80 * GIB),  # SXM; the PCIe card is lower (756e12)
     Chip("NVIDIA H200", 989e12, 141 * 10**9),
     Chip("NVIDIA B200", 2250e12, 192 * 10**9),
-    Chip("NVIDIA A100", 312e12, 80 * GIB),     # the 40 GB card exists too: check device_kind
-    Chip("TPU v6 lite", 918e12, 32 * GIB),     # v6e (Trillium)
-    Chip("TPU v5 lite", 197e12, 16 * GIB),     # v5e
-    Chip("TPU v5", 459e12, 95 * GIB),          # v5p
+    Chip("NVIDIA A100", 312e12, 80 * GIB),  # the 40 GB card exists too: check device_kind
+    Chip("TPU v6 lite", 918e12, 32 * GIB),  # v6e (Trillium)
+    Chip("TPU v5 lite", 197e12, 16 * GIB),  # v5e
+    Chip("TPU v5", 459e12, 95 * GIB),  # v5p
     Chip("TPU v4", 275e12, 32 * GIB),
 )
 
@@ -71,18 +72,23 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    raise ConfigError(f"--topology={topology} needs the TPU compiler (libtpu), which is not "
-                      "installed: pip install 'llada_jax[tpu-aot]' (or pip install libtpu)") from None
+    raise ConfigError(
+        f"--topology={topology} needs the TPU compiler (libtpu), which is not "
+        "installed: pip install 'llada_jax[tpu-aot]' (or pip install libtpu)"
+    ) from None
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off Cloud TPU VMs
   # Compiling touches no chip: let several processes (parallel tests, two commands) load libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    description = topologies.get_topology_desc(topology_name=topology, platform="tpu",
-                                               num_slices=num_slices)
+    description = topologies.get_topology_desc(
+        topology_name=topology, platform="tpu", num_slices=num_slices
+    )
   except Exception as e:  # pylint: disable=broad-except  (libtpu raises a bare RuntimeError)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"--topology={topology} is not allowed: libtpu says {first!r}; expected "
-                      "a name such as v4:2x2x2, v5e:4x4, v5p:4x4x4 or v6e:8x8") from None
+    raise ConfigError(
+        f"--topology={topology} is not allowed: libtpu says {first!r}; expected "
+        "a name such as v4:2x2x2, v5e:4x4, v5p:4x4x4 or v6e:8x8"
+    ) from None
   return list(description.devices)

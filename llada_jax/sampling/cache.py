@@ -33,9 +33,17 @@ def empty_cache(cfg: ModelConfig, rows: int, length: int) -> KVCache:
   return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
 
-def window_logits(model: Transformer, params: Any, tokens: jax.Array, attention_mask: jax.Array,
-                  unconditional: jax.Array | None, cfg_scale: jax.Array, start: int, end: int,
-                  cache: KVCache | None) -> tuple[jax.Array, KVCache]:
+def window_logits(
+    model: Transformer,
+    params: Any,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    unconditional: jax.Array | None,
+    cfg_scale: jax.Array,
+    start: int,
+    end: int,
+    cache: KVCache | None,
+) -> tuple[jax.Array, KVCache]:
   """Logits [B, end - start, V] of the window of tokens [B, T], guided when `unconditional` is
   given (both rows in one batch, as apply_model), and the cache: with cache=None a full pass that
   returns the fresh cache of all T positions; otherwise the window alone against the cache, which
@@ -49,8 +57,14 @@ def window_logits(model: Transformer, params: Any, tokens: jax.Array, attention_
     logits, cache = model.apply({"params": params}, tokens, mask, positions, return_kv=True)
     logits = logits[:, start:end]
   else:
-    logits = model.apply({"params": params}, tokens[:, start:end], mask, positions[:, start:end],
-                         kv_cache=cache, cache_start=start)
+    logits = model.apply(
+        {"params": params},
+        tokens[:, start:end],
+        mask,
+        positions[:, start:end],
+        kv_cache=cache,
+        cache_start=start,
+    )
   if unconditional is not None:
     cond, uncond = jnp.split(logits, 2)
     logits = uncond + (cfg_scale + 1.0) * (cond - uncond)

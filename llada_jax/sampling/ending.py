@@ -24,18 +24,21 @@ def cut_ids(ids: Sequence[int], tokens: ml_collections.ConfigDict) -> list[int]:
   """The ids before the first EOS or EoT (all of them when there is none)."""
   ids = list(ids)
   ends = [ids.index(i) for i in end_ids(tokens) if i in ids]
-  return ids[:min(ends)] if ends else ids
+  return ids[: min(ends)] if ends else ids
 
 
 def cut_text(text: str, stops: Sequence[str] = ()) -> str:
   """text before the earliest occurrence of any non-empty stop string."""
   ends = [text.find(s) for s in stops if s and s in text]
-  return text[:min(ends)] if ends else text
+  return text[: min(ends)] if ends else text
 
 
-def end_answer(ids: Sequence[int], tokens: ml_collections.ConfigDict,
-               decode: Callable[[list[int]], str],
-               stops: Sequence[str] = ()) -> tuple[list[int], str]:
+def end_answer(
+    ids: Sequence[int],
+    tokens: ml_collections.ConfigDict,
+    decode: Callable[[list[int]], str],
+    stops: Sequence[str] = (),
+) -> tuple[list[int], str]:
   """(ids, text) of a generated answer: ids cut at the first end token, their text at the first
   stop string."""
   kept = cut_ids(ids, tokens)

@@ -39,6 +39,7 @@ from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   """Everything that shapes the compiled program (one compilation per distinct spec)."""
+
   model: ModelConfig
   steps: int
   gen_length: int
@@ -59,13 +60,28 @@ class SamplerSpec:
   prompt_has_masks: bool = False
 
 
-def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
-             attention_mask: Any = None, *, steps: int, gen_length: int, block_length: int,
-             temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
-             mask_id: int | None = None, logits_eos_inf: bool = False,
-             confidence_eos_eot_inf: bool = False, rng: jax.Array | None = None,
-             return_trajectory: bool = False, float64: bool = False,
-             parallel_threshold: float = 0.0, cache: str = "none", cache_refresh: int = 0) -> Any:
+def generate(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    prompt: Any,
+    attention_mask: Any = None,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int | None = None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    rng: jax.Array | None = None,
+    return_trajectory: bool = False,
+    float64: bool = False,
+    parallel_threshold: float = 0.0,
+    cache: str = "none",
+    cache_refresh: int = 0,
+) -> Any:
   """Samples answers for a batch of prompts with the LLaDA reverse process.
 
   Args:
@@ -106,27 +122,63 @@ def generate(config: ml_collections.ConfigDict, params: Any, prompt: Any,
   prompt = np.asarray(prompt, np.int32)
   if prompt.ndim != 2:
     raise ConfigError(f"prompt of shape {prompt.shape} is not allowed: expected [batch, length]")
-  attention_mask = (np.ones(prompt.shape, bool) if attention_mask is None
-                    else np.asarray(attention_mask).astype(bool))
-  check_generate_arguments(config, prompt, attention_mask, steps, gen_length, block_length,
-                           temperature, cfg_scale, remasking, mask_id, float64)
+  attention_mask = (
+      np.ones(prompt.shape, bool)
+      if attention_mask is None
+      else np.asarray(attention_mask).astype(bool)
+  )
+  check_generate_arguments(
+      config,
+      prompt,
+      attention_mask,
+      steps,
+      gen_length,
+      block_length,
+      temperature,
+      cfg_scale,
+      remasking,
+      mask_id,
+      float64,
+  )
   _check_threshold(parallel_threshold, remasking, return_trajectory)
   _check_cache(cache, cache_refresh, config.model.causal)
-  spec = SamplerSpec(ModelConfig.from_config(config), steps, gen_length, block_length, remasking,
-                     mask_id, tokens.eos_id, tokens.eot_id, logits_eos_inf,
-                     confidence_eos_eot_inf, cfg_scale > 0, temperature > 0, return_trajectory,
-                     float64, parallel_threshold > 0, cache, cache_refresh,
-                     bool(np.any((prompt == mask_id) & attention_mask)))
+  spec = SamplerSpec(
+      ModelConfig.from_config(config),
+      steps,
+      gen_length,
+      block_length,
+      remasking,
+      mask_id,
+      tokens.eos_id,
+      tokens.eot_id,
+      logits_eos_inf,
+      confidence_eos_eot_inf,
+      cfg_scale > 0,
+      temperature > 0,
+      return_trajectory,
+      float64,
+      parallel_threshold > 0,
+      cache,
+      cache_refresh,
+      bool(np.any((prompt == mask_id) & attention_mask)),
+  )
   row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, prompt.shape[0])
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   sharding = placed[0].sharding if placed else None
   if placed:
-    device_prompt, device_mask, row_keys = (jax.device_put(a, sharding)
-                                            for a in (prompt, attention_mask, row_keys))
+    device_prompt, device_mask, row_keys = (
+        jax.device_put(a, sharding) for a in (prompt, attention_mask, row_keys)
+    )
   with placement_context(sharding, axis_rules(config)):
-    return _compiled_sampler(spec)(params, device_prompt, device_mask, jnp.float32(temperature),
-                                   jnp.float32(cfg_scale), row_keys,
-                                   jnp.float32(parallel_threshold))
+    return _compiled_sampler(spec)(
+        params,
+        device_prompt,
+        device_mask,
+        jnp.float32(temperature),
+        jnp.float32(cfg_scale),
+        row_keys,
+        jnp.float32(parallel_threshold),
+    )
 
 
 def _row_keys(rng: Any, rows: int) -> jax.Array:
@@ -138,8 +190,10 @@ def _row_keys(rng: Any, rows: int) -> jax.Array:
   if rng.shape == (2,):
     return item_keys(rng, rows)
   if rng.shape != (rows, 2):
-    raise ConfigError(f"rng of shape {rng.shape} is not allowed: expected one key (2,) or one "
-                      f"per prompt ({rows}, 2)")
+    raise ConfigError(
+        f"rng of shape {rng.shape} is not allowed: expected one key (2,) or one "
+        f"per prompt ({rows}, 2)"
+    )
   return rng
 
 
@@ -148,14 +202,20 @@ def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) 
   if threshold == 0:
     return
   if not 0 < threshold <= 1:
-    raise ConfigError(f"parallel_threshold={threshold} is not allowed: expected 0 (exact "
-                      "schedule) or a probability in (0, 1]")
+    raise ConfigError(
+        f"parallel_threshold={threshold} is not allowed: expected 0 (exact "
+        "schedule) or a probability in (0, 1]"
+    )
   if remasking != "low_confidence":
-    raise ConfigError(f"remasking={remasking!r} is not allowed with parallel_threshold: expected "
-                      "low_confidence (the threshold is on the proposal's probability)")
+    raise ConfigError(
+        f"remasking={remasking!r} is not allowed with parallel_threshold: expected "
+        "low_confidence (the threshold is on the proposal's probability)"
+    )
   if return_trajectory:
-    raise ConfigError("return_trajectory is not allowed with parallel_threshold (the number of "
-                      "steps is not fixed)")
+    raise ConfigError(
+        "return_trajectory is not allowed with parallel_threshold (the number of "
+        "steps is not fixed)"
+    )
 
 
 def _check_cache(cache: str, cache_refresh: int, causal: bool) -> None:
@@ -163,18 +223,31 @@ def _check_cache(cache: str, cache_refresh: int, causal: bool) -> None:
   if cache not in CACHE_MODES:
     raise ConfigError(f"cache={cache!r} is not allowed: expected one of {', '.join(CACHE_MODES)}")
   if not isinstance(cache_refresh, (int, np.integer)) or cache_refresh < 0:
-    raise ConfigError(f"cache_refresh={cache_refresh!r} is not allowed: expected an integer >= 0 "
-                      "(0 refreshes at block boundaries only)")
+    raise ConfigError(
+        f"cache_refresh={cache_refresh!r} is not allowed: expected an integer >= 0 "
+        "(0 refreshes at block boundaries only)"
+    )
   if cache != "none" and causal:
-    raise ConfigError(f"cache={cache!r} is not allowed for a causal model.causal=True: expected "
-                      "cache='none' (the caches reuse keys of a bidirectional mask predictor)")
+    raise ConfigError(
+        f"cache={cache!r} is not allowed for a causal model.causal=True: expected "
+        "cache='none' (the caches reuse keys of a bidirectional mask predictor)"
+    )
 
 
-def check_sampler_options(config: ml_collections.ConfigDict, *, steps: int, gen_length: int,
-                          block_length: int, temperature: float = 0.0, remasking: str =
-                          "low_confidence", cfg_scale: float = 0.0, parallel_threshold: float = 0.0,
-                          cache: str = "none", cache_refresh: int = 0,
-                          **unused: Any) -> None:
+def check_sampler_options(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    parallel_threshold: float = 0.0,
+    cache: str = "none",
+    cache_refresh: int = 0,
+    **unused: Any,
+) -> None:
   """Raises ConfigError (one line) for sampler options `generate` would refuse for any prompt of
   this model (the prompt-dependent checks run in generate). Other keywords are ignored."""
   del unused
@@ -182,16 +255,27 @@ def check_sampler_options(config: ml_collections.ConfigDict, *, steps: int, gen_
   if cfg_scale < 0:
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   if gen_length >= config.model.max_sequence_length:
-    raise ConfigError(f"gen_length={gen_length} is not allowed: expected less than "
-                      f"model.max_sequence_length={config.model.max_sequence_length}")
+    raise ConfigError(
+        f"gen_length={gen_length} is not allowed: expected less than "
+        f"model.max_sequence_length={config.model.max_sequence_length}"
+    )
   _check_threshold(parallel_threshold, remasking, False)
   _check_cache(cache, cache_refresh, config.model.causal)
 
 
-def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarray,
-                             attention_mask: np.ndarray, steps: int, gen_length: int,
-                             block_length: int, temperature: float, cfg_scale: float,
-                             remasking: str, mask_id: int, float64: bool = False) -> None:
+def check_generate_arguments(
+    config: ml_collections.ConfigDict,
+    prompt: np.ndarray,
+    attention_mask: np.ndarray,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float,
+    cfg_scale: float,
+    remasking: str,
+    mask_id: int,
+    float64: bool = False,
+) -> None:
   """Raises ConfigError (a ValueError) with one line for any argument generate cannot take."""
   validate_sampling(steps, gen_length, block_length, temperature, remasking)
   if cfg_scale < 0:
@@ -200,22 +284,30 @@ def check_generate_arguments(config: ml_collections.ConfigDict, prompt: np.ndarr
   if not 0 <= mask_id < vocab:
     raise ConfigError(f"mask_id={mask_id} is not allowed: expected an id in [0, {vocab})")
   if config.tokens.pad_id == mask_id:
-    raise ConfigError(f"tokens.pad_id={config.tokens.pad_id} is not allowed: it equals the mask "
-                      "id, so padding would be generated over")
+    raise ConfigError(
+        f"tokens.pad_id={config.tokens.pad_id} is not allowed: it equals the mask "
+        "id, so padding would be generated over"
+    )
   if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
     bad = int(prompt.min() if prompt.min() < 0 else prompt.max())
     raise ConfigError(f"prompt token id {bad} is not allowed: expected ids in [0, {vocab})")
   if attention_mask.shape != prompt.shape:
-    raise ConfigError(f"attention_mask of shape {attention_mask.shape} is not allowed: expected "
-                      f"the prompt's shape {prompt.shape}")
+    raise ConfigError(
+        f"attention_mask of shape {attention_mask.shape} is not allowed: expected "
+        f"the prompt's shape {prompt.shape}"
+    )
   total = prompt.shape[1] + gen_length
   if total > config.model.max_sequence_length:
-    raise ConfigError(f"prompt length {prompt.shape[1]} + gen_length={gen_length} is not allowed: "
-                      f"expected at most model.max_sequence_length="
-                      f"{config.model.max_sequence_length}")
+    raise ConfigError(
+        f"prompt length {prompt.shape[1]} + gen_length={gen_length} is not allowed: "
+        f"expected at most model.max_sequence_length="
+        f"{config.model.max_sequence_length}"
+    )
   if float64 and not jax.config.jax_enable_x64:
-    raise ConfigError("float64=True is not allowed while jax_enable_x64 is off: set "
-                      "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))")
+    raise ConfigError(
+        "float64=True is not allowed while jax_enable_x64 is off: set "
+        "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -246,11 +338,12 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
       row's first real token: a row's draws do not depend on its batch, padding or window."""
       keys = jax.vmap(jax.random.fold_in)(row_keys, jnp.broadcast_to(step, (batch,)))
       noise_keys, remask_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-      where = positions[:, start:start + width]
+      where = positions[:, start : start + width]
 
       def per_position(row_key, draw):
         return jax.vmap(jax.vmap(lambda k, p: draw(jax.random.fold_in(k, p)), (None, 0)))(
-            row_key, where)
+            row_key, where
+        )
 
       gumbel = uniform = None
       if spec.use_noise:
@@ -276,7 +369,8 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
       confidence = confidence_of(spec.remasking, logits, x0, uniform)
       x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
       confidence = jax.lax.dynamic_update_slice_in_dim(
-          jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1)
+          jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1
+      )
       candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
       if spec.confidence_eos_eot_inf:
         last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
@@ -326,22 +420,26 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
       return step_body
 
     def masked_left(block_end):
-      return lambda carry: jnp.any((carry[0] == spec.mask_id) & (index < block_end)
-                                   & attention_mask)
+      return lambda carry: jnp.any(
+          (carry[0] == spec.mask_id) & (index < block_end) & attention_mask
+      )
 
     def uncached(x, i, extra):
       return full_logits(x), 0, extra
 
     if spec.cache == "none":
       if spec.use_threshold:
+
         def threshold_block(block, carry):
           body = threshold_steps(block_bounds(block)[1], uncached)
-          x, step, _, _ = jax.lax.while_loop(masked_left(block_bounds(block)[1]), body,
-                                             (*carry, jnp.int32(0), ()))
+          x, step, _, _ = jax.lax.while_loop(
+              masked_left(block_bounds(block)[1]), body, (*carry, jnp.int32(0), ())
+          )
           return x, step
 
-        x, _ = jax.lax.fori_loop(0, num_blocks, threshold_block,
-                                 (x, jnp.zeros((batch,), jnp.int32)))
+        x, _ = jax.lax.fori_loop(
+            0, num_blocks, threshold_block, (x, jnp.zeros((batch,), jnp.int32))
+        )
         return x
 
       def exact_block(block, carry):
@@ -368,21 +466,26 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
           refresh = i % spec.cache_refresh == 0
         logits, cache = jax.lax.cond(
             refresh,
-            lambda x, c: window_logits(model, params, x, attention_mask, unconditional(x),
-                                       cfg_scale, start, end, None),
-            lambda x, c: window_logits(model, params, x, attention_mask, unconditional(x),
-                                       cfg_scale, start, end, c),
-            x, cache)
+            lambda x, c: window_logits(
+                model, params, x, attention_mask, unconditional(x), cfg_scale, start, end, None
+            ),
+            lambda x, c: window_logits(
+                model, params, x, attention_mask, unconditional(x), cfg_scale, start, end, c
+            ),
+            x,
+            cache,
+        )
         return logits, start, cache
 
       if spec.use_threshold:
-        x, step, _, cache = jax.lax.while_loop(masked_left(block_end),
-                                               threshold_steps(block_end, cached),
-                                               (x, step, jnp.int32(0), cache))
+        x, step, _, cache = jax.lax.while_loop(
+            masked_left(block_end),
+            threshold_steps(block_end, cached),
+            (x, step, jnp.int32(0), cache),
+        )
       else:
         body = exact_steps(jnp.int32(block), x, trajectory, cached)
-        x, trajectory, cache = jax.lax.fori_loop(0, steps_per_block, body,
-                                                 (x, trajectory, cache))
+        x, trajectory, cache = jax.lax.fori_loop(0, steps_per_block, body, (x, trajectory, cache))
     if spec.use_threshold:
       return x
     return (x, trajectory) if spec.return_trajectory else x

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from llada_jax.config import REMASKING
 
 
-def confidence_of(remasking: str, logits: jax.Array, proposal: jax.Array,
-                  uniform: jax.Array | None) -> jax.Array:
+def confidence_of(
+    remasking: str, logits: jax.Array, proposal: jax.Array, uniform: jax.Array | None
+) -> jax.Array:
   """Confidence [B, L] of each proposal (higher is committed first) from logits [B, L, V] and
   proposals [B, L]; `uniform` [B, L] are the step's U(0, 1) draws (the "random" rule's ranks,
   unused by the others)."""

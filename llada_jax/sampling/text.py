@@ -20,19 +20,20 @@ from llada_jax.training.checkpoint import restore_newest
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
 
-
 TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
 
 
-def load_model(path: storage.PathLike,
-               tokenizer: str | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+def load_model(
+    path: storage.PathLike, tokenizer: str | None = None
+) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) from a training workdir or an official HuggingFace LLaDA folder: see
   `load_model_and_step`."""
   return load_model_and_step(path, tokenizer)[1:]
 
 
-def load_model_and_step(path: storage.PathLike, tokenizer: str | None = None
-                        ) -> tuple[int | None, ml_collections.ConfigDict, Any]:
+def load_model_and_step(
+    path: storage.PathLike, tokenizer: str | None = None
+) -> tuple[int | None, ml_collections.ConfigDict, Any]:
   """(checkpoint step or None for an HF folder, config, params) of a workdir or HF folder.
 
   A workdir gives its newest checkpoint that restores (`restore_newest`: damaged newer steps are
@@ -47,20 +48,26 @@ def load_model_and_step(path: storage.PathLike, tokenizer: str | None = None
   """
   root = storage.path(path)
   if not root.exists():
-    raise ConfigError(f"--checkpoint={path} does not exist: expected a training workdir or an HF "
-                      "LLaDA folder")
+    raise ConfigError(
+        f"--checkpoint={path} does not exist: expected a training workdir or an HF " "LLaDA folder"
+    )
   if tokenizer is not None and not storage.path(tokenizer).is_file():
-    raise ConfigError(f"--tokenizer={tokenizer} names no file: expected the model's "
-                      "tokenizer.json")
+    raise ConfigError(
+        f"--tokenizer={tokenizer} names no file: expected the model's " "tokenizer.json"
+    )
   if (root / "config.json").is_file():
     if storage.is_remote(root):
-      raise ConfigError(f"--checkpoint={path}: HF folders are read from a local disk; copy it "
-                        "first (gsutil -m cp -r) or convert it into a workdir on a local disk")
+      raise ConfigError(
+          f"--checkpoint={path}: HF folders are read from a local disk; copy it "
+          "first (gsutil -m cp -r) or convert it into a workdir on a local disk"
+      )
     from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
+
     step, (config, params) = None, load_hf(path)
   else:
-    step, config, params = restore_newest(path, serving_abstract_params, params_only=True,
-                                          read_only=True)
+    step, config, params = restore_newest(
+        path, serving_abstract_params, params_only=True, read_only=True
+    )
   if tokenizer is not None:
     config.data.update(vocabulary="llada_hf", tokenizer=storage.cached_local_copy(tokenizer))
   elif config.data.vocabulary == "llada_hf":
@@ -79,14 +86,22 @@ def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
   serving = ml_collections.ConfigDict(config.to_dict())
   serving.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
-  abstract, _ = state_shardings(serving, Transformer(ModelConfig.from_config(serving)),
-                                make_optimizer(serving), mesh)
+  abstract, _ = state_shardings(
+      serving, Transformer(ModelConfig.from_config(serving)), make_optimizer(serving), mesh
+  )
   return abstract.params
 
 
-def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[str] | None = None,
-           ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
-           stops: Sequence[str] = (), **generate_kwargs: Any) -> dict[str, list]:
+def sample(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    texts: Sequence[str] | None = None,
+    ids: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+    stops: Sequence[str] = (),
+    **generate_kwargs: Any,
+) -> dict[str, list]:
   """Generates one answer per prompt (text or ids; left-padded to a common length).
 
   Returns {"prompt": prompts as text, "tokens": answer ids cut at the first end token, "text":
@@ -104,11 +119,12 @@ def sample(config: ml_collections.ConfigDict, params: Any, *, texts: Sequence[st
   tokens = np.full((len(encoded), width), config.tokens.pad_id, np.int32)
   mask = np.zeros((len(encoded), width), bool)
   for row, row_ids in enumerate(encoded):
-    tokens[row, width - len(row_ids):] = row_ids
-    mask[row, width - len(row_ids):] = True
+    tokens[row, width - len(row_ids) :] = row_ids
+    mask[row, width - len(row_ids) :] = True
   out = generate(config, params, tokens, mask, rng=jax.random.PRNGKey(seed), **generate_kwargs)
   decode = vocab.decode if vocab is not None else lambda ids: ""
-  ended = [end_answer(row, config.tokens, decode, stops)
-           for row in np.asarray(out)[:, width:].tolist()]
+  ended = [
+      end_answer(row, config.tokens, decode, stops) for row in np.asarray(out)[:, width:].tolist()
+  ]
   prompts = list(texts) if texts is not None else [decode(e) for e in encoded]
   return {"prompt": prompts, "tokens": [i for i, _ in ended], "text": [t for _, t in ended]}

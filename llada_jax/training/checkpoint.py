@@ -23,10 +23,16 @@ from llada_jax import config as config_lib
 from llada_jax import storage
 from llada_jax.errors import CheckpointError, ConfigError, SaveFailed
 
-
 # Model fields that change the parameter tree; the others (dtype, remat, ...) may change on resume.
-PARAMETER_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
-                    "scan_layers")
+PARAMETER_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "mlp_hidden_size",
+    "scan_layers",
+)
 
 
 def checkpoint_dir(workdir: storage.PathLike) -> storage.Path:
@@ -41,14 +47,18 @@ class Checkpointer:
 
   def __init__(self, workdir: storage.PathLike, config: ml_collections.ConfigDict):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=config.checkpoint.save_every, max_to_keep=config.checkpoint.keep,
+        save_interval_steps=config.checkpoint.save_every,
+        max_to_keep=config.checkpoint.keep,
         keep_period=config.checkpoint.keep_every or None,
-        enable_async_checkpointing=config.checkpoint.async_save, create=True)
+        enable_async_checkpointing=config.checkpoint.async_save,
+        create=True,
+    )
     self._workdir = workdir
     self._config = config
     self._pending: int | None = None  # the step of an asynchronous save not known to be written
-    self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                          item_names=("state", "config"))
+    self._manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -59,9 +69,14 @@ class Checkpointer:
     Raises SaveFailed if this save, or the asynchronous one before it, could not be written
     (Orbax reports a background failure at the next save or wait)."""
     with self._reporting_failures(step):
-      started = self._manager.save(step, force=force, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          config=ocp.args.JsonSave(json.loads(config_lib.to_json(self._config)))))
+      started = self._manager.save(
+          step,
+          force=force,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              config=ocp.args.JsonSave(json.loads(config_lib.to_json(self._config))),
+          ),
+      )
     if started:
       self._pending = step
     return started
@@ -78,9 +93,11 @@ class Checkpointer:
         newest = max(_complete_steps(self._workdir), default=None)
       except Exception:  # pylint: disable=broad-exception-caught  (storage still unreachable)
         newest = "unknown (storage unreachable)"
-      raise SaveFailed(f"saving checkpoint {failed} to {checkpoint_dir(self._workdir)} failed: "
-                       f"{_first_line(e)}; the newest complete checkpoint is {newest}: rerun the "
-                       "same command to resume from it") from e
+      raise SaveFailed(
+          f"saving checkpoint {failed} to {checkpoint_dir(self._workdir)} failed: "
+          f"{_first_line(e)}; the newest complete checkpoint is {newest}: rerun the "
+          "same command to resume from it"
+      ) from e
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once the cluster announced a preemption (multi-process jobs)."""
@@ -94,8 +111,13 @@ class Checkpointer:
     another model than this Checkpointer's config, or holds none that can be restored.
     """
     try:
-      step, _, state = restore_newest(self._workdir, lambda _: abstract_state, params_only=False,
-                                      read_only=False, wanted=self._config)
+      step, _, state = restore_newest(
+          self._workdir,
+          lambda _: abstract_state,
+          params_only=False,
+          read_only=False,
+          wanted=self._config,
+      )
     finally:
       self._manager.reload()
     return step, state
@@ -134,8 +156,10 @@ def _steps(workdir: storage.PathLike) -> list[int]:
   path = checkpoint_dir(workdir)
   steps = _complete_steps(workdir)
   if not steps:
-    raise CheckpointError(f"--workdir={workdir} holds no checkpoint (looked in {path}); train "
-                          "first with `python -m llada_jax.train --workdir=...`")
+    raise CheckpointError(
+        f"--workdir={workdir} holds no checkpoint (looked in {path}); train "
+        "first with `python -m llada_jax.train --workdir=...`"
+    )
   return sorted(steps, reverse=True)
 
 
@@ -156,8 +180,9 @@ def _stored_config(workdir: storage.PathLike, step: int) -> ml_collections.Confi
   try:
     return config_lib.from_json(text)
   except ConfigError as e:
-    raise CheckpointError(f"checkpoint {step} in {workdir} has a config this version cannot "
-                          f"use: {e}") from None
+    raise CheckpointError(
+        f"checkpoint {step} in {workdir} has a config this version cannot " f"use: {e}"
+    ) from None
 
 
 def load_config(workdir: storage.PathLike, step: int | None = None) -> ml_collections.ConfigDict:
@@ -210,8 +235,10 @@ def _check_stored_tree(workdir: storage.PathLike, step: int, target: Any) -> Non
     else:
       continue
     what = "optimizer state" if name.startswith("opt_state") else "model"
-    raise CheckpointError(f"--workdir={workdir} holds a different {what}: checkpoint {step} has "
-                          f"{problem}; use a new workdir or the stored settings")
+    raise CheckpointError(
+        f"--workdir={workdir} holds a different {what}: checkpoint {step} has "
+        f"{problem}; use a new workdir or the stored settings"
+    )
 
 
 def _restore_state(path: storage.Path, abstract_state: Any) -> Any:
@@ -221,22 +248,32 @@ def _restore_state(path: storage.Path, abstract_state: Any) -> Any:
 
 def _restore_params(path: storage.Path, abstract_params: Any) -> Any:
   item = {"params": abstract_params}
-  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+  args = ocp.args.PyTreeRestore(
+      item=item,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+  )
   with ocp.PyTreeCheckpointer() as checkpointer:
     params = checkpointer.restore(path, args=args)["params"]
   # A partial restore hands back the abstract leaf for a name the checkpoint does not hold.
-  missing = [jax.tree_util.keystr(key) for key, leaf in jax.tree_util.tree_leaves_with_path(params)
-             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  missing = [
+      jax.tree_util.keystr(key)
+      for key, leaf in jax.tree_util.tree_leaves_with_path(params)
+      if isinstance(leaf, jax.ShapeDtypeStruct)
+  ]
   if missing:
     raise CheckpointError(f"it holds no {missing[0]}")
   return params
 
 
-def restore_newest(workdir: storage.PathLike,
-                   abstract: Callable[[ml_collections.ConfigDict], Any], *, params_only: bool,
-                   read_only: bool, wanted: ml_collections.ConfigDict | None = None
-                   ) -> tuple[int, ml_collections.ConfigDict, Any]:
+def restore_newest(
+    workdir: storage.PathLike,
+    abstract: Callable[[ml_collections.ConfigDict], Any],
+    *,
+    params_only: bool,
+    read_only: bool,
+    wanted: ml_collections.ConfigDict | None = None,
+) -> tuple[int, ml_collections.ConfigDict, Any]:
   """(step, stored config, restored tree) of the newest checkpoint of `workdir` that restores.
 
   abstract(stored config) gives the tree to restore into, whose ShapeDtypeStructs carry the
@@ -256,8 +293,9 @@ def restore_newest(workdir: storage.PathLike,
     try:
       config, tree = _restore_step(workdir, step, abstract, params_only, wanted)
     except _Damaged as e:
-      logging.warning("checkpoint %d in %s cannot be restored (%s); trying the one before", step,
-                      workdir, e)
+      logging.warning(
+          "checkpoint %d in %s cannot be restored (%s); trying the one before", step, workdir, e
+      )
       damaged.append((step, str(e)))
       continue
     if not read_only and jax.process_index() == 0:
@@ -265,21 +303,28 @@ def restore_newest(workdir: storage.PathLike,
         _move_aside(workdir, bad)
     return step, config, tree
   newest, reason = damaged[0]
-  raise CheckpointError(f"--workdir={workdir}: no checkpoint in it can be restored (newest: step "
-                        f"{newest}: {reason})")
+  raise CheckpointError(
+      f"--workdir={workdir}: no checkpoint in it can be restored (newest: step "
+      f"{newest}: {reason})"
+  )
 
 
-def _restore_step(workdir: storage.PathLike, step: int,
-                  abstract: Callable[[ml_collections.ConfigDict], Any], params_only: bool,
-                  wanted: ml_collections.ConfigDict | None
-                  ) -> tuple[ml_collections.ConfigDict, Any]:
+def _restore_step(
+    workdir: storage.PathLike,
+    step: int,
+    abstract: Callable[[ml_collections.ConfigDict], Any],
+    params_only: bool,
+    wanted: ml_collections.ConfigDict | None,
+) -> tuple[ml_collections.ConfigDict, Any]:
   """restore_newest's work on one step: _Damaged if it cannot be read, CheckpointError if it reads
   but holds another model."""
   config = _stored_config(workdir, step)
   mismatch = [] if wanted is None else architecture_mismatch(config, wanted)
   if mismatch:
-    raise CheckpointError(f"--workdir={workdir} holds a different model: {mismatch[0]}; use a new "
-                          "workdir or the stored model settings")
+    raise CheckpointError(
+        f"--workdir={workdir} holds a different model: {mismatch[0]}; use a new "
+        "workdir or the stored model settings"
+    )
   target = abstract(config)
   _check_stored_tree(workdir, step, {"params": target} if params_only else target)
   path = checkpoint_dir(workdir) / str(step) / "state"
@@ -320,8 +365,12 @@ def load_params(workdir: storage.PathLike, step: int, abstract_params: Any) -> A
     raise CheckpointError(f"cannot restore the parameters in {path}: {_first_line(e)}") from None
 
 
-def architecture_mismatch(saved: ml_collections.ConfigDict,
-                          wanted: ml_collections.ConfigDict) -> list[str]:
+def architecture_mismatch(
+    saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict
+) -> list[str]:
   """The parameter-shaping model fields in which a stored config differs from the wanted one."""
-  return [f"model.{k}={wanted.model[k]!r} but the checkpoint has {saved.model[k]!r}"
-          for k in PARAMETER_FIELDS if saved.model[k] != wanted.model[k]]
+  return [
+      f"model.{k}={wanted.model[k]!r} but the checkpoint has {saved.model[k]!r}"
+      for k in PARAMETER_FIELDS
+      if saved.model[k] != wanted.model[k]
+  ]

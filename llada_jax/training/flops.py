@@ -33,8 +33,9 @@ def non_embedding_parameters(config: ml_collections.ConfigDict) -> int:
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
   """Training FLOPs per token at the configured sequence length (forward + backward)."""
   m = config.model
-  return float(6 * matmul_parameters(config)
-               + 12 * m.n_layers * config.data.sequence_length * m.d_model)
+  return float(
+      6 * matmul_parameters(config) + 12 * m.n_layers * config.data.sequence_length * m.d_model
+  )
 
 
 def forward_flops_per_token(config: ml_collections.ConfigDict, length: int) -> float:

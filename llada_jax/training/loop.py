@@ -42,16 +42,19 @@ def train(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> Train
   """
   validate(config)
   if config.evaluation.tasks and jax.process_count() > 1:
-    raise ConfigError(f"evaluation.tasks={config.evaluation.tasks!r} is not allowed in a "
-                      f"{jax.process_count()}-process job: run llada-evaluate on its checkpoints")
+    raise ConfigError(
+        f"evaluation.tasks={config.evaluation.tasks!r} is not allowed in a "
+        f"{jax.process_count()}-process job: run llada-evaluate on its checkpoints"
+    )
   _check_workdir(workdir)
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(lock_for_job(workdir).release)
     return _train(config, workdir, cleanup)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: storage.PathLike,
-           cleanup: contextlib.ExitStack) -> TrainState:
+def _train(
+    config: ml_collections.ConfigDict, workdir: storage.PathLike, cleanup: contextlib.ExitStack
+) -> TrainState:
   """train() in a locked workdir; `cleanup` undoes what it sets up on any way out."""
   from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -72,21 +75,30 @@ def _train(config: ml_collections.ConfigDict, workdir: storage.PathLike,
   start = int(state.step)
   warn_replicated(state.params, shardings.params)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("model: %s parameters; mesh %s over %d devices", f"{num_params:,}",
-               dict(mesh.shape), mesh.size)
+  logging.info(
+      "model: %s parameters; mesh %s over %d devices",
+      f"{num_params:,}",
+      dict(mesh.shape),
+      mesh.size,
+  )
 
   writer = MetricWriter(workdir, Accounting.from_config(config))
   write_run_description(workdir, config, num_params)
   _keep_tokenizer(config, workdir)
   if config.data.vocabulary == "byte" and config.data.task in CORPUS_FILES:
-    logging.info("unigram entropy of the training bytes: %.3f bits/byte (a context-free model's "
-                 "floor)", unigram_entropy_bits(config.data.task))
+    logging.info(
+        "unigram entropy of the training bytes: %.3f bits/byte (a context-free model's " "floor)",
+        unigram_entropy_bits(config.data.task),
+    )
   train_step = make_train_step(config, model, tx, mesh, shardings)
   eval_step = make_eval_step(config, model, mesh, shardings.params)
   tokens_per_step = config.data.batch_size * config.data.sequence_length
   flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
-  logging.info("model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: "
-               "%s", flops_per_step, "unknown (no MFU)" if peak is None else f"{peak:.3e}")
+  logging.info(
+      "model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: " "%s",
+      flops_per_step,
+      "unknown (no MFU)" if peak is None else f"{peak:.3e}",
+  )
   watcher = cleanup.enter_context(PreemptionWatcher(checkpointer))
 
   batches = pipeline.train_batches(config, data_sharding, start_step=start)
@@ -118,8 +130,9 @@ def _train(config: ml_collections.ConfigDict, workdir: storage.PathLike,
         if peak is not None:
           scalars["mfu"] = flops_per_step / step_seconds / (mesh.size * peak)
       if scalars["skipped"] > last_skipped:
-        logging.warning("%d updates skipped so far for a non-finite loss or gradient",
-                        scalars["skipped"])
+        logging.warning(
+            "%d updates skipped so far for a non-finite loss or gradient", scalars["skipped"]
+        )
       last_time, last_step, last_skipped = now, step, scalars["skipped"]
       writer.write(step, scalars)
     if step % config.train.eval_every == 0 or step == config.train.num_steps:
@@ -133,8 +146,9 @@ def _train(config: ml_collections.ConfigDict, workdir: storage.PathLike,
     if watcher.reached(step):
       checkpointer.save(step, state, force=True)
       checkpointer.wait()
-      logging.warning("preempted: saved step %d in %s; rerun the same command to resume", step,
-                      workdir)
+      logging.warning(
+          "preempted: saved step %d in %s; rerun the same command to resume", step, workdir
+      )
       break
     checkpointer.save(step, state, force=step == config.train.num_steps)
   watcher.close()
@@ -188,8 +202,9 @@ class _Profiler:
       shutil.rmtree(self._trace_dir, ignore_errors=True)
 
 
-def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
-                    workdir: storage.PathLike) -> dict[str, float]:
+def _evaluate_tasks(
+    config: ml_collections.ConfigDict, params: Any, step: int, workdir: storage.PathLike
+) -> dict[str, float]:
   """config.evaluation.tasks on the current parameters, by llada-evaluate's code."""
   from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
@@ -199,14 +214,19 @@ def _evaluate_tasks(config: ml_collections.ConfigDict, params: Any, step: int,
   ev = config.evaluation
   model = eval_model_from_params(config, params, text_codec(config), step, str(workdir))
   options = harness.EvalOptions(
-      tasks=tuple(parse_tasks(ev.tasks, flag="evaluation.tasks")), limit=ev.limit,
-      seed=config.seed, mc_num=ev.mc_num, mc_batch_size=ev.mc_batch_size,
-      sampler=dict(config.sampling.to_dict(), logits_eos_inf=False, confidence_eos_eot_inf=False))
+      tasks=tuple(parse_tasks(ev.tasks, flag="evaluation.tasks")),
+      limit=ev.limit,
+      seed=config.seed,
+      mc_num=ev.mc_num,
+      mc_batch_size=ev.mc_batch_size,
+      sampler=dict(config.sampling.to_dict(), logits_eos_inf=False, confidence_eos_eot_inf=False),
+  )
   return harness.scalars(harness.run_tasks(model, options))
 
 
-def _restore(workdir: storage.PathLike, checkpointer: Checkpointer,
-             abstract: TrainState) -> TrainState | None:
+def _restore(
+    workdir: storage.PathLike, checkpointer: Checkpointer, abstract: TrainState
+) -> TrainState | None:
   """The newest restorable checkpoint's state, None for a workdir without checkpoints.
 
   Raises CheckpointError if the checkpoints hold another model or none of them restores: a run
@@ -219,9 +239,14 @@ def _restore(workdir: storage.PathLike, checkpointer: Checkpointer,
   return state
 
 
-def _rollback(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
-              abstract: TrainState, bad_step: int, writer: MetricWriter,
-              current: TrainState) -> TrainState:
+def _rollback(
+    config: ml_collections.ConfigDict,
+    checkpointer: Checkpointer,
+    abstract: TrainState,
+    bad_step: int,
+    writer: MetricWriter,
+    current: TrainState,
+) -> TrainState:
   """Restores the last checkpoint with the learning rate cut (LLaDA's recovery at 1.2T tokens).
 
   The count and the cut continue from `current`, the diverged state, not from the checkpoint: a
@@ -231,19 +256,34 @@ def _rollback(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
   lr_scale = float(current.lr_scale) * config.train.rollback_lr_factor
   checkpointer.wait()
   if checkpointer.latest_step() is None:
-    raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} and no checkpoint to "
-                           "roll back to; lower optimizer.peak_lr or checkpoint.save_every")
+    raise TrainingDiverged(
+        f"non-finite loss or gradient at step {bad_step} and no checkpoint to "
+        "roll back to; lower optimizer.peak_lr or checkpoint.save_every"
+    )
   if rollbacks > config.train.max_rollbacks:
-    raise TrainingDiverged(f"non-finite loss or gradient at step {bad_step} after "
-                           f"train.max_rollbacks={config.train.max_rollbacks} rollbacks")
+    raise TrainingDiverged(
+        f"non-finite loss or gradient at step {bad_step} after "
+        f"train.max_rollbacks={config.train.max_rollbacks} rollbacks"
+    )
   _, state = checkpointer.restore_newest(abstract)
-  state = state.replace(lr_scale=jax.device_put(np.float32(lr_scale), state.lr_scale.sharding),
-                        rollbacks=jax.device_put(np.int32(rollbacks), state.rollbacks.sharding))
-  logging.warning("non-finite loss or gradient at step %d: rolled back to step %d, learning rate "
-                  "x %g (rollback %d of %d)", bad_step, int(state.step), lr_scale, rollbacks,
-                  config.train.max_rollbacks)
-  writer.write(bad_step, {"rollback_to_step": float(state.step), "lr_scale": lr_scale,
-                          "rollbacks": float(rollbacks)}, prefix="events/")
+  state = state.replace(
+      lr_scale=jax.device_put(np.float32(lr_scale), state.lr_scale.sharding),
+      rollbacks=jax.device_put(np.int32(rollbacks), state.rollbacks.sharding),
+  )
+  logging.warning(
+      "non-finite loss or gradient at step %d: rolled back to step %d, learning rate "
+      "x %g (rollback %d of %d)",
+      bad_step,
+      int(state.step),
+      lr_scale,
+      rollbacks,
+      config.train.max_rollbacks,
+  )
+  writer.write(
+      bad_step,
+      {"rollback_to_step": float(state.step), "lr_scale": lr_scale, "rollbacks": float(rollbacks)},
+      prefix="events/",
+  )
   return state
 
 
@@ -255,17 +295,24 @@ def _check_free_space(workdir: storage.PathLike, abstract: TrainState) -> None:
   needed = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
   free = shutil.disk_usage(workdir).free
   if free < needed:
-    raise ConfigError(f"--workdir={workdir} has {free / 1e9:.2f} GB free; one checkpoint of this "
-                      f"model needs {needed / 1e9:.2f} GB")
+    raise ConfigError(
+        f"--workdir={workdir} has {free / 1e9:.2f} GB free; one checkpoint of this "
+        f"model needs {needed / 1e9:.2f} GB"
+    )
 
 
 def _warn_schedule(config: ml_collections.ConfigDict) -> None:
   """Warns about a learning-rate schedule that cannot run as configured."""
   o, steps = config.optimizer, config.train.num_steps
   if o.warmup_steps > steps:
-    logging.warning("train.num_steps=%d < optimizer.warmup_steps=%d: the learning rate never "
-                    "reaches optimizer.peak_lr=%g (it ends at %.3g)", steps, o.warmup_steps,
-                    o.peak_lr, o.peak_lr * steps / o.warmup_steps)
+    logging.warning(
+        "train.num_steps=%d < optimizer.warmup_steps=%d: the learning rate never "
+        "reaches optimizer.peak_lr=%g (it ends at %.3g)",
+        steps,
+        o.warmup_steps,
+        o.peak_lr,
+        o.peak_lr * steps / o.warmup_steps,
+    )
 
 
 def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
@@ -275,8 +322,13 @@ def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike
 
   source = storage.path(config.data.tokenizer) if config.data.tokenizer else None
   target = storage.path(workdir) / TOKENIZER_FILE
-  if (jax.process_index() == 0 and config.data.vocabulary == "llada_hf" and source is not None
-      and source.is_file() and source != target):
+  if (
+      jax.process_index() == 0
+      and config.data.vocabulary == "llada_hf"
+      and source is not None
+      and source.is_file()
+      and source != target
+  ):
     storage.copy_file(source, target)
 
 

@@ -15,8 +15,11 @@ import numpy as np
 from absl import logging
 
 from llada_jax import storage
-from llada_jax.training.flops import (matmul_parameters, model_flops_per_token,
-                                      non_embedding_parameters)
+from llada_jax.training.flops import (
+    matmul_parameters,
+    model_flops_per_token,
+    non_embedding_parameters,
+)
 
 RUN_SCHEMA = 1
 
@@ -24,31 +27,45 @@ RUN_SCHEMA = 1
 @dataclasses.dataclass(frozen=True)
 class Accounting:
   """What one training step of a config consumes: tokens and FLOPs in both conventions."""
+
   tokens_per_step: int
-  flops_per_token: float       # exact: 6 N_matmul + attention (llada_jax.training.flops)
-  flops_6nd_per_token: float   # 6 N, N = non-embedding parameters
+  flops_per_token: float  # exact: 6 N_matmul + attention (llada_jax.training.flops)
+  flops_6nd_per_token: float  # 6 N, N = non-embedding parameters
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Accounting:
-    return cls(config.data.batch_size * config.data.sequence_length,
-               model_flops_per_token(config), 6.0 * non_embedding_parameters(config))
+    return cls(
+        config.data.batch_size * config.data.sequence_length,
+        model_flops_per_token(config),
+        6.0 * non_embedding_parameters(config),
+    )
 
   def at(self, step: int) -> dict[str, float]:
     """Tokens seen and FLOPs spent after `step` steps."""
     tokens = step * self.tokens_per_step
-    return {"tokens": float(tokens), "flops": tokens * self.flops_per_token,
-            "flops_6nd": tokens * self.flops_6nd_per_token}
+    return {
+        "tokens": float(tokens),
+        "flops": tokens * self.flops_per_token,
+        "flops_6nd": tokens * self.flops_6nd_per_token,
+    }
 
 
 def run_description(config: ml_collections.ConfigDict, num_params: int) -> dict:
   """The content of run.json: objective, sizes and accounting of a training run."""
   accounting = Accounting.from_config(config)
-  return {"schema": RUN_SCHEMA, "objective": config.diffusion.objective,
-          "parameters": num_params, "non_embedding_parameters": non_embedding_parameters(config),
-          "matmul_parameters": matmul_parameters(config), **dataclasses.asdict(accounting),
-          "task": config.data.task, "vocabulary": config.data.vocabulary,
-          "sequence_length": config.data.sequence_length, "batch_size": config.data.batch_size,
-          "config": json.loads(config.to_json_best_effort())}
+  return {
+      "schema": RUN_SCHEMA,
+      "objective": config.diffusion.objective,
+      "parameters": num_params,
+      "non_embedding_parameters": non_embedding_parameters(config),
+      "matmul_parameters": matmul_parameters(config),
+      **dataclasses.asdict(accounting),
+      "task": config.data.task,
+      "vocabulary": config.data.vocabulary,
+      "sequence_length": config.data.sequence_length,
+      "batch_size": config.data.batch_size,
+      "config": json.loads(config.to_json_best_effort()),
+  }
 
 
 class MetricWriter:
@@ -72,8 +89,11 @@ class MetricWriter:
     self._flushed = time.monotonic()
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"),
-                               flush_secs=self.FLUSH_SECONDS if self._remote else 120)
+
+      self._tb = SummaryWriter(
+          str(storage.path(workdir) / "tensorboard"),
+          flush_secs=self.FLUSH_SECONDS if self._remote else 120,
+      )
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
     """One record: a console line, TensorBoard scalars `<prefix><name>` and a JSONL line whose
@@ -90,8 +110,12 @@ class MetricWriter:
         self._tb.add_scalar("tokens_seen", spent["tokens"], step)
         self._tb.add_scalar("flops", spent["flops"], step)
         self._tb.add_scalar("flops_6nd", spent["flops_6nd"], step)
-      record = {"step": step, "split": prefix.rstrip("/") or "train", **spent,
-                **{k: _json_number(v) for k, v in scalars.items()}}
+      record = {
+          "step": step,
+          "split": prefix.rstrip("/") or "train",
+          **spent,
+          **{k: _json_number(v) for k, v in scalars.items()},
+      }
       self._pending.append(json.dumps(record) + "\n")
     if not self._remote or time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
       self.flush()
@@ -112,8 +136,9 @@ class MetricWriter:
       self._tb = None
 
 
-def write_run_description(workdir: storage.PathLike, config: ml_collections.ConfigDict,
-                          num_params: int) -> None:
+def write_run_description(
+    workdir: storage.PathLike, config: ml_collections.ConfigDict, num_params: int
+) -> None:
   """Writes `<workdir>/run.json` (process 0; rewritten on resume with the same content)."""
   if jax.process_index() == 0:
     path = storage.path(workdir) / "run.json"

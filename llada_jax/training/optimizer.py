@@ -28,8 +28,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   def schedule(step: jax.Array) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
     warmup = o.peak_lr * step / max(o.warmup_steps, 1)
-    stable = jnp.where(step >= o.lr_drop_step, o.lr_after_drop, o.peak_lr) if o.lr_drop_step > 0 \
+    stable = (
+        jnp.where(step >= o.lr_drop_step, o.lr_after_drop, o.peak_lr)
+        if o.lr_drop_step > 0
         else jnp.float32(o.peak_lr)
+    )
     progress = jnp.clip((step - decay_start) / max(decay_steps, 1), 0.0, 1.0)
     decay = stable_at_decay + (o.final_lr - stable_at_decay) * progress
     return jnp.where(step < o.warmup_steps, warmup, jnp.where(step < decay_start, stable, decay))
@@ -39,17 +42,25 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def weight_decay_mask(params: Any) -> Any:
   """True for every parameter except the RMSNorm weights."""
+
   def decays(path, _) -> bool:
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
     return not names & set(NORM_MODULES)
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Clip by global norm (if grad_clip_norm > 0), then AdamW on the WSD schedule."""
   o = config.optimizer
-  adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.adam_eps,
-                      weight_decay=o.weight_decay, mask=weight_decay_mask)
+  adamw = optax.adamw(
+      learning_rate_schedule(config),
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.adam_eps,
+      weight_decay=o.weight_decay,
+      mask=weight_decay_mask,
+  )
   if o.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
   return adamw

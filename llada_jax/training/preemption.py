@@ -34,11 +34,14 @@ class PreemptionWatcher:
       previous = self._previous.pop(signum, None)
       if previous is not None:
         signal.signal(signum, previous)  # the next Ctrl-C aborts
-      logging.warning("Ctrl-C: saving a checkpoint at the next step, then stopping; press Ctrl-C "
-                      "again to abort without saving")
+      logging.warning(
+          "Ctrl-C: saving a checkpoint at the next step, then stopping; press Ctrl-C "
+          "again to abort without saving"
+      )
     else:
-      logging.warning("received signal %d: saving a checkpoint at the next step, then stopping",
-                      signum)
+      logging.warning(
+          "received signal %d: saving a checkpoint at the next step, then stopping", signum
+      )
     self._requested.set()
 
   def reached(self, step: int) -> bool:

@@ -23,6 +23,7 @@ class TrainState:
   lr_scale multiplies the schedule (cut at each rollback after a non-finite step), rollbacks counts
   them and skipped counts the updates skipped for a non-finite loss or gradient.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -33,34 +34,55 @@ class TrainState:
   @classmethod
   def fresh(cls, params: Any, opt_state: Any) -> TrainState:
     """The state at step 0."""
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-               lr_scale=jnp.ones((), jnp.float32), rollbacks=jnp.zeros((), jnp.int32),
-               skipped=jnp.zeros((), jnp.int32))
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        lr_scale=jnp.ones((), jnp.float32),
+        rollbacks=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
 
 
-def _init_boxed(config: ml_collections.ConfigDict, model: Transformer,
-                tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def _init_boxed(
+    config: ml_collections.ConfigDict,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+) -> TrainState:
   """Initial state whose leaves still carry their logical axis names."""
   tokens = jnp.zeros((1, config.data.sequence_length), jnp.int32)
   params = model.init(rng, tokens)["params"]
   return TrainState.fresh(params, tx.init(params))
 
 
-def state_shardings(config: ml_collections.ConfigDict, model: Transformer,
-                    tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+def state_shardings(
+    config: ml_collections.ConfigDict,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[Any, Any]:
   """(abstract state of ShapeDtypeStructs carrying shardings, tree of NamedShardings)."""
   boxed = jax.eval_shape(lambda r: _init_boxed(config, model, tx, r), jax.random.PRNGKey(0))
   shardings = logical_shardings(boxed, mesh, axis_rules(config))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.meta.unbox(boxed),
+      shardings,
+  )
   return abstract, shardings
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: Transformer,
-                       tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, Any]:
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[TrainState, Any]:
   """Initialises parameters and optimizer state, each created already sharded on `mesh`."""
   _, shardings = state_shardings(config, model, tx, mesh)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(config, model, tx, r)),
-                 out_shardings=shardings)
+  init = jax.jit(
+      lambda r: nn.meta.unbox(_init_boxed(config, model, tx, r)), out_shardings=shardings
+  )
   return init(rng), shardings

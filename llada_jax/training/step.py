@@ -11,8 +11,12 @@ import optax
 from jax.sharding import Mesh
 
 from llada_jax.diffusion.masking import noise_batch
-from llada_jax.diffusion.objectives import (autoregressive_loss, chunked_cross_entropy,
-                                            diffusion_loss, diffusion_loss_from_ce)
+from llada_jax.diffusion.objectives import (
+    autoregressive_loss,
+    chunked_cross_entropy,
+    diffusion_loss,
+    diffusion_loss_from_ce,
+)
 from llada_jax.model import Transformer
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
@@ -27,32 +31,56 @@ def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) ->
   return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), stream), step)
 
 
-def _loss(config: ml_collections.ConfigDict, model: Transformer, params: Any, batch: Batch,
-          rng: jax.Array, random_length_prob: float) -> tuple[jax.Array, Metrics]:
+def _loss(
+    config: ml_collections.ConfigDict,
+    model: Transformer,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    random_length_prob: float,
+) -> tuple[jax.Array, Metrics]:
   """The configured objective on a feature batch: the LLaDA bound ("mdm") or next-token CE
   ("arm"). Batches noised in the input pipeline carry `inputs`; others are noised here."""
   if config.diffusion.objective == "arm":
     return autoregressive_loss(
-        lambda tokens, mask: model.apply({"params": params}, tokens, mask), batch["targets"])
+        lambda tokens, mask: model.apply({"params": params}, tokens, mask), batch["targets"]
+    )
   if "inputs" not in batch:
-    batch = noise_batch(rng, batch, mask_id=config.tokens.mask_id, eps=config.diffusion.eps,
-                        random_length_prob=random_length_prob,
-                        time_sampling=config.diffusion.time_sampling)
+    batch = noise_batch(
+        rng,
+        batch,
+        mask_id=config.tokens.mask_id,
+        eps=config.diffusion.eps,
+        random_length_prob=random_length_prob,
+        time_sampling=config.diffusion.time_sampling,
+    )
   chunk = config.train.loss_chunk
   if chunk:
-    hidden = model.apply({"params": params}, batch["inputs"], batch["valid"], batch["positions"],
-                         batch["segment_ids"], return_hidden=True)
-    ce = chunked_cross_entropy(hidden, params["ff_out"]["kernel"], batch["targets"], chunk,
-                               jnp.dtype(config.model.dtype))
+    hidden = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["valid"],
+        batch["positions"],
+        batch["segment_ids"],
+        return_hidden=True,
+    )
+    ce = chunked_cross_entropy(
+        hidden, params["ff_out"]["kernel"], batch["targets"], chunk, jnp.dtype(config.model.dtype)
+    )
     return diffusion_loss_from_ce(ce, batch)
-  logits = model.apply({"params": params}, batch["inputs"], batch["valid"], batch["positions"],
-                       batch["segment_ids"])
+  logits = model.apply(
+      {"params": params}, batch["inputs"], batch["valid"], batch["positions"], batch["segment_ids"]
+  )
   return diffusion_loss(logits, batch)
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
-                    tx: optax.GradientTransformation, mesh: Mesh,
-                    shardings: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: Any,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """jit(state, batch) -> (new state, metrics); the state's buffers are donated."""
   rules = axis_rules(config)
   schedule = learning_rate_schedule(config)
@@ -61,8 +89,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
 
   accum = config.train.grad_accum_steps
 
-  def loss_fn(params: Any, state: TrainState, batch: Batch,
-              micro: jax.Array | int = 0) -> tuple[jax.Array, Metrics]:
+  def loss_fn(
+      params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0
+  ) -> tuple[jax.Array, Metrics]:
     rng = step_rng(config, state.step, stream=1)
     if accum > 1:  # each micro-batch draws its own noise (device masking)
       rng = jax.random.fold_in(rng, micro)
@@ -79,14 +108,20 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
     if accum == 1:
       return grad_fn(state.params, state, batch)
     micro_batches = jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
+        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch
+    )
 
     def body(total, inputs):
       index, micro_batch = inputs
       value = grad_fn(state.params, state, micro_batch, index)
       return jax.tree.map(lambda t, v: t + v / accum, total, value), None
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro_batches), 0))
+
+    zero = jax.tree.map(
+        jnp.zeros_like,
+        jax.eval_shape(
+            grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro_batches), 0
+        ),
+    )
     total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro_batches))
     return total
 
@@ -97,17 +132,34 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
+
     def keep(new: Any, old: Any) -> Any:
       """A non-finite step changes nothing but the counters (its batch counts as consumed)."""
       return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, nonfinite=~finite,
-                   learning_rate=schedule(state.step) * state.lr_scale)
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
-  jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh, rules)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        nonfinite=~finite,
+        learning_rate=schedule(state.step) * state.lr_scale,
+    )
+    return (
+        state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        ),
+        metrics,
+    )
+
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(shardings, batch_sharding(mesh, rules)),
+      out_shardings=(shardings, replicated(mesh)),
+      donate_argnums=0,
+  )
 
   def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     with mesh_context(mesh, rules):
@@ -116,12 +168,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: Transformer,
   def lower(state: Any, batch: Any) -> jax.stages.Lowered:
     with mesh_context(mesh, rules):
       return jitted.lower(state, batch)
+
   run.lower = lower  # ahead-of-time compilation from abstract arguments (llada-compile)
   return run
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh,
-                   param_shardings: Any) -> Callable[[Any, Batch, int], jax.Array]:
+def make_eval_step(
+    config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh, param_shardings: Any
+) -> Callable[[Any, Batch, int], jax.Array]:
   """jit(params, batch, batch_index) -> loss bound (nats/token) on full-length sequences.
 
   The noise of batch i is the same at every evaluation, so successive evaluations are comparable.
@@ -132,10 +186,14 @@ def make_eval_step(config: ml_collections.ConfigDict, model: Transformer, mesh: 
     loss, _ = _loss(config, model, params, batch, step_rng(config, index, stream=2), 0.0)
     return loss
 
-  jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh, rules), None),
-                   out_shardings=replicated(mesh))
+  jitted = jax.jit(
+      eval_step,
+      in_shardings=(param_shardings, batch_sharding(mesh, rules), None),
+      out_shardings=replicated(mesh),
+  )
 
   def run(params: Any, batch: Batch, index: int) -> jax.Array:
     with mesh_context(mesh, rules):
       return jitted(params, batch, index)
+
   return run

@@ -80,8 +80,12 @@ def _parse(text: str) -> dict[str, Any] | None:
     holder = json.loads(text)
   except ValueError:
     return None
-  valid = (isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder["pid"] > 0
-           and isinstance(holder.get("host"), str))
+  valid = (
+      isinstance(holder, dict)
+      and isinstance(holder.get("pid"), int)
+      and holder["pid"] > 0
+      and isinstance(holder.get("host"), str)
+  )
   return holder if valid else None
 
 
@@ -99,10 +103,15 @@ class WorkdirLock:
     Raises ConfigError (one line, naming the holder's pid, host and start time) if a live run
     holds it, or a run on another host whose liveness this host cannot check.
     """
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "boot_id": _boot_id(),
-              "process_start": _process_start(os.getpid()), "token": uuid.uuid4().hex,
-              "command": " ".join(sys.argv)}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "boot_id": _boot_id(),
+        "process_start": _process_start(os.getpid()),
+        "token": uuid.uuid4().hex,
+        "command": " ".join(sys.argv),
+    }
     if storage.is_remote(self.path):
       self._acquire_object(record)
       return
@@ -119,8 +128,10 @@ class WorkdirLock:
         self._take_over_if_stale()
     finally:
       draft.unlink(missing_ok=True)
-    raise ConfigError(f"--workdir={self._workdir} is being locked by another trainer at this "
-                      f"moment ({self.path}); use another workdir")
+    raise ConfigError(
+        f"--workdir={self._workdir} is being locked by another trainer at this "
+        f"moment ({self.path}); use another workdir"
+    )
 
   def _acquire_object(self, record: dict[str, Any]) -> None:
     """acquire() on object storage, which has no atomic create-if-absent through this path
@@ -138,11 +149,15 @@ class WorkdirLock:
         self._token = record["token"]
         return
       if holder is not None:
-        raise ConfigError(f"--workdir={self._workdir} was locked at the same moment by pid "
-                          f"{holder['pid']} on {holder['host']} ({self.path}); use another "
-                          "workdir")
-    raise ConfigError(f"--workdir={self._workdir} is being locked by another trainer at this "
-                      f"moment ({self.path}); use another workdir")
+        raise ConfigError(
+            f"--workdir={self._workdir} was locked at the same moment by pid "
+            f"{holder['pid']} on {holder['host']} ({self.path}); use another "
+            "workdir"
+        )
+    raise ConfigError(
+        f"--workdir={self._workdir} is being locked by another trainer at this "
+        f"moment ({self.path}); use another workdir"
+    )
 
   def _take_over_if_stale(self) -> None:
     """Removes the current lock if its holder is dead; ConfigError if it may be alive."""
@@ -155,15 +170,19 @@ class WorkdirLock:
     if alive is not None:
       where = f"pid {holder['pid']} on {holder['host']}" if holder else "a damaged lock file"
       if alive:
-        raise ConfigError(f"--workdir={self._workdir} is in use by another trainer: pid "
-                          f"{holder['pid']} on {holder['host']}, started {holder.get('started')} "
-                          f"({self.path}); wait for it to end or use another workdir")
+        raise ConfigError(
+            f"--workdir={self._workdir} is in use by another trainer: pid "
+            f"{holder['pid']} on {holder['host']}, started {holder.get('started')} "
+            f"({self.path}); wait for it to end or use another workdir"
+        )
       logging.warning("taking over the stale lock %s of %s, a run that is gone", self.path, where)
       self._remove_if_unchanged(text)
       return
-    raise ConfigError(f"--workdir={self._workdir} is locked by pid {holder['pid']} on host "
-                      f"{holder['host']}, started {holder.get('started')}, which this host cannot "
-                      f"check; if that run has ended, delete {self.path}")
+    raise ConfigError(
+        f"--workdir={self._workdir} is locked by pid {holder['pid']} on host "
+        f"{holder['host']}, started {holder.get('started')}, which this host cannot "
+        f"check; if that run has ended, delete {self.path}"
+    )
 
   def _remove_if_unchanged(self, text: str) -> None:
     """Deletes the lock if it still holds `text` (another trainer may have taken it over)."""
@@ -210,10 +229,12 @@ def lock_for_job(workdir: storage.PathLike) -> WorkdirLock:
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not taken and error is None:
-      error = ConfigError(f"--workdir={workdir} is in use by another trainer (see process 0's "
-                          "error)")
+      error = ConfigError(
+          f"--workdir={workdir} is in use by another trainer (see process 0's " "error)"
+      )
   if error is not None:
     raise error
   return lock

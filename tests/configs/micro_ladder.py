@@ -18,12 +18,23 @@ def _base() -> ml_collections.ConfigDict:
 
 
 LADDER = Ladder(
-    "micro", _base,
-    (Size("d16", d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden_size=48, peak_lr=3e-3),
-     Size("d32", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden_size=64,
-          peak_lr=3e-3)),
-    budgets={"d16": (5e7,), "d32": (1.2e8,)}, sequence_length=32, batch_size=8, eval_points=2,
-    eval_batches=1, checkpoints=1)
+    "micro",
+    _base,
+    (
+        Size(
+            "d16", d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden_size=48, peak_lr=3e-3
+        ),
+        Size(
+            "d32", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden_size=64, peak_lr=3e-3
+        ),
+    ),
+    budgets={"d16": (5e7,), "d32": (1.2e8,)},
+    sequence_length=32,
+    batch_size=8,
+    eval_points=2,
+    eval_batches=1,
+    checkpoints=1,
+)
 
 
 def get_config(run: str = "") -> ml_collections.ConfigDict:
