@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadscope tests
+
+# Formatting (pyink, checked not applied: run `.venv/bin/python -m pyink llada_jax tests ...` to
+# fix) and pylint, both configured in pyproject.toml.
+lint: $(VENV)/.installed
+	PY=$(PY) .ci/lint
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

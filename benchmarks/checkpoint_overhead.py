@@ -22,10 +22,10 @@ from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import
 
 from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
 from llada_jax.diffusion.objectives import unpacked_batch  # noqa: E402
-from llada_jax.model import ModelConfig, Transformer  # noqa: E402
+from llada_jax.lm import MaskedDiffusionLM  # noqa: E402
 from llada_jax.parallel.mesh import make_mesh  # noqa: E402
 from llada_jax.parallel.sharding import axis_rules, batch_sharding  # noqa: E402
-from llada_jax.training.checkpoint import Checkpointer  # noqa: E402
+from llada_jax.checkpoint import Checkpointer  # noqa: E402
 from llada_jax.training.optimizer import make_optimizer  # noqa: E402
 from llada_jax.training.state import create_train_state  # noqa: E402
 from llada_jax.training.step import make_train_step  # noqa: E402
@@ -39,7 +39,7 @@ def _time(mode: str) -> tuple[float, float]:
   config = tiny.get_config()
   config.checkpoint.update(save_every=_SAVE_EVERY.value, async_save=mode == "async")
   mesh = make_mesh(config)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   state, shardings = create_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, mesh, shardings)
   shape = (config.data.batch_size, config.data.sequence_length)

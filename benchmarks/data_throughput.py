@@ -20,7 +20,7 @@ from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
 from configs import tiny  # noqa: E402  pylint: disable=wrong-import-position
 from llada_jax.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
-from llada_jax.model import ModelConfig, Transformer  # noqa: E402
+from llada_jax.lm import MaskedDiffusionLM  # noqa: E402
 from llada_jax.parallel.mesh import make_mesh  # noqa: E402
 from llada_jax.parallel.sharding import axis_rules, batch_sharding  # noqa: E402
 from llada_jax.training.optimizer import make_optimizer  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
 
   c = tiny.get_config()
   mesh = make_mesh(c)
-  model, tx = Transformer(ModelConfig.from_config(c)), make_optimizer(c)
+  model, tx = MaskedDiffusionLM(c), make_optimizer(c)
   state, shardings = create_train_state(c, model, tx, mesh)
   step = make_train_step(c, model, tx, mesh, shardings)
   batches = pipeline.train_batches(c, batch_sharding(mesh, axis_rules(c)))

@@ -76,7 +76,8 @@ def score(texts: list[str], vocabulary: set[str]) -> tuple[float, float]:
 
 def main(argv: list[str]) -> None:
   del argv
-  from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import sample  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(_WORKDIR.value)
   vocabulary = corpus_words()

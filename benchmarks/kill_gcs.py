@@ -99,7 +99,7 @@ def interrupt(workdir: str, steps: int, env: dict[str, str], delay: float, term_
 def final_params(workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model_and_step  # pylint: disable=g-import-not-at-top
 
   step, _, params = load_model_and_step(workdir)
   return step, jax.device_get(params)

@@ -25,7 +25,7 @@ from absl import app, flags
 from llada_jax.interop.hf_checkpoint import save_hf
 from llada_jax.sampling import generate
 from llada_jax.data.codec import text_codec
-from llada_jax.sampling.text import load_model
+from llada_jax.loading import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Trained workdir (make demo).")
 _TORCH_PYTHON = flags.DEFINE_string(

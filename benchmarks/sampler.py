@@ -29,7 +29,7 @@ from absl import app, flags
 from configs import llada_1b, llada_8b, tiny
 from llada_jax.diffusion.likelihood import log_likelihood
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.model.forward import logits
 from llada_jax.sampling import generate
 from llada_jax.training.flops import matmul_parameters
@@ -66,16 +66,15 @@ PROMPTS = ("ROMEO:\n", "First Citizen:\n", "KING HENRY:\n", "JULIET:\n")
 def _model():
   if _WORKDIR.value:
     from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
-    from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+    from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
     config, params = load_model(_WORKDIR.value)
     return config, params, text_codec(config)
   config = {"tiny": tiny, "llada_1b": llada_1b, "llada_8b": llada_8b}[_CONFIG.value].get_config()
   if _DTYPE.value:
     config.model.update(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
-  model = Transformer(ModelConfig.from_config(config))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-  return config, nn.meta.unbox(params)["params"], None
+  params = jax.jit(MaskedDiffusionLM(config).init)(jax.random.PRNGKey(0))
+  return config, nn.meta.unbox(params), None
 
 
 def _prompts(codec, batch: int) -> np.ndarray:

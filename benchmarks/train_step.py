@@ -4,7 +4,7 @@
   python benchmarks/train_step.py --config=llada_1b --sequence_length=4096 --batch_size=4 \\
       --dtype=bfloat16 --remat=none,full --json=train_step.json   # one accelerator
 
-Model FLOPs follow DESIGN.md section 3 (llada_jax/training/flops.py); MFU needs the device kind in
+Model FLOPs follow docs/llada.md (llada_jax/training/flops.py); MFU needs the device kind in
 its peak table (not for CPUs). Every case compiles once, runs --warmup steps, then times --steps
 steps with one block at the end (no host sync per step). Prints a table and optionally JSON.
 """
@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from configs import llada_1b, llada_8b, tiny  # noqa: E402  pylint: disable=wrong-import-position
 from llada_jax.config import validate  # noqa: E402
 from llada_jax.diffusion.objectives import unpacked_batch  # noqa: E402
-from llada_jax.model import ModelConfig, Transformer  # noqa: E402
+from llada_jax.lm import MaskedDiffusionLM  # noqa: E402
 from llada_jax.parallel.mesh import make_mesh  # noqa: E402
 from llada_jax.parallel.sharding import axis_rules, batch_sharding  # noqa: E402
 from llada_jax.training.flops import model_flops_per_step, peak_flops  # noqa: E402
@@ -59,7 +59,7 @@ def _case(remat: str) -> dict[str, float | str]:
     config.model.attention = _ATTENTION.value
   validate(config)
   mesh = make_mesh(config)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   state, shardings = create_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, mesh, shardings)
   shape = (config.data.batch_size, config.data.sequence_length)

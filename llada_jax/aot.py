@@ -22,7 +22,8 @@ import ml_collections
 
 from llada_jax.config import validate
 from llada_jax.errors import ConfigError, DoesNotFit
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.model import ModelConfig
 from llada_jax.parallel.collectives import CollectiveSummary, summarize
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context
@@ -136,7 +137,7 @@ def compile_program(
   devices = list(jax.devices() if devices is None else devices)
   mesh = make_mesh(config, devices)
   rules = axis_rules(config)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   items_sharding = batch_sharding(mesh, rules)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -144,7 +145,7 @@ def compile_program(
     from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 
     step = make_train_step(config, model, tx, mesh, shardings)
-    lower = lambda: step.lower(abstract, abstract_batch(config, items_sharding))
+    fn, args = step, (abstract, abstract_batch(config, items_sharding))
     model_flops = model_flops_per_step(config)
   else:
     ev = config.evaluation
@@ -161,10 +162,9 @@ def compile_program(
     fn, args, model_flops = (_sampler if program == "sample" else _scorer)(
         config, num_items, prompt_length, items_sharding
     )
-    params = abstract.params
-    lower = lambda: fn.lower(params, *args)
+    args = (abstract.params, *args)
   with mesh_context(mesh, rules):
-    lowered = lower()
+    lowered = fn.lower(*args)
   start = time.perf_counter()
   try:
     compiled, hlo = _compile_with_hlo(lowered)
@@ -222,8 +222,9 @@ def _sampler(
   """The jitted reverse process of config.sampling, its abstract arguments after the parameters,
   and its model FLOPs (every step a full forward pass; None for threshold decoding)."""
   from llada_jax.sampling.generate import SamplerSpec, _compiled_sampler  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.options import SamplerOptions  # pylint: disable=g-import-not-at-top
 
-  s, tokens = config.sampling, config.tokens
+  s = SamplerOptions.from_config(config)
   total = prompt_length + s.gen_length
   if total > config.model.max_sequence_length:
     raise ConfigError(
@@ -231,22 +232,7 @@ def _sampler(
         f"not allowed: expected at most model.max_sequence_length="
         f"{config.model.max_sequence_length}"
     )
-  spec = SamplerSpec(
-      ModelConfig.from_config(config),
-      s.steps,
-      s.gen_length,
-      s.block_length,
-      s.remasking,
-      tokens.mask_id,
-      tokens.eos_id,
-      tokens.eot_id,
-      False,
-      False,
-      use_cfg=False,
-      use_noise=s.temperature > 0,
-      return_trajectory=False,
-      float64=False,
-  )
+  spec = SamplerSpec.of(config, s)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   args = (
       jax.ShapeDtypeStruct((num_items, prompt_length), jnp.int32, sharding=sharding),
@@ -275,7 +261,10 @@ def _scorer(
   fn = _compiled_scorer(
       ModelConfig.from_config(config), config.tokens.mask_id, ev.mc_num, ev.mc_batch_size, False
   )
-  rows = lambda dtype: jax.ShapeDtypeStruct((num_items, width), dtype, sharding=sharding)
+
+  def rows(dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((num_items, width), dtype, sharding=sharding)
+
   args = (
       rows(jnp.int32),
       rows(jnp.bool_),

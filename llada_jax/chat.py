@@ -7,6 +7,10 @@ Each line read from standard input is a user turn; the whole conversation goes t
 LLaDA-Instruct chat template (a plain "User: / Assistant:" transcript for vocabularies without one,
 such as byte and spm8k) and the reverse process fills the assistant's answer, which ends as every
 answer does (`llada_jax.sampling.ending`). An empty line or end of input ends the chat.
+
+The sampler flags are those of llada-sample (`llada_jax.sampling.flags`), defaulting to the
+checkpoint's config.sampling; an HF folder has none of its own and gets default_config()'s, so
+pass the official chat's --gen_length=128 --steps=128 --block_length=32 to match it.
 """
 
 from __future__ import annotations
@@ -17,25 +21,17 @@ from absl import flags
 
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
+from llada_jax.sampling import flags as sampler_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF LLaDA folder or llada_jax workdir.")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "tokenizer.json (default: the one in --checkpoint)."
 )
-_GEN_LENGTH = flags.DEFINE_integer("gen_length", 128, "Answer tokens per turn.")
-_STEPS = flags.DEFINE_integer("steps", 128, "Reverse-process steps per turn.")
-_BLOCK_LENGTH = flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Gumbel noise scale; 0 is greedy.")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", 0.0, "Classifier-free guidance weight.")
-_REMASKING = flags.DEFINE_string("remasking", "low_confidence", "Remasking rule.")
-_LOGITS_EOS_INF = flags.DEFINE_bool("logits_eos_inf", False, "Never propose EOS.")
-_CONFIDENCE_EOS_EOT_INF = flags.DEFINE_bool(
-    "confidence_eos_eot_inf", False, "Commit EOS/EoT proposals last."
-)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling noise.")
 
 
 def _chat(argv: list[str]) -> None:
+  """The `llada-chat` command: a multi-turn conversation in the model's chat template."""
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -44,18 +40,15 @@ def _chat(argv: list[str]) -> None:
   from llada_jax.data.hf_tokenizer import ChatMessage  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.ending import end_answer  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
   if not _CHECKPOINT.value:
     raise ConfigError("--checkpoint is required: an HF LLaDA folder or a workdir")
+  sampler_flags.check_given()  # before the model loads
   config, params = load_model(_CHECKPOINT.value, _TOKENIZER.value)
+  options = sampler_flags.options_from_flags(config).validate(config)
   codec = text_codec(config)
-  room = config.model.max_sequence_length - _GEN_LENGTH.value
-  if room < 1:
-    raise ConfigError(
-        f"--gen_length={_GEN_LENGTH.value} is not allowed: expected less than "
-        f"model.max_sequence_length={config.model.max_sequence_length}"
-    )
+  room = config.model.max_sequence_length - options.gen_length  # >= 1 (validate)
   messages: list[ChatMessage] = []
   for turn, line in enumerate(sys.stdin):
     if not line.strip():
@@ -67,14 +60,7 @@ def _chat(argv: list[str]) -> None:
         config,
         params,
         prompt,
-        steps=_STEPS.value,
-        gen_length=_GEN_LENGTH.value,
-        block_length=_BLOCK_LENGTH.value,
-        temperature=_TEMPERATURE.value,
-        cfg_scale=_CFG_SCALE.value,
-        remasking=_REMASKING.value,
-        logits_eos_inf=_LOGITS_EOS_INF.value,
-        confidence_eos_eot_inf=_CONFIDENCE_EOS_EOT_INF.value,
+        options=options,
         rng=jax.random.fold_in(jax.random.PRNGKey(_SEED.value), turn),
     )
     _, text = end_answer(

@@ -32,7 +32,7 @@ _TOPOLOGY = flags.DEFINE_string(
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN.")
 _NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", 0, "Fake CPU devices to compile for (0: the " "machine's own devices)."
+    "num_devices", 0, "Fake CPU devices to compile for (0: the machine's own devices)."
 )
 _WHAT = flags.DEFINE_string("what", "train", "The program: train, sample or score.")
 _NUM_ITEMS = flags.DEFINE_integer(
@@ -45,7 +45,7 @@ _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per ro
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib",
     0.0,
-    "Memory of one target device in GiB (default: the " "chip's own for TPUs and known GPUs).",
+    "Memory of one target device in GiB (default: the chip's own for TPUs and known GPUs).",
 )
 
 GIB = 1 << 30
@@ -58,7 +58,8 @@ def format_report(report) -> str:
       f"({report.device_kind}), mesh {report.mesh}, in {report.compile_seconds:.1f} s",
       f"parameters: {report.parameters:,}",
       "per device:",
-      f"  arguments   {report.argument_bytes / GIB:9.3f} GiB  (parameters, optimizer state, inputs)",
+      f"  arguments   {report.argument_bytes / GIB:9.3f} GiB  (parameters, optimizer state, "
+      "inputs)",
       f"  outputs     {report.output_bytes / GIB:9.3f} GiB  ({report.alias_bytes / GIB:.3f} GiB "
       "written into donated arguments)",
       f"  temporaries {report.temp_bytes / GIB:9.3f} GiB  (activations, gradients, workspace)",
@@ -108,6 +109,7 @@ def format_report(report) -> str:
 
 
 def _compile(argv: list[str]) -> None:
+  """The `llada-compile` command: compiles a program for the target and prints its report."""
   del argv
   if _CONFIG.value is None:
     raise ConfigError("--config is required, e.g. --config=configs/llada_8b.py")

@@ -8,9 +8,10 @@ field, the value and what is allowed.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import ml_collections
+import numpy as np
 
 from llada_jax.errors import ConfigError
 
@@ -20,9 +21,15 @@ from llada_jax.errors import ConfigError
 VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None}
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
+# The one list of each enumeration: the implementing modules key their tables by these names
+# (model/attention.py KERNELS, model/transformer.py REMAT_POLICIES; tests/test_config.py checks it).
+ATTENTION_KERNELS = ("xla", "jax_nn", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = (
+    "auto",
+) + ATTENTION_KERNELS  # "auto": attention.resolve picks a kernel
 REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
+CACHE_MODES = ("none", "prefix", "dual")
 OBJECTIVES = ("mdm", "arm")
 TIME_SAMPLING = ("uniform", "stratified")
 PACKING = ("chunk", "pack")
@@ -119,6 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
           # per process that holds its own rows of the batch
           shuffle_buffer=10_000,
           prefetch=2,  # global batches prepared ahead of the step
+          use_cached=False,  # read the task from seqio's offline cache (written by llada-cache)
+          cache_dir="",  # a seqio cache directory (local or gs://) searched for it
       )
   )
 
@@ -186,13 +195,21 @@ def default_config() -> ml_collections.ConfigDict:
       )
   )
 
+  # The reverse process (llada_jax.sampling.options.SamplerOptions takes its defaults from here).
   c.sampling = ml_collections.ConfigDict(
       dict(
           steps=112,
           gen_length=112,
           block_length=16,
           temperature=0.0,
+          cfg_scale=0.0,  # classifier-free guidance weight
           remasking="low_confidence",
+          logits_eos_inf=False,  # never propose EOS
+          confidence_eos_eot_inf=False,  # commit EOS/EoT proposals last
+          parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate)
+          cache="none",  # "prefix" or "dual" key/value cache (approximate)
+          cache_refresh=0,  # > 0: also refresh the cache every N steps inside a block
+          float64=False,  # noise and probabilities in float64 (needs jax_enable_x64)
       )
   )
   return c
@@ -322,7 +339,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
   if config.train.profile_steps:
     profile_range(config.train.profile_steps)
-  if o.lr_drop_step > 0 and o.lr_after_drop <= 0:
+  if o.lr_drop_step > 0 >= o.lr_after_drop:
     _fail("optimizer.lr_after_drop", o.lr_after_drop, "a positive rate when lr_drop_step > 0")
 
   sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
@@ -346,10 +363,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _non_negative("checkpoint.keep_every", config.checkpoint.keep_every)
 
   ev = config.evaluation
-  if ev.tasks:
-    from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
-
-    parse_tasks(ev.tasks, flag="evaluation.tasks")
   for name in ("limit", "mc_num", "mc_batch_size"):
     _positive(f"evaluation.{name}", ev[name])
   if ev.mc_num % min(ev.mc_batch_size, ev.mc_num):
@@ -359,14 +372,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"a multiple of evaluation.mc_batch_size=" f"{ev.mc_batch_size} (or fewer samples than it)",
     )
 
-  validate_sampling(
-      config.sampling.steps,
-      config.sampling.gen_length,
-      config.sampling.block_length,
-      config.sampling.temperature,
-      config.sampling.remasking,
-      prefix="sampling.",
-  )
+  check_sampling(config.sampling.to_dict(), prefix="sampling.")
   return config
 
 
@@ -380,33 +386,6 @@ def profile_range(text: str) -> tuple[int, int]:
   ):
     _fail("train.profile_steps", text, '"a:b" with integers 0 <= a < b, e.g. "10:15"')
   return int(parts[0]), int(parts[1])
-
-
-def validate_sampling(
-    steps: int,
-    gen_length: int,
-    block_length: int,
-    temperature: float,
-    remasking: str,
-    prefix: str = "",
-) -> None:
-  """Checks sampler arguments (shared by the config and the sample command line)."""
-  _positive(f"{prefix}steps", steps)
-  _positive(f"{prefix}gen_length", gen_length)
-  _positive(f"{prefix}block_length", block_length)
-  if gen_length % block_length:
-    _fail(f"{prefix}block_length", block_length, f"a divisor of gen_length={gen_length}")
-  if steps > gen_length:
-    _fail(f"{prefix}steps", steps, f"at most gen_length={gen_length} (one token per step at least)")
-  num_blocks = gen_length // block_length
-  if steps % num_blocks:
-    _fail(
-        f"{prefix}steps",
-        steps,
-        f"a multiple of the number of blocks gen_length/block_length={num_blocks}",
-    )
-  _non_negative(f"{prefix}temperature", temperature)
-  _choice(f"{prefix}remasking", remasking, REMASKING)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -426,6 +405,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def _update(config: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
+  """Writes stored `values` over the defaults in `config`; ConfigError for an unknown key."""
   for key, value in values.items():
     if key not in config:
       raise ConfigError(f"unknown config key '{prefix}{key}'")
@@ -449,6 +429,7 @@ def _as_tuple(value: Any) -> Any:
 def _check_keys_and_types(
     config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str
 ) -> None:
+  """ConfigError for a key the schema lacks or a value of another type than the default's."""
   for key in config.keys():
     if key not in schema:
       allowed = ", ".join(sorted(schema.keys()))
@@ -496,3 +477,91 @@ def _non_negative(name: str, value: float) -> None:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     _fail(name, value, "one of " + ", ".join(allowed))
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_flag(value: Any) -> bool:
+  return isinstance(value, (bool, np.bool_)) or (_is_int(value) and value in (0, 1))
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+# Per sampler option: (test of one value, what is allowed); cross-option rules in check_sampling.
+SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "gen_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "block_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "remasking": (lambda v: v in REMASKING, "one of " + ", ".join(REMASKING)),
+    "logits_eos_inf": (_is_flag, "True or False"),
+    "confidence_eos_eot_inf": (_is_flag, "True or False"),
+    "parallel_threshold": (
+        lambda v: _is_number(v) and (v == 0 or 0 < v <= 1),
+        "0 (exact schedule) or a probability in (0, 1]",
+    ),
+    "cache": (lambda v: v in CACHE_MODES, "one of " + ", ".join(CACHE_MODES)),
+    "cache_refresh": (
+        lambda v: _is_int(v) and v >= 0,
+        "an integer >= 0 (0 refreshes at block boundaries only)",
+    ),
+    "float64": (_is_flag, "True or False"),
+}
+
+
+def check_sampling_fields(values: Mapping[str, Any], prefix: str = "") -> None:
+  """Checks each given sampler option on its own (a command line checks the options it was given
+  before the checkpoint that fills the others is loaded; check_sampling checks all together).
+
+  Raises:
+    ConfigError: an unknown name, or the first value its option does not allow.
+  """
+  check_sampling_names(values, prefix)
+  for name, value in values.items():
+    test, allowed = SAMPLING_RULES[name]
+    if not test(value):
+      _fail(f"{prefix}{name}", value, allowed)
+
+
+def check_sampling_names(values: Mapping[str, Any], prefix: str = "") -> None:
+  """Raises ConfigError for a name that is not a sampler option."""
+  unknown = sorted(set(values) - set(SAMPLING_RULES))
+  if unknown:
+    raise ConfigError(
+        f"unknown sampler option {prefix}{unknown[0]!r}: expected one of "
+        f"{', '.join(SAMPLING_RULES)}"
+    )
+
+
+def check_sampling(values: Mapping[str, Any], prefix: str = "") -> None:
+  """Checks a complete set of sampler options (config.sampling, or `SamplerOptions` as a dict):
+  each value, then the rules between them (blocks divide gen_length, steps split over blocks,
+  threshold decoding needs low_confidence). Model-dependent checks live in SamplerOptions.validate.
+
+  Raises:
+    ConfigError: one line naming the first bad option, its value and what is allowed.
+  """
+  check_sampling_fields(values, prefix)
+  gen_length, block_length, steps = values["gen_length"], values["block_length"], values["steps"]
+  if gen_length % block_length:
+    _fail(f"{prefix}block_length", block_length, f"a divisor of gen_length={gen_length}")
+  if steps > gen_length:
+    _fail(f"{prefix}steps", steps, f"at most gen_length={gen_length} (one token per step at least)")
+  num_blocks = gen_length // block_length
+  if steps % num_blocks:
+    _fail(
+        f"{prefix}steps",
+        steps,
+        f"a multiple of the number of blocks gen_length/block_length={num_blocks}",
+    )
+  if values["parallel_threshold"] > 0 and values["remasking"] != "low_confidence":
+    raise ConfigError(
+        f"{prefix}remasking={values['remasking']!r} is not allowed with "
+        "parallel_threshold: expected low_confidence (the threshold is on the "
+        "proposal's probability)"
+    )

@@ -18,7 +18,7 @@ from llada_jax.interop.workdir import from_hf, to_hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace LLaDA folder (from-hf).")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "llada_jax workdir (written by from-hf, read by " "to-hf)."
+    "workdir", None, "llada_jax workdir (written by from-hf, read by to-hf)."
 )
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace folder (to-hf).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype written.")
@@ -26,6 +26,7 @@ _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetens
 
 
 def _convert(argv: list[str]) -> None:
+  """The `llada-convert` command: from-hf or to-hf."""
   commands = ("from-hf", "to-hf")
   if len(argv) != 2 or argv[1] not in commands:
     raise ConfigError(f"command {argv[1:]} is not allowed: expected one of {', '.join(commands)}")

@@ -4,6 +4,9 @@
       [--task_file=my_benchmark.jsonl] [--limit=200] [--output=results.json] \
       [--mc_num=128 --cfg_scale=0] [--sampler.gen_length=256 --sampler.steps=256 ...]
 
+--sampler.NAME sets any sampler option of generation tasks (`SamplerOptions`); unset ones take the
+checkpoint's config.sampling, but temperature 0 and low_confidence remasking by default.
+
 Tasks: elbo (bits per token/byte on the validation split of the checkpoint's data task),
 hellaswag, arc_easy, arc_challenge, piqa (multiple choice by Monte-Carlo conditional likelihood),
 gsm8k (generation + answer extraction). --task_file adds a multiple-choice JSONL file of
@@ -19,10 +22,11 @@ import json
 
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from llada_jax import storage
 from llada_jax.cli_support import entry_point
+from llada_jax.config import default_config
 from llada_jax.errors import ConfigError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or HF LLaDA folder.")
@@ -45,34 +49,24 @@ _GSM8K_FORMAT = flags.DEFINE_enum(
 )
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", 4, "Worked examples in a few-shot prompt.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bar with ETA on process 0.")
+# Every sampler option (llada_jax.sampling.options.SamplerOptions) as --sampler.NAME; unset ones
+# take the checkpoint's config.sampling, except that generation is greedy with low-confidence
+# remasking unless told otherwise, as in LLaDA's GSM8K evaluation.
 _SAMPLER = config_flags.DEFINE_config_dict(
     "sampler",
     ml_collections.ConfigDict(
         dict(
-            gen_length=0,  # 0: the checkpoint's config.sampling value
-            steps=0,
-            block_length=0,
-            temperature=0.0,  # greedy, as LLaDA's GSM8K evaluation
+            {
+                name: config_dict.placeholder(type(value))
+                for name, value in default_config().sampling.items()
+            },
+            temperature=0.0,
             remasking="low_confidence",
-            logits_eos_inf=False,
-            confidence_eos_eot_inf=False,
-            parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate, faster)
-            cache="none",  # prefix or dual key/value cache (approximate, faster)
-            cache_refresh=0,  # > 0: also refresh the cache every N steps inside a block
             batch_size=8,  # prompts per generation call
         )
     ),
     "Reverse-process options for generation tasks.",
 )
-
-
-def sampler_options(config: ml_collections.ConfigDict, sampler: ml_collections.ConfigDict) -> dict:
-  """The sampler flags with 0 lengths taken from the checkpoint's config.sampling."""
-  options = {k: v for k, v in sampler.items() if k != "batch_size"}
-  for name in ("gen_length", "steps", "block_length"):
-    if options[name] == 0:
-      options[name] = config.sampling[name]
-  return options
 
 
 def _progress_factory():
@@ -91,22 +85,23 @@ def _progress_factory():
 
 
 def _evaluate(argv: list[str]) -> None:
+  """The `llada-evaluate` command: options checked, model loaded, tasks run, results written."""
   del argv
   import jax  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.evaluation.harness import EvalOptions, check_options, run_tasks, scalars  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
-  from llada_jax.evaluation.tasks import parse_tasks, read_jsonl_task  # pylint: disable=g-import-not-at-top
+  from llada_jax.evaluation.tasks import read_jsonl_task  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.distributed import initialize  # pylint: disable=g-import-not-at-top
 
   if not _CHECKPOINT.value:
     raise ConfigError("--checkpoint is required: a training workdir or an HF LLaDA folder")
-  tasks = parse_tasks(_TASKS.value)
+  tasks = harness.parse_tasks(_TASKS.value)
   for path in _TASK_FILE.value:
     read_jsonl_task(path)  # a bad file fails before the model is loaded
   if not tasks and not _TASK_FILE.value:
     raise ConfigError("--tasks is empty and no --task_file is given: nothing to evaluate")
-  options = EvalOptions(
+  options = harness.EvalOptions(
       tasks=tuple(tasks),
       task_files=tuple(_TASK_FILE.value),
       limit=_LIMIT.value,
@@ -119,13 +114,16 @@ def _evaluate(argv: list[str]) -> None:
       gsm8k_format=_GSM8K_FORMAT.value,
       num_fewshot=_NUM_FEWSHOT.value,
       generation_batch_size=_SAMPLER.value.batch_size,
+      sampler={k: v for k, v in _SAMPLER.value.items() if k != "batch_size" and v is not None},
   )
-  check_options(options)  # before the model loads
+  harness.check_options(options)  # before the model loads
   initialize()
   model = load_eval_model(_CHECKPOINT.value, _TOKENIZER.value)
-  options = dataclasses.replace(options, sampler=sampler_options(model.config, _SAMPLER.value))
-  check_options(options, model.config)  # the sampler, before any task runs
-  document = run_tasks(model, options, _progress_factory())
+  options = dataclasses.replace(
+      options, sampler=dataclasses.asdict(harness.sampler_options(options, model.config))
+  )
+  harness.check_options(options, model.config)  # the sampler, before any task runs
+  document = harness.run_tasks(model, options, _progress_factory())
   if jax.process_index() != 0:
     return
   for task, metrics in document["results"].items():
@@ -139,7 +137,7 @@ def _evaluate(argv: list[str]) -> None:
     from llada_jax.training import metrics  # pylint: disable=g-import-not-at-top
 
     writer = metrics.MetricWriter(model.path, metrics.Accounting.from_config(model.config))
-    writer.write(model.step, scalars(document), prefix="eval/")
+    writer.write(model.step, harness.scalars(document), prefix="eval/")
     writer.close()
 
 

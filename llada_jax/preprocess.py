@@ -41,13 +41,14 @@ def _vocabulary_spec(value: str) -> VocabularySpec:
 
 
 def _preprocess(argv: list[str]) -> None:
+  """The `llada-preprocess` command: tokenizes the inputs into TFRecord shards and a manifest."""
   if len(argv) > 1:
     raise ConfigError(
         f"arguments {argv[1:]} are not allowed: pass the files as " "--input=a.txt,b.jsonl"
     )
   if not _INPUT.value or not _OUTPUT_DIR.value:
     raise ConfigError(
-        "--input and --output_dir are required, e.g. --input=corpus.txt " "--output_dir=data/corpus"
+        "--input and --output_dir are required, e.g. --input=corpus.txt --output_dir=data/corpus"
     )
   start = time.perf_counter()
   manifest = write_shards(

@@ -39,27 +39,28 @@ _POINTS = flags.DEFINE_enum(
 _METRIC = flags.DEFINE_string(
     "metric",
     None,
-    "Evaluation metric (default: bits_per_byte when " "every run has it, else loss_bound).",
+    "Evaluation metric (default: bits_per_byte when every run has it, else loss_bound).",
 )
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap refits over runs (0: none).")
 _MIN_COMPUTE = flags.DEFINE_float(
     "min_compute",
     0.0,
-    "Fit only points at this compute or more " "(in the units of --x), e.g. past an early plateau.",
+    "Fit only points at this compute or more (in the units of --x), e.g. past an early plateau.",
 )
 _IRREDUCIBLE = flags.DEFINE_bool(
     "irreducible",
     True,
-    "Fit the irreducible loss c; --noirreducible " "fits a pure power law (c = 0).",
+    "Fit the irreducible loss c; --noirreducible fits a pure power law (c = 0).",
 )
 _REFERENCE = flags.DEFINE_float(
     "reference_flops",
     None,
-    "Compute at which the MDM/ARM multiplier " "is quoted (default: the largest of the data).",
+    "Compute at which the MDM/ARM multiplier is quoted (default: the largest of the data).",
 )
 
 
 def _scaling(argv: list[str]) -> None:
+  """The `llada-scaling` command: frontier, fits and plot of a folder of runs."""
   del argv
   from llada_jax.analysis.plot import plot_scaling  # pylint: disable=g-import-not-at-top
 

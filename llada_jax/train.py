@@ -29,7 +29,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (-1: 
 
 
 def _train(argv: list[str]) -> None:
+  """The `llada-train` command: evaluation hooks built (bad task names fail here), then training."""
   del argv
+  from llada_jax.evaluation import hooks  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.distributed import initialize  # pylint: disable=g-import-not-at-top
   from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
 
@@ -37,8 +39,9 @@ def _train(argv: list[str]) -> None:
     raise ConfigError("--config is required, e.g. --config=configs/tiny.py")
   if not _WORKDIR.value:
     raise ConfigError("--workdir is required, e.g. --workdir=runs/demo")
+  eval_hooks = hooks.from_config(_CONFIG.value)  # unknown tasks fail before anything starts
   initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train(_CONFIG.value, _WORKDIR.value)
+  train(_CONFIG.value, _WORKDIR.value, eval_hooks)
 
 
 run = entry_point(_train)  # console script `llada-train`

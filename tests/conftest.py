@@ -46,13 +46,13 @@ def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:
 def write_workdir(path, config: ml_collections.ConfigDict):
   """A workdir holding step 0 (random weights, fresh optimizer state) of `config`'s model, made on
   one device whatever the config's batch and mesh."""
-  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from llada_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from llada_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
 
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   state, _ = create_train_state(
       config, model, tx, make_mesh(config, jax.devices()[:1], check_batch=False)
   )

@@ -3,9 +3,7 @@
 import json
 
 import numpy as np
-
-from llada_jax.interop import safetensors_io
-from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_to_hf
+import safetensors.numpy
 
 P = "model.transformer."
 
@@ -38,22 +36,82 @@ def hf_tensors(config, dtype=np.float32, seed=0) -> dict[str, np.ndarray]:
   }
 
 
+def official_config(config) -> dict:
+  """config.json as the official LLaDA-8B folders ship it (GSAI-ML/LLaDA-8B-Base), written out
+  field by field, not through llada_jax's own exporter: the sizes and token ids are `config`'s."""
+  m, t = config.model, config.tokens
+  return {
+      "activation_type": "silu",
+      "alibi": False,
+      "alibi_bias_max": 8.0,
+      "architectures": ["LLaDAModelLM"],
+      "attention_dropout": 0.0,
+      "attention_layer_norm": False,
+      "attention_layer_norm_with_affine": True,
+      "auto_map": {
+          "AutoConfig": "configuration_llada.LLaDAConfig",
+          "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+          "AutoModel": "modeling_llada.LLaDAModelLM",
+      },
+      "bias_for_layer_norm": False,
+      "block_group_size": 1,
+      "block_type": "llama",
+      "d_model": m.d_model,
+      "embedding_dropout": 0.0,
+      "embedding_size": m.vocab_size,
+      "eos_token_id": t.eos_id,
+      "flash_attention": False,
+      "include_bias": False,
+      "include_qkv_bias": False,
+      "init_cutoff_factor": None,
+      "init_device": "meta",
+      "init_fn": "mitchell",
+      "init_std": m.init_std,
+      "input_emb_norm": False,
+      "layer_norm_type": "rms",
+      "layer_norm_with_affine": True,
+      "mask_token_id": t.mask_id,
+      "max_sequence_length": m.max_sequence_length,
+      "mlp_hidden_size": m.mlp_hidden_size,
+      "mlp_ratio": 4,
+      "model_type": "llada",
+      "multi_query_attention": None,
+      "n_heads": m.n_heads,
+      "n_kv_heads": m.n_kv_heads,
+      "n_layers": m.n_layers,
+      "pad_token_id": t.pad_id,
+      "precision": "amp_bf16",
+      "residual_dropout": 0.0,
+      "rms_norm_eps": m.rms_norm_eps,
+      "rope": True,
+      "rope_full_precision": True,
+      "rope_theta": m.rope_theta,
+      "scale_logits": False,
+      "torch_dtype": "bfloat16",
+      "transformers_version": "4.46.3",
+      "use_cache": False,
+      "vocab_size": m.vocab_size,
+      "weight_tying": False,
+  }
+
+
 def write_folder(path, config, tensors, shards=1):
-  """config.json (as the official one: no llada_jax vocabulary field) plus one safetensors file, or
-  `shards` files and an index."""
+  """config.json (official_config) plus one safetensors file, or `shards` files and an index, all
+  written by the `safetensors` package as `transformers` writes them (metadata format=pt)."""
   path.mkdir(parents=True, exist_ok=True)
-  hf = config_to_hf(config)
-  del hf[VOCABULARY_FIELD]
-  (path / "config.json").write_text(json.dumps(hf))
+  (path / "config.json").write_text(json.dumps(official_config(config), indent=2))
   names = sorted(tensors)
   if shards == 1:
-    safetensors_io.write_file(path / "model.safetensors", tensors)
+    safetensors.numpy.save_file(dict(tensors), str(path / "model.safetensors"), {"format": "pt"})
     return path
   weight_map = {}
   for i in range(shards):
     part = names[i::shards]
     file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-    safetensors_io.write_file(path / file, {n: tensors[n] for n in part})
+    safetensors.numpy.save_file({n: tensors[n] for n in part}, str(path / file), {"format": "pt"})
     weight_map.update({n: file for n in part})
-  (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  total = sum(t.nbytes for t in tensors.values())
+  (path / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+  )
   return path

@@ -26,8 +26,8 @@ from llada_jax.diffusion.likelihood import log_likelihood
 from llada_jax.diffusion.masking import noise_batch
 from llada_jax.diffusion.objectives import unpacked_batch
 from llada_jax.interop.hf_checkpoint import load_hf
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.model import ModelConfig, Transformer, logits
-from llada_jax.training.step import _loss
 
 U = 2.0**-8  # bfloat16's unit roundoff
 
@@ -59,10 +59,10 @@ def losses(params):
       ("bfloat16", _config("bfloat16")),
       ("chunked", _config("bfloat16", loss_chunk=8)),
   ):
-    model = Transformer(ModelConfig.from_config(config))
+    model = MaskedDiffusionLM(config)
     loss, grads = jax.jit(
         jax.value_and_grad(
-            lambda p, c=config, m=model: _loss(c, m, p, batch, jax.random.PRNGKey(0), 0.0)[0]
+            lambda p, m=model: m.loss(p, batch, jax.random.PRNGKey(0), random_length_prob=0.0)[0]
         )
     )(params)
     results[name] = float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])

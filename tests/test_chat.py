@@ -112,6 +112,59 @@ def test_chat_answers_a_scripted_two_turn_conversation(hf_folder):
   assert len(replies) == 2
 
 
+def test_the_second_turn_prompt_holds_the_first_question_and_answer(hf_folder, monkeypatch):
+  """`llada-chat` over two scripted turns with the reverse process replaced by a fixed answer: the
+  second prompt, decoded by the `tokenizers` library itself, is the whole conversation in the
+  LLaDA-Instruct (Llama 3) layout written out here, first question and first answer included."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from llada_jax import chat  # pylint: disable=g-import-not-at-top
+  import llada_jax.sampling.generate  # pylint: disable=g-import-not-at-top,unused-import
+
+  tokenizer = tokenizers.Tokenizer.from_file(str(hf_folder / "tokenizer.json"))
+  eot, eos = tokenizer.token_to_id("<|eot_id|>"), tokenizer.token_to_id("<|endoftext|>")
+  answers = ["I am a tiny model.", "Still tiny."]
+  prompts = []
+
+  def fake_generate(*args, **kwargs):  # (config, params, prompt, ...) -> prompt + answer
+    del kwargs
+    prompt = np.asarray(args[2])
+    prompts.append(prompt[0].tolist())
+    answer = tokenizer.encode(answers[len(prompts) - 1], add_special_tokens=False).ids + [eot]
+    assert len(answer) <= 16  # --gen_length
+    answer += [eos] * (16 - len(answer))
+    return np.concatenate([prompt, np.asarray([answer], prompt.dtype)], axis=1)
+
+  # the package re-exports generate(), so the module is reached through sys.modules
+  monkeypatch.setattr(sys.modules["llada_jax.sampling.generate"], "generate", fake_generate)
+  monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nHow are you?\n"))
+  flags.FLAGS(
+      [
+          "llada-chat",
+          f"--checkpoint={hf_folder}",
+          "--gen_length=16",
+          "--steps=16",
+          "--block_length=8",
+      ]
+  )
+  try:
+    chat._chat([])  # pylint: disable=protected-access
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert len(prompts) == 2
+  header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+  first = f"<|startoftext|>{header('user')}Hello there<|eot_id|>{header('assistant')}"
+  assert tokenizer.decode(prompts[0], skip_special_tokens=False) == first
+  assert tokenizer.decode(prompts[1], skip_special_tokens=False) == (
+      f"{first}I am a tiny model.<|eot_id|>{header('user')}How are you?<|eot_id|>"
+      f"{header('assistant')}"
+  )
+
+
 def test_seqio_vocabulary_over_tokenizer_json(hf_folder):
   import tensorflow as tf
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import make_tiny_config, write_workdir
-from llada_jax.sampling.text import load_model, sample
+from llada_jax.loading import load_model
+from llada_jax.sampling.text import sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = str(ROOT / "tests" / "configs" / "micro.py")

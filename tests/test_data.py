@@ -380,3 +380,119 @@ def test_pretokenized_shards_give_the_stream_of_the_text_task(config, tmp_path):
   c.tokens.mask_id, c.model.vocab_size = 8000, 8064
   with pytest.raises(ConfigError, match="tokenized with 'byte'"):
     _take(c, 1)
+
+
+def _late_resume_matches(c, step=50):
+  """Batch `step` (and the next) resumed on one process, and on two processes each reading one of
+  the two shards (the host layout of a 2-process job), equal the uninterrupted stream's."""
+  uninterrupted = _take(c, step + 2)
+  resumed = _take(c, 2, start_step=step)
+  per_shard = c.data.batch_size // 2
+  hosts = [
+      pipeline._feature_dataset(
+          c, pipeline.HostLayout(2, per_shard, (p,)), "train", True, step
+      ).as_numpy_iterator()
+      for p in (0, 1)
+  ]
+  for offset in (0, 1):
+    on_two = [next(host) for host in hosts]
+    for name, value in uninterrupted[step + offset].items():
+      np.testing.assert_array_equal(resumed[offset][name], value, err_msg=f"{name} +{offset}")
+      np.testing.assert_array_equal(
+          np.concatenate([h[name] for h in on_two]),
+          value,
+          err_msg=f"{name} +{offset} on two processes",
+      )
+  return uninterrupted
+
+
+def test_late_resume_is_exact_across_epochs_and_host_counts(config, tmp_path):
+  """A 2-shard stream of ~9 steps per epoch and windows of 16 rows, resumed at step 50 (epoch 5)."""
+  _, path = _docs(tmp_path)
+  registry.register_text_task("docs_resume", [path], text_field="body")
+  c = config.copy_and_resolve_references()
+  c.data.update(task="docs_resume", num_shards=2, shuffle_buffer=16)
+  stream = _late_resume_matches(c)
+  rows = [bytes(r) for b in stream for r in b["targets"]]
+  assert len(set(rows)) < len(rows) // 4  # several epochs went by
+
+
+def test_late_resume_of_indexed_pretokenized_shards(config, tmp_path, monkeypatch):
+  """llada-preprocess shards (index entries every 4 documents, so a resume seeks into a file)
+  resumed at step 50, on one and on two processes; their epoch is the chunked token stream."""
+  from llada_jax.data import pretokenized  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(pretokenized, "INDEX_EVERY", 4)
+  docs, path = _docs(tmp_path)
+  pretokenized.write_shards(
+      [str(path)],
+      str(tmp_path / "shards"),
+      pretokenized.VocabularySpec("byte"),
+      num_shards=4,
+      num_workers=1,
+      text_field="body",
+  )
+  registry.register_pretokenized_task("docs_shards", str(tmp_path / "shards"))
+  c = config.copy_and_resolve_references()
+  c.data.update(task="docs_shards", num_shards=2, shuffle_buffer=16)
+  stream = _late_resume_matches(c)
+  vocab = get_vocabulary(c)
+  rows = {}
+  for shard in (0, 1):  # shard s reads files s and s + 2: documents d with d % 4 in {s, s + 2}
+    tokens = np.concatenate(
+        [
+            vocab.encode(docs[d]) + [vocab.eos_id]
+            for f in (shard, shard + 2)
+            for d in range(f, len(docs), 4)
+        ]
+    )
+    rows[shard] = {
+        bytes(r) for r in tokens[: tokens.size // 32 * 32].astype(np.int32).reshape(-1, 32)
+    }
+  for batch in stream:
+    for half, shard in ((batch["targets"][:4], 0), (batch["targets"][4:], 1)):
+      assert {bytes(r) for r in half} <= rows[shard]
+
+
+def test_resume_reads_one_window_whatever_the_step(config, monkeypatch):
+  """Resuming at step 10^9 reads at most one window of rows (and no more than at step 1)."""
+  from llada_jax.data import streams  # pylint: disable=g-import-not-at-top
+
+  read = []
+  original = streams.MemoryRows.read
+  monkeypatch.setattr(
+      streams.MemoryRows,
+      "read",
+      lambda self, start, stop: read.append(stop - start) or original(self, start, stop),
+  )
+  batch = _take(config, 1, start_step=10**9)[0]
+  assert batch["targets"].shape == (8, 32) and sum(read) <= config.data.shuffle_buffer
+
+
+@pytest.mark.parametrize("rates", [None, (1.0, 3.0)])
+def test_stream_from_any_example_is_the_stream_from_zero(rates):
+  """WindowedStream (37 rows, windows of 5) and a mixture of two: chunks(i) continues the stream
+  read from 0 at i, across windows, epochs and mixture blocks."""
+  from llada_jax.data import streams  # pylint: disable=g-import-not-at-top
+
+  def windowed(n, key):
+    return streams.WindowedStream(
+        streams.MemoryRows({"targets": np.arange(n)[:, None] + key}), 5, (0, 1, 2, key)
+    )
+
+  stream = windowed(37, 0)
+  if rates:
+    stream = streams.MixedStream([stream, windowed(11, 1000)], rates, 8, (0, 1, 2, 9), "ab")
+
+  def read(first, count):
+    out = []
+    for chunk in stream.chunks(first):
+      out.extend(chunk["targets"][:, 0])
+      if len(out) >= count:
+        return np.array(out[:count])
+
+  everything = read(0, 400)
+  if not rates:
+    assert sorted(everything[:37]) == list(range(37))
+  for first in (1, 4, 5, 36, 37, 38, 123, 250):
+    np.testing.assert_array_equal(read(first, 150), everything[first : first + 150], err_msg=first)

@@ -45,7 +45,7 @@ def test_sample_cuts_answers_at_eot_and_stop_strings(monkeypatch):
   encode = lambda s: list(get_vocabulary(config).encode(s))
   answer = encode("hi there") + [EOT] + encode("more") + [EOS]
 
-  def fake_generate(config, params, tokens, mask, **kwargs):
+  def fake_generate(config, params, tokens, mask, options=None, **kwargs):
     return np.concatenate([tokens, np.asarray([answer] * len(tokens))], 1)
 
   monkeypatch.setattr(text, "generate", fake_generate)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import make_tiny_config
 from llada_jax.errors import ConfigError
-from llada_jax.evaluation import tasks
+from llada_jax.evaluation import harness, hooks, tasks
 from llada_jax.evaluation.gsm8k import extract_answer, normalize_number
 from llada_jax.evaluation.harness import RESULTS_SCHEMA, EvalOptions, run_tasks
 from llada_jax.evaluation.model import eval_model_from_params, load_eval_model
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
   config.checkpoint.update(save_every=400)
   config.evaluation.update(tasks="arc_easy", limit=2, mc_num=2, mc_batch_size=2)  # in the trainer
   workdir = root / "run"
-  train(config, workdir)
+  train(config, workdir, hooks.from_config(config))
   return workdir, task_file
 
 
@@ -217,7 +217,34 @@ def test_bad_task_file_lines_name_file_and_line(tmp_path, line, message):
 
 def test_unknown_task_lists_the_known_ones():
   with pytest.raises(ConfigError, match="unknown task 'mmlu'; known tasks: elbo, hellaswag"):
-    tasks.parse_tasks("elbo,mmlu")
+    harness.parse_tasks("elbo,mmlu")
+  config = make_tiny_config()
+  config.evaluation.tasks = "piqa,mmlu"
+  with pytest.raises(ConfigError, match="evaluation.tasks: unknown task 'mmlu'; known tasks: elbo"):
+    hooks.from_config(config)  # what llada-train builds before it starts
+
+
+def test_a_registered_task_runs_in_the_harness_and_by_name(monkeypatch):
+  """A new protocol is one runner in the registry: --tasks accepts it and run_tasks calls it."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(harness, "TASKS", dict(harness.TASKS))
+  calls = []
+
+  def runner(model, options, progress, name):
+    calls.append((name, options.limit))
+    return {"acc": 0.25}, [{"item": 0}]
+
+  harness.register_task("my_task", runner)
+  assert harness.parse_tasks("elbo,my_task") == ["elbo", "my_task"]
+  with pytest.raises(ConfigError, match="already registered"):
+    harness.register_task("my_task", runner)
+  model = SimpleNamespace(config=make_tiny_config(), path="p", step=3)
+  document = run_tasks(model, EvalOptions(tasks=("my_task",), limit=5))
+  assert calls == [("my_task", 5)]
+  assert document["results"]["my_task"]["acc"] == 0.25
+  assert document["samples"]["my_task"] == [{"item": 0}]
+  assert harness.scalars(document) == {"my_task/acc": 0.25}
 
 
 def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(trained, tmp_path):

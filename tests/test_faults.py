@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_tiny_config, write_workdir
 from llada_jax.errors import ConfigError
-from llada_jax.training import checkpoint
+from llada_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def spm_workdir(tmp_path_factory):
 
 
 def test_inference_loads_whatever_batch_the_run_trained_with(spm_workdir):
-  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
   assert jax.local_device_count() == 8
   config, params = load_model(spm_workdir)
@@ -47,7 +47,8 @@ def test_an_spm8k_model_takes_text_in_every_command(spm_workdir):
   from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.tasks import MathProblem, MultipleChoice  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import sample  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(spm_workdir)
   result = sample(config, params, texts=["ROMEO: what"], steps=4, gen_length=8, block_length=8)
@@ -84,7 +85,7 @@ def test_monte_carlo_batch_shrinks_to_mc_num_and_bad_flags_fail_before_any_task(
 
 def test_likelihood_with_fewer_samples_than_a_batch(spm_workdir):
   from llada_jax.diffusion.likelihood import log_likelihood  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(spm_workdir)
   result = log_likelihood(config, params, [5, 6, 7], [8, 9], mc_num=4, batch_size=16)

@@ -1,4 +1,4 @@
-"""Model FLOPs (DESIGN.md section 3) against a hand count, and the peak table."""
+"""Model FLOPs (docs/llada.md, "Model FLOPs and MFU") against a hand count, and the peak table."""
 
 from types import SimpleNamespace
 

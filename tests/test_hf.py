@@ -256,3 +256,29 @@ def test_train_fine_tunes_from_a_converted_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from the checkpoint at step 0" in result.stderr
   assert "step 3 |" in result.stderr
+
+
+def test_import_holds_the_parameters_and_about_one_source_tensor_at_a_time(tmp_path):
+  """A 16-layer folder whose files hold 73x its largest tensor: the import's peak host memory
+  (tracemalloc sees NumPy's buffers and the reader's) is the finished parameters plus a few
+  tensors (the reader's transient copy of the one read, its converted copy, the previous one
+  until the loop rebinds it), never a second copy of the whole checkpoint."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config(n_layers=16, d_model=128, mlp_hidden_size=256)
+  tensors = hf_tensors(config)
+  folder = write_folder(tmp_path / "hf", config, tensors, shards=2)
+  total, largest = (
+      sum(t.nbytes for t in tensors.values()),
+      max(t.nbytes for t in tensors.values()),
+  )
+  assert total > 70 * largest
+  tracemalloc.start()
+  try:
+    before = tracemalloc.get_traced_memory()[0]
+    _, params = load_hf(folder, base=config)
+    peak = tracemalloc.get_traced_memory()[1] - before
+  finally:
+    tracemalloc.stop()
+  assert sum(p.nbytes for p in jax.tree.leaves(params)) == total
+  assert total <= peak < total + 4 * largest, (peak, total, largest)

@@ -111,12 +111,12 @@ def test_generate_until_cuts_at_the_first_stop_string(lm):
 
 def test_max_gen_toks_sets_gen_length_in_whole_blocks(lm):
   options = lm.sampler_options({"max_gen_toks": 20})
-  assert (options["gen_length"], options["block_length"], options["steps"]) == (24, 8, 12)
+  assert (options.gen_length, options.block_length, options.steps) == (24, 8, 12)
   options = lm.sampler_options({"max_gen_toks": 5, "temperature": 0.5})
-  assert (options["gen_length"], options["block_length"], options["steps"]) == (5, 5, 3)
-  assert options["temperature"] == 0.5
-  assert lm.sampler_options({})["steps"] == 8
-  assert lm.sampler_options({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
+  assert (options.gen_length, options.block_length, options.steps) == (5, 5, 3)
+  assert options.temperature == 0.5
+  assert lm.sampler_options({}).steps == 8
+  assert lm.sampler_options({"do_sample": False, "temperature": 0.7}).temperature == 0.0
 
 
 def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, monkeypatch):

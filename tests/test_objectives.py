@@ -13,7 +13,7 @@ from llada_jax.diffusion.masking import (
 )
 from llada_jax.diffusion.objectives import (
     autoregressive_loss,
-    masked_diffusion_loss,
+    diffusion_loss,
     pretraining_loss,
     sft_loss,
 )
@@ -23,6 +23,18 @@ MASK = 259
 
 def _logits(batch=2, length=6, vocab=8, seed=0):
   return jax.random.normal(jax.random.PRNGKey(seed), (batch, length, vocab))
+
+
+def masked_diffusion_loss(logits, targets, masked, p_mask, num_tokens):
+  """The library's loss of full-length rows (every position valid: num_tokens = B x L)."""
+  assert num_tokens == targets.size
+  batch = dict(
+      targets=jnp.asarray(targets),
+      masked=jnp.asarray(masked),
+      p_mask=jnp.asarray(p_mask),
+      valid=jnp.ones(targets.shape, bool),
+  )
+  return diffusion_loss(logits, batch)[0]
 
 
 def _ce(logits, targets):

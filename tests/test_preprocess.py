@@ -86,7 +86,7 @@ def test_shards_read_back_as_the_tokenized_paragraphs(shakespeare):
   assert manifest["vocabulary"] == "byte" and manifest["vocab_size"] == 259
   assert manifest["skipped"] == {"empty": 0, "undecodable": 0, "missing_field": 0}
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      [e["path"] for e in manifest["files"]] + ["manifest.json"]
+      [e[k] for e in manifest["files"] for k in ("path", "index")] + ["manifest.json"]
   )
 
 

@@ -275,3 +275,45 @@ def test_float64_option_runs_where_x64_is_enabled_and_is_refused_otherwise(setup
       timeout=300,
   )
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_float64_draws_are_the_official_float64_gumbel_and_uniforms():
+  """With jax_enable_x64 the reference draws its Gumbel noise and remasking uniforms in float64,
+  as the official PyTorch code does; float64=True gives its tokens exactly, float32 draws (other
+  random bits, other values) do not: the option reaches the compiled draws."""
+  script = (
+      "import json, jax, numpy as np\n"
+      "jax.config.update('jax_enable_x64', True)\n"
+      "import flax.linen as nn, jax.numpy as jnp\n"
+      "from test_sampler_reference import EOT, _draws, reference_generate\n"
+      "from conftest import make_tiny_config\n"
+      "from llada_jax.model import ModelConfig, Transformer\n"
+      "from llada_jax.sampling import generate\n"
+      "c = make_tiny_config()\n"
+      "c.tokens.eot_id = EOT\n"
+      "p = nn.meta.unbox(Transformer(ModelConfig.from_config(c)).init(jax.random.PRNGKey(0),"
+      " jnp.zeros((1, 8), jnp.int32)))['params']\n"
+      "assert jax.random.gumbel(jax.random.PRNGKey(0), (2,)).dtype == np.float64\n"
+      "kw = dict(steps=4, gen_length=8, block_length=8, temperature=1.0, cfg_scale=0.0,"
+      " remasking='random', logits_eos_inf=False, confidence_eos_eot_inf=False,"
+      " rng=jax.random.PRNGKey(5))\n"
+      "prompt = np.asarray([[10, 11, 12]], np.int32)\n"
+      "want = reference_generate(c, p, prompt, **kw)\n"
+      "got = {f: np.asarray(generate(c, p, prompt, float64=f, **kw)).tolist() for f in (1, 0)}\n"
+      "print(json.dumps(dict(want=want.tolist(), f64=got[1], f32=got[0])))\n"
+  )
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=pathlib.Path(__file__).parent,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  import json  # pylint: disable=g-import-not-at-top
+
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["f64"] == out["want"]
+  assert out["f32"] != out["want"]

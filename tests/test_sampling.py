@@ -340,3 +340,45 @@ def test_stale_cache_decoding_reads_the_keys_of_the_block_start(model_and_params
   zeros = _stale_cache_decoding(config, params, prompt, "dual", zero=True, **kwargs)
   np.testing.assert_array_equal(got, want)
   assert not np.array_equal(want, zeros)
+
+
+def test_remasking_and_cache_tables_cover_exactly_the_configs_names():
+  """config.REMASKING and config.CACHE_MODES are the one source of the names: each table has a
+  rule or logits function for every name, and none for a name the config does not accept."""
+  # pylint: disable=g-import-not-at-top
+  from llada_jax import config as config_lib
+  from llada_jax.sampling.cache import STEP_LOGITS
+  from llada_jax.sampling.remasking import DRAWS_UNIFORM, REMASKING_RULES
+
+  assert tuple(REMASKING_RULES) == config_lib.REMASKING
+  assert set(DRAWS_UNIFORM) <= set(config_lib.REMASKING)
+  assert tuple(STEP_LOGITS) == config_lib.CACHE_MODES
+
+
+def test_sampler_options_are_config_sampling_with_one_validation():
+  """SamplerOptions' fields are exactly config.sampling's keys, with its defaults; every field has
+  a check; a bad value fails with one line naming it, before any model is needed."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from llada_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling import options as options_lib  # pylint: disable=g-import-not-at-top
+
+  defaults = config_lib.default_config()
+  options = options_lib.SamplerOptions.from_config(defaults)
+  assert options == options_lib.SamplerOptions()
+  assert dataclasses.asdict(options) == defaults.sampling.to_dict()
+  rules = config_lib.SAMPLING_RULES
+  assert set(rules) == set(defaults.sampling.keys())
+  assert options.replace(steps=None, gen_length=16, block_length=8).gen_length == 16
+  with pytest.raises(ConfigError, match="unknown sampler option 'top_p'"):
+    options.replace(top_p=0.9)
+  with pytest.raises(
+      ConfigError,
+      match=r"^sampling.cache='kv' is not allowed: expected one of " "none, prefix, dual$",
+  ):
+    options.replace(cache="kv").validate(prefix="sampling.")
+  causal = make_tiny_config()
+  causal.model.causal = True
+  with pytest.raises(ConfigError, match="cache='dual' is not allowed for a causal"):
+    options.replace(gen_length=16, steps=16, cache="dual").validate(causal)

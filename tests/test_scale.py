@@ -12,10 +12,10 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import make_tiny_config
 from llada_jax.diffusion.objectives import unpacked_batch
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding
-from llada_jax.training import checkpoint
+from llada_jax import checkpoint
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import create_train_state, state_shardings
 from llada_jax.training.step import make_train_step
@@ -33,7 +33,7 @@ def _config(mesh):
 
 def _steps(config, devices, batches, state=None):
   mesh = make_mesh(config, devices)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   if state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
   else:
@@ -71,6 +71,52 @@ def test_three_steps_agree_on_every_mesh(reference, name):
   )
 
 
+class _SliceDevice:
+  """A fake CPU device that says which TPU slice it is on (CPU devices have no slice_index)."""
+
+  def __init__(self, device, slice_index):
+    self.device, self.slice_index = device, slice_index
+
+  def __getattr__(self, name):
+    return getattr(self.device, name)
+
+
+def test_a_two_slice_mesh_crosses_slices_only_on_its_dcn_axis_and_trains_as_one_device(
+    reference, monkeypatch
+):
+  """mesh.dcn_* lays two slices (here: the even and the odd CPU devices, as jax's own
+  create_hybrid_device_mesh groups devices by slice_index) along the dcn axis only: with
+  dcn_data=2 each data row is one slice, with dcn_fsdp=2 each half of the fsdp axis; three
+  steps on the data 2 x fsdp 4 two-slice mesh equal the single-device steps."""
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
+  hybrid = mesh_utils.create_hybrid_device_mesh
+
+  def with_slices(ici, dcn, devices, **kwargs):
+    grid = hybrid(ici, dcn, [_SliceDevice(d, d.id % 2) for d in devices], **kwargs)
+    return np.vectorize(lambda d: d.device, otypes=[object])(grid)
+
+  monkeypatch.setattr(mesh_utils, "create_hybrid_device_mesh", with_slices)
+  ids = lambda mesh: np.vectorize(lambda d: d.id)(mesh.devices)
+  config = _config((1, 8, 1))
+  config.mesh.dcn_fsdp = 2
+  np.testing.assert_array_equal(
+      ids(make_mesh(config, jax.devices())), [[[0], [2], [4], [6], [1], [3], [5], [7]]]
+  )
+  config = _config((2, 4, 1))
+  config.mesh.dcn_data = 2
+  mesh = make_mesh(config, jax.devices())
+  np.testing.assert_array_equal(ids(mesh), [[[0], [2], [4], [6]], [[1], [3], [5], [7]]])
+  state, losses = _steps(config, jax.devices(), _batches(config, 3))
+  assert state.params["wte"]["embedding"].sharding.mesh.devices.tolist() == mesh.devices.tolist()
+  np.testing.assert_allclose(losses, reference[1], rtol=2e-5)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      jax.device_get(state.params),
+      jax.device_get(reference[0].params),
+  )
+
+
 def test_train_state_is_split_as_the_logical_axis_rules_say():
   """On a data 2 x fsdp 2 x tensor 2 mesh every parameter and both Adam moments carry the
   PartitionSpec the default axis rules give their logical names (embed -> fsdp; vocab, heads,
@@ -79,7 +125,7 @@ def test_train_state_is_split_as_the_logical_axis_rules_say():
   devices. The batch is split over data x fsdp."""
   config = _config((2, 2, 2))
   mesh = make_mesh(config, jax.devices())
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   state, _ = create_train_state(config, model, tx, mesh)
   fsdp_tensor = (P(None, "fsdp", "tensor", None), (2, 32, 2, 16))  # layers, embed, heads, kv
   kv_proj = (P(None, "fsdp", "tensor", None), (2, 32, 1, 16))  # layers, embed, kv_heads, kv
@@ -124,7 +170,7 @@ def test_save_on_one_mesh_restore_on_another_and_continue_identically(tmp_path, 
   saver.wait()
   saver.close()
   target = _config((1, 4, 2))
-  model, tx = Transformer(ModelConfig.from_config(target)), make_optimizer(target)
+  model, tx = MaskedDiffusionLM(target), make_optimizer(target)
   abstract, _ = state_shardings(target, model, tx, make_mesh(target, jax.devices()))
   restored = checkpoint.load_state(tmp_path, 2, abstract)
   assert (
@@ -180,7 +226,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   config.data.num_shards = 2  # the data the two processes read: S fixed, any process count
   train(config, tmp_path / "single")
   step = config.train.num_steps
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
   multi = checkpoint.load_params(tmp_path / "multi", step, abstract.params)
   single = checkpoint.load_params(tmp_path / "single", step, abstract.params)
@@ -191,19 +237,65 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   )
 
 
-def test_aot_compile_reports_per_device_state_bytes():
-  from llada_jax.aot import compile_train_step  # pylint: disable=g-import-not-at-top
+def test_aot_compile_reports_per_device_state_bytes(monkeypatch):
+  """The report's bytes are the compiled program's own memory analysis, and its arguments are
+  the per-device state counted here by hand: float32 parameters, Adam's mu and nu, each split 8
+  ways over fsdp along the embedding axis except the RMSNorm weights (replicated), plus the
+  device's share of the batch."""
+  from llada_jax import aot  # pylint: disable=g-import-not-at-top
 
+  compiled = []
+
+  def keep(lowered):
+    out = real_compile(lowered)
+    compiled.append(out[0])
+    return out
+
+  real_compile = aot._compile_with_hlo  # pylint: disable=protected-access
+  monkeypatch.setattr(aot, "_compile_with_hlo", keep)
   config = _config((1, 8, 1))
-  report = compile_train_step(config, jax.devices())
-  state_bytes = 3 * 4 * report.parameters  # float32 params and two Adam moments
-  batch_bytes = 18 * config.data.batch_size * config.data.sequence_length  # features, pipeline
-  assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
-  assert report.argument_bytes == pytest.approx(state_bytes / 8 + batch_bytes / 8, rel=0.05)
-  assert report.alias_bytes > 0.9 * state_bytes / 8  # the donated state is updated in place
-  assert report.peak_bytes == (
-      report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
+  report = aot.compile_train_step(config, jax.devices())
+  m = config.model
+  d, h, k, f, v, layers = (
+      m.d_model,
+      m.n_heads,
+      m.n_kv_heads,
+      m.mlp_hidden_size,
+      m.vocab_size,
+      m.n_layers,
   )
+  hd = d // h
+  split = 2 * v * d + layers * (2 * d * h * hd + 2 * d * k * hd + 3 * d * f)  # embed over fsdp
+  replicated = d + 2 * layers * d  # ln_f, attn_norm, ff_norm
+  assert report.parameters == split + replicated
+  state_bytes = 3 * 4 * (split // 8 + replicated)  # per device: params, mu, nu
+  b, length = config.data.batch_size // 8, config.data.sequence_length
+  # targets, segment_ids, positions, inputs (int32), valid, masked (bool); p_mask per row
+  batch_bytes = 18 * b * length + 4 * b
+  assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert 0 <= report.argument_bytes - state_bytes - batch_bytes < 256  # + a few scalars
+  assert report.alias_bytes >= state_bytes  # the donated state is updated in place
+  memory = compiled[-1].memory_analysis()
+  assert (
+      report.argument_bytes,
+      report.output_bytes,
+      report.temp_bytes,
+      report.alias_bytes,
+      report.code_bytes,
+  ) == (
+      memory.argument_size_in_bytes,
+      memory.output_size_in_bytes,
+      memory.temp_size_in_bytes,
+      memory.alias_size_in_bytes,
+      memory.generated_code_size_in_bytes,
+  )
+  assert report.peak_bytes == (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes
+      - memory.alias_size_in_bytes
+  )
+  assert report.temp_bytes > 0 and report.output_bytes >= state_bytes
   assert report.flops_per_device > 0 and report.model_flops_per_step > 0
 
 
@@ -265,7 +357,7 @@ def test_large_replicated_parameters_are_reported():
   from llada_jax.parallel.sharding import warn_replicated  # pylint: disable=g-import-not-at-top
 
   config = _config((8, 1, 1))  # pure data parallelism: every parameter is replicated
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, shardings = state_shardings(config, model, tx, make_mesh(config, jax.devices()))
   names = warn_replicated(abstract.params, shardings.params, min_elements=8_000)
   assert any("wte" in n for n in names)

@@ -26,7 +26,7 @@ pytest.importorskip("gcsfs")
 from gcs_server import GCSServer, environment_for  # noqa: E402
 
 from llada_jax import storage  # noqa: E402
-from llada_jax.training import checkpoint  # noqa: E402
+from llada_jax import checkpoint  # noqa: E402
 
 # pylint: enable=wrong-import-position
 
@@ -104,7 +104,8 @@ def test_sample_evaluate_and_convert_read_the_bucket(trained, tmp_path):
   from llada_jax.interop.workdir import from_hf, to_hf  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.elbo import evaluate_elbo  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model, sample  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import sample  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(trained)
   answer = sample(config, params, texts=["ab"], steps=4, gen_length=4, block_length=4)
@@ -123,7 +124,7 @@ def test_sample_evaluate_and_convert_read_the_bucket(trained, tmp_path):
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "no_commit_marker"])
 def test_a_damaged_newest_checkpoint_in_the_bucket_is_skipped_and_kept(trained, gcs, damage):
-  from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model_and_step  # pylint: disable=g-import-not-at-top
 
   run = f"{trained}_{damage}"
   for name, _ in _listing(trained):
@@ -183,7 +184,7 @@ def test_a_storage_outage_during_a_save_fails_loudly_or_retries(gcs):
     assert steps[0] == 40, out[-2000:]
   else:  # a lost upload: one line naming the step and the checkpoint to resume from
     assert code == 2 and "error: saving checkpoint" in out and "rerun the same command" in out
-  from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model_and_step  # pylint: disable=g-import-not-at-top
 
   step, _, _ = load_model_and_step(run)
   assert step == steps[0] or step in steps
@@ -252,7 +253,7 @@ def test_kill_9_of_a_two_process_job_on_the_bucket_then_rerun_is_bitwise_uninter
   (benchmarks/kill_gcs.py makes 20 such kills)."""
   import signal  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.sampling.text import load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model_and_step  # pylint: disable=g-import-not-at-top
 
   bucket = gcs.bucket("killed")
   flags = (

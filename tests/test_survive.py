@@ -19,10 +19,10 @@ import pytest
 from conftest import make_tiny_config
 from llada_jax.data import pipeline
 from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding
-from llada_jax.training import checkpoint
+from llada_jax import checkpoint
 from llada_jax.training.loop import train
 from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.preemption import PreemptionWatcher
@@ -75,7 +75,7 @@ def by_hand(rolled_back):
       peak_lr=0.25 * config.optimizer.peak_lr, final_lr=0.25 * config.optimizer.final_lr
   )
   mesh = make_mesh(config)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   state = checkpoint.load_state(rolled_back[0], 4, abstract)
   assert int(state.step) == 4 and float(state.lr_scale) == 1.0
@@ -245,7 +245,7 @@ def uninterrupted(tmp_path_factory):
 
 def _stored_params(workdir):
   config = checkpoint.load_config(workdir)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
   return jax.device_get(
       checkpoint.load_params(workdir, checkpoint.latest_step(workdir), abstract.params)
@@ -345,7 +345,7 @@ def _damage(workdir, step, how):
 
 
 def _serving_params(config):
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
   return abstract.params
 
@@ -486,7 +486,8 @@ def test_every_read_only_command_falls_back_past_a_damaged_step(finished, tmp_pa
   skipped (once they died with a TensorStore traceback) and nothing is renamed."""
   from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
   from llada_jax.evaluation.model import load_eval_model  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model, load_model_and_step, sample  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model, load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.text import sample  # pylint: disable=g-import-not-at-top
 
   workdir = _copy(finished, tmp_path)
   _damage(workdir, 4, "truncate")
@@ -558,7 +559,7 @@ def test_a_failed_save_stops_with_one_line_naming_the_checkpoint_to_resume_from(
 
   config = _config()
   saver = checkpoint.Checkpointer(tmp_path, config)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
 
   state, _ = create_train_state(config, model, tx, make_mesh(config, jax.devices()[:1]))

@@ -10,10 +10,10 @@ import pytest
 from conftest import make_tiny_config
 from llada_jax.diffusion.objectives import unpacked_batch
 from llada_jax.errors import CheckpointError
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding
-from llada_jax.training import checkpoint
+from llada_jax import checkpoint
 from llada_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from llada_jax.training.state import create_train_state, state_shardings
 from llada_jax.training.step import make_train_step
@@ -21,7 +21,7 @@ from llada_jax.training.step import make_train_step
 
 def _run(config, devices, tokens, steps):
   mesh = make_mesh(config, devices)
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   state, shardings = create_train_state(config, model, tx, mesh)
   step = make_train_step(config, model, tx, mesh, shardings)
   batch = jax.device_put(unpacked_batch(tokens), batch_sharding(mesh, axis_rules(config)))
@@ -97,7 +97,7 @@ def test_checkpoint_round_trip_onto_another_mesh(tmp_path):
   assert checkpoint.load_config(tmp_path).to_dict() == config.to_dict()
 
   target = make_tiny_config()  # restore replicated on one device
-  model, tx = Transformer(ModelConfig.from_config(target)), make_optimizer(target)
+  model, tx = MaskedDiffusionLM(target), make_optimizer(target)
   abstract, _ = state_shardings(target, model, tx, make_mesh(target, jax.devices()[:1]))
   restored = checkpoint.load_state(tmp_path, 1, abstract)
   assert int(restored.step) == 1
@@ -134,7 +134,7 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path):
   saver.save(1, state, force=True)
   saver.wait()
   saver.close()
-  model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, _ = state_shardings(config, model, tx, make_mesh(config, jax.devices()[:1]))
   params = checkpoint.load_params(tmp_path, 1, abstract.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(params))
@@ -203,7 +203,7 @@ def test_gradient_accumulation_and_chunked_loss_equal_the_plain_step():
     config = make_tiny_config()
     config.train.update(train_overrides)
     mesh = make_mesh(config, jax.devices()[:2])
-    model, tx = Transformer(ModelConfig.from_config(config)), make_optimizer(config)
+    model, tx = MaskedDiffusionLM(config), make_optimizer(config)
     state, shardings = create_train_state(config, model, tx, mesh)
     step = make_train_step(config, model, tx, mesh, shardings)
     batch = noise_batch(

@@ -27,7 +27,8 @@ POINTS = ("frontier", "final")
 
 @dataclasses.dataclass(frozen=True)
 class PowerLawFit:
-  """L(C) = a (C / scale)^(-b) + c with standard errors and bootstrap samples [n, 3] of (a, b, c)."""
+  """L(C) = a (C / scale)^(-b) + c with standard errors and bootstrap samples [n, 3] of
+  (a, b, c)."""
 
   a: float
   b: float
@@ -47,7 +48,7 @@ class PowerLawFit:
 
   def interval(self, index: int) -> tuple[float, float]:
     """16th and 84th percentiles of parameter a (0), b (1) or c (2) over the bootstrap."""
-    if not len(self.bootstrap):
+    if len(self.bootstrap) == 0:
       return float("nan"), float("nan")
     low, high = np.percentile(self.bootstrap[:, index], [16, 84])
     return float(low), float(high)
@@ -98,7 +99,7 @@ def select_points(
   """(compute, loss, run index) of the points a fit uses (see the module docstring)."""
   if points not in POINTS:
     raise ConfigError(f"points={points!r} is not allowed: expected one of {', '.join(POINTS)}")
-  if not min_compute >= 0:
+  if not min_compute >= 0:  # pylint: disable=unnecessary-negation  # NaN fails too
     raise ConfigError(f"min_compute={min_compute} is not allowed: expected a number >= 0")
   compute, loss, owner = [], [], []
   for index, run in enumerate(runs):

@@ -21,9 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import enum
+
 import tensorflow as tf
 
-TRAIN_STREAM, EVAL_STREAM = 1, 2
+
+class Purpose(enum.IntEnum):
+  """What a stateless draw is for; folded with the stream into its key (values fixed forever)."""
+
+  CUT = 0  # whether the batch is cut to a random length
+  CUT_LENGTH = 1  # the random length
+  STRATIFIED_TIME = 2  # the batch's time offset (time_sampling="stratified")
+  TIME = 3  # an example's t (time_sampling="uniform")
+  MASK = 4  # an example's per-token masking draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +41,7 @@ class MaskingSpec:
   """What the forward process needs: ids, eps, time sampling and the random-length cut."""
 
   seed: int
-  stream: int
+  stream: int  # llada_jax.keys.Stream.TRAIN or EVAL
   mask_id: int
   eps: float
   time_sampling: str
@@ -39,7 +49,7 @@ class MaskingSpec:
   global_batch: int
 
 
-def _key(spec: MaskingSpec, purpose: int, index: tf.Tensor) -> tf.Tensor:
+def _key(spec: MaskingSpec, purpose: Purpose, index: tf.Tensor) -> tf.Tensor:
   """A stateless seed for (seed, stream, purpose, index)."""
   base = tf.constant([spec.seed, spec.stream * 16 + purpose], tf.int64)
   return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
@@ -59,9 +69,9 @@ def add_structure(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 def cut_length(spec: MaskingSpec, step: tf.Tensor, length: int) -> tf.Tensor:
   """The batch's length: L, or with probability random_length_prob a draw from U{1..L}."""
-  cut = tf.random.stateless_uniform([], _key(spec, 0, step)) < spec.random_length_prob
+  cut = tf.random.stateless_uniform([], _key(spec, Purpose.CUT, step)) < spec.random_length_prob
   drawn = tf.random.stateless_uniform(
-      [], _key(spec, 1, step), minval=1, maxval=length + 1, dtype=tf.int32
+      [], _key(spec, Purpose.CUT_LENGTH, step), minval=1, maxval=length + 1, dtype=tf.int32
   )
   return tf.where(cut, drawn, length)
 
@@ -70,9 +80,9 @@ def diffusion_time(spec: MaskingSpec, index: tf.Tensor) -> tf.Tensor:
   """t ~ U(0, 1) of example `index`; stratified: (u_step + row / batch) mod 1 as on device."""
   if spec.time_sampling == "stratified":
     step, row = index // spec.global_batch, index % spec.global_batch
-    u = tf.random.stateless_uniform([], _key(spec, 2, step))
+    u = tf.random.stateless_uniform([], _key(spec, Purpose.STRATIFIED_TIME, step))
     return tf.math.floormod(u + tf.cast(row, tf.float32) / spec.global_batch, 1.0)
-  return tf.random.stateless_uniform([], _key(spec, 3, index))
+  return tf.random.stateless_uniform([], _key(spec, Purpose.TIME, index))
 
 
 def convert(
@@ -95,6 +105,7 @@ def convert(
     maskable = maskable & (tf.range(length) >= example["prompt_length"])
   if mask_in_pipeline:
     p_mask = (1.0 - spec.eps) * diffusion_time(spec, index) + spec.eps
-    masked = (tf.random.stateless_uniform([length], _key(spec, 4, index)) < p_mask) & maskable
+    draws = tf.random.stateless_uniform([length], _key(spec, Purpose.MASK, index))
+    masked = (draws < p_mask) & maskable
     features.update(inputs=tf.where(masked, spec.mask_id, targets), masked=masked, p_mask=p_mask)
   return features

@@ -116,7 +116,7 @@ def seqio_vocabulary(path: str | pathlib.Path):
 
   tokenizer = HFTokenizer(path)
 
-  class TokenizerJsonVocabulary(seqio.Vocabulary):
+  class TokenizerJsonVocabulary(seqio.Vocabulary):  # pylint: disable=abstract-method  # no BOS
     """seqio view of HFTokenizer; the TF ops call back into the Rust tokenizer."""
 
     def __init__(self):

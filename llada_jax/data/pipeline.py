@@ -7,15 +7,18 @@ shards) and `jax.make_array_from_process_local_data` assembles the global array.
 the global batch of every step is the same whatever the number of processes.
 
 Resume. The data state is the step number: every shard's stream is a deterministic function of
-(seed, S, shard) (seeded shuffle, repeated), so step k's batch is the k-th batch of that stream and
-a restart skips the k * B / S examples each shard has consumed (reading them, without the noise).
-Changing the number of processes keeps the stream exact when S is kept; changing S starts new
-streams (same epochs position, different order), which the loop logs.
+(seed, S, shard), so step k's batch is the k-th batch of that stream and a restart starts each
+shard at example k * B / S. Tasks with random access (`streams.stream_for`) read only the window
+holding that example; others (seqio tasks registered elsewhere, unindexed shards) skip the consumed
+examples of a seeded shuffle of the repeated stream, reading them. Changing the number of
+processes keeps the stream exact when S is kept; changing S starts new streams (same epochs
+position, different order), which the loop logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import queue
 import threading
@@ -27,7 +30,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llada_jax.data import streams
 from llada_jax.errors import ConfigError
+from llada_jax.keys import Stream
 
 Batch = dict[str, jax.Array]
 
@@ -73,8 +78,8 @@ def host_layout(config: ml_collections.ConfigDict, sharding: jax.sharding.Shardi
 
 
 def _vocabulary_and_provider(config: ml_collections.ConfigDict):
+  """(vocabulary, seqio provider of data.task, its kind "pretrain" or "sft") for this config."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import importlib  # pylint: disable=g-import-not-at-top
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -82,17 +87,13 @@ def _vocabulary_and_provider(config: ml_collections.ConfigDict):
   from llada_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], "GPU")
-  if config.data.task_module:
-    try:
-      importlib.import_module(config.data.task_module)
-    except ImportError as e:
-      raise ConfigError(
-          f"data.task_module={config.data.task_module!r} cannot be imported: " f"{e}"
-      ) from None
+  registry.import_task_module(config.data.task_module)
   vocabulary = get_vocabulary(config)
   provider = registry.seqio_provider(
       config.data.task, config.data.vocabulary, vocabulary, config.data.packing
   )
+  if config.data.use_cached:
+    registry.check_cached(provider, config.data.cache_dir)
   return vocabulary, provider, registry.task_kind(config.data.task)
 
 
@@ -105,10 +106,10 @@ def _feature_dataset(
 
   from llada_jax.data import features  # pylint: disable=g-import-not-at-top
 
-  _, provider, kind = _vocabulary_and_provider(config)
+  vocabulary, provider, kind = _vocabulary_and_provider(config)
   spec = features.MaskingSpec(
       seed=config.seed,
-      stream=features.TRAIN_STREAM if train else features.EVAL_STREAM,
+      stream=Stream.TRAIN if train else Stream.EVAL,
       mask_id=config.tokens.mask_id,
       eps=config.diffusion.eps,
       time_sampling=config.diffusion.time_sampling,
@@ -121,37 +122,65 @@ def _feature_dataset(
   per_shard = layout.rows_per_shard
   parts = []
   for shard in layout.shards:
-    ds = provider.get_dataset(
-        sequence_length={"targets": config.data.sequence_length},
-        split=split,
-        shuffle=False,
-        seed=config.seed,
-        shard_info=seqio.ShardInfo(shard, layout.num_shards),
-        num_epochs=None if train else 1,
-    )
-    if train:
-      ds = ds.shuffle(
-          config.data.shuffle_buffer,
-          seed=config.seed * 65_537 + shard,
-          reshuffle_each_iteration=True,
-      )
     first = start_step * per_shard
+    stream = streams.stream_for(config, vocabulary, shard, layout.num_shards) if train else None
+    if stream is not None:
+      ds = _stream_dataset(config, stream, first)
+    else:
+      ds = provider.get_dataset(
+          sequence_length={"targets": config.data.sequence_length},
+          split=split,
+          shuffle=False,
+          seed=config.seed,
+          shard_info=seqio.ShardInfo(shard, layout.num_shards),
+          num_epochs=None if train else 1,
+          use_cached=config.data.use_cached,
+      )
+      if train:
+        if start_step:
+          logging.warning(
+              "data.task=%r has no random access: resuming at step %d reads the %d "
+              "examples shard %d consumed",
+              config.data.task,
+              start_step,
+              first,
+              shard,
+          )
+        ds = ds.shuffle(
+            config.data.shuffle_buffer,
+            seed=config.seed * 65_537 + shard,
+            reshuffle_each_iteration=True,
+        )
+      ds = ds.skip(first)
     offset = shard * per_shard
 
     def convert(i, ex, offset=offset):
       index = (i // per_shard) * config.data.batch_size + offset + i % per_shard
       return features.convert(ex, index, spec, mask_here)
 
-    ds = (
-        ds.skip(first)
-        .enumerate(first)
-        .map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    )
+    ds = ds.enumerate(first).map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     parts.append(ds.batch(per_shard, drop_remainder=True))
   joined = tf.data.Dataset.zip(tuple(parts)).map(
       lambda *shards: {k: tf.concat([s[k] for s in shards], 0) for k in shards[0]}
   )
   return joined.prefetch(tf.data.AUTOTUNE)
+
+
+def _stream_dataset(config: ml_collections.ConfigDict, stream: streams.Stream, first: int):
+  """Examples first, first + 1, ... of a random-access stream as a tf.data.Dataset (the window
+  holding `first` is read here, so an empty task fails before training)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  chunks = stream.chunks(first)
+  head = next(chunks, None)
+  _check_not_empty(config, "train", head)
+  signature = {
+      name: tf.TensorSpec((None, *value.shape[1:]), tf.as_dtype(value.dtype))
+      for name, value in head.items()
+  }
+  return tf.data.Dataset.from_generator(
+      lambda: itertools.chain([head], chunks), output_signature=signature
+  ).unbatch()
 
 
 def _global(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+_CHUNK_DOCUMENTS = 256  # documents concatenated and cut at once by `chunk`
+
 
 def append_eos(dataset: tf.data.Dataset, eos_id: int) -> tf.data.Dataset:
   """Ends every document's `targets` with EOS, the separator LLaDA puts between documents."""
@@ -24,8 +26,16 @@ def chunk(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
   LLaDA's pre-training layout: one document flows into the next, attention spans the whole chunk.
   The last partial chunk of the stream (fewer than `length` tokens) is dropped.
   """
-  tokens = dataset.map(lambda ex: ex["targets"]).unbatch()
-  return tokens.batch(length, drop_remainder=True).map(lambda c: {"targets": c})
+
+  def cut(rest, tokens):  # rest: the tokens left over from earlier documents (< length)
+    joined = tf.concat([rest, tokens], 0)
+    full = tf.size(joined) // length * length
+    return joined[full:], tf.reshape(joined[:full], [-1, length])
+
+  dtype = dataset.element_spec["targets"].dtype
+  groups = dataset.map(lambda ex: ex["targets"]).ragged_batch(_CHUNK_DOCUMENTS)
+  rows = groups.map(lambda group: group.flat_values).scan(tf.zeros([0], dtype), cut)
+  return rows.unbatch().map(lambda c: {"targets": c})
 
 
 def split_long_documents(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:

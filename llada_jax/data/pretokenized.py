@@ -13,11 +13,15 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import multiprocessing
 import os
+import struct
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from llada_jax.errors import ConfigError
 
@@ -31,6 +35,8 @@ ERROR_MODES = ("raise", "skip")
 SKIP_REASONS = ("empty", "undecodable", "missing_field")
 _BATCH_CHARS = 1 << 18  # text per tokenizer task
 _TASKS_PER_WORKER = 4  # tasks in flight per process: bounds memory on inputs of any size
+INDEX_EVERY = 1024  # documents between two entries of a shard's index
+_RECORD_FRAMING = 16  # TFRecord bytes around each record: length, its CRC, the data's CRC
 
 
 def _tensorflow():
@@ -58,6 +64,12 @@ class VocabularySpec:
 def shard_name(index: int, num_shards: int) -> str:
   """File name of shard `index` of `num_shards`."""
   return f"data-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def index_name(shard_file: str) -> str:
+  """File name of a shard's index: int64 [ceil(documents / INDEX_EVERY), 2], row j holding the byte
+  offset of document j * INDEX_EVERY in the shard and the number of tokens before it."""
+  return shard_file.removesuffix(".tfrecord") + ".index.npy"
 
 
 class _Rejections:
@@ -105,6 +117,7 @@ def _text_documents(path: str, rejections: _Rejections) -> Iterator[str]:
 
 
 def _jsonl_documents(path: str, text_field: str, rejections: _Rejections) -> Iterator[str]:
+  """The `text_field` of every line of a JSONL file; bad lines are counted in `rejections`."""
   tf = _tensorflow()
   next_offset = 0
   with tf.io.gfile.GFile(path, "rb") as f:
@@ -162,17 +175,18 @@ def _cached_vocabulary(spec: VocabularySpec):
   return spec.build()
 
 
+def encode_example(ids: Sequence[int]) -> tuple[bytes, int]:
+  """(serialized tf.train.Example with int64 `targets`, token count) of one document's ids."""
+  tf = _tensorflow()
+  feature = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
+  example = tf.train.Example(features=tf.train.Features(feature={"targets": feature}))
+  return example.SerializeToString(), len(ids)
+
+
 def _encode_batch(spec: VocabularySpec, texts: list[str]) -> list[tuple[bytes, int]]:
   """(serialized tf.train.Example, token count) per text: the work of one tokenizer process."""
-  tf = _tensorflow()
   vocabulary = _cached_vocabulary(spec)
-  examples = []
-  for text in texts:
-    ids = vocabulary.encode(text)
-    feature = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
-    example = tf.train.Example(features=tf.train.Features(feature={"targets": feature}))
-    examples.append((example.SerializeToString(), len(ids)))
-  return examples
+  return [encode_example(vocabulary.encode(text)) for text in texts]
 
 
 def _ordered_map(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
@@ -206,16 +220,29 @@ class _ShardWriter:
     self._writers = [tf.io.TFRecordWriter(temporary) for temporary in self._temporary]
     self.documents = [0] * num_shards
     self.tokens = [0] * num_shards
+    self._bytes = [0] * num_shards
+    self._index: list[list[tuple[int, int]]] = [[] for _ in range(num_shards)]
     self._next = 0
 
   def write(self, example: bytes, num_tokens: int) -> None:
     shard = self._next
     self._writers[shard].write(example)
+    if self.documents[shard] % INDEX_EVERY == 0:
+      self._index[shard].append((self._bytes[shard], self.tokens[shard]))
     self.documents[shard] += 1
     self.tokens[shard] += num_tokens
+    self._bytes[shard] += len(example) + _RECORD_FRAMING
     self._next = (shard + 1) % len(self.paths)
 
   def commit(self) -> None:
+    """Writes each shard's index, then renames the shards into place."""
+    for path, entries in zip(self.paths, self._index):
+      buffer = io.BytesIO()
+      np.save(buffer, np.array(entries, np.int64).reshape(-1, 2))
+      temporary = _temporary_name(index_name(path))
+      with self._gfile.GFile(temporary, "wb") as f:
+        f.write(buffer.getvalue())
+      self._gfile.rename(temporary, index_name(path), overwrite=True)
     for writer, temporary, path in zip(self._writers, self._temporary, self.paths):
       writer.close()
       self._gfile.rename(temporary, path, overwrite=True)
@@ -228,6 +255,7 @@ class _ShardWriter:
 
 
 def _check_inputs(input_files: list[str], num_shards: int, num_workers: int, errors: str) -> None:
+  """ConfigError (one line) for missing inputs or bad shard/worker/error-mode settings."""
   tf = _tensorflow()
   if not input_files:
     raise ConfigError("no input files: expected .txt or .jsonl files")
@@ -257,18 +285,39 @@ def write_shards(
   """Tokenizes .txt (a document per paragraph) and .jsonl (per line's text_field) files into
   num_shards TFRecord shards plus manifest.json in output_dir; returns the manifest."""
   _check_inputs(input_files, num_shards, num_workers, errors)
-  tf = _tensorflow()
-  vocab_size = vocabulary.build().vocab_size
   rejections = _Rejections(errors)
   texts = (text for path in input_files for text in _documents(path, text_field, rejections))
+  results = _ordered_map(functools.partial(_encode_batch, vocabulary), _batches(texts), num_workers)
+  with contextlib.closing(results):
+    examples = (example for batch in results for example in batch)
+    return write_examples(
+        examples,
+        output_dir,
+        vocabulary,
+        num_shards=num_shards,
+        sources=input_files,
+        skipped=rejections.counts,
+    )
+
+
+def write_examples(
+    examples: Iterable[tuple[bytes, int]],
+    output_dir: str,
+    vocabulary: VocabularySpec,
+    *,
+    num_shards: int,
+    sources: Sequence[str] = (),
+    skipped: Mapping[str, int] | None = None,
+) -> dict:
+  """Writes (serialized tf.train.Example, token count) pairs, documents in order, round-robin into
+  num_shards shards with their indexes, then manifest.json; returns the manifest."""
+  tf = _tensorflow()
+  vocab_size = vocabulary.build().vocab_size
   tf.io.gfile.makedirs(output_dir)
   shards = _ShardWriter(output_dir, num_shards)
-  results = _ordered_map(functools.partial(_encode_batch, vocabulary), _batches(texts), num_workers)
   try:
-    with contextlib.closing(results):
-      for examples in results:
-        for example, num_tokens in examples:
-          shards.write(example, num_tokens)
+    for example, num_tokens in examples:
+      shards.write(example, num_tokens)
   except BaseException:
     shards.abort()
     raise
@@ -279,14 +328,20 @@ def write_shards(
       "vocab_size": vocab_size,
       "tokenizer": vocabulary.tokenizer,
       "num_shards": num_shards,
+      "index_every": INDEX_EVERY,
       "files": [
-          {"path": os.path.basename(path), "documents": documents, "tokens": tokens}
+          {
+              "path": os.path.basename(path),
+              "documents": documents,
+              "tokens": tokens,
+              "index": os.path.basename(index_name(path)),
+          }
           for path, documents, tokens in zip(shards.paths, shards.documents, shards.tokens)
       ],
       "documents": sum(shards.documents),
       "tokens": sum(shards.tokens),
-      "sources": list(input_files),
-      "skipped": rejections.counts,
+      "sources": list(sources),
+      "skipped": dict(skipped or dict.fromkeys(SKIP_REASONS, 0)),
   }
   path = os.path.join(output_dir, MANIFEST)
   temporary = _temporary_name(path)
@@ -368,3 +423,76 @@ def densify(dataset: tf.data.Dataset) -> tf.data.Dataset:
       lambda ex: {**ex, "targets": tf.cast(tf.sparse.to_dense(ex["targets"]), tf.int32)},
       num_parallel_calls=tf.data.AUTOTUNE,
   )
+
+
+def has_index(manifest: dict) -> bool:
+  """Whether every shard of a manifest has an index (shards written before indexes existed have
+  none: training on them resumes by reading from the start)."""
+  return "index_every" in manifest and all("index" in entry for entry in manifest["files"])
+
+
+class TokenReader:
+  """Random access to the token stream of some shard files of one directory: their documents in
+  file order, each followed by `eos_id` (None: nothing), through the shards' indexes.
+
+  `read(start, stop)` reads from the index entry at or before `start` (at most INDEX_EVERY
+  documents early) in one contiguous read per file, so its cost does not depend on `start`.
+  """
+
+  def __init__(self, directory: str, manifest: dict, files: Sequence[int], eos_id: int | None):
+    tf = _tensorflow()
+    self._gfile = tf.io.gfile
+    self._eos = eos_id
+    self._every = manifest["index_every"]
+    self._paths, self._entries = [], []
+    lengths = []
+    for number in files:
+      entry = manifest["files"][number]
+      with tf.io.gfile.GFile(os.path.join(directory, entry["index"]), "rb") as f:
+        index = np.load(io.BytesIO(f.read()))
+      separators = 0 if eos_id is None else np.arange(len(index), dtype=np.int64) * self._every
+      self._paths.append(os.path.join(directory, entry["path"]))
+      self._entries.append((index[:, 0], index[:, 1] + separators))
+      lengths.append(entry["tokens"] + (0 if eos_id is None else entry["documents"]))
+    self._starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self._starts[-1])
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of the stream, int32 [stop - start]."""
+    parts = []
+    for number, path in enumerate(self._paths):
+      begin, end = self._starts[number], self._starts[number + 1]
+      if stop > begin and start < end:
+        parts.append(
+            self._read_file(number, path, max(start, begin) - begin, min(stop, end) - begin)
+        )
+    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+  def _read_file(self, number: int, path: str, start: int, stop: int) -> np.ndarray:
+    offsets, positions = self._entries[number]
+    first = np.searchsorted(positions, start, side="right") - 1
+    last = np.searchsorted(positions, stop, side="left")
+    with self._gfile.GFile(path, "rb") as f:
+      f.seek(int(offsets[first]))
+      data = f.read(int(offsets[last] - offsets[first])) if last < len(offsets) else f.read()
+    tokens = np.concatenate(_document_tokens(data, self._eos))
+    skip = start - positions[first]
+    return tokens[skip : skip + stop - start]
+
+
+def _document_tokens(data: bytes, eos_id: int | None) -> list[np.ndarray]:
+  """The `targets` of every TFRecord in `data` (int32), each followed by eos_id unless None."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top,no-name-in-module
+
+  out, at = [], 0
+  while at < len(data):
+    (length,) = struct.unpack_from("<Q", data, at)
+    example = example_pb2.Example.FromString(data[at + 12 : at + 12 + length])
+    out.append(np.array(example.features.feature["targets"].int64_list.value, np.int32))
+    if eos_id is not None:
+      out.append(np.array([eos_id], np.int32))
+    at += length + _RECORD_FRAMING
+  return out

@@ -8,12 +8,21 @@ Task that tokenizes it is built on first use for a (vocabulary, packing) pair, n
 Built in: `tinyshakespeare`, `gutenberg` (bundled corpora, 90/10 train/validation split at a
 paragraph break), `corpora` (the two mixed by their sizes in bytes), `gsm8k_sft` (GSM8K in the
 LLaDA-Instruct chat format; train/test splits).
+
+Any other name is looked up in seqio's own registries: a Task or Mixture a seqio/T5X user registered
+(in data.task_module) is pre-training data whose `targets` its preprocessors tokenize; llada_jax
+chunks or packs them after those preprocessors (`SeqioTaskLayout`).
+
+The tasks built here stop seqio's offline cache (`seqio.CacheDatasetPlaceholder`) after
+tokenization: `llada-cache` (Apache Beam) writes the tokenized documents, and
+`data.use_cached=True` reads them back and lays them out (chunk/pack) as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import pathlib
 import re
@@ -86,17 +95,33 @@ def register_mixture(name: str, rates: dict[str, float]) -> MixtureSpec:
   return _MIXTURES[name]
 
 
+def lookup(name: str) -> TaskSpec | MixtureSpec | None:
+  """The task or mixture registered here as `name`; None for other names (e.g. seqio's)."""
+  return _TASKS.get(name) or _MIXTURES.get(name)
+
+
 def task_kind(name: str) -> str:
-  """ "pretrain" or "sft" for a registered task or mixture."""
+  """The kind, "pretrain" or "sft", of a registered task or mixture (a seqio user's: "pretrain")."""
   if name in _MIXTURES:
     return task_kind(_MIXTURES[name].rates[0][0])
+  if name not in _TASKS and _seqio_registered(name):
+    return "pretrain"
   return _spec(name).kind
+
+
+def _seqio_registered(name: str) -> bool:
+  """Whether a seqio user registered `name` (seqio is only imported when a pipeline is built)."""
+  seqio = sys.modules.get("seqio")
+  return seqio is not None and (
+      name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+  )
 
 
 def _spec(name: str) -> TaskSpec:
   if name not in _TASKS:
     raise ConfigError(
-        f"data.task={name!r} is not a registered task or mixture; registered: "
+        f"data.task={name!r} is not a registered task or mixture (of llada_jax, or "
+        f"of seqio's registries after data.task_module); registered: "
         f"{', '.join(registered_names())}"
     )
   return _TASKS[name]
@@ -141,6 +166,8 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
     return seqio.MixtureRegistry.get(full_name)
   if full_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(full_name)
+  if name not in _TASKS and name not in _MIXTURES and _seqio_registered(name):
+    return SeqioTaskLayout(seqio.get_mixture_or_task(name), vocabulary_name, vocabulary, packing)
   if name in _MIXTURES:
     tasks = [
         (seqio_provider(t, vocabulary_name, vocabulary, packing), rate)
@@ -152,11 +179,14 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
   eos = vocabulary.eos_id
   if spec.shard_dirs:
     return _pretokenized_task(full_name, spec, vocabulary_name, vocabulary, packing)
+  # Everything before the placeholder is what `llada-cache` writes (tokenized records); the layout
+  # after it depends on data.sequence_length and runs when the task is read, cached or not.
   if spec.kind == "sft":
     steps = [
         functools.partial(
             _tokenize, vocabulary=vocabulary, fields=("prompt", "response"), rename={}
         ),
+        seqio.CacheDatasetPlaceholder(),
         lambda ds, sequence_length: preprocessors.sft_layout(ds, sequence_length["targets"], eos),
     ]
   else:
@@ -168,7 +198,10 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
     ]
     if spec.append_eos:
       steps.append(functools.partial(preprocessors.append_eos, eos_id=eos))
-    steps.append(lambda ds, sequence_length: layout(ds, sequence_length["targets"]))
+    steps += [
+        seqio.CacheDatasetPlaceholder(),
+        lambda ds, sequence_length: layout(ds, sequence_length["targets"]),
+    ]
   return seqio.TaskRegistry.add(
       full_name,
       source=seqio.FunctionDataSource(
@@ -177,6 +210,124 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
       preprocessors=steps,
       output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
   )
+
+
+class SeqioTaskLayout:
+  """A seqio user's Task or Mixture, its examples' `targets` chunked or packed by llada_jax.
+
+  Each task's dataset is read with the user's preprocessors (given data.sequence_length, without
+  seqio's final trim, so a document keeps all its tokens unless a preprocessor cuts it), reduced
+  to int32 `targets` with empty documents dropped, then laid out; a mixture samples its tasks'
+  rows with their seqio rates (seeded like `seqio.Mixture`). Its `get_dataset` takes the
+  arguments of `seqio.Task.get_dataset` that the pipeline passes; `tasks` holds the
+  (seqio Task, rate) pairs.
+
+  Raises:
+    ConfigError: a task without a `targets` output feature, or whose vocabulary's size or EOS id
+      differ from the configured vocabulary's (data.vocabulary, tokens.eos_id).
+  """
+
+  def __init__(self, provider, vocabulary_name: str, vocabulary, packing: str):
+    import seqio  # pylint: disable=g-import-not-at-top
+
+    self.name = provider.name
+    if isinstance(provider, seqio.Mixture):
+      self.tasks = [(task, provider.get_rate(task)) for task in provider.tasks]
+    else:
+      self.tasks = [(provider, 1.0)]
+    self._packing = packing
+    for task, _ in self.tasks:
+      feature = task.output_features.get("targets")
+      if feature is None:
+        raise ConfigError(
+            f"data.task={self.name!r} is not allowed: seqio task {task.name!r} has "
+            f"no 'targets' output feature (it has {sorted(task.output_features)})"
+        )
+      theirs, ours = feature.vocabulary, vocabulary
+      if (theirs.vocab_size, theirs.eos_id) != (ours.vocab_size, ours.eos_id):
+        raise ConfigError(
+            f"data.vocabulary={vocabulary_name!r} ({ours.vocab_size} ids, EOS {ours.eos_id}) is "
+            f"not allowed for seqio task {task.name!r}: its 'targets' vocabulary has "
+            f"{theirs.vocab_size} ids and EOS {theirs.eos_id}"
+        )
+
+  def get_dataset(
+      self,
+      sequence_length: dict[str, int],
+      split: str,
+      shuffle: bool,
+      seed: int | None,
+      shard_info,
+      num_epochs: int | None,
+      use_cached: bool = False,
+  ):
+    """Rows of sequence_length["targets"] tokens (plus segment ids and positions when packed)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    from llada_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
+
+    layout = preprocessors.chunk if self._packing == "chunk" else preprocessors.pack
+    length = sequence_length["targets"]
+    rows, rates = [], []
+    for task, rate in self.tasks:
+      if split not in task.splits:
+        continue
+      documents = task.get_dataset(
+          sequence_length=sequence_length,
+          split=split,
+          use_cached=use_cached,
+          shuffle=shuffle,
+          seed=seed,
+          shard_info=shard_info,
+          num_epochs=num_epochs,
+          trim_output_features=False,
+      )
+      documents = documents.map(
+          lambda ex: {"targets": tf.cast(ex["targets"], tf.int32)},
+          num_parallel_calls=tf.data.AUTOTUNE,
+          deterministic=True,
+      )
+      rows.append(layout(documents.filter(lambda ex: tf.size(ex["targets"]) > 0), length))
+      rates.append(rate)
+    if not rows:
+      raise ConfigError(f"data.task={self.name!r} has no split {split!r}")
+    if len(rows) == 1:
+      return rows[0]
+    return tf.data.Dataset.sample_from_datasets(rows, rates, seed=seed, stop_on_empty_dataset=True)
+
+
+def seqio_tasks(provider) -> list:
+  """The seqio Tasks a provider of `seqio_provider` reads (a mixture's, or the task itself)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  if isinstance(provider, SeqioTaskLayout):
+    return [task for task, _ in provider.tasks]
+  return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def check_cached(provider, cache_dir: str) -> None:
+  """Adds `cache_dir` (if any) to seqio's cache directories and checks that every task of the
+  provider has a complete offline cache there or in a directory its task module added.
+
+  Raises:
+    ConfigError: a task that cannot be cached, or that no cache directory holds.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  if cache_dir and cache_dir not in seqio.get_global_cache_dirs():
+    seqio.add_global_cache_dirs([cache_dir])
+  for task in seqio_tasks(provider):
+    if not task.supports_caching:
+      raise ConfigError(
+          f"data.use_cached=True is not allowed for seqio task {task.name!r}: its "
+          "preprocessors hold no seqio.CacheDatasetPlaceholder"
+      )
+    if not task.cache_dir:
+      raise ConfigError(
+          f"data.use_cached=True: seqio task {task.name!r} is not cached in "
+          f"{seqio.get_global_cache_dirs()} (data.cache_dir={cache_dir!r}); write "
+          f"it with llada-cache"
+      )
 
 
 def _pretokenized_task(
@@ -340,3 +491,17 @@ register_task(TaskSpec("gsm8k_sft", "sft", _read_gsm8k, False))
 register_mixture(
     "corpora", {c: float(corpora.corpus_path(c).stat().st_size) for c in corpora.CORPUS_FILES}
 )
+
+
+def import_task_module(module: str) -> None:
+  """Imports data.task_module (where users register their tasks), if one is named.
+
+  Raises:
+    ConfigError: the module cannot be imported (one line with the import error).
+  """
+  if not module:
+    return
+  try:
+    importlib.import_module(module)
+  except ImportError as e:
+    raise ConfigError(f"data.task_module={module!r} cannot be imported: {e}") from None

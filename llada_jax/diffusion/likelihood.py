@@ -191,6 +191,8 @@ def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _compiled_scorer(
     model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_size: int, use_cfg: bool
 ):
+  """The jitted scorer (built once per model and Monte-Carlo shape): score(params, tokens, valid,
+  is_answer, keys, cfg_scale) -> (estimate [N], stderr [N])."""
   model = Transformer(model_cfg)
   num_batches = mc_num // batch_size
 
@@ -213,8 +215,11 @@ def _compiled_scorer(
     the N x batch_size rows as one pair-major batch, so a split of the pairs over devices carries
     over to its rows unchanged."""
     masked, num_masked = jax.vmap(sample_masks)(is_answer, keys)  # [N, b, T], [N, b]
-    pairs, width = tokens.shape
-    rows = lambda x: jnp.broadcast_to(x[:, None], masked.shape).reshape(-1, width)
+    width = tokens.shape[1]
+
+    def rows(x):
+      return jnp.broadcast_to(x[:, None], masked.shape).reshape(-1, width)
+
     noisy = jnp.where(masked, mask_id, tokens[:, None]).reshape(-1, width)
     prompt_free = None
     if use_cfg:

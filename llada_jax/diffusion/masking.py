@@ -1,7 +1,7 @@
 """The forward (noising) process of LLaDA: mask each token independently with probability p.
 
 p = (1 - eps) * t + eps with t ~ U(0, 1) drawn once per sequence, so that no sequence is left with
-a masking rate of exactly zero (DESIGN.md section 2).
+a masking rate of exactly zero (docs/llada.md; LLaDA paper Eq. 3, official GUIDELINES.md).
 """
 
 from __future__ import annotations

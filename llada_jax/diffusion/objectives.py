@@ -1,14 +1,16 @@
 """Training objectives: LLaDA pre-training and SFT losses, and the autoregressive baseline.
 
-Pre-training (an upper bound on the negative log-likelihood per token):
+Pre-training (an upper bound on the negative log-likelihood per token, LLaDA Eq. 3):
   L = sum over masked positions of CE(logits_i, x_i) / p   /  (batch * sequence length).
-SFT: the prompt is never masked; each sequence's sum is divided by its response length (EOS padding
-included), then averaged over the batch. ARM: next-token cross-entropy of the causal model.
+SFT (LLaDA Eq. 5): the prompt is never masked; each sequence's sum is divided by its response length
+(EOS padding included), then averaged over the batch. ARM: next-token cross-entropy of the causal
+model. `OBJECTIVES` maps config.diffusion.objective to its loss: a new objective is one function
+here plus its name in `llada_jax.config.OBJECTIVES`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -17,27 +19,14 @@ import optax
 from llada_jax.diffusion.masking import noise_batch
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens, attention_mask) -> logits
-
-
-def masked_diffusion_loss(
-    logits: jax.Array,
-    targets: jax.Array,
-    masked: jax.Array,
-    p_mask: jax.Array,
-    num_tokens: jax.Array | int,
-) -> jax.Array:
-  """Sum of CE / p over masked positions, divided by `num_tokens` (batch x length).
-
-  logits [B, L, V] (cast to float32), targets [B, L], masked bool [B, L], p_mask [B].
-  """
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  weighted = jnp.where(masked, ce / p_mask[:, None], 0.0)
-  return jnp.sum(weighted) / num_tokens
+Metrics = dict[str, jax.Array]
+# "mean": one scalar for the batch (training); "sequence": one value per row [B] (evaluation).
+REDUCTIONS = ("mean", "sequence")
 
 
 def diffusion_loss(
-    logits: jax.Array, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits: jax.Array, batch: dict[str, jax.Array], reduction: str = "mean"
+) -> tuple[jax.Array, Metrics]:
   """The LLaDA loss of a noised feature batch (targets, masked, p_mask, valid[, prompt_length]).
 
   Pre-training: the CE / p sum over masked positions divided by the number of tokens in the
@@ -45,25 +34,35 @@ def diffusion_loss(
   sequence's sum divided by its response length, EOS padding included, then the batch mean.
   """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
-  return diffusion_loss_from_ce(ce, batch)
+  return diffusion_loss_from_ce(ce, batch, reduction)
 
 
 def diffusion_loss_from_ce(
-    ce: jax.Array, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ce: jax.Array, batch: dict[str, jax.Array], reduction: str = "mean"
+) -> tuple[jax.Array, Metrics]:
   """diffusion_loss given the cross-entropy of every position, ce [B, L] (e.g. computed in chunks
-  by chunked_cross_entropy)."""
+  by chunked_cross_entropy). This is the one place of the 1/p weighting and the normalisation.
+
+  reduction "mean": a scalar (pre-training: the sum over the batch divided by its tokens; SFT: the
+  batch mean of per-sequence values); "sequence": per row [B], each row's sum divided by its own
+  tokens (pre-training) or response length (SFT).
+  """
   per_token = jnp.where(batch["masked"], ce / batch["p_mask"][:, None], 0.0)
   seq_len = batch["targets"].shape[1]
   metrics = {}
   if "prompt_length" in batch:
     response_len = jnp.maximum(seq_len - batch["prompt_length"], 1).astype(jnp.float32)
-    loss = jnp.mean(jnp.sum(per_token, axis=-1) / response_len)
+    per_sequence = jnp.sum(per_token, axis=-1) / response_len
+    loss = jnp.mean(per_sequence)
     maskable = jnp.sum(response_len)
   else:
-    maskable = jnp.maximum(jnp.sum(batch["valid"]), 1)
+    tokens = jnp.sum(batch["valid"], axis=-1)
+    per_sequence = jnp.sum(per_token, axis=-1) / jnp.maximum(tokens, 1)
+    maskable = jnp.maximum(jnp.sum(tokens), 1)
     loss = jnp.sum(per_token) / maskable
     metrics["length"] = maskable / batch["targets"].shape[0]
+  if reduction == "sequence":
+    loss = per_sequence
   return loss, dict(metrics, loss=loss, masked_fraction=jnp.sum(batch["masked"]) / maskable)
 
 
@@ -158,10 +157,67 @@ def sft_loss(
 
 
 def autoregressive_loss(
-    apply_fn: ApplyFn, tokens: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L]."""
+    apply_fn: ApplyFn, tokens: jax.Array, reduction: str = "mean"
+) -> tuple[jax.Array, Metrics]:
+  """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L]:
+  the batch mean, or per row [B] with reduction="sequence"."""
   logits = apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
-  loss = jnp.mean(ce)
+  loss = jnp.mean(ce, axis=-1) if reduction == "sequence" else jnp.mean(ce)
   return loss, {"loss": loss}
+
+
+class LanguageModel(Protocol):
+  """What an objective needs of `llada_jax.lm.MaskedDiffusionLM`."""
+
+  config: Any
+
+  def apply(self, params: Any, tokens: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    ...
+
+  def cross_entropy(self, params: Any, inputs: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    ...
+
+
+def mdm_objective(
+    lm: LanguageModel,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    reduction: str,
+    random_length_prob: float,
+) -> tuple[jax.Array, Metrics]:
+  """LLaDA's bound: the forward process (unless the pipeline already noised the batch), then the
+  1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`)."""
+  if "inputs" not in batch:
+    d = lm.config.diffusion
+    batch = noise_batch(
+        rng,
+        batch,
+        mask_id=lm.config.tokens.mask_id,
+        eps=d.eps,
+        random_length_prob=random_length_prob,
+        time_sampling=d.time_sampling,
+    )
+  return diffusion_loss_from_ce(lm.cross_entropy(params, batch["inputs"], batch), batch, reduction)
+
+
+def arm_objective(
+    lm: LanguageModel,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    reduction: str,
+    random_length_prob: float,
+) -> tuple[jax.Array, Metrics]:
+  """The autoregressive baseline: next-token CE of the causal network on the clean targets."""
+  del rng, random_length_prob
+  return autoregressive_loss(
+      lambda tokens, mask: lm.apply(params, tokens, mask), batch["targets"], reduction
+  )
+
+
+# config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob).
+OBJECTIVES = {"mdm": mdm_objective, "arm": arm_objective}

@@ -1,58 +1,50 @@
 """The likelihood bound on held-out text: LLaDA's loss, in bits per token and per byte.
 
 Every validation sequence of a data task is noised `samples` times on device (keys from the seed and
-the sequence's index) and scored with the pre-training bound: sum over masked positions of CE / p,
-divided by the sequence's tokens. The reported value is the token-weighted mean over sequences; its
-standard error comes from the spread of the per-sequence values (data and noise variance together).
+the sequence's index) and scored with the model's own loss per sequence (`MaskedDiffusionLM.loss`,
+reduction="sequence"): the pre-training bound, sum over masked positions of CE / p divided by the
+sequence's tokens (for an autoregressive baseline, its exact next-token NLL). The reported value
+is the token-weighted mean over sequences; its standard error comes from the spread of the
+per-sequence values (data and noise variance together).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from llada_jax.diffusion.masking import noise_batch
 from llada_jax.errors import ConfigError
 from llada_jax.evaluation.distribute import gather_rows
 from llada_jax.evaluation.model import EvalModel
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 
 
 @functools.lru_cache(maxsize=4)
-def _sequence_bounds(model_cfg: ModelConfig, mask_id: int, eps: float, samples: int):
-  """jit(params, batch, keys [B]) -> per-sequence bound (nats/token) averaged over samples [B]."""
-  model = Transformer(model_cfg)
+def _sequence_bounds(config_json: str, samples: int):
+  """jit(params, batch, keys [B]) -> per-sequence bound (nats/token) averaged over samples [B]:
+  `MaskedDiffusionLM.loss` with reduction="sequence" (for an arm model, its exact NLL)."""
+  lm = MaskedDiffusionLM(ml_collections.ConfigDict(json.loads(config_json)))
+  d = lm.config.diffusion
 
   def one_draw(params, batch, keys):
     noised = jax.vmap(
         lambda key, row: noise_batch(
             key,
             jax.tree.map(lambda x: x[None], row),
-            mask_id=mask_id,
-            eps=eps,
+            mask_id=lm.config.tokens.mask_id,
+            eps=d.eps,
             random_length_prob=0.0,
         )
     )(keys, batch)
     noised = jax.tree.map(lambda x: x[:, 0], noised)
-    logits = model.apply(
-        {"params": params},
-        noised["inputs"],
-        noised["valid"],
-        noised["positions"],
-        noised["segment_ids"],
-    )
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), noised["targets"]
-    )
-    weighted = jnp.where(noised["masked"], ce / noised["p_mask"][:, None], 0.0)
-    return jnp.sum(weighted, -1) / jnp.maximum(jnp.sum(noised["valid"], -1), 1)
+    return lm.loss(params, noised, keys[0], reduction="sequence", random_length_prob=0.0)[0]
 
   @jax.jit
   def bounds(params, batch, keys):
@@ -86,9 +78,7 @@ def evaluate_elbo(
   batches = pipeline.eval_batches(
       config, model.item_sharding, None if limit is None else -(-limit // batch_size)
   )
-  bounds_fn = _sequence_bounds(
-      ModelConfig.from_config(config), config.tokens.mask_id, config.diffusion.eps, samples
-  )
+  bounds_fn = _sequence_bounds(config.to_json(), samples)
   base = jax.random.PRNGKey(seed)
   mine = np.arange(jax.process_index(), len(batches), jax.process_count())
   rows = []

@@ -1,12 +1,15 @@
 """Runs a list of evaluation tasks on one model and returns the results document.
 
-The same code serves `llada-evaluate` and the trainer's periodic evaluation (train.eval_tasks).
-The document's layout (RESULTS_SCHEMA) is stable: tools may rely on its keys.
+The same code serves `llada-evaluate` and the trainer's periodic evaluation (config.evaluation,
+through `llada_jax.evaluation.hooks`). The document's layout (RESULTS_SCHEMA) is stable: tools may
+rely on its keys. `TASKS` is the registry of task names: a new task or protocol is one runner
+registered here with `register_task`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Callable
@@ -20,8 +23,9 @@ from llada_jax.errors import ConfigError
 from llada_jax.evaluation.gsm8k import PROMPT_FORMATS, evaluate_gsm8k
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice
-from llada_jax.evaluation.tasks import MULTIPLE_CHOICE, gsm8k, read_jsonl_task
-from llada_jax.sampling.generate import check_sampler_options
+from llada_jax.evaluation.tasks import MULTIPLE_CHOICE, MultipleChoice, gsm8k, read_jsonl_task
+from llada_jax.config import check_sampling_fields
+from llada_jax.sampling.options import SamplerOptions
 
 RESULTS_SCHEMA = 1
 # Metrics that get a TensorBoard scalar (the others are counts and settings).
@@ -44,14 +48,24 @@ class EvalOptions:
   gsm8k_format: str = "auto"
   num_fewshot: int = 4
   generation_batch_size: int = 8
-  sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sampler: dict[str, Any] = dataclasses.field(default_factory=dict)  # over config.sampling
+
+
+def sampler_options(options: EvalOptions, config: ml_collections.ConfigDict) -> SamplerOptions:
+  """The generation tasks' sampler: config.sampling with the values of options.sampler.
+
+  Raises:
+    ConfigError: options.sampler names something that is not a sampler option.
+  """
+  return SamplerOptions.from_config(config).replace(**options.sampler)
 
 
 def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None = None) -> None:
   """Raises ConfigError (one line) for any option no task could run with, before any work: the
-  Monte-Carlo numbers, limits, GSM8K prompt settings and, given the model's config, the sampler
-  options of generation tasks."""
+  Monte-Carlo numbers, limits, GSM8K prompt settings, each given sampler option and, given the
+  model's config, the sampler options of generation tasks together."""
   check_mc(options.mc_num, options.mc_batch_size, prefix="--")
+  check_sampling_fields(options.sampler)
   for name in ("elbo_samples", "generation_batch_size"):
     if getattr(options, name) < 1:
       raise ConfigError(
@@ -69,19 +83,108 @@ def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None
         f"{', '.join(PROMPT_FORMATS)}"
     )
   if config is not None and "gsm8k" in options.tasks:
-    check_sampler_options(config, **options.sampler)
+    sampler_options(options, config).validate(config)
+
+
+# A task runner: (model, options, progress factory or None, task name) -> (metrics, samples or
+# None). progress(task, total) may return a callback receiving the number of items just finished.
+Progress = Callable[[str, int], Callable[[int], None]] | None
+TaskRunner = Callable[[EvalModel, EvalOptions, Progress, str], tuple[dict[str, Any], Any]]
+
+
+def _run_elbo(
+    model: EvalModel, options: EvalOptions, progress: Progress, name: str
+) -> tuple[dict[str, Any], None]:
+  """The likelihood bound on held-out text (`evaluate_elbo`)."""
+  metrics = evaluate_elbo(
+      model,
+      task=options.elbo_task,
+      limit=options.limit,
+      samples=options.elbo_samples,
+      seed=options.seed,
+      progress=progress and progress(name, options.limit or 0),
+  )
+  return metrics, None
+
+
+def _run_gsm8k(
+    model: EvalModel, options: EvalOptions, progress: Progress, name: str
+) -> tuple[dict[str, Any], Any]:
+  """GSM8K exact match by generation (`evaluate_gsm8k`)."""
+  problems = gsm8k("test")[: options.limit]
+  return evaluate_gsm8k(
+      model,
+      problems,
+      prompt_format=options.gsm8k_format,
+      num_fewshot=options.num_fewshot,
+      seed=options.seed,
+      batch_size=options.generation_batch_size,
+      progress=progress and progress(name, len(problems)),
+      **dataclasses.asdict(sampler_options(options, model.config)),
+  )
+
+
+def _run_multiple_choice(
+    items: Callable[[], list[MultipleChoice]],
+    model: EvalModel,
+    options: EvalOptions,
+    progress: Progress,
+    name: str,
+) -> tuple[dict[str, Any], Any]:
+  """Accuracy by likelihood over the choices (`evaluate_multiple_choice`)."""
+  chosen = items()[: options.limit]
+  return evaluate_multiple_choice(
+      model,
+      chosen,
+      mc_num=options.mc_num,
+      batch_size=options.mc_batch_size,
+      cfg_scale=options.cfg_scale,
+      seed=options.seed,
+      progress=progress and progress(name, sum(len(i.choices) for i in chosen)),
+  )
+
+
+TASKS: dict[str, TaskRunner] = {"elbo": _run_elbo}
+TASKS.update(
+    {
+        name: functools.partial(_run_multiple_choice, items)
+        for name, items in MULTIPLE_CHOICE.items()
+    }
+)
+TASKS["gsm8k"] = _run_gsm8k
+
+
+def register_task(name: str, runner: TaskRunner) -> None:
+  """Adds a task `name` that `--tasks` and config.evaluation.tasks then accept.
+
+  Raises:
+    ConfigError: the name is taken.
+  """
+  if name in TASKS:
+    raise ConfigError(f"task {name!r} is already registered: expected a new name")
+  TASKS[name] = runner
+
+
+def parse_tasks(names: str, flag: str = "--tasks") -> list[str]:
+  """A comma-separated task list (of the option `flag`), checked against `TASKS`."""
+  tasks = [n.strip() for n in names.split(",") if n.strip()]
+  for name in tasks:
+    if name not in TASKS:
+      raise ConfigError(
+          f"{flag}: unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+          "(or give --task_file=path.jsonl)"
+      )
+  if len(set(tasks)) != len(tasks):
+    raise ConfigError(f"{flag}={names} names a task twice")
+  return tasks
 
 
 def task_names(options: EvalOptions) -> list[str]:
-  """Names of the tasks to run: the built-in ones, then one per task file (its file stem)."""
+  """Names of the tasks to run: the registered ones, then one per task file (its file stem)."""
   return list(options.tasks) + [pathlib.Path(f).stem for f in options.task_files]
 
 
-def run_tasks(
-    model: EvalModel,
-    options: EvalOptions,
-    progress: Callable[[str, int], Callable[[int], None]] | None = None,
-) -> dict[str, Any]:
+def run_tasks(model: EvalModel, options: EvalOptions, progress: Progress = None) -> dict[str, Any]:
   """Evaluates every task of `options`; returns the results document (JSON-serialisable).
 
   progress(task, total) may return a callback receiving the number of items just finished.
@@ -93,40 +196,14 @@ def run_tasks(
   files = dict(zip(task_names(options)[len(options.tasks) :], options.task_files))
   for name in task_names(options):
     task_start = time.time()
-    if name == "elbo":
-      total = options.limit or 0
-      metrics = evaluate_elbo(
-          model,
-          task=options.elbo_task,
-          limit=options.limit,
-          samples=options.elbo_samples,
-          seed=options.seed,
-          progress=progress and progress(name, total),
-      )
-    elif name == "gsm8k":
-      problems = gsm8k("test")[: options.limit]
-      metrics, samples[name] = evaluate_gsm8k(
-          model,
-          problems,
-          prompt_format=options.gsm8k_format,
-          num_fewshot=options.num_fewshot,
-          seed=options.seed,
-          batch_size=options.generation_batch_size,
-          progress=progress and progress(name, len(problems)),
-          **options.sampler,
-      )
-    else:
-      items = read_jsonl_task(files[name]) if name in files else MULTIPLE_CHOICE[name]()
-      items = items[: options.limit]
-      metrics, samples[name] = evaluate_multiple_choice(
-          model,
-          items,
-          mc_num=options.mc_num,
-          batch_size=options.mc_batch_size,
-          cfg_scale=options.cfg_scale,
-          seed=options.seed,
-          progress=progress and progress(name, sum(len(i.choices) for i in items)),
-      )
+    runner = (
+        functools.partial(_run_multiple_choice, functools.partial(read_jsonl_task, files[name]))
+        if name in files
+        else TASKS[name]
+    )
+    metrics, task_samples = runner(model, options, progress, name)
+    if task_samples is not None:
+      samples[name] = task_samples
     metrics["wall_time_s"] = time.time() - task_start
     results[name] = metrics
   return dict(

@@ -18,6 +18,7 @@ all hosts and every host gets every result. lm_eval is imported by this module o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -31,13 +32,14 @@ from lm_eval.api import registry
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
-from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.evaluation.generation import generate_answers
 from llada_jax.evaluation.model import load_eval_model
 from llada_jax.evaluation.multiple_choice import fit_pair
 from llada_jax.evaluation.scoring import loglikelihoods
 from llada_jax.sampling.ending import cut_text, end_ids
+from llada_jax.config import check_sampling_fields
+from llada_jax.sampling.options import SamplerOptions
 
 MODEL_NAME = "llada_jax"
 ROLLING_UNSUPPORTED = (
@@ -66,9 +68,10 @@ class LLaDAJaxLM(LM):
 
   model_args: checkpoint (required), tokenizer (a tokenizer.json, for checkpoints without one),
   mc_num and batch_size (Monte-Carlo samples per continuation and per forward pass; batch_size
-  is also the number of prompts per generation batch), cfg_scale, seed, and the sampler options
-  steps, gen_length, block_length, temperature, remasking, logits_eos_inf,
-  confidence_eos_eot_inf (defaults: the checkpoint's config.sampling), check_greedy.
+  is also the number of prompts per generation batch), cfg_scale (of scoring and generation,
+  default 0), seed, check_greedy, and any other sampler option (`SamplerOptions`: steps,
+  gen_length, block_length, temperature, remasking, logits_eos_inf, parallel_threshold, cache, ...;
+  defaults: the checkpoint's config.sampling).
 
   Precedence for generation: model_args given explicitly win over a task's gen_kwargs; gen_kwargs
   fill what they leave unset; config.sampling fills the rest. A task's max_gen_toks sets
@@ -86,14 +89,8 @@ class LLaDAJaxLM(LM):
       batch_size: int = 16,
       cfg_scale: float = 0.0,
       seed: int = 0,
-      steps: int | None = None,
-      gen_length: int | None = None,
-      block_length: int | None = None,
-      temperature: float | None = None,
-      remasking: str | None = None,
-      logits_eos_inf: bool = False,
-      confidence_eos_eot_inf: bool = False,
       check_greedy: bool = True,
+      **sampler: Any,
   ) -> None:
     super().__init__()
     self.mc_num, self.batch_size = int(mc_num), int(batch_size)
@@ -103,14 +100,13 @@ class LLaDAJaxLM(LM):
           f"batch_size={batch_size}"
       )
     self.cfg_scale, self.seed = float(cfg_scale), int(seed)
-    self.steps = None if steps is None else int(steps)
-    self.gen_length = None if gen_length is None else int(gen_length)
-    self.block_length = None if block_length is None else int(block_length)
-    self.temperature = None if temperature is None else float(temperature)
-    self.remasking = remasking
-    self.logits_eos_inf = _flag("logits_eos_inf", logits_eos_inf)
-    self.confidence_eos_eot_inf = _flag("confidence_eos_eot_inf", confidence_eos_eot_inf)
     self.check_greedy = _flag("check_greedy", check_greedy)
+    defaults = SamplerOptions()
+    self.sampler = {
+        k: _flag(k, v) if isinstance(getattr(defaults, k, None), bool) else v
+        for k, v in sampler.items()
+    }  # the model_args' sampler options
+    check_sampling_fields(self.sampler)  # before the model loads
     self.model = load_eval_model(str(checkpoint), None if tokenizer is None else str(tokenizer))
     self._warned: set[str] = set()
 
@@ -200,18 +196,16 @@ class LLaDAJaxLM(LM):
     Requests with the same sampler options are generated together; contexts too long for the
     model and gen_length lose their oldest tokens.
     """
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[SamplerOptions, list[int]] = {}
     for number, request in enumerate(requests):
-      options = self.sampler_options(request.args[1])
-      groups.setdefault(tuple(sorted(options.items())), []).append(number)
+      groups.setdefault(self.sampler_options(request.args[1]), []).append(number)
     texts = [""] * len(requests)
     limit = self.model.config.model.max_sequence_length
     with tqdm.tqdm(
         total=len(requests), disable=disable_tqdm, desc="llada_jax generate_until"
     ) as bar:
-      for key, numbers in groups.items():
-        options = dict(key)
-        keep = limit - options["gen_length"]
+      for options, numbers in groups.items():
+        keep = limit - options.gen_length
         prompts = [self.model.codec.encode(requests[i].args[0])[-keep:] for i in numbers]
         answers = generate_answers(
             self.model,
@@ -220,7 +214,7 @@ class LLaDAJaxLM(LM):
             batch_size=self.batch_size,
             progress=bar.update,
             item_ids=[request_id(requests[i]) for i in numbers],
-            **options,
+            **dataclasses.asdict(options),
         )
         for i, answer in zip(numbers, answers):
           texts[i] = cut_text(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
@@ -243,13 +237,9 @@ class LLaDAJaxLM(LM):
     return context_ids, answer
 
   def _greedy_tokens(self, contexts: Sequence[Sequence[int]], progress: Any) -> list[list[int]]:
-    """The token one greedy reverse step puts after each context ([] for EOS or EoT)."""
-    return generate_answers(
-        self.model,
-        contexts,
-        seed=self.seed,
-        batch_size=self.batch_size,
-        progress=progress,
+    """The token one greedy reverse step puts after each context ([] for EOS or EoT), whatever
+    config.sampling and the sampler model_args say."""
+    greedy = SamplerOptions(
         steps=1,
         gen_length=1,
         block_length=1,
@@ -257,58 +247,49 @@ class LLaDAJaxLM(LM):
         cfg_scale=self.cfg_scale,
         remasking="low_confidence",
     )
+    return generate_answers(
+        self.model,
+        contexts,
+        seed=self.seed,
+        batch_size=self.batch_size,
+        progress=progress,
+        **dataclasses.asdict(greedy),
+    )
 
-  def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """generate_answers' sampler options for a request's gen_kwargs (see the class docstring)."""
+  def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> SamplerOptions:
+    """The sampler options of a request's gen_kwargs (see the class docstring).
+
+    Raises:
+      ConfigError: max_gen_toks < 1, or options `SamplerOptions.validate` refuses.
+    """
     gen_kwargs = dict(gen_kwargs or {})
     ignored = sorted(set(gen_kwargs) - set(GEN_KWARGS) - self._warned)
     if ignored:
       log.warning("llada_jax ignores gen_kwargs %s", ", ".join(ignored))
       self._warned.update(ignored)
-    sampling = self.model.config.sampling
-    base_gen = self.gen_length or sampling.gen_length
-    base_steps = self.steps or sampling.steps
-    block_length = self.block_length or sampling.block_length
+    base = SamplerOptions.from_config(self.model.config).replace(
+        cfg_scale=self.cfg_scale, **self.sampler
+    )
+    gen_length, block_length, steps = base.gen_length, base.block_length, base.steps
     max_gen_toks = gen_kwargs.get("max_gen_toks")
-    if self.gen_length is None and max_gen_toks is not None:
+    if "gen_length" not in self.sampler and max_gen_toks is not None:
       gen_length = int(max_gen_toks)
       if gen_length < 1:
         raise ConfigError(f"max_gen_toks={max_gen_toks} is not allowed: expected a positive int")
       block_length = min(block_length, gen_length)
       gen_length = -(-gen_length // block_length) * block_length
-    else:
-      gen_length = base_gen
-    if gen_length == base_gen:
-      steps = base_steps
-    else:
-      per_block = min(block_length, math.ceil(base_steps * block_length / base_gen))
+    if gen_length != base.gen_length:
+      per_block = min(block_length, math.ceil(base.steps * block_length / base.gen_length))
       steps = gen_length // block_length * per_block
-    if self.temperature is not None:
-      temperature = self.temperature
-    elif gen_kwargs.get("do_sample") is False:
-      temperature = 0.0
-    elif gen_kwargs.get("temperature") is not None:
-      temperature = float(gen_kwargs["temperature"])
-    else:
-      temperature = float(sampling.temperature)
-    remasking = self.remasking or sampling.remasking
-    validate_sampling(steps, gen_length, block_length, temperature, remasking)
-    limit = self.model.config.model.max_sequence_length
-    if gen_length >= limit:
-      raise ConfigError(
-          f"gen_length={gen_length} is not allowed: expected less than "
-          f"model.max_sequence_length={limit}"
-      )
-    return dict(
-        steps=steps,
-        gen_length=gen_length,
-        block_length=block_length,
-        temperature=temperature,
-        cfg_scale=self.cfg_scale,
-        remasking=remasking,
-        logits_eos_inf=self.logits_eos_inf,
-        confidence_eos_eot_inf=self.confidence_eos_eot_inf,
-    )
+    temperature = base.temperature
+    if "temperature" not in self.sampler:
+      if gen_kwargs.get("do_sample") is False:
+        temperature = 0.0
+      elif gen_kwargs.get("temperature") is not None:
+        temperature = float(gen_kwargs["temperature"])
+    return base.replace(
+        steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature
+    ).validate(self.model.config)
 
 
 def stop_strings(gen_kwargs: dict[str, Any] | None) -> list[str]:

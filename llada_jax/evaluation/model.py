@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llada_jax.data.codec import text_codec
-from llada_jax.sampling.text import load_model_and_step
+from llada_jax.loading import load_model_and_step
 
 # The one mesh axis of evaluation: items (pairs, prompts) are split over the local devices.
 ITEMS = "items"

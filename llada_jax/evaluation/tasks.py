@@ -157,18 +157,3 @@ MULTIPLE_CHOICE: dict[str, Callable[[], list[MultipleChoice]]] = {
     "arc_challenge": lambda: _arc("challenge"),
     "piqa": _piqa,
 }
-KNOWN_TASKS = ("elbo", *MULTIPLE_CHOICE, "gsm8k")
-
-
-def parse_tasks(names: str, flag: str = "--tasks") -> list[str]:
-  """A comma-separated task list (of the option `flag`), checked against the known tasks."""
-  tasks = [n.strip() for n in names.split(",") if n.strip()]
-  for name in tasks:
-    if name not in KNOWN_TASKS:
-      raise ConfigError(
-          f"{flag}: unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)} "
-          "(or give --task_file=path.jsonl)"
-      )
-  if len(set(tasks)) != len(tasks):
-    raise ConfigError(f"{flag}={names} names a task twice")
-  return tasks

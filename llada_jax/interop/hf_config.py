@@ -108,7 +108,7 @@ def config_from_hf(
 def config_to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config.json the official LLaDA loader reads for this model."""
   m, t = config.model, config.tokens
-  hf = {field: required for field, required in REQUIRED}
+  hf = dict(REQUIRED)
   hf.update(
       {
           "architectures": ["LLaDAModelLM"],

@@ -18,23 +18,21 @@ def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
   from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
-  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from llada_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from llada_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from llada_jax.training.state import TrainState, state_shardings  # pylint: disable=g-import-not-at-top
 
   config = read_hf_config(hf_dir)
   config.model.param_dtype = dtype
   tx = make_optimizer(config)
-  _, shardings = state_shardings(
-      config, Transformer(ModelConfig.from_config(config)), tx, make_mesh(config)
-  )
+  _, shardings = state_shardings(config, MaskedDiffusionLM(config), tx, make_mesh(config))
   config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   state = TrainState.fresh(params, opt_state)
   if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine
-    from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+    from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
 
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
     storage.copy_file(config.data.tokenizer, storage.path(workdir) / TOKENIZER_FILE)
@@ -50,7 +48,7 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
   """Exports the newest restorable checkpoint of a workdir as an HF folder (local or a URL: the
   files are then written locally and uploaded one by one); returns the safetensors files."""
   from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.text import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(workdir)
   if not storage.is_remote(out):

@@ -6,13 +6,14 @@ Every transformer block calls `attention`; implementations are chosen by name so
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from llada_jax.config import ATTENTION_IMPLEMENTATIONS
 from llada_jax.model import splash
 from llada_jax.parallel.kernels import target_platform
-
-IMPLEMENTATIONS = ("auto", "xla", "jax_nn", "cudnn", "splash")
 
 
 def resolve(
@@ -50,7 +51,8 @@ def attention(
   Args:
     q: queries [batch, q_len, n_heads, head_dim].
     k, v: keys and values [batch, kv_len, n_kv_heads, head_dim]; n_kv_heads divides n_heads and kv
-      head j serves query heads j*G .. j*G+G-1 (G = n_heads / n_kv_heads), as repeat_interleave does.
+      head j serves query heads j*G .. j*G+G-1 (G = n_heads / n_kv_heads), as repeat_interleave
+      does.
     causal: mask keys after each query (the autoregressive baseline); LLaDA itself is bidirectional.
     key_mask: optional bool [batch, kv_len]; False keys are never attended to (padding, cut length).
     segment_ids: optional int [batch, len] (self-attention); a query attends only to keys of its
@@ -64,12 +66,22 @@ def attention(
     [batch, q_len, n_heads, head_dim] in the dtype of v.
   """
   implementation = resolve(implementation, str(v.dtype), lengths=(q.shape[1], k.shape[1]))
-  if implementation == "splash":
-    return splash.splash_attention(q, k, v, causal, key_mask, segment_ids)
-  if implementation in ("jax_nn", "cudnn"):
-    return _jax_nn(q, k, v, causal, key_mask, segment_ids, implementation)
-  if implementation != "xla":
-    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+  if implementation not in KERNELS:
+    raise ValueError(
+        f"attention implementation {implementation!r} is not one of " f"{ATTENTION_IMPLEMENTATIONS}"
+    )
+  return KERNELS[implementation](q, k, v, causal, key_mask, segment_ids)
+
+
+def _xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    causal: bool,
+    key_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+) -> jax.Array:
+  """Grouped-query attention in plain XLA ops: materialises the scores, softmax in float32."""
   batch, q_len, n_heads, head_dim = q.shape
   kv_len, n_kv_heads = k.shape[1], k.shape[2]
   groups = n_heads // n_kv_heads
@@ -126,3 +138,12 @@ def _jax_nn(
       ),
       dense,
   )
+
+
+# The kernel of each name in llada_jax.config.ATTENTION_KERNELS ("auto" is resolved before).
+KERNELS = {
+    "xla": _xla,
+    "jax_nn": functools.partial(_jax_nn, implementation="jax_nn"),
+    "cudnn": functools.partial(_jax_nn, implementation="cudnn"),
+    "splash": splash.splash_attention,
+}

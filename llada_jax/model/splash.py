@@ -50,7 +50,7 @@ def splash_attention(
         f"splash attention needs lengths that are multiples of {LANES}, got queries "
         f"{q_len} and keys {kv_len}: use model.attention='xla' or 'auto'"
     )
-  q_segments, kv_segments = _segments(batch, q_len, kv_len, key_mask, segment_ids)
+  q_segments, kv_segments = _segments(batch, q_len, key_mask, segment_ids)
   groups = n_heads // n_kv_heads
   q_names = ("activation_batch", None, "heads", None)
   kv_names = ("activation_batch", None, "kv_heads", None)
@@ -155,7 +155,7 @@ _at_default_precision.defvjp(_at_default_precision_fwd, _at_default_precision_bw
 
 
 def _segments(
-    batch: int, q_len: int, kv_len: int, key_mask: jax.Array | None, segment_ids: jax.Array | None
+    batch: int, q_len: int, key_mask: jax.Array | None, segment_ids: jax.Array | None
 ) -> tuple[jax.Array | None, jax.Array | None]:
   """Query and key segment ids [B, T], [B, S]: documents numbered from 1, padding keys 0."""
   if key_mask is None and segment_ids is None:

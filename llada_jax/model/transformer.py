@@ -51,10 +51,13 @@ class ModelConfig:
     return self.d_model // self.n_heads
 
 
-# What the backward pass may keep of a block (model.remat); everything else is recomputed.
-# minimal: the attention inputs and output (recompute the MLP and norms, the cheap-per-byte part);
-# save_dots: every matmul output without a batch dimension (the projections); full: nothing.
+# What the backward pass may keep of a block, for each name of llada_jax.config.REMAT_POLICIES
+# (model.remat); everything else is recomputed. none: no rematerialisation (None: the block is not
+# wrapped in jax.checkpoint at all); minimal: the attention inputs and output (recompute the MLP
+# and norms, the cheap-per-byte part); save_dots: every matmul output without a batch dimension
+# (the projections); full: nothing.
 REMAT_POLICIES = {
+    "none": None,
     "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attention"),
     "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -175,7 +178,7 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     block = Block
-    if cfg.remat != "none":
+    if REMAT_POLICIES[cfg.remat] is not None:
       block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     cache_start = jnp.asarray(cache_start, jnp.int32)
     if cfg.scan_layers:

@@ -47,7 +47,7 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) ")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = ")
 _CALLS = re.compile(
-    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=" r"%([\w.\-]+)"
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)"
 )
 _CALL_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -151,7 +151,7 @@ def summarize(hlo_text: str) -> CollectiveSummary:
     nonlocal unknown
     executions[name] += times
     for line in computations.get(name, []):
-      called = [(role, callee) for role, callee in _CALLS.findall(line)]
+      called = list(_CALLS.findall(line))
       for names in _CALL_LISTS.findall(line):
         called += [("branch", n.strip().lstrip("%")) for n in names.split(",") if n.strip()]
       if not called:

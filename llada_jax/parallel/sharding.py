@@ -28,6 +28,17 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_tree), mesh, rules)
 
 
+def abstract_on_mesh(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
+  """ShapeDtypeStructs carrying the NamedShardings that the logical names of `boxed_abstract` (an
+  eval_shape result whose leaves are nn.LogicallyPartitioned) give on `mesh`."""
+  shardings = logical_shardings(boxed_abstract, mesh, rules)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.meta.unbox(boxed_abstract),
+      shardings,
+  )
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of every input feature ([batch] or [batch, length]): batch over the data-parallel
   axes, the other dimensions replicated."""
@@ -91,7 +102,7 @@ def warn_replicated(params: Any, shardings: Any, min_elements: int = 1 << 20) ->
       names.append(jax.tree_util.keystr(path))
   if names:
     logging.warning(
-        "%d large parameters are replicated on every device (check " "mesh.axis_rules): %s",
+        "%d large parameters are replicated on every device (check mesh.axis_rules): %s",
         len(names),
         ", ".join(names[:8]),
     )

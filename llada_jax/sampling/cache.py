@@ -7,19 +7,80 @@ prefix: the window is the current block and everything after it (the prompt and 
 come from the cache); dual: the window is the current block alone (the masked suffix is cached
 too). The cache is refreshed at every block boundary and, with `refresh_every` = k > 0, every k
 steps inside a block; refreshing every step is exact decoding.
+
+STEP_LOGITS holds one logits function per mode of `llada_jax.config.CACHE_MODES` ("none": the full
+pass, every step). Each takes (forward, x [B, T], the step i inside the block, the cache carry, the
+block, refresh_every) and returns (logits [B, W, V] of positions [start, start + W), start, carry).
+The cached modes need the block's bounds as Python ints (static window shapes).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from llada_jax.model import ModelConfig, Transformer, positions_from_mask
+from llada_jax.config import CACHE_MODES
+from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
 from llada_jax.model.transformer import KVCache
 
-CACHE_MODES = ("none", "prefix", "dual")
+__all__ = [
+    "CACHE_MODES",
+    "STEP_LOGITS",
+    "Block",
+    "Forward",
+    "empty_cache",
+    "window",
+    "window_logits",
+]
+
+
+class Block(NamedTuple):
+  """A block of the answer: its index and the positions [start, end) whose masks it fills (the
+  first block starts at 0 when the prompt holds masks). Python ints when the blocks are unrolled,
+  int32 scalars inside a loop over blocks."""
+
+  index: Any
+  start: Any
+  end: Any
+
+
+class Forward(NamedTuple):
+  """The mask predictor of one sampling call, guided when `prompt` is given."""
+
+  model: Transformer
+  params: Any
+  attention_mask: jax.Array  # bool [B, T], False on padding
+  cfg_scale: jax.Array  # float32 [], the guidance weight w
+  prompt: jax.Array | None  # bool [B, T]: the prompt tokens CFG masks (None: no CFG)
+  mask_id: int
+
+  def unconditional(self, x: jax.Array) -> jax.Array | None:
+    """x [B, T] with the prompt masked (the unconditional rows of CFG), None without CFG."""
+    return None if self.prompt is None else jnp.where(self.prompt, self.mask_id, x)
+
+  def full(self, x: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of a full pass."""
+    return apply_model(
+        self.model, self.params, x, self.attention_mask, self.unconditional(x), self.cfg_scale
+    )
+
+  def windowed(
+      self, x: jax.Array, start: int, end: int, cache: KVCache | None
+  ) -> tuple[jax.Array, KVCache]:
+    """`window_logits` of positions [start, end) of x [B, T]."""
+    return window_logits(
+        self.model,
+        self.params,
+        x,
+        self.attention_mask,
+        self.unconditional(x),
+        self.cfg_scale,
+        start,
+        end,
+        cache,
+    )
 
 
 def window(mode: str, block_start: int, block_end: int, total: int) -> tuple[int, int]:
@@ -69,3 +130,62 @@ def window_logits(
     cond, uncond = jnp.split(logits, 2)
     logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
   return logits, cache
+
+
+def uncached_logits(
+    forward: Forward, x: jax.Array, i: jax.Array, carry: Any, block: Block, refresh_every: int
+) -> tuple[jax.Array, int, Any]:
+  """Mode "none": the full pass at every step (the carry passes through)."""
+  del i, block, refresh_every
+  return forward.full(x), 0, carry
+
+
+def _cached_logits(
+    forward: Forward,
+    x: jax.Array,
+    i: jax.Array,
+    cache: KVCache,
+    start: int,
+    end: int,
+    refresh_every: int,
+) -> tuple[jax.Array, int, KVCache]:
+  """The window [start, end): a full pass that refills the cache at the block's first step (and
+  every refresh_every > 0 steps), else the window against the cache."""
+  refresh = i == 0
+  if refresh_every:
+    refresh = i % refresh_every == 0
+  logits, cache = jax.lax.cond(
+      refresh,
+      lambda x, c: forward.windowed(x, start, end, None),
+      lambda x, c: forward.windowed(x, start, end, c),
+      x,
+      cache,
+  )
+  return logits, start, cache
+
+
+def prefix_logits(
+    forward: Forward, x: jax.Array, i: jax.Array, cache: KVCache, block: Block, refresh_every: int
+) -> tuple[jax.Array, int, KVCache]:
+  """Mode "prefix": the block and everything after it."""
+  return _cached_logits(
+      forward, x, i, cache, *window("prefix", block.start, block.end, x.shape[1]), refresh_every
+  )
+
+
+def dual_logits(
+    forward: Forward, x: jax.Array, i: jax.Array, cache: KVCache, block: Block, refresh_every: int
+) -> tuple[jax.Array, int, KVCache]:
+  """Mode "dual": the block alone."""
+  return _cached_logits(
+      forward, x, i, cache, *window("dual", block.start, block.end, x.shape[1]), refresh_every
+  )
+
+
+StepLogits = Callable[[Forward, jax.Array, jax.Array, Any, Block, int], tuple[jax.Array, int, Any]]
+# Keyed by exactly llada_jax.config.CACHE_MODES (tests/test_sampling.py checks the coverage).
+STEP_LOGITS: dict[str, StepLogits] = {
+    "none": uncached_logits,
+    "prefix": prefix_logits,
+    "dual": dual_logits,
+}

@@ -13,26 +13,33 @@ approximation) a block runs until it has no mask left: each step commits every m
 the block whose proposal has probability > τ, and at least the most confident one, so easy spans
 take one forward pass instead of one per token. τ = 1 commits exactly one token a step, which is
 exact low-confidence decoding with steps = gen_length.
+
+The program is built from small pure functions: `propose` (logits -> proposals and confidences,
+with the step's random draws), `commit_top_k` / `commit_above` (which proposals a step keeps), the
+remasking rules (`remasking.REMASKING_RULES`), one logits function per cache mode
+(`cache.STEP_LOGITS`) and two block drivers: `fixed_schedule` (a fori_loop of steps_per_block
+steps) and `threshold_schedule` (a while_loop until the block has no mask). Without a cache the
+blocks run in a fori_loop; with one they are unrolled, so that every window has a static shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llada_jax.config import validate_sampling
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
-from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
+from llada_jax.model import ModelConfig, Transformer, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
-from llada_jax.sampling.cache import CACHE_MODES, empty_cache, window, window_logits
-from llada_jax.sampling.remasking import confidence_of
+from llada_jax.sampling.cache import STEP_LOGITS, Block, Forward, empty_cache
+from llada_jax.sampling.options import SamplerOptions
+from llada_jax.sampling.remasking import DRAWS_UNIFORM, REMASKING_RULES
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
 
 
@@ -59,28 +66,71 @@ class SamplerSpec:
   cache_refresh: int = 0
   prompt_has_masks: bool = False
 
+  @classmethod
+  def of(
+      cls,
+      config: ml_collections.ConfigDict,
+      options: SamplerOptions,
+      *,
+      return_trajectory: bool = False,
+      prompt_has_masks: bool = False,
+  ) -> SamplerSpec:
+    """The spec of `options` for config's model and token ids."""
+    tokens = config.tokens
+    return cls(
+        ModelConfig.from_config(config),
+        options.steps,
+        options.gen_length,
+        options.block_length,
+        options.remasking,
+        tokens.mask_id,
+        tokens.eos_id,
+        tokens.eot_id,
+        options.logits_eos_inf,
+        options.confidence_eos_eot_inf,
+        options.cfg_scale > 0,
+        options.temperature > 0,
+        return_trajectory,
+        options.float64,
+        options.use_threshold,
+        options.cache,
+        options.cache_refresh,
+        prompt_has_masks,
+    )
+
+  @property
+  def num_blocks(self) -> int:
+    return self.gen_length // self.block_length
+
+  @property
+  def steps_per_block(self) -> int:
+    return self.steps // self.num_blocks
+
+  @property
+  def real(self) -> Any:
+    """The dtype of noise, logits and confidences."""
+    return jnp.float64 if self.float64 else jnp.float32
+
+
+class Rows(NamedTuple):
+  """The per-row arrays every step of a call reads (B rows of T = P + gen_length positions)."""
+
+  attention_mask: jax.Array  # bool [B, T], False on left padding
+  positions: jax.Array  # int32 [B, T], counted from each row's first real token
+  keys: jax.Array  # uint32 [B, 2], one PRNG key per row
+  temperature: jax.Array  # float32 [], the Gumbel noise scale
+
 
 def generate(
     config: ml_collections.ConfigDict,
     params: Any,
     prompt: Any,
     attention_mask: Any = None,
+    options: SamplerOptions | None = None,
     *,
-    steps: int,
-    gen_length: int,
-    block_length: int,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    remasking: str = "low_confidence",
-    mask_id: int | None = None,
-    logits_eos_inf: bool = False,
-    confidence_eos_eot_inf: bool = False,
     rng: jax.Array | None = None,
     return_trajectory: bool = False,
-    float64: bool = False,
-    parallel_threshold: float = 0.0,
-    cache: str = "none",
-    cache_refresh: int = 0,
+    **overrides: Any,
 ) -> Any:
   """Samples answers for a batch of prompts with the LLaDA reverse process.
 
@@ -92,32 +142,28 @@ def generate(
       With a NamedSharding the program is traced in its mesh, the batch split as it is split.
     attention_mask: optional [B, P], 0 on padding; padding is neither attended to nor counted in
       the positions, so a padded prompt gives the tokens it gives alone.
-    steps, gen_length, block_length: gen_length is a multiple of block_length, steps a multiple of
-      the number of blocks and at most gen_length; each block gets steps / num_blocks steps.
-    temperature: Gumbel-max noise scale on the logits (0 is greedy).
-    cfg_scale: classifier-free guidance w: logits = u + (w + 1)(c - u), u with the prompt masked.
-    remasking: how proposals are ranked: low_confidence, random, margin or entropy.
-    mask_id: defaults to config.tokens.mask_id.
-    logits_eos_inf: never propose EOS.
-    confidence_eos_eot_inf: commit positions proposing EOS or EoT after every other position.
+    options: the sampler options (`SamplerOptions`, whose fields document each option); default
+      SamplerOptions.from_config(config), i.e. config.sampling.
     rng: one PRNG key (row r draws from fold_in(rng, r)) or one key per prompt [B, 2] (e.g.
       `llada_jax.keys.item_keys(seed_key, item_indices)`, so that an item's answer does not
       depend on the batch it is generated in); default from config.seed. Every random number of
       row r at step s and position p (counted from the row's first real token) comes from
       fold_in(fold_in(key_r, s), p): padding, neighbours and caches do not change it.
-    return_trajectory: also return the token state after every step, [steps, B, P + gen_length].
-    float64: Gumbel noise and probabilities in float64 (needs jax_enable_x64), as the official code.
-    parallel_threshold: 0 (exact schedule) or τ in (0, 1]: commit every proposal of the current
-      block with probability > τ (at least one per step); steps is then unused. Needs
-      remasking="low_confidence" and no trajectory.
-    cache: "none" (exact), "prefix" or "dual" key/value caches (llada_jax.sampling.cache; an
-      approximation), refreshed at every block boundary and every cache_refresh > 0 steps.
+    return_trajectory: also return the token state after every step, [steps, B, P + gen_length]
+      (not with parallel_threshold, whose number of steps is not fixed).
+    **overrides: options changed on top of `options` (steps=, gen_length=, temperature=, ...).
 
   Returns:
     int32 [B, P + gen_length] (and the trajectory when asked).
+
+  Raises:
+    ConfigError (a ValueError), one line: options `SamplerOptions.validate` refuses for this
+    model, an unknown option, a prompt or mask of the wrong shape or ids, a prompt too long for
+    gen_length, or rng of the wrong shape.
   """
-  tokens = config.tokens
-  mask_id = tokens.mask_id if mask_id is None else mask_id
+  options = (SamplerOptions.from_config(config) if options is None else options).replace(
+      **overrides
+  )
   placed = [a for a in (prompt, attention_mask) if isinstance(a, jax.Array)]
   prompt = np.asarray(prompt, np.int32)
   if prompt.ndim != 2:
@@ -127,40 +173,14 @@ def generate(
       if attention_mask is None
       else np.asarray(attention_mask).astype(bool)
   )
-  check_generate_arguments(
+  options.validate(config)
+  _check_call(config, options, prompt, attention_mask, return_trajectory)
+  mask_id = config.tokens.mask_id
+  spec = SamplerSpec.of(
       config,
-      prompt,
-      attention_mask,
-      steps,
-      gen_length,
-      block_length,
-      temperature,
-      cfg_scale,
-      remasking,
-      mask_id,
-      float64,
-  )
-  _check_threshold(parallel_threshold, remasking, return_trajectory)
-  _check_cache(cache, cache_refresh, config.model.causal)
-  spec = SamplerSpec(
-      ModelConfig.from_config(config),
-      steps,
-      gen_length,
-      block_length,
-      remasking,
-      mask_id,
-      tokens.eos_id,
-      tokens.eot_id,
-      logits_eos_inf,
-      confidence_eos_eot_inf,
-      cfg_scale > 0,
-      temperature > 0,
-      return_trajectory,
-      float64,
-      parallel_threshold > 0,
-      cache,
-      cache_refresh,
-      bool(np.any((prompt == mask_id) & attention_mask)),
+      options,
+      return_trajectory=return_trajectory,
+      prompt_has_masks=bool(np.any((prompt == mask_id) & attention_mask)),
   )
   row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, prompt.shape[0])
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
@@ -174,10 +194,10 @@ def generate(
         params,
         device_prompt,
         device_mask,
-        jnp.float32(temperature),
-        jnp.float32(cfg_scale),
+        jnp.float32(options.temperature),
+        jnp.float32(options.cfg_scale),
         row_keys,
-        jnp.float32(parallel_threshold),
+        jnp.float32(options.parallel_threshold),
     )
 
 
@@ -197,92 +217,18 @@ def _row_keys(rng: Any, rows: int) -> jax.Array:
   return rng
 
 
-def _check_threshold(threshold: float, remasking: str, return_trajectory: bool) -> None:
-  """parallel_threshold is 0 (off) or a probability in (0, 1] with low-confidence remasking."""
-  if threshold == 0:
-    return
-  if not 0 < threshold <= 1:
-    raise ConfigError(
-        f"parallel_threshold={threshold} is not allowed: expected 0 (exact "
-        "schedule) or a probability in (0, 1]"
-    )
-  if remasking != "low_confidence":
-    raise ConfigError(
-        f"remasking={remasking!r} is not allowed with parallel_threshold: expected "
-        "low_confidence (the threshold is on the proposal's probability)"
-    )
-  if return_trajectory:
-    raise ConfigError(
-        "return_trajectory is not allowed with parallel_threshold (the number of "
-        "steps is not fixed)"
-    )
-
-
-def _check_cache(cache: str, cache_refresh: int, causal: bool) -> None:
-  """cache is one of CACHE_MODES, for a bidirectional model; cache_refresh a count >= 0."""
-  if cache not in CACHE_MODES:
-    raise ConfigError(f"cache={cache!r} is not allowed: expected one of {', '.join(CACHE_MODES)}")
-  if not isinstance(cache_refresh, (int, np.integer)) or cache_refresh < 0:
-    raise ConfigError(
-        f"cache_refresh={cache_refresh!r} is not allowed: expected an integer >= 0 "
-        "(0 refreshes at block boundaries only)"
-    )
-  if cache != "none" and causal:
-    raise ConfigError(
-        f"cache={cache!r} is not allowed for a causal model.causal=True: expected "
-        "cache='none' (the caches reuse keys of a bidirectional mask predictor)"
-    )
-
-
-def check_sampler_options(
+def _check_call(
     config: ml_collections.ConfigDict,
-    *,
-    steps: int,
-    gen_length: int,
-    block_length: int,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    parallel_threshold: float = 0.0,
-    cache: str = "none",
-    cache_refresh: int = 0,
-    **unused: Any,
-) -> None:
-  """Raises ConfigError (one line) for sampler options `generate` would refuse for any prompt of
-  this model (the prompt-dependent checks run in generate). Other keywords are ignored."""
-  del unused
-  validate_sampling(steps, gen_length, block_length, temperature, remasking)
-  if cfg_scale < 0:
-    raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
-  if gen_length >= config.model.max_sequence_length:
-    raise ConfigError(
-        f"gen_length={gen_length} is not allowed: expected less than "
-        f"model.max_sequence_length={config.model.max_sequence_length}"
-    )
-  _check_threshold(parallel_threshold, remasking, False)
-  _check_cache(cache, cache_refresh, config.model.causal)
-
-
-def check_generate_arguments(
-    config: ml_collections.ConfigDict,
+    options: SamplerOptions,
     prompt: np.ndarray,
     attention_mask: np.ndarray,
-    steps: int,
-    gen_length: int,
-    block_length: int,
-    temperature: float,
-    cfg_scale: float,
-    remasking: str,
-    mask_id: int,
-    float64: bool = False,
+    return_trajectory: bool,
 ) -> None:
-  """Raises ConfigError (a ValueError) with one line for any argument generate cannot take."""
-  validate_sampling(steps, gen_length, block_length, temperature, remasking)
-  if cfg_scale < 0:
-    raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
-  vocab = config.model.vocab_size
+  """Raises ConfigError (one line) for what this call adds to valid options: token ids, the
+  prompt, its mask and its length, a trajectory of threshold decoding."""
+  vocab, mask_id = config.model.vocab_size, config.tokens.mask_id
   if not 0 <= mask_id < vocab:
-    raise ConfigError(f"mask_id={mask_id} is not allowed: expected an id in [0, {vocab})")
+    raise ConfigError(f"tokens.mask_id={mask_id} is not allowed: expected an id in [0, {vocab})")
   if config.tokens.pad_id == mask_id:
     raise ConfigError(
         f"tokens.pad_id={config.tokens.pad_id} is not allowed: it equals the mask "
@@ -296,198 +242,221 @@ def check_generate_arguments(
         f"attention_mask of shape {attention_mask.shape} is not allowed: expected "
         f"the prompt's shape {prompt.shape}"
     )
-  total = prompt.shape[1] + gen_length
-  if total > config.model.max_sequence_length:
+  if prompt.shape[1] + options.gen_length > config.model.max_sequence_length:
     raise ConfigError(
-        f"prompt length {prompt.shape[1]} + gen_length={gen_length} is not allowed: "
-        f"expected at most model.max_sequence_length="
+        f"prompt length {prompt.shape[1]} + gen_length={options.gen_length} is not "
+        f"allowed: expected at most model.max_sequence_length="
         f"{config.model.max_sequence_length}"
     )
-  if float64 and not jax.config.jax_enable_x64:
+  if return_trajectory and options.use_threshold:
     raise ConfigError(
-        "float64=True is not allowed while jax_enable_x64 is off: set "
-        "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
+        "return_trajectory is not allowed with parallel_threshold (the number of "
+        "steps is not fixed)"
     )
+
+
+def draws(
+    spec: SamplerSpec, rows: Rows, step: jax.Array, start: int, width: int
+) -> tuple[jax.Array | None, jax.Array | None]:
+  """This step's random numbers for positions [start, start + width) of every row: Gumbel noise
+  [B, W, V] (None without noise) and uniforms [B, W] (None unless the remasking rule draws them),
+  in spec.real. step is a scalar or one step count per row [B]. Each number comes from
+  fold_in(fold_in(row key, step), position), the position counted from the row's first real token:
+  a row's draws do not depend on its batch, padding or window."""
+  batch = rows.keys.shape[0]
+  keys = jax.vmap(jax.random.fold_in)(rows.keys, jnp.broadcast_to(step, (batch,)))
+  noise_keys, remask_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+  where = rows.positions[:, start : start + width]
+
+  def per_position(row_key, draw):
+    return jax.vmap(jax.vmap(lambda k, p: draw(jax.random.fold_in(k, p)), (None, 0)))(
+        row_key, where
+    )
+
+  gumbel = uniform = None
+  if spec.use_noise:
+    vocab = spec.model.vocab_size
+    gumbel = per_position(noise_keys, lambda k: jax.random.gumbel(k, (vocab,), spec.real))
+  if spec.remasking in DRAWS_UNIFORM:
+    uniform = per_position(remask_keys, lambda k: jax.random.uniform(k, (), spec.real))
+  return gumbel, uniform
+
+
+def propose(
+    spec: SamplerSpec,
+    rows: Rows,
+    x: jax.Array,
+    logits: jax.Array,
+    start: int,
+    step: jax.Array,
+    block_end: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Proposals and their confidences from the logits [B, W, V] of positions [start, start + W).
+
+  Returns x0 int32 [B, T] (x with every computed position replaced by its proposal), the
+  confidence [B, T] (spec.real) of the candidates, -inf elsewhere, and the candidates bool [B, T]:
+  the masked real positions before block_end. With Gumbel-max, argmax(logits + T * g) samples
+  softmax(logits / T); the remasking rule ranks the proposals by the noiseless logits.
+  """
+  batch, total = x.shape
+  gumbel, uniform = draws(spec, rows, step, start, logits.shape[1])
+  logits = logits.astype(spec.real)
+  if spec.logits_eos_inf:
+    logits = logits.at[..., spec.eos_id].set(-jnp.inf)
+  logits_noised = logits
+  if spec.use_noise:
+    logits_noised = logits + rows.temperature.astype(spec.real) * gumbel
+  x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
+  confidence = REMASKING_RULES[spec.remasking](logits, x0, uniform)
+  x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
+  confidence = jax.lax.dynamic_update_slice_in_dim(
+      jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1
+  )
+  candidate = (x == spec.mask_id) & (jnp.arange(total) < block_end) & rows.attention_mask
+  if spec.confidence_eos_eot_inf:
+    last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
+    confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
+  return x0, jnp.where(candidate, confidence, -jnp.inf), candidate
+
+
+def commit_top_k(
+    x: jax.Array, x0: jax.Array, confidence: jax.Array, candidate: jax.Array, k: jax.Array
+) -> jax.Array:
+  """x [B, T] with the k[b] most confident candidates of row b set to their proposals."""
+  return jnp.where(top_k_mask(confidence, k) & candidate, x0, x)
+
+
+def commit_above(
+    x: jax.Array, x0: jax.Array, confidence: jax.Array, candidate: jax.Array, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """x [B, T] with every candidate more confident than threshold committed, and at least the most
+  confident one of each row that has a candidate; and whether each row had one (bool [B])."""
+  active = jnp.any(candidate, -1)
+  best = top_k_mask(confidence, active.astype(jnp.int32))
+  commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
+  return jnp.where(commit, x0, x), active
+
+
+StepLogits = Callable[[jax.Array, jax.Array, Any, Block], tuple[jax.Array, int, Any]]
+
+
+def fixed_schedule(
+    spec: SamplerSpec,
+    rows: Rows,
+    step_logits: StepLogits,
+    block: Block,
+    carry: tuple[jax.Array, jax.Array, Any],
+) -> tuple[jax.Array, jax.Array, Any]:
+  """The block's steps_per_block steps (a fori_loop), each committing its share of the block's
+  masks (`num_transfer_tokens`). carry: (x [B, T], trajectory [steps or 0, B, T], cache)."""
+  x, trajectory, cache = carry
+  index = jnp.arange(x.shape[1])
+  in_block = (index >= block.start) & (index < block.end) & rows.attention_mask
+  schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), spec.steps_per_block)
+
+  def step_body(i, carry):
+    x, trajectory, cache = carry
+    step = block.index * spec.steps_per_block + i
+    logits, start, cache = step_logits(x, i, cache, block)
+    x0, confidence, candidate = propose(spec, rows, x, logits, start, step, block.end)
+    x = commit_top_k(x, x0, confidence, candidate, schedule[:, i])
+    if spec.return_trajectory:
+      trajectory = trajectory.at[step].set(x)
+    return x, trajectory, cache
+
+  return jax.lax.fori_loop(0, spec.steps_per_block, step_body, (x, trajectory, cache))
+
+
+def threshold_schedule(
+    spec: SamplerSpec,
+    rows: Rows,
+    step_logits: StepLogits,
+    block: Block,
+    carry: tuple[jax.Array, jax.Array, Any],
+    threshold: jax.Array,
+) -> tuple[jax.Array, jax.Array, Any]:
+  """Steps until the block has no mask (a while_loop), each committing `commit_above`. carry:
+  (x [B, T], step int32 [B], cache); `step` counts each row's own steps (a row whose block is
+  done waits without counting), so its draws do not depend on how long its batch-mates take."""
+  x, step, cache = carry
+  index = jnp.arange(x.shape[1])
+
+  def masked_left(carry):
+    return jnp.any((carry[0] == spec.mask_id) & (index < block.end) & rows.attention_mask)
+
+  def step_body(carry):
+    x, step, i, cache = carry
+    logits, start, cache = step_logits(x, i, cache, block)
+    x0, confidence, candidate = propose(spec, rows, x, logits, start, step, block.end)
+    x, active = commit_above(x, x0, confidence, candidate, threshold)
+    return x, step + active, i + 1, cache
+
+  x, step, _, cache = jax.lax.while_loop(masked_left, step_body, (x, step, jnp.int32(0), cache))
+  return x, step, cache
+
+
+def _block(spec: SamplerSpec, total: int, index: Any) -> Block:
+  """Block `index` (a Python int or an int32 scalar) of a sequence of `total` positions."""
+  end = total - spec.gen_length + (index + 1) * spec.block_length
+  start = end - spec.block_length
+  if spec.prompt_has_masks:  # the first block also fills the prompt's masks: it starts at 0
+    start = start * (index > 0)
+  return Block(index, start, end)
+
+
+def _over_blocks(
+    spec: SamplerSpec, total: int, body: Callable[[Block, Any], Any], carry: Any
+) -> Any:
+  """carry after body(block, carry) for every block: a fori_loop without a cache; unrolled with
+  one (its windows need static bounds)."""
+  if spec.cache == "none":
+    return jax.lax.fori_loop(
+        0, spec.num_blocks, lambda b, c: body(_block(spec, total, b), c), carry
+    )
+  for index in range(spec.num_blocks):
+    carry = body(_block(spec, total, index), carry)
+  return carry
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
-  """Builds (once per spec) the jitted reverse process."""
+  """Builds (once per spec) the jitted reverse process run(params, prompt [B, P] int32,
+  prompt_mask [B, P] bool, temperature, cfg_scale, row_keys [B, 2] uint32, threshold)."""
   model = Transformer(spec.model)
-  num_blocks = spec.gen_length // spec.block_length
-  steps_per_block = spec.steps // num_blocks
-  real = jnp.float64 if spec.float64 else jnp.float32
 
   def run(params, prompt, prompt_mask, temperature, cfg_scale, row_keys, threshold):
     batch, prompt_len = prompt.shape
     total = prompt_len + spec.gen_length
     x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
     attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, spec.gen_length), bool)], 1)
-    positions = positions_from_mask(attention_mask)
+    rows = Rows(attention_mask, positions_from_mask(attention_mask), row_keys, temperature)
     is_prompt = (jnp.arange(total) < prompt_len) & (x != spec.mask_id)
-    index = jnp.arange(total)
-    trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
-
-    def unconditional(x):
-      return jnp.where(is_prompt, spec.mask_id, x) if spec.use_cfg else None
-
-    def draws(step, start, width):
-      """This step's random numbers for positions [start, start + width) of every row: Gumbel
-      noise [B, W, V] (None without noise) and uniforms [B, W] (None unless random remasking).
-      Each comes from fold_in(fold_in(row key, step), position), the position counted from the
-      row's first real token: a row's draws do not depend on its batch, padding or window."""
-      keys = jax.vmap(jax.random.fold_in)(row_keys, jnp.broadcast_to(step, (batch,)))
-      noise_keys, remask_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-      where = positions[:, start : start + width]
-
-      def per_position(row_key, draw):
-        return jax.vmap(jax.vmap(lambda k, p: draw(jax.random.fold_in(k, p)), (None, 0)))(
-            row_key, where
-        )
-
-      gumbel = uniform = None
-      if spec.use_noise:
-        vocab = spec.model.vocab_size
-        gumbel = per_position(noise_keys, lambda k: jax.random.gumbel(k, (vocab,), real))
-      if spec.remasking == "random":
-        uniform = per_position(remask_keys, lambda k: jax.random.uniform(k, (), real))
-      return gumbel, uniform
-
-    def propose(x, step, block_end, logits, start=0):
-      """Proposals x0 for every position and the confidence of the masked ones up to block_end
-      (-inf elsewhere) from the logits of positions [start, start + W); step is a scalar or one
-      step count per row."""
-      width = logits.shape[1]
-      gumbel, uniform = draws(step, start, width)
-      logits = logits.astype(real)
-      if spec.logits_eos_inf:
-        logits = logits.at[..., spec.eos_id].set(-jnp.inf)
-      logits_noised = logits
-      if spec.use_noise:  # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T)
-        logits_noised = logits + temperature.astype(real) * gumbel
-      x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
-      confidence = confidence_of(spec.remasking, logits, x0, uniform)
-      x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
-      confidence = jax.lax.dynamic_update_slice_in_dim(
-          jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1
-      )
-      candidate = (x == spec.mask_id) & (index < block_end) & attention_mask
-      if spec.confidence_eos_eot_inf:
-        last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
-        confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
-      return x0, jnp.where(candidate, confidence, -jnp.inf), candidate
-
-    def full_logits(x):
-      return apply_model(model, params, x, attention_mask, unconditional(x), cfg_scale)
-
-    def block_bounds(block):
-      block_end = prompt_len + (block + 1) * spec.block_length
-      block_start = jnp.where(block == 0, 0, block_end - spec.block_length)
-      return block_start, block_end
-
-    def exact_steps(block, x, trajectory, logits_fn):
-      """The block's steps_per_block steps; logits_fn(x, i, carry) -> (logits, start, carry)."""
-      block_start, block_end = block_bounds(block)
-      in_block = (index >= block_start) & (index < block_end) & attention_mask
-      schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), steps_per_block)
-
-      def step_body(i, carry):
-        x, trajectory, extra = carry
-        step = block * steps_per_block + i
-        logits, start, extra = logits_fn(x, i, extra)
-        x0, confidence, candidate = propose(x, step, block_end, logits, start)
-        x = jnp.where(top_k_mask(confidence, schedule[:, i]) & candidate, x0, x)
-        if spec.return_trajectory:
-          trajectory = trajectory.at[step].set(x)
-        return x, trajectory, extra
-
-      return step_body
-
-    def threshold_steps(block_end, logits_fn):
-      """A while_loop body committing every proposal above τ (at least one) per step. `step`
-      counts each row's own steps (rows that finished their block wait without counting), so a
-      row's random draws do not depend on how long its batch-mates take."""
-
-      def step_body(carry):
-        x, step, i, extra = carry
-        logits, start, extra = logits_fn(x, i, extra)
-        x0, confidence, candidate = propose(x, step, block_end, logits, start)
-        active = jnp.any(candidate, -1)
-        best = top_k_mask(confidence, active.astype(jnp.int32))
-        commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
-        return jnp.where(commit, x0, x), step + active, i + 1, extra
-
-      return step_body
-
-    def masked_left(block_end):
-      return lambda carry: jnp.any(
-          (carry[0] == spec.mask_id) & (index < block_end) & attention_mask
-      )
-
-    def uncached(x, i, extra):
-      return full_logits(x), 0, extra
-
-    if spec.cache == "none":
-      if spec.use_threshold:
-
-        def threshold_block(block, carry):
-          body = threshold_steps(block_bounds(block)[1], uncached)
-          x, step, _, _ = jax.lax.while_loop(
-              masked_left(block_bounds(block)[1]), body, (*carry, jnp.int32(0), ())
-          )
-          return x, step
-
-        x, _ = jax.lax.fori_loop(
-            0, num_blocks, threshold_block, (x, jnp.zeros((batch,), jnp.int32))
-        )
-        return x
-
-      def exact_block(block, carry):
-        x, trajectory = carry
-        body = exact_steps(block, x, trajectory, uncached)
-        x, trajectory, _ = jax.lax.fori_loop(0, steps_per_block, body, (x, trajectory, ()))
-        return x, trajectory
-
-      x, trajectory = jax.lax.fori_loop(0, num_blocks, exact_block, (x, trajectory))
-      return (x, trajectory) if spec.return_trajectory else x
-
-    # Cached modes: blocks unrolled, so every window has a static shape.
-    rows = batch * (2 if spec.use_cfg else 1)
-    cache = empty_cache(spec.model, rows, total)
-    step = jnp.zeros((batch,), jnp.int32)
-    for block in range(num_blocks):
-      block_end = prompt_len + (block + 1) * spec.block_length
-      first = 0 if block == 0 and spec.prompt_has_masks else block_end - spec.block_length
-      start, end = window(spec.cache, first, block_end, total)
-
-      def cached(x, i, cache, start=start, end=end):
-        refresh = i == 0
-        if spec.cache_refresh:
-          refresh = i % spec.cache_refresh == 0
-        logits, cache = jax.lax.cond(
-            refresh,
-            lambda x, c: window_logits(
-                model, params, x, attention_mask, unconditional(x), cfg_scale, start, end, None
-            ),
-            lambda x, c: window_logits(
-                model, params, x, attention_mask, unconditional(x), cfg_scale, start, end, c
-            ),
-            x,
-            cache,
-        )
-        return logits, start, cache
-
-      if spec.use_threshold:
-        x, step, _, cache = jax.lax.while_loop(
-            masked_left(block_end),
-            threshold_steps(block_end, cached),
-            (x, step, jnp.int32(0), cache),
-        )
-      else:
-        body = exact_steps(jnp.int32(block), x, trajectory, cached)
-        x, trajectory, cache = jax.lax.fori_loop(0, steps_per_block, body, (x, trajectory, cache))
+    forward = Forward(
+        model, params, attention_mask, cfg_scale, is_prompt if spec.use_cfg else None, spec.mask_id
+    )
+    step_logits = functools.partial(
+        STEP_LOGITS[spec.cache], forward, refresh_every=spec.cache_refresh
+    )
+    cache = (
+        ()
+        if spec.cache == "none"
+        else empty_cache(spec.model, batch * (2 if spec.use_cfg else 1), total)
+    )
     if spec.use_threshold:
+      x, _, _ = _over_blocks(
+          spec,
+          total,
+          lambda block, c: threshold_schedule(spec, rows, step_logits, block, c, threshold),
+          (x, jnp.zeros((batch,), jnp.int32), cache),
+      )
       return x
+    trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
+    x, trajectory, _ = _over_blocks(
+        spec,
+        total,
+        lambda block, c: fixed_schedule(spec, rows, step_logits, block, c),
+        (x, trajectory, cache),
+    )
     return (x, trajectory) if spec.return_trajectory else x
 
   return jax.jit(run)

@@ -1,95 +1,18 @@
-"""Text in, text out: restore a workdir for sampling, tokenize prompts, decode answers."""
+"""Text in, text out: tokenize prompts, generate, cut and decode answers."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from llada_jax import storage
 from llada_jax.data.codec import text_codec
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer
-from llada_jax.parallel.mesh import make_mesh
 from llada_jax.sampling.ending import end_answer
 from llada_jax.sampling.generate import generate
-from llada_jax.training.checkpoint import restore_newest
-from llada_jax.training.optimizer import make_optimizer
-from llada_jax.training.state import state_shardings
-
-TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
-
-
-def load_model(
-    path: storage.PathLike, tokenizer: str | None = None
-) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) from a training workdir or an official HuggingFace LLaDA folder: see
-  `load_model_and_step`."""
-  return load_model_and_step(path, tokenizer)[1:]
-
-
-def load_model_and_step(
-    path: storage.PathLike, tokenizer: str | None = None
-) -> tuple[int | None, ml_collections.ConfigDict, Any]:
-  """(checkpoint step or None for an HF folder, config, params) of a workdir or HF folder.
-
-  A workdir gives its newest checkpoint that restores (`restore_newest`: damaged newer steps are
-  skipped with a warning, nothing is renamed), parameters only, replicated over the local
-  devices whatever batch and mesh it was trained with. tokenizer: a tokenizer.json for the
-  "llada_hf" vocabulary; default: the folder's or workdir's own tokenizer.json, or the config's
-  data.tokenizer (a relative path is taken from the workdir).
-
-  Raises:
-    ConfigError: `path` does not exist or `tokenizer` names no file.
-    CheckpointError: no checkpoint, another model, nothing restorable, a bad HF folder.
-  """
-  root = storage.path(path)
-  if not root.exists():
-    raise ConfigError(
-        f"--checkpoint={path} does not exist: expected a training workdir or an HF " "LLaDA folder"
-    )
-  if tokenizer is not None and not storage.path(tokenizer).is_file():
-    raise ConfigError(
-        f"--tokenizer={tokenizer} names no file: expected the model's " "tokenizer.json"
-    )
-  if (root / "config.json").is_file():
-    if storage.is_remote(root):
-      raise ConfigError(
-          f"--checkpoint={path}: HF folders are read from a local disk; copy it "
-          "first (gsutil -m cp -r) or convert it into a workdir on a local disk"
-      )
-    from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
-
-    step, (config, params) = None, load_hf(path)
-  else:
-    step, config, params = restore_newest(
-        path, serving_abstract_params, params_only=True, read_only=True
-    )
-  if tokenizer is not None:
-    config.data.update(vocabulary="llada_hf", tokenizer=storage.cached_local_copy(tokenizer))
-  elif config.data.vocabulary == "llada_hf":
-    stored = config.data.tokenizer
-    relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
-    for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
-      if candidate and storage.path(candidate).is_file():
-        config.data.tokenizer = storage.cached_local_copy(candidate)
-        break
-  return step, config, params
-
-
-def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
-  """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
-  data-parallel axis; the training batch and mesh play no part)."""
-  serving = ml_collections.ConfigDict(config.to_dict())
-  serving.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-  mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
-  abstract, _ = state_shardings(
-      serving, Transformer(ModelConfig.from_config(serving)), make_optimizer(serving), mesh
-  )
-  return abstract.params
+from llada_jax.sampling.options import SamplerOptions
 
 
 def sample(
@@ -100,13 +23,14 @@ def sample(
     ids: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
     stops: Sequence[str] = (),
-    **generate_kwargs: Any,
+    options: SamplerOptions | None = None,
+    **overrides: Any,
 ) -> dict[str, list]:
   """Generates one answer per prompt (text or ids; left-padded to a common length).
 
   Returns {"prompt": prompts as text, "tokens": answer ids cut at the first end token, "text":
-  their text cut at the first of `stops`} (`llada_jax.sampling.ending`). generate_kwargs go to
-  `generate` (steps, gen_length, block_length, temperature, ...).
+  their text cut at the first of `stops`} (`llada_jax.sampling.ending`). options and overrides
+  (steps=, gen_length=, temperature=, ...) go to `generate`: default config.sampling.
   """
   try:
     vocab = text_codec(config)
@@ -121,7 +45,7 @@ def sample(
   for row, row_ids in enumerate(encoded):
     tokens[row, width - len(row_ids) :] = row_ids
     mask[row, width - len(row_ids) :] = True
-  out = generate(config, params, tokens, mask, rng=jax.random.PRNGKey(seed), **generate_kwargs)
+  out = generate(config, params, tokens, mask, options, rng=jax.random.PRNGKey(seed), **overrides)
   decode = vocab.decode if vocab is not None else lambda ids: ""
   ended = [
       end_answer(row, config.tokens, decode, stops) for row in np.asarray(out)[:, width:].tolist()

@@ -1,9 +1,9 @@
-"""Model FLOPs of a training step and MFU (DESIGN.md section 3).
+"""Model FLOPs of a training step and MFU (docs/llada.md, "Model FLOPs and MFU").
 
 Per token: 6 N_matmul + 12 n_layers S d_attn, where N_matmul counts every weight used in a matmul
 (the output head included, the embedding lookup not) and attention is bidirectional, not halved.
 MFU = model FLOPs per step / step time / (devices x peak). Rematerialisation is never counted.
-Scaling plots also use the 6 N D convention (DESIGN.md section 2) with N the non-embedding
+Scaling plots also use the 6 N D convention (docs/llada.md) with N the non-embedding
 parameters (Kaplan et al.; neither the embedding nor the head), as LLaDA and SMDM report.
 """
 

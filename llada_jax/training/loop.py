@@ -8,7 +8,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -16,13 +16,13 @@ import numpy as np
 from absl import logging
 
 from llada_jax import storage
+from llada_jax.checkpoint import Checkpointer
 from llada_jax.config import profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
 from llada_jax.errors import ConfigError, TrainingDiverged
-from llada_jax.model import ModelConfig, Transformer
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
-from llada_jax.training.checkpoint import Checkpointer
 from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.flops import model_flops_per_step, peak_flops
 from llada_jax.training.metrics import Accounting, MetricWriter, write_run_description
@@ -32,15 +32,29 @@ from llada_jax.training.step import make_eval_step, make_train_step
 from llada_jax.training.workdir_lock import lock_for_job
 
 
-def train(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+    eval_hooks: Sequence[Callable[[int, Any, storage.PathLike], dict[str, float]]] = (),
+) -> TrainState:
   """Trains until config.train.num_steps, resuming from the newest restorable checkpoint in
   `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises.
+
+  eval_hooks: called at every evaluation step as hook(step, params, workdir); the scalars they
+  return are written under "eval/" (`llada_jax.evaluation.hooks.from_config(config)` runs
+  config.evaluation.tasks; `llada-train` passes it).
 
   Raises ConfigError for a bad config value or an unusable workdir (one another trainer holds
   included), CheckpointError when the workdir holds checkpoints of another model or none that
   restores, and TrainingDiverged; all of them before anything is compiled, except the last.
   """
   validate(config)
+  if config.evaluation.tasks and not eval_hooks:
+    raise ConfigError(
+        f"evaluation.tasks={config.evaluation.tasks!r} is not allowed without its "
+        "hook: pass eval_hooks=llada_jax.evaluation.hooks.from_config(config) "
+        "(llada-train does)"
+    )
   if config.evaluation.tasks and jax.process_count() > 1:
     raise ConfigError(
         f"evaluation.tasks={config.evaluation.tasks!r} is not allowed in a "
@@ -49,17 +63,20 @@ def train(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> Train
   _check_workdir(workdir)
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(lock_for_job(workdir).release)
-    return _train(config, workdir, cleanup)
+    return _train(config, workdir, cleanup, eval_hooks)
 
 
 def _train(
-    config: ml_collections.ConfigDict, workdir: storage.PathLike, cleanup: contextlib.ExitStack
+    config: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+    cleanup: contextlib.ExitStack,
+    eval_hooks: Sequence[Any],
 ) -> TrainState:
   """train() in a locked workdir; `cleanup` undoes what it sets up on any way out."""
   from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   mesh = make_mesh(config)
-  model = Transformer(ModelConfig.from_config(config))
+  model = MaskedDiffusionLM(config)
   tx = make_optimizer(config)
   # Data first: a bad task or vocabulary fails here, before parameters are allocated and before
   # anything is written in the workdir.
@@ -87,7 +104,7 @@ def _train(
   _keep_tokenizer(config, workdir)
   if config.data.vocabulary == "byte" and config.data.task in CORPUS_FILES:
     logging.info(
-        "unigram entropy of the training bytes: %.3f bits/byte (a context-free model's " "floor)",
+        "unigram entropy of the training bytes: %.3f bits/byte (a context-free model's floor)",
         unigram_entropy_bits(config.data.task),
     )
   train_step = make_train_step(config, model, tx, mesh, shardings)
@@ -95,7 +112,7 @@ def _train(
   tokens_per_step = config.data.batch_size * config.data.sequence_length
   flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
   logging.info(
-      "model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: " "%s",
+      "model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: %s",
       flops_per_step,
       "unknown (no MFU)" if peak is None else f"{peak:.3e}",
   )
@@ -103,7 +120,8 @@ def _train(
 
   batches = pipeline.train_batches(config, data_sharding, start_step=start)
   last_time, last_step, last_skipped = time.time(), start, int(state.skipped)
-  previous = None  # (step, nonfinite flag) of the last step, read one step late: no stall
+  # The last step and its nonfinite flag, read one step late: no stall.
+  previous_step, previous_nonfinite = None, None
   profiler = _Profiler(config, workdir)
   step = start
   while step < config.train.num_steps:
@@ -111,14 +129,18 @@ def _train(
     state, metrics = train_step(state, next(batches))
     step += 1
     profiler.after(step, metrics)
-    if previous is not None and config.train.nonfinite == "rollback" and bool(previous[1]):
+    if (
+        previous_step is not None
+        and config.train.nonfinite == "rollback"
+        and bool(previous_nonfinite)
+    ):
       batches.close()
-      state = _rollback(config, checkpointer, abstract, previous[0], writer, state)
+      state = _rollback(config, checkpointer, abstract, previous_step, writer, state)
       step = int(state.step)
       batches = pipeline.train_batches(config, data_sharding, start_step=step)
-      previous = None
+      previous_step = None
       continue
-    previous = (step, metrics["nonfinite"])
+    previous_step, previous_nonfinite = step, metrics["nonfinite"]
     if step % config.train.log_every == 0 or step == config.train.num_steps or step == start + 1:
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
       scalars["skipped"] = float(state.skipped)
@@ -141,8 +163,8 @@ def _train(
       if config.data.vocabulary == "byte":
         scalars["bits_per_byte"] = bits_per_byte(loss)
       writer.write(step, scalars, prefix="eval/")
-      if config.evaluation.tasks:
-        writer.write(step, _evaluate_tasks(config, state.params, step, workdir), prefix="eval/")
+      for hook in eval_hooks:
+        writer.write(step, hook(step, state.params, workdir), prefix="eval/")
     if watcher.reached(step):
       checkpointer.save(step, state, force=True)
       checkpointer.wait()
@@ -200,28 +222,6 @@ class _Profiler:
           target.parent.mkdir(parents=True, exist_ok=True)
           storage.copy_file(local, target)
       shutil.rmtree(self._trace_dir, ignore_errors=True)
-
-
-def _evaluate_tasks(
-    config: ml_collections.ConfigDict, params: Any, step: int, workdir: storage.PathLike
-) -> dict[str, float]:
-  """config.evaluation.tasks on the current parameters, by llada-evaluate's code."""
-  from llada_jax.evaluation import harness  # pylint: disable=g-import-not-at-top
-  from llada_jax.evaluation.model import eval_model_from_params  # pylint: disable=g-import-not-at-top
-  from llada_jax.evaluation.tasks import parse_tasks  # pylint: disable=g-import-not-at-top
-  from llada_jax.data.codec import text_codec  # pylint: disable=g-import-not-at-top
-
-  ev = config.evaluation
-  model = eval_model_from_params(config, params, text_codec(config), step, str(workdir))
-  options = harness.EvalOptions(
-      tasks=tuple(parse_tasks(ev.tasks, flag="evaluation.tasks")),
-      limit=ev.limit,
-      seed=config.seed,
-      mc_num=ev.mc_num,
-      mc_batch_size=ev.mc_batch_size,
-      sampler=dict(config.sampling.to_dict(), logits_eos_inf=False, confidence_eos_eot_inf=False),
-  )
-  return harness.scalars(harness.run_tasks(model, options))
 
 
 def _restore(
@@ -318,7 +318,7 @@ def _warn_schedule(config: ml_collections.ConfigDict) -> None:
 def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
   """Copies a "llada_hf" run's tokenizer.json into the workdir (process 0), so that its
   checkpoints decode on a machine without the original file (`load_model` looks there)."""
-  from llada_jax.sampling.text import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
 
   source = storage.path(config.data.tokenizer) if config.data.tokenizer else None
   target = storage.path(workdir) / TOKENIZER_FILE

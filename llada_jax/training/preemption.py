@@ -29,6 +29,7 @@ class PreemptionWatcher:
           self._previous[signum] = signal.SIG_DFL if previous is None else previous
 
   def _on_signal(self, signum, frame) -> None:
+    """Records the signal; the loop saves at its next step (a second Ctrl-C interrupts at once)."""
     del frame
     if signum == signal.SIGINT:
       previous = self._previous.pop(signum, None)

@@ -12,8 +12,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from llada_jax.model import Transformer
-from llada_jax.parallel.sharding import axis_rules, logical_shardings
+from llada_jax.keys import Stream
+from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.parallel.sharding import abstract_on_mesh, axis_rules
 
 
 @flax.struct.dataclass
@@ -45,44 +46,33 @@ class TrainState:
 
 
 def _init_boxed(
-    config: ml_collections.ConfigDict,
-    model: Transformer,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
+    model: MaskedDiffusionLM, tx: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
   """Initial state whose leaves still carry their logical axis names."""
-  tokens = jnp.zeros((1, config.data.sequence_length), jnp.int32)
-  params = model.init(rng, tokens)["params"]
+  params = model.init(rng)
   return TrainState.fresh(params, tx.init(params))
 
 
 def state_shardings(
     config: ml_collections.ConfigDict,
-    model: Transformer,
+    model: MaskedDiffusionLM,
     tx: optax.GradientTransformation,
     mesh: Mesh,
 ) -> tuple[Any, Any]:
   """(abstract state of ShapeDtypeStructs carrying shardings, tree of NamedShardings)."""
-  boxed = jax.eval_shape(lambda r: _init_boxed(config, model, tx, r), jax.random.PRNGKey(0))
-  shardings = logical_shardings(boxed, mesh, axis_rules(config))
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      nn.meta.unbox(boxed),
-      shardings,
-  )
-  return abstract, shardings
+  boxed = jax.eval_shape(lambda r: _init_boxed(model, tx, r), jax.random.PRNGKey(0))
+  abstract = abstract_on_mesh(boxed, mesh, axis_rules(config))
+  return abstract, jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def create_train_state(
     config: ml_collections.ConfigDict,
-    model: Transformer,
+    model: MaskedDiffusionLM,
     tx: optax.GradientTransformation,
     mesh: Mesh,
 ) -> tuple[TrainState, Any]:
   """Initialises parameters and optimizer state, each created already sharded on `mesh`."""
   _, shardings = state_shardings(config, model, tx, mesh)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
-  init = jax.jit(
-      lambda r: nn.meta.unbox(_init_boxed(config, model, tx, r)), out_shardings=shardings
-  )
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.INIT)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, r)), out_shardings=shardings)
   return init(rng), shardings

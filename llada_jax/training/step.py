@@ -10,14 +10,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from llada_jax.diffusion.masking import noise_batch
-from llada_jax.diffusion.objectives import (
-    autoregressive_loss,
-    chunked_cross_entropy,
-    diffusion_loss,
-    diffusion_loss_from_ce,
-)
-from llada_jax.model import Transformer
+from llada_jax.keys import Stream
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
 from llada_jax.training.state import TrainState
@@ -27,56 +21,13 @@ Batch = dict[str, jax.Array]  # model features, see llada_jax.data.features
 
 
 def step_rng(config: ml_collections.ConfigDict, step: jax.Array, stream: int) -> jax.Array:
-  """The key of one step: fold_in(seed) by stream (1 train, 2 eval) then by step."""
+  """The key of one step: fold_in(seed) by stream (`llada_jax.keys.Stream`) then by step."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), stream), step)
-
-
-def _loss(
-    config: ml_collections.ConfigDict,
-    model: Transformer,
-    params: Any,
-    batch: Batch,
-    rng: jax.Array,
-    random_length_prob: float,
-) -> tuple[jax.Array, Metrics]:
-  """The configured objective on a feature batch: the LLaDA bound ("mdm") or next-token CE
-  ("arm"). Batches noised in the input pipeline carry `inputs`; others are noised here."""
-  if config.diffusion.objective == "arm":
-    return autoregressive_loss(
-        lambda tokens, mask: model.apply({"params": params}, tokens, mask), batch["targets"]
-    )
-  if "inputs" not in batch:
-    batch = noise_batch(
-        rng,
-        batch,
-        mask_id=config.tokens.mask_id,
-        eps=config.diffusion.eps,
-        random_length_prob=random_length_prob,
-        time_sampling=config.diffusion.time_sampling,
-    )
-  chunk = config.train.loss_chunk
-  if chunk:
-    hidden = model.apply(
-        {"params": params},
-        batch["inputs"],
-        batch["valid"],
-        batch["positions"],
-        batch["segment_ids"],
-        return_hidden=True,
-    )
-    ce = chunked_cross_entropy(
-        hidden, params["ff_out"]["kernel"], batch["targets"], chunk, jnp.dtype(config.model.dtype)
-    )
-    return diffusion_loss_from_ce(ce, batch)
-  logits = model.apply(
-      {"params": params}, batch["inputs"], batch["valid"], batch["positions"], batch["segment_ids"]
-  )
-  return diffusion_loss(logits, batch)
 
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    model: Transformer,
+    model: MaskedDiffusionLM,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     shardings: Any,
@@ -92,10 +43,10 @@ def make_train_step(
   def loss_fn(
       params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0
   ) -> tuple[jax.Array, Metrics]:
-    rng = step_rng(config, state.step, stream=1)
+    rng = step_rng(config, state.step, stream=Stream.TRAIN)
     if accum > 1:  # each micro-batch draws its own noise (device masking)
       rng = jax.random.fold_in(rng, micro)
-    loss, metrics = _loss(config, model, params, batch, rng, config.diffusion.random_length_prob)
+    loss, metrics = model.loss(params, batch, rng)
     if inject >= 0:  # test knob: a divergence at one step that a cut learning rate avoids
       loss = loss * jnp.where((state.step == inject) & (state.lr_scale == 1.0), jnp.nan, 1.0)
     return loss, metrics
@@ -174,7 +125,7 @@ def make_train_step(
 
 
 def make_eval_step(
-    config: ml_collections.ConfigDict, model: Transformer, mesh: Mesh, param_shardings: Any
+    config: ml_collections.ConfigDict, model: MaskedDiffusionLM, mesh: Mesh, param_shardings: Any
 ) -> Callable[[Any, Batch, int], jax.Array]:
   """jit(params, batch, batch_index) -> loss bound (nats/token) on full-length sequences.
 
@@ -183,7 +134,9 @@ def make_eval_step(
   rules = axis_rules(config)
 
   def eval_step(params: Any, batch: Batch, index: jax.Array) -> jax.Array:
-    loss, _ = _loss(config, model, params, batch, step_rng(config, index, stream=2), 0.0)
+    loss, _ = model.loss(
+        params, batch, step_rng(config, index, stream=Stream.EVAL), random_length_prob=0.0
+    )
     return loss
 
   jitted = jax.jit(

@@ -36,7 +36,7 @@ SETTLE_SECONDS = 2.0  # object storage: how long a written lock must survive to 
 
 def _boot_id() -> str | None:
   try:
-    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
   except OSError:
     return None
 
@@ -44,7 +44,12 @@ def _boot_id() -> str | None:
 def _stat(pid: int) -> list[str] | None:
   """Fields 3.. of /proc/<pid>/stat (Linux), or None; the name before ")" may hold spaces."""
   try:
-    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (
+        pathlib.Path(f"/proc/{pid}/stat")
+        .read_text(encoding="utf-8", errors="replace")
+        .rsplit(")", 1)[1]
+        .split()
+    )
   except OSError:
     return None
 

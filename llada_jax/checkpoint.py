@@ -247,6 +247,7 @@ def _restore_state(path: storage.Path, abstract_state: Any) -> Any:
 
 
 def _restore_params(path: storage.Path, abstract_params: Any) -> Any:
+  """The parameters alone of the train state stored at `path`, placed as `abstract_params` say."""
   item = {"params": abstract_params}
   args = ocp.args.PyTreeRestore(
       item=item,

@@ -1,0 +1,170 @@
+"""The language model as one object: parameters, loss, likelihood and generation of a config.
+
+`MaskedDiffusionLM` owns what T5X's BaseModel owns (the network, the token ids, the objective) and
+exposes the four duties every consumer needs: `init`, `loss` (the same function for the training
+step, the validation bound and the per-sequence bound of `llada-evaluate`, as Levanter's one loss
+with a `reduction`), `score` (the Monte-Carlo bound on log p(answer | prompt)) and `generate` (the
+reverse process). The autoregressive baseline is the same object with `diffusion.objective=arm`.
+The objectives themselves are the table `llada_jax.diffusion.objectives.OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from llada_jax.diffusion import likelihood
+from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
+from llada_jax.errors import ConfigError
+from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.sampling.generate import generate
+
+Batch = dict[str, jax.Array]  # model features, see llada_jax.data.features
+
+
+class MaskedDiffusionLM:
+  """The model of one config (config.model, config.tokens, config.diffusion, config.train).
+
+  Attributes:
+    config: the full ml_collections config it was built from.
+    module: the Flax mask predictor (`llada_jax.model.Transformer`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.module = Transformer(ModelConfig.from_config(config))
+
+  @property
+  def objective(self) -> str:
+    """config.diffusion.objective: a key of OBJECTIVES ("mdm" or "arm")."""
+    return self.config.diffusion.objective
+
+  def init(self, rng: jax.Array) -> Any:
+    """Fresh parameters, each still boxed with its logical axis names (nn.LogicallyPartitioned);
+    `flax.linen.meta.unbox` gives plain arrays. Traceable (use under jit/eval_shape)."""
+    tokens = jnp.zeros((1, self.config.data.sequence_length), jnp.int32)
+    return self.module.init(rng, tokens)["params"]
+
+  def apply(
+      self,
+      params: Any,
+      tokens: jax.Array,
+      attention_mask: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      **kwargs: Any,
+  ) -> jax.Array:
+    """The network's logits [B, L, V] for tokens [B, L] (`Transformer.__call__`'s arguments)."""
+    return self.module.apply(
+        {"params": params}, tokens, attention_mask, positions, segment_ids, **kwargs
+    )
+
+  def logits(
+      self,
+      params: Any,
+      tokens: jax.Array,
+      attention_mask: jax.Array,
+      unconditional: jax.Array | None = None,
+      cfg_scale: jax.Array | float = 0.0,
+  ) -> jax.Array:
+    """Logits with padding-aware positions, guided when `unconditional` is given
+    (`llada_jax.model.apply_model`)."""
+    return apply_model(self.module, params, tokens, attention_mask, unconditional, cfg_scale)
+
+  def cross_entropy(self, params: Any, inputs: jax.Array, batch: Batch) -> jax.Array:
+    """float32 CE [B, L] of batch["targets"] given `inputs` [B, L] (with the batch's valid,
+    positions and segment_ids): through full logits, or `train.loss_chunk` positions at a time
+    (`chunked_cross_entropy`) when that is set."""
+    features = (batch["valid"], batch["positions"], batch["segment_ids"])
+    chunk = self.config.train.loss_chunk
+    if chunk:
+      hidden = self.apply(params, inputs, *features, return_hidden=True)
+      return chunked_cross_entropy(
+          hidden,
+          params["ff_out"]["kernel"],
+          batch["targets"],
+          chunk,
+          jnp.dtype(self.config.model.dtype),
+      )
+    logits = self.apply(params, inputs, *features)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"]
+    )
+
+  def loss(
+      self,
+      params: Any,
+      batch: Batch,
+      rng: jax.Array,
+      *,
+      reduction: str = "mean",
+      random_length_prob: float | None = None,
+  ) -> tuple[jax.Array, Metrics]:
+    """The configured objective on a feature batch (`llada_jax.data.features`).
+
+    Args:
+      params: network parameters.
+      batch: targets [B, L], valid, positions, segment_ids (and prompt_length for SFT); a batch
+        already noised in the input pipeline also carries inputs, masked and p_mask.
+      rng: key of the forward process (unused when the batch is noised or the objective is arm).
+      reduction: "mean": the training loss, a scalar (nats per token); "sequence": one bound per
+        row [B] (nats per token of that row), what evaluation averages over sequences.
+      random_length_prob: the probability of the random-length cut (default
+        config.diffusion.random_length_prob; 0 for evaluation).
+
+    Returns:
+      (loss, metrics); the loss is float32.
+
+    Raises:
+      ConfigError: an unknown reduction.
+    """
+    if reduction not in REDUCTIONS:
+      raise ConfigError(
+          f"reduction={reduction!r} is not allowed: expected one of " f"{', '.join(REDUCTIONS)}"
+      )
+    if random_length_prob is None:
+      random_length_prob = self.config.diffusion.random_length_prob
+    return OBJECTIVES[self.objective](
+        self, params, batch, rng, reduction=reduction, random_length_prob=random_length_prob
+    )
+
+  def score(
+      self,
+      params: Any,
+      prompts: Sequence[Sequence[int]],
+      answers: Sequence[Sequence[int]],
+      keys: jax.Array,
+      *,
+      mc_num: int,
+      batch_size: int,
+      cfg_scale: float = 0.0,
+      sharding: jax.sharding.Sharding | None = None,
+      width: int | None = None,
+  ) -> likelihood.Likelihood:
+    """Monte-Carlo estimates of log p(answer | prompt) per pair, one key per pair
+    (`llada_jax.diffusion.likelihood.score_pairs`, LLaDA's Eq. 6 estimator)."""
+    return likelihood.score_pairs(
+        self.config,
+        params,
+        prompts,
+        answers,
+        keys,
+        mc_num=mc_num,
+        batch_size=batch_size,
+        cfg_scale=cfg_scale,
+        sharding=sharding,
+        width=width,
+    )
+
+  def generate(
+      self, params: Any, prompt: Any, attention_mask: Any = None, options: Any = None, **kwargs: Any
+  ) -> Any:
+    """Answers for prompts [B, P] by the reverse process (`llada_jax.sampling.generate`):
+    int32 [B, P + gen_length]."""
+    if options is not None:
+      kwargs["options"] = options
+    return generate(self.config, params, prompt, attention_mask, **kwargs)

@@ -1,0 +1,89 @@
+"""Loading a model for inference: a training workdir or an official HuggingFace LLaDA folder.
+
+Parameters only (no optimizer state is built or read), placed on this host's devices whatever mesh
+and batch the run trained with. Imports nothing from `llada_jax.training`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from llada_jax import storage
+from llada_jax.checkpoint import restore_newest
+from llada_jax.errors import ConfigError
+from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.parallel.mesh import make_mesh
+from llada_jax.parallel.sharding import abstract_on_mesh, axis_rules
+
+TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
+
+
+def load_model(
+    path: storage.PathLike, tokenizer: str | None = None
+) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) from a training workdir or an official HuggingFace LLaDA folder: see
+  `load_model_and_step`."""
+  return load_model_and_step(path, tokenizer)[1:]
+
+
+def load_model_and_step(
+    path: storage.PathLike, tokenizer: str | None = None
+) -> tuple[int | None, ml_collections.ConfigDict, Any]:
+  """(checkpoint step or None for an HF folder, config, params) of a workdir or HF folder.
+
+  A workdir gives its newest checkpoint that restores (`restore_newest`: damaged newer steps are
+  skipped with a warning, nothing is renamed), parameters only, replicated over the local
+  devices whatever batch and mesh it was trained with. tokenizer: a tokenizer.json for the
+  "llada_hf" vocabulary; default: the folder's or workdir's own tokenizer.json, or the config's
+  data.tokenizer (a relative path is taken from the workdir).
+
+  Raises:
+    ConfigError: `path` does not exist or `tokenizer` names no file.
+    CheckpointError: no checkpoint, another model, nothing restorable, a bad HF folder.
+  """
+  root = storage.path(path)
+  if not root.exists():
+    raise ConfigError(
+        f"--checkpoint={path} does not exist: expected a training workdir or an HF " "LLaDA folder"
+    )
+  if tokenizer is not None and not storage.path(tokenizer).is_file():
+    raise ConfigError(
+        f"--tokenizer={tokenizer} names no file: expected the model's " "tokenizer.json"
+    )
+  if (root / "config.json").is_file():
+    if storage.is_remote(root):
+      raise ConfigError(
+          f"--checkpoint={path}: HF folders are read from a local disk; copy it "
+          "first (gsutil -m cp -r) or convert it into a workdir on a local disk"
+      )
+    from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
+
+    step, (config, params) = None, load_hf(path)
+  else:
+    step, config, params = restore_newest(
+        path, serving_abstract_params, params_only=True, read_only=True
+    )
+  if tokenizer is not None:
+    config.data.update(vocabulary="llada_hf", tokenizer=storage.cached_local_copy(tokenizer))
+  elif config.data.vocabulary == "llada_hf":
+    stored = config.data.tokenizer
+    relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
+    for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
+      if candidate and storage.path(candidate).is_file():
+        config.data.tokenizer = storage.cached_local_copy(candidate)
+        break
+  return step, config, params
+
+
+def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
+  data-parallel axis; the training batch and mesh play no part)."""
+  serving = ml_collections.ConfigDict(config.to_dict())
+  serving.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
+  boxed = jax.eval_shape(MaskedDiffusionLM(serving).init, jax.random.PRNGKey(0))
+  return abstract_on_mesh(boxed, mesh, axis_rules(serving))
