@@ -1,6 +1,7 @@
 """Shared test setup: 8 fake CPU devices (for mesh tests) and a tiny config."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,6 +11,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TPU devices themselves) would otherwise probe for TPU chips in every process. JAX_PLATFORMS=cuda
 # (or tpu) runs the accelerator-only tests on such a machine.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the whole run, both xdist workers and every subprocess (trainers,
+# notebooks) included: the tiny programs many tests share are compiled once. The cache is keyed by
+# the program, the compiler version and its flags, so a hit is the same executable.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"llada_jax_tests_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
+        "jax_cache",
+    ),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -136,19 +136,17 @@ def test_divergence_beyond_max_rollbacks_is_an_error(tmp_path):
     train(_config(nonfinite="rollback", max_rollbacks=0, inject_nan_at_step=3), tmp_path)
 
 
-def test_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_broken_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path):
   straight = train(_config(), tmp_path / "straight")
-  config = _config()
-  config.train.num_steps = 4
-  train(config, tmp_path / "broken")
-  state_dir = pathlib.Path(checkpoint.checkpoint_dir(tmp_path / "broken")) / "4" / "state"
+  broken = _copy(finished, tmp_path)  # checkpoints 2 and 4 of the same run, 4 steps long
+  state_dir = pathlib.Path(checkpoint.checkpoint_dir(broken)) / "4" / "state"
   victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0]
   for victim in victims:
     victim.write_bytes(victim.read_bytes()[:7])  # a crash while the file was written
-  resumed = train(_config(), tmp_path / "broken")
+  resumed = train(_config(), broken)
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
-  assert (checkpoint.checkpoint_dir(tmp_path / "broken") / "4.broken").is_dir()
-  assert checkpoint.latest_step(tmp_path / "broken") == 6
+  assert (checkpoint.checkpoint_dir(broken) / "4.broken").is_dir()
+  assert checkpoint.latest_step(broken) == 6
 
 
 def _env():
