@@ -1,9 +1,13 @@
 """Convert between official HuggingFace LLaDA folders and llada_jax workdirs.
 
-  python -m llada_jax.convert from-hf --hf_dir=D --workdir=W [--dtype=bfloat16]
+  python -m llada_jax.convert from-hf --hf_dir=D --workdir=W [--dtype=bfloat16 --mask_id=ID]
   python -m llada_jax.convert to-hf --workdir=W --out=D [--dtype=bfloat16 --max_shard_size=5GB]
 
-from-hf writes a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
+from-hf reads an official LLaDA folder or an autoregressive Llama/Mistral one (config.json's
+model_type tells them apart; the latter becomes the causal model, model.causal=True, whose
+training with model.causal=False and diffusion.objective=mdm is the AR initialisation of LLaDA 2.0
+and Dream; its mask token is --mask_id, an existing id, or by default one appended row). It writes
+a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
 `llada-sample` reads and `llada-train` fine-tunes from; to-hf writes config.json and safetensors
 that the official PyTorch loader reads.
 """
@@ -22,6 +26,12 @@ _WORKDIR = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace folder (to-hf).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype written.")
+_MASK_ID = flags.DEFINE_integer(
+    "mask_id",
+    None,
+    "from-hf of a Llama/Mistral folder: an existing token id to use as the mask token "
+    "(default: one row is appended to the vocabulary for it).",
+)
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (to-hf).")
 
 
@@ -33,7 +43,7 @@ def _convert(argv: list[str]) -> None:
   if argv[1] == "from-hf":
     if not _HF_DIR.value or not _WORKDIR.value:
       raise ConfigError("from-hf needs --hf_dir and --workdir")
-    count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value)
+    count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value, _MASK_ID.value)
     logging.info(
         "imported %s parameters from %s into %s", f"{count:,}", _HF_DIR.value, _WORKDIR.value
     )

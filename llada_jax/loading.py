@@ -60,9 +60,9 @@ def load_model_and_step(
           f"--checkpoint={path}: HF folders are read from a local disk; copy it "
           "first (gsutil -m cp -r) or convert it into a workdir on a local disk"
       )
-    from llada_jax.interop.hf_checkpoint import load_hf  # pylint: disable=g-import-not-at-top
+    from llada_jax.interop.formats import hf_format  # pylint: disable=g-import-not-at-top
 
-    step, (config, params) = None, load_hf(path)
+    step, (config, params) = None, hf_format(str(path))[1](path)
   else:
     step, config, params = restore_newest(
         path, serving_abstract_params, params_only=True, read_only=True

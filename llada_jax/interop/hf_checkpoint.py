@@ -3,15 +3,18 @@
 PyTorch Linear weights are [out, in]; Flax kernels here are [in, out] with heads split out:
 q_proj [d, H, hd], attn_out [H, hd, d]. Every tensor is mapped and transposed on its own while the
 files are read, so an import holds the parameters being built plus one source tensor.
+`load_tensors` is that one import path for any HF format of this architecture, given the format's
+`NameTable` (`llada_table` here, `interop.llama.llama_table` for Llama/Mistral).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import ml_collections
@@ -24,40 +27,104 @@ from llada_jax.interop import safetensors_io
 from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_from_hf, config_to_hf
 
 PREFIX = "model.transformer."
-BLOCK = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(\w+)\.weight$")
+BLOCK_PREFIX = PREFIX + "blocks."
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
 
+Keys = tuple[str, ...]  # a path into the parameter tree, e.g. ("ln_f", "weight")
 
-def _block_layouts(
+
+class Tensor(NamedTuple):
+  """One HF tensor outside the blocks: its shape in the file and the parameters it gives, each as
+  (our keys, HF layout -> ours) (a tied embedding gives both wte and the head)."""
+
+  shape: tuple[int, ...]
+  targets: tuple[tuple[Keys, Callable[[np.ndarray], np.ndarray]], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class NameTable:
+  """How one HF format names llada_jax's parameters: the one import path (`load_tensors`) reads
+  any format through its table.
+
+  block_prefix: block tensors are named f"{block_prefix}{layer}.{name}.weight"; block_names maps
+  each such `name` to llada_jax's block (attn_norm, q_proj, ..., ff_out), whose layouts are
+  `block_layouts`'s (PyTorch Linear [out, in] in every HF format). top: the tensors outside the
+  blocks. ignored: names read past (a tied head's stored copy, which HF's loader also drops).
+  """
+
+  block_prefix: str
+  block_names: dict[str, str]
+  top: dict[str, Tensor]
+  ignored: frozenset[str] = frozenset()
+
+  def names(self, n_layers: int) -> list[str]:
+    """Every tensor name the format requires for an n_layers model."""
+    blocks = [self.block_name(i, name) for i in range(n_layers) for name in self.block_names]
+    return list(self.top) + blocks
+
+  def block_name(self, layer: int, name: str) -> str:
+    return f"{self.block_prefix}{layer}.{name}.weight"
+
+
+def block_layouts(
     m: ml_collections.ConfigDict,
-) -> dict[str, tuple[tuple[int, ...], Callable, Callable]]:
-  """Per block weight: (our shape, hf -> ours, ours -> hf)."""
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Callable, Callable]]:
+  """Per block weight: (our shape, HF shape, hf -> ours, ours -> hf)."""
   d, h, k, hd, f = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads, m.mlp_hidden_size
 
   def split_out(heads: int):
     return (
         (d, heads, hd),
+        (heads * hd, d),
         lambda w: w.T.reshape(d, heads, hd),
         lambda w: w.reshape(d, heads * hd).T,
     )
 
+  def linear(n_in: int, n_out: int):
+    return ((n_in, n_out), (n_out, n_in), lambda w: w.T, lambda w: w.T)
+
   return {
-      "attn_norm": ((d,), lambda w: w, lambda w: w),
-      "ff_norm": ((d,), lambda w: w, lambda w: w),
+      "attn_norm": ((d,), (d,), lambda w: w, lambda w: w),
+      "ff_norm": ((d,), (d,), lambda w: w, lambda w: w),
       "q_proj": split_out(h),
       "k_proj": split_out(k),
       "v_proj": split_out(k),
-      "attn_out": ((h, hd, d), lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T),
-      "ff_proj": ((d, f), lambda w: w.T, lambda w: w.T),
-      "up_proj": ((d, f), lambda w: w.T, lambda w: w.T),
-      "ff_out": ((f, d), lambda w: w.T, lambda w: w.T),
+      "attn_out": (
+          (h, hd, d),
+          (d, h * hd),
+          lambda w: w.T.reshape(h, hd, d),
+          lambda w: w.reshape(h * hd, d).T,
+      ),
+      "ff_proj": linear(d, f),
+      "up_proj": linear(d, f),
+      "ff_out": linear(f, d),
   }
 
 
 def _leaf(block: str) -> str:
   return "weight" if block.endswith("norm") else "kernel"
+
+
+def llada_table(config: ml_collections.ConfigDict) -> NameTable:
+  """The official LLaDA names (model.transformer.*, OLMo-derived): the same names as ours."""
+  m = config.model
+  embedding = Tensor((m.vocab_size, m.d_model), ((("wte", "embedding"), _same),))
+  head = Tensor((m.vocab_size, m.d_model), ((("ff_out", "kernel"), np.transpose),))
+  return NameTable(
+      block_prefix=BLOCK_PREFIX,
+      block_names={block: block for block in block_layouts(m)},
+      top={
+          PREFIX + "wte.weight": embedding,
+          PREFIX + "ln_f.weight": Tensor((m.d_model,), ((("ln_f", "weight"), _same),)),
+          PREFIX + "ff_out.weight": head,
+      },
+  )
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
 
 
 def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
@@ -121,15 +188,38 @@ def load_hf(
   path = pathlib.Path(path)
   files = hf_files(path)
   config = read_hf_config(path, base)
+  return config, load_tensors(path, files, config, llada_table(config), dtype, shardings)
+
+
+def load_tensors(
+    path: pathlib.Path,
+    files: list[pathlib.Path],
+    config: ml_collections.ConfigDict,
+    table: NameTable,
+    dtype: str | None = None,
+    shardings: Any = None,
+) -> Any:
+  """The parameter tree of `config`'s model from HF safetensors `files` named as `table` says.
+
+  Each tensor is checked against its HF shape, converted (transposed, heads split out) and cast
+  to `dtype` ("float32", "bfloat16"; None: as stored) on its own, as the files are read; with
+  `shardings` every leaf is then placed on the devices. Block weights are stacked over layers
+  [n_layers, ...] under "blocks" when model.scan_layers, else under "blocks_{i}".
+
+  Raises:
+    CheckpointError: a tensor appears twice, is unknown to the table, has another shape than the
+      config gives, or is missing (each named with the folder).
+  """
   m = config.model
-  layouts = _block_layouts(m)
+  layouts = block_layouts(m)
+  block = re.compile(rf"^{re.escape(table.block_prefix)}(\d+)\.(.+)\.weight$")
   target = (
       np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else (np.dtype(dtype) if dtype else None)
   )
   params: dict[str, Any] = {}
   seen: set[str] = set()
 
-  def store(keys: tuple[str, ...], value: np.ndarray, layer: int | None) -> None:
+  def store(keys: Keys, value: np.ndarray, layer: int | None) -> None:
     node = params
     for key in keys[:-1]:
       node = node.setdefault(key, {})
@@ -144,44 +234,36 @@ def load_hf(
     if name in seen:
       raise CheckpointError(f"tensor {name} appears twice in {path}")
     seen.add(name)
+    if name in table.ignored:
+      continue
     value = np.asarray(tensor)
     dtype_out = target or value.dtype
-    match = BLOCK.match(name)
+    match = block.match(name)
     if match:
-      layer, block = int(match.group(1)), match.group(2)
-      if block not in layouts or layer >= m.n_layers:
+      layer, ours = int(match.group(1)), table.block_names.get(match.group(2))
+      if ours is None or layer >= m.n_layers:
         raise CheckpointError(
-            f"unexpected tensor {name} in {path} (unknown to a LLaDA "
-            f"{m.n_layers}-layer llama model)"
+            f"unexpected tensor {name} in {path} (unknown to a {m.n_layers}-layer "
+            "llama-architecture model)"
         )
-      shape, to_ours, _ = layouts[block]
-      converted = _convert(name, value, shape, to_ours, dtype_out)
+      _, hf_shape, to_ours, _ = layouts[ours]
+      converted = _convert(name, value, hf_shape, to_ours, dtype_out, path)
       if m.scan_layers:
-        store(("blocks", block, _leaf(block)), converted, layer)
+        store(("blocks", ours, _leaf(ours)), converted, layer)
       else:
-        store((f"blocks_{layer}", block, _leaf(block)), converted, None)
-    elif name == PREFIX + "wte.weight":
-      store(
-          ("wte", "embedding"),
-          _convert(name, value, (m.vocab_size, m.d_model), lambda w: w, dtype_out),
-          None,
-      )
-    elif name == PREFIX + "ln_f.weight":
-      store(("ln_f", "weight"), _convert(name, value, (m.d_model,), lambda w: w, dtype_out), None)
-    elif name == PREFIX + "ff_out.weight":
-      store(
-          ("ff_out", "kernel"),
-          _convert(name, value, (m.d_model, m.vocab_size), lambda w: w.T, dtype_out),
-          None,
-      )
+        store((f"blocks_{layer}", ours, _leaf(ours)), converted, None)
+    elif name in table.top:
+      entry = table.top[name]
+      for keys, to_ours in entry.targets:
+        store(keys, _convert(name, value, entry.shape, to_ours, dtype_out, path), None)
     else:
-      raise CheckpointError(f"unexpected tensor {name} in {path} (not part of a LLaDA model)")
-  missing = sorted(set(hf_names(config)) - seen)
+      raise CheckpointError(f"unexpected tensor {name} in {path} (not part of this model format)")
+  missing = sorted(set(table.names(m.n_layers)) - seen)
   if missing:
     raise CheckpointError(f"{path} lacks tensor {missing[0]} (and {len(missing) - 1} more)")
   if shardings is not None:
     params = jax.tree.map(jax.device_put, params, shardings)
-  return config, params
+  return params
 
 
 def _all_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
@@ -190,23 +272,25 @@ def _all_tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _convert(
-    name: str, value: np.ndarray, shape: tuple[int, ...], fn: Callable, dtype: np.dtype
+    name: str,
+    value: np.ndarray,
+    shape: tuple[int, ...],
+    fn: Callable,
+    dtype: np.dtype,
+    path: pathlib.Path,
 ) -> np.ndarray:
-  converted = fn(value)
-  if converted.shape != shape:
+  """fn(value) as a C-contiguous `dtype` array, once value has the HF `shape` the config gives."""
+  if value.shape != shape:
     raise CheckpointError(
-        f"tensor {name} has shape {list(value.shape)}, which does not give "
-        f"the expected {list(shape)} for this config"
+        f"tensor {name} has shape {list(value.shape)} in {path}, but the config gives "
+        f"{list(shape)}"
     )
-  return np.ascontiguousarray(converted, dtype=dtype)
+  return np.ascontiguousarray(fn(value), dtype=dtype)
 
 
 def hf_names(config: ml_collections.ConfigDict) -> list[str]:
   """Every tensor name of the HF checkpoint of this model."""
-  names = [PREFIX + n for n in ("wte.weight", "ln_f.weight", "ff_out.weight")]
-  for layer in range(config.model.n_layers):
-    names += [f"{PREFIX}blocks.{layer}.{block}.weight" for block in _block_layouts(config.model)]
-  return names
+  return llada_table(config).names(config.model.n_layers)
 
 
 def to_hf_tensors(
@@ -220,7 +304,7 @@ def to_hf_tensors(
 
   yield PREFIX + "wte.weight", host(params["wte"]["embedding"])
   for layer in range(config.model.n_layers):
-    for block, (_, _, to_hf) in _block_layouts(config.model).items():
+    for block, (_, _, _, to_hf) in block_layouts(config.model).items():
       if config.model.scan_layers:
         ours = params["blocks"][block][_leaf(block)][layer]
       else:

@@ -13,22 +13,25 @@ import tempfile
 from llada_jax import storage
 
 
-def from_hf(hf_dir: str, workdir: str, dtype: str) -> int:
-  """Imports an HF folder into a workdir; returns the number of parameters."""
+def from_hf(hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None) -> int:
+  """Imports an HF folder (LLaDA, or Llama/Mistral as the causal model: see hf_format) into a
+  workdir; returns the number of parameters."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config  # pylint: disable=g-import-not-at-top
   from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
   from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
   from llada_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   from llada_jax.training.state import TrainState, state_shardings  # pylint: disable=g-import-not-at-top
 
-  config = read_hf_config(hf_dir)
+  from llada_jax.interop.formats import hf_format  # pylint: disable=g-import-not-at-top
+
+  read_config, load = hf_format(hf_dir, mask_id)
+  config = read_config(hf_dir)
   config.model.param_dtype = dtype
   tx = make_optimizer(config)
   _, shardings = state_shardings(config, MaskedDiffusionLM(config), tx, make_mesh(config))
-  config, params = load_hf(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
+  config, params = load(hf_dir, dtype=dtype, base=config, shardings=shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   state = TrainState.fresh(params, opt_state)
   if config.data.tokenizer:  # kept with the workdir, so that it decodes on any machine

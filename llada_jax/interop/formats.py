@@ -1,0 +1,34 @@
+"""Which importer reads an HF folder: official LLaDA (interop.hf_checkpoint) or an autoregressive
+Llama/Mistral model (interop.llama), told apart by config.json's model_type."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from llada_jax.errors import ConfigError
+from llada_jax.interop import llama
+from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config
+
+
+def hf_format(hf_dir: str, mask_id: int | None = None) -> tuple[Callable[[str], Any], Callable]:
+  """(read_config, load) for an HF folder of either format, told apart by config.json's
+  model_type: a Llama/Mistral AR model (interop.llama: the causal model, with `mask_id` or an
+  appended mask row) or an official LLaDA model (interop.hf_checkpoint). read_config(path) gives
+  the llada_jax config; load(path, dtype=, base=, shardings=) gives (config, params).
+
+  Raises:
+    CheckpointError: no readable config.json. ConfigError: mask_id given for a LLaDA folder,
+      which has its own mask token.
+  """
+  if llama.model_type(hf_dir) in llama.MODEL_TYPES:
+    return (
+        functools.partial(llama.read_llama_config, mask_id=mask_id),
+        functools.partial(llama.load_llama, mask_id=mask_id),
+    )
+  if mask_id is not None:
+    raise ConfigError(
+        f"--mask_id={mask_id} is not allowed for {hf_dir}: it is for LLaMA/Mistral folders; "
+        "a LLaDA folder has its own mask token"
+    )
+  return read_hf_config, load_hf

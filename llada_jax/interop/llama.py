@@ -1,0 +1,280 @@
+"""Autoregressive LLaMA-architecture HuggingFace checkpoints (Llama, Mistral) -> llada_jax params.
+
+The AR initialisation of LLaDA 2.0 / Dream: an AR model's weights start a masked diffusion model.
+The format is transformers' LlamaForCausalLM / MistralForCausalLM: config.json (model_type "llama"
+or "mistral") and safetensors named model.embed_tokens, model.layers.{i}.input_layernorm,
+self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj, model.norm and
+lm_head (absent when tie_word_embeddings), single-file or sharded with an index. The network is
+llada_jax's own (pre-norm RMSNorm blocks, SwiGLU, GQA), so the import is `hf_checkpoint`'s one
+conversion path with a second name table; the imported config is the causal model
+(model.causal=True, diffusion.objective="arm") whose logits are the HF model's.
+
+RoPE: HF Llama rotates (x[:hd/2], x[hd/2:]) pairs ("rotate_half"); transformers' Meta -> HF
+conversion already permuted q_proj/k_proj from Meta's interleaved pairs into that layout.
+llada_jax's `apply_rope` is rotate_half with the same frequencies (theta^(-2i/hd) for both
+halves), so the q/k weights are taken as stored. Checkpoints in Meta's original layout
+(consolidated.*.pth) are not this format.
+
+The mask token: an AR vocabulary has none. By default one row is appended (vocab_size + 1,
+mask_id = the HF vocab_size): its embedding is the mean of the embedding rows and its head column
+the mean of the head's, so the causal model's logits over the HF vocabulary are unchanged and the
+mask's logit is their mean. mask_id=<an existing id> keeps the vocabulary as it is and makes that
+token the mask: a reserved special token, or an unused row of a padded embedding (as Dream's
+<|mask|> sits in Qwen2.5's padding).
+
+The tied head: llada_jax's head is untied, so a tie_word_embeddings checkpoint gives the head as
+the embedding transposed (a copy that fine-tuning then trains on its own); a stored lm_head.weight
+is skipped, as HF's loader ties it away.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from llada_jax.config import default_config, validate
+from llada_jax.errors import CheckpointError, ConfigError
+from llada_jax.interop import hf_checkpoint
+from llada_jax.interop.hf_checkpoint import NameTable, Tensor
+
+MODEL_TYPES = ("llama", "mistral")
+EMBEDDING = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+# HF block name -> llada_jax block (hf_checkpoint.block_layouts gives the layouts).
+BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "q_proj",
+    "self_attn.k_proj": "k_proj",
+    "self_attn.v_proj": "v_proj",
+    "self_attn.o_proj": "attn_out",
+    "post_attention_layernorm": "ff_norm",
+    "mlp.gate_proj": "ff_proj",
+    "mlp.up_proj": "up_proj",
+    "mlp.down_proj": "ff_out",
+}
+REQUIRED_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+# Features of LlamaConfig that llada_jax's network does not implement: (field, what is allowed).
+UNSUPPORTED = (
+    ("hidden_act", ("silu",)),
+    ("attention_bias", (False,)),
+    ("mlp_bias", (False,)),
+)
+
+
+def model_type(path: str | pathlib.Path) -> str:
+  """config.json's model_type ("llada" for the official LLaDA folders, which also name it).
+
+  Raises:
+    CheckpointError: config.json is missing or is not a JSON object.
+  """
+  file = pathlib.Path(path) / "config.json"
+  if not file.is_file():
+    raise CheckpointError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
+  return str(_read_json(file).get("model_type", ""))
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    hf = json.loads(path.read_text())
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path} is not a JSON object")
+  return hf
+
+
+def _first_id(value: Any) -> int | None:
+  """A token id of config.json: an int, a list of them (Llama 3.1 eos) as its first, or None."""
+  if isinstance(value, list):
+    return int(value[0]) if value else None
+  return None if value is None else int(value)
+
+
+def config_from_llama(
+    hf: dict[str, Any],
+    base: ml_collections.ConfigDict | None = None,
+    mask_id: int | None = None,
+    source: str = "config.json",
+) -> ml_collections.ConfigDict:
+  """The validated causal llada_jax config of a Llama/Mistral config.json (other sections from
+  `base`).
+
+  model: the sizes of config.json (n_kv_heads = num_key_value_heads, default num_attention_heads;
+  max_sequence_length = max_position_embeddings, capped at Mistral's sliding_window, below which
+  windowed and full attention agree), causal=True and diffusion.objective="arm". vocab_size is
+  config.json's plus one appended mask row, or config.json's when `mask_id` names an existing
+  token. tokens: eos (the first of a list), bos (-1 if none), pad (eos if none); eot -1.
+  data.vocabulary "llada_hf" with no tokenizer attached (the LLaDA tokenizer wrapper expects
+  LLaDA's special tokens).
+
+  Raises:
+    CheckpointError: a field is missing or names a feature llada_jax does not implement
+      (rope_scaling, head_dim other than hidden_size / num_attention_heads, biases, an activation
+      other than SiLU), or eos_token_id is null.
+    ConfigError: mask_id outside [0, vocab_size) or equal to another special id.
+  """
+  for field in REQUIRED_FIELDS:
+    if field not in hf:
+      raise CheckpointError(f"{source} has no {field!r}: not a LLaMA-architecture config")
+  for field, allowed in UNSUPPORTED:
+    if hf.get(field) not in allowed + (None,):
+      raise CheckpointError(
+          f"{source} {field}={hf[field]!r} is not supported: llada_jax implements "
+          f"{field}={allowed[0]!r}"
+      )
+  rope_theta = hf.get("rope_theta", 10000.0)
+  for field in ("rope_scaling", "rope_parameters"):  # transformers >= 5 names it rope_parameters
+    rope = hf.get(field)
+    if rope is None:
+      continue
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
+    if kind != "default":
+      raise CheckpointError(
+          f"{source} {field}={rope!r} is not supported: llada_jax's RoPE has no scaling "
+          "(null or rope_type 'default' only)"
+      )
+    rope_theta = rope.get("rope_theta", rope_theta)
+  d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  if hf.get("head_dim") is not None and int(hf["head_dim"]) * heads != d:
+    raise CheckpointError(
+        f"{source} head_dim={hf['head_dim']} is not supported: llada_jax has head_dim = "
+        f"hidden_size / num_attention_heads = {d / heads:g}"
+    )
+  vocab = int(hf["vocab_size"])
+  if mask_id is not None and not 0 <= mask_id < vocab:
+    raise ConfigError(
+        f"mask_id={mask_id} is not allowed: expected an existing token id in [0, {vocab}) of "
+        f"{source}, or none (one row is appended for the mask token)"
+    )
+  length = int(hf.get("max_position_embeddings", 2048))
+  if hf.get("sliding_window") is not None:
+    length = min(length, int(hf["sliding_window"]))
+  config = default_config() if base is None else ml_collections.ConfigDict(base.to_dict())
+  config.model.update(
+      dict(
+          vocab_size=vocab if mask_id is not None else vocab + 1,
+          d_model=d,
+          n_layers=int(hf["num_hidden_layers"]),
+          n_heads=heads,
+          n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+          mlp_hidden_size=int(hf["intermediate_size"]),
+          max_sequence_length=length,
+          rope_theta=float(rope_theta),
+          rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+          init_std=float(hf.get("initializer_range", 0.02)),
+          causal=True,
+      )
+  )
+  config.diffusion.objective = "arm"
+  eos = _first_id(hf.get("eos_token_id", 2))
+  bos = _first_id(hf.get("bos_token_id", 1))
+  pad = _first_id(hf.get("pad_token_id"))
+  if eos is None:
+    raise CheckpointError(
+        f"{source} eos_token_id=None is not allowed: llada_jax needs an end-of-sequence id"
+    )
+  config.tokens.update(
+      dict(
+          mask_id=vocab if mask_id is None else mask_id,
+          eos_id=eos,
+          bos_id=-1 if bos is None else bos,
+          pad_id=eos if pad is None else pad,
+          eot_id=-1,
+      )
+  )
+  config.data.update(dict(vocabulary="llada_hf", tokenizer=""))
+  config.data.sequence_length = min(config.data.sequence_length, length)
+  return validate(config)
+
+
+def read_llama_config(
+    path: str | pathlib.Path,
+    base: ml_collections.ConfigDict | None = None,
+    mask_id: int | None = None,
+) -> ml_collections.ConfigDict:
+  """config_from_llama of a folder's config.json; raises as config_from_llama, and
+  CheckpointError for an unreadable file or a model_type other than MODEL_TYPES."""
+  file = pathlib.Path(path) / "config.json"
+  hf = _read_json(file)
+  if hf.get("model_type") not in MODEL_TYPES:
+    raise CheckpointError(
+        f"{file} model_type={hf.get('model_type')!r} is not allowed: expected one of "
+        + ", ".join(MODEL_TYPES)
+    )
+  return config_from_llama(hf, base, mask_id, source=str(file))
+
+
+def llama_table(config: ml_collections.ConfigDict, tied: bool, appended: bool) -> NameTable:
+  """The Llama/Mistral names of `config`'s parameters.
+
+  With a mask row `appended` (the HF vocabulary is config's vocab_size - 1) the embedding gains
+  the mean embedding row and the head the mean head column; a tied head is the embedding
+  transposed and the file's lm_head.weight, if any, is skipped (HF's loader ties it away too).
+  """
+  m = config.model
+  rows = m.vocab_size - 1 if appended else m.vocab_size
+
+  def embedding(w: np.ndarray) -> np.ndarray:
+    """[rows, d] -> [vocab_size, d]; the mean is taken in float32 (bf16 files)."""
+    if not appended:
+      return w
+    return np.concatenate([w, w.astype(np.float32).mean(0, keepdims=True).astype(w.dtype)])
+
+  head = ((("ff_out", "kernel"), lambda w: embedding(w).T),)
+  top = {
+      EMBEDDING: Tensor(
+          (rows, m.d_model), ((("wte", "embedding"), embedding),) + (head if tied else ())
+      ),
+      NORM: Tensor((m.d_model,), ((("ln_f", "weight"), lambda w: w),)),
+  }
+  if not tied:
+    top[HEAD] = Tensor((rows, m.d_model), head)
+  return NameTable(
+      block_prefix="model.layers.",
+      block_names=dict(BLOCK_NAMES),
+      top=top,
+      ignored=frozenset({HEAD} if tied else ()),
+  )
+
+
+def load_llama(
+    path: str | pathlib.Path,
+    *,
+    mask_id: int | None = None,
+    dtype: str | None = None,
+    base: ml_collections.ConfigDict | None = None,
+    shardings: Any = None,
+) -> tuple[ml_collections.ConfigDict, Any]:
+  """Reads a Llama/Mistral HF folder into (causal config, params).
+
+  mask_id: an existing token to serve as the mask token; None appends one row (see the module
+  docstring). dtype: parameter dtype ("float32", "bfloat16"; default: as stored). base: config
+  whose non-model sections are kept. shardings: optional tree of target shardings; each tensor is
+  placed as soon as it is complete.
+
+  Raises:
+    CheckpointError: as read_llama_config, missing or unreadable files, and tensors missing,
+      unknown or of another shape than config.json gives (named with the folder).
+    ConfigError: a mask_id that is not allowed.
+  """
+  path = pathlib.Path(path)
+  files = hf_checkpoint.hf_files(path)
+  config = read_llama_config(path, base, mask_id)
+  tied = bool(_read_json(path / "config.json").get("tie_word_embeddings", False))
+  params = hf_checkpoint.load_tensors(
+      path, files, config, llama_table(config, tied, mask_id is None), dtype, shardings
+  )
+  return config, params

@@ -1,0 +1,269 @@
+"""AR initialisation: Llama/Mistral HF folders import as the causal llada_jax model whose logits are
+an independent NumPy forward of the HF Llama architecture; bad folders give one-line errors; the
+converted workdir may be trained as an MDM (causal and objective change on resume)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from llada_jax.checkpoint import architecture_mismatch
+from llada_jax.errors import CheckpointError, ConfigError
+from llada_jax.interop.llama import load_llama
+from llada_jax.model import logits
+
+VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 97, 48, 2, 6, 2, 80
+
+
+def llama_config_json(tied: bool, **changes) -> dict:
+  """config.json as transformers' LlamaConfig writes it (Llama-2/TinyLlama field set)."""
+  hf = {
+      "architectures": ["LlamaForCausalLM"],
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "hidden_act": "silu",
+      "hidden_size": HIDDEN,
+      "initializer_range": 0.02,
+      "intermediate_size": FFN,
+      "max_position_embeddings": 64,
+      "mlp_bias": False,
+      "model_type": "llama",
+      "num_attention_heads": HEADS,
+      "num_hidden_layers": LAYERS,
+      "num_key_value_heads": KV_HEADS,
+      "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05,
+      "rope_scaling": None,
+      "rope_theta": 500.0,
+      "tie_word_embeddings": tied,
+      "torch_dtype": "float32",
+      "transformers_version": "4.46.3",
+      "use_cache": True,
+      "vocab_size": VOCAB,
+  }
+  hf.update(changes)
+  return hf
+
+
+def llama_tensors(tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights under the HF Llama names, PyTorch Linear layout [out_features, in_features]."""
+  hd = HIDDEN // HEADS
+  shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
+  if not tied:
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+  for i in range(LAYERS):
+    b = f"model.layers.{i}."
+    shapes.update(
+        {
+            b + "input_layernorm.weight": (HIDDEN,),
+            b + "self_attn.q_proj.weight": (HEADS * hd, HIDDEN),
+            b + "self_attn.k_proj.weight": (KV_HEADS * hd, HIDDEN),
+            b + "self_attn.v_proj.weight": (KV_HEADS * hd, HIDDEN),
+            b + "self_attn.o_proj.weight": (HIDDEN, HEADS * hd),
+            b + "post_attention_layernorm.weight": (HIDDEN,),
+            b + "mlp.gate_proj.weight": (FFN, HIDDEN),
+            b + "mlp.up_proj.weight": (FFN, HIDDEN),
+            b + "mlp.down_proj.weight": (HIDDEN, FFN),
+        }
+    )
+  rng = np.random.RandomState(seed)
+  return {
+      name: (1.0 + 0.1 * rng.randn(*s) if len(s) == 1 else 0.3 * rng.randn(*s)).astype(np.float32)
+      for name, s in shapes.items()
+  }
+
+
+def write_llama(path, hf: dict, tensors: dict, shards: int = 1):
+  """The folder save_pretrained writes: config.json and model.safetensors, or shards + index."""
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(hf, indent=2))
+  if shards == 1:
+    safetensors.numpy.save_file(tensors, str(path / "model.safetensors"), {"format": "pt"})
+    return path
+  names, weight_map = sorted(tensors), {}
+  for i in range(shards):
+    file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    part = {n: tensors[n] for n in names[i::shards]}
+    safetensors.numpy.save_file(part, str(path / file), {"format": "pt"})
+    weight_map.update({n: file for n in part})
+  (path / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+  )
+  return path
+
+
+def numpy_llama(tensors: dict, hf: dict, ids: np.ndarray) -> np.ndarray:
+  """float64 logits [T, vocab] of LlamaForCausalLM (transformers' modeling_llama, eager path)."""
+  w = {n: t.astype(np.float64) for n, t in tensors.items()}
+  n_heads, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+  hd, eps, t = hf["hidden_size"] // n_heads, hf["rms_norm_eps"], len(ids)
+
+  def rms_norm(x, weight):  # LlamaRMSNorm
+    return weight * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+  # LlamaRotaryEmbedding: inv_freq = 1 / theta^(arange(0, hd, 2) / hd), emb = cat(freqs, freqs).
+  inv_freq = 1.0 / hf["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+  emb = np.concatenate([np.outer(np.arange(t), inv_freq)] * 2, axis=-1)  # [T, hd]
+  cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+  def rotate_half(x):
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return np.concatenate((-x2, x1), axis=-1)
+
+  def linear(x, name):  # nn.Linear without bias: x @ W^T
+    return x @ w[name].T
+
+  x = w["model.embed_tokens.weight"][ids]
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(hf["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    h = rms_norm(x, w[p + "input_layernorm.weight"])
+    q = linear(h, p + "self_attn.q_proj.weight").reshape(t, n_heads, hd)
+    k = linear(h, p + "self_attn.k_proj.weight").reshape(t, n_kv, hd)
+    v = linear(h, p + "self_attn.v_proj.weight").reshape(t, n_kv, hd)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    # repeat_kv: key/value head j serves query heads j * n_rep ... (j + 1) * n_rep - 1.
+    k, v = np.repeat(k, n_heads // n_kv, axis=1), np.repeat(v, n_heads // n_kv, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    scores = np.where(causal[None], scores, -np.inf)
+    probs = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    attn = np.einsum("hqk,khd->qhd", probs, v).reshape(t, n_heads * hd)
+    x = x + linear(attn, p + "self_attn.o_proj.weight")
+    h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
+    gate = linear(h, p + "mlp.gate_proj.weight")
+    x = x + linear(gate / (1.0 + np.exp(-gate)) * linear(h, p + "mlp.up_proj.weight"),
+                   p + "mlp.down_proj.weight")  # fmt: skip
+  x = rms_norm(x, w["model.norm.weight"])
+  head = w["model.embed_tokens.weight"] if hf["tie_word_embeddings"] else w["lm_head.weight"]
+  return x @ head.T
+
+
+IDS = np.array([1, 5, 17, 96, 3, 3, 42, 0, 77, 12, 64, 2, 9, 31, 50, 88, 4, 23, 61, 7])
+
+
+@pytest.mark.parametrize(
+    "tied,mask_id,shards,scan_layers",
+    [(False, None, 1, True), (True, None, 2, True), (False, 0, 1, False), (True, 3, 1, True)],
+)
+def test_imported_causal_model_is_the_numpy_llama_forward(
+    tmp_path, tied, mask_id, shards, scan_layers
+):
+  hf, tensors = llama_config_json(tied), llama_tensors(tied)
+  stored = dict(tensors)
+  if tied and mask_id is not None:  # a stored copy of a tied head is skipped, as HF's loader does
+    stored["lm_head.weight"] = np.zeros((VOCAB, HIDDEN), np.float32)
+  folder = write_llama(tmp_path / "llama", hf, stored, shards)
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+
+  base = make_tiny_config(scan_layers=scan_layers)
+  config, params = load_llama(folder, mask_id=mask_id, dtype="float32", base=base)
+  m = config.model
+  assert m.causal and config.diffusion.objective == "arm"
+  assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads) == (HIDDEN, LAYERS, HEADS, KV_HEADS)
+  assert (m.mlp_hidden_size, m.rope_theta, m.rms_norm_eps) == (FFN, 500.0, 1e-5)
+  assert (config.tokens.eos_id, config.tokens.bos_id, config.tokens.pad_id) == (2, 1, 2)
+  if mask_id is None:  # one appended row is the mask token
+    assert m.vocab_size == VOCAB + 1 and config.tokens.mask_id == VOCAB
+  else:
+    assert m.vocab_size == VOCAB and config.tokens.mask_id == mask_id
+
+  got = np.asarray(logits(config, params, IDS[None]))[0]
+  want = numpy_llama(tensors, hf, IDS)
+  np.testing.assert_allclose(got[:, :VOCAB], want, rtol=1e-5, atol=1e-5)
+  if mask_id is None:  # the mask's logit is the mean logit: its head column is the mean one
+    np.testing.assert_allclose(got[:, VOCAB], want.mean(-1), rtol=1e-5, atol=1e-5)
+    embedding = np.asarray(params["wte"]["embedding"])
+    np.testing.assert_allclose(embedding[VOCAB], tensors["model.embed_tokens.weight"].mean(0))
+  if tied:
+    np.testing.assert_array_equal(
+        np.asarray(params["ff_out"]["kernel"]), np.asarray(params["wte"]["embedding"]).T
+    )
+  # The same weights under the bidirectional model give other logits: causal=True is what HF is.
+  bidirectional = config.copy_and_resolve_references()
+  bidirectional.model.causal = False
+  other = np.asarray(logits(bidirectional, params, IDS[None]))[0]
+  assert np.abs(other[:-1, :VOCAB] - want[:-1]).max() > 1e-2
+
+
+def test_mistral_config_fields():
+  from llada_jax.interop.llama import config_from_llama  # pylint: disable=g-import-not-at-top
+
+  hf = llama_config_json(
+      False,
+      model_type="mistral",
+      sliding_window=32,
+      head_dim=8,
+      eos_token_id=[5, 6],
+      bos_token_id=None,
+      pad_token_id=None,
+      rope_scaling={"rope_type": "default"},
+  )
+  del hf["num_key_value_heads"]
+  config = config_from_llama(hf, mask_id=90)
+  assert config.model.max_sequence_length == 32 and config.model.n_kv_heads == HEADS
+  assert config.model.vocab_size == VOCAB and config.tokens.mask_id == 90
+  assert (config.tokens.eos_id, config.tokens.bos_id, config.tokens.pad_id) == (5, -1, 5)
+  with pytest.raises(ConfigError, match="id different from tokens.mask_id=5"):
+    config_from_llama(hf, mask_id=5)
+
+
+def _errors(tmp_path, hf: dict, tensors: dict, **kwargs) -> str:
+  folder = write_llama(tmp_path / f"f{len(list(tmp_path.iterdir()))}", hf, tensors)
+  with pytest.raises((CheckpointError, ConfigError)) as info:
+    load_llama(folder, **kwargs)
+  message = str(info.value)
+  assert "\n" not in message and str(folder) in message, message
+  return message
+
+
+def test_bad_folders_give_one_line_errors(tmp_path):
+  hf, tensors = llama_config_json(False), llama_tensors(False)
+  scaled = llama_config_json(False, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+  assert "rope_scaling={'rope_type': 'llama3', 'factor': 8.0} is not supported" in _errors(
+      tmp_path, scaled, tensors
+  )
+  assert "head_dim=16 is not supported" in _errors(
+      tmp_path, llama_config_json(False, head_dim=16), tensors
+  )
+  assert "attention_bias=True is not supported" in _errors(
+      tmp_path, llama_config_json(False, attention_bias=True), tensors
+  )
+  missing = {n: t for n, t in tensors.items() if n != "model.layers.1.mlp.up_proj.weight"}
+  assert "lacks tensor model.layers.1.mlp.up_proj.weight" in _errors(tmp_path, hf, missing)
+  untied_head = _errors(tmp_path, hf, {n: t for n, t in tensors.items() if n != "lm_head.weight"})
+  assert "lacks tensor lm_head.weight" in untied_head
+  wrong = dict(tensors)
+  wrong["model.layers.0.self_attn.k_proj.weight"] = np.zeros((HIDDEN, HIDDEN), np.float32)
+  message = _errors(tmp_path, hf, wrong)
+  assert "tensor model.layers.0.self_attn.k_proj.weight has shape [48, 48] in " in message
+  assert message.endswith("but the config gives [16, 48]")
+  extra = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)})
+  assert "unexpected tensor model.layers.0.self_attn.q_norm.weight" in _errors(tmp_path, hf, extra)
+  assert "mask_id=97 is not allowed" in _errors(tmp_path, hf, tensors, mask_id=VOCAB)
+
+
+def test_converted_workdir_restores_and_may_be_trained_as_mdm(tmp_path):
+  from llada_jax.interop.workdir import from_hf  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+
+  hf, tensors = llama_config_json(True), llama_tensors(True)
+  folder = write_llama(tmp_path / "llama", hf, tensors)
+  workdir = str(tmp_path / "work")
+  count = from_hf(str(folder), workdir, "float32")
+  config, params = load_model(workdir)
+  assert config.model.causal and config.model.vocab_size == VOCAB + 1
+  assert count == sum(x.size for x in jax.tree.leaves(params))
+  got = np.asarray(logits(config, params, IDS[None]))[0]
+  np.testing.assert_allclose(got[:, :VOCAB], numpy_llama(tensors, hf, IDS), rtol=1e-5, atol=1e-5)
+  # llada-train --config.model.causal=False --config.diffusion.objective=mdm resumes from it:
+  # neither field shapes the parameters, so the checkpoint is the same model.
+  mdm = config.copy_and_resolve_references()
+  mdm.model.causal, mdm.diffusion.objective = False, "mdm"
+  assert not architecture_mismatch(config, mdm)
+  mdm.model.vocab_size = VOCAB
+  assert architecture_mismatch(config, mdm)
