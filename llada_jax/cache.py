@@ -64,7 +64,7 @@ def _cache(argv: list[str]) -> None:
       with tf.io.gfile.GFile(path) as f:
         stats[os.path.basename(path)[len("stats.") : -len(".json")]] = json.load(f)
     summary = ", ".join(
-        f"{split}: {s.get('examples', 0):,} documents, " f"{s.get('targets_tokens', 0):,} tokens"
+        f"{split}: {s.get('examples', 0):,} documents, {s.get('targets_tokens', 0):,} tokens"
         for split, s in stats.items()
     )
     print(f"cached {directory} ({summary})", flush=True)

@@ -181,7 +181,7 @@ def _stored_config(workdir: storage.PathLike, step: int) -> ml_collections.Confi
     return config_lib.from_json(text)
   except ConfigError as e:
     raise CheckpointError(
-        f"checkpoint {step} in {workdir} has a config this version cannot " f"use: {e}"
+        f"checkpoint {step} in {workdir} has a config this version cannot use: {e}"
     ) from None
 
 

@@ -103,7 +103,7 @@ def format_report(report) -> str:
   if hbm:
     verdict = "fits" if report.peak_bytes <= hbm else "DOES NOT FIT"
     lines.append(
-        f"{verdict} in {hbm / GIB:g} GiB per device " f"({100 * report.peak_bytes / hbm:.0f}% used)"
+        f"{verdict} in {hbm / GIB:g} GiB per device ({100 * report.peak_bytes / hbm:.0f}% used)"
     )
   return "\n".join(lines)
 

@@ -369,7 +369,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail(
         "evaluation.mc_num",
         ev.mc_num,
-        f"a multiple of evaluation.mc_batch_size=" f"{ev.mc_batch_size} (or fewer samples than it)",
+        f"a multiple of evaluation.mc_batch_size={ev.mc_batch_size} (or fewer samples than it)",
     )
 
   check_sampling(config.sampling.to_dict(), prefix="sampling.")

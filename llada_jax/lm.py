@@ -124,7 +124,7 @@ class MaskedDiffusionLM:
     """
     if reduction not in REDUCTIONS:
       raise ConfigError(
-          f"reduction={reduction!r} is not allowed: expected one of " f"{', '.join(REDUCTIONS)}"
+          f"reduction={reduction!r} is not allowed: expected one of {', '.join(REDUCTIONS)}"
       )
     if random_length_prob is None:
       random_length_prob = self.config.diffusion.random_length_prob

@@ -68,7 +68,7 @@ def build_prompts(
   are chat prompts."""
   if prompt_format not in PROMPT_FORMATS:
     raise ConfigError(
-        f"--gsm8k_format={prompt_format} is not allowed: expected one of " f"{PROMPT_FORMATS}"
+        f"--gsm8k_format={prompt_format} is not allowed: expected one of {PROMPT_FORMATS}"
     )
   chat = hasattr(model.codec, "special") and model.codec.special.get("eot_id", -1) >= 0
   if prompt_format == "chat" and not chat:

@@ -68,7 +68,7 @@ def attention(
   implementation = resolve(implementation, str(v.dtype), lengths=(q.shape[1], k.shape[1]))
   if implementation not in KERNELS:
     raise ValueError(
-        f"attention implementation {implementation!r} is not one of " f"{ATTENTION_IMPLEMENTATIONS}"
+        f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
     )
   return KERNELS[implementation](q, k, v, causal, key_mask, segment_ids)
 
