@@ -539,27 +539,30 @@ def check_sampling_names(values: Mapping[str, Any], prefix: str = "") -> None:
 
 
 def check_sampling(values: Mapping[str, Any], prefix: str = "") -> None:
-  """Checks a complete set of sampler options (config.sampling, or `SamplerOptions` as a dict):
-  each value, then the rules between them (blocks divide gen_length, steps split over blocks,
-  threshold decoding needs low_confidence). Model-dependent checks live in SamplerOptions.validate.
+  """Checks sampler options (config.sampling, `SamplerOptions` as a dict, or just the ones a command
+  line was given): each value, then every rule between them whose options are all present (blocks
+  divide gen_length, steps split over blocks, threshold decoding needs low_confidence), so a
+  command line refuses what it can before a checkpoint fills in the rest. Model-dependent checks
+  live in SamplerOptions.validate.
 
   Raises:
     ConfigError: one line naming the first bad option, its value and what is allowed.
   """
   check_sampling_fields(values, prefix)
-  gen_length, block_length, steps = values["gen_length"], values["block_length"], values["steps"]
-  if gen_length % block_length:
+  gen_length, block_length, steps = (values.get(k) for k in ("gen_length", "block_length", "steps"))
+  if gen_length is not None and block_length is not None and gen_length % block_length:
     _fail(f"{prefix}block_length", block_length, f"a divisor of gen_length={gen_length}")
-  if steps > gen_length:
+  if steps is not None and gen_length is not None and steps > gen_length:
     _fail(f"{prefix}steps", steps, f"at most gen_length={gen_length} (one token per step at least)")
-  num_blocks = gen_length // block_length
-  if steps % num_blocks:
+  if None not in (steps, gen_length, block_length) and steps % (gen_length // block_length):
     _fail(
         f"{prefix}steps",
         steps,
-        f"a multiple of the number of blocks gen_length/block_length={num_blocks}",
+        f"a multiple of the number of blocks gen_length/block_length={gen_length // block_length}",
     )
-  if values["parallel_threshold"] > 0 and values["remasking"] != "low_confidence":
+  if values.get("parallel_threshold", 0) > 0 and values.get("remasking", "low_confidence") != (
+      "low_confidence"
+  ):
     raise ConfigError(
         f"{prefix}remasking={values['remasking']!r} is not allowed with "
         "parallel_threshold: expected low_confidence (the threshold is on the "

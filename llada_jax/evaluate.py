@@ -18,7 +18,6 @@ training workdir, TensorBoard scalars under eval/ at the checkpoint's step.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import ml_collections
 from absl import flags
@@ -132,7 +131,7 @@ def _evaluate(argv: list[str]) -> None:
     )
     print(f"{task}: {shown}", flush=True)
   if _OUTPUT.value:
-    storage.path(_OUTPUT.value).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    storage.path(_OUTPUT.value).write_text(harness.to_json(document), encoding="utf-8")
   if model.step is not None:
     from llada_jax.training import metrics  # pylint: disable=g-import-not-at-top
 

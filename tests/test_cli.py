@@ -173,3 +173,12 @@ def test_sample_bad_option_is_one_line_error(trained_workdir):
       "--block_length=8",
   )
   _assert_one_line_error(result, "remasking='top_p'")
+
+
+def test_sample_options_that_disagree_fail_before_the_model_loads(tmp_path):
+  """Rules between options given together are checked before any checkpoint is read: the workdir
+  does not even exist."""
+  result = _run(
+      "llada_jax.sample", f"--workdir={tmp_path / 'none'}", "--gen_length=16", "--block_length=3"
+  )
+  _assert_one_line_error(result, "--block_length=3 is not allowed: expected a divisor of")

@@ -247,6 +247,22 @@ def test_a_registered_task_runs_in_the_harness_and_by_name(monkeypatch):
   assert harness.scalars(document) == {"my_task/acc": 0.25}
 
 
+def test_results_json_is_strict_json():
+  document = {"results": {"piqa": {"acc": 1.0, "acc_stderr": float("nan")}}, "x": [float("inf")]}
+  assert json.loads(harness.to_json(document)) == {
+      "results": {"piqa": {"acc": 1.0, "acc_stderr": None}},
+      "x": [None],
+  }
+
+
+def test_trainer_hooks_refuse_sampling_options_the_model_cannot_run_before_training():
+  config = make_tiny_config()  # max_sequence_length 64
+  config.evaluation.tasks = "gsm8k"
+  config.sampling.update(gen_length=64, steps=64, block_length=16)
+  with pytest.raises(ConfigError, match=r"^sampling.gen_length=64 is not allowed: expected less"):
+    hooks.from_config(config)
+
+
 def test_tokenizer_that_does_not_match_the_checkpoint_is_refused(trained, tmp_path):
   import tokenizers  # pylint: disable=g-import-not-at-top
   from llada_jax.data.hf_tokenizer import SPECIAL_TOKENS  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from llada_jax.evaluation.gsm8k import PROMPT_FORMATS, evaluate_gsm8k
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.evaluation.multiple_choice import evaluate_multiple_choice
 from llada_jax.evaluation.tasks import MULTIPLE_CHOICE, MultipleChoice, gsm8k, read_jsonl_task
-from llada_jax.config import check_sampling_fields
+from llada_jax.config import check_sampling
 from llada_jax.sampling.options import SamplerOptions
 
 RESULTS_SCHEMA = 1
@@ -65,7 +67,7 @@ def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None
   Monte-Carlo numbers, limits, GSM8K prompt settings, each given sampler option and, given the
   model's config, the sampler options of generation tasks together."""
   check_mc(options.mc_num, options.mc_batch_size, prefix="--")
-  check_sampling_fields(options.sampler)
+  check_sampling(options.sampler)
   for name in ("elbo_samples", "generation_batch_size"):
     if getattr(options, name) < 1:
       raise ConfigError(
@@ -170,10 +172,8 @@ def parse_tasks(names: str, flag: str = "--tasks") -> list[str]:
   tasks = [n.strip() for n in names.split(",") if n.strip()]
   for name in tasks:
     if name not in TASKS:
-      raise ConfigError(
-          f"{flag}: unknown task {name!r}; known tasks: {', '.join(TASKS)} "
-          "(or give --task_file=path.jsonl)"
-      )
+      hint = " (or give --task_file=path.jsonl)" if flag == "--tasks" else ""
+      raise ConfigError(f"{flag}: unknown task {name!r}; known tasks: {', '.join(TASKS)}{hint}")
   if len(set(tasks)) != len(tasks):
     raise ConfigError(f"{flag}={names} names a task twice")
   return tasks
@@ -219,6 +219,22 @@ def run_tasks(model: EvalModel, options: EvalOptions, progress: Progress = None)
       num_devices=jax.device_count(),
       wall_time_s=time.time() - start,
   )
+
+
+def to_json(document: dict[str, Any]) -> str:
+  """The results document as strict JSON: a NaN or infinity (e.g. the stderr of a single item)
+  is written as null, which every JSON parser reads."""
+
+  def safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+      return None
+    if isinstance(value, dict):
+      return {k: safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [safe(v) for v in value]
+    return value
+
+  return json.dumps(safe(document), indent=1, allow_nan=False)
 
 
 def scalars(document: dict[str, Any]) -> dict[str, float]:

@@ -15,6 +15,7 @@ from llada_jax import storage
 from llada_jax.data.codec import text_codec
 from llada_jax.evaluation import harness
 from llada_jax.evaluation.model import eval_model_from_params
+from llada_jax.sampling.options import SamplerOptions
 
 # (step, parameters, workdir) -> {"<task>/<metric>": value}.
 EvalHook = Callable[[int, Any, storage.PathLike], dict[str, float]]
@@ -24,11 +25,15 @@ def from_config(config: ml_collections.ConfigDict) -> list[EvalHook]:
   """The hooks config.evaluation asks for: one running its tasks, or none when tasks is empty.
 
   Raises:
-    ConfigError: an unknown task name (before anything is trained).
+    ConfigError: an unknown task name, or sampling options this model cannot run (before anything
+      is trained).
   """
   ev = config.evaluation
   if not ev.tasks:
     return []
+  # What generation tasks need of this model (gen_length below max_sequence_length, x64 for
+  # float64), checked before the first step rather than at the first evaluation.
+  SamplerOptions.from_config(config).validate(config, prefix="sampling.")
   options = harness.EvalOptions(
       tasks=tuple(harness.parse_tasks(ev.tasks, flag="evaluation.tasks")),
       limit=ev.limit,

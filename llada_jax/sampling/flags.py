@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from llada_jax.config import check_sampling_fields
+from llada_jax.config import check_sampling
 from llada_jax.sampling.options import SamplerOptions
 
 _DEFINE = {
@@ -44,9 +44,10 @@ def options_from_flags(config: ml_collections.ConfigDict) -> SamplerOptions:
 
 
 def check_given() -> None:
-  """Checks each given option on its own, before a checkpoint is loaded.
+  """Checks the given options before a checkpoint is loaded: each value, and the rules between
+  options that were all given (e.g. --block_length must divide --gen_length).
 
   Raises:
     ConfigError: a value its option does not allow, e.g. --remasking='top_p'.
   """
-  check_sampling_fields(given(), prefix="--")
+  check_sampling(given(), prefix="--")
