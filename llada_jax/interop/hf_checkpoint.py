@@ -258,6 +258,8 @@ def load_tensors(
         store(keys, _convert(name, value, entry.shape, to_ours, dtype_out, path), None)
     else:
       raise CheckpointError(f"unexpected tensor {name} in {path} (not part of this model format)")
+    # Free this tensor before the next is read: the loop names would keep it alive meanwhile.
+    del tensor, value
   missing = sorted(set(table.names(m.n_layers)) - seen)
   if missing:
     raise CheckpointError(f"{path} lacks tensor {missing[0]} (and {len(missing) - 1} more)")
