@@ -30,7 +30,7 @@ ATTENTION_IMPLEMENTATIONS = (
 REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
-OBJECTIVES = ("mdm", "arm")
+OBJECTIVES = ("mdm", "arm", "block")
 TIME_SAMPLING = ("uniform", "stratified")
 PACKING = ("chunk", "pack")
 MASKING = ("pipeline", "device")
@@ -105,8 +105,15 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.diffusion = ml_collections.ConfigDict(
       dict(
-          objective="mdm",  # "mdm": LLaDA masked diffusion; "arm": next-token baseline
+          objective="mdm",  # "mdm": LLaDA; "arm": next-token baseline; "block": BD3-LM
           eps=1e-3,  # p_mask = (1 - eps) * t + eps
+          block_size=16,  # tokens per block of objective "block" (1: AR, sequence_length: MDM)
+          # objective "block": "" or "STEP:SIZE,...", block size from each STEP on (LLaDA 2.0's
+          # warm-up from small to large blocks and back, ending at block_size), e.g.
+          # "0:1,1000:4,2000:32,4000:16"
+          block_size_schedule="",
+          t_min=0.0,  # t ~ U(t_min, t_max) in training: BD3-LM's clipped schedule (0, 1: exact)
+          t_max=1.0,
           time_sampling="uniform",  # "stratified": t_i = (u + i/B) mod 1, lower variance
           random_length_prob=0.01,  # fraction of batches cut to a random length in [1, L]
       )
@@ -209,6 +216,7 @@ def default_config() -> ml_collections.ConfigDict:
           parallel_threshold=0.0,  # > 0: confidence-threshold parallel decoding (approximate)
           cache="none",  # "prefix" or "dual" key/value cache (approximate)
           cache_refresh=0,  # > 0: also refresh the cache every N steps inside a block
+          early_stop=False,  # stop once every row has committed EOS/EoT (block models always)
           float64=False,  # noise and probabilities in float64 (needs jax_enable_x64)
       )
   )
@@ -284,6 +292,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("diffusion.eps", d.eps, "0 < eps < 1")
   if not 0.0 <= d.random_length_prob <= 1.0:
     _fail("diffusion.random_length_prob", d.random_length_prob, "a probability in [0, 1]")
+  if not 0.0 <= d.t_min < d.t_max <= 1.0:
+    _fail("diffusion.t_min", (d.t_min, d.t_max), "0 <= t_min < t_max <= 1 (with t_max)")
+  if (d.t_min, d.t_max) != (0.0, 1.0) and d.objective != "block":
+    _fail(
+        "diffusion.t_min",
+        (d.t_min, d.t_max),
+        'the exact schedule t_min=0, t_max=1 unless diffusion.objective="block"',
+    )
+  for size in block_sizes(config):
+    if not _is_int(size) or size < 1 or data.sequence_length % size:
+      _fail(
+          "diffusion.block_size" + ("_schedule" if d.block_size_schedule else ""),
+          d.block_size_schedule or size,
+          f"positive divisors of data.sequence_length={data.sequence_length}",
+      )
+  if block_size_schedule(config)[-1][1] != d.block_size:
+    _fail(
+        "diffusion.block_size_schedule",
+        d.block_size_schedule,
+        f"a schedule ending at diffusion.block_size={d.block_size} (the size the model is "
+        "sampled and scored with)",
+    )
 
   _positive("data.sequence_length", data.sequence_length)
   if data.sequence_length > m.max_sequence_length:
@@ -386,6 +416,41 @@ def profile_range(text: str) -> tuple[int, int]:
   ):
     _fail("train.profile_steps", text, '"a:b" with integers 0 <= a < b, e.g. "10:15"')
   return int(parts[0]), int(parts[1])
+
+
+def block_size_schedule(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+  """((first step, block size), ...) of objective "block", sorted by step: parsed from
+  diffusion.block_size_schedule "STEP:SIZE,..." (its first step 0), or ((0, block_size),).
+
+  Raises:
+    ConfigError: a schedule that is not comma-separated STEP:SIZE pairs of integers, with
+      increasing steps starting at 0.
+  """
+  d = config.diffusion
+  if not d.block_size_schedule:
+    return ((0, d.block_size),)
+  pairs = [p.split(":") for p in d.block_size_schedule.split(",")]
+  if not all(len(p) == 2 and all(x.strip().isdigit() for x in p) for p in pairs):
+    pairs = []
+  schedule = tuple((int(a), int(b)) for a, b in pairs)
+  steps = [a for a, _ in schedule]
+  if not schedule or steps[0] != 0 or steps != sorted(set(steps)):
+    _fail(
+        "diffusion.block_size_schedule",
+        d.block_size_schedule,
+        '"" or "STEP:SIZE,..." with increasing steps from 0, e.g. "0:1,1000:4,2000:32"',
+    )
+  return schedule
+
+
+def block_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Every block size objective "block" trains with (`block_size_schedule`), each once."""
+  return tuple(dict.fromkeys(b for _, b in block_size_schedule(config)))
+
+
+def block_size_at(config: ml_collections.ConfigDict, step: int) -> int:
+  """The training block size at `step` (0-based) under `block_size_schedule`."""
+  return [b for a, b in block_size_schedule(config) if a <= step][-1]
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -511,6 +576,7 @@ SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "an integer >= 0 (0 refreshes at block boundaries only)",
     ),
     "float64": (_is_flag, "True or False"),
+    "early_stop": (_is_flag, "True or False"),
 }
 
 

@@ -21,6 +21,7 @@ from llada_jax.diffusion import likelihood
 from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.sampling.generate import generate
 
 Batch = dict[str, jax.Array]  # model features, see llada_jax.data.features
@@ -40,7 +41,7 @@ class MaskedDiffusionLM:
 
   @property
   def objective(self) -> str:
-    """config.diffusion.objective: a key of OBJECTIVES ("mdm" or "arm")."""
+    """config.diffusion.objective: a key of OBJECTIVES ("mdm", "arm" or "block")."""
     return self.config.diffusion.objective
 
   def init(self, rng: jax.Array) -> Any:
@@ -75,12 +76,32 @@ class MaskedDiffusionLM:
     (`llada_jax.model.apply_model`)."""
     return apply_model(self.module, params, tokens, attention_mask, unconditional, cfg_scale)
 
-  def cross_entropy(self, params: Any, inputs: jax.Array, batch: Batch) -> jax.Array:
+  def cross_entropy(
+      self, params: Any, inputs: jax.Array, batch: Batch, block_size: int = 0
+  ) -> jax.Array:
     """float32 CE [B, L] of batch["targets"] given `inputs` [B, L] (with the batch's valid,
     positions and segment_ids): through full logits, or `train.loss_chunk` positions at a time
-    (`chunked_cross_entropy`) when that is set."""
+    (`chunked_cross_entropy`) when that is set.
+
+    block_size > 0: block diffusion's two-stream pass (BD3-LM): the network runs once on
+    [inputs ; targets] (2L positions, the clean copy at the same positions) under the
+    block-causal pattern of `llada_jax.model.masks.BlockCausal`, and the CE is read off the
+    noisy half, the head applied to those L positions only.
+    """
     features = (batch["valid"], batch["positions"], batch["segment_ids"])
     chunk = self.config.train.loss_chunk
+    dtype = jnp.dtype(self.config.model.dtype)
+    if block_size:
+      hidden = two_stream_hidden(
+          self.module.cfg, params, inputs, batch["targets"], *features, block_size=block_size
+      )
+      if chunk:
+        return chunked_cross_entropy(
+            hidden, params["ff_out"]["kernel"], batch["targets"], chunk, dtype
+        )
+      return optax.softmax_cross_entropy_with_integer_labels(
+          head_logits(params, hidden, dtype), batch["targets"]
+      )
     if chunk:
       hidden = self.apply(params, inputs, *features, return_hidden=True)
       return chunked_cross_entropy(
@@ -88,7 +109,7 @@ class MaskedDiffusionLM:
           params["ff_out"]["kernel"],
           batch["targets"],
           chunk,
-          jnp.dtype(self.config.model.dtype),
+          dtype,
       )
     logits = self.apply(params, inputs, *features)
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -103,6 +124,8 @@ class MaskedDiffusionLM:
       *,
       reduction: str = "mean",
       random_length_prob: float | None = None,
+      block_size: int | None = None,
+      exact: bool = False,
   ) -> tuple[jax.Array, Metrics]:
     """The configured objective on a feature batch (`llada_jax.data.features`).
 
@@ -115,6 +138,10 @@ class MaskedDiffusionLM:
         row [B] (nats per token of that row), what evaluation averages over sequences.
       random_length_prob: the probability of the random-length cut (default
         config.diffusion.random_length_prob; 0 for evaluation).
+      block_size: objective "block" only: the block size of this step of a
+        `diffusion.block_size_schedule` (default config.diffusion.block_size).
+      exact: the bound itself, for evaluation: no clipped noise schedule (diffusion.t_min and
+        t_max are a training-time variance reduction of objective "block").
 
     Returns:
       (loss, metrics); the loss is float32.
@@ -128,8 +155,16 @@ class MaskedDiffusionLM:
       )
     if random_length_prob is None:
       random_length_prob = self.config.diffusion.random_length_prob
+    options = {} if block_size is None else {"block_size": block_size}
     return OBJECTIVES[self.objective](
-        self, params, batch, rng, reduction=reduction, random_length_prob=random_length_prob
+        self,
+        params,
+        batch,
+        rng,
+        reduction=reduction,
+        random_length_prob=random_length_prob,
+        exact=exact,
+        **options,
     )
 
   def score(

@@ -9,6 +9,14 @@ mini-batch index of every pair, so its batch is pairs x batch_size; all samples 
 Pair i's key is fold_in(rng, i) and its mini-batch j's key fold_in(pair key, j); the masks are drawn
 per position of the answer, so an estimate depends on (seed, pair index, the pair itself) only:
 not on its neighbours in the call, the padded width, mc_num or the device count.
+
+The other objectives score with their own likelihood (`score_pairs` picks it by objective): an
+autoregressive model exactly, sum over answer tokens of log p(x_i | x_<i) (no samples; the prompt
+must hold a token); a block
+diffusion model with BD3-LM's NELBO (arXiv 2503.09573, Eq. 8): the answer cut into blocks from its
+first token, each block scored by the estimator above (l_b of its n_b tokens masked, weight
+n_b / l_b) given the prompt and the clean blocks before it, all blocks in one two-stream pass.
+B = 1 needs no sample: it is the exact autoregressive chain rule.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import optax
 
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
-from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
+from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.parallel.sharding import placement_context
 
 
@@ -109,16 +118,28 @@ def score_pairs(
   compiled program for pairs of different lengths); padding never changes a result. The pairs
   and options must have passed `check_pairs` (callers check a whole list once, not per call).
   """
-  arrays = (*_pack(prompts, answers, width), keys)
-  if sharding is not None:
-    arrays = tuple(jax.device_put(a, sharding) for a in arrays)
-  scorer = _compiled_scorer(
-      ModelConfig.from_config(config),
+  model_cfg = ModelConfig.from_config(config)
+  mask_id, per_pass, use_cfg = (
       config.tokens.mask_id,
-      mc_num,
       mc_batch_size(mc_num, batch_size),
       cfg_scale > 0,
   )
+  objective = config.diffusion.objective
+  if objective == "block":
+    prompt_width = -(-max(len(p) for p in prompts) // PROMPT_ALIGN) * PROMPT_ALIGN
+    arrays = _pack_aligned(prompts, answers, prompt_width, width)
+    scorer = _compiled_block_scorer(
+        model_cfg, mask_id, mc_num, per_pass, use_cfg, config.diffusion.block_size, prompt_width
+    )
+  elif objective == "arm":
+    arrays = _pack(prompts, answers, width)
+    scorer = _compiled_arm_scorer(model_cfg)
+  else:
+    arrays = _pack(prompts, answers, width)
+    scorer = _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg)
+  arrays = (*arrays, keys)
+  if sharding is not None:
+    arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   with placement_context(sharding):
     estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
@@ -158,9 +179,15 @@ def check_pairs(
   if cfg_scale < 0:
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   vocab = config.model.vocab_size
+  causal = config.diffusion.objective == "arm"
   for p, a in zip(prompts, answers):
     if len(a) == 0:
       raise ConfigError("an answer is empty: expected at least one token to score")
+    if causal and len(p) == 0:
+      raise ConfigError(
+          "an empty prompt is not allowed for an autoregressive model: expected at least one "
+          "token before the answer (e.g. BOS or EOS) to predict its first token from"
+      )
     ids = np.asarray(list(p) + list(a))
     if ids.min() < 0 or ids.max() >= vocab:
       raise ConfigError(
@@ -229,6 +256,14 @@ def _compiled_scorer(
     masked_ce = jnp.sum(jnp.where(masked, ce.reshape(masked.shape), 0.0), axis=-1)
     return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked
 
+  return _monte_carlo(batch_losses, num_batches, batch_size)
+
+
+def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
+  """The jitted estimate over mini-batches: score(params, tokens, valid, is_answer, keys [N],
+  cfg_scale) -> (estimate [N], stderr [N]), batch_losses giving the weighted losses [N,
+  batch_size] of one mini-batch index from one key per pair."""
+
   @jax.jit
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     # The key of mini-batch j of a pair is fold_in(pair key, j): the same for any mc_num.
@@ -247,5 +282,116 @@ def _compiled_scorer(
     else:
       stderr = jnp.full(estimate.shape, jnp.nan)
     return estimate, stderr
+
+  return score
+
+
+# Block models: prompts are left-padded to a multiple of this width (few compiled programs).
+PROMPT_ALIGN = 32
+
+
+def _pack_aligned(
+    prompts, answers, prompt_width: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Left-padded prompts ++ right-padded answers, every answer starting at prompt_width (where a
+  block model's answer blocks begin); (tokens, valid, is_answer), each [N, T] with T at least
+  `width`."""
+  answer_width = max([len(a) for a in answers] + [(width or 0) - prompt_width])
+  total = prompt_width + answer_width
+  tokens = np.zeros((len(prompts), total), np.int32)
+  valid = np.zeros((len(prompts), total), bool)
+  is_answer = np.zeros((len(prompts), total), bool)
+  for row, (p, a) in enumerate(zip(prompts, answers)):
+    tokens[row, prompt_width - len(p) : prompt_width + len(a)] = list(p) + list(a)
+    valid[row, prompt_width - len(p) : prompt_width + len(a)] = True
+    is_answer[row, prompt_width : prompt_width + len(a)] = True
+  return tokens, valid, is_answer
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_block_scorer(
+    model_cfg: ModelConfig,
+    mask_id: int,
+    mc_num: int,
+    batch_size: int,
+    use_cfg: bool,
+    block_size: int,
+    prompt_width: int,
+):
+  """The jitted NELBO scorer of a block diffusion model (see the module docstring), for rows
+  packed by `_pack_aligned` with this prompt_width."""
+  num_batches = mc_num // batch_size
+
+  def sample_masks(is_answer, key):
+    """(masked [batch_size, T] bool, weight [batch_size, T] = n_b / l_b of each position's
+    block): l_b of the n_b answer tokens of block b masked, l_b stratified over the mini-batch
+    (its key folded with b), the tokens chosen by uniforms indexed by answer position."""
+    answer_len = jnp.sum(is_answer)
+    in_answer = jnp.maximum(jnp.cumsum(is_answer) - 1, 0)
+    block = in_answer // block_size
+    num_blocks = -(-(is_answer.shape[0] - prompt_width) // block_size)
+    len_key, perm_key = jax.random.split(key)
+    sizes = jnp.clip(answer_len - jnp.arange(num_blocks) * block_size, 0, block_size)
+    masked_counts = jax.vmap(  # [blocks, batch_size]
+        lambda b, n: stratified_lengths(
+            jax.random.fold_in(len_key, b), jnp.maximum(n, 1), batch_size
+        )
+    )(jnp.arange(num_blocks), sizes)
+    uniform = jax.random.uniform(perm_key, (batch_size, model_cfg.max_sequence_length))
+    order = jnp.where(is_answer, block + uniform[:, in_answer], jnp.inf)
+    rank_in_block = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1) - block * block_size
+    counts = masked_counts[block].T  # [batch_size, T]
+    weight = sizes[block][None, :] / counts
+    return is_answer & (rank_in_block < counts), weight
+
+  def batch_losses(params, tokens, valid, is_answer, keys, cfg_scale):
+    masked, weight = jax.vmap(sample_masks)(is_answer, keys)  # [N, b, T] each
+    width = tokens.shape[1]
+
+    def rows(x):
+      return jnp.broadcast_to(x[:, None], masked.shape).reshape(-1, width)
+
+    noisy = jnp.where(masked, mask_id, tokens[:, None]).reshape(-1, width)
+    clean, row_valid = rows(tokens), rows(valid)
+    positions = positions_from_mask(row_valid)
+
+    def logits_of(noisy, clean):
+      hidden = two_stream_hidden(
+          model_cfg,
+          params,
+          noisy,
+          clean,
+          row_valid,
+          positions,
+          None,
+          block_size=block_size,
+          start=prompt_width,
+      )
+      return head_logits(params, hidden, jnp.dtype(model_cfg.dtype))
+
+    logits = logits_of(noisy, clean)
+    if use_cfg:  # the unconditional rows: the prompt masked in both streams
+      prompt = rows(valid & ~is_answer)
+      free = logits_of(jnp.where(prompt, mask_id, noisy), jnp.where(prompt, mask_id, clean))
+      logits = free + (cfg_scale + 1.0) * (logits - free)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, clean).reshape(masked.shape)
+    return jnp.sum(jnp.where(masked, ce * weight, 0.0), axis=-1)
+
+  return _monte_carlo(batch_losses, num_batches, batch_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_arm_scorer(model_cfg: ModelConfig):
+  """The exact log-likelihood of an autoregressive model: score(params, tokens, valid,
+  is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0)."""
+  model = Transformer(model_cfg)
+
+  @jax.jit
+  def score(params, tokens, valid, is_answer, keys, cfg_scale):
+    del keys, cfg_scale
+    logits = apply_model(model, params, tokens, valid)[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    total = -jnp.sum(jnp.where(is_answer[:, 1:], ce, 0.0), axis=-1)
+    return total, jnp.zeros_like(total)
 
   return score

@@ -1,7 +1,9 @@
 """The forward (noising) process of LLaDA: mask each token independently with probability p.
 
 p = (1 - eps) * t + eps with t ~ U(0, 1) drawn once per sequence, so that no sequence is left with
-a masking rate of exactly zero (docs/llada.md; LLaDA paper Eq. 3, official GUIDELINES.md).
+a masking rate of exactly zero (docs/llada.md; LLaDA paper Eq. 3, official GUIDELINES.md). Block
+diffusion (BD3-LM, arXiv 2503.09573, Eq. 8) draws one t per block of `block_size` tokens instead,
+with the same eps; BD3-LM's clipped schedule draws t ~ U(t_min, t_max).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class Noised(NamedTuple):
 
   tokens: jax.Array  # [B, L] input to the mask predictor: mask_id where masked
   masked: jax.Array  # [B, L] bool, positions replaced by the mask id
-  p_mask: jax.Array  # [B] masking probability of each sequence
+  p_mask: jax.Array  # [B] masking probability of each sequence; [B, L] per token with blocks
 
 
 def mask_probability(t: jax.Array, eps: float) -> jax.Array:
@@ -47,16 +49,27 @@ def forward_process(
     eps: float,
     valid: jax.Array | None = None,
     time_sampling: str = "uniform",
+    block_size: int = 0,
+    t_range: tuple[float, float] = (0.0, 1.0),
 ) -> Noised:
-  """Masks every token of `tokens` [B, L] with its sequence's probability p.
+  """Masks every token of `tokens` [B, L] with its sequence's (or block's) probability p.
 
   valid: optional bool [B, L]; positions outside it are never masked (the prompt in SFT, positions
   beyond a cut length).
+  block_size: 0: one t per sequence (p_mask [B]); B > 0 (a divisor of L): one t per block of B
+    tokens (p_mask [B, L], each token its block's p). With one block (B = L) the draws are those
+    of block_size=0.
+  t_range: (t_min, t_max), t = t_min + (t_max - t_min) u with u ~ U(0, 1); (0, 1) is exact.
   """
   t_key, mask_key = jax.random.split(rng)
   batch, length = tokens.shape
-  p_mask = mask_probability(sample_times(t_key, batch, time_sampling), eps)
-  masked = jax.random.uniform(mask_key, (batch, length)) < p_mask[:, None]
+  blocks = length // block_size if block_size else 1
+  u = sample_times(t_key, batch * blocks, time_sampling).reshape(batch, blocks)
+  t_min, t_max = t_range
+  p_mask = mask_probability(t_min + (t_max - t_min) * u, eps)
+  per_token = jnp.repeat(p_mask, length // blocks, axis=1)
+  masked = jax.random.uniform(mask_key, (batch, length)) < per_token
+  p_mask = per_token if block_size else p_mask[:, 0]
   if valid is not None:
     masked = masked & valid
   return Noised(jnp.where(masked, mask_id, tokens), masked, p_mask)
@@ -83,9 +96,12 @@ def noise_batch(
     eps: float,
     random_length_prob: float,
     time_sampling: str = "uniform",
+    block_size: int = 0,
+    t_range: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, jax.Array]:
   """On-device forward process for a feature batch (llada_jax.data.features): adds inputs, masked
   and p_mask, and applies the batch-level random-length cut to `valid` (pre-training only).
+  block_size and t_range as in `forward_process`.
 
   SFT batches (with prompt_length) are never cut and never masked inside the prompt.
   """
@@ -99,6 +115,13 @@ def noise_batch(
     valid = valid & (jnp.arange(seq_len) < random_length(len_key, seq_len, random_length_prob))
     maskable = valid
   noised = forward_process(
-      noise_key, targets, mask_id=mask_id, eps=eps, valid=maskable, time_sampling=time_sampling
+      noise_key,
+      targets,
+      mask_id=mask_id,
+      eps=eps,
+      valid=maskable,
+      time_sampling=time_sampling,
+      block_size=block_size,
+      t_range=t_range,
   )
   return dict(batch, valid=valid, inputs=noised.tokens, masked=noised.masked, p_mask=noised.p_mask)

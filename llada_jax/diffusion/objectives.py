@@ -4,8 +4,12 @@ Pre-training (an upper bound on the negative log-likelihood per token, LLaDA Eq.
   L = sum over masked positions of CE(logits_i, x_i) / p   /  (batch * sequence length).
 SFT (LLaDA Eq. 5): the prompt is never masked; each sequence's sum is divided by its response length
 (EOS padding included), then averaged over the batch. ARM: next-token cross-entropy of the causal
-model. `OBJECTIVES` maps config.diffusion.objective to its loss: a new objective is one function
-here plus its name in `llada_jax.config.OBJECTIVES`.
+model. Block diffusion (BD3-LM, Arriola et al., ICLR 2025, arXiv 2503.09573, Eq. 8): the same sum
+with one t per block, each block's masked tokens predicted from the noisy block and the clean
+blocks before it, all blocks in one pass over the two-stream input [x_t ; x_0]
+(`llada_jax.model.masks`); B = 1 is the autoregressive chain rule, B = L the LLaDA bound.
+`OBJECTIVES` maps config.diffusion.objective to its loss: a new objective is one function here
+plus its name in `llada_jax.config.OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ def diffusion_loss_from_ce(
   batch mean of per-sequence values); "sequence": per row [B], each row's sum divided by its own
   tokens (pre-training) or response length (SFT).
   """
-  per_token = jnp.where(batch["masked"], ce / batch["p_mask"][:, None], 0.0)
+  p_mask = batch["p_mask"]
+  p_mask = p_mask if p_mask.ndim == 2 else p_mask[:, None]  # per block (block diffusion): [B, L]
+  per_token = jnp.where(batch["masked"], ce / p_mask, 0.0)
   seq_len = batch["targets"].shape[1]
   metrics = {}
   if "prompt_length" in batch:
@@ -175,8 +181,43 @@ class LanguageModel(Protocol):
   def apply(self, params: Any, tokens: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     ...
 
-  def cross_entropy(self, params: Any, inputs: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  def cross_entropy(
+      self,
+      params: Any,
+      inputs: jax.Array,
+      batch: dict[str, jax.Array],
+      block_size: int = 0,
+  ) -> jax.Array:
     ...
+
+
+def forward_process_of(
+    config: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    random_length_prob: float,
+    block_size: int | None = None,
+    exact: bool = False,
+) -> dict[str, jax.Array]:
+  """The objective's forward process on a feature batch (`noise_batch`): mdm one t per
+  sequence; block one t per block of block_size (default config.diffusion.block_size), from the
+  clipped schedule U(t_min, t_max) unless `exact` (evaluation: the bound itself); arm none (the
+  batch unchanged)."""
+  d = config.diffusion
+  if d.objective == "arm":
+    return batch
+  blocks = d.objective == "block"
+  return noise_batch(
+      rng,
+      batch,
+      mask_id=config.tokens.mask_id,
+      eps=d.eps,
+      random_length_prob=random_length_prob,
+      time_sampling=d.time_sampling,
+      block_size=(block_size or d.block_size) if blocks else 0,
+      t_range=(d.t_min, d.t_max) if blocks and not exact else (0.0, 1.0),
+  )
 
 
 def mdm_objective(
@@ -187,19 +228,13 @@ def mdm_objective(
     *,
     reduction: str,
     random_length_prob: float,
+    exact: bool = False,
 ) -> tuple[jax.Array, Metrics]:
   """LLaDA's bound: the forward process (unless the pipeline already noised the batch), then the
   1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`)."""
+  del exact  # LLaDA's schedule is always the exact one
   if "inputs" not in batch:
-    d = lm.config.diffusion
-    batch = noise_batch(
-        rng,
-        batch,
-        mask_id=lm.config.tokens.mask_id,
-        eps=d.eps,
-        random_length_prob=random_length_prob,
-        time_sampling=d.time_sampling,
-    )
+    batch = forward_process_of(lm.config, batch, rng, random_length_prob=random_length_prob)
   return diffusion_loss_from_ce(lm.cross_entropy(params, batch["inputs"], batch), batch, reduction)
 
 
@@ -211,13 +246,44 @@ def arm_objective(
     *,
     reduction: str,
     random_length_prob: float,
+    exact: bool = False,
 ) -> tuple[jax.Array, Metrics]:
   """The autoregressive baseline: next-token CE of the causal network on the clean targets."""
-  del rng, random_length_prob
+  del rng, random_length_prob, exact
   return autoregressive_loss(
       lambda tokens, mask: lm.apply(params, tokens, mask), batch["targets"], reduction
   )
 
 
+def block_objective(
+    lm: LanguageModel,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    reduction: str,
+    random_length_prob: float,
+    block_size: int | None = None,
+    exact: bool = False,
+) -> tuple[jax.Array, Metrics]:
+  """BD3-LM's NELBO: the forward process with one t per block (`forward_process_of`, unless the
+  batch is already noised with per-block p_mask [B, L]), then the 1/p-weighted masked
+  cross-entropy of the noisy stream of one two-stream pass (`diffusion_loss_from_ce`).
+  block_size defaults to config.diffusion.block_size (the trainer passes the size of its
+  `block_size_schedule`); exact: t ~ U(0, 1), not the clipped training schedule."""
+  block_size = block_size or lm.config.diffusion.block_size
+  if "inputs" not in batch:
+    batch = forward_process_of(
+        lm.config,
+        batch,
+        rng,
+        random_length_prob=random_length_prob,
+        block_size=block_size,
+        exact=exact,
+    )
+  ce = lm.cross_entropy(params, batch["inputs"], batch, block_size=block_size)
+  return diffusion_loss_from_ce(ce, batch, reduction)
+
+
 # config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob).
-OBJECTIVES = {"mdm": mdm_objective, "arm": arm_objective}
+OBJECTIVES = {"mdm": mdm_objective, "arm": arm_objective, "block": block_objective}

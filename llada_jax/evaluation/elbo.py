@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llada_jax.diffusion.masking import noise_batch
+from llada_jax.diffusion.objectives import forward_process_of
 from llada_jax.errors import ConfigError
 from llada_jax.evaluation.distribute import gather_rows
 from llada_jax.evaluation.model import EvalModel
@@ -31,20 +31,17 @@ def _sequence_bounds(config_json: str, samples: int):
   """jit(params, batch, keys [B]) -> per-sequence bound (nats/token) averaged over samples [B]:
   `MaskedDiffusionLM.loss` with reduction="sequence" (for an arm model, its exact NLL)."""
   lm = MaskedDiffusionLM(ml_collections.ConfigDict(json.loads(config_json)))
-  d = lm.config.diffusion
 
   def one_draw(params, batch, keys):
     noised = jax.vmap(
-        lambda key, row: noise_batch(
-            key,
-            jax.tree.map(lambda x: x[None], row),
-            mask_id=lm.config.tokens.mask_id,
-            eps=d.eps,
-            random_length_prob=0.0,
+        lambda key, row: forward_process_of(
+            lm.config, jax.tree.map(lambda x: x[None], row), key, random_length_prob=0.0, exact=True
         )
     )(keys, batch)
     noised = jax.tree.map(lambda x: x[:, 0], noised)
-    return lm.loss(params, noised, keys[0], reduction="sequence", random_length_prob=0.0)[0]
+    return lm.loss(
+        params, noised, keys[0], reduction="sequence", random_length_prob=0.0, exact=True
+    )[0]
 
   @jax.jit
   def bounds(params, batch, keys):

@@ -43,8 +43,9 @@ from llada_jax.sampling.options import SamplerOptions
 
 MODEL_NAME = "llada_jax"
 ROLLING_UNSUPPORTED = (
-    "loglikelihood_rolling is not available: a masked diffusion model has no "
-    "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound"
+    "loglikelihood_rolling is not available for a LLaDA (objective mdm) model: it has no "
+    "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound, or an arm or "
+    "block model"
 )
 # gen_kwargs the sampler understands; others (top_p, top_k, num_beams, ...) are ignored.
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
@@ -63,7 +64,9 @@ def request_id(request: Instance) -> int:
   return zlib.crc32(text.encode("utf-8"))
 
 
-class LLaDAJaxLM(LM):
+# lm-eval's optional chat-template methods (apply_chat_template, tokenizer_name) keep their base
+# versions, which raise lm-eval's own "please implement" error for --apply_chat_template.
+class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
   """A training workdir or HF LLaDA folder as an lm_eval model (`--model llada_jax`).
 
   model_args: checkpoint (required), tokenizer (a tokenizer.json, for checkpoints without one),
@@ -187,8 +190,40 @@ class LLaDAJaxLM(LM):
   def loglikelihood_rolling(
       self, requests: list[Instance], disable_tqdm: bool = False
   ) -> list[float]:
-    """Not available for a masked diffusion model: raises NotImplementedError."""
-    raise NotImplementedError(ROLLING_UNSUPPORTED)
+    """log p(text) (nats) of each request's whole text: lm-eval's rolling windows of at most
+    model.max_sequence_length tokens, the first after a prefix token (BOS, else EOS), each
+    window's new tokens scored given the tokens before them and the scores summed. Exact for an
+    autoregressive model; a lower bound (the block NELBO, Monte-Carlo) for a block diffusion
+    model. Raises NotImplementedError for a LLaDA model, which has no left-to-right
+    likelihood."""
+    config = self.model.config
+    if config.diffusion.objective == "mdm":
+      raise NotImplementedError(ROLLING_UNSUPPORTED)
+    prefix = config.tokens.bos_id if config.tokens.bos_id >= 0 else config.tokens.eos_id
+    windows, owners, ids = [], [], []
+    for number, request in enumerate(requests):
+      tokens = self.model.codec.encode(request.args[0])
+      rolling = utils.get_rolling_token_windows(tokens, prefix, config.model.max_sequence_length, 1)
+      for j, window in enumerate(map(utils.make_disjoint_window, rolling)):
+        windows.append(window)
+        owners.append(number)
+        ids.append((request_id(request) * 1_000_003 + j) % 2**31)
+    with tqdm.tqdm(total=len(windows), disable=disable_tqdm, desc="llada_jax rolling") as bar:
+      scores = loglikelihoods(
+          self.model,
+          [w[0] for w in windows],
+          [w[1] for w in windows],
+          mc_num=self.mc_num,
+          batch_size=self.batch_size,
+          seed=self.seed,
+          progress=bar.update,
+          item_ids=ids,
+      ).log_likelihood
+    totals = np.zeros(len(requests))
+    np.add.at(totals, np.asarray(owners, int), scores)
+    for request, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", request.args, float(total))
+    return [float(t) for t in totals]
 
   def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
     """Sampled text per (context, gen_kwargs), cut at the first `until` string (and EOS/EoT).

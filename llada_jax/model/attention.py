@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from llada_jax.config import ATTENTION_IMPLEMENTATIONS
 from llada_jax.model import splash
+from llada_jax.model.masks import BlockCausal
 from llada_jax.parallel.kernels import target_platform
 
 
@@ -45,6 +46,7 @@ def attention(
     key_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     implementation: str = "xla",
+    pattern: BlockCausal | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention with grouped-query heads.
 
@@ -61,6 +63,8 @@ def attention(
       (`jax.nn.dot_product_attention` lowered by XLA), "cudnn" (the same call as cuDNN flash
       attention: GPU, 16-bit inputs, head_dim <= 256), "splash" (Pallas TPU flash attention,
       lengths multiples of 128; interpreted off TPU) or "auto" (see `resolve`).
+    pattern: optional static block-causal pattern (`llada_jax.model.masks.BlockCausal`) of a
+      block diffusion model, on top of the masks above; self-attention only (q_len == kv_len).
 
   Returns:
     [batch, q_len, n_heads, head_dim] in the dtype of v.
@@ -70,7 +74,7 @@ def attention(
     raise ValueError(
         f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
     )
-  return KERNELS[implementation](q, k, v, causal, key_mask, segment_ids)
+  return KERNELS[implementation](q, k, v, causal, key_mask, segment_ids, pattern)
 
 
 def _xla(
@@ -80,6 +84,7 @@ def _xla(
     causal: bool,
     key_mask: jax.Array | None,
     segment_ids: jax.Array | None,
+    pattern: BlockCausal | None = None,
 ) -> jax.Array:
   """Grouped-query attention in plain XLA ops: materialises the scores, softmax in float32."""
   batch, q_len, n_heads, head_dim = q.shape
@@ -91,6 +96,8 @@ def _xla(
   allowed = jnp.ones((1, 1, 1, q_len, kv_len), dtype=bool)
   if causal:
     allowed = allowed & jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
+  if pattern is not None:
+    allowed = allowed & pattern.dense(q_len, kv_len)
   if key_mask is not None:
     allowed = allowed & key_mask[:, None, None, None, :]
   if segment_ids is not None:
@@ -108,12 +115,13 @@ def _jax_nn(
     causal: bool,
     key_mask: jax.Array | None,
     segment_ids: jax.Array | None,
+    pattern: BlockCausal | None,
     implementation: str,
 ) -> jax.Array:
   """jax.nn.dot_product_attention with native GQA. Padding at the end of every row (training's
   cut sequences) goes in as key lengths, the cuDNN fast path; any other padding (left-padded
-  prompts) or packing goes in as one boolean mask [B, 1, T, S]. The choice is a lax.cond on the
-  mask, so both are compiled and the right one runs."""
+  prompts), packing or a block-causal pattern goes in as one boolean mask [B, 1, T, S]. The
+  choice is a lax.cond on the mask, so both are compiled and the right one runs."""
   implementation = None if implementation == "jax_nn" else "cudnn"
 
   def dense() -> jax.Array:
@@ -123,11 +131,14 @@ def _jax_nn(
     if segment_ids is not None:
       same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
       mask = same if mask is None else mask & same
+    if pattern is not None:
+      blocks = jnp.asarray(pattern.dense(q.shape[1], k.shape[1]))[None, None]
+      mask = blocks if mask is None else mask & blocks
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, implementation=implementation
     )
 
-  if key_mask is None or segment_ids is not None:
+  if key_mask is None or segment_ids is not None or pattern is not None:
     return dense()
   lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
   right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1]) < lengths[:, None]))

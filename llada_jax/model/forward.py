@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llada_jax.model.masks import BlockCausal
 from llada_jax.model.transformer import ModelConfig, Transformer
 
 
@@ -47,6 +49,48 @@ def apply_model(
   )
   cond, uncond = jnp.split(both, 2)
   return uncond + (cfg_scale + 1.0) * (cond - uncond)
+
+
+def two_stream_hidden(
+    model_cfg: ModelConfig,
+    params: Any,
+    noisy: jax.Array,
+    clean: jax.Array,
+    valid: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    block_size: int,
+    start: int = 0,
+) -> jax.Array:
+  """Final-norm hidden states [B, L, d_model] of the noisy stream of a block diffusion model's
+  two-stream pass (BD3-LM, arXiv 2503.09573, Sec. 3.2): the network runs once on [noisy ; clean]
+  (2L positions, both copies at `positions`) under `BlockCausal(block_size, start,
+  two_stream=True)`, so each block of `noisy` [B, L] sees itself and the clean blocks before it.
+  valid [B, L] bool hides padding; segment_ids [B, L] (or None) keeps packed documents apart."""
+  model = Transformer(
+      dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, start, two_stream=True))
+  )
+
+  def twice(a: jax.Array | None) -> jax.Array | None:
+    return None if a is None else jnp.concatenate([a, a], 1)
+
+  hidden = model.apply(
+      {"params": params},
+      jnp.concatenate([noisy, clean], 1),
+      twice(valid),
+      twice(positions),
+      twice(segment_ids),
+      return_hidden=True,
+  )
+  return hidden[:, : noisy.shape[1]]
+
+
+def head_logits(params: Any, hidden: jax.Array, dtype: Any) -> jax.Array:
+  """float32 logits [B, L, V] of hidden states [B, L, d_model] through the output head `ff_out`,
+  computed in `dtype` as the model's own head."""
+  head = params["ff_out"]["kernel"]
+  return jnp.einsum("bld,dv->blv", hidden.astype(dtype), head.astype(dtype)).astype(jnp.float32)
 
 
 def logits(

@@ -11,12 +11,13 @@ device mesh the kernel runs per shard (`llada_jax.parallel.kernels`), never on g
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llada_jax.model.masks import BlockCausal
 from llada_jax.parallel.kernels import shard_map_logical
 
 LANES = 128
@@ -34,8 +35,11 @@ def splash_attention(
     causal: bool,
     key_mask: jax.Array | None,
     segment_ids: jax.Array | None,
+    pattern: BlockCausal | None = None,
 ) -> jax.Array:
-  """attention() through the splash kernel; q [B, T, H, D], k and v [B, S, KH, D].
+  """attention() through the splash kernel; q [B, T, H, D], k and v [B, S, KH, D]. A block-causal
+  `pattern` becomes a splash mask computed inside the kernel (no [T, S] table in memory), and its
+  fully masked tiles are skipped.
 
   Inside a mesh (`jax.set_mesh`) the kernel runs per device under `shard_map`: the batch split as
   the logical axis rules split "activation_batch", the heads as they split "heads" and "kv_heads";
@@ -63,7 +67,7 @@ def splash_attention(
           f"heads per device: mesh.axis_rules must split 'heads' and 'kv_heads' over "
           f"the same mesh axes (groups of {groups} query heads per key/value head)"
       )
-    return _local_splash(q, k, v, causal, q_segments, kv_segments)
+    return _local_splash(q, k, v, causal, q_segments, kv_segments, pattern)
 
   return shard_map_logical(
       local,
@@ -81,6 +85,7 @@ def _local_splash(
     causal: bool,
     q_segments: jax.Array | None,
     kv_segments: jax.Array | None,
+    pattern: BlockCausal | None = None,
 ) -> jax.Array:
   """The splash kernel on one device's rows and heads: the compiled Mosaic kernel when lowered for
   TPU, the same kernel interpreted elsewhere (decided at lowering, by the target platform)."""
@@ -96,7 +101,7 @@ def _local_splash(
   k, v = (t.transpose(0, 2, 1, 3) for t in (k, v))
 
   def run(interpret: bool, q, k, v, q_segments, kv_segments):
-    kernel = _kernel(q_len, kv_len, groups, causal, interpret)
+    kernel = _kernel(q_len, kv_len, groups, causal, interpret, pattern)
 
     def one_head(qh, kh, vh, q_seg, kv_seg):
       segments = None if q_seg is None else kernel_lib.SegmentIds(q=q_seg, kv=kv_seg)
@@ -171,7 +176,14 @@ def _segments(
   return q_segments, kv_segments
 
 
-def _kernel(q_len: int, kv_len: int, groups: int, causal: bool, interpret: bool):
+def _kernel(
+    q_len: int,
+    kv_len: int,
+    groups: int,
+    causal: bool,
+    interpret: bool,
+    pattern: BlockCausal | None = None,
+):
   """The multi-query splash kernel for one key/value head and its `groups` query heads.
 
   Built inside the caller's trace, so its mask tables are constants of that trace (eager arrays
@@ -184,6 +196,9 @@ def _kernel(q_len: int, kv_len: int, groups: int, causal: bool, interpret: bool)
 
   shape = (q_len, kv_len)
   one = mask_lib.CausalMask(shape) if causal else mask_lib.FullMask(shape)
+  if pattern is not None:
+    blocks = _pattern_mask(mask_lib, pattern, shape)
+    one = mask_lib.LogicalAnd(one, blocks) if causal else blocks
   block_q, block_kv = _block(q_len), _block(kv_len)
   sizes = kernel_lib.BlockSizes(
       block_q=block_q,
@@ -198,6 +213,29 @@ def _kernel(q_len: int, kv_len: int, groups: int, causal: bool, interpret: bool)
   return kernel_lib.make_splash_mqa_single_device(
       mask_lib.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret
   )
+
+
+def _pattern_mask(mask_lib: Any, pattern: BlockCausal, shape: tuple[int, int]) -> Any:
+  """The block-causal `pattern` as a splash mask that the kernel computes from indices."""
+
+  class _BlockCausalMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
+    """splash's computable-mask interface around BlockCausal.rule."""
+
+    def __init__(self):
+      self.pattern = pattern
+      super().__init__(shape=shape, mask_function=pattern.rule(*shape))
+
+    def __eq__(self, other: object) -> bool:
+      return (
+          isinstance(other, type(self))
+          and other.pattern == self.pattern
+          and other.shape == self.shape
+      )
+
+    def __hash__(self) -> int:
+      return hash((BlockCausal, pattern, shape))
+
+  return _BlockCausalMask()
 
 
 def _block(length: int) -> int:

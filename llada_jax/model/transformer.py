@@ -17,13 +17,16 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llada_jax.model.attention import attention
 from llada_jax.model.layers import Projection, RMSNorm, apply_rope, dense_init
+from llada_jax.model.masks import BlockCausal
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Static architecture settings (the `model` section of the config)."""
+  """Static architecture settings (the `model` section of the config), and the block-causal
+  attention pattern of one call of a block diffusion model (None: causal or bidirectional as
+  `causal` says; set with dataclasses.replace by the callers that run a block model)."""
 
   vocab_size: int
   d_model: int
@@ -41,6 +44,7 @@ class ModelConfig:
   scan_layers: bool
   remat: str
   attention: str
+  pattern: BlockCausal | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
@@ -121,6 +125,7 @@ class Block(nn.Module):
         key_mask=key_mask,
         segment_ids=segment_ids,
         implementation=cfg.attention,
+        pattern=cfg.pattern,
     )
     a = checkpoint_name(a, "attention")
     x = x + proj((cfg.d_model,), ("heads", "kv", "embed"), "attn_out", in_dims=2)(a)

@@ -30,7 +30,10 @@ __all__ = [
     "STEP_LOGITS",
     "Block",
     "Forward",
+    "block_cached_logits",
     "empty_cache",
+    "prefill",
+    "write_block",
     "window",
     "window_logits",
 ]
@@ -67,7 +70,7 @@ class Forward(NamedTuple):
     )
 
   def windowed(
-      self, x: jax.Array, start: int, end: int, cache: KVCache | None
+      self, x: jax.Array, start: int, end: int, cache: KVCache | None, write: bool = False
   ) -> tuple[jax.Array, KVCache]:
     """`window_logits` of positions [start, end) of x [B, T]."""
     return window_logits(
@@ -80,6 +83,14 @@ class Forward(NamedTuple):
         start,
         end,
         cache,
+        write,
+    )
+
+  def up_to(self, end: int) -> Forward:
+    """The same forward with the keys at and after `end` hidden (a block model's later
+    blocks)."""
+    return self._replace(
+        attention_mask=self.attention_mask & (jnp.arange(self.attention_mask.shape[1]) < end)
     )
 
 
@@ -104,11 +115,12 @@ def window_logits(
     start: int,
     end: int,
     cache: KVCache | None,
+    write: bool = False,
 ) -> tuple[jax.Array, KVCache]:
   """Logits [B, end - start, V] of the window of tokens [B, T], guided when `unconditional` is
   given (both rows in one batch, as apply_model), and the cache: with cache=None a full pass that
   returns the fresh cache of all T positions; otherwise the window alone against the cache, which
-  is returned unchanged."""
+  is returned unchanged, or with `write` holding the window's fresh keys and values."""
   mask = attention_mask.astype(bool)
   positions = positions_from_mask(mask)
   if unconditional is not None:
@@ -118,14 +130,16 @@ def window_logits(
     logits, cache = model.apply({"params": params}, tokens, mask, positions, return_kv=True)
     logits = logits[:, start:end]
   else:
-    logits = model.apply(
+    out = model.apply(
         {"params": params},
         tokens[:, start:end],
         mask,
         positions[:, start:end],
         kv_cache=cache,
         cache_start=start,
+        return_kv=write,
     )
+    logits, cache = out if write else (out, cache)
   if unconditional is not None:
     cond, uncond = jnp.split(logits, 2)
     logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
@@ -180,6 +194,43 @@ def dual_logits(
   return _cached_logits(
       forward, x, i, cache, *window("dual", block.start, block.end, x.shape[1]), refresh_every
   )
+
+
+def prefill(patterned: Forward, x: jax.Array, prompt_len: int, cache: KVCache) -> KVCache:
+  """A block model's cache with the keys and values of the prompt, positions [0, prompt_len) of
+  x [B, T], written by one pass of the prompt under its block-causal pattern (`patterned.model`
+  carries it)."""
+  if not prompt_len:
+    return cache
+  tokens, mask = x[:, :prompt_len], patterned.attention_mask[:, :prompt_len]
+  unconditional = patterned.unconditional(x)
+  if unconditional is not None:
+    tokens = jnp.concatenate([tokens, unconditional[:, :prompt_len]])
+    mask = jnp.concatenate([mask, mask])
+  _, kv = patterned.model.apply(
+      {"params": patterned.params}, tokens, mask, positions_from_mask(mask), return_kv=True
+  )
+  return tuple(
+      jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), 0, axis=2)
+      for c, t in zip(cache, kv)
+  )
+
+
+def block_cached_logits(
+    forward: Forward, x: jax.Array, i: jax.Array, cache: KVCache, block: Block, refresh_every: int
+) -> tuple[jax.Array, int, KVCache]:
+  """A block model's exact cache: the block alone against the prompt's and finished blocks'
+  keys and values (nothing at or after the block's end is attended to)."""
+  del i, refresh_every
+  logits, cache = forward.up_to(block.end).windowed(x, block.start, block.end, cache)
+  return logits, block.start, cache
+
+
+def write_block(forward: Forward, x: jax.Array, cache: KVCache, block: Block) -> KVCache:
+  """The cache with the finished block's keys and values, from one pass of the block against
+  the cache (what later blocks of a block model attend to; they never change it)."""
+  _, cache = forward.up_to(block.end).windowed(x, block.start, block.end, cache, write=True)
+  return cache
 
 
 StepLogits = Callable[[Forward, jax.Array, jax.Array, Any, Block, int], tuple[jax.Array, int, Any]]

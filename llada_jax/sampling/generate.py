@@ -37,7 +37,17 @@ from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
 from llada_jax.model import ModelConfig, Transformer, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
-from llada_jax.sampling.cache import STEP_LOGITS, Block, Forward, empty_cache
+from llada_jax.model.masks import BlockCausal
+from llada_jax.sampling.cache import (
+    STEP_LOGITS,
+    Block,
+    Forward,
+    block_cached_logits,
+    empty_cache,
+    prefill,
+    write_block,
+)
+from llada_jax.sampling.ending import end_ids
 from llada_jax.sampling.options import SamplerOptions
 from llada_jax.sampling.remasking import DRAWS_UNIFORM, REMASKING_RULES
 from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
@@ -65,6 +75,9 @@ class SamplerSpec:
   cache: str = "none"
   cache_refresh: int = 0
   prompt_has_masks: bool = False
+  block_model: int = 0  # the block size of a block diffusion model; 0 for LLaDA models
+  early_stop: bool = False
+  end_ids: tuple[int, ...] = ()
 
   @classmethod
   def of(
@@ -77,6 +90,7 @@ class SamplerSpec:
   ) -> SamplerSpec:
     """The spec of `options` for config's model and token ids."""
     tokens = config.tokens
+    block_model = config.diffusion.block_size if config.diffusion.objective == "block" else 0
     return cls(
         ModelConfig.from_config(config),
         options.steps,
@@ -96,6 +110,9 @@ class SamplerSpec:
         options.cache,
         options.cache_refresh,
         prompt_has_masks,
+        block_model,
+        options.early_stop or block_model > 0,
+        end_ids(tokens),
     )
 
   @property
@@ -253,6 +270,17 @@ def _check_call(
         "return_trajectory is not allowed with parallel_threshold (the number of "
         "steps is not fixed)"
     )
+  blocks = config.diffusion.objective == "block"
+  if return_trajectory and (options.early_stop or blocks):
+    raise ConfigError(
+        "return_trajectory is not allowed with early_stop or a block diffusion model (the "
+        "number of steps is not fixed)"
+    )
+  if blocks and np.any((prompt == mask_id) & attention_mask):
+    raise ConfigError(
+        f"a prompt holding the mask id {mask_id} is not allowed for a block diffusion model: "
+        "it fills only the blocks after the prompt (no infilling)"
+    )
 
 
 def draws(
@@ -404,24 +432,53 @@ def _block(spec: SamplerSpec, total: int, index: Any) -> Block:
   return Block(index, start, end)
 
 
+def finished(spec: SamplerSpec, x: jax.Array, total: int) -> jax.Array:
+  """bool [B]: rows whose answer holds a committed end token (EOS or EoT, `end_ids`)."""
+  answer = jnp.arange(total) >= total - spec.gen_length
+  return jnp.any(jnp.isin(x, jnp.asarray(spec.end_ids, jnp.int32)) & answer, axis=-1)
+
+
 def _over_blocks(
     spec: SamplerSpec, total: int, body: Callable[[Block, Any], Any], carry: Any
 ) -> Any:
   """carry after body(block, carry) for every block: a fori_loop without a cache; unrolled with
-  one (its windows need static bounds)."""
+  one (its windows need static bounds). With early_stop the blocks after the one in which every
+  row has finished are skipped (a while_loop, or a cond around each unrolled block); carry[0] is
+  x [B, T]."""
+
+  def done(carry):
+    return jnp.all(finished(spec, carry[0], total))
+
   if spec.cache == "none":
-    return jax.lax.fori_loop(
-        0, spec.num_blocks, lambda b, c: body(_block(spec, total, b), c), carry
+    if not spec.early_stop:
+      return jax.lax.fori_loop(
+          0, spec.num_blocks, lambda b, c: body(_block(spec, total, b), c), carry
+      )
+    _, carry = jax.lax.while_loop(
+        lambda bc: (bc[0] < spec.num_blocks) & ~done(bc[1]),
+        lambda bc: (bc[0] + 1, body(_block(spec, total, bc[0]), bc[1])),
+        (jnp.int32(0), carry),
     )
+    return carry
   for index in range(spec.num_blocks):
-    carry = body(_block(spec, total, index), carry)
+    block = _block(spec, total, index)
+    if spec.early_stop:
+      carry = jax.lax.cond(done(carry), lambda c: c, functools.partial(body, block), carry)
+    else:
+      carry = body(block, carry)
   return carry
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   """Builds (once per spec) the jitted reverse process run(params, prompt [B, P] int32,
-  prompt_mask [B, P] bool, temperature, cfg_scale, row_keys [B, 2] uint32, threshold)."""
+  prompt_mask [B, P] bool, temperature, cfg_scale, row_keys [B, 2] uint32, threshold).
+
+  A block diffusion model (spec.block_model = B) attends block-causally (`BlockCausal` with the
+  answer's blocks starting after the prompt): without a cache every step is a full pass under
+  that pattern; with cache="prefix" the prompt's keys and values are written once, each step
+  computes the current block against them, and each finished block is run once more to write
+  its own, which later blocks never change: the cache is exact."""
   model = Transformer(spec.model)
 
   def run(params, prompt, prompt_mask, temperature, cfg_scale, row_keys, threshold):
@@ -442,19 +499,45 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
         if spec.cache == "none"
         else empty_cache(spec.model, batch * (2 if spec.use_cfg else 1), total)
     )
+    write = None
+    if spec.block_model:
+      pattern = BlockCausal(spec.block_model, start=prompt_len)
+      patterned = forward._replace(
+          model=Transformer(dataclasses.replace(spec.model, pattern=pattern))
+      )
+      if spec.cache == "none":
+        step_logits = functools.partial(STEP_LOGITS["none"], patterned, refresh_every=0)
+      else:
+        cache = prefill(patterned, x, prompt_len, cache)
+        step_logits = functools.partial(block_cached_logits, forward, refresh_every=0)
+        write = functools.partial(write_block, forward)
+
+    def over_blocks(schedule, carry):
+      def body(block, carry):
+        active = rows
+        if spec.early_stop:  # finished rows take no more tokens
+          active = rows._replace(
+              attention_mask=rows.attention_mask & ~finished(spec, carry[0], total)[:, None]
+          )
+        carry = schedule(active, block, carry)
+        if write is not None:
+          carry = (*carry[:2], write(carry[0], carry[2], block))
+        return carry
+
+      x, *rest = _over_blocks(spec, total, body, carry)
+      if spec.early_stop:  # what finished rows did not generate ends the answer
+        x = jnp.where((x == spec.mask_id) & (jnp.arange(total) >= prompt_len), spec.eos_id, x)
+      return (x, *rest)
+
     if spec.use_threshold:
-      x, _, _ = _over_blocks(
-          spec,
-          total,
-          lambda block, c: threshold_schedule(spec, rows, step_logits, block, c, threshold),
+      x, _, _ = over_blocks(
+          lambda r, block, c: threshold_schedule(spec, r, step_logits, block, c, threshold),
           (x, jnp.zeros((batch,), jnp.int32), cache),
       )
       return x
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
-    x, trajectory, _ = _over_blocks(
-        spec,
-        total,
-        lambda block, c: fixed_schedule(spec, rows, step_logits, block, c),
+    x, trajectory, _ = over_blocks(
+        lambda r, block, c: fixed_schedule(spec, r, step_logits, block, c),
         (x, trajectory, cache),
     )
     return (x, trajectory) if spec.return_trajectory else x

@@ -65,6 +65,11 @@ class SamplerOptions:
       "float64",
       "Gumbel noise and probabilities in float64, as the official code (needs jax_enable_x64).",
   )
+  early_stop: bool = _option(
+      "early_stop",
+      "Stop after the block in which every row has committed EOS/EoT, the rest set to EOS: exact "
+      "for block diffusion models (always on), an approximation for LLaDA models.",
+  )
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> SamplerOptions:
@@ -111,9 +116,27 @@ class SamplerOptions:
           "model.causal=True: expected cache='none' (the caches reuse keys of a "
           "bidirectional mask predictor)"
       )
+    if config.diffusion.objective == "block":
+      self._validate_for_blocks(config, prefix)
     if self.float64 and not jax.config.jax_enable_x64:
       raise ConfigError(
           f"{prefix}float64=True is not allowed while jax_enable_x64 is off: set "
           "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
       )
     return self
+
+  def _validate_for_blocks(self, config: ml_collections.ConfigDict, prefix: str) -> None:
+    """What a block diffusion model needs: the sampler's blocks are the model's, and its one
+    cache is the exact cache of finished blocks (cache="prefix", never refreshed)."""
+    size = config.diffusion.block_size
+    if self.block_length != size:
+      raise ConfigError(
+          f"{prefix}block_length={self.block_length!r} is not allowed for a block diffusion "
+          f"model: expected its diffusion.block_size={size}"
+      )
+    if self.cache == "dual" or (self.cache == "prefix" and self.cache_refresh):
+      raise ConfigError(
+          f"{prefix}cache={self.cache!r} with cache_refresh={self.cache_refresh} is not "
+          "allowed for a block diffusion model: expected cache='none' or 'prefix' (the exact "
+          "cache of finished blocks) with cache_refresh=0"
+      )

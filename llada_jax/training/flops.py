@@ -1,7 +1,8 @@
 """Model FLOPs of a training step and MFU (docs/llada.md, "Model FLOPs and MFU").
 
 Per token: 6 N_matmul + 12 n_layers S d_attn, where N_matmul counts every weight used in a matmul
-(the output head included, the embedding lookup not) and attention is bidirectional, not halved.
+(the output head included, the embedding lookup not) and attention is bidirectional, not halved;
+block diffusion's two-stream pass doubles the blocks' tokens and keys (`model_flops_per_token`).
 MFU = model FLOPs per step / step time / (devices x peak). Rematerialisation is never counted.
 Scaling plots also use the 6 N D convention (docs/llada.md) with N the non-embedding
 parameters (Kaplan et al.; neither the embedding nor the head), as LLaDA and SMDM report.
@@ -31,10 +32,18 @@ def non_embedding_parameters(config: ml_collections.ConfigDict) -> int:
 
 
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per token at the configured sequence length (forward + backward)."""
+  """Training FLOPs per token at the configured sequence length (forward + backward).
+
+  Objective "block" runs the blocks on the two-stream input [x_t ; x_0] (BD3-LM): two positions
+  per token through every layer, each attending over 2L keys (counted dense, as the kernels
+  compute them), the head on the noisy half only.
+  """
   m = config.model
+  streams = 2 if config.diffusion.objective == "block" else 1
+  head = m.d_model * m.vocab_size
   return float(
-      6 * matmul_parameters(config) + 12 * m.n_layers * config.data.sequence_length * m.d_model
+      6 * (streams * (matmul_parameters(config) - head) + head)
+      + 12 * m.n_layers * streams * streams * config.data.sequence_length * m.d_model
   )
 
 

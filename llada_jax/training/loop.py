@@ -126,7 +126,7 @@ def _train(
   step = start
   while step < config.train.num_steps:
     profiler.before(step)
-    state, metrics = train_step(state, next(batches))
+    state, metrics = train_step(state, next(batches), step)
     step += 1
     profiler.after(step, metrics)
     if (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -10,6 +11,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from llada_jax.config import block_size_at, block_sizes
 from llada_jax.keys import Stream
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context, replicated
@@ -32,7 +34,9 @@ def make_train_step(
     mesh: Mesh,
     shardings: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit(state, batch) -> (new state, metrics); the state's buffers are donated."""
+  """jit(state, batch, step=0) -> (new state, metrics); the state's buffers are donated. The
+  Python int `step` picks the block size of a `diffusion.block_size_schedule` (one compiled
+  program per size, each compiled when first used); other objectives ignore it."""
   rules = axis_rules(config)
   schedule = learning_rate_schedule(config)
 
@@ -40,22 +44,28 @@ def make_train_step(
 
   accum = config.train.grad_accum_steps
 
+  blocks = config.diffusion.objective == "block"
+
   def loss_fn(
-      params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0
+      params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0, block_size: int = 0
   ) -> tuple[jax.Array, Metrics]:
     rng = step_rng(config, state.step, stream=Stream.TRAIN)
     if accum > 1:  # each micro-batch draws its own noise (device masking)
       rng = jax.random.fold_in(rng, micro)
-    loss, metrics = model.loss(params, batch, rng)
+    loss, metrics = model.loss(params, batch, rng, block_size=block_size or None)
     if inject >= 0:  # test knob: a divergence at one step that a cut learning rate avoids
       loss = loss * jnp.where((state.step == inject) & (state.lr_scale == 1.0), jnp.nan, 1.0)
     return loss, metrics
 
-  def gradients(state: TrainState, batch: Batch) -> tuple[tuple[jax.Array, Metrics], Any]:
+  def gradients(
+      state: TrainState, batch: Batch, block_size: int
+  ) -> tuple[tuple[jax.Array, Metrics], Any]:
     """Loss, metrics and gradients of the batch: at once, or as the mean over `accum`
     micro-batches (rows j, j + accum, ... form micro-batch j, so every device holds a share of
     each and the data sharding is kept)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, block_size=block_size), argnums=0, has_aux=True
+    )
     if accum == 1:
       return grad_fn(state.params, state, batch)
     micro_batches = jax.tree.map(
@@ -76,8 +86,8 @@ def make_train_step(
     total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro_batches))
     return total
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    (loss, metrics), grads = gradients(state, batch)
+  def train_step(state: TrainState, batch: Batch, block_size: int) -> tuple[TrainState, Metrics]:
+    (loss, metrics), grads = gradients(state, batch, block_size)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -105,20 +115,24 @@ def make_train_step(
         metrics,
     )
 
-  jitted = jax.jit(
-      train_step,
-      in_shardings=(shardings, batch_sharding(mesh, rules)),
-      out_shardings=(shardings, replicated(mesh)),
-      donate_argnums=0,
-  )
+  jitted = {
+      size: jax.jit(
+          functools.partial(train_step, block_size=size),
+          in_shardings=(shardings, batch_sharding(mesh, rules)),
+          out_shardings=(shardings, replicated(mesh)),
+          donate_argnums=0,
+      )
+      for size in (block_sizes(config) if blocks else (0,))
+  }
+  final = config.diffusion.block_size if blocks else 0
 
-  def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def run(state: TrainState, batch: Batch, step: int = 0) -> tuple[TrainState, Metrics]:
     with mesh_context(mesh, rules):
-      return jitted(state, batch)
+      return jitted[block_size_at(config, step) if blocks else 0](state, batch)
 
   def lower(state: Any, batch: Any) -> jax.stages.Lowered:
     with mesh_context(mesh, rules):
-      return jitted.lower(state, batch)
+      return jitted[final].lower(state, batch)
 
   run.lower = lower  # ahead-of-time compilation from abstract arguments (llada-compile)
   return run
@@ -135,7 +149,11 @@ def make_eval_step(
 
   def eval_step(params: Any, batch: Batch, index: jax.Array) -> jax.Array:
     loss, _ = model.loss(
-        params, batch, step_rng(config, index, stream=Stream.EVAL), random_length_prob=0.0
+        params,
+        batch,
+        step_rng(config, index, stream=Stream.EVAL),
+        random_length_prob=0.0,
+        exact=True,
     )
     return loss
 
