@@ -16,9 +16,13 @@ import numpy as np
 from llada_jax.errors import ConfigError
 
 # Number of real token ids (ids a tokenizer can emit) for each vocabulary. The mask id and any
-# padding of the embedding table must lie at or above this number. None: the vocabulary comes from a
-# tokenizer file (the official LLaDA tokenizer), whose special ids are checked when it is loaded.
-VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None}
+# padding of the embedding table must lie at or above this number. None: the vocabulary is the
+# tokenizer.json named by data.tokenizer, whose special ids are checked when it is loaded:
+# "llada_hf" the official LLaDA tokenizer (special tokens found by their text), "hf" any other
+# model's, such as a converted Llama's (special ids from tokens.*; data/hf_tokenizer.py).
+VOCABULARY_SIZES = {"byte": 259, "spm8k": 8000, "llada_hf": None, "hf": None}
+# The vocabularies read from data.tokenizer (kept in the workdir as tokenizer.json).
+TOKENIZER_VOCABULARIES = tuple(name for name, size in VOCABULARY_SIZES.items() if size is None)
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The one list of each enumeration: the implementing modules key their tables by these names
@@ -123,8 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
       dict(
           task="tinyshakespeare",  # a task or mixture of llada_jax.data.registry
           task_module="",  # python module imported first: it may register the user's tasks
-          vocabulary="byte",  # "byte", "spm8k" (shipped SentencePiece) or "llada_hf"
-          tokenizer="",  # tokenizer.json for vocabulary "llada_hf"
+          vocabulary="byte",  # "byte", "spm8k" (shipped SentencePiece), "llada_hf" or "hf"
+          tokenizer="",  # tokenizer.json for vocabulary "llada_hf" (LLaDA's) or "hf" (any model's)
           sequence_length=128,
           batch_size=16,  # global batch, split over the data-parallel mesh axes
           packing="chunk",  # "chunk": cut the token stream (LLaDA); "pack": whole documents
@@ -169,6 +173,9 @@ def default_config() -> ml_collections.ConfigDict:
           loss_chunk=0,  # > 0: the output layer and loss run this many positions at a time
           # (no full [B, L, vocab] logits; LLaDA objectives only)
           profile_steps="",  # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
+          # A Llama/Mistral HF folder whose weights start a run without a checkpoint yet (AR
+          # initialisation: model.* must be its sizes; ignored on resume). "": random init.
+          init_from="",
       )
   )
 

@@ -1,4 +1,5 @@
-"""Loading a model for inference: a training workdir or an official HuggingFace LLaDA folder.
+"""Loading a model for inference: a training workdir or an HF folder (official LLaDA, or a
+Llama/Mistral one imported as the causal model: interop/formats.py).
 
 Parameters only (no optimizer state is built or read), placed on this host's devices whatever mesh
 and batch the run trained with. Imports nothing from `llada_jax.training`.
@@ -14,12 +15,14 @@ import ml_collections
 
 from llada_jax import storage
 from llada_jax.checkpoint import restore_newest
+from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.errors import ConfigError
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import abstract_on_mesh, axis_rules
 
-TOKENIZER_FILE = "tokenizer.json"  # kept in a workdir beside its checkpoints (llada_hf vocabulary)
+# Kept in a workdir beside its checkpoints (vocabularies "llada_hf" and "hf").
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_model(
@@ -38,8 +41,9 @@ def load_model_and_step(
   A workdir gives its newest checkpoint that restores (`restore_newest`: damaged newer steps are
   skipped with a warning, nothing is renamed), parameters only, replicated over the local
   devices whatever batch and mesh it was trained with. tokenizer: a tokenizer.json for the
-  "llada_hf" vocabulary; default: the folder's or workdir's own tokenizer.json, or the config's
-  data.tokenizer (a relative path is taken from the workdir).
+  "llada_hf" vocabulary (or "hf", when the model's config names it: a converted Llama/Mistral);
+  default: the folder's or workdir's own tokenizer.json, or the config's data.tokenizer (a
+  relative path is taken from the workdir).
 
   Raises:
     ConfigError: `path` does not exist or `tokenizer` names no file.
@@ -68,8 +72,12 @@ def load_model_and_step(
         path, serving_abstract_params, params_only=True, read_only=True
     )
   if tokenizer is not None:
-    config.data.update(vocabulary="llada_hf", tokenizer=storage.cached_local_copy(tokenizer))
-  elif config.data.vocabulary == "llada_hf":
+    vocabulary = config.data.vocabulary
+    config.data.update(
+        vocabulary=vocabulary if vocabulary in TOKENIZER_VOCABULARIES else "llada_hf",
+        tokenizer=storage.cached_local_copy(tokenizer),
+    )
+  elif config.data.vocabulary in TOKENIZER_VOCABULARIES:
     stored = config.data.tokenizer
     relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
     for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):

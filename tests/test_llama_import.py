@@ -1,6 +1,8 @@
 """AR initialisation: Llama/Mistral HF folders import as the causal llada_jax model whose logits are
 an independent NumPy forward of the HF Llama architecture; bad folders give one-line errors; the
-converted workdir may be trained as an MDM (causal and objective change on resume)."""
+converted workdir may be trained as an MDM (causal and objective change on resume), and
+train.init_from starts an MDM run from the folder itself (another model is refused). The folders'
+tokenizers: tests/test_llama_tokenizer.py."""
 
 import json
 
@@ -94,6 +96,36 @@ def write_llama(path, hf: dict, tensors: dict, shards: int = 1):
       json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
   )
   return path
+
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "hello world, this is a tiny llama",
+    "who are you? i am a model of text",
+]
+# Llama-2's first ids (<unk> 0, <s> 1, </s> 2: config.json's bos/eos), then Llama 3's chat tokens.
+LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]
+CHAT_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def write_tokenizer(path, vocab_size: int = 80, chat: bool = True):
+  """A Llama-2-like (Metaspace BPE) tokenizer.json of about `vocab_size` tokens trained on
+  SENTENCES, with Llama 3's chat tokens if `chat`; returns the file."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  tokenizer.decoder = tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=LLAMA_SPECIALS + (CHAT_SPECIALS if chat else []),
+      limit_alphabet=64,
+  )
+  tokenizer.train_from_iterator(SENTENCES * 4, trainer)
+  path.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(str(path / "tokenizer.json"))
+  return path / "tokenizer.json"
 
 
 def numpy_llama(tensors: dict, hf: dict, ids: np.ndarray) -> np.ndarray:
@@ -267,3 +299,104 @@ def test_converted_workdir_restores_and_may_be_trained_as_mdm(tmp_path):
   assert not architecture_mismatch(config, mdm)
   mdm.model.vocab_size = VOCAB
   assert architecture_mismatch(config, mdm)
+
+
+def init_from_config(folder, **model_changes):
+  """A tiny MDM run's config whose model is the tiny Llama's, with train.init_from that folder."""
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.model.update(
+      dict(
+          vocab_size=VOCAB + 1,  # the appended mask row
+          d_model=HIDDEN,
+          n_layers=LAYERS,
+          n_heads=HEADS,
+          n_kv_heads=KV_HEADS,
+          mlp_hidden_size=FFN,
+          rope_theta=500.0,
+          rms_norm_eps=1e-5,
+      )
+  )
+  config.model.update(model_changes)
+  config.tokens.update(dict(mask_id=VOCAB, eos_id=2, pad_id=2, bos_id=1, eot_id=-1))
+  config.data.update(dict(vocabulary="hf", tokenizer=str(folder / "tokenizer.json")))
+  config.train.update(dict(init_from=str(folder), num_steps=2, eval_every=2, log_every=1))
+  return validate(config)
+
+
+def _initial_state(config):
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
+  return create_train_state(config, model, tx, make_mesh(config))[0]
+
+
+@pytest.fixture(name="llama_with_tokenizer")
+def fixture_llama_with_tokenizer(tmp_path):
+  folder = write_llama(tmp_path / "llama", llama_config_json(False), llama_tensors(False))
+  write_tokenizer(folder)
+  return folder
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_init_from_starts_from_the_imported_parameters(llama_with_tokenizer, scan_layers):
+  config = init_from_config(llama_with_tokenizer, scan_layers=scan_layers)
+  state = _initial_state(config)
+  assert int(state.step) == 0
+  base = config.copy_and_resolve_references()  # the imported model in the run's layer layout
+  _, imported = load_llama(llama_with_tokenizer, dtype="float32", base=base)
+  got = jax.device_get(state.params)
+  assert jax.tree.structure(got) == jax.tree.structure(imported)
+  jax.tree.map(np.testing.assert_array_equal, got, imported)
+  # Not the random initialisation of the same config.
+  config.train.init_from = ""
+  random = jax.device_get(_initial_state(config).params)
+  assert np.abs(random["wte"]["embedding"] - got["wte"]["embedding"]).max() > 0.1
+
+
+def test_init_from_trains_mdm_and_a_resumed_run_ignores_it(llama_with_tokenizer, tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+
+  config = init_from_config(llama_with_tokenizer)
+  assert not config.model.causal and config.diffusion.objective == "mdm"
+  workdir = tmp_path / "run"
+  with caplog.at_level(logging.INFO, logger="absl"):  # whatever absl flags set before
+    state = train(config, workdir)
+  assert "initialised the parameters from train.init_from=" in caplog.text
+  assert int(state.step) == 2 and (workdir / "tokenizer.json").is_file()
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert len(losses) == 2 and np.isfinite(losses).all()
+  assert np.isfinite([r["loss_bound"] for r in records if r["split"] == "eval"]).all()
+  caplog.clear()
+  config.train.num_steps = 3
+  with caplog.at_level(logging.INFO, logger="absl"):  # whatever absl flags set before
+    train(config, workdir)
+  assert "ignored: the run resumes from its checkpoint" in caplog.text
+  assert "initialised the parameters" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "field,value,theirs",
+    [("d_model", 64, 48), ("vocab_size", VOCAB + 2, VOCAB + 1), ("rope_theta", 1e4, 500.0)],
+)
+def test_init_from_refuses_another_model(llama_with_tokenizer, field, value, theirs):
+  config = init_from_config(llama_with_tokenizer)
+  config.model[field] = value
+  if field == "d_model":
+    config.model.n_heads = config.model.n_kv_heads = 4
+  with pytest.raises(ConfigError) as info:
+    _initial_state(config)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"model.{field}={value!r} is not allowed with train.init_from={llama_with_tokenizer}: "
+      f"the imported model has {theirs!r}"
+  )

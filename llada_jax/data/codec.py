@@ -3,7 +3,8 @@ or print text (sample, chat, evaluate, lm-eval) use.
 
 "byte" maps byte b to id b + 3 (pad 0, EOS 1, UNK 2), exactly as seqio's ByteVocabulary that the
 training pipeline uses; "spm8k" is the shipped SentencePiece model through the sentencepiece
-library (seqio wraps the same model, so the ids agree); "llada_hf" is the model's tokenizer.json.
+library (seqio wraps the same model, so the ids agree); "llada_hf" and "hf" are the model's
+tokenizer.json (data/hf_tokenizer.py: LLaDA's, or any other model's with the config's special ids).
 Chat prompts use the LLaDA-Instruct template when the vocabulary has its header tokens, and a
 plain "User: ... / Assistant:" transcript otherwise.
 """
@@ -16,6 +17,7 @@ from typing import Protocol, Sequence
 
 import ml_collections
 
+from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.errors import ConfigError
 
 BYTE_OFFSET = 3  # pad 0, EOS 1, UNK 2
@@ -64,7 +66,7 @@ class SentencePieceCodec:
 
 
 @functools.lru_cache(maxsize=8)
-def _codec(vocabulary: str, tokenizer: str) -> Codec:
+def _codec(vocabulary: str, tokenizer: str, ids: tuple[tuple[str, int], ...] | None) -> Codec:
   if vocabulary == "byte":
     return ByteCodec()
   if vocabulary == "spm8k":
@@ -73,23 +75,30 @@ def _codec(vocabulary: str, tokenizer: str) -> Codec:
     return SentencePieceCodec(SPM8K_PATH)
   from llada_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
 
-  return HFTokenizer(tokenizer)
+  return HFTokenizer(tokenizer, None if ids is None else dict(ids))
 
 
 def text_codec(config: ml_collections.ConfigDict) -> Codec:
   """The codec of config.data.vocabulary; its special ids are checked against config.tokens.
 
   Raises:
-    ConfigError: a "llada_hf" config whose data.tokenizer names no file, or a tokenizer whose
-      special ids differ from the config's.
+    ConfigError: a "llada_hf" or "hf" config whose data.tokenizer names no file, or a tokenizer
+      whose special ids differ from the config's.
+    CheckpointError: a tokenizer file that cannot be read.
   """
   vocabulary, tokenizer = config.data.vocabulary, config.data.tokenizer
-  if vocabulary == "llada_hf" and not (tokenizer and pathlib.Path(tokenizer).is_file()):
+  if vocabulary not in TOKENIZER_VOCABULARIES:
+    codec = _codec(vocabulary, "", None)
+  elif not (tokenizer and pathlib.Path(tokenizer).is_file()):
     raise ConfigError(
-        f"data.vocabulary='llada_hf' needs the model's tokenizer.json, and "
+        f"data.vocabulary={vocabulary!r} needs the model's tokenizer.json, and "
         f"data.tokenizer={tokenizer!r} names no file: pass --tokenizer=PATH"
     )
-  codec = _codec(vocabulary, tokenizer if vocabulary == "llada_hf" else "")
+  else:
+    from llada_jax.data.hf_tokenizer import config_ids  # pylint: disable=g-import-not-at-top
+
+    ids = config_ids(config)
+    codec = _codec(vocabulary, tokenizer, None if ids is None else tuple(ids.items()))
   if hasattr(codec, "check_config"):
     codec.check_config(config)
   return codec

@@ -1,5 +1,13 @@
-"""The official LLaDA tokenizer from its `tokenizer.json` (via the `tokenizers` package) and the
-LLaDA-Instruct chat template (Llama-3 style headers), implemented here without Jinja.
+"""A model's `tokenizer.json` (via the `tokenizers` package) and the LLaDA-Instruct chat template
+(Llama-3 style headers), implemented here without Jinja.
+
+Two vocabularies read a tokenizer.json. "llada_hf": the official LLaDA tokenizer, whose special
+tokens are found by their text (SPECIAL_TOKENS). "hf": any other model's, such as a converted
+Llama/Mistral one (interop/llama.py): BOS, EOS and the mask id are the config's (`CONFIG_IDS`;
+the import takes them from the model's config files, and a converted model's mask is usually the
+row appended after the tokenizer's vocabulary), the chat tokens are still found by their text
+(Llama 3's <|start_header_id|>, <|end_header_id|>, <|eot_id|> are LLaDA's). Either way decoding
+drops ids the tokenizer does not have (that appended mask row) and special tokens.
 
 Works without seqio or TensorFlow; `seqio_vocabulary` wraps it for SeqIO pipelines.
 """
@@ -8,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 
@@ -22,6 +30,8 @@ SPECIAL_TOKENS = {
     "header_start_id": "<|start_header_id|>",
     "header_end_id": "<|end_header_id|>",
 }
+# The special ids a tokenizer.json of vocabulary "hf" takes from config.tokens instead of its text.
+CONFIG_IDS = ("bos_id", "eos_id", "mask_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +41,18 @@ class ChatMessage:
 
 
 class HFTokenizer:
-  """A tokenizer.json with LLaDA's special tokens looked up by their text."""
+  """A tokenizer.json and its special ids (`special`: name -> id, -1 for none).
 
-  def __init__(self, path: str | pathlib.Path):
+  ids=None (vocabulary "llada_hf"): every special token is looked up by its LLaDA text, EOS and
+  the mask token are required. ids (vocabulary "hf", `config_ids`): bos_id, eos_id and mask_id are
+  these ids, the chat tokens are looked up by their text.
+
+  Raises:
+    CheckpointError: the file cannot be read as a tokenizer.json, or (ids=None) it lacks LLaDA's
+      EOS or mask token.
+  """
+
+  def __init__(self, path: str | pathlib.Path, ids: Mapping[str, int] | None = None):
     import tokenizers  # pylint: disable=g-import-not-at-top
 
     path = pathlib.Path(path)
@@ -41,13 +60,18 @@ class HFTokenizer:
     try:
       self._tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust library raises plain Exceptions for unreadable files
-      raise CheckpointError(f"cannot read tokenizer {file}: {e}") from None
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"cannot read tokenizer {file}: {first} (expected a HuggingFace tokenizer.json)"
+      ) from None
     self.special = {}
     for name, text in SPECIAL_TOKENS.items():
-      token_id = self._tokenizer.token_to_id(text)
-      if token_id is None and name in ("eos_id", "mask_id"):
+      if ids is not None and name in CONFIG_IDS:
+        self.special[name] = int(ids[name])
+        continue
+      self.special[name] = self.token_id(text)
+      if self.special[name] == -1 and ids is None and name in ("eos_id", "mask_id"):
         raise CheckpointError(f"tokenizer {file} has no {text} token ({name})")
-      self.special[name] = -1 if token_id is None else token_id
 
   @property
   def vocab_size(self) -> int:
@@ -58,17 +82,34 @@ class HFTokenizer:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-    return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    """Text of `ids`; ids outside [0, vocab_size) (a mask row appended after the tokenizer's
+    vocabulary, padding rows of the embedding) are dropped, as are special tokens unless
+    skip_special_tokens=False."""
+    size = self.vocab_size
+    kept = [int(i) for i in ids if 0 <= i < size]
+    return self._tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
+
+  def token_text(self, token_id: int) -> str:
+    """The text of one token id ("" for -1 or an id the tokenizer does not have)."""
+    return (self._tokenizer.id_to_token(token_id) or "") if token_id >= 0 else ""
+
+  def token_id(self, text: str) -> int:
+    """The id of one token's text (-1 if the tokenizer has no such token)."""
+    token_id = self._tokenizer.token_to_id(text)
+    return -1 if token_id is None else token_id
 
   def check_config(self, config: ml_collections.ConfigDict) -> None:
     """Checks the config's special ids against the tokenizer's and fills those the config lacks.
 
     tokens.mask_id and eos_id must be the tokenizer's; bos_id and eot_id must be the tokenizer's
     or -1, and a -1 takes the tokenizer's id (configs imported from an official config.json, which
-    names no end-of-turn token, had -1). The model must cover the tokenizer's vocabulary.
+    names no end-of-turn token, had -1). eos_id, pad_id, bos_id and eot_id must be ids of the
+    tokenizer (the mask id need not be: a converted model's is an appended row). The model must
+    cover the tokenizer's vocabulary.
 
     Raises:
-      ConfigError: an id differs from the tokenizer's, or the model's vocabulary is smaller.
+      ConfigError: an id differs from the tokenizer's or lies outside it, or the model's
+        vocabulary is smaller.
     """
     for name in ("mask_id", "eos_id", "bos_id", "eot_id"):
       mine, theirs = config.tokens[name], self.special[name]
@@ -79,11 +120,25 @@ class HFTokenizer:
             f"tokens.{name}={mine} is not allowed: the tokenizer has "
             f"{SPECIAL_TOKENS[name]} = {theirs}"
         )
+    for name in ("eos_id", "pad_id", "bos_id", "eot_id"):
+      if config.tokens[name] >= self.vocab_size:
+        raise ConfigError(
+            f"tokens.{name}={config.tokens[name]} is not allowed: expected an id of the "
+            f"tokenizer's {self.vocab_size} tokens (or -1 where none is allowed)"
+        )
     if self.vocab_size > config.model.vocab_size:
       raise ConfigError(
           f"model.vocab_size={config.model.vocab_size} is not allowed: the "
           f"tokenizer has {self.vocab_size} tokens"
       )
+
+
+def config_ids(config: ml_collections.ConfigDict) -> dict[str, int] | None:
+  """The `ids` of the HFTokenizer of config.data.vocabulary: None for "llada_hf" (LLaDA's
+  tokenizer names its own), else config.tokens' CONFIG_IDS."""
+  if config.data.vocabulary == "llada_hf":
+    return None
+  return {name: int(config.tokens[name]) for name in CONFIG_IDS}
 
 
 def render_chat(
@@ -105,16 +160,19 @@ def render_chat(
 
 
 def chat_prompt_ids(tokenizer: HFTokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-  """Token ids of the chat template for `messages`, ready for the assistant's answer."""
-  return tokenizer.encode(render_chat(messages))
+  """Token ids of the chat template for `messages`, ready for the assistant's answer (starting with
+  the tokenizer's BOS: LLaDA's <|startoftext|>, Llama 3's <|begin_of_text|>, none if -1)."""
+  bos = tokenizer.token_text(tokenizer.special["bos_id"])
+  return tokenizer.encode(render_chat(messages, bos=bos))
 
 
-def seqio_vocabulary(path: str | pathlib.Path):
-  """A seqio.Vocabulary over a tokenizer.json, for SeqIO tasks (pad = EOS, as LLaDA pads)."""
+def seqio_vocabulary(path: str | pathlib.Path, ids: Mapping[str, int] | None = None):
+  """A seqio.Vocabulary over a tokenizer.json (HFTokenizer(path, ids)), for SeqIO tasks (pad =
+  EOS, as LLaDA pads)."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  tokenizer = HFTokenizer(path)
+  tokenizer = HFTokenizer(path, ids)
 
   class TokenizerJsonVocabulary(seqio.Vocabulary):  # pylint: disable=abstract-method  # no BOS
     """seqio view of HFTokenizer; the TF ops call back into the Rust tokenizer."""

@@ -3,30 +3,33 @@
 "byte": seqio's ByteVocabulary (pad 0, EOS 1, UNK 2, byte b -> b + 3: 259 real ids; the mask id
 and any padding of the embedding table sit above them). "spm8k": the shipped SentencePiece model
 (8,000 pieces, same pad/EOS/UNK ids). "llada_hf": the official tokenizer.json named by
-data.tokenizer.
+data.tokenizer; "hf": any other model's tokenizer.json, its BOS/EOS/mask ids the config's
+(data/hf_tokenizer.py).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 import ml_collections
 
-from llada_jax.config import VOCABULARY_SIZES
+from llada_jax.config import TOKENIZER_VOCABULARIES, VOCABULARY_SIZES
 from llada_jax.errors import ConfigError
 
 
-def vocabulary_by_name(name: str, tokenizer: str = ""):
-  """The seqio Vocabulary called `name` ("byte", "spm8k", or "llada_hf" with a tokenizer.json)."""
-  if name == "llada_hf":
+def vocabulary_by_name(name: str, tokenizer: str = "", ids: Mapping[str, int] | None = None):
+  """The seqio Vocabulary called `name` ("byte", "spm8k", or "llada_hf" / "hf" with a
+  tokenizer.json and, for "hf", the config's special ids: `hf_tokenizer.config_ids`)."""
+  if name in TOKENIZER_VOCABULARIES:
     if not tokenizer or not os.path.isfile(tokenizer):
       raise ConfigError(
-          f"vocabulary 'llada_hf' needs the path of the model's tokenizer.json "
+          f"vocabulary {name!r} needs the path of the model's tokenizer.json "
           f"(data.tokenizer); {tokenizer!r} names no file"
       )
     from llada_jax.data.hf_tokenizer import seqio_vocabulary  # pylint: disable=g-import-not-at-top
 
-    return seqio_vocabulary(tokenizer)
+    return seqio_vocabulary(tokenizer, ids)
   if name == "spm8k":
     from llada_jax.data.spm_vocab import spm_vocabulary  # pylint: disable=g-import-not-at-top
 
@@ -42,10 +45,15 @@ def vocabulary_by_name(name: str, tokenizer: str = ""):
 
 def get_vocabulary(config: ml_collections.ConfigDict):
   """The seqio Vocabulary named by config.data.vocabulary, after checking the token ids."""
-  vocabulary = vocabulary_by_name(config.data.vocabulary, config.data.tokenizer)
-  if config.data.vocabulary == "llada_hf":
+  if config.data.vocabulary in TOKENIZER_VOCABULARIES:
+    from llada_jax.data.hf_tokenizer import config_ids  # pylint: disable=g-import-not-at-top
+
+    vocabulary = vocabulary_by_name(
+        config.data.vocabulary, config.data.tokenizer, config_ids(config)
+    )
     vocabulary.tokenizer.check_config(config)
     return vocabulary
+  vocabulary = vocabulary_by_name(config.data.vocabulary)
   for name in ("eos_id", "pad_id"):
     if config.tokens[name] != getattr(vocabulary, name):
       raise ConfigError(

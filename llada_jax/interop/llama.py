@@ -25,6 +25,13 @@ token the mask: a reserved special token, or an unused row of a padded embedding
 The tied head: llada_jax's head is untied, so a tie_word_embeddings checkpoint gives the head as
 the embedding transposed (a copy that fine-tuning then trains on its own); a stored lm_head.weight
 is skipped, as HF's loader ties it away.
+
+The tokenizer: the imported config's data.vocabulary is "hf" (data/hf_tokenizer.py: any
+tokenizer.json, its BOS/EOS/mask ids the config's), with data.tokenizer the folder's
+tokenizer.json when it has one (a workdir converted from it keeps a copy). BOS and EOS come from
+the first of SPECIAL_ID_FILES that names them, and every one that names them must agree; the
+end-of-turn id is the tokenizer's <|eot_id|> (Llama 3), so its chat template is LLaDA-Instruct's.
+An appended mask row is no token of the tokenizer: decoding drops it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from llada_jax.config import default_config, validate
+from llada_jax.data.hf_tokenizer import CONFIG_IDS, HFTokenizer, config_ids
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import hf_checkpoint
 from llada_jax.interop.hf_checkpoint import NameTable, Tensor
@@ -63,6 +71,13 @@ REQUIRED_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
     "vocab_size",
+)
+# Where a folder names its BOS and EOS, in order of precedence: ids in config.json and
+# generation_config.json, token texts (looked up in tokenizer.json) in tokenizer_config.json.
+SPECIAL_ID_FILES = (
+    ("config.json", {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}),
+    ("generation_config.json", {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}),
+    ("tokenizer_config.json", {"bos_token_id": "bos_token", "eos_token_id": "eos_token"}),
 )
 # Features of LlamaConfig that llada_jax's network does not implement: (field, what is allowed).
 UNSUPPORTED = (
@@ -117,8 +132,7 @@ def config_from_llama(
   windowed and full attention agree), causal=True and diffusion.objective="arm". vocab_size is
   config.json's plus one appended mask row, or config.json's when `mask_id` names an existing
   token. tokens: eos (the first of a list), bos (-1 if none), pad (eos if none); eot -1.
-  data.vocabulary "llada_hf" with no tokenizer attached (the LLaDA tokenizer wrapper expects
-  LLaDA's special tokens).
+  data.vocabulary "hf" with no tokenizer attached (read_llama_config attaches the folder's).
 
   Raises:
     CheckpointError: a field is missing or names a feature llada_jax does not implement
@@ -195,7 +209,7 @@ def config_from_llama(
           eot_id=-1,
       )
   )
-  config.data.update(dict(vocabulary="llada_hf", tokenizer=""))
+  config.data.update(dict(vocabulary="hf", tokenizer=""))
   config.data.sequence_length = min(config.data.sequence_length, length)
   return validate(config)
 
@@ -205,16 +219,84 @@ def read_llama_config(
     base: ml_collections.ConfigDict | None = None,
     mask_id: int | None = None,
 ) -> ml_collections.ConfigDict:
-  """config_from_llama of a folder's config.json; raises as config_from_llama, and
-  CheckpointError for an unreadable file or a model_type other than MODEL_TYPES."""
-  file = pathlib.Path(path) / "config.json"
+  """config_from_llama of a folder's config.json, with the BOS/EOS ids it lacks from the folder's
+  other files (SPECIAL_ID_FILES) and, when the folder has a tokenizer.json, data.tokenizer that
+  file (its <|eot_id|>, if any, as tokens.eot_id).
+
+  Raises:
+    CheckpointError: as config_from_llama, an unreadable file, a model_type other than
+      MODEL_TYPES, a tokenizer.json with more tokens than config.json's vocab_size, or files that
+      name different BOS/EOS ids.
+    ConfigError: as config_from_llama, or special ids outside the tokenizer (check_config).
+  """
+  path = pathlib.Path(path)
+  file = path / "config.json"
   hf = _read_json(file)
   if hf.get("model_type") not in MODEL_TYPES:
     raise CheckpointError(
         f"{file} model_type={hf.get('model_type')!r} is not allowed: expected one of "
         + ", ".join(MODEL_TYPES)
     )
-  return config_from_llama(hf, base, mask_id, source=str(file))
+  tokenizer = path / "tokenizer.json"
+  texts = HFTokenizer(tokenizer, dict.fromkeys(CONFIG_IDS, -1)) if tokenizer.is_file() else None
+  named = _named_special_ids(path, texts)
+  hf = dict(hf, **{field: found[0][1] for field, found in named.items() if found})
+  config = config_from_llama(hf, base, mask_id, source=str(file))
+  if texts is not None:
+    if texts.vocab_size > int(hf["vocab_size"]):
+      raise CheckpointError(
+          f"{tokenizer} has {texts.vocab_size} tokens, more than {file}'s "
+          f"vocab_size={hf['vocab_size']}: expected this model's tokenizer (at most that many)"
+      )
+    config.data.tokenizer = str(tokenizer.absolute())
+    HFTokenizer(tokenizer, config_ids(config)).check_config(config)  # takes <|eot_id|>
+  for field, found in named.items():
+    name = field.replace("_token", "")  # bos_token_id -> bos_id
+    # Llama 3 Instruct's tokenizer_config.json names <|eot_id|> its EOS.
+    ours = {config.tokens[name]} | ({config.tokens.eot_id} if name == "eos_id" else set())
+    for source, ids in found:
+      if ids and not ours & set(ids):
+        raise CheckpointError(
+            f"{source} names {field}={ids} but the model's is {config.tokens[name]} (from "
+            f"{found[0][0]}): expected files of one model that agree"
+        )
+  return config
+
+
+def _named_special_ids(
+    path: pathlib.Path, texts: HFTokenizer | None
+) -> dict[str, list[tuple[str, list[int]]]]:
+  """{"bos_token_id": [(file, its ids)], "eos_token_id": ...} of the SPECIAL_ID_FILES in `path`
+  that name them, in order of precedence (an id list such as Llama 3.1's EOS kept whole; a
+  config.json null is an empty list: no such token). tokenizer_config.json's token texts count
+  only with a tokenizer.json (`texts`) to look them up in.
+
+  Raises:
+    CheckpointError: an unreadable file, or a token text the tokenizer does not have.
+  """
+  named: dict[str, list[tuple[str, list[int]]]] = {"bos_token_id": [], "eos_token_id": []}
+  for name, fields in SPECIAL_ID_FILES:
+    file = path / name
+    if not file.is_file() or (name == "tokenizer_config.json" and texts is None):
+      continue
+    values = _read_json(file)
+    for field, key in fields.items():
+      if key not in values or (values[key] is None and name != "config.json"):
+        continue
+      value = values[key]
+      if name == "tokenizer_config.json":  # a text, or an AddedToken {"content": text, ...}
+        text = value.get("content") if isinstance(value, dict) else value
+        if texts.token_id(str(text)) == -1:
+          raise CheckpointError(
+              f"{file} {key}={text!r} is not a token of tokenizer.json: expected the tokenizer "
+              "of this model"
+          )
+        value = texts.token_id(str(text))
+      ids = (
+          [] if value is None else [int(v) for v in (value if isinstance(value, list) else [value])]
+      )
+      named[field].append((str(file), ids))
+  return named
 
 
 def llama_table(config: ml_collections.ConfigDict, tied: bool, appended: bool) -> NameTable:

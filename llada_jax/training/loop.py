@@ -17,7 +17,7 @@ from absl import logging
 
 from llada_jax import storage
 from llada_jax.checkpoint import Checkpointer
-from llada_jax.config import profile_range, validate
+from llada_jax.config import TOKENIZER_VOCABULARIES, profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
 from llada_jax.errors import ConfigError, TrainingDiverged
 from llada_jax.lm import MaskedDiffusionLM
@@ -38,7 +38,9 @@ def train(
     eval_hooks: Sequence[Callable[[int, Any, storage.PathLike], dict[str, float]]] = (),
 ) -> TrainState:
   """Trains until config.train.num_steps, resuming from the newest restorable checkpoint in
-  `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises.
+  `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises. A workdir
+  without checkpoints starts from random parameters or those of train.init_from (an AR HF folder:
+  `state.imported_params`); a resumed run ignores train.init_from.
 
   eval_hooks: called at every evaluation step as hook(step, params, workdir); the scalars they
   return are written under "eval/" (`llada_jax.evaluation.hooks.from_config(config)` runs
@@ -46,7 +48,9 @@ def train(
 
   Raises ConfigError for a bad config value or an unusable workdir (one another trainer holds
   included), CheckpointError when the workdir holds checkpoints of another model or none that
-  restores, and TrainingDiverged; all of them before anything is compiled, except the last.
+  restores, ConfigError or CheckpointError for a train.init_from folder that holds another model
+  or cannot be imported, and TrainingDiverged; all of them before anything is compiled, except
+  the last.
   """
   validate(config)
   if config.evaluation.tasks and not eval_hooks:
@@ -89,6 +93,10 @@ def _train(
   state = _restore(workdir, checkpointer, abstract)
   if state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
+  elif config.train.init_from:
+    logging.info(
+        "train.init_from=%s ignored: the run resumes from its checkpoint", config.train.init_from
+    )
   start = int(state.step)
   warn_replicated(state.params, shardings.params)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
@@ -316,7 +324,7 @@ def _warn_schedule(config: ml_collections.ConfigDict) -> None:
 
 
 def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
-  """Copies a "llada_hf" run's tokenizer.json into the workdir (process 0), so that its
+  """Copies a "llada_hf" or "hf" run's tokenizer.json into the workdir (process 0), so that its
   checkpoints decode on a machine without the original file (`load_model` looks there)."""
   from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
 
@@ -324,7 +332,7 @@ def _keep_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike
   target = storage.path(workdir) / TOKENIZER_FILE
   if (
       jax.process_index() == 0
-      and config.data.vocabulary == "llada_hf"
+      and config.data.vocabulary in TOKENIZER_VOCABULARIES
       and source is not None
       and source.is_file()
       and source != target
