@@ -52,6 +52,17 @@ def test_splash_attention_gathers_no_activation(devices, program):
   assert report.platform == "tpu" and report.hbm_bytes == 16 << 30
 
 
+def test_block_diffusion_training_runs_its_block_causal_mask_in_splash(devices):
+  """The two-stream pass (2 x 512 positions) with the block-causal pattern as a splash mask the
+  Mosaic kernel computes: compiled for TPU, no activation gathered."""
+  config = _config("splash")
+  config.diffusion.update(dict(objective="block", block_size=16))
+  report = compile_program(config, devices, "train", num_items=BATCH)
+  gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES + (2 * LENGTH,))
+  assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
+  assert report.opaque_kernels > 0
+
+
 def test_collectives_are_counted_per_loop_trip():
   """A gather inside a 7-trip loop body runs 7 times; one outside runs once (HLO by hand)."""
   hlo = """HloModule m

@@ -1,0 +1,347 @@
+"""Block diffusion (BD3-LM): its attention pattern, loss, sampler and likelihood.
+
+The references are independent of `llada_jax.model.masks`: the pattern against BD3-LM's rule
+written out per query/key pair, B = 1 against the autoregressive chain rule computed with the
+plain causal network one token at a time, B = L against the LLaDA loss on the same batch.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llada_jax.config import block_size_at, block_sizes, validate
+from llada_jax.diffusion.likelihood import score_pairs
+from llada_jax.diffusion.objectives import unpacked_batch
+from llada_jax.errors import ConfigError
+from llada_jax.keys import item_keys
+from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.model import ModelConfig, Transformer
+from llada_jax.model.attention import attention
+from llada_jax.model.masks import BlockCausal
+from tests.conftest import make_tiny_config
+
+
+def block_config(block_size=8, **sampling):
+  c = make_tiny_config()
+  c.diffusion.update(dict(objective="block", block_size=block_size))
+  gen_length = max(16, block_size)
+  c.sampling.update(
+      dict(dict(block_length=block_size, gen_length=gen_length, steps=gen_length), **sampling)
+  )
+  return validate(c)
+
+
+@pytest.fixture(scope="module")
+def params():
+  config = make_tiny_config()
+  model = Transformer(ModelConfig.from_config(config))
+  return nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+
+
+def _bd3lm_rule(q, k, length, size, start, two_stream):
+  """BD3-LM's attention (arXiv 2503.09573, Sec. 3.2) for one query/key pair, case by case."""
+  q_clean, k_clean = (q >= length, k >= length) if two_stream else (True, True)
+  q_block = (q % length - start) // size
+  k_block = (k % length - start) // size
+  if not two_stream:
+    return k_block <= q_block
+  if not q_clean and not k_clean:  # noisy to noisy: the same block only (block diagonal)
+    return q_block == k_block
+  if not q_clean and k_clean:  # noisy to clean: earlier blocks only (offset block-causal)
+    return k_block < q_block
+  if q_clean and k_clean:  # clean to clean: block-causal
+    return k_block <= q_block
+  return False  # clean to noisy: never
+
+
+@pytest.mark.parametrize(
+    "length, size, start, two_stream",
+    [(12, 4, 0, True), (12, 3, 5, True), (10, 4, 3, False), (9, 1, 0, False), (8, 8, 0, True)],
+)
+def test_pattern_is_bd3lm_rule(length, size, start, two_stream):
+  n = 2 * length if two_stream else length
+  want = np.array(
+      [[_bd3lm_rule(q, k, length, size, start, two_stream) for k in range(n)] for q in range(n)]
+  )
+  np.testing.assert_array_equal(BlockCausal(size, start, two_stream).dense(n, n), want)
+
+
+def test_block_size_one_is_causal_and_a_whole_sequence_is_bidirectional():
+  np.testing.assert_array_equal(BlockCausal(1).dense(7, 7), np.tril(np.ones((7, 7), bool)))
+  assert BlockCausal(16).dense(16, 16).all()
+
+
+@pytest.mark.parametrize("implementation", ["jax_nn", "splash"])
+def test_kernels_apply_the_pattern_as_xla_does(implementation):
+  """A two-stream pattern with padding keys, through jax_nn (the cuDNN code path) and splash
+  (interpreted off TPU), against the XLA kernel that materialises the mask."""
+  length = 128 if implementation == "splash" else 24
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (2, 2 * length, 4, 16))
+  k, v = (jax.random.normal(key, (2, 2 * length, 2, 16)) for key in keys[1:])
+  key_mask = jnp.ones((2, 2 * length), bool).at[1, length - 5 : length].set(False)
+  pattern = BlockCausal(16 if implementation == "splash" else 4, two_stream=True)
+  want = attention(q, k, v, causal=False, key_mask=key_mask, pattern=pattern)
+  got = attention(
+      q, k, v, causal=False, key_mask=key_mask, pattern=pattern, implementation=implementation
+  )
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  bidirectional = attention(q, k, v, causal=False, key_mask=key_mask)
+  assert not np.allclose(bidirectional, want, atol=1e-3)
+
+
+def _tokens(config, rows=3, seed=1):
+  return jax.random.randint(
+      jax.random.PRNGKey(seed), (rows, config.data.sequence_length), 2, 250, jnp.int32
+  )
+
+
+def test_block_size_of_the_whole_sequence_is_the_llada_loss_on_the_same_batch(params):
+  config = block_config(block_size=32)
+  mdm = make_tiny_config()
+  batch = unpacked_batch(_tokens(config))
+  rng = jax.random.PRNGKey(7)
+  block, _ = MaskedDiffusionLM(config).loss(params, batch, rng, random_length_prob=0.0)
+  llada, _ = MaskedDiffusionLM(mdm).loss(params, batch, rng, random_length_prob=0.0)
+  np.testing.assert_allclose(block, llada, rtol=2e-6)
+
+
+def _chain_rule_logp(config, params, tokens):
+  """log p(x_i | x_<i) [rows, L]: the plain causal network (no block pattern) read at position i
+  of the row with x_i replaced by the mask token (a causal network's output at i depends on
+  positions <= i only), every i in one batch."""
+  causal = Transformer(dataclasses.replace(ModelConfig.from_config(config), causal=True))
+  rows, length = tokens.shape
+  eye = jnp.eye(length, dtype=bool)
+  inputs = jnp.where(eye[None], config.tokens.mask_id, tokens[:, None, :])  # [rows, i, L]
+  logits = causal.apply({"params": params}, inputs.reshape(rows * length, length))
+  logits = logits.reshape(rows, length, length, -1)[:, jnp.arange(length), jnp.arange(length)]
+  return np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0])
+
+
+def test_block_size_one_with_every_token_masked_is_the_autoregressive_chain_rule(params):
+  """B = 1, t = 1 (every token masked, p = 1): the NELBO is the exact AR negative log-likelihood,
+  per row and for the batch."""
+  config = block_config(block_size=1)
+  tokens = _tokens(config, rows=2)
+  batch = unpacked_batch(tokens)
+  batch.update(
+      inputs=jnp.full(tokens.shape, config.tokens.mask_id),
+      masked=jnp.ones(tokens.shape, bool),
+      p_mask=jnp.ones(tokens.shape),
+  )
+  lm = MaskedDiffusionLM(config)
+  per_row, _ = lm.loss(params, batch, jax.random.PRNGKey(0), reduction="sequence")
+  want = -_chain_rule_logp(config, params, tokens).mean(-1)
+  np.testing.assert_allclose(per_row, want, rtol=2e-5)
+  np.testing.assert_allclose(lm.loss(params, batch, jax.random.PRNGKey(0))[0], want.mean(), 2e-5)
+
+
+def test_one_time_per_block_from_the_clipped_schedule():
+  from llada_jax.diffusion.masking import forward_process  # pylint: disable=import-outside-toplevel
+
+  tokens = jnp.zeros((64, 32), jnp.int32)
+  noised = forward_process(
+      jax.random.PRNGKey(0), tokens, mask_id=9, eps=1e-3, block_size=8, t_range=(0.3, 0.8)
+  )
+  p = np.asarray(noised.p_mask)
+  assert p.shape == (64, 32)
+  np.testing.assert_array_equal(p.reshape(64, 4, 8), np.repeat(p[:, ::8, None], 8, axis=2))
+  assert p.min() >= 0.3 * 0.999 + 1e-3 - 1e-6 and p.max() <= 0.8 * 0.999 + 1e-3 + 1e-6
+  assert len(np.unique(p[:, ::8])) > 200  # every block its own draw
+  rate = np.asarray(noised.masked).mean()
+  assert abs(rate - p.mean()) < 0.02
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (dict(block_size=5), "diffusion.block_size=5"),
+        (dict(block_size_schedule="0:4,10"), "diffusion.block_size_schedule"),
+        (dict(block_size_schedule="3:4,10:8"), "increasing steps from 0"),
+        (dict(block_size_schedule="0:4,10:16"), "ending at diffusion.block_size=8"),
+        (dict(t_min=0.5, t_max=0.5), "0 <= t_min < t_max <= 1"),
+    ],
+)
+def test_bad_block_settings_are_one_line_errors(overrides, needle):
+  c = block_config()
+  c.diffusion.update(overrides)
+  with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    validate(c)
+
+
+def test_clipping_is_refused_for_llada():
+  c = make_tiny_config()
+  c.diffusion.update(dict(t_min=0.2))
+  with pytest.raises(ConfigError, match="unless diffusion.objective"):
+    validate(c)
+
+
+def test_block_size_schedule():
+  c = block_config()
+  c.diffusion.block_size_schedule = "0:1,100:4,200:32,300:8"
+  assert [block_size_at(c, s) for s in (0, 99, 100, 250, 10**6)] == [1, 1, 4, 32, 8]
+  assert block_sizes(c) == (1, 4, 32, 8)
+
+
+def _prompts():
+  prompt = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (3, 7), 3, 250))
+  mask = np.ones(prompt.shape, bool)
+  mask[1, :3] = False
+  return prompt, mask
+
+
+SAMPLER_CASES = [
+    dict(),
+    dict(temperature=1.0),
+    dict(cfg_scale=1.5),
+    dict(parallel_threshold=0.2),
+    dict(remasking="random", temperature=1.0),
+]
+
+
+@pytest.mark.parametrize("options", SAMPLER_CASES)
+def test_exact_cache_gives_the_uncached_tokens(params, options):
+  config = block_config(steps=8, gen_length=16)
+  prompt, mask = _prompts()
+  lm = MaskedDiffusionLM(config)
+  uncached = np.asarray(lm.generate(params, prompt, mask, **options))
+  cached = np.asarray(lm.generate(params, prompt, mask, cache="prefix", **options))
+  np.testing.assert_array_equal(cached, uncached)
+  assert (uncached[:, 7:] != config.tokens.mask_id).all()
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_a_block_answer_is_the_same_alone_and_in_a_batch(params, cache):
+  config = block_config(steps=8, gen_length=16, temperature=1.0)
+  prompt, mask = _prompts()
+  rng = item_keys(jax.random.PRNGKey(5), 3)
+  lm = MaskedDiffusionLM(config)
+  together = np.asarray(lm.generate(params, prompt, mask, rng=rng, cache=cache))
+  alone = np.asarray(lm.generate(params, prompt[1:2, 3:], rng=rng[1:2], cache=cache))
+  np.testing.assert_array_equal(together[1, 3:], alone[0])
+
+
+def test_earlier_blocks_do_not_see_later_ones(params):
+  """Generating more blocks leaves the first ones unchanged (nothing attends forward)."""
+  prompt, mask = _prompts()
+  short = MaskedDiffusionLM(block_config(steps=8, gen_length=16))
+  long = MaskedDiffusionLM(block_config(steps=16, gen_length=32))
+  first = np.asarray(short.generate(params, prompt, mask))
+  more = np.asarray(long.generate(params, prompt, mask))
+  np.testing.assert_array_equal(more[:, :23], first)
+
+
+def test_generation_stops_after_the_block_that_commits_eos(params):
+  """With the first answer token of row 0 as EOS, row 0 stops after its first block and the rest
+  is EOS; the other rows and row 0's first block are what they are without the stop."""
+  config = block_config(steps=16, gen_length=32)
+  prompt, mask = _prompts()
+  free = np.asarray(MaskedDiffusionLM(config).generate(params, prompt, mask))
+  config.tokens.eos_id = int(free[0, 7])
+  stopped = np.asarray(MaskedDiffusionLM(config).generate(params, prompt, mask))
+  np.testing.assert_array_equal(stopped[0, :15], free[0, :15])
+  assert (stopped[0, 15:] == config.tokens.eos_id).all()
+  others = ~np.isin(free[1:, 7:], config.tokens.eos_id).any(axis=1)
+  np.testing.assert_array_equal(stopped[1:][others], free[1:][others])
+
+
+def test_llada_early_stop_is_opt_in(params):
+  config = make_tiny_config()
+  config.sampling.update(dict(steps=16, gen_length=32, block_length=8))
+  prompt, mask = _prompts()
+  lm = MaskedDiffusionLM(config)
+  free = np.asarray(lm.generate(params, prompt, mask))
+  config.tokens.eos_id = int(free[0, 7])
+  lm = MaskedDiffusionLM(config)
+  assert not (np.asarray(lm.generate(params, prompt, mask))[0, 15:] == config.tokens.eos_id).all()
+  stopped = np.asarray(lm.generate(params, prompt, mask, early_stop=True))
+  np.testing.assert_array_equal(stopped[0, :15], free[0, :15])
+  assert (stopped[0, 15:] == config.tokens.eos_id).all()
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (dict(block_length=4), "block_length=4 is not allowed for a block diffusion model"),
+        (dict(cache="dual"), "cache='dual'"),
+        (dict(cache="prefix", cache_refresh=2), "cache_refresh=2"),
+    ],
+)
+def test_sampler_options_a_block_model_cannot_use(params, options, needle):
+  lm = MaskedDiffusionLM(block_config(steps=8, gen_length=16))
+  with pytest.raises(ConfigError, match=needle):
+    lm.generate(params, _prompts()[0], **options)
+
+
+def test_block_one_likelihood_is_exact_and_block_likelihood_is_alone_as_batched(params):
+  config = block_config(block_size=1)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [4] * 20]
+  answers = [[20, 21, 22, 23, 24, 25], [30, 31], [40, 41, 42]]
+  keys = item_keys(jax.random.PRNGKey(0), 3)
+  got = score_pairs(config, params, prompts, answers, keys, mc_num=4, batch_size=2)
+  for row, (p, a) in enumerate(zip(prompts, answers)):
+    want = _chain_rule_logp(config, params, jnp.asarray([p + a]))[0, len(p) :].sum()
+    np.testing.assert_allclose(got.log_likelihood[row], want, rtol=2e-5)
+  np.testing.assert_array_equal(got.stderr, 0.0)
+
+  config = block_config(block_size=4)
+
+  def score(pairs, width=None):  # guided: both passes of the scorer
+    return score_pairs(
+        config,
+        params,
+        [prompts[i] for i in pairs],
+        [answers[i] for i in pairs],
+        keys[np.asarray(pairs)],
+        mc_num=8,
+        batch_size=4,
+        cfg_scale=1.0,
+        width=width,
+    ).log_likelihood
+
+  together = score([0, 1, 2])
+  alone = [score([i], width=38)[0] for i in range(3)]
+  np.testing.assert_allclose(together, alone, rtol=1e-5)
+  np.testing.assert_allclose(score([2, 0, 1], width=64), np.roll(alone, 1), rtol=1e-5)
+
+
+def test_block_likelihood_is_unbiased_for_the_nelbo(params):
+  """The mean of many estimates of one pair approaches the mean of the bound computed by the
+  loss with every block's t drawn: both estimate the same NELBO (B = 4, answer of 8 tokens)."""
+  config = block_config(block_size=4)
+  config.data.sequence_length = 8
+  answer = [20, 21, 22, 23, 24, 25, 26, 27]
+  estimate = score_pairs(
+      config, params, [[]], [answer], item_keys(jax.random.PRNGKey(1), 1), mc_num=512, batch_size=64
+  )
+  tokens = jnp.asarray([answer] * 1024)
+  lm = MaskedDiffusionLM(config)
+  bound, _ = lm.loss(
+      params, unpacked_batch(tokens), jax.random.PRNGKey(2), reduction="sequence", exact=True
+  )
+  want = -float(np.mean(bound)) * len(answer)
+  spread = float(np.std(bound)) * len(answer) / np.sqrt(1024)
+  assert abs(estimate.log_likelihood[0] - want) < 4 * (estimate.stderr[0] + spread)
+
+
+def test_arm_likelihood_is_the_exact_chain_rule(params):
+  config = make_tiny_config(causal=True)
+  prompts, answers = [[5, 6, 7], [9]], [[20, 21, 22], [30, 31, 32, 33]]
+  got = score_pairs(
+      config, params, prompts, answers, item_keys(jax.random.PRNGKey(0), 2), mc_num=4, batch_size=2
+  )
+  causal = Transformer(ModelConfig.from_config(config))
+  for row, (p, a) in enumerate(zip(prompts, answers)):
+    tokens = jnp.asarray([p + a])
+    logp = jax.nn.log_softmax(causal.apply({"params": params}, tokens)[0])
+    want = sum(float(logp[i - 1, tokens[0, i]]) for i in range(len(p), len(p) + len(a)))
+    np.testing.assert_allclose(got.log_likelihood[row], want, rtol=1e-5)
+  with pytest.raises(ConfigError, match="empty prompt"):
+    from llada_jax.diffusion.likelihood import check_pairs  # pylint: disable=import-outside-toplevel
+
+    check_pairs(config, [[]], [[3]], 4, 2, 0.0)
