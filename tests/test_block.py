@@ -345,3 +345,29 @@ def test_arm_likelihood_is_the_exact_chain_rule(params):
     from llada_jax.diffusion.likelihood import check_pairs  # pylint: disable=import-outside-toplevel
 
     check_pairs(config, [[]], [[3]], 4, 2, 0.0)
+
+
+def test_the_train_step_uses_the_block_size_of_its_schedule():
+  """Steps 0-1 train with B = 1, steps from 2 on with B = 8: the step's loss is the objective's
+  loss at that size, on the same parameters, batch and key."""
+  from llada_jax.keys import Stream  # pylint: disable=import-outside-toplevel
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.state import create_train_state  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.step import make_train_step, step_rng  # pylint: disable=import-outside-toplevel
+
+  config = block_config()
+  config.diffusion.block_size_schedule = "0:1,2:8"
+  config.data.batch_size = 2
+  validate(config)
+  lm, tx = MaskedDiffusionLM(config), make_optimizer(config)
+  mesh = make_mesh(config, jax.devices()[:1], check_batch=False)
+  state, shardings = create_train_state(config, lm, tx, mesh)
+  step = make_train_step(config, lm, tx, mesh, shardings)
+  batch = unpacked_batch(_tokens(config, rows=2))
+  for at, size in ((0, 1), (3, 8)):
+    rng = step_rng(config, state.step, stream=Stream.TRAIN)
+    want = {b: float(lm.loss(state.params, batch, rng, block_size=b)[0]) for b in (1, 8)}
+    state, metrics = step(state, batch, at)
+    assert float(metrics["loss"]) == pytest.approx(want[size], rel=1e-5)
+    assert want[1] != pytest.approx(want[8], rel=1e-3)

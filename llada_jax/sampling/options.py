@@ -73,8 +73,12 @@ class SamplerOptions:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> SamplerOptions:
-    """The options of config.sampling (not validated)."""
-    return cls(**{f.name: config.sampling[f.name] for f in dataclasses.fields(cls)})
+    """The options of config.sampling (not validated); a block diffusion model's blocks are its
+    own (block_length = diffusion.block_size, whatever config.sampling says)."""
+    options = cls(**{f.name: config.sampling[f.name] for f in dataclasses.fields(cls)})
+    if config.diffusion.objective == "block":
+      options = dataclasses.replace(options, block_length=config.diffusion.block_size)
+    return options
 
   @property
   def use_threshold(self) -> bool:
