@@ -21,6 +21,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.data.hf_tokenizer import HFTokenizer
 from llada_jax.errors import CheckpointError
 from llada_jax.interop import safetensors_io
@@ -164,8 +165,10 @@ def read_hf_config(
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
   tokenizer = path.parent / "tokenizer.json"
-  has_tokenizer = tokenizer.is_file() and hf.get(VOCABULARY_FIELD, "llada_hf") == "llada_hf"
-  special = HFTokenizer(tokenizer).special if has_tokenizer else None
+  vocabulary = hf.get(VOCABULARY_FIELD, "llada_hf")
+  has_tokenizer = tokenizer.is_file() and vocabulary in TOKENIZER_VOCABULARIES
+  # LLaDA's tokenizer names its special ids; any other model's are config.json's own.
+  special = HFTokenizer(tokenizer).special if has_tokenizer and vocabulary == "llada_hf" else None
   config = config_from_hf(hf, base, special)
   if has_tokenizer:
     config.data.tokenizer = str(tokenizer.absolute())
@@ -334,8 +337,8 @@ def save_hf(
     dtype: str = "bfloat16",
 ) -> list[pathlib.Path]:
   """Writes config.json and safetensors (sharded with an index when over max_shard_size), and the
-  model's tokenizer.json for a "llada_hf" vocabulary (config.json records the vocabulary, so a
-  byte or spm8k model comes back as one).
+  model's tokenizer.json for a tokenizer vocabulary ("llada_hf", "hf"; config.json records the
+  vocabulary, so a byte or spm8k model comes back as one).
 
   Shards are written as they fill, so at most one shard is held on the host at a time.
   """
@@ -347,7 +350,7 @@ def save_hf(
   (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
   tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
   if (
-      config.data.vocabulary == "llada_hf"
+      config.data.vocabulary in TOKENIZER_VOCABULARIES
       and tokenizer is not None
       and tokenizer.is_file()
       and (tokenizer.resolve() != (path / "tokenizer.json").resolve())
