@@ -1,7 +1,7 @@
 """Expands a scaling ladder (configs/scaling/) into training runs: runs them here, or prints them.
 
   python launch/sweep.py --ladder=configs/scaling/cpu.py --out=runs/scaling \
-      [--only=REGEX] [--objectives=mdm,arm] [--mode=local|print] \
+      [--only=REGEX] [--objectives=mdm,arm,block] [--mode=local|print] \
       [--launcher=local|tpu_vm|slurm|gke --launcher_args="..."] [--dry_run] [-- --config.x=y ...]
 
 Every mode first prints the table of the selected runs. `--mode=local` trains them one after the
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # configs/ and llada_jax/ without an installed pa
 # pylint: disable=wrong-import-position
 from configs.scaling.ladder import Ladder, Run, parameters, run_config, runs  # noqa: E402
 from llada_jax.cli_support import entry_point  # noqa: E402
+from llada_jax.config import OBJECTIVES  # noqa: E402
 from llada_jax.errors import ConfigError  # noqa: E402
 from llada_jax.training.flops import model_flops_per_token, non_embedding_parameters  # noqa: E402
 
@@ -47,7 +48,9 @@ LAUNCHER_ARGS = {
 _LADDER = flags.DEFINE_string("ladder", None, "A ladder file of configs/scaling/ (defines LADDER).")
 _OUT = flags.DEFINE_string("out", None, "Parent of the runs' workdirs (OUT/RUN); gs:// for pods.")
 _ONLY = flags.DEFINE_string("only", "", "Only runs whose name matches this regular expression.")
-_OBJECTIVES = flags.DEFINE_list("objectives", ["mdm", "arm"], "Objectives to run of each pair.")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", list(OBJECTIVES), "Objectives to run of each size and budget (default: all)."
+)
 _MODE = flags.DEFINE_enum(
     "mode",
     "local",

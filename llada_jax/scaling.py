@@ -1,4 +1,4 @@
-"""Fit and plot a scaling study: loss against compute for MDM (LLaDA) and ARM runs.
+"""Fit and plot a scaling study: loss against compute for MDM (LLaDA), ARM and block runs.
 
   llada-scaling --runs=runs/scaling --out=scaling.png [--x=flops|flops_6nd|tokens]
       [--points=frontier|final] [--metric=bits_per_byte] [--bootstrap=200]
@@ -6,8 +6,9 @@
 
 Reads every workdir under --runs (run.json + metrics.jsonl, written by llada-train and
 llada-evaluate), fits L(C) = a (C / C0)^(-b) + c per objective (llada_jax.analysis.fit), prints
-the fits and the compute multiplier at which MDM matches ARM, writes the plot and the fits as JSON
-(--fits, default: --out with .json). The same runs give byte-identical JSON.
+the fits and the compute multipliers at which MDM and block diffusion match ARM and block diffusion
+matches MDM, writes the plot and the fits as JSON (--fits, default: --out with .json). The same
+runs give byte-identical JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pathlib
 
 from absl import flags
 
-from llada_jax.analysis.study import analyse
+from llada_jax.analysis.study import analyse, multiplier_lines
 from llada_jax.cli_support import entry_point
 from llada_jax.errors import ConfigError
 
@@ -55,7 +56,7 @@ _IRREDUCIBLE = flags.DEFINE_bool(
 _REFERENCE = flags.DEFINE_float(
     "reference_flops",
     None,
-    "Compute at which the MDM/ARM multiplier is quoted (default: the largest of the data).",
+    "Compute at which multipliers are quoted (default: the largest of the 2 objectives' runs).",
 )
 
 
@@ -92,12 +93,8 @@ def _scaling(argv: list[str]) -> None:
     )
   for warning in document.get("warnings", []):
     print(f"warning: {warning}")
-  if "multiplier" in document:
-    m = document["multiplier"]
-    print(
-        f"MDM needs {m['k']:.3g}x the compute of ARM to reach ARM's loss at {m['at']:.3g} "
-        f"[{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] (MDM bound vs ARM NLL)"
-    )
+  for line in multiplier_lines(document):
+    print(line)
   plot_scaling(runs, fits, document["metric"], document["x"], _OUT.value, _MIN_COMPUTE.value)
   fits_path = pathlib.Path(_FITS.value or pathlib.Path(_OUT.value).with_suffix(".json"))
   fits_path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")

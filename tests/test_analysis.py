@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llada_jax.analysis import (
+    analyse,
     collect_runs,
     compute_multiplier,
     default_metric,
@@ -18,8 +19,9 @@ from llada_jax.analysis import (
     select_points,
 )
 from llada_jax.analysis.fit import PowerLawFit
+from llada_jax.analysis.study import multiplier_lines
 
-LAW = dict(mdm=(2.0, 0.3, 1.0), arm=(1.0, 0.3, 1.0))  # (a, b, c) against C / 1e10
+LAW = dict(mdm=(2.0, 0.3, 1.0), arm=(1.0, 0.3, 1.0), block=(1.5, 0.3, 1.0))  # against C / 1e10
 
 
 def _law(objective, compute):
@@ -27,12 +29,13 @@ def _law(objective, compute):
   return a * (compute / 1e10) ** -b + c
 
 
-def _write_run(path, objective, params, budget, noise=0.0, seed=0):
+def _write_run(path, objective, params, budget, noise=0.0, seed=0, config=None):
   """A run whose eval curve follows the objective's law: 6 evaluations up to `budget` FLOPs."""
   path.mkdir(parents=True)
-  (path / "run.json").write_text(
-      json.dumps({"schema": 1, "objective": objective, "parameters": params})
-  )
+  description = {"schema": 1, "objective": objective, "parameters": params}
+  if config is not None:
+    description["config"] = config
+  (path / "run.json").write_text(json.dumps(description))
   rng = np.random.default_rng(seed)
   lines = []
   for step, compute in enumerate(np.geomspace(budget / 30, budget, 6), 1):
@@ -67,6 +70,20 @@ def study(tmp_path_factory):
   for objective in ("mdm", "arm"):
     for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
       _write_run(root / f"s{i}-{objective}", objective, 1000 * 4**i, budget)
+  return root
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+  """The study with block diffusion twins (B=16 in their config); block's d3 ends at 2e13."""
+  root = tmp_path_factory.mktemp("three")
+  for objective in ("mdm", "arm", "block"):
+    for i, budget in enumerate((1e10, 1e11, 1e12, 1e13)):
+      budget *= 2 if objective == "block" and i == 3 else 1
+      config = (
+          {"diffusion": {"objective": "block", "block_size": 16}} if objective == "block" else None
+      )
+      _write_run(root / f"s{i}-{objective}", objective, 1000 * 4**i, budget, config=config)
   return root
 
 
@@ -187,6 +204,58 @@ def test_multiplier_by_hand():
   assert compute_multiplier(above, arm, 100.0)[0] == np.inf  # MDM's floor above ARM's loss
 
 
+def test_a_study_of_three_objectives_fits_each_and_compares_every_pair(three, study):
+  """Equal exponents, c = 1: k = (a / a_reference)^(1 / b) for every pair, at the largest compute
+  of the two objectives compared; "multiplier" stays MDM vs ARM."""
+  document, runs, fits = analyse(str(three), bootstrap=10)
+  assert list(fits) == ["mdm", "arm", "block"] and len(runs) == 12
+  for objective in LAW:
+    assert document["fits"][objective]["runs"] == 4
+    np.testing.assert_allclose([fits[objective].b, fits[objective].c], [0.3, 1.0], rtol=1e-4)
+  multipliers = document["multipliers"]
+  assert list(multipliers) == ["mdm_vs_arm", "block_vs_arm", "block_vs_mdm"]
+  for name, against, ratio, at in (
+      ("mdm", "arm", 2.0, 1e13),
+      ("block", "arm", 1.5, 2e13),
+      ("block", "mdm", 0.75, 2e13),
+  ):
+    m = multipliers[f"{name}_vs_{against}"]
+    assert (m["objective"], m["reference"], m["at"]) == (name, against, pytest.approx(at))
+    assert m["k"] == pytest.approx(ratio ** (1 / 0.3), rel=1e-3)
+    assert m["interval"][0] <= m["interval"][1]
+  assert multipliers["block_vs_arm"]["compares"] == "bound vs NLL"
+  assert multipliers["block_vs_mdm"]["compares"] == "bound vs bound"
+  assert document["multiplier"] == {
+      key: multipliers["mdm_vs_arm"][key] for key in ("at", "k", "interval")
+  }
+  lines = multiplier_lines(document)
+  assert len(lines) == 3 and lines[1].startswith("Block needs 3.86x the compute of ARM")
+  assert lines[1].endswith("(Block bound vs ARM NLL)")
+  two, _, _ = analyse(str(study), bootstrap=10)
+  assert list(two["multipliers"]) == ["mdm_vs_arm"] and set(two["fits"]) == {"mdm", "arm"}
+  assert two["multiplier"]["at"] == pytest.approx(1e13)
+
+
+def test_the_plot_draws_every_objective_in_its_colour(three, tmp_path):
+  pytest.importorskip("matplotlib")
+  from llada_jax.analysis.plot import plot_scaling  # pylint: disable=g-import-not-at-top
+
+  document, runs, fits = analyse(str(three), bootstrap=10)
+  legend = plot_scaling(runs, fits, document["metric"], document["x"], tmp_path / "p.png")
+  legend = {label.replace("\n", " "): colour for label, colour in legend.items()}
+  drawn = {label.split(" fit:")[0]: colour for label, colour in legend.items() if " fit:" in label}
+  assert drawn == {
+      "MDM (LLaDA) bound": "tab:blue",
+      "ARM NLL": "tab:red",
+      "Block diffusion (B=16) bound": "tab:green",
+  }
+  assert legend["s3-block (0.06M)"] == "tab:green" and len(legend) == 15
+  for run in runs:  # without B in its config the label does not guess one
+    run.description.pop("config", None)
+  legend = plot_scaling(runs, fits, document["metric"], document["x"], tmp_path / "q.png")
+  assert any(label.startswith("Block diffusion bound fit:\nb = 0.300") for label in legend)
+
+
 def test_too_few_points_is_a_one_line_error():
   with pytest.raises(ValueError, match="at least 3 points"):
     fit_power_law(np.array([1.0, 2.0]), np.array([3.0, 2.0]))
@@ -219,12 +288,35 @@ def test_llada_scaling_writes_plot_and_identical_json(study, tmp_path):
   assert "MDM needs" in result.stdout
 
 
+def test_llada_scaling_prints_and_writes_the_block_fit(three, tmp_path):
+  pytest.importorskip("matplotlib")
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llada_jax.scaling",
+          f"--runs={three}",
+          f"--out={tmp_path / 'three'}.png",
+          "--bootstrap=0",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "\nblock | 4 | " in result.stdout and "MDM needs" in result.stdout
+  document = json.loads((tmp_path / "three.json").read_text())
+  assert document["fits"]["block"]["b"] == pytest.approx(0.3, rel=1e-3)
+  assert document["multipliers"]["block_vs_mdm"]["k"] == pytest.approx(0.75 ** (1 / 0.3), rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "name, flags",
     [("scaling", []), ("scaling_above_1e12", ["--min_compute=1e12", "--noirreducible"])],
 )
 def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
-  """docs/scaling_study: the CPU ladder's runs, their plots and fits (docs/scaling_study.md)."""
+  """docs/scaling_study: the CPU ladder's runs (MDM, ARM and block twins), their plots and fits
+  (docs/scaling_study.md)."""
   image = pytest.importorskip("matplotlib.image")
   study = pathlib.Path(__file__).resolve().parent.parent / "docs" / "scaling_study"
   result = subprocess.run(
@@ -243,12 +335,20 @@ def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
   assert result.returncode == 0, result.stderr[-2000:]
   got = json.loads((tmp_path / f"{name}.json").read_text())
   want = json.loads((study / f"{name}.json").read_text())
-  assert got["runs"] == want["runs"] and len(got["runs"]) == 10
-  for objective in ("mdm", "arm"):
+  assert got["runs"] == want["runs"] and len(got["runs"]) == 15
+  assert set(got["fits"]) == set(want["fits"]) == {"mdm", "arm", "block"}
+  for objective in want["fits"]:
     for key in ("a", "b", "c", "b_interval", "c_interval"):
       np.testing.assert_allclose(
           got["fits"][objective][key], want["fits"][objective][key], rtol=1e-6
       )
   np.testing.assert_allclose(got["multiplier"]["k"], want["multiplier"]["k"], rtol=1e-6)
+  assert list(got["multipliers"]) == list(want["multipliers"]) and len(want["multipliers"]) == 3
+  for pair, m in want["multipliers"].items():
+    np.testing.assert_allclose(
+        [got["multipliers"][pair]["k"], *got["multipliers"][pair]["interval"]],
+        [m["k"], *m["interval"]],
+        rtol=1e-6,
+    )
   drawn, committed = image.imread(tmp_path / f"{name}.png"), image.imread(study / f"{name}.png")
   assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01

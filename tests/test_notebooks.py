@@ -116,7 +116,7 @@ def test_scaling_curves_notebook_trains_fits_and_plots(kernel):
       "scaling_curves.ipynb",
       (
           f"LADDER_FILE = 'tests/configs/micro_ladder.py'; ONLY = 'd16'; RUNS_DIR = '{runs}'; "
-          "EVAL_POINTS = 4; BOOTSTRAP = 5"
+          "EVAL_POINTS = 4; BOOTSTRAP = 5; OBJECTIVES = ('mdm', 'arm')"
       ),
       NOTEBOOKS,
   )

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from configs.scaling import cpu, ladder, pod
-from llada_jax.config import validate
+from llada_jax.config import OBJECTIVES, validate
 from llada_jax.errors import ConfigError
 from llada_jax.training.flops import model_flops_per_token, non_embedding_parameters
 
@@ -47,16 +47,27 @@ def _sweep(*args: str) -> subprocess.CompletedProcess:
   )
 
 
-def _pairs(lad: ladder.Ladder):
+# What follows from a run's number of steps, which differs where FLOPs per token do (objective
+# block under the exact convention).
+STEP_FIELDS = {
+    "train": ("num_steps", "eval_every", "log_every"),
+    "optimizer": ("warmup_steps",),
+    "checkpoint": ("save_every",),
+}
+
+
+def _twins(lad: ladder.Ladder):
+  """The runs of each size and budget, one per objective, in the order of OBJECTIVES."""
   everything = ladder.runs(lad)
-  return list(zip(everything[0::2], everything[1::2]))
+  n = len(OBJECTIVES)
+  return [tuple(everything[i : i + n]) for i in range(0, len(everything), n)]
 
 
 @pytest.mark.parametrize("name", sorted(LADDERS))
 def test_every_run_builds_a_valid_config(name):
   lad = LADDERS[name]
   everything = ladder.runs(lad)
-  assert len(everything) == 2 * sum(len(b) for b in lad.budgets.values())
+  assert len(everything) == len(OBJECTIVES) * sum(len(b) for b in lad.budgets.values())
   for run in everything:
     c = validate(ladder.run_config(lad, run))
     assert c.diffusion.objective == run.objective and c.model.causal == (run.objective == "arm")
@@ -88,14 +99,31 @@ def test_pod_ladder_holds_the_llada_1b_shape():
 
 @pytest.mark.parametrize("name", sorted(LADDERS))
 def test_twins_differ_only_in_the_objective(name):
-  for mdm, arm in _pairs(LADDERS[name]):
-    assert (mdm.objective, arm.objective) == ("mdm", "arm") and mdm.size == arm.size
-    a = ladder.run_config(LADDERS[name], mdm).to_dict()
-    b = ladder.run_config(LADDERS[name], arm).to_dict()
-    assert (a["model"].pop("causal"), b["model"].pop("causal")) == (False, True)
-    assert (a["diffusion"].pop("objective"), b["diffusion"].pop("objective")) == ("mdm", "arm")
+  """ARM: causal, no loss chunks; block: its number of steps under exact FLOPs (6 N D: none)."""
+  lad = LADDERS[name]
+  for mdm, arm, block in _twins(lad):
+    assert (mdm.objective, arm.objective, block.objective) == OBJECTIVES
+    assert mdm.size == arm.size == block.size and mdm.budget == arm.budget == block.budget
+    a, b, k = (ladder.run_config(lad, r).to_dict() for r in (mdm, arm, block))
+    assert (a["model"].pop("causal"), b["model"].pop("causal"), k["model"].pop("causal")) == (
+        False,
+        True,
+        False,
+    )
+    for config in (a, b, k):
+      config["diffusion"].pop("objective")
     b["train"]["loss_chunk"] = a["train"]["loss_chunk"]
     assert a == b
+    steps = (a["train"]["num_steps"], k["train"]["num_steps"])
+    if lad.convention == "exact":
+      assert 0.4 * steps[0] < steps[1] < 0.5 * steps[0]  # the two-stream pass: ~2.2-2.4x a token
+    else:
+      assert steps[0] == steps[1]
+    for section, keys in STEP_FIELDS.items():
+      for key in keys:
+        a[section].pop(key)
+        k[section].pop(key)
+    assert a == k
 
 
 @pytest.mark.parametrize("convention", ladder.CONVENTIONS)
@@ -199,15 +227,25 @@ def test_print_mode_wraps_each_run_for_every_launcher():
 
 
 def test_dry_run_prints_the_train_commands_and_runs_nothing(tmp_path):
-  result = _sweep(f"--ladder={MICRO_LADDER}", f"--out={tmp_path / 'sw'}", "--dry_run", "--only=d16")
+  """By default a sweep runs every objective of llada_jax.config.OBJECTIVES."""
+  lad = "configs/scaling/cpu.py"
+  result = _sweep(f"--ladder={lad}", f"--out={tmp_path / 'sw'}", "--dry_run", "--only=^d48-")
   assert result.returncode == 0, result.stderr
-  lines = result.stdout.splitlines()[-2:]
-  for line, run in zip(lines, ("d16-mdm-5e7", "d16-arm-5e7")):
+  assert result.stdout.splitlines()[0].startswith("ladder cpu: 3 runs")
+  lines = result.stdout.splitlines()[-3:]
+  assert len(lines) == len(OBJECTIVES) == 3
+  for line, objective in zip(lines, OBJECTIVES):
+    run = f"d48-{objective}-2.5e11"
     assert line == (
-        f"{sys.executable} -m llada_jax.train --config={MICRO_LADDER}:{run} "
+        f"{sys.executable} -m llada_jax.train --config={lad}:{run} "
         f"--workdir={tmp_path / 'sw' / run}"
     )
   assert not (tmp_path / "sw").exists()
+  result = _sweep(f"--ladder={lad}", "--out=sw", "--dry_run", "--only=^d48-", "--objectives=arm")
+  assert result.returncode == 0 and result.stdout.splitlines()[-1].endswith(
+      "--workdir=sw/d48-arm-2.5e11"
+  )
+  assert result.stdout.splitlines()[0].startswith("ladder cpu: 1 runs")
 
 
 @pytest.mark.parametrize(
@@ -305,9 +343,10 @@ def test_local_sweep_stops_at_a_failed_run_naming_it(tmp_path, capsys):
 @pytest.mark.slow
 def test_local_sweep_end_to_end(tmp_path):
   out = tmp_path / "sw"
-  result = _sweep(f"--ladder={MICRO_LADDER}", f"--out={out}")
+  pair = ("--objectives=mdm,arm",)  # the micro budgets leave a block d16 2 steps, too few
+  result = _sweep(f"--ladder={MICRO_LADDER}", f"--out={out}", *pair)
   assert result.returncode == 0, result.stderr[-3000:]
-  names = [r.name for r in ladder.runs(micro.LADDER)]
+  names = [r.name for r in ladder.runs(micro.LADDER, ("mdm", "arm"))]
   lines = result.stdout.splitlines()[-4:]
   for name, line in zip(names, lines):
     assert line.startswith(f"{name}: ") and " s, final eval loss " in line
@@ -316,6 +355,6 @@ def test_local_sweep_end_to_end(tmp_path):
     assert "eval/step 4" in (workdir / "train.log").read_text()
     splits = [json.loads(r)["split"] for r in (workdir / "metrics.jsonl").open()]
     assert splits.count("eval") == 2
-  again = _sweep(f"--ladder={MICRO_LADDER}", f"--out={out}")
+  again = _sweep(f"--ladder={MICRO_LADDER}", f"--out={out}", *pair)
   assert again.returncode == 0, again.stderr
   assert all("done before" in line for line in again.stdout.splitlines()[-4:])

@@ -1,1 +1,1 @@
-"""Scaling ladders: model sizes x FLOPs budgets, each with an MDM and an ARM twin."""
+"""Scaling ladders: model sizes x FLOPs budgets, each with an MDM, an ARM and a block twin."""

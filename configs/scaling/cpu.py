@@ -1,4 +1,4 @@
-"""The CPU scaling ladder: 5 sizes (0.08M-2.76M parameters) x MDM/ARM on the Gutenberg bytes.
+"""The CPU scaling ladder: 5 sizes (0.08M-2.76M parameters) x MDM/ARM/block on Gutenberg bytes.
 
   python launch/sweep.py --ladder=configs/scaling/cpu.py --out=runs/scaling
   python -m llada_jax.train --config=configs/scaling/cpu.py:d64-mdm-1e12 --workdir=runs/d64
@@ -10,7 +10,9 @@ pair about 25 minutes more (0.65 s a step, shared). Compute grows 160x over a 48
 non-embedding parameters, tokens 4.9x (D ~ N^0.4): Chinchilla's D ~ N would leave d48 about 50
 steps on this time budget. Learning rates scale ~1/sqrt(d_model)
 from the 3e-3 of configs/tiny.py. Budgets count exact FLOPs (the head and attention are a large
-share of them at this size).
+share of them at this size). A block twin's token costs 2.2x (d192) to 2.4x (d48) an MDM token's
+FLOPs (the two-stream pass), so it trains 42-46% of its MDM and ARM twins' steps; the five block
+runs took 41 minutes in all (shared cores, d192 19 minutes).
 """
 
 from __future__ import annotations

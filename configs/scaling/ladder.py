@@ -1,11 +1,15 @@
-"""Scaling ladders: model sizes x FLOPs budgets, each run as an MDM (LLaDA) and an ARM twin.
+"""Scaling ladders: model sizes x FLOPs budgets, each run as an MDM (LLaDA), an ARM and a block
+diffusion (BD3-LM) twin.
 
 A ladder names its runs `<size>-<objective>-<budget>` (e.g. `d64-mdm-3e13`). The twins of a run
 share every setting but `model.causal` and `diffusion.objective` (same shape, data order and seed),
 so their losses compare at equal compute. The number of steps follows from the budget: budget /
 (FLOPs per token x tokens per step), FLOPs per token being the exact count of
 llada_jax.training.flops ("exact") or 6 N with N the non-embedding parameters ("6nd"); the
-schedule, evaluation and checkpoint intervals are then proportional to it.
+schedule, evaluation and checkpoint intervals are then proportional to it. The exact count charges
+block diffusion's two-stream pass (noisy and clean copies of the sequence: the blocks twice, the
+attention four times, the head once) about twice per token, so the block twin trains about half
+the steps of its MDM and ARM twins on the same budget; 6 N D does not count the second stream.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pod scaling ladder: 150M-2B non-embedding parameters x MDM/ARM, 1e19-1e21 FLOPs (6 N D).
+"""The pod scaling ladder: 150M-2B non-embedding params x MDM/ARM/block, 1e19-1e21 FLOPs (6 N D).
 
   python launch/sweep.py --ladder=configs/scaling/pod.py --out=gs://bucket/scaling --mode=print \
       --launcher=tpu_vm --launcher_args="my-tpu us-central2-b" \
@@ -10,7 +10,8 @@ head); `1b` is exactly configs/llada_1b.py's shape. Tokenizer, dtypes, remat and
 from configs/llada_1b.py, whose data task is a placeholder: name the corpus after `--` as above.
 Batch 512 x 4096 (2.1M tokens per step) at every size; budgets in the 6 N D convention of LLaDA
 and SMDM. At 1e21 the compute-optimal size (~3B by Chinchilla) lies above the ladder, and `150m`
-runs 540k steps: select runs with --only.
+runs 540k steps: select runs with --only. 6 N D does not see block diffusion's two-stream pass:
+the block twins train as many steps as the MDM and ARM twins and spend about twice their FLOPs.
 """
 
 from __future__ import annotations

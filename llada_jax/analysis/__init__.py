@@ -1,4 +1,5 @@
-"""Scaling-study analysis: collect runs, fit loss against compute per objective, compare, plot."""
+"""Scaling-study analysis: collect runs, fit loss against compute per objective (mdm, arm, block),
+compare them pairwise (compute multipliers), plot."""
 
 from llada_jax.analysis.fit import (
     PowerLawFit,
@@ -8,7 +9,7 @@ from llada_jax.analysis.fit import (
     select_points,
 )
 from llada_jax.analysis.runs import Run, collect_runs, default_metric, read_records
-from llada_jax.analysis.study import analyse
+from llada_jax.analysis.study import analyse, multiplier_lines
 
 __all__ = [
     "PowerLawFit",
@@ -19,6 +20,7 @@ __all__ = [
     "default_metric",
     "fit_power_law",
     "frontier",
+    "multiplier_lines",
     "read_records",
     "select_points",
 ]

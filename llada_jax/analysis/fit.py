@@ -1,4 +1,5 @@
-"""Power-law fits of loss against compute, L(C) = a (C / C0)^(-b) + c, and the compute multiplier.
+"""Power-law fits of loss against compute, L(C) = a (C / C0)^(-b) + c, and the compute multiplier
+of one objective against another.
 
 Points are either the compute frontier of all of an objective's evaluation records (a record is
 kept when no record at equal or lower compute has a lower loss: the lower envelope of the learning
@@ -206,16 +207,22 @@ def fit_power_law(
   )
 
 
-def compute_multiplier(mdm: PowerLawFit, arm: PowerLawFit, at: float) -> tuple[float, float, float]:
-  """k such that the MDM fit at k C reaches the ARM fit's loss at C, with the 16th-84th
-  percentiles over paired bootstrap fits (nan without them). It compares the MDM *bound* with the
-  ARM *NLL*, so k overstates what MDM needs to match ARM's likelihood (the bound >= the NLL)."""
-  k = float(mdm.compute_for(arm.predict(at)) / at)
-  n = min(len(mdm.bootstrap), len(arm.bootstrap))
+def compute_multiplier(
+    fit: PowerLawFit, reference: PowerLawFit, at: float
+) -> tuple[float, float, float]:
+  """k such that `fit` at k C reaches the `reference` fit's loss at C, with the 16th-84th
+  percentiles over paired bootstrap fits (nan without them); k > 1: `fit` needs more compute.
+
+  The study compares MDM and block diffusion with ARM and block diffusion with MDM. A diffusion
+  objective's loss is a *bound* on its NLL, so against the ARM's exact NLL k overstates what it
+  needs to match ARM's likelihood (the bound >= the NLL); two bounds compare bound with bound.
+  """
+  k = float(fit.compute_for(reference.predict(at)) / at)
+  n = min(len(fit.bootstrap), len(reference.bootstrap))
   if not n:
     return k, float("nan"), float("nan")
-  m, r = mdm.bootstrap[:n], arm.bootstrap[:n]
-  arm_loss = r[:, 0] * (at / arm.scale) ** (-r[:, 1]) + r[:, 2]
-  ks = _compute_for(m[:, 0], m[:, 1], m[:, 2], mdm.scale, arm_loss) / at
+  m, r = fit.bootstrap[:n], reference.bootstrap[:n]
+  reference_loss = r[:, 0] * (at / reference.scale) ** (-r[:, 1]) + r[:, 2]
+  ks = _compute_for(m[:, 0], m[:, 1], m[:, 2], fit.scale, reference_loss) / at
   low, high = np.percentile(ks, [16, 84], method="nearest")  # ks may hold inf
   return k, float(low), float(high)

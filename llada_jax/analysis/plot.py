@@ -10,10 +10,11 @@ import numpy as np
 
 from llada_jax.analysis.fit import PowerLawFit
 from llada_jax.analysis.runs import Run
+from llada_jax.config import OBJECTIVES
 from llada_jax.errors import ConfigError
 
-COLOURS = {"mdm": "tab:blue", "arm": "tab:red"}
-LABELS = {"mdm": "MDM (LLaDA) bound", "arm": "ARM NLL"}
+COLOURS = {"mdm": "tab:blue", "arm": "tab:red", "block": "tab:green"}
+LABELS = {"mdm": "MDM (LLaDA) bound", "arm": "ARM NLL", "block": "Block diffusion bound"}
 X_LABELS = {
     "flops": "training FLOPs (exact count)",
     "flops_6nd": "training FLOPs (6 N D)",
@@ -38,6 +39,20 @@ def accuracy_metrics(runs: Sequence[Run]) -> list[str]:
   return sorted({m for run in runs for m in run.metrics() if m.endswith("/acc")})
 
 
+def objective_label(objective: str, runs: Sequence[Run]) -> str:
+  """The legend name of an objective; block diffusion's names the block size B of its runs
+  (diffusion.block_size of run.json's config) when they all share one."""
+  if objective == "block":
+    sizes = {
+        r.description.get("config", {}).get("diffusion", {}).get("block_size")
+        for r in runs
+        if r.objective == "block"
+    }
+    if len(sizes) == 1 and None not in sizes:
+      return f"Block diffusion (B={sizes.pop()}) bound"
+  return LABELS[objective]
+
+
 def plot_scaling(
     runs: Sequence[Run],
     fits: dict[str, PowerLawFit],
@@ -45,15 +60,19 @@ def plot_scaling(
     x: str,
     out: str | pathlib.Path,
     min_compute: float = 0.0,
-) -> None:
+) -> dict[str, str]:
   """Writes the PNG: thin lines per run (shade by size), thick fitted curve per objective over
-  the compute it was fitted on (from `min_compute`)."""
+  the compute it was fitted on (from `min_compute`), for every objective of the runs. Returns
+  the colour of each entry of the loss panel's legend, by label."""
   plt = _pyplot()
   accuracies = accuracy_metrics(runs)
   panels = 2 if accuracies else 1
   fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 6.4), dpi=120, squeeze=False)
   ax = axes[0, 0]
-  for objective in ("mdm", "arm"):
+  objectives = [o for o in OBJECTIVES if any(r.objective == o for r in runs)]
+  columns = max(2, len(objectives))  # the legend: a column per objective
+  wrap = "\n" if columns > 2 else " "  # three columns of fit labels fit the width on two lines
+  for objective in objectives:
     own = [r for r in runs if r.objective == objective]
     for rank, run in enumerate(own):
       xs, ys = run.curve(metric, x)
@@ -81,8 +100,8 @@ def plot_scaling(
           fit.predict(grid),
           color=COLOURS[objective],
           lw=2.5,
-          label=f"{LABELS[objective]} fit: b = {fit.b:.3f} [{low:.3f}, {high:.3f}], "
-          f"c = {fit.c:.2f}",
+          label=f"{objective_label(objective, runs)} fit:{wrap}b = {fit.b:.3f} "
+          f"[{low:.3f}, {high:.3f}], c = {fit.c:.2f}",
       )
   ax.set_xscale("log")
   ax.set_yscale("log")
@@ -90,7 +109,9 @@ def plot_scaling(
   ax.set_ylabel(Y_LABELS.get(metric, metric))
   ax.set_title("loss vs compute: L(C) = a C^-b + c")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+  ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=columns)
+  handles, labels = ax.get_legend_handles_labels()
+  legend = {name: handle.get_color() for handle, name in zip(handles, labels)}
   if accuracies:
     ax = axes[0, 1]
     for run in runs:
@@ -107,3 +128,4 @@ def plot_scaling(
   fig.tight_layout()
   fig.savefig(out, metadata={"Software": None})
   plt.close(fig)
+  return legend
