@@ -178,3 +178,34 @@ def test_simple_evaluate_runs_a_local_multiple_choice_task(workdir, tmp_path, mo
   metrics = results["results"]["llada_tiny_mc"]
   assert metrics["acc,none"] == 0.5
   assert results["config"]["checkpoint"] == str(workdir)
+
+
+def test_rolling_loglikelihood_of_an_arm_model_is_the_exact_chain_rule(tmp_path):
+  """Windows of 63 predicted bytes (max_sequence_length 64 less one) over a 162-byte text, the
+  first after EOS: the sum is the text's exact log-likelihood under the causal network, computed
+  here window by window, each window's tokens predicted from the 63 ids before its end."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from llada_jax.data.codec import text_codec  # pylint: disable=import-outside-toplevel
+  from llada_jax.loading import load_model  # pylint: disable=import-outside-toplevel
+  from llada_jax.model import Transformer, ModelConfig  # pylint: disable=import-outside-toplevel
+
+  config = make_tiny_config(causal=True)
+  workdir = write_workdir(tmp_path / "arm", config)
+  model = lm_eval.api.registry.get_model("llada_jax").create_from_arg_string(
+      f"checkpoint={workdir},mc_num=4,batch_size=2", {}
+  )
+  text = "It was the best of times, it was the worst of times, " * 3
+  got = model.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
+  _, params = load_model(str(workdir))
+  causal = Transformer(ModelConfig.from_config(config))
+  ids = [config.tokens.eos_id] + text_codec(config).encode(text)
+  want, predicted = 0.0, config.model.max_sequence_length - 1  # tokens predicted per window
+  start = 1
+  while start < len(ids):  # targets ids[start:end] from the `predicted` ids before `end - 1`
+    end = min(start + predicted, len(ids))
+    low = max(0, end - 1 - predicted)
+    logp = jax.nn.log_softmax(causal.apply({"params": params}, np.asarray([ids[low : end - 1]]))[0])
+    want += sum(float(logp[j - 1 - low, ids[j]]) for j in range(start, end))
+    start = end
+  np.testing.assert_allclose(got, [want], rtol=1e-4)

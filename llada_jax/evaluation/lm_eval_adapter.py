@@ -191,7 +191,7 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
       self, requests: list[Instance], disable_tqdm: bool = False
   ) -> list[float]:
     """log p(text) (nats) of each request's whole text: lm-eval's rolling windows of at most
-    model.max_sequence_length tokens, the first after a prefix token (BOS, else EOS), each
+    model.max_sequence_length - 1 predicted tokens, the first after a prefix token (BOS, else EOS), each
     window's new tokens scored given the tokens before them and the scores summed. Exact for an
     autoregressive model; a lower bound (the block NELBO, Monte-Carlo) for a block diffusion
     model. Raises NotImplementedError for a LLaDA model, which has no left-to-right
@@ -203,7 +203,11 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     windows, owners, ids = [], [], []
     for number, request in enumerate(requests):
       tokens = self.model.codec.encode(request.args[0])
-      rolling = utils.get_rolling_token_windows(tokens, prefix, config.model.max_sequence_length, 1)
+      # Windows of at most max_sequence_length - 1 predicted tokens: context + continuation (the
+      # scorer's input, the last token included) then fits the model.
+      rolling = utils.get_rolling_token_windows(
+          tokens, prefix, config.model.max_sequence_length - 1, 1
+      )
       for j, window in enumerate(map(utils.make_disjoint_window, rolling)):
         windows.append(window)
         owners.append(number)
