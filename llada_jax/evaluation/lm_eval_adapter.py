@@ -191,10 +191,10 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
       self, requests: list[Instance], disable_tqdm: bool = False
   ) -> list[float]:
     """log p(text) (nats) of each request's whole text: lm-eval's rolling windows of at most
-    model.max_sequence_length - 1 predicted tokens, the first after a prefix token (BOS, else EOS), each
-    window's new tokens scored given the tokens before them and the scores summed. Exact for an
-    autoregressive model; a lower bound (the block NELBO, Monte-Carlo) for a block diffusion
-    model. Raises NotImplementedError for a LLaDA model, which has no left-to-right
+    model.max_sequence_length - 1 predicted tokens, the first after a prefix token (BOS, else
+    EOS), each window's new tokens scored given the tokens before them and the scores summed.
+    Exact for an autoregressive model; a lower bound (the block NELBO, Monte-Carlo) for a block
+    diffusion model. Raises NotImplementedError for a LLaDA model, which has no left-to-right
     likelihood."""
     config = self.model.config
     if config.diffusion.objective == "mdm":
