@@ -23,7 +23,6 @@ import ml_collections
 from llada_jax.config import validate
 from llada_jax.errors import ConfigError, DoesNotFit
 from llada_jax.lm import MaskedDiffusionLM
-from llada_jax.model import ModelConfig
 from llada_jax.parallel.collectives import CollectiveSummary, summarize
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context
@@ -224,7 +223,7 @@ def _sampler(
   from llada_jax.sampling.generate import SamplerSpec, _compiled_sampler  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.options import SamplerOptions  # pylint: disable=g-import-not-at-top
 
-  s = SamplerOptions.from_config(config)
+  s = SamplerOptions.from_config(config).validate(config, prefix="sampling.")
   total = prompt_length + s.gen_length
   if total > config.model.max_sequence_length:
     raise ConfigError(
@@ -254,13 +253,15 @@ def _scorer(
 ) -> tuple[Any, tuple[Any, ...], float]:
   """The jitted Monte-Carlo likelihood for pairs of data.sequence_length tokens, its abstract
   arguments after the parameters, and its model FLOPs (mc_num forward passes per pair)."""
-  del prompt_length
-  from llada_jax.diffusion.likelihood import _compiled_scorer  # pylint: disable=g-import-not-at-top
+  from llada_jax.diffusion.likelihood import (  # pylint: disable=g-import-not-at-top
+      PROMPT_ALIGN,
+      compiled_scorer,
+  )
 
   ev, width = config.evaluation, config.data.sequence_length
-  fn = _compiled_scorer(
-      ModelConfig.from_config(config), config.tokens.mask_id, ev.mc_num, ev.mc_batch_size, False
-  )
+  # A block model's rows hold the prompt left-padded to a multiple of PROMPT_ALIGN.
+  prompt_width = min(-(-prompt_length // PROMPT_ALIGN) * PROMPT_ALIGN, width - 1)
+  fn = compiled_scorer(config, ev.mc_num, ev.mc_batch_size, False, prompt_width)
 
   def rows(dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((num_items, width), dtype, sharding=sharding)
@@ -272,7 +273,8 @@ def _scorer(
       jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
       jax.ShapeDtypeStruct((), jnp.float32),
   )
-  flops = ev.mc_num * num_items * width * forward_flops_per_token(config, width)
+  streams = 2 if config.diffusion.objective == "block" else 1  # the two-stream pass
+  flops = streams * ev.mc_num * num_items * width * forward_flops_per_token(config, width)
   return fn, args, flops
 
 

@@ -301,6 +301,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("diffusion.random_length_prob", d.random_length_prob, "a probability in [0, 1]")
   if not 0.0 <= d.t_min < d.t_max <= 1.0:
     _fail("diffusion.t_min", (d.t_min, d.t_max), "0 <= t_min < t_max <= 1 (with t_max)")
+  if d.block_size_schedule and d.objective != "block":
+    _fail(
+        "diffusion.block_size_schedule",
+        d.block_size_schedule,
+        '"" (no schedule) unless diffusion.objective="block"',
+    )
   if (d.t_min, d.t_max) != (0.0, 1.0) and d.objective != "block":
     _fail(
         "diffusion.t_min",

@@ -174,9 +174,12 @@ def test_bad_block_settings_are_one_line_errors(overrides, needle):
     validate(c)
 
 
-def test_clipping_is_refused_for_llada():
+@pytest.mark.parametrize(
+    "overrides", [dict(t_min=0.2), dict(block_size_schedule="0:4,10:16")], ids=["clip", "schedule"]
+)
+def test_block_only_settings_are_refused_for_llada(overrides):
   c = make_tiny_config()
-  c.diffusion.update(dict(t_min=0.2))
+  c.diffusion.update(overrides)
   with pytest.raises(ConfigError, match="unless diffusion.objective"):
     validate(c)
 
@@ -268,6 +271,7 @@ def test_llada_early_stop_is_opt_in(params):
     "options, needle",
     [
         (dict(block_length=4), "block_length=4 is not allowed for a block diffusion model"),
+        (dict(gen_length=12, steps=12), "gen_length=12 is not allowed for a block diffusion"),
         (dict(cache="dual"), "cache='dual'"),
         (dict(cache="prefix", cache_refresh=2), "cache_refresh=2"),
     ],
@@ -341,9 +345,11 @@ def test_arm_likelihood_is_the_exact_chain_rule(params):
     logp = jax.nn.log_softmax(causal.apply({"params": params}, tokens)[0])
     want = sum(float(logp[i - 1, tokens[0, i]]) for i in range(len(p), len(p) + len(a)))
     np.testing.assert_allclose(got.log_likelihood[row], want, rtol=1e-5)
-  with pytest.raises(ConfigError, match="empty prompt"):
-    from llada_jax.diffusion.likelihood import check_pairs  # pylint: disable=import-outside-toplevel
+  from llada_jax.diffusion.likelihood import check_pairs  # pylint: disable=import-outside-toplevel
 
+  with pytest.raises(ConfigError, match="cfg_scale=1.0 is not allowed for an autoregressive"):
+    check_pairs(config, prompts, answers, 4, 2, 1.0)
+  with pytest.raises(ConfigError, match="empty prompt"):
     check_pairs(config, [[]], [[3]], 4, 2, 0.0)
 
 

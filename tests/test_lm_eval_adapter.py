@@ -209,3 +209,8 @@ def test_rolling_loglikelihood_of_an_arm_model_is_the_exact_chain_rule(tmp_path)
     want += sum(float(logp[j - 1 - low, ids[j]]) for j in range(start, end))
     start = end
   np.testing.assert_allclose(got, [want], rtol=1e-4)
+  assert model.loglikelihood_rolling(_requests("loglikelihood_rolling", [("",)])) == [0.0]
+  # An empty context: the first token is predicted from the prefix token (EOS here).
+  ((empty, _),) = model.loglikelihood(_requests("loglikelihood", [("", "It")]))
+  logp = jax.nn.log_softmax(causal.apply({"params": params}, np.asarray([ids[:2]]))[0])
+  np.testing.assert_allclose(empty, float(logp[0, ids[1]] + logp[1, ids[2]]), rtol=1e-5)

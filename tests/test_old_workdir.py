@@ -38,7 +38,7 @@ def test_training_resumes_from_an_old_workdir(tmp_path, caplog):
   )
   config.data.update(sequence_length=32, batch_size=8)
   config.train.update(num_steps=2, eval_every=2, eval_batches=1)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):  # whatever absl flags set before
     state = train(config, workdir)
   assert "resumed from the checkpoint at step 0" in caplog.text
   assert int(state.step) == 2 and checkpoint.latest_step(workdir) == 2

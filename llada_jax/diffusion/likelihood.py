@@ -118,31 +118,41 @@ def score_pairs(
   compiled program for pairs of different lengths); padding never changes a result. The pairs
   and options must have passed `check_pairs` (callers check a whole list once, not per call).
   """
-  model_cfg = ModelConfig.from_config(config)
-  mask_id, per_pass, use_cfg = (
-      config.tokens.mask_id,
-      mc_batch_size(mc_num, batch_size),
-      cfg_scale > 0,
-  )
   objective = config.diffusion.objective
+  prompt_width = 0
   if objective == "block":
     prompt_width = -(-max(len(p) for p in prompts) // PROMPT_ALIGN) * PROMPT_ALIGN
     arrays = _pack_aligned(prompts, answers, prompt_width, width)
-    scorer = _compiled_block_scorer(
-        model_cfg, mask_id, mc_num, per_pass, use_cfg, config.diffusion.block_size, prompt_width
-    )
-  elif objective == "arm":
-    arrays = _pack(prompts, answers, width)
-    scorer = _compiled_arm_scorer(model_cfg)
   else:
     arrays = _pack(prompts, answers, width)
-    scorer = _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg)
+  scorer = compiled_scorer(config, mc_num, batch_size, cfg_scale > 0, prompt_width)
   arrays = (*arrays, keys)
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   with placement_context(sharding):
     estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
   return Likelihood(np.asarray(estimate), np.asarray(stderr))
+
+
+def compiled_scorer(
+    config: ml_collections.ConfigDict,
+    mc_num: int,
+    batch_size: int,
+    use_cfg: bool,
+    prompt_width: int = 0,
+):
+  """The jitted scorer of config's objective: score(params, tokens, valid, is_answer, keys [N],
+  cfg_scale) -> (estimate [N], stderr [N]). LLaDA's estimator (mdm), the exact chain rule (arm)
+  or the block NELBO (block; rows packed by `_pack_aligned` with this prompt_width)."""
+  model_cfg = ModelConfig.from_config(config)
+  mask_id, per_pass = config.tokens.mask_id, mc_batch_size(mc_num, batch_size)
+  if config.diffusion.objective == "block":
+    return _compiled_block_scorer(
+        model_cfg, mask_id, mc_num, per_pass, use_cfg, config.diffusion.block_size, prompt_width
+    )
+  if config.diffusion.objective == "arm":
+    return _compiled_arm_scorer(model_cfg)
+  return _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg)
 
 
 def mc_batch_size(mc_num: int, batch_size: int) -> int:
@@ -180,6 +190,11 @@ def check_pairs(
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   vocab = config.model.vocab_size
   causal = config.diffusion.objective == "arm"
+  if causal and cfg_scale > 0:
+    raise ConfigError(
+        f"cfg_scale={cfg_scale} is not allowed for an autoregressive model: expected 0 (its "
+        "likelihood is exact and unguided)"
+    )
   for p, a in zip(prompts, answers):
     if len(a) == 0:
       raise ConfigError("an answer is empty: expected at least one token to score")

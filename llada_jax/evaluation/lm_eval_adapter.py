@@ -199,7 +199,7 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     config = self.model.config
     if config.diffusion.objective == "mdm":
       raise NotImplementedError(ROLLING_UNSUPPORTED)
-    prefix = config.tokens.bos_id if config.tokens.bos_id >= 0 else config.tokens.eos_id
+    prefix = self._prefix_token()
     windows, owners, ids = [], [], []
     for number, request in enumerate(requests):
       tokens = self.model.codec.encode(request.args[0])
@@ -213,17 +213,21 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
         owners.append(number)
         ids.append((request_id(request) * 1_000_003 + j) % 2**31)
     with tqdm.tqdm(total=len(windows), disable=disable_tqdm, desc="llada_jax rolling") as bar:
-      scores = loglikelihoods(
-          self.model,
-          [w[0] for w in windows],
-          [w[1] for w in windows],
-          mc_num=self.mc_num,
-          batch_size=self.batch_size,
-          seed=self.seed,
-          progress=bar.update,
-          item_ids=ids,
-      ).log_likelihood
-    totals = np.zeros(len(requests))
+      scores = (
+          []
+          if not windows
+          else loglikelihoods(
+              self.model,
+              [w[0] for w in windows],
+              [w[1] for w in windows],
+              mc_num=self.mc_num,
+              batch_size=self.batch_size,
+              seed=self.seed,
+              progress=bar.update,
+              item_ids=ids,
+          ).log_likelihood
+      )
+    totals = np.zeros(len(requests))  # an empty text has log-likelihood 0
     np.add.at(totals, np.asarray(owners, int), scores)
     for request, total in zip(requests, totals):
       self.cache_hook.add_partial("loglikelihood_rolling", request.args, float(total))
@@ -260,6 +264,11 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
           self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
     return texts
 
+  def _prefix_token(self) -> int:
+    """The token before a text that has no context (lm-eval's convention): BOS, else EOS."""
+    tokens = self.model.config.tokens
+    return tokens.bos_id if tokens.bos_id >= 0 else tokens.eos_id
+
   def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Ids of context and continuation as lm_eval splits them (trailing spaces of the context go
     to the continuation; the continuation is the tail of the joint encoding), cut to the model's
@@ -270,6 +279,8 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     encode = self.model.codec.encode
     context_ids = list(encode(context))
     answer = list(encode(context + continuation))[len(context_ids) :]
+    if not context_ids and self.model.config.diffusion.objective == "arm":
+      context_ids = [self._prefix_token()]  # a causal model predicts its first token from it
     context_ids, answer, _ = fit_pair(
         context_ids, answer, self.model.config.model.max_sequence_length
     )

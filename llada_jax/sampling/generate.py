@@ -278,8 +278,9 @@ def _check_call(
     )
   if blocks and np.any((prompt == mask_id) & attention_mask):
     raise ConfigError(
-        f"a prompt holding the mask id {mask_id} is not allowed for a block diffusion model: "
-        "it fills only the blocks after the prompt (no infilling)"
+        f"prompt token id {mask_id} (tokens.mask_id) is not allowed for a block diffusion "
+        "model: expected ids other than the mask id (it fills only the blocks after the "
+        "prompt, no infilling)"
     )
 
 

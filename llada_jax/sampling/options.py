@@ -105,6 +105,8 @@ class SamplerOptions:
     that model and this process: gen_length below model.max_sequence_length, no cache for a
     causal model, jax_enable_x64 for float64. Prompt-dependent checks run in `generate`.
     """
+    if config is not None and config.diffusion.objective == "block":
+      self._validate_for_blocks(config, prefix)  # before the rules that name block_length
     check_sampling(dataclasses.asdict(self), prefix)
     if config is None:
       return self
@@ -120,8 +122,6 @@ class SamplerOptions:
           "model.causal=True: expected cache='none' (the caches reuse keys of a "
           "bidirectional mask predictor)"
       )
-    if config.diffusion.objective == "block":
-      self._validate_for_blocks(config, prefix)
     if self.float64 and not jax.config.jax_enable_x64:
       raise ConfigError(
           f"{prefix}float64=True is not allowed while jax_enable_x64 is off: set "
@@ -133,6 +133,11 @@ class SamplerOptions:
     """What a block diffusion model needs: the sampler's blocks are the model's, and its one
     cache is the exact cache of finished blocks (cache="prefix", never refreshed)."""
     size = config.diffusion.block_size
+    if self.gen_length % size:
+      raise ConfigError(
+          f"{prefix}gen_length={self.gen_length!r} is not allowed for a block diffusion model: "
+          f"expected a multiple of its diffusion.block_size={size}"
+      )
     if self.block_length != size:
       raise ConfigError(
           f"{prefix}block_length={self.block_length!r} is not allowed for a block diffusion "
