@@ -147,6 +147,20 @@ def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+  """The JSON object in `path` (config.json and the like); CheckpointError, one line, when it
+  cannot be read, is not JSON or is not an object."""
+  try:
+    hf = json.loads(path.read_text())
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path} is not a JSON object")
+  return hf
+
+
 def read_hf_config(
     path: str | pathlib.Path, base: ml_collections.ConfigDict | None = None
 ) -> ml_collections.ConfigDict:
@@ -158,12 +172,7 @@ def read_hf_config(
     CheckpointError: unreadable files, or ids that config.json and tokenizer.json disagree on.
   """
   path = pathlib.Path(path) / "config.json"
-  try:
-    hf = json.loads(path.read_text())
-  except OSError as e:
-    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+  hf = read_json(path)
   tokenizer = path.parent / "tokenizer.json"
   vocabulary = hf.get(VOCABULARY_FIELD, "llada_hf")
   has_tokenizer = tokenizer.is_file() and vocabulary in TOKENIZER_VOCABULARIES

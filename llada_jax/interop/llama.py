@@ -36,7 +36,6 @@ An appended mask row is no token of the tokenizer: decoding drops it.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -96,19 +95,7 @@ def model_type(path: str | pathlib.Path) -> str:
   file = pathlib.Path(path) / "config.json"
   if not file.is_file():
     raise CheckpointError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
-  return str(_read_json(file).get("model_type", ""))
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  try:
-    hf = json.loads(path.read_text())
-  except OSError as e:
-    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(hf, dict):
-    raise CheckpointError(f"{path} is not a JSON object")
-  return hf
+  return str(hf_checkpoint.read_json(file).get("model_type", ""))
 
 
 def _first_id(value: Any) -> int | None:
@@ -231,7 +218,7 @@ def read_llama_config(
   """
   path = pathlib.Path(path)
   file = path / "config.json"
-  hf = _read_json(file)
+  hf = hf_checkpoint.read_json(file)
   if hf.get("model_type") not in MODEL_TYPES:
     raise CheckpointError(
         f"{file} model_type={hf.get('model_type')!r} is not allowed: expected one of "
@@ -279,7 +266,7 @@ def _named_special_ids(
     file = path / name
     if not file.is_file() or (name == "tokenizer_config.json" and texts is None):
       continue
-    values = _read_json(file)
+    values = hf_checkpoint.read_json(file)
     for field, key in fields.items():
       if key not in values or (values[key] is None and name != "config.json"):
         continue
@@ -355,7 +342,7 @@ def load_llama(
   path = pathlib.Path(path)
   files = hf_checkpoint.hf_files(path)
   config = read_llama_config(path, base, mask_id)
-  tied = bool(_read_json(path / "config.json").get("tie_word_embeddings", False))
+  tied = bool(hf_checkpoint.read_json(path / "config.json").get("tie_word_embeddings", False))
   params = hf_checkpoint.load_tensors(
       path, files, config, llama_table(config, tied, mask_id is None), dtype, shardings
   )
