@@ -32,6 +32,7 @@ from llada_jax.training.optimizer import make_optimizer
 from llada_jax.training.state import state_shardings
 
 PROGRAMS = ("train", "sample", "score")
+DEFAULT_PROMPT_LENGTH = 64  # prompt tokens per row unless given (fewer where the model is shorter)
 # Custom calls whose FLOPs the compiler's cost analysis does not see (Pallas/Mosaic, cuDNN).
 _OPAQUE_KERNELS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__cudnn')
 
@@ -110,7 +111,7 @@ def compile_program(
     devices: Sequence[jax.Device] | None = None,
     program: str = "train",
     num_items: int = 0,
-    prompt_length: int = 64,
+    prompt_length: int = 0,
 ) -> CompileReport:
   """Compiles one program of `config` for `devices` (default: all) and reports its needs.
 
@@ -122,8 +123,9 @@ def compile_program(
       "score" (the Monte-Carlo likelihood, evaluation.mc_num samples in forward passes of
       evaluation.mc_batch_size, for num_items pairs of data.sequence_length tokens).
     num_items: prompts or pairs; 0 takes data.batch_size prompts, or enough pairs for a forward
-      pass of data.batch_size rows.
-    prompt_length: prompt tokens per row when sampling.
+      pass of data.batch_size rows, rounded up to a multiple of the data-parallel devices.
+    prompt_length: prompt tokens per row; 0 takes DEFAULT_PROMPT_LENGTH, or fewer when sampling
+      (what model.max_sequence_length leaves after sampling.gen_length).
 
   Raises:
     ConfigError for a bad program name, a mesh the devices cannot hold, or items that do not split
@@ -148,11 +150,18 @@ def compile_program(
     model_flops = model_flops_per_step(config)
   else:
     ev = config.evaluation
-    num_items = num_items or (
-        config.data.batch_size
-        if program == "sample"
-        else max(1, config.data.batch_size // ev.mc_batch_size)
-    )
+    if not num_items:  # a default: every data-parallel device gets as many items
+      wanted = (
+          config.data.batch_size
+          if program == "sample"
+          else max(1, config.data.batch_size // ev.mc_batch_size)
+      )
+      num_items = -(-wanted // data_parallel) * data_parallel
+    if not prompt_length:
+      prompt_length = DEFAULT_PROMPT_LENGTH
+      if program == "sample":
+        room = config.model.max_sequence_length - config.sampling.gen_length
+        prompt_length = max(1, min(prompt_length, room))  # room < 1: validate names gen_length
     if num_items % data_parallel:
       raise ConfigError(
           f"--num_items={num_items} is not allowed: expected a multiple of "
@@ -220,7 +229,7 @@ def _sampler(
 ) -> tuple[Any, tuple[Any, ...], float]:
   """The jitted reverse process of config.sampling, its abstract arguments after the parameters,
   and its model FLOPs (every step a full forward pass; None for threshold decoding)."""
-  from llada_jax.sampling.generate import SamplerSpec, _compiled_sampler  # pylint: disable=g-import-not-at-top
+  from llada_jax.sampling.generate import SamplerSpec, compiled_sampler, sampler_scalars  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.options import SamplerOptions  # pylint: disable=g-import-not-at-top
 
   s = SamplerOptions.from_config(config).validate(config, prefix="sampling.")
@@ -232,17 +241,14 @@ def _sampler(
         f"{config.model.max_sequence_length}"
     )
   spec = SamplerSpec.of(config, s)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
   args = (
       jax.ShapeDtypeStruct((num_items, prompt_length), jnp.int32, sharding=sharding),
       jax.ShapeDtypeStruct((num_items, prompt_length), jnp.bool_, sharding=sharding),
-      scalar,
-      scalar,
       jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
-      scalar,
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sampler_scalars(s)),
   )
   flops = s.steps * num_items * total * forward_flops_per_token(config, total)
-  return _compiled_sampler(spec), args, flops
+  return compiled_sampler(spec), args, flops
 
 
 def _scorer(

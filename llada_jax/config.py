@@ -35,6 +35,8 @@ REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 OBJECTIVES = ("mdm", "arm", "block")
+# Which position's logits predict token i of a diffusion model (llada_jax.diffusion.alignment).
+LOGIT_ALIGNMENTS = ("auto", "same", "shifted")
 TIME_SAMPLING = ("uniform", "stratified")
 PACKING = ("chunk", "pack")
 MASKING = ("pipeline", "device")
@@ -120,6 +122,10 @@ def default_config() -> ml_collections.ConfigDict:
           t_max=1.0,
           time_sampling="uniform",  # "stratified": t_i = (u + i/B) mod 1, lower variance
           random_length_prob=0.01,  # fraction of batches cut to a random length in [1, L]
+          # mdm/block: token i read from the logits at i ("same", LLaDA) or at i - 1 ("shifted":
+          # Dream, Fast-dLLM v2, MaxText; keeps what an AR model predicts). "auto": shifted when
+          # train.init_from starts from an AR model, same otherwise (diffusion/alignment.py).
+          logit_alignment="auto",
       )
   )
 
@@ -174,7 +180,8 @@ def default_config() -> ml_collections.ConfigDict:
           # (no full [B, L, vocab] logits; LLaDA objectives only)
           profile_steps="",  # "a:b": jax.profiler trace of steps a+1..b in <workdir>/profile
           # A Llama/Mistral HF folder whose weights start a run without a checkpoint yet (AR
-          # initialisation: model.* must be its sizes; ignored on resume). "": random init.
+          # initialisation: model.* must be its sizes; its vocabulary, tokenizer, token ids and
+          # vocab_size with the mask row are taken; ignored on resume). "": random init.
           init_from="",
       )
   )
@@ -216,6 +223,8 @@ def default_config() -> ml_collections.ConfigDict:
           gen_length=112,
           block_length=16,
           temperature=0.0,
+          top_k=0,  # > 0: sample among the k most probable tokens only
+          top_p=1.0,  # < 1: sample from the smallest set of tokens holding this probability
           cfg_scale=0.0,  # classifier-free guidance weight
           remasking="low_confidence",
           logits_eos_inf=False,  # never propose EOS
@@ -295,6 +304,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"{d.objective!r} (the ARM baseline is the causal model, LLaDA the bidirectional one)",
     )
   _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
+  _choice("diffusion.logit_alignment", d.logit_alignment, LOGIT_ALIGNMENTS)
+  if d.objective == "arm" and d.logit_alignment == "shifted":
+    _fail(
+        "diffusion.logit_alignment",
+        d.logit_alignment,
+        'auto or same with diffusion.objective="arm" (a causal model already predicts the next '
+        "token at each position)",
+    )
   if not 0.0 < d.eps < 1.0:
     _fail("diffusion.eps", d.eps, "0 < eps < 1")
   if not 0.0 <= d.random_length_prob <= 1.0:
@@ -313,7 +330,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         (d.t_min, d.t_max),
         'the exact schedule t_min=0, t_max=1 unless diffusion.objective="block"',
     )
-  for size in block_sizes(config):
+  # Only a block model has blocks: an MDM's or ARM's block_size plays no part (nor is checked).
+  for size in block_sizes(config) if d.objective == "block" else ():
     if not _is_int(size) or size < 1 or data.sequence_length % size:
       _fail(
           "diffusion.block_size" + ("_schedule" if d.block_size_schedule else ""),
@@ -479,6 +497,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"stored config is not valid JSON: {e}") from None
   config = default_config()
   _update(config, values, prefix="")
+  if "logit_alignment" not in values.get("diffusion", {}):
+    config.diffusion.logit_alignment = "same"  # stored before the option: LLaDA's alignment
   return validate(config)
 
 
@@ -575,6 +595,8 @@ SAMPLING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gen_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "block_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: every token)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a probability in (0, 1] (1: every token)"),
     "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "remasking": (lambda v: v in REMASKING, "one of " + ", ".join(REMASKING)),
     "logits_eos_inf": (_is_flag, "True or False"),

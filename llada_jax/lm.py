@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llada_jax.diffusion import likelihood
+from llada_jax.diffusion import alignment, likelihood
 from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
@@ -43,6 +43,11 @@ class MaskedDiffusionLM:
   def objective(self) -> str:
     """config.diffusion.objective: a key of OBJECTIVES ("mdm", "arm" or "block")."""
     return self.config.diffusion.objective
+
+  @property
+  def shifted(self) -> bool:
+    """Whether position i's token is read from the logits at i - 1 (`alignment.resolve`)."""
+    return alignment.resolve(self.config) == "shifted"
 
   def init(self, rng: jax.Array) -> Any:
     """Fresh parameters, each still boxed with its logical axis names (nn.LogicallyPartitioned);
@@ -87,13 +92,23 @@ class MaskedDiffusionLM:
     [inputs ; targets] (2L positions, the clean copy at the same positions) under the
     block-causal pattern of `llada_jax.model.masks.BlockCausal`, and the CE is read off the
     noisy half, the head applied to those L positions only.
+
+    Each position's CE is that of the logits predicting it under the model's logit alignment
+    (`llada_jax.diffusion.alignment`: its own, or with "shifted" its predecessor's).
     """
     features = (batch["valid"], batch["positions"], batch["segment_ids"])
     chunk = self.config.train.loss_chunk
     dtype = jnp.dtype(self.config.model.dtype)
+    shifted = self.shifted
     if block_size:
       hidden = two_stream_hidden(
-          self.module.cfg, params, inputs, batch["targets"], *features, block_size=block_size
+          self.module.cfg,
+          params,
+          inputs,
+          batch["targets"],
+          *features,
+          block_size=block_size,
+          shifted=shifted,
       )
       if chunk:
         return chunked_cross_entropy(
@@ -104,6 +119,8 @@ class MaskedDiffusionLM:
       )
     if chunk:
       hidden = self.apply(params, inputs, *features, return_hidden=True)
+      if shifted:
+        hidden = alignment.shift(hidden, batch["positions"])
       return chunked_cross_entropy(
           hidden,
           params["ff_out"]["kernel"],
@@ -112,6 +129,8 @@ class MaskedDiffusionLM:
           dtype,
       )
     logits = self.apply(params, inputs, *features)
+    if shifted:
+      logits = alignment.shift(logits, batch["positions"])
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch["targets"]
     )

@@ -141,6 +141,62 @@ def test_block_size_one_with_every_token_masked_is_the_autoregressive_chain_rule
   np.testing.assert_allclose(lm.loss(params, batch, jax.random.PRNGKey(0))[0], want.mean(), 2e-5)
 
 
+def _fixed_noise(config, tokens, p_block):
+  """A noised batch with fixed masks: p_block [rows, blocks] is each block's own p (one per block
+  of diffusion.block_size), and every block masks a fixed, non-empty set of its tokens."""
+  rows, length = tokens.shape
+  position = np.arange(length)[None, :] + 3 * np.arange(rows)[:, None]
+  masked = (position * 5) % 7 < 3  # 3 of every 7 positions: 3 or 4 per block of 8
+  inputs = np.where(masked, config.tokens.mask_id, np.asarray(tokens))
+  size = length // p_block.shape[1]
+  batch = unpacked_batch(tokens)
+  batch.update(
+      inputs=jnp.asarray(inputs, jnp.int32),
+      masked=jnp.asarray(masked),
+      p_mask=jnp.asarray(np.repeat(p_block, size, axis=1), jnp.float32),
+  )
+  return batch
+
+
+def _block_nelbo_by_hand(config, params, batch, block_size):
+  """BD3-LM's NELBO per row (nats per token) without the two-stream pass: block b is read from the
+  plain network on the clean row with block b noised, under the one-stream block-causal pattern
+  (a clean block sees the clean blocks up to itself, block b those before it and itself, and no
+  block sees a later one); its masked tokens' cross-entropies are divided by its own p and the
+  row's sum by the row's length. Every (row, block) is one row of one forward pass."""
+  model = Transformer(
+      dataclasses.replace(ModelConfig.from_config(config), pattern=BlockCausal(block_size))
+  )
+  tokens, inputs = np.asarray(batch["targets"]), np.asarray(batch["inputs"])
+  masked, p_mask = np.asarray(batch["masked"]), np.asarray(batch["p_mask"], np.float64)
+  rows, length = tokens.shape
+  blocks = np.arange(length) // block_size
+  noised = np.arange(length // block_size)[:, None] == blocks[None, :]  # [block, position]
+  windows = np.where(noised[None], inputs[:, None], tokens[:, None])  # [row, block, L]
+  logits = model.apply({"params": params}, jnp.asarray(windows.reshape(-1, length)))
+  logp = np.asarray(jax.nn.log_softmax(logits)).reshape(rows, -1, length, logits.shape[-1])
+  logp = logp[:, blocks, np.arange(length)]  # [row, L, V]: each position from its block's pass
+  ce = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0].astype(np.float64)
+  for start in range(0, length, block_size):  # one p per block
+    assert np.all(p_mask[:, start : start + block_size] == p_mask[:, start, None])
+  return np.where(masked, ce / p_mask, 0.0).sum(-1) / length
+
+
+def test_each_block_is_weighted_by_its_own_masking_rate(params):
+  """Fixed masks and four different p per row (B = 8, L = 32): the loss is the NELBO by hand,
+  each block's masked cross-entropies divided by that block's p (BD3-LM Eq. 8). B = L and p = 1
+  cannot tell one p per block from one p per row."""
+  config = block_config(block_size=8)
+  tokens = _tokens(config, rows=2)
+  p_block = np.array([[0.2, 0.45, 0.7, 0.95], [0.9, 0.3, 0.6, 0.15]])
+  batch = _fixed_noise(config, tokens, p_block)
+  want = _block_nelbo_by_hand(config, params, batch, 8)
+  lm = MaskedDiffusionLM(config)
+  per_row, _ = lm.loss(params, batch, jax.random.PRNGKey(0), reduction="sequence")
+  np.testing.assert_allclose(per_row, want, rtol=2e-5)
+  np.testing.assert_allclose(lm.loss(params, batch, jax.random.PRNGKey(0))[0], want.mean(), 2e-5)
+
+
 def test_one_time_per_block_from_the_clipped_schedule():
   from llada_jax.diffusion.masking import forward_process  # pylint: disable=import-outside-toplevel
 
@@ -342,7 +398,9 @@ def test_arm_likelihood_is_the_exact_chain_rule(params):
   causal = Transformer(ModelConfig.from_config(config))
   for row, (p, a) in enumerate(zip(prompts, answers)):
     tokens = jnp.asarray([p + a])
-    logp = jax.nn.log_softmax(causal.apply({"params": params}, tokens)[0])
+    # A causal model never predicts the mask token: it is left out of the softmax.
+    raw = causal.apply({"params": params}, tokens)[0].at[:, config.tokens.mask_id].set(-jnp.inf)
+    logp = jax.nn.log_softmax(raw)
     want = sum(float(logp[i - 1, tokens[0, i]]) for i in range(len(p), len(p) + len(a)))
     np.testing.assert_allclose(got.log_likelihood[row], want, rtol=1e-5)
   from llada_jax.diffusion.likelihood import check_pairs  # pylint: disable=import-outside-toplevel
@@ -354,13 +412,13 @@ def test_arm_likelihood_is_the_exact_chain_rule(params):
 
 
 def test_the_train_step_uses_the_block_size_of_its_schedule():
-  """Steps 0-1 train with B = 1, steps from 2 on with B = 8: the step's loss is the objective's
-  loss at that size, on the same parameters, batch and key."""
-  from llada_jax.keys import Stream  # pylint: disable=import-outside-toplevel
+  """Steps 0-1 train with B = 1, steps from 2 on with B = 8: the step's loss is the NELBO by hand
+  at that size, on the step's parameters and one batch with fixed masks and one p per block of 8
+  (so one per block of 1 too)."""
   from llada_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
   from llada_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
   from llada_jax.training.state import create_train_state  # pylint: disable=import-outside-toplevel
-  from llada_jax.training.step import make_train_step, step_rng  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.step import make_train_step  # pylint: disable=import-outside-toplevel
 
   config = block_config()
   config.diffusion.block_size_schedule = "0:1,2:8"
@@ -370,10 +428,10 @@ def test_the_train_step_uses_the_block_size_of_its_schedule():
   mesh = make_mesh(config, jax.devices()[:1], check_batch=False)
   state, shardings = create_train_state(config, lm, tx, mesh)
   step = make_train_step(config, lm, tx, mesh, shardings)
-  batch = unpacked_batch(_tokens(config, rows=2))
+  batch = _fixed_noise(config, _tokens(config, rows=2), np.array([[0.2, 0.45, 0.7, 0.95]] * 2))
   for at, size in ((0, 1), (3, 8)):
-    rng = step_rng(config, state.step, stream=Stream.TRAIN)
-    want = {b: float(lm.loss(state.params, batch, rng, block_size=b)[0]) for b in (1, 8)}
+    params = jax.device_get(state.params)
+    want = {b: float(_block_nelbo_by_hand(config, params, batch, b).mean()) for b in (1, 8)}
     state, metrics = step(state, batch, at)
     assert float(metrics["loss"]) == pytest.approx(want[size], rel=1e-5)
     assert want[1] != pytest.approx(want[8], rel=1e-3)

@@ -1,8 +1,10 @@
 """The lm-evaluation-harness adapter (`--model llada_jax`) over a tiny random workdir checkpoint."""
 
+import itertools
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,7 +18,6 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from llada_jax.diffusion.likelihood import Likelihood  # noqa: E402
 from llada_jax.evaluation import lm_eval_adapter  # noqa: E402
-from llada_jax.evaluation.scoring import loglikelihoods  # noqa: E402
 
 # pylint: enable=wrong-import-position
 
@@ -39,31 +40,61 @@ def _requests(kind, args):
   return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
+def _log_probs(lm, rows):
+  """log-softmax of the plain network's logits for token rows of equal length [N, T, V]."""
+  from llada_jax.model import logits  # pylint: disable=import-outside-toplevel
+
+  config, params = lm.model.config, lm.model.params
+  return np.asarray(jax.nn.log_softmax(logits(config, params, np.asarray(rows))), np.float64)
+
+
+def _monte_carlo_means(lm, context, answer, samples):
+  """Every value an estimate of LLaDA's bound from `samples` draws can take for a short answer:
+  a draw masks a non-empty subset S of the answer's L tokens and scores
+  L / |S| * sum over S of log p(a_i | context, answer with S masked) (from the plain network);
+  the estimate is the mean of `samples` such draws."""
+  mask = lm.model.config.tokens.mask_id
+  subsets = [
+      s
+      for size in range(1, len(answer) + 1)
+      for s in itertools.combinations(range(len(answer)), size)
+  ]
+  rows = [context + [mask if i in s else a for i, a in enumerate(answer)] for s in subsets]
+  logp = _log_probs(lm, rows)
+  values = [
+      len(answer) / len(s) * sum(logp[r, len(context) + i, answer[i]] for i in s)
+      for r, s in enumerate(subsets)
+  ]
+  return np.asarray([np.mean(c) for c in itertools.combinations_with_replacement(values, samples)])
+
+
 def test_loglikelihood_is_the_monte_carlo_bound_and_checks_one_token_greedily(lm):
+  """Against the network's own logits: a continuation of 2-3 tokens scores one of the values a
+  mean of mc_num = 4 draws of the bound can take (7 draw values at most, 210 means); a one-token
+  continuation scores exactly log p(token | context, one mask), and is greedy when it is the
+  argmax of that distribution."""
   assert (lm.mc_num, lm.batch_size, lm.seed) == (4, 2, 3)
-  pairs = [("The cat sat on", " the mat"), ("Two plus two is", " four"), ("", "abc")]
+  pairs = [("The cat sat on", " a"), ("Two plus two is", " 4."), ("", "abc")]
   requests = _requests("loglikelihood", pairs)
   got = lm.loglikelihood(requests, disable_tqdm=True)
   assert [type(v) for r in got for v in r] == [float, bool] * 3
   encode = lm.model.codec.encode
-  want = loglikelihoods(
-      lm.model,
-      [encode(c) for c, _ in pairs],
-      [encode(a) for _, a in pairs],
-      mc_num=4,
-      batch_size=2,
-      seed=3,
-      item_ids=[lm_eval_adapter.request_id(r) for r in requests],
-  ).log_likelihood
-  np.testing.assert_allclose([ll for ll, _ in got], want, rtol=1e-6)
-  assert not any(greedy for _, greedy in got) and all(ll < 0 for ll, _ in got)
+  for (context, continuation), (ll, greedy) in zip(pairs, got):
+    answer = list(encode(continuation))
+    assert 2 <= len(answer) <= 3 and not greedy and ll < 0
+    means = _monte_carlo_means(lm, list(encode(context)), answer, lm.mc_num)
+    assert np.min(np.abs(means - ll)) < 1e-4, (context, continuation, ll)
 
   context, choices = "Once upon a", [chr(c) for c in range(32, 127)]
   single = lm.loglikelihood(
       _requests("loglikelihood", [(context, c) for c in choices + [""]]), disable_tqdm=True
   )
+  ids = list(encode(context))
+  logp = _log_probs(lm, [ids + [lm.model.config.tokens.mask_id]])[0, len(ids)]
+  tokens = [encode(c)[0] for c in choices]
+  np.testing.assert_allclose([ll for ll, _ in single[:-1]], logp[tokens], rtol=1e-5)
   greedy = [choice for choice, (_, is_greedy) in zip(choices, single) if is_greedy]
-  assert greedy == [choices[int(np.argmax([ll for ll, _ in single[:-1]]))]]
+  assert greedy == [c for c, t in zip(choices, tokens) if t == np.argmax(logp)]
   assert single[-1] == (0.0, True)
   with pytest.raises(NotImplementedError, match="elbo"):
     lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [("some text",)]))
@@ -184,8 +215,6 @@ def test_rolling_loglikelihood_of_an_arm_model_is_the_exact_chain_rule(tmp_path)
   """Windows of 63 predicted bytes (max_sequence_length 64 less one) over a 162-byte text, the
   first after EOS: the sum is the text's exact log-likelihood under the causal network, computed
   here window by window, each window's tokens predicted from the 63 ids before its end."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   from llada_jax.data.codec import text_codec  # pylint: disable=import-outside-toplevel
   from llada_jax.loading import load_model  # pylint: disable=import-outside-toplevel
   from llada_jax.model import Transformer, ModelConfig  # pylint: disable=import-outside-toplevel
@@ -205,12 +234,93 @@ def test_rolling_loglikelihood_of_an_arm_model_is_the_exact_chain_rule(tmp_path)
   while start < len(ids):  # targets ids[start:end] from the `predicted` ids before `end - 1`
     end = min(start + predicted, len(ids))
     low = max(0, end - 1 - predicted)
-    logp = jax.nn.log_softmax(causal.apply({"params": params}, np.asarray([ids[low : end - 1]]))[0])
+    logp = _next_token_log_probs(causal, params, config, ids[low : end - 1])
     want += sum(float(logp[j - 1 - low, ids[j]]) for j in range(start, end))
     start = end
   np.testing.assert_allclose(got, [want], rtol=1e-4)
   assert model.loglikelihood_rolling(_requests("loglikelihood_rolling", [("",)])) == [0.0]
   # An empty context: the first token is predicted from the prefix token (EOS here).
   ((empty, _),) = model.loglikelihood(_requests("loglikelihood", [("", "It")]))
-  logp = jax.nn.log_softmax(causal.apply({"params": params}, np.asarray([ids[:2]]))[0])
+  logp = _next_token_log_probs(causal, params, config, ids[:2])
   np.testing.assert_allclose(empty, float(logp[0, ids[1]] + logp[1, ids[2]]), rtol=1e-5)
+
+
+def _next_token_log_probs(causal, params, config, ids):
+  """log p(next token) [T, V] of a causal network over ids: NumPy log-softmax of its logits over
+  every token but the mask token (which a causal model never predicts)."""
+  z = np.asarray(causal.apply({"params": params}, np.asarray([ids]))[0], np.float64)
+  z[:, config.tokens.mask_id] = -np.inf
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _printable_choices(model, context):
+  """One-token continuations of context (every printable byte) as loglikelihood requests."""
+  choices = [chr(c) for c in range(32, 127)]
+  tokens = [model.model.codec.encode(c)[0] for c in choices]
+  return choices, tokens, _requests("loglikelihood", [(context, c) for c in choices])
+
+
+def test_an_arm_is_greedy_on_its_next_token_argmax_and_generates_by_argmax_decoding(tmp_path):
+  from llada_jax.model import Transformer, ModelConfig  # pylint: disable=import-outside-toplevel
+
+  config = make_tiny_config(causal=True)
+  config.model.init_std = 0.3
+  workdir = write_workdir(tmp_path / "arm", config)
+  model = lm_eval.api.registry.get_model("llada_jax").create_from_arg_string(
+      f"checkpoint={workdir}", {}
+  )
+  causal, params = Transformer(ModelConfig.from_config(config)), model.model.params
+  context = "Hello"  # its argmax next byte is printable
+  choices, tokens, requests = _printable_choices(model, context)
+  ids = model.model.codec.encode(context)
+  logp = _next_token_log_probs(causal, params, config, ids)[-1]
+  got = model.loglikelihood(requests, disable_tqdm=True)
+  np.testing.assert_allclose([ll for ll, _ in got], logp[tokens], rtol=1e-5)
+  assert np.argmax(logp) in tokens  # the check below has one greedy choice to find
+  assert [c for c, (_, g) in zip(choices, got) if g] == [
+      c for c, t in zip(choices, tokens) if t == np.argmax(logp)
+  ]
+  answer = list(ids)
+  for _ in range(6):
+    answer.append(int(np.argmax(_next_token_log_probs(causal, params, config, answer)[-1])))
+  answer = answer[len(ids) :]
+  ends = [i for i, t in enumerate(answer) if t == config.tokens.eos_id]
+  want = model.model.codec.decode(answer[: ends[0]] if ends else answer)
+  (text,) = model.generate_until(
+      _requests("generate_until", [(context, {"until": [], "max_gen_toks": 6})]),
+      disable_tqdm=True,
+  )
+  assert text == want
+
+
+def test_a_block_model_checks_one_token_continuations_with_default_model_args(tmp_path):
+  """The first token of the greedily decoded first block is the one greedy continuation."""
+  from llada_jax.sampling import generate  # pylint: disable=import-outside-toplevel
+
+  config = make_tiny_config()
+  config.diffusion.objective, config.diffusion.block_size = "block", 4
+  config.sampling.update(dict(block_length=4))
+  config.model.init_std = 0.3  # peaked predictions (this context's greedy first byte is printable)
+  workdir = write_workdir(tmp_path / "block", config)
+  model = lm_eval.api.registry.get_model("llada_jax").create_from_arg_string(
+      f"checkpoint={workdir}", {}
+  )
+  context = "Once upon a"
+  choices, tokens, requests = _printable_choices(model, context)
+  got = model.loglikelihood(requests, disable_tqdm=True)
+  ids = model.model.codec.encode(context)
+  first = int(
+      np.asarray(generate(config, model.model.params, np.asarray([ids]), gen_length=4, steps=4))[
+          0, len(ids)
+      ]
+  )
+  assert first in tokens  # the check below has one greedy choice to find
+  assert [c for c, (_, g) in zip(choices, got) if g] == [
+      c for c, t in zip(choices, tokens) if t == first
+  ]
+  (text,) = model.generate_until(
+      _requests("generate_until", [(context, {"until": [], "max_gen_toks": 1})]),
+      disable_tqdm=True,
+  )
+  assert len(model.model.codec.encode(text)) <= 4  # one block of the model

@@ -371,8 +371,8 @@ def test_sampler_options_are_config_sampling_with_one_validation():
   rules = config_lib.SAMPLING_RULES
   assert set(rules) == set(defaults.sampling.keys())
   assert options.replace(steps=None, gen_length=16, block_length=8).gen_length == 16
-  with pytest.raises(ConfigError, match="unknown sampler option 'top_p'"):
-    options.replace(top_p=0.9)
+  with pytest.raises(ConfigError, match="unknown sampler option 'num_beams'"):
+    options.replace(num_beams=4)
   with pytest.raises(
       ConfigError,
       match=r"^sampling.cache='kv' is not allowed: expected one of " "none, prefix, dual$",

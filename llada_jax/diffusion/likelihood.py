@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from llada_jax.diffusion import alignment
+from llada_jax.diffusion.alignment import next_token_logits
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
 from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
@@ -146,13 +148,21 @@ def compiled_scorer(
   or the block NELBO (block; rows packed by `_pack_aligned` with this prompt_width)."""
   model_cfg = ModelConfig.from_config(config)
   mask_id, per_pass = config.tokens.mask_id, mc_batch_size(mc_num, batch_size)
+  shifted = alignment.resolve(config) == "shifted"
   if config.diffusion.objective == "block":
     return _compiled_block_scorer(
-        model_cfg, mask_id, mc_num, per_pass, use_cfg, config.diffusion.block_size, prompt_width
+        model_cfg,
+        mask_id,
+        mc_num,
+        per_pass,
+        use_cfg,
+        config.diffusion.block_size,
+        prompt_width,
+        shifted,
     )
   if config.diffusion.objective == "arm":
-    return _compiled_arm_scorer(model_cfg)
-  return _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg)
+    return _compiled_arm_scorer(model_cfg, mask_id)
+  return _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg, shifted)
 
 
 def mc_batch_size(mc_num: int, batch_size: int) -> int:
@@ -203,6 +213,11 @@ def check_pairs(
           "an empty prompt is not allowed for an autoregressive model: expected at least one "
           "token before the answer (e.g. BOS or EOS) to predict its first token from"
       )
+    if causal and config.tokens.mask_id in a:
+      raise ConfigError(
+          f"answer token id {config.tokens.mask_id} (tokens.mask_id) is not allowed for an "
+          "autoregressive model: it never predicts the mask token"
+      )
     ids = np.asarray(list(p) + list(a))
     if ids.min() < 0 or ids.max() >= vocab:
       raise ConfigError(
@@ -231,10 +246,16 @@ def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 @functools.lru_cache(maxsize=16)
 def _compiled_scorer(
-    model_cfg: ModelConfig, mask_id: int, mc_num: int, batch_size: int, use_cfg: bool
+    model_cfg: ModelConfig,
+    mask_id: int,
+    mc_num: int,
+    batch_size: int,
+    use_cfg: bool,
+    shifted: bool = False,
 ):
   """The jitted scorer (built once per model and Monte-Carlo shape): score(params, tokens, valid,
-  is_answer, keys, cfg_scale) -> (estimate [N], stderr [N])."""
+  is_answer, keys, cfg_scale) -> (estimate [N], stderr [N]); shifted: each token read from its
+  predecessor's logits (`alignment.shift`)."""
   model = Transformer(model_cfg)
   num_batches = mc_num // batch_size
 
@@ -267,6 +288,8 @@ def _compiled_scorer(
     if use_cfg:
       prompt_free = jnp.where(rows(valid & ~is_answer), mask_id, noisy)
     logits = apply_model(model, params, noisy, rows(valid), prompt_free, cfg_scale)
+    if shifted:
+      logits = alignment.shift(logits, positions_from_mask(rows(valid)))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows(tokens))
     masked_ce = jnp.sum(jnp.where(masked, ce.reshape(masked.shape), 0.0), axis=-1)
     return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked
@@ -332,9 +355,11 @@ def _compiled_block_scorer(
     use_cfg: bool,
     block_size: int,
     prompt_width: int,
+    shifted: bool = False,
 ):
   """The jitted NELBO scorer of a block diffusion model (see the module docstring), for rows
-  packed by `_pack_aligned` with this prompt_width."""
+  packed by `_pack_aligned` with this prompt_width; shifted: the shifted logit alignment
+  (`two_stream_hidden`)."""
   num_batches = mc_num // batch_size
 
   def sample_masks(is_answer, key):
@@ -381,6 +406,7 @@ def _compiled_block_scorer(
           None,
           block_size=block_size,
           start=prompt_width,
+          shifted=shifted,
       )
       return head_logits(params, hidden, jnp.dtype(model_cfg.dtype))
 
@@ -396,15 +422,16 @@ def _compiled_block_scorer(
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_arm_scorer(model_cfg: ModelConfig):
+def _compiled_arm_scorer(model_cfg: ModelConfig, mask_id: int):
   """The exact log-likelihood of an autoregressive model: score(params, tokens, valid,
-  is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0)."""
+  is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0),
+  the mask token outside the softmax (`alignment.next_token_logits`)."""
   model = Transformer(model_cfg)
 
   @jax.jit
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     del keys, cfg_scale
-    logits = apply_model(model, params, tokens, valid)[:, :-1]
+    logits = next_token_logits(apply_model(model, params, tokens, valid)[:, :-1], mask_id)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     total = -jnp.sum(jnp.where(is_answer[:, 1:], ce, 0.0), axis=-1)
     return total, jnp.zeros_like(total)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llada_jax.diffusion.alignment import next_token_logits
 from llada_jax.diffusion.masking import noise_batch
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens, attention_mask) -> logits
@@ -163,11 +164,12 @@ def sft_loss(
 
 
 def autoregressive_loss(
-    apply_fn: ApplyFn, tokens: jax.Array, reduction: str = "mean"
+    apply_fn: ApplyFn, tokens: jax.Array, mask_id: int, reduction: str = "mean"
 ) -> tuple[jax.Array, Metrics]:
-  """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L]:
-  the batch mean, or per row [B] with reduction="sequence"."""
-  logits = apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1]
+  """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L],
+  the mask token left out of the softmax (`alignment.next_token_logits`): the batch mean, or per
+  row [B] with reduction="sequence"."""
+  logits = next_token_logits(apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1], mask_id)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
   loss = jnp.mean(ce, axis=-1) if reduction == "sequence" else jnp.mean(ce)
   return loss, {"loss": loss}
@@ -251,7 +253,10 @@ def arm_objective(
   """The autoregressive baseline: next-token CE of the causal network on the clean targets."""
   del rng, random_length_prob, exact
   return autoregressive_loss(
-      lambda tokens, mask: lm.apply(params, tokens, mask), batch["targets"], reduction
+      lambda tokens, mask: lm.apply(params, tokens, mask),
+      batch["targets"],
+      lm.config.tokens.mask_id,
+      reduction,
   )
 
 

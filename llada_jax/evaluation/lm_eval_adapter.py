@@ -47,8 +47,8 @@ ROLLING_UNSUPPORTED = (
     "left-to-right likelihood; use `llada-evaluate --tasks=elbo` for its bound, or an arm or "
     "block model"
 )
-# gen_kwargs the sampler understands; others (top_p, top_k, num_beams, ...) are ignored.
-GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
+# gen_kwargs the sampler understands; others (num_beams, ...) are ignored.
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
   gen_length unless model_args give one: it is rounded up to a multiple of block_length (a block
   longer than it becomes one block), and steps keeps the steps-per-token ratio of the
   (steps, gen_length) of model_args or config.sampling, rounded up to whole steps per block and
-  at most one step per token. do_sample=False means temperature 0. Other gen_kwargs are ignored.
+  at most one step per token. do_sample=False means temperature 0; top_k and top_p truncate the
+  proposals. Other gen_kwargs are ignored.
   """
 
   def __init__(
@@ -141,12 +142,13 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
   ) -> list[tuple[float, bool]]:
     """(log p(continuation | context) estimate in nats, is_greedy) per (context, continuation).
 
-    The estimate is LLaDA's Monte-Carlo bound (mc_num samples); one-token continuations are
-    scored exactly with one sample. For one-token continuations is_greedy says whether one reverse
-    step at temperature 0 (the argmax at the masked position, one pass per distinct context) fills
-    in the continuation; an EOS or EoT continuation counts when either is filled in (the sampler
-    reports only the stop). Longer continuations get False: checking them would take a greedy
-    decode per request. check_greedy=False gives False always and saves those passes.
+    The estimate is the model's likelihood (`loglikelihoods`: LLaDA's Monte-Carlo bound with
+    mc_num samples, one-token continuations exactly with one sample; an ARM's exact chain rule; a
+    block model's NELBO). For one-token continuations is_greedy says whether greedy decoding
+    (`_greedy_tokens`, one decode per distinct context) puts the continuation first; an EOS or
+    EoT continuation counts when either comes first (the sampler reports only the stop). Longer
+    continuations get False: checking them would take a greedy decode per request.
+    check_greedy=False gives False always and saves those passes.
     An empty continuation gives (0.0, True). Contexts too long lose their oldest tokens.
     """
     pairs = [self._encode_pair(*request.args) for request in requests]
@@ -287,17 +289,21 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     return context_ids, answer
 
   def _greedy_tokens(self, contexts: Sequence[Sequence[int]], progress: Any) -> list[list[int]]:
-    """The token one greedy reverse step puts after each context ([] for EOS or EoT), whatever
-    config.sampling and the sampler model_args say."""
+    """The first token greedy decoding puts after each context ([] for EOS or EoT), whatever
+    config.sampling and the sampler model_args say: one reverse step over one masked token (a
+    LLaDA model), the argmax of the next-token logits (an ARM), or a block model's first block
+    decoded greedily one token a step (it has no smaller unit to generate)."""
+    config = self.model.config
+    length = config.diffusion.block_size if config.diffusion.objective == "block" else 1
     greedy = SamplerOptions(
-        steps=1,
-        gen_length=1,
-        block_length=1,
+        steps=length,
+        gen_length=length,
+        block_length=length,
         temperature=0.0,
         cfg_scale=self.cfg_scale,
         remasking="low_confidence",
     )
-    return generate_answers(
+    answers = generate_answers(
         self.model,
         contexts,
         seed=self.seed,
@@ -305,6 +311,7 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
         progress=progress,
         **dataclasses.asdict(greedy),
     )
+    return [answer[:1] for answer in answers]
 
   def sampler_options(self, gen_kwargs: dict[str, Any] | None) -> SamplerOptions:
     """The sampler options of a request's gen_kwargs (see the class docstring).
@@ -326,7 +333,8 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
       gen_length = int(max_gen_toks)
       if gen_length < 1:
         raise ConfigError(f"max_gen_toks={max_gen_toks} is not allowed: expected a positive int")
-      block_length = min(block_length, gen_length)
+      if self.model.config.diffusion.objective != "block":  # a block model's blocks are fixed
+        block_length = min(block_length, gen_length)
       gen_length = -(-gen_length // block_length) * block_length
     if gen_length != base.gen_length:
       per_block = min(block_length, math.ceil(base.steps * block_length / base.gen_length))
@@ -337,8 +345,17 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
         temperature = 0.0
       elif gen_kwargs.get("temperature") is not None:
         temperature = float(gen_kwargs["temperature"])
+    truncation = {
+        name: cast(gen_kwargs[name])
+        for name, cast in (("top_k", int), ("top_p", float))
+        if name not in self.sampler and gen_kwargs.get(name) is not None
+    }
     return base.replace(
-        steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature
+        steps=steps,
+        gen_length=gen_length,
+        block_length=block_length,
+        temperature=temperature,
+        **truncation,
     ).validate(self.model.config)
 
 

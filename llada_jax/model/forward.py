@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llada_jax.diffusion.alignment import has_predecessor
 from llada_jax.model.masks import BlockCausal
 from llada_jax.model.transformer import ModelConfig, Transformer
 
@@ -62,12 +63,18 @@ def two_stream_hidden(
     *,
     block_size: int,
     start: int = 0,
+    shifted: bool = False,
 ) -> jax.Array:
   """Final-norm hidden states [B, L, d_model] of the noisy stream of a block diffusion model's
   two-stream pass (BD3-LM, arXiv 2503.09573, Sec. 3.2): the network runs once on [noisy ; clean]
   (2L positions, both copies at `positions`) under `BlockCausal(block_size, start,
   two_stream=True)`, so each block of `noisy` [B, L] sees itself and the clean blocks before it.
-  valid [B, L] bool hides padding; segment_ids [B, L] (or None) keeps packed documents apart."""
+  valid [B, L] bool hides padding; segment_ids [B, L] (or None) keeps packed documents apart.
+
+  shifted: the hidden state that predicts each position under the shifted logit alignment
+  (`llada_jax.diffusion.alignment`): position i - 1's of the noisy stream inside a block, of the
+  clean stream for a block's first token (the previous block's last clean token, which sees only
+  clean blocks), its own where the position has no predecessor (position id 0)."""
   model = Transformer(
       dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, start, two_stream=True))
   )
@@ -83,7 +90,17 @@ def two_stream_hidden(
       twice(segment_ids),
       return_hidden=True,
   )
-  return hidden[:, : noisy.shape[1]]
+  length = noisy.shape[1]
+  noisy_hidden = hidden[:, :length]
+  if not shifted:
+    return noisy_hidden
+  first_in_block = (jnp.arange(length) - start) % block_size == 0
+  before = jnp.where(
+      first_in_block[None, :, None],
+      jnp.concatenate([hidden[:, length : length + 1], hidden[:, length:-1]], 1),
+      jnp.concatenate([noisy_hidden[:, :1], noisy_hidden[:, :-1]], 1),
+  )
+  return jnp.where(has_predecessor(positions)[..., None], before, noisy_hidden)
 
 
 def head_logits(params: Any, hidden: jax.Array, dtype: Any) -> jax.Array:

@@ -75,9 +75,10 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x)).
 
   With `cache` (this layer's keys and values of the whole sequence) x is a window of the sequence
-  starting at `cache_start`: its fresh keys and values overwrite the window's in the cache and its
-  queries attend to the whole sequence. With emit_kv the block also returns the keys and values
-  it attended to (the sampler's prefix and dual caches).
+  starting at `cache_start`: its fresh keys and values overwrite the window's in the cache (except
+  where `cache_keep` [batch, S] is True: a row whose own window starts later keeps its cached
+  ones) and its queries attend to the whole sequence. With emit_kv the block also returns the keys
+  and values it attended to (the sampler's prefix and dual caches).
   """
 
   cfg: ModelConfig
@@ -92,6 +93,7 @@ class Block(nn.Module):
       segment_ids: jax.Array | None = None,
       cache: KVCache | None = None,
       cache_start: jax.Array | None = None,
+      cache_keep: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -117,6 +119,8 @@ class Block(nn.Module):
           jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), cache_start, axis=1)
           for c, t in zip(cache, (k, v))
       )
+      if cache_keep is not None:
+        k, v = (jnp.where(cache_keep[:, :, None, None], c, t) for c, t in zip(cache, (k, v)))
     a = attention(
         q,
         k,
@@ -157,6 +161,7 @@ class Transformer(nn.Module):
       kv_cache: KVCache | None = None,
       cache_start: jax.Array | int = 0,
       return_kv: bool = False,
+      cache_keep: jax.Array | None = None,
   ) -> jax.Array | tuple[jax.Array, KVCache]:
     """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
     segment_ids: int [batch, seq], attention stays within a segment (packed documents);
@@ -166,7 +171,10 @@ class Transformer(nn.Module):
     n_kv_heads, head_dim] each); tokens and positions are then the window starting at cache_start,
     attention_mask covers all S keys, and only the window is computed (its keys and values fresh,
     the rest from the cache);
-    return_kv: also return the keys and values every layer attended to, as (logits, kv_cache)."""
+    return_kv: also return the keys and values every layer attended to, as (logits, kv_cache);
+    cache_keep: bool [batch, S] with kv_cache: positions of the window whose cached keys and values
+    are used instead of fresh ones (rows of one batch whose own windows start at different
+    positions)."""
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -191,18 +199,18 @@ class Transformer(nn.Module):
           block,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, return_kv, name="blocks")(
-          x, positions, attention_mask, segment_ids, kv_cache, cache_start
+          x, positions, attention_mask, segment_ids, kv_cache, cache_start, cache_keep
       )
     else:
       layer_kv = []
       for i in range(cfg.n_layers):
         cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
         x, kv_i = block(cfg, return_kv, name=f"blocks_{i}")(
-            x, positions, attention_mask, segment_ids, cache, cache_start
+            x, positions, attention_mask, segment_ids, cache, cache_start, cache_keep
         )
         layer_kv.append(kv_i)
       kv = tuple(jnp.stack(t) for t in zip(*layer_kv)) if return_kv else None

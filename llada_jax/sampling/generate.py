@@ -20,13 +20,15 @@ remasking rules (`remasking.REMASKING_RULES`), one logits function per cache mod
 (`cache.STEP_LOGITS`) and two block drivers: `fixed_schedule` (a fori_loop of steps_per_block
 steps) and `threshold_schedule` (a while_loop until the block has no mask). Without a cache the
 blocks run in a fori_loop; with one they are unrolled, so that every window has a static shape.
+The steps themselves are in `llada_jax.sampling.steps`; an autoregressive model (objective arm)
+decodes token by token instead (`llada_jax.sampling.autoregressive`), through the same `generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +37,10 @@ import numpy as np
 
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
-from llada_jax.model import ModelConfig, Transformer, positions_from_mask
+from llada_jax.model import Transformer, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
 from llada_jax.model.masks import BlockCausal
+from llada_jax.sampling import autoregressive
 from llada_jax.sampling.cache import (
     STEP_LOGITS,
     Block,
@@ -47,95 +50,18 @@ from llada_jax.sampling.cache import (
     prefill,
     write_block,
 )
-from llada_jax.sampling.ending import end_ids
 from llada_jax.sampling.options import SamplerOptions
-from llada_jax.sampling.remasking import DRAWS_UNIFORM, REMASKING_RULES
-from llada_jax.sampling.schedule import num_transfer_tokens, top_k_mask
+from llada_jax.sampling.schedule import num_transfer_tokens
+from llada_jax.sampling.steps import (
+    Rows,
+    SamplerSpec,
+    commit_above,
+    commit_top_k,
+    finished,
+    propose,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-  """Everything that shapes the compiled program (one compilation per distinct spec)."""
-
-  model: ModelConfig
-  steps: int
-  gen_length: int
-  block_length: int
-  remasking: str
-  mask_id: int
-  eos_id: int
-  eot_id: int
-  logits_eos_inf: bool
-  confidence_eos_eot_inf: bool
-  use_cfg: bool
-  use_noise: bool
-  return_trajectory: bool
-  float64: bool
-  use_threshold: bool = False
-  cache: str = "none"
-  cache_refresh: int = 0
-  prompt_has_masks: bool = False
-  block_model: int = 0  # the block size of a block diffusion model; 0 for LLaDA models
-  early_stop: bool = False
-  end_ids: tuple[int, ...] = ()
-
-  @classmethod
-  def of(
-      cls,
-      config: ml_collections.ConfigDict,
-      options: SamplerOptions,
-      *,
-      return_trajectory: bool = False,
-      prompt_has_masks: bool = False,
-  ) -> SamplerSpec:
-    """The spec of `options` for config's model and token ids."""
-    tokens = config.tokens
-    block_model = config.diffusion.block_size if config.diffusion.objective == "block" else 0
-    return cls(
-        ModelConfig.from_config(config),
-        options.steps,
-        options.gen_length,
-        options.block_length,
-        options.remasking,
-        tokens.mask_id,
-        tokens.eos_id,
-        tokens.eot_id,
-        options.logits_eos_inf,
-        options.confidence_eos_eot_inf,
-        options.cfg_scale > 0,
-        options.temperature > 0,
-        return_trajectory,
-        options.float64,
-        options.use_threshold,
-        options.cache,
-        options.cache_refresh,
-        prompt_has_masks,
-        block_model,
-        options.early_stop or block_model > 0,
-        end_ids(tokens),
-    )
-
-  @property
-  def num_blocks(self) -> int:
-    return self.gen_length // self.block_length
-
-  @property
-  def steps_per_block(self) -> int:
-    return self.steps // self.num_blocks
-
-  @property
-  def real(self) -> Any:
-    """The dtype of noise, logits and confidences."""
-    return jnp.float64 if self.float64 else jnp.float32
-
-
-class Rows(NamedTuple):
-  """The per-row arrays every step of a call reads (B rows of T = P + gen_length positions)."""
-
-  attention_mask: jax.Array  # bool [B, T], False on left padding
-  positions: jax.Array  # int32 [B, T], counted from each row's first real token
-  keys: jax.Array  # uint32 [B, 2], one PRNG key per row
-  temperature: jax.Array  # float32 [], the Gumbel noise scale
+__all__ = ["SamplerSpec", "compiled_sampler", "generate"]
 
 
 def generate(
@@ -207,15 +133,25 @@ def generate(
         jax.device_put(a, sharding) for a in (prompt, attention_mask, row_keys)
     )
   with placement_context(sharding, axis_rules(config)):
-    return _compiled_sampler(spec)(
+    return compiled_sampler(spec)(
         params,
         device_prompt,
         device_mask,
-        jnp.float32(options.temperature),
-        jnp.float32(options.cfg_scale),
         row_keys,
-        jnp.float32(options.parallel_threshold),
+        sampler_scalars(options),
     )
+
+
+def sampler_scalars(options: SamplerOptions) -> dict[str, jax.Array]:
+  """The options a compiled sampler takes as traced scalars (one program for every value):
+  temperature, cfg_scale, parallel_threshold, top_k, top_p."""
+  return dict(
+      temperature=jnp.float32(options.temperature),
+      cfg_scale=jnp.float32(options.cfg_scale),
+      threshold=jnp.float32(options.parallel_threshold),
+      top_k=jnp.int32(options.top_k),
+      top_p=jnp.float32(options.top_p),
+  )
 
 
 def _row_keys(rng: Any, rows: int) -> jax.Array:
@@ -271,10 +207,21 @@ def _check_call(
         "steps is not fixed)"
     )
   blocks = config.diffusion.objective == "block"
-  if return_trajectory and (options.early_stop or blocks):
+  causal = config.diffusion.objective == "arm"
+  if return_trajectory and (options.early_stop or blocks or causal):
     raise ConfigError(
-        "return_trajectory is not allowed with early_stop or a block diffusion model (the "
-        "number of steps is not fixed)"
+        "return_trajectory is not allowed with early_stop, a block diffusion model or an "
+        "autoregressive one (the number of steps is not fixed)"
+    )
+  if causal and np.any(~attention_mask.any(-1)):
+    raise ConfigError(
+        "an empty prompt is not allowed for an autoregressive model: expected at least one token "
+        "(e.g. BOS) to predict the first answer token from"
+    )
+  if causal and np.any((prompt == mask_id) & attention_mask):
+    raise ConfigError(
+        f"prompt token id {mask_id} (tokens.mask_id) is not allowed for an autoregressive model: "
+        "expected ids other than the mask id (it writes after the prompt, no infilling)"
     )
   if blocks and np.any((prompt == mask_id) & attention_mask):
     raise ConfigError(
@@ -282,88 +229,6 @@ def _check_call(
         "model: expected ids other than the mask id (it fills only the blocks after the "
         "prompt, no infilling)"
     )
-
-
-def draws(
-    spec: SamplerSpec, rows: Rows, step: jax.Array, start: int, width: int
-) -> tuple[jax.Array | None, jax.Array | None]:
-  """This step's random numbers for positions [start, start + width) of every row: Gumbel noise
-  [B, W, V] (None without noise) and uniforms [B, W] (None unless the remasking rule draws them),
-  in spec.real. step is a scalar or one step count per row [B]. Each number comes from
-  fold_in(fold_in(row key, step), position), the position counted from the row's first real token:
-  a row's draws do not depend on its batch, padding or window."""
-  batch = rows.keys.shape[0]
-  keys = jax.vmap(jax.random.fold_in)(rows.keys, jnp.broadcast_to(step, (batch,)))
-  noise_keys, remask_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-  where = rows.positions[:, start : start + width]
-
-  def per_position(row_key, draw):
-    return jax.vmap(jax.vmap(lambda k, p: draw(jax.random.fold_in(k, p)), (None, 0)))(
-        row_key, where
-    )
-
-  gumbel = uniform = None
-  if spec.use_noise:
-    vocab = spec.model.vocab_size
-    gumbel = per_position(noise_keys, lambda k: jax.random.gumbel(k, (vocab,), spec.real))
-  if spec.remasking in DRAWS_UNIFORM:
-    uniform = per_position(remask_keys, lambda k: jax.random.uniform(k, (), spec.real))
-  return gumbel, uniform
-
-
-def propose(
-    spec: SamplerSpec,
-    rows: Rows,
-    x: jax.Array,
-    logits: jax.Array,
-    start: int,
-    step: jax.Array,
-    block_end: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Proposals and their confidences from the logits [B, W, V] of positions [start, start + W).
-
-  Returns x0 int32 [B, T] (x with every computed position replaced by its proposal), the
-  confidence [B, T] (spec.real) of the candidates, -inf elsewhere, and the candidates bool [B, T]:
-  the masked real positions before block_end. With Gumbel-max, argmax(logits + T * g) samples
-  softmax(logits / T); the remasking rule ranks the proposals by the noiseless logits.
-  """
-  batch, total = x.shape
-  gumbel, uniform = draws(spec, rows, step, start, logits.shape[1])
-  logits = logits.astype(spec.real)
-  if spec.logits_eos_inf:
-    logits = logits.at[..., spec.eos_id].set(-jnp.inf)
-  logits_noised = logits
-  if spec.use_noise:
-    logits_noised = logits + rows.temperature.astype(spec.real) * gumbel
-  x0 = jnp.argmax(logits_noised, axis=-1).astype(jnp.int32)
-  confidence = REMASKING_RULES[spec.remasking](logits, x0, uniform)
-  x0 = jax.lax.dynamic_update_slice_in_dim(x, x0, start, axis=1)
-  confidence = jax.lax.dynamic_update_slice_in_dim(
-      jnp.full((batch, total), -jnp.inf, confidence.dtype), confidence, start, axis=1
-  )
-  candidate = (x == spec.mask_id) & (jnp.arange(total) < block_end) & rows.attention_mask
-  if spec.confidence_eos_eot_inf:
-    last = (x0 == spec.eos_id) | (x0 == spec.eot_id)
-    confidence = jnp.where(last, jnp.finfo(confidence.dtype).min, confidence)
-  return x0, jnp.where(candidate, confidence, -jnp.inf), candidate
-
-
-def commit_top_k(
-    x: jax.Array, x0: jax.Array, confidence: jax.Array, candidate: jax.Array, k: jax.Array
-) -> jax.Array:
-  """x [B, T] with the k[b] most confident candidates of row b set to their proposals."""
-  return jnp.where(top_k_mask(confidence, k) & candidate, x0, x)
-
-
-def commit_above(
-    x: jax.Array, x0: jax.Array, confidence: jax.Array, candidate: jax.Array, threshold: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """x [B, T] with every candidate more confident than threshold committed, and at least the most
-  confident one of each row that has a candidate; and whether each row had one (bool [B])."""
-  active = jnp.any(candidate, -1)
-  best = top_k_mask(confidence, active.astype(jnp.int32))
-  commit = candidate & ((confidence > threshold.astype(confidence.dtype)) | best)
-  return jnp.where(commit, x0, x), active
 
 
 StepLogits = Callable[[jax.Array, jax.Array, Any, Block], tuple[jax.Array, int, Any]]
@@ -380,7 +245,8 @@ def fixed_schedule(
   masks (`num_transfer_tokens`). carry: (x [B, T], trajectory [steps or 0, B, T], cache)."""
   x, trajectory, cache = carry
   index = jnp.arange(x.shape[1])
-  in_block = (index >= block.start) & (index < block.end) & rows.attention_mask
+  start = block.start if block.row_start is None else block.row_start[:, None]
+  in_block = (index >= start) & (index < block.end) & rows.attention_mask
   schedule = num_transfer_tokens(jnp.sum((x == spec.mask_id) & in_block, -1), spec.steps_per_block)
 
   def step_body(i, carry):
@@ -424,45 +290,41 @@ def threshold_schedule(
   return x, step, cache
 
 
-def _block(spec: SamplerSpec, total: int, index: Any) -> Block:
-  """Block `index` (a Python int or an int32 scalar) of a sequence of `total` positions."""
+def _block(spec: SamplerSpec, total: int, index: Any, infilling: jax.Array) -> Block:
+  """Block `index` (a Python int or an int32 scalar) of a sequence of `total` positions; the
+  first block also fills the masks of the prompts that hold some (infilling bool [B]): it starts
+  at 0 for those rows (`Block.row_start`), and its window at 0 when any row holds masks."""
   end = total - spec.gen_length + (index + 1) * spec.block_length
   start = end - spec.block_length
-  if spec.prompt_has_masks:  # the first block also fills the prompt's masks: it starts at 0
-    start = start * (index > 0)
-  return Block(index, start, end)
-
-
-def finished(spec: SamplerSpec, x: jax.Array, total: int) -> jax.Array:
-  """bool [B]: rows whose answer holds a committed end token (EOS or EoT, `end_ids`)."""
-  answer = jnp.arange(total) >= total - spec.gen_length
-  return jnp.any(jnp.isin(x, jnp.asarray(spec.end_ids, jnp.int32)) & answer, axis=-1)
+  if not spec.prompt_has_masks:
+    return Block(index, start, end)
+  first = index == 0
+  row_start = jnp.where(infilling & first, 0, start).astype(jnp.int32)
+  return Block(index, start * (1 - first), end, row_start)
 
 
 def _over_blocks(
-    spec: SamplerSpec, total: int, body: Callable[[Block, Any], Any], carry: Any
+    spec: SamplerSpec, total: int, block_of: Callable[[Any], Block], body: Callable, carry: Any
 ) -> Any:
-  """carry after body(block, carry) for every block: a fori_loop without a cache; unrolled with
-  one (its windows need static bounds). With early_stop the blocks after the one in which every
-  row has finished are skipped (a while_loop, or a cond around each unrolled block); carry[0] is
-  x [B, T]."""
+  """carry after body(block_of(index), carry) for every block: a fori_loop without a cache;
+  unrolled with one (its windows need static bounds). With early_stop the blocks after the one in
+  which every row has finished are skipped (a while_loop, or a cond around each unrolled block);
+  carry[0] is x [B, T]."""
 
   def done(carry):
     return jnp.all(finished(spec, carry[0], total))
 
   if spec.cache == "none":
     if not spec.early_stop:
-      return jax.lax.fori_loop(
-          0, spec.num_blocks, lambda b, c: body(_block(spec, total, b), c), carry
-      )
+      return jax.lax.fori_loop(0, spec.num_blocks, lambda b, c: body(block_of(b), c), carry)
     _, carry = jax.lax.while_loop(
         lambda bc: (bc[0] < spec.num_blocks) & ~done(bc[1]),
-        lambda bc: (bc[0] + 1, body(_block(spec, total, bc[0]), bc[1])),
+        lambda bc: (bc[0] + 1, body(block_of(bc[0]), bc[1])),
         (jnp.int32(0), carry),
     )
     return carry
   for index in range(spec.num_blocks):
-    block = _block(spec, total, index)
+    block = block_of(index)
     if spec.early_stop:
       carry = jax.lax.cond(done(carry), lambda c: c, functools.partial(body, block), carry)
     else:
@@ -470,10 +332,19 @@ def _over_blocks(
   return carry
 
 
+def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
+  """The jitted sampler of spec (built once per spec): run(params, prompt [B, P] int32,
+  prompt_mask [B, P] bool, row_keys [B, 2] uint32, scalars) -> int32 [B, P + gen_length] (and the
+  trajectory when spec asks for it), scalars as `sampler_scalars` gives them. The reverse process
+  of a diffusion model, or next-token decoding for an autoregressive one."""
+  if spec.causal:
+    return autoregressive.compiled_sampler(spec)
+  return _compiled_reverse_process(spec)
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
-  """Builds (once per spec) the jitted reverse process run(params, prompt [B, P] int32,
-  prompt_mask [B, P] bool, temperature, cfg_scale, row_keys [B, 2] uint32, threshold).
+def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
+  """The reverse process of a diffusion model (see `compiled_sampler`).
 
   A block diffusion model (spec.block_model = B) attends block-causally (`BlockCausal` with the
   answer's blocks starting after the prompt): without a cache every step is a full pass under
@@ -482,15 +353,29 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   its own, which later blocks never change: the cache is exact."""
   model = Transformer(spec.model)
 
-  def run(params, prompt, prompt_mask, temperature, cfg_scale, row_keys, threshold):
+  def run(params, prompt, prompt_mask, row_keys, scalars):
     batch, prompt_len = prompt.shape
     total = prompt_len + spec.gen_length
     x = jnp.concatenate([prompt, jnp.full((batch, spec.gen_length), spec.mask_id, jnp.int32)], 1)
     attention_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, spec.gen_length), bool)], 1)
-    rows = Rows(attention_mask, positions_from_mask(attention_mask), row_keys, temperature)
+    rows = Rows(
+        attention_mask,
+        positions_from_mask(attention_mask),
+        row_keys,
+        scalars["temperature"],
+        scalars["top_k"],
+        scalars["top_p"],
+    )
+    infilling = jnp.any((prompt == spec.mask_id) & prompt_mask, axis=-1)
     is_prompt = (jnp.arange(total) < prompt_len) & (x != spec.mask_id)
     forward = Forward(
-        model, params, attention_mask, cfg_scale, is_prompt if spec.use_cfg else None, spec.mask_id
+        model,
+        params,
+        attention_mask,
+        scalars["cfg_scale"],
+        is_prompt if spec.use_cfg else None,
+        spec.mask_id,
+        spec.shifted,
     )
     step_logits = functools.partial(
         STEP_LOGITS[spec.cache], forward, refresh_every=spec.cache_refresh
@@ -525,14 +410,17 @@ def _compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
           carry = (*carry[:2], write(carry[0], carry[2], block))
         return carry
 
-      x, *rest = _over_blocks(spec, total, body, carry)
+      block_of = functools.partial(_block, spec, total, infilling=infilling)
+      x, *rest = _over_blocks(spec, total, block_of, body, carry)
       if spec.early_stop:  # what finished rows did not generate ends the answer
         x = jnp.where((x == spec.mask_id) & (jnp.arange(total) >= prompt_len), spec.eos_id, x)
       return (x, *rest)
 
     if spec.use_threshold:
       x, _, _ = over_blocks(
-          lambda r, block, c: threshold_schedule(spec, r, step_logits, block, c, threshold),
+          lambda r, block, c: threshold_schedule(
+              spec, r, step_logits, block, c, scalars["threshold"]
+          ),
           (x, jnp.zeros((batch,), jnp.int32), cache),
       )
       return x

@@ -45,6 +45,11 @@ class SamplerOptions:
   gen_length: int = _option("gen_length", "Answer tokens, a multiple of block_length.")
   block_length: int = _option("block_length", "Semi-autoregressive block length.")
   temperature: float = _option("temperature", "Gumbel noise scale; 0 is greedy.")
+  top_k: int = _option("top_k", "Sample among the k most probable tokens only (0: all).")
+  top_p: float = _option(
+      "top_p",
+      "Nucleus sampling: the fewest most probable tokens holding this probability (1: all).",
+  )
   cfg_scale: float = _option("cfg_scale", "Classifier-free guidance weight w >= 0.")
   remasking: str = _option("remasking", "Remasking rule: " + ", ".join(REMASKING) + ".")
   logits_eos_inf: bool = _option("logits_eos_inf", "Never propose EOS.")
@@ -116,6 +121,13 @@ class SamplerOptions:
           f"{prefix}gen_length={self.gen_length!r} is not allowed: expected less "
           f"than model.max_sequence_length={limit}"
       )
+    if config.diffusion.objective == "arm":
+      for name, off in (("parallel_threshold", 0.0), ("cfg_scale", 0.0)):
+        if getattr(self, name) != off:
+          raise ConfigError(
+              f"{prefix}{name}={getattr(self, name)!r} is not allowed for an autoregressive "
+              f"model: expected {off} (it decodes one token a step, unguided)"
+          )
     if self.cache != "none" and config.model.causal:
       raise ConfigError(
           f"{prefix}cache={self.cache!r} is not allowed for a causal "
