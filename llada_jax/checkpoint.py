@@ -195,6 +195,17 @@ def load_config(workdir: storage.PathLike, step: int | None = None) -> ml_collec
     raise CheckpointError(f"checkpoint {step} in {workdir} has no readable config: {e}") from None
 
 
+def newest_stored_config(workdir: storage.PathLike) -> ml_collections.ConfigDict | None:
+  """The config of the newest checkpoint whose config reads (a damaged newer one skipped), None
+  for a workdir without checkpoints; CheckpointError if it reads but this version cannot use it."""
+  for step in sorted(_complete_steps(workdir), reverse=True):
+    try:
+      return _stored_config(workdir, step)
+    except _Damaged:
+      continue
+  return None
+
+
 def _key_name(key: Any) -> str:
   for attribute in ("key", "idx", "name"):
     if hasattr(key, attribute):
@@ -215,11 +226,16 @@ def _check_stored_tree(workdir: storage.PathLike, step: int, target: Any) -> Non
   """Compares the leaves and shapes `step` stores (under the top-level names of `target`) with
   `target`: _Damaged if the checkpoint's tree cannot be read, CheckpointError if it differs."""
   path = checkpoint_dir(workdir) / str(step) / "state"
+  # The item's tree metadata alone, from its handler: a Checkpointer's metadata() also reads step
+  # metadata from `path`, where the manager does not write it (it is in the step's folder), and
+  # Orbax warns "Metadata file does not exist" on every read.
+  handler = ocp.StandardCheckpointHandler()
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      stored_tree = checkpointer.metadata(path).item_metadata
+    stored_tree = handler.metadata(path)
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise _Damaged(f"its tree metadata cannot be read: {_first_line(e)}") from None
+  finally:
+    handler.close()
   if stored_tree is None:
     raise _Damaged(f"its tree metadata in {path} cannot be read")
   wanted = _leaf_shapes(target)

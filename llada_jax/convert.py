@@ -9,7 +9,10 @@ training with model.causal=False and diffusion.objective=mdm is the AR initialis
 and Dream; its mask token is --mask_id, an existing id, or by default one appended row). It writes
 a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
 `llada-sample` reads and `llada-train` fine-tunes from; to-hf writes config.json and safetensors
-that the official PyTorch loader reads.
+that the official PyTorch loader reads: an MDM or block model as a LLaDA folder (its objective,
+block size, logit alignment and vocabulary in llada_jax_* fields), an ARM as a Llama folder for
+transformers' LlamaForCausalLM (an appended mask row left out, a mask token inside the vocabulary
+recorded as mask_token_id); from-hf reads either back as the same model.
 """
 
 from __future__ import annotations

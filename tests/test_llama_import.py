@@ -244,6 +244,44 @@ def test_mistral_config_fields():
     config_from_llama(hf, mask_id=5)
 
 
+def test_block_size_is_checked_for_block_models_only(tmp_path):
+  """diffusion.block_size (default 16) must divide data.sequence_length for a block model only:
+  an MDM or ARM of length 100 was refused, and so was every Mistral with sliding_window=100."""
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+
+  for objective in ("mdm", "arm"):
+    config = make_tiny_config(causal=objective == "arm", max_sequence_length=128)
+    config.data.sequence_length = 100
+    validate(config)
+  config.model.causal, config.diffusion.objective = False, "block"
+  with pytest.raises(ConfigError) as info:
+    validate(config)
+  assert str(info.value) == (
+      "diffusion.block_size=16 is not allowed: expected positive divisors of "
+      "data.sequence_length=100"
+  )
+  config.diffusion.block_size = 25
+  validate(config)
+  hf = llama_config_json(False, model_type="mistral", sliding_window=100)
+  hf["max_position_embeddings"] = 4096
+  config, _ = load_llama(write_llama(tmp_path / "mistral", hf, llama_tensors(False)))
+  assert (config.model.max_sequence_length, config.data.sequence_length) == (100, 100)
+
+
+def test_rope_theta_of_transformers_5_is_read_from_rope_parameters(tmp_path):
+  """transformers >= 5 writes RoPE's theta inside rope_parameters (no top-level rope_theta): the
+  import takes it from there (the default 10000 would give other logits)."""
+  hf = llama_config_json(False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+  del hf["rope_theta"], hf["rope_scaling"]
+  tensors = llama_tensors(False)
+  config, params = load_llama(write_llama(tmp_path / "llama", hf, tensors), dtype="float32")
+  assert config.model.rope_theta == 500.0
+  got = np.asarray(logits(config, params, IDS[None]))[0, :, :VOCAB]
+  want = numpy_llama(tensors, dict(hf, rope_theta=500.0), IDS)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _errors(tmp_path, hf: dict, tensors: dict, **kwargs) -> str:
   folder = write_llama(tmp_path / f"f{len(list(tmp_path.iterdir()))}", hf, tensors)
   with pytest.raises((CheckpointError, ConfigError)) as info:
@@ -320,7 +358,7 @@ def init_from_config(folder, **model_changes):
       )
   )
   config.model.update(model_changes)
-  config.tokens.update(dict(mask_id=VOCAB, eos_id=2, pad_id=2, bos_id=1, eot_id=-1))
+  config.tokens.update(dict(mask_id=VOCAB, eos_id=2, pad_id=2, bos_id=1, eot_id=5))  # <|eot_id|>
   config.data.update(dict(vocabulary="hf", tokenizer=str(folder / "tokenizer.json")))
   config.train.update(dict(init_from=str(folder), num_steps=2, eval_every=2, log_every=1))
   return validate(config)

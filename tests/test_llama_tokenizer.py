@@ -168,15 +168,16 @@ def test_an_existing_mask_token_is_kept_and_decodes_as_a_special_token(tmp_path)
 
 
 def test_a_converted_workdir_exported_to_hf_keeps_its_tokenizer(tmp_path):
-  """to-hf of an "hf"-vocabulary workdir writes tokenizer.json, and the export reads back with it
-  (its special ids are config.json's: no LLaDA token is looked up)."""
-  from llada_jax.interop.hf_checkpoint import read_hf_config  # pylint: disable=g-import-not-at-top
+  """to-hf of an "hf"-vocabulary workdir (the causal model: a Llama folder again) writes
+  tokenizer.json, and the export reads back with it and the same special ids (config.json's and
+  the tokenizer's <|eot_id|>: no LLaDA token is looked up)."""
   from llada_jax.interop.workdir import from_hf, to_hf  # pylint: disable=g-import-not-at-top
 
   workdir = tmp_path / "work"
   from_hf(str(llama_folder(tmp_path / "llama")), str(workdir), "float32")
   to_hf(str(workdir), str(tmp_path / "export"), "float32", "5GB")
   assert (tmp_path / "export" / "tokenizer.json").is_file()
-  config = read_hf_config(tmp_path / "export")
+  config = read_llama_config(tmp_path / "export")
   assert config.data.vocabulary == "hf" and config.data.tokenizer.endswith("tokenizer.json")
+  assert config.tokens.to_dict() == read_llama_config(tmp_path / "llama").tokens.to_dict()
   assert text_codec(config).decode(text_codec(config).encode(TEXT)) == TEXT

@@ -178,9 +178,8 @@ def read_hf_config(
   has_tokenizer = tokenizer.is_file() and vocabulary in TOKENIZER_VOCABULARIES
   # LLaDA's tokenizer names its special ids; any other model's are config.json's own.
   special = HFTokenizer(tokenizer).special if has_tokenizer and vocabulary == "llada_hf" else None
-  config = config_from_hf(hf, base, special)
-  if has_tokenizer:
-    config.data.tokenizer = str(tokenizer.absolute())
+  config = config_from_hf(hf, base, special, source=str(path))
+  config.data.tokenizer = str(tokenizer.absolute()) if has_tokenizer else ""
   return config
 
 
@@ -307,25 +306,54 @@ def hf_names(config: ml_collections.ConfigDict) -> list[str]:
   return llada_table(config).names(config.model.n_layers)
 
 
+# The top-level parameters an export writes, by their keys in a NameTable's targets: (ours -> HF
+# layout, whether its first axis is the vocabulary, cut to the rows the format has).
+TOP_EXPORTS = {
+    ("wte", "embedding"): (_same, True),
+    ("ln_f", "weight"): (_same, False),
+    ("ff_out", "kernel"): (np.transpose, True),
+}
+
+
 def to_hf_tensors(
-    config: ml_collections.ConfigDict, params: Any, dtype: str = "bfloat16"
+    config: ml_collections.ConfigDict,
+    params: Any,
+    dtype: str = "bfloat16",
+    table: NameTable | None = None,
+    rows: int | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, array in PyTorch layout) one tensor at a time."""
+  """Yields (HF name, array in PyTorch layout) one tensor at a time, named as `table` says
+  (default: the official LLaDA names, `llada_table`); embedding and head cut to their first
+  `rows` vocabulary rows (default all: an exported Llama leaves an appended mask row out)."""
+  table = table or llada_table(config)
+  rows = config.model.vocab_size if rows is None else rows
   out = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
   def host(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(jax.device_get(x)), dtype=out)
 
-  yield PREFIX + "wte.weight", host(params["wte"]["embedding"])
+  def top(name: str) -> tuple[str, np.ndarray]:
+    keys = table.top[name].targets[0][0]
+    node = params
+    for key in keys:
+      node = node[key]
+    to_hf, vocabulary = TOP_EXPORTS[keys]
+    weight = to_hf(np.asarray(jax.device_get(node)))
+    return name, host(weight[:rows] if vocabulary else weight)
+
+  # The embedding first, then the blocks, then the rest (the order of the official files).
+  first = [n for n, t in table.top.items() if t.targets[0][0] == ("wte", "embedding")]
+  yield from (top(name) for name in first)
+  layouts = block_layouts(config.model)
   for layer in range(config.model.n_layers):
-    for block, (_, _, _, to_hf) in block_layouts(config.model).items():
+    for hf_block, block in table.block_names.items():
       if config.model.scan_layers:
-        ours = params["blocks"][block][_leaf(block)][layer]
+        weight = params["blocks"][block][_leaf(block)][layer]
       else:
-        ours = params[f"blocks_{layer}"][block][_leaf(block)]
-      yield f"{PREFIX}blocks.{layer}.{block}.weight", host(to_hf(np.asarray(jax.device_get(ours))))
-  yield PREFIX + "ln_f.weight", host(params["ln_f"]["weight"])
-  yield PREFIX + "ff_out.weight", host(np.asarray(jax.device_get(params["ff_out"]["kernel"])).T)
+        weight = params[f"blocks_{layer}"][block][_leaf(block)]
+      to_hf = layouts[block][3]
+      yield table.block_name(layer, hf_block), host(to_hf(np.asarray(jax.device_get(weight))))
+  yield from (top(name) for name in table.top if name not in first)
 
 
 def parse_size(size: str | int) -> int:
@@ -338,6 +366,23 @@ def parse_size(size: str | int) -> int:
   return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
+# The weight files an export writes (those of an earlier export into the same folder are removed,
+# as transformers' save_pretrained does: a stale index would be read instead of the new files).
+WEIGHT_FILES = re.compile(
+    r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|shard-\d{5}\.partial"
+)
+
+
+def stale_weight_files(folder: Any, written: list[str]) -> list[Any]:
+  """The files of `folder` (a pathlib or storage path) named like an export's weight files or
+  index (WEIGHT_FILES, INDEX) that are not among `written` (names)."""
+  return [
+      f
+      for f in folder.iterdir()
+      if (WEIGHT_FILES.fullmatch(f.name) or f.name == INDEX) and f.name not in written
+  ]
+
+
 def save_hf(
     config: ml_collections.ConfigDict,
     params: Any,
@@ -345,18 +390,33 @@ def save_hf(
     max_shard_size: str | int = "5GB",
     dtype: str = "bfloat16",
 ) -> list[pathlib.Path]:
-  """Writes config.json and safetensors (sharded with an index when over max_shard_size), and the
-  model's tokenizer.json for a tokenizer vocabulary ("llada_hf", "hf"; config.json records the
-  vocabulary, so a byte or spm8k model comes back as one).
+  """Writes the HF folder of a model: an ARM (diffusion.objective "arm") as a Llama folder
+  (`interop.llama.config_to_llama`: transformers' LlamaForCausalLM loads it, an appended mask row
+  left out), an MDM or block model as an official LLaDA folder (`config_to_hf`, with the
+  llada_jax_* fields the import reads back). Both get safetensors (sharded with an index when over
+  max_shard_size) and the model's tokenizer.json for a tokenizer vocabulary ("llada_hf", "hf";
+  config.json records the vocabulary, so a byte or spm8k model comes back as one). Weight files of
+  an earlier export into `path` are removed once the new ones are written.
 
   Shards are written as they fill, so at most one shard is held on the host at a time.
+
+  Raises:
+    CheckpointError: a dtype other than bfloat16 or float32, or a bad max_shard_size.
   """
+  from llada_jax.interop import llama  # pylint: disable=g-import-not-at-top  (llama imports us)
+
   if dtype not in ("bfloat16", "float32"):
     raise CheckpointError(f"dtype={dtype!r} is not allowed: expected bfloat16 or float32")
   limit = parse_size(max_shard_size)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+  if config.diffusion.objective == "arm":
+    rows = llama.exported_rows(config)
+    hf = llama.config_to_llama(config, rows, dtype)
+    tensors = to_hf_tensors(config, params, dtype, llama.llama_table(config, False, False), rows)
+  else:
+    hf, tensors = config_to_hf(config), to_hf_tensors(config, params, dtype)
+  (path / "config.json").write_text(json.dumps(hf, indent=2))
   tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
   if (
       config.data.vocabulary in TOKENIZER_VOCABULARIES
@@ -374,7 +434,7 @@ def save_hf(
     safetensors_io.write_file(file, shard, {"format": "pt"})
     written.append((file, list(shard)))
 
-  for name, tensor in to_hf_tensors(config, params, dtype):
+  for name, tensor in tensors:
     if shard and size + tensor.nbytes > limit:
       flush()
       shard, size = {}, 0
@@ -382,14 +442,22 @@ def save_hf(
     size += tensor.nbytes
     total += tensor.nbytes
   flush()
+  names = (
+      [SINGLE]
+      if len(written) == 1
+      else [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+  )
+  partials = [partial.name for partial, _ in written]
+  for stale in stale_weight_files(path, names + partials + ([INDEX] if len(written) > 1 else [])):
+    stale.unlink()
   if len(written) == 1:
     written[0][0].rename(path / SINGLE)
     return [path / SINGLE]
   files, weight_map = [], {}
-  for i, (partial, names) in enumerate(written):
-    file = path / f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+  for name, (partial, tensor_names) in zip(names, written):
+    file = path / name
     partial.rename(file)
-    weight_map.update({name: file.name for name in names})
+    weight_map.update({tensor_name: file.name for tensor_name in tensor_names})
     files.append(file)
   (path / INDEX).write_text(
       json.dumps(

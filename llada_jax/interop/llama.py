@@ -42,11 +42,17 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from llada_jax.config import default_config, validate
+from llada_jax.config import (
+    TOKENIZER_VOCABULARIES,
+    VOCABULARY_SIZES,
+    default_config,
+    validate,
+)
 from llada_jax.data.hf_tokenizer import CONFIG_IDS, HFTokenizer, config_ids
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import hf_checkpoint
 from llada_jax.interop.hf_checkpoint import NameTable, Tensor
+from llada_jax.interop.hf_config import EOT_FIELD, VOCABULARY_FIELD, recorded_choice
 
 MODEL_TYPES = ("llama", "mistral")
 EMBEDDING = "model.embed_tokens.weight"
@@ -116,16 +122,20 @@ def config_from_llama(
 
   model: the sizes of config.json (n_kv_heads = num_key_value_heads, default num_attention_heads;
   max_sequence_length = max_position_embeddings, capped at Mistral's sliding_window, below which
-  windowed and full attention agree), causal=True and diffusion.objective="arm". vocab_size is
-  config.json's plus one appended mask row, or config.json's when `mask_id` names an existing
-  token. tokens: eos (the first of a list), bos (-1 if none), pad (eos if none); eot -1.
-  data.vocabulary "hf" with no tokenizer attached (read_llama_config attaches the folder's).
+  windowed and full attention agree), causal=True, diffusion.objective="arm" (logit alignment
+  "same"). vocab_size is config.json's plus one appended mask row, or config.json's when the mask
+  is an existing token: `mask_id`, or the mask_token_id config.json records (a llada_jax export).
+  tokens: eos (the first of a list), bos (-1 if none), pad (eos if none); eot llada_jax's
+  EOT_FIELD, else -1. data.vocabulary: VOCABULARY_FIELD, else "hf", with no tokenizer attached
+  (read_llama_config attaches the folder's).
 
   Raises:
     CheckpointError: a field is missing or names a feature llada_jax does not implement
       (rope_scaling, head_dim other than hidden_size / num_attention_heads, biases, an activation
-      other than SiLU), or eos_token_id is null.
-    ConfigError: mask_id outside [0, vocab_size) or equal to another special id.
+      other than SiLU), eos_token_id is null, or a recorded mask_token_id or vocabulary is not
+      allowed.
+    ConfigError: mask_id outside [0, vocab_size), equal to another special id, or other than the
+      mask_token_id config.json records.
   """
   for field in REQUIRED_FIELDS:
     if field not in hf:
@@ -155,6 +165,19 @@ def config_from_llama(
         f"hidden_size / num_attention_heads = {d / heads:g}"
     )
   vocab = int(hf["vocab_size"])
+  recorded = hf.get("mask_token_id")  # a mask token inside the vocabulary (a llada_jax export)
+  if recorded is not None:
+    if isinstance(recorded, bool) or not isinstance(recorded, int) or not 0 <= recorded < vocab:
+      raise CheckpointError(
+          f"{source} mask_token_id={recorded!r} is not allowed: expected a token id in "
+          f"[0, vocab_size={vocab})"
+      )
+    if mask_id is not None and mask_id != recorded:
+      raise ConfigError(
+          f"mask_id={mask_id} is not allowed: {source} records its mask token, "
+          f"mask_token_id={recorded} (leave --mask_id out)"
+      )
+    mask_id = recorded
   if mask_id is not None and not 0 <= mask_id < vocab:
     raise ConfigError(
         f"mask_id={mask_id} is not allowed: expected an existing token id in [0, {vocab}) of "
@@ -179,10 +202,19 @@ def config_from_llama(
           causal=True,
       )
   )
-  config.diffusion.objective = "arm"
+  config.diffusion.update(
+      dict(
+          objective="arm",
+          logit_alignment="same",
+          block_size_schedule="",
+          t_min=0.0,
+          t_max=1.0,
+      )
+  )
   eos = _first_id(hf.get("eos_token_id", 2))
   bos = _first_id(hf.get("bos_token_id", 1))
   pad = _first_id(hf.get("pad_token_id"))
+  eot = _first_id(hf.get(EOT_FIELD))  # recorded by a llada_jax export; else the tokenizer's
   if eos is None:
     raise CheckpointError(
         f"{source} eos_token_id=None is not allowed: llada_jax needs an end-of-sequence id"
@@ -193,10 +225,11 @@ def config_from_llama(
           eos_id=eos,
           bos_id=-1 if bos is None else bos,
           pad_id=eos if pad is None else pad,
-          eot_id=-1,
+          eot_id=-1 if eot is None else eot,
       )
   )
-  config.data.update(dict(vocabulary="hf", tokenizer=""))
+  vocabulary = recorded_choice(hf, VOCABULARY_FIELD, "hf", tuple(VOCABULARY_SIZES), source)
+  config.data.update(dict(vocabulary=vocabulary, tokenizer=""))
   config.data.sequence_length = min(config.data.sequence_length, length)
   return validate(config)
 
@@ -225,7 +258,9 @@ def read_llama_config(
         + ", ".join(MODEL_TYPES)
     )
   tokenizer = path / "tokenizer.json"
-  texts = HFTokenizer(tokenizer, dict.fromkeys(CONFIG_IDS, -1)) if tokenizer.is_file() else None
+  # A model of a shipped vocabulary (byte, spm8k: an exported llada_jax ARM) has no tokenizer.json.
+  has_tokenizer = tokenizer.is_file() and hf.get(VOCABULARY_FIELD, "hf") in TOKENIZER_VOCABULARIES
+  texts = HFTokenizer(tokenizer, dict.fromkeys(CONFIG_IDS, -1)) if has_tokenizer else None
   named = _named_special_ids(path, texts)
   hf = dict(hf, **{field: found[0][1] for field, found in named.items() if found})
   config = config_from_llama(hf, base, mask_id, source=str(file))
@@ -329,10 +364,10 @@ def load_llama(
 ) -> tuple[ml_collections.ConfigDict, Any]:
   """Reads a Llama/Mistral HF folder into (causal config, params).
 
-  mask_id: an existing token to serve as the mask token; None appends one row (see the module
-  docstring). dtype: parameter dtype ("float32", "bfloat16"; default: as stored). base: config
-  whose non-model sections are kept. shardings: optional tree of target shardings; each tensor is
-  placed as soon as it is complete.
+  mask_id: an existing token to serve as the mask token; None: the mask_token_id config.json
+  records, else one appended row (see the module docstring). dtype: parameter dtype ("float32",
+  "bfloat16"; default: as stored). base: config whose non-model sections are kept. shardings:
+  optional tree of target shardings; each tensor is placed as soon as it is complete.
 
   Raises:
     CheckpointError: as read_llama_config, missing or unreadable files, and tensors missing,
@@ -342,8 +377,73 @@ def load_llama(
   path = pathlib.Path(path)
   files = hf_checkpoint.hf_files(path)
   config = read_llama_config(path, base, mask_id)
-  tied = bool(hf_checkpoint.read_json(path / "config.json").get("tie_word_embeddings", False))
+  hf = hf_checkpoint.read_json(path / "config.json")
+  tied = bool(hf.get("tie_word_embeddings", False))
+  appended = config.model.vocab_size == int(hf["vocab_size"]) + 1  # else an existing mask token
   params = hf_checkpoint.load_tensors(
-      path, files, config, llama_table(config, tied, mask_id is None), dtype, shardings
+      path, files, config, llama_table(config, tied, appended), dtype, shardings
   )
   return config, params
+
+
+def exported_rows(config: ml_collections.ConfigDict) -> int:
+  """The vocabulary rows of an ARM's Llama export: model.vocab_size less an appended mask row.
+
+  The mask row counts as appended (the Llama it came from had none, and a causal model never
+  reads it) when it is the last row and no token of the vocabulary: at or above the shipped
+  vocabulary's size, or the tokenizer.json's ("llada_hf", "hf"; without one the last row is taken
+  as appended). A mask token inside the vocabulary is kept, and `config_to_llama` records it.
+  """
+  m, t = config.model, config.tokens
+  if t.mask_id != m.vocab_size - 1:
+    return m.vocab_size
+  tokens = VOCABULARY_SIZES[config.data.vocabulary] or 0
+  tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
+  if config.data.vocabulary in TOKENIZER_VOCABULARIES and tokenizer and tokenizer.is_file():
+    tokens = HFTokenizer(tokenizer, dict.fromkeys(CONFIG_IDS, -1)).vocab_size
+  return m.vocab_size - 1 if t.mask_id >= tokens else m.vocab_size
+
+
+def config_to_llama(
+    config: ml_collections.ConfigDict, rows: int, dtype: str = "float32"
+) -> dict[str, Any]:
+  """The config.json of an ARM (model.causal) as transformers' LlamaForCausalLM: the same network
+  (pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, untied head) with `rows` vocabulary rows
+  (`exported_rows`). What LlamaConfig has no field for is recorded where `config_from_llama` reads
+  it back: a mask token inside the vocabulary (mask_token_id), the end-of-turn id and the
+  vocabulary (llada_jax_* fields); the ids are the model's, the dtype names the tensors'.
+  """
+  m, t = config.model, config.tokens
+  hf = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "hidden_size": m.d_model,
+      "intermediate_size": m.mlp_hidden_size,
+      "num_hidden_layers": m.n_layers,
+      "num_attention_heads": m.n_heads,
+      "num_key_value_heads": m.n_kv_heads,
+      "head_dim": m.d_model // m.n_heads,
+      "hidden_act": "silu",
+      "max_position_embeddings": m.max_sequence_length,
+      "rms_norm_eps": m.rms_norm_eps,
+      "rope_theta": m.rope_theta,
+      "rope_scaling": None,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "mlp_bias": False,
+      "pretraining_tp": 1,
+      "tie_word_embeddings": False,
+      "initializer_range": m.init_std,
+      "vocab_size": rows,
+      "bos_token_id": t.bos_id if t.bos_id >= 0 else None,
+      "eos_token_id": t.eos_id,
+      "pad_token_id": t.pad_id,
+      "torch_dtype": dtype,
+      "use_cache": True,
+      VOCABULARY_FIELD: config.data.vocabulary,
+  }
+  if rows == m.vocab_size:
+    hf["mask_token_id"] = t.mask_id
+  if t.eot_id >= 0:
+    hf[EOT_FIELD] = t.eot_id
+  return hf

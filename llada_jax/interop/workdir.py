@@ -2,7 +2,9 @@
 
 from_hf writes a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
 `llada-sample` reads and `llada-train` fine-tunes from; to_hf writes config.json and safetensors
-that the official PyTorch loader reads.
+that the official PyTorch loader reads (an ARM: a Llama folder for transformers'
+LlamaForCausalLM), recording what the format has no field for (objective, block size, logit
+alignment, vocabulary) where from_hf reads it back.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pathlib
 import tempfile
 
 from llada_jax import storage
+from llada_jax.errors import ConfigError
 
 
 def from_hf(hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None) -> int:
@@ -48,11 +51,28 @@ def from_hf(hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None) -
 
 
 def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
-  """Exports the newest restorable checkpoint of a workdir as an HF folder (local or a URL: the
-  files are then written locally and uploaded one by one); returns the safetensors files."""
-  from llada_jax.interop.hf_checkpoint import save_hf  # pylint: disable=g-import-not-at-top
+  """Exports the newest restorable checkpoint of a workdir as an HF folder (`save_hf`: an ARM as
+  a Llama folder, an MDM or block model as a LLaDA one; local or a URL: the files are then written
+  locally and uploaded one by one, and the weight files of an earlier export there removed);
+  returns the safetensors files.
+
+  Raises:
+    ConfigError: `out` is a training workdir (its config.json would hide the checkpoints from
+      every command), before anything is read.
+    CheckpointError: as load_model and save_hf.
+  """
+  from llada_jax.checkpoint import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  from llada_jax.interop.hf_checkpoint import (  # pylint: disable=g-import-not-at-top
+      save_hf,
+      stale_weight_files,
+  )
   from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
 
+  if storage.path(out) == storage.path(workdir) or checkpoint_dir(out).exists():
+    raise ConfigError(
+        f"--out={out} is not allowed: it is a training workdir (a config.json there would hide "
+        "its checkpoints); expected a new folder or an earlier export"
+    )
   config, params = load_model(workdir)
   if not storage.is_remote(out):
     return [
@@ -63,4 +83,6 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
     storage.path(out).mkdir(parents=True, exist_ok=True)
     for local in sorted(pathlib.Path(folder).iterdir()):
       storage.copy_file(local, storage.path(out) / local.name)
+    for stale in stale_weight_files(storage.path(out), [f.name for f in files]):
+      stale.unlink()
   return [str(storage.path(out) / f.name) for f in files]

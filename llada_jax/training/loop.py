@@ -16,9 +16,10 @@ import numpy as np
 from absl import logging
 
 from llada_jax import storage
-from llada_jax.checkpoint import Checkpointer
-from llada_jax.config import TOKENIZER_VOCABULARIES, profile_range, validate
+from llada_jax.checkpoint import Checkpointer, checkpoint_dir, load_config, newest_stored_config
+from llada_jax.config import TOKENIZER_VOCABULARIES, block_size_at, profile_range, validate
 from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
+from llada_jax.diffusion import alignment
 from llada_jax.errors import ConfigError, TrainingDiverged
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
@@ -27,7 +28,13 @@ from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.flops import model_flops_per_step, peak_flops
 from llada_jax.training.metrics import Accounting, MetricWriter, write_run_description
 from llada_jax.training.optimizer import make_optimizer
-from llada_jax.training.state import TrainState, create_train_state, state_shardings
+from llada_jax.training.state import (
+    VOCABULARY_KEYS,
+    TrainState,
+    config_with_init_from,
+    create_train_state,
+    state_shardings,
+)
 from llada_jax.training.step import make_eval_step, make_train_step
 from llada_jax.training.workdir_lock import lock_for_job
 
@@ -40,7 +47,8 @@ def train(
   """Trains until config.train.num_steps, resuming from the newest restorable checkpoint in
   `workdir`, which this run locks (`<workdir>/train.lock`) until it returns or raises. A workdir
   without checkpoints starts from random parameters or those of train.init_from (an AR HF folder:
-  `state.imported_params`); a resumed run ignores train.init_from.
+  `state.imported_params`), whose vocabulary, tokenizer and token ids the run takes; a resumed
+  run ignores train.init_from and keeps its checkpoint's vocabulary (`_config_of_run`).
 
   eval_hooks: called at every evaluation step as hook(step, params, workdir); the scalars they
   return are written under "eval/" (`llada_jax.evaluation.hooks.from_config(config)` runs
@@ -52,6 +60,7 @@ def train(
   or cannot be imported, and TrainingDiverged; all of them before anything is compiled, except
   the last.
   """
+  config = _config_of_run(config, workdir)
   validate(config)
   if config.evaluation.tasks and not eval_hooks:
     raise ConfigError(
@@ -89,15 +98,20 @@ def _train(
   abstract, shardings = state_shardings(config, model, tx, mesh)
   _check_free_space(workdir, abstract)
   _warn_schedule(config)
-  checkpointer = Checkpointer(workdir, config)
-  state = _restore(workdir, checkpointer, abstract)
+  # Without a checkpoint folder there is nothing to restore, and the state is built before one is
+  # made: a refused train.init_from leaves no empty checkpoints/ behind.
+  restorable = checkpoint_dir(workdir).exists()
+  checkpointer = Checkpointer(workdir, config) if restorable else None
+  state = _restore(workdir, checkpointer, abstract) if restorable else None
   if state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
   elif config.train.init_from:
     logging.info(
         "train.init_from=%s ignored: the run resumes from its checkpoint", config.train.init_from
     )
+  checkpointer = checkpointer or Checkpointer(workdir, config)
   start = int(state.step)
+  block_size = _block_size_from(config, workdir, start, checkpointer.latest_step() is not None)
   warn_replicated(state.params, shardings.params)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info(
@@ -133,6 +147,14 @@ def _train(
   profiler = _Profiler(config, workdir)
   step = start
   while step < config.train.num_steps:
+    if _block_size(config, step) != block_size:
+      logging.info(
+          "diffusion.block_size_schedule: block size %d -> %d at step %d",
+          block_size,
+          _block_size(config, step),
+          step,
+      )
+      block_size = _block_size(config, step)
     profiler.before(step)
     state, metrics = train_step(state, next(batches), step)
     step += 1
@@ -152,6 +174,8 @@ def _train(
     if step % config.train.log_every == 0 or step == config.train.num_steps or step == start + 1:
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
       scalars["skipped"] = float(state.skipped)
+      if block_size is not None:
+        scalars["block_size"] = float(block_size)  # the last update's
       now = time.time()
       if step != start + 1:  # the first step's time is mostly compilation
         step_seconds = (now - last_time) / (step - last_step)
@@ -232,6 +256,76 @@ class _Profiler:
       shutil.rmtree(self._trace_dir, ignore_errors=True)
 
 
+def _config_of_run(
+    config: ml_collections.ConfigDict, workdir: storage.PathLike
+) -> ml_collections.ConfigDict:
+  """The config a run trains with: `config` with the vocabulary the parameters were trained on
+  (VOCABULARY_KEYS), read before anything is built. A workdir with checkpoints resumes with the
+  newest one's (`_resumed_vocabulary`; train.init_from is then ignored); a new run with
+  train.init_from takes the folder's (`config_with_init_from`, which refuses another model).
+
+  The logit alignment "auto" becomes the concrete one the run trains with (`alignment.resolve`,
+  given the checkpoint it resumes), so that stored configs always name it.
+
+  Raises:
+    ConfigError, CheckpointError: a train.init_from folder that is missing, holds another model
+      or cannot be read; a stored config this version cannot use.
+  """
+  stored = newest_stored_config(workdir)
+  if stored is not None:
+    config = _resumed_vocabulary(config, stored, workdir)
+  elif config.train.init_from:
+    config = config_with_init_from(config)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.diffusion.logit_alignment = alignment.resolve(config, stored)
+  return config
+
+
+def _resumed_vocabulary(
+    config: ml_collections.ConfigDict,
+    stored: ml_collections.ConfigDict,
+    workdir: storage.PathLike,
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the vocabulary of the checkpoint it resumes (`stored`): its
+  vocabulary, token ids and vocab_size, and for a tokenizer vocabulary the tokenizer.json kept in
+  the workdir (else the stored path, if that file exists); what differs from `config` is named in
+  one warning. A stored tokenizer vocabulary whose file is nowhere (a folder imported without one)
+  keeps the config's vocabulary and tokenizer."""
+  from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+
+  keys = list(VOCABULARY_KEYS)
+  stored = ml_collections.ConfigDict(stored.to_dict())
+  if stored.data.vocabulary in TOKENIZER_VOCABULARIES:
+    candidates = [storage.path(workdir) / TOKENIZER_FILE]
+    if storage.is_remote(stored.data.tokenizer) or os.path.isabs(stored.data.tokenizer):
+      candidates.append(storage.path(stored.data.tokenizer))
+    found = [c for c in candidates if c.is_file()]
+    if found:
+      stored.data.tokenizer = storage.cached_local_copy(found[0])
+    else:
+      keys = [k for k in keys if not k.startswith("data.")]
+  out = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for key in keys:
+    section, field = key.split(".")
+    mine, theirs = out[section][field], stored[section][field]
+    same_file = (
+        key == "data.tokenizer"
+        and all(t and storage.path(t).is_file() for t in (mine, theirs))
+        and storage.path(mine).read_bytes() == storage.path(theirs).read_bytes()
+    )
+    if mine != theirs and not same_file:
+      changed.append(f"{key}={theirs!r} (the config has {mine!r})")
+    out[section][field] = theirs
+  if changed:
+    logging.warning(
+        "--workdir=%s resumes with the vocabulary of its checkpoint: %s",
+        workdir,
+        ", ".join(changed),
+    )
+  return out
+
+
 def _restore(
     workdir: storage.PathLike, checkpointer: Checkpointer, abstract: TrainState
 ) -> TrainState | None:
@@ -245,6 +339,35 @@ def _restore(
   step, state = checkpointer.restore_newest(abstract)
   logging.info("resumed from the checkpoint at step %d in %s", step, workdir)
   return state
+
+
+def _block_size(config: ml_collections.ConfigDict, step: int) -> int | None:
+  """The block size update `step` (0-based) of objective block trains with; None for others."""
+  return block_size_at(config, step) if config.diffusion.objective == "block" else None
+
+
+def _block_size_from(
+    config: ml_collections.ConfigDict, workdir: storage.PathLike, start: int, resumed: bool
+) -> int | None:
+  """The block size of update `start`; a resumed run whose checkpoint was trained with another one
+  (the stored config's, at the last update it ran) says so in one INFO line."""
+
+  def describe(size: int | None, config: ml_collections.ConfigDict) -> str:
+    return f"block size {size}" if size is not None else f"objective {config.diffusion.objective}"
+
+  size = _block_size(config, start)
+  if resumed and start > 0:
+    stored = load_config(workdir, start)
+    before = _block_size(stored, start - 1)
+    if before != size:
+      logging.info(
+          "block size changes on resume: the checkpoint at step %d was trained with %s (its "
+          "config), this run trains with %s",
+          start,
+          describe(before, stored),
+          describe(size, config),
+      )
+  return size
 
 
 def _rollback(

@@ -1,5 +1,6 @@
 """The train state and its creation directly into the shardings the logical axis rules give:
-random parameters, or those of an autoregressive HF folder (train.init_from)."""
+random parameters, or those of an autoregressive HF folder (train.init_from), whose vocabulary
+the run takes (`config_with_init_from`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from llada_jax import storage
 from llada_jax.checkpoint import PARAMETER_FIELDS
-from llada_jax.config import default_config
+from llada_jax.config import TOKENIZER_VOCABULARIES, default_config, validate
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream
 from llada_jax.lm import MaskedDiffusionLM
@@ -23,9 +25,21 @@ from llada_jax.parallel.sharding import abstract_on_mesh, axis_rules
 
 # The model fields a train.init_from folder must share with the config: the parameter shapes
 # (the layer layout aside: the import builds either) and what the weights were trained with.
-INIT_FROM_FIELDS = tuple(f for f in PARAMETER_FIELDS if f != "scan_layers") + (
+INIT_FROM_FIELDS = tuple(f for f in PARAMETER_FIELDS if f not in ("scan_layers", "vocab_size")) + (
     "rope_theta",
     "rms_norm_eps",
+)
+# What a run started from train.init_from takes from the folder (`config_with_init_from`) and a
+# resumed run from its checkpoint (training.loop): the vocabulary the parameters were trained on.
+VOCABULARY_KEYS = (
+    "data.tokenizer",
+    "data.vocabulary",
+    "model.vocab_size",
+    "tokens.mask_id",
+    "tokens.pad_id",
+    "tokens.eos_id",
+    "tokens.bos_id",
+    "tokens.eot_id",
 )
 
 
@@ -102,39 +116,101 @@ def create_train_state(
   return init(rng), shardings
 
 
+def read_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The causal config of the train.init_from folder (`read_llama_config`: its sizes, its
+  tokenizer.json as vocabulary "hf", its special ids, its mask token: the mask_token_id it
+  records, else one appended row).
+
+  Raises:
+    ConfigError: the folder has no config.json (named as train.init_from), or the import's
+      ConfigErrors.
+    CheckpointError: a folder that cannot be imported.
+  """
+  from llada_jax.interop.llama import read_llama_config  # pylint: disable=g-import-not-at-top
+
+  path = config.train.init_from
+  if not (storage.path(path) / "config.json").is_file():
+    raise ConfigError(
+        f"train.init_from={path} is not allowed: it has no config.json (expected a Llama/Mistral "
+        "HuggingFace folder)"
+    )
+  return read_llama_config(path)
+
+
+def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the vocabulary of its train.init_from folder (VOCABULARY_KEYS: the
+  folder's tokenizer.json, vocabulary "hf" or the one a llada_jax export records, its special ids,
+  model.vocab_size with the appended mask row), each change logged; every other field is the
+  config's. The run's model fields must be the folder's (INIT_FROM_FIELDS). A folder without a
+  tokenizer.json keeps the config's data.tokenizer for a tokenizer vocabulary.
+
+  Raises:
+    ConfigError: no config.json in the folder, or a model field of INIT_FROM_FIELDS that differs
+      from the folder's (checked before any tensor is read).
+    CheckpointError: a folder that cannot be imported.
+  """
+  imported = read_init_from(config)
+  if not imported.data.tokenizer and imported.data.vocabulary in TOKENIZER_VOCABULARIES:
+    imported.data.tokenizer = config.data.tokenizer
+  _check_init_from_model(config, imported)
+  out = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for key in VOCABULARY_KEYS:
+    section, field = key.split(".")
+    if out[section][field] != imported[section][field]:
+      changed.append(f"{key}={imported[section][field]!r} (the config has {out[section][field]!r})")
+      out[section][field] = imported[section][field]
+  if changed:
+    logging.info(
+        "train.init_from=%s: the run takes the folder's vocabulary: %s",
+        config.train.init_from,
+        ", ".join(changed),
+    )
+  return validate(out)
+
+
+def _check_init_from_model(
+    config: ml_collections.ConfigDict, imported: ml_collections.ConfigDict
+) -> None:
+  """ConfigError for the first INIT_FROM_FIELDS model field in which config differs from the
+  imported folder's config."""
+  for field in INIT_FROM_FIELDS:
+    if config.model[field] != imported.model[field]:
+      raise ConfigError(
+          f"model.{field}={config.model[field]!r} is not allowed with "
+          f"train.init_from={config.train.init_from}: the imported model has "
+          f"{imported.model[field]!r}"
+      )
+
+
 def imported_params(config: ml_collections.ConfigDict, shardings: Any = None) -> Any:
   """The parameters of config.train.init_from, a Llama/Mistral HF folder (the one import path,
   interop.llama.load_llama), in model.param_dtype, each placed in `shardings` (a tree of
   NamedShardings) as it is read.
 
-  The mask token is an existing token when tokens.mask_id is below config.json's vocab_size, else
-  the appended row (as `llada-convert from-hf` with / without --mask_id). model.causal is the
-  config's (the objective's), not the imported causal model's: the AR network becomes the mask
-  predictor.
+  The config must have the folder's vocabulary (`config_with_init_from` gives it; the trainer
+  applies it before anything is built): its mask token is the folder's (the mask_token_id it
+  records, else the appended row). model.causal is the config's (the objective's), not the
+  imported causal model's: the AR network becomes the mask predictor.
 
   Raises:
-    ConfigError: a model field of INIT_FROM_FIELDS differs from the folder's (checked before any
-      tensor is read), or the import's ConfigErrors.
+    ConfigError: a model field of INIT_FROM_FIELDS, the vocabulary or a token id differs from the
+      folder's (checked before any tensor is read), or the import's ConfigErrors.
     CheckpointError: a folder that cannot be imported.
   """
-  from llada_jax.interop.llama import (  # pylint: disable=g-import-not-at-top
-      load_llama,
-      read_llama_config,
-  )
+  from llada_jax.interop.llama import load_llama  # pylint: disable=g-import-not-at-top
 
   path = config.train.init_from
+  imported = read_init_from(config)
+  _check_init_from_model(config, imported)
+  for key in VOCABULARY_KEYS[1:]:  # data.tokenizer aside: it names the file, the ids are checked
+    section, field = key.split(".")
+    if config[section][field] != imported[section][field]:
+      raise ConfigError(
+          f"{key}={config[section][field]!r} is not allowed with train.init_from={path}: the "
+          f"imported model has {imported[section][field]!r}"
+      )
   base = default_config()
   base.model.update(config.model.to_dict())  # the layer layout (scan_layers) to build
-  hf_vocab = read_llama_config(path).model.vocab_size - 1  # without the appended mask row
-  mask_id = config.tokens.mask_id if config.tokens.mask_id < hf_vocab else None
-  imported = read_llama_config(path, base, mask_id).model
-  for field in INIT_FROM_FIELDS:
-    if config.model[field] != imported[field]:
-      appended = field == "vocab_size" and mask_id is None
-      raise ConfigError(
-          f"model.{field}={config.model[field]!r} is not allowed with train.init_from={path}: "
-          f"the imported model has {imported[field]!r}"
-          + (" (config.json's vocab_size plus the appended mask row)" if appended else "")
-      )
   dtype = config.model.param_dtype
-  return load_llama(path, mask_id=mask_id, dtype=dtype, base=base, shardings=shardings)[1]
+  return load_llama(path, dtype=dtype, base=base, shardings=shardings)[1]
