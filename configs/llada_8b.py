@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
           dtype="bfloat16",
           param_dtype="float32",
           remat="full",
+          # splash attention on TPUs (docs/scaling.md's rows), cuDNN on GPUs, XLA elsewhere.
+          attention="auto",
       )
   )
   c.tokens.update(dict(mask_id=126336, pad_id=126081, eos_id=126081, bos_id=126080, eot_id=126348))

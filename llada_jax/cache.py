@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 
 from absl import flags
@@ -36,12 +38,31 @@ _MIN_SHARDS = flags.DEFINE_integer(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rewrite tasks the directory holds already.")
 
 
+def _exit_on_interrupt(output: str) -> None:
+  """Makes Ctrl-C (SIGINT) end the command at once with one line on stderr and exit code 130.
+
+  Beam's DirectRunner has no cancel: a KeyboardInterrupt raised inside a bundle is logged and
+  re-raised by every layer of the runner (three tracebacks). Nothing is lost by stopping at once:
+  a task's COMPLETED is written last, seqio and training read only complete caches, and the next
+  run rewrites a task directory that lacks it.
+  """
+
+  def stop(signum, frame) -> None:
+    del signum, frame
+    sys.stdout.flush()
+    print(
+        f"interrupted (Ctrl-C): the tasks being cached in {output} have no COMPLETED file, so "
+        "training will not read them; the same command rewrites them",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(130)  # pylint: disable=protected-access  # no runner code runs after the interrupt
+
+  signal.signal(signal.SIGINT, stop)
+
+
 def _cache(argv: list[str]) -> None:
   """Caches the config's tasks and prints, per task, its documents and tokens per split."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  from llada_jax.data import beam_cache  # pylint: disable=g-import-not-at-top
-
   if len(argv) > 1:
     raise ConfigError(f"arguments {argv[1:]} are not allowed: llada-cache takes flags only")
   if _CONFIG.value is None:
@@ -49,6 +70,11 @@ def _cache(argv: list[str]) -> None:
   output = _OUTPUT.value or _CONFIG.value.data.cache_dir
   if not output:
     raise ConfigError("--output_cache_dir (or --config.data.cache_dir) is required")
+  _exit_on_interrupt(output)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.data import beam_cache  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   written = beam_cache.cache_tasks(
       _CONFIG.value,

@@ -46,7 +46,7 @@ def _chat(argv: list[str]) -> None:
     raise ConfigError("--checkpoint is required: an HF LLaDA folder or a workdir")
   sampler_flags.check_given()  # before the model loads
   config, params = load_model(_CHECKPOINT.value, _TOKENIZER.value)
-  options = sampler_flags.options_from_flags(config).validate(config, prefix="--")
+  options = sampler_flags.validated_options(config)
   codec = text_codec(config)
   room = config.model.max_sequence_length - options.gen_length  # >= 1 (validate)
   messages: list[ChatMessage] = []

@@ -38,10 +38,15 @@ _WHAT = flags.DEFINE_string("what", "train", "The program: train, sample or scor
 _NUM_ITEMS = flags.DEFINE_integer(
     "num_items",
     0,
-    "Prompts (sample) or pairs (score); 0: "
-    "data.batch_size prompts, or pairs for data.batch_size rows.",
+    "Prompts (sample) or pairs (score); 0: data.batch_size prompts, or pairs for data.batch_size "
+    "rows, rounded up to a multiple of the data-parallel devices.",
 )
-_PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens per row (sample).")
+_PROMPT_LENGTH = flags.DEFINE_integer(
+    "prompt_length",
+    0,
+    "Prompt tokens per row; 0: 64, or what model.max_sequence_length leaves after "
+    "sampling.gen_length when sampling.",
+)
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib",
     0.0,
@@ -117,11 +122,9 @@ def _compile(argv: list[str]) -> None:
     raise ConfigError(f"--num_devices={_NUM_DEVICES.value} is not allowed: expected >= 0")
   if _TOPOLOGY.value and _NUM_DEVICES.value:
     raise ConfigError("--topology and --num_devices are not allowed together: give one target")
-  if _NUM_ITEMS.value < 0 or _PROMPT_LENGTH.value < 1:
-    raise ConfigError(
-        f"--num_items={_NUM_ITEMS.value} --prompt_length={_PROMPT_LENGTH.value} is "
-        "not allowed: expected num_items >= 0 and prompt_length >= 1"
-    )
+  for flag in (_NUM_ITEMS, _PROMPT_LENGTH):
+    if flag.value < 0:
+      raise ConfigError(f"--{flag.name}={flag.value} is not allowed: expected >= 0 (0: default)")
   if _NUM_DEVICES.value:
     # Must happen before JAX starts its CPU backend.
     os.environ["XLA_FLAGS"] = (

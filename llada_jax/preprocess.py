@@ -5,7 +5,10 @@
 
 .txt files give one document per paragraph (blank-line separated, every character kept); in .jsonl
 files each line is an object whose --text_field is one document. --vocabulary is a data.vocabulary
-name ("byte", "spm8k") or the path of a tokenizer.json ("llada_hf"). Paths may be gs:// URLs.
+name ("byte", "spm8k") or the path of any model's tokenizer.json: LLaDA's gives vocabulary
+"llada_hf", another's (a Llama folder's) "hf", its BOS/EOS read from the folder's config files.
+--input and --output_dir may be gs:// URLs. Every shard must get a document: fewer documents than
+--num_shards is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from llada_jax.errors import ConfigError
 _INPUT = flags.DEFINE_list("input", None, "Comma-separated .txt and .jsonl input files.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards and manifest.json go.")
 _VOCABULARY = flags.DEFINE_string(
-    "vocabulary", "byte", "byte, spm8k, or the path of a tokenizer.json (llada_hf)."
+    "vocabulary",
+    "byte",
+    "byte, spm8k, or the path of any model's tokenizer.json (LLaDA's: vocabulary llada_hf; "
+    "another's: hf, its BOS/EOS read from the config files beside it).",
 )
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards written.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "Tokenizer processes.")
@@ -37,7 +43,7 @@ _ERRORS = flags.DEFINE_enum(
 def _vocabulary_spec(value: str) -> VocabularySpec:
   if value in ("byte", "spm8k"):
     return VocabularySpec(value)
-  return VocabularySpec("llada_hf", tokenizer=value)
+  return VocabularySpec.of_tokenizer(value)
 
 
 def _preprocess(argv: list[str]) -> None:

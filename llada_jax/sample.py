@@ -62,7 +62,7 @@ def _sample(argv: list[str]) -> None:
   ids = _parse_ids(_PROMPT_IDS.value) if _PROMPT_IDS.value else None
   sampler_flags.check_given()  # before the model loads
   config, params = load_model(path)
-  options = sampler_flags.options_from_flags(config).validate(config, prefix="--")
+  options = sampler_flags.validated_options(config)
   result = sample(
       config,
       params,

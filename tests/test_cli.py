@@ -3,8 +3,10 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -182,3 +184,59 @@ def test_sample_options_that_disagree_fail_before_the_model_loads(tmp_path):
       "llada_jax.sample", f"--workdir={tmp_path / 'none'}", "--gen_length=16", "--block_length=3"
   )
   _assert_one_line_error(result, "--block_length=3 is not allowed: expected a divisor of")
+
+
+def test_cache_ctrl_c_is_one_line_and_exit_130(tmp_path):
+  """Ctrl-C while llada-cache's Beam pipeline runs (DirectRunner) ends it with one line naming the
+  interruption, no traceback, and exit code 130; the interrupted task has no COMPLETED, so
+  training cannot read it and the same command rewrites it."""
+  pytest.importorskip("apache_beam")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "llada_jax.cache", "--config=configs/tiny.py"]
+      + [f"--output_cache_dir={tmp_path}"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  task = tmp_path / "tinyshakespeare.byte.chunk"
+  try:
+    deadline = time.monotonic() + 300
+    # The pipeline runs once Beam has created its first temporary directory in the task's folder.
+    while not list(task.glob("beam-temp-*")) and time.monotonic() < deadline:
+      assert proc.poll() is None, "llada-cache ended before its pipeline ran"
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 130, stderr[-3000:]
+  assert not (task / "COMPLETED").exists()
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if "interrupt" in line.lower()]
+  assert len(lines) == 1 and lines[0].startswith("interrupted"), stderr[-3000:]
+
+
+def test_sample_error_names_a_default_as_the_checkpoints_default(two_layer_workdir):
+  """An error about an option not given names config.sampling.<name> and says it is the
+  checkpoint's default (the tiny config's steps=8 do not fit --gen_length=4); a given option is
+  still named as typed."""
+  result = _run(
+      "llada_jax.sample", f"--workdir={two_layer_workdir}", "--gen_length=4", "--block_length=4"
+  )
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert errors == [
+      "error: config.sampling.steps=8 (the checkpoint's default; no --steps was given) is not "
+      "allowed: expected at most gen_length=4 (one token per step at least)"
+  ]
+  result = _run("llada_jax.sample", f"--workdir={two_layer_workdir}", "--gen_length=4", "--steps=6")
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [
+      "error: --steps=6 is not allowed: expected at most gen_length=4 (one token "
+      "per step at least)"
+  ], result.stderr[-2000:]

@@ -21,6 +21,7 @@ from llada_jax.data.pretokenized import (
     densify,
     pretokenized_source,
     read_manifest,
+    shard_name,
     write_shards,
 )
 from llada_jax.errors import ConfigError
@@ -290,3 +291,48 @@ def test_cli_tokenizes_with_a_tokenizer_json_in_workers(tmp_path):
   assert manifest["vocab_size"] == vocabulary.vocab_size
   docs = _read_all(str(out), 2)
   assert [vocabulary.decode(d.tolist()) for d in docs] == _paragraphs(text)
+
+
+def test_cli_tokenizes_with_a_llama_tokenizer_json_and_its_folders_special_ids(tmp_path):
+  """Any model's tokenizer.json works, not only LLaDA's: a Llama folder's tokenizer (no
+  <|endoftext|>, no <|mdm_mask|>) gives vocabulary "hf" (what train.init_from of that folder
+  trains with), its BOS/EOS read from the folder's config.json, as the import reads them."""
+  # pylint: disable-next=g-import-not-at-top
+  from test_llama_import import SENTENCES, llama_config_json, write_tokenizer
+
+  folder = tmp_path / "llama"
+  tokenizer = str(write_tokenizer(folder))
+  (folder / "config.json").write_text(json.dumps(llama_config_json(False)), encoding="utf-8")
+  text = "".join(f"{sentence}\n\n" for sentence in SENTENCES * 2)
+  (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+  out = tmp_path / "out"
+  result = _cli(
+      f"--input={tmp_path / 'in.txt'}",
+      f"--output_dir={out}",
+      f"--vocabulary={tokenizer}",
+      "--num_shards=2",
+      "--num_workers=1",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  manifest = read_manifest(str(out))
+  assert (manifest["vocabulary"], manifest["tokenizer"]) == ("hf", tokenizer)
+  assert manifest["special_ids"] == {"bos_id": 1, "eos_id": 2, "mask_id": -1}
+  vocabulary = VocabularySpec("hf", tokenizer, (("bos_id", 1), ("eos_id", 2), ("mask_id", -1)))
+  vocabulary = vocabulary.build()
+  check_vocabulary(manifest, "hf", vocabulary.vocab_size)  # what a config of that folder has
+  docs = _read_all(str(out), 2)
+  assert [vocabulary.decode(d.tolist()) for d in docs] == SENTENCES * 2  # Metaspace: no "\n"
+
+
+def test_fewer_documents_than_shards_is_refused_naming_the_empty_shard(tmp_path):
+  """An empty shard would give its training host no batch: refused at preprocessing, in one line
+  naming the shard and why, and no file is left."""
+  path = _write(tmp_path / "three.txt", b"one\n\ntwo\n\nthree\n")
+  out = tmp_path / "out"
+  message = (
+      f"shard {out / shard_name(3, 4)} would hold no document: the inputs hold 3 documents "
+      "for num_shards=4 (documents go to shards round-robin); expected num_shards <= 3"
+  )
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    write_shards([path], str(out), BYTE, num_shards=4, num_workers=1)
+  assert not list(out.iterdir())

@@ -17,6 +17,7 @@ import io
 import json
 import multiprocessing
 import os
+import pathlib
 import struct
 import uuid
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,17 +49,52 @@ def _tensorflow():
 
 @dataclasses.dataclass(frozen=True)
 class VocabularySpec:
-  """A vocabulary by its data.vocabulary name (and tokenizer.json for "llada_hf"): picklable, so
-  tokenizer processes rebuild it instead of receiving it."""
+  """A vocabulary by its data.vocabulary name (and tokenizer.json for "llada_hf" and "hf", and for
+  "hf" its special ids, (name, id) pairs of hf_tokenizer.CONFIG_IDS): picklable, so tokenizer
+  processes rebuild it instead of receiving it."""
 
   name: str
   tokenizer: str | None = None
+  ids: tuple[tuple[str, int], ...] | None = None
 
   def build(self) -> seqio.Vocabulary:
     """The seqio Vocabulary this spec names; ConfigError for an unknown name or a missing file."""
     from llada_jax.data.vocab import vocabulary_by_name  # pylint: disable=g-import-not-at-top
 
-    return vocabulary_by_name(self.name, self.tokenizer or "")
+    ids = None if self.ids is None else dict(self.ids)
+    return vocabulary_by_name(self.name, self.tokenizer or "", ids)
+
+  @classmethod
+  def of_tokenizer(cls, path: str) -> VocabularySpec:
+    """The spec of any model's tokenizer.json: "llada_hf" for LLaDA's (it names EOS and the mask
+    by their text), else "hf" (what `train.init_from` of that model's folder trains with), its BOS
+    and EOS those the files beside it name (config.json, generation_config.json,
+    tokenizer_config.json: read as the Llama import reads them; -1 where none does) and no mask id
+    (a converted model's mask is a row its import appends). The shards hold no special id: these
+    are recorded in the manifest, not written.
+
+    Raises:
+      ConfigError: no such file. CheckpointError: an unreadable tokenizer or config file.
+    """
+    # pylint: disable=g-import-not-at-top
+    from llada_jax.data.hf_tokenizer import CONFIG_IDS, SPECIAL_TOKENS, HFTokenizer
+    from llada_jax.interop.llama import _named_special_ids
+
+    # pylint: enable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise ConfigError(
+          f"--vocabulary={path} is not allowed: expected byte, spm8k or the path "
+          "of a tokenizer.json, and no such file exists"
+      )
+    texts = HFTokenizer(path, dict.fromkeys(CONFIG_IDS, -1))
+    if all(texts.token_id(SPECIAL_TOKENS[name]) != -1 for name in ("eos_id", "mask_id")):
+      return cls("llada_hf", path)
+    named = _named_special_ids(pathlib.Path(path).parent, texts)
+    ids = {name: -1 for name in CONFIG_IDS}
+    for field, found in named.items():
+      if found and found[0][1]:
+        ids[field.replace("_token", "")] = found[0][1][0]  # bos_token_id -> bos_id
+    return cls("hf", path, tuple(ids.items()))
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -254,6 +290,18 @@ class _ShardWriter:
         self._gfile.remove(temporary)
 
 
+def _check_no_empty_shard(shards: _ShardWriter) -> None:
+  """ConfigError (one line) naming the first shard that would hold no document: its training
+  host would read no batch."""
+  if 0 in shards.documents:
+    total = sum(shards.documents)
+    raise ConfigError(
+        f"shard {shards.paths[shards.documents.index(0)]} would hold no document: the inputs "
+        f"hold {total} documents for num_shards={len(shards.paths)} (documents go to shards "
+        f"round-robin); expected num_shards <= {total}"
+    )
+
+
 def _check_inputs(input_files: list[str], num_shards: int, num_workers: int, errors: str) -> None:
   """ConfigError (one line) for missing inputs or bad shard/worker/error-mode settings."""
   tf = _tensorflow()
@@ -318,6 +366,7 @@ def write_examples(
   try:
     for example, num_tokens in examples:
       shards.write(example, num_tokens)
+    _check_no_empty_shard(shards)
   except BaseException:
     shards.abort()
     raise
@@ -327,6 +376,7 @@ def write_examples(
       "vocabulary": vocabulary.name,
       "vocab_size": vocab_size,
       "tokenizer": vocabulary.tokenizer,
+      **({} if vocabulary.ids is None else {"special_ids": dict(vocabulary.ids)}),
       "num_shards": num_shards,
       "index_every": INDEX_EVERY,
       "files": [

@@ -5,6 +5,7 @@ next to `run.json` (the run's size and accounting)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Mapping
@@ -68,6 +69,36 @@ def run_description(config: ml_collections.ConfigDict, num_params: int) -> dict:
   }
 
 
+@functools.cache  # registers once per process
+def _close_gs_event_files_once() -> None:
+  """Registers tensorboardX's gs:// event writer with a close that runs once.
+
+  tensorboardX's GCSRecordWriter uploads its whole buffer again whenever it is garbage collected,
+  closed or not, and each SummaryWriter's atexit hook keeps it alive until the interpreter's
+  teardown: every process that wrote to a bucket uploaded each event file once more at exit, and
+  with the bucket out of reach by then (a network gone, a test's local server stopped) retried for
+  120 s before exiting. Here an event file uploads at each flush and at its close, and never after.
+  """
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+
+  class ClosingOnce(record_writer.GCSRecordWriter):
+    """record_writer.GCSRecordWriter whose close (and __del__) after a close does nothing."""
+
+    closed = False
+
+    def close(self) -> None:
+      if not self.closed:
+        self.closed = True
+        super().close()
+
+  class Factory(record_writer.GCSRecordWriterFactory):
+
+    def open(self, path: str) -> record_writer.GCSRecordWriter:
+      return ClosingOnce(path)
+
+  record_writer.register_writer_factory("gs", Factory())
+
+
 class MetricWriter:
   """Writes scalars to the log and to TensorBoard event files in `<workdir>/tensorboard`; with an
   Accounting also to `<workdir>/metrics.jsonl` with tokens and FLOPs, which go to TensorBoard too
@@ -89,6 +120,9 @@ class MetricWriter:
     self._flushed = time.monotonic()
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+      if self._remote:
+        _close_gs_event_files_once()
 
       self._tb = SummaryWriter(
           str(storage.path(workdir) / "tensorboard"),
