@@ -310,13 +310,26 @@ def test_llada_scaling_prints_and_writes_the_block_fit(three, tmp_path):
   assert document["multipliers"]["block_vs_mdm"]["k"] == pytest.approx(0.75 ** (1 / 0.3), rel=1e-3)
 
 
+# The ladder's budgets (configs/scaling/cpu.py, docs/scaling_study.md): where the study reads its
+# fits.
+BUDGETS = (2.5e11, 1e12, 4e12, 1.2e13, 4e13)
+
+
+def _predict(fit, compute):
+  """L(C) = a (C / scale)^-b + c of a fits document's entry, by hand."""
+  return fit["a"] * (np.asarray(compute) / fit["scale"]) ** -fit["b"] + fit["c"]
+
+
 @pytest.mark.parametrize(
     "name, flags",
     [("scaling", []), ("scaling_above_1e12", ["--min_compute=1e12", "--noirreducible"])],
 )
 def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
   """docs/scaling_study: the CPU ladder's runs (MDM, ARM and block twins), their plots and fits
-  (docs/scaling_study.md)."""
+  (docs/scaling_study.md). What the study states is compared to the precision it states it, not
+  the optimizer's last digits: a parameter at its bound (c = 0 for the MDM and block fits) is any
+  number from 1e-26 to 1e-13 depending on the scipy and BLAS build, and a least-squares fit that
+  stops at scipy's default tolerances (1e-8) moves a parameter by up to ~1e-6."""
   image = pytest.importorskip("matplotlib.image")
   study = pathlib.Path(__file__).resolve().parent.parent / "docs" / "scaling_study"
   result = subprocess.run(
@@ -337,18 +350,28 @@ def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
   want = json.loads((study / f"{name}.json").read_text())
   assert got["runs"] == want["runs"] and len(got["runs"]) == 15
   assert set(got["fits"]) == set(want["fits"]) == {"mdm", "arm", "block"}
-  for objective in want["fits"]:
-    for key in ("a", "b", "c", "b_interval", "c_interval"):
-      np.testing.assert_allclose(
-          got["fits"][objective][key], want["fits"][objective][key], rtol=1e-6
-      )
-  np.testing.assert_allclose(got["multiplier"]["k"], want["multiplier"]["k"], rtol=1e-6)
+  budgets = [c for c in BUDGETS if c >= want["min_compute"]]
+  for objective, fit in want["fits"].items():
+    mine = got["fits"][objective]
+    assert (mine["n_points"], mine["runs"]) == (fit["n_points"], fit["runs"])
+    # The fitted loss at the ladder's budgets: the study quotes bits/byte to 0.01 (3e-3 of these
+    # losses) and its fits miss their points by 2-3% (rms log residual); 1e-4 is far inside both.
+    np.testing.assert_allclose(_predict(mine, budgets), _predict(fit, budgets), rtol=1e-4)
+    # Exponents are quoted to 3 decimals, c to 2 (bits/byte): half a unit of the last quoted
+    # digit of b and c and of the bootstrap intervals' ends (the table of docs/scaling_study.md).
+    np.testing.assert_allclose(mine["b"], fit["b"], rtol=0, atol=5e-4)
+    np.testing.assert_allclose(mine["b_interval"], fit["b_interval"], rtol=0, atol=5e-4)
+    np.testing.assert_allclose(mine["c"], fit["c"], rtol=0, atol=5e-3)
+    np.testing.assert_allclose(mine["c_interval"], fit["c_interval"], rtol=0, atol=5e-3)
+  # Multipliers are quoted to 2 significant figures. k = (a / (L_ref - c))^(1/b) / C multiplies a
+  # relative change of the losses by 1/b (about 20 here): 1e-3 on k is 5e-5 on a loss. An interval
+  # end is one bootstrap refit's k (the 16th or 84th percentile, "nearest"): 1e-2, a fifth of
+  # the quoted precision.
+  np.testing.assert_allclose(got["multiplier"]["k"], want["multiplier"]["k"], rtol=1e-3)
   assert list(got["multipliers"]) == list(want["multipliers"]) and len(want["multipliers"]) == 3
   for pair, m in want["multipliers"].items():
-    np.testing.assert_allclose(
-        [got["multipliers"][pair]["k"], *got["multipliers"][pair]["interval"]],
-        [m["k"], *m["interval"]],
-        rtol=1e-6,
-    )
+    assert got["multipliers"][pair]["at"] == m["at"]  # the largest compute of the two, exact
+    np.testing.assert_allclose(got["multipliers"][pair]["k"], m["k"], rtol=1e-3)
+    np.testing.assert_allclose(got["multipliers"][pair]["interval"], m["interval"], rtol=1e-2)
   drawn, committed = image.imread(tmp_path / f"{name}.png"), image.imread(study / f"{name}.png")
   assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01

@@ -154,13 +154,38 @@ def test_remat_policies_are_exactly_the_configs_names():
 
 
 def test_random_streams_keep_their_numbers():
-  """The stream numbers are folded into every key of a run: renumbering changes every result."""
+  """The stream numbers are folded into every key of a run: renumbering changes every result.
+  The keys a run uses, against keys.py's rule with the numbers written out: parameters from
+  fold_in(PRNGKey(seed), 0), step k of training (evaluation) from
+  fold_in(fold_in(PRNGKey(seed), 1 (2)), k)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from conftest import make_tiny_config  # pylint: disable=import-outside-toplevel
   from llada_jax.keys import Stream  # pylint: disable=import-outside-toplevel
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=import-outside-toplevel
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.state import create_train_state  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.step import step_rng  # pylint: disable=import-outside-toplevel
 
   assert {s.name: int(s) for s in Stream} == {"INIT": 0, "TRAIN": 1, "EVAL": 2}
-  np.testing.assert_array_equal(
-      jax.random.fold_in(jax.random.PRNGKey(3), Stream.TRAIN),
-      jax.random.fold_in(jax.random.PRNGKey(3), 1),
+  config = make_tiny_config()
+  config.seed = 3
+  seed = jax.random.PRNGKey(3)
+  for stream, number in ((Stream.TRAIN, 1), (Stream.EVAL, 2)):
+    np.testing.assert_array_equal(
+        step_rng(config, jnp.int32(5), stream=stream),
+        jax.random.fold_in(jax.random.fold_in(seed, number), 5),
+    )
+  lm = MaskedDiffusionLM(config)
+  state, _ = create_train_state(
+      config, lm, make_optimizer(config), make_mesh(config, jax.devices()[:1], check_batch=False)
+  )
+  model = Transformer(ModelConfig.from_config(config))
+  want = model.init(jax.random.fold_in(seed, 0), jnp.zeros((1, 8), jnp.int32))["params"]
+  jax.tree.map(  # jit and eager initialisers differ in the last bit; another key in every digit
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      jax.device_get(state.params),
+      nn.meta.unbox(want),
   )
   pytest.importorskip("tensorflow")
   from llada_jax.data.features import Purpose  # pylint: disable=import-outside-toplevel

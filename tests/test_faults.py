@@ -84,12 +84,28 @@ def test_monte_carlo_batch_shrinks_to_mc_num_and_bad_flags_fail_before_any_task(
 
 
 def test_likelihood_with_fewer_samples_than_a_batch(spm_workdir):
+  """mc_num=4 below a batch of 16: the estimate is the mean of 4 samples of LLaDA's bound. With a
+  two-token answer a sample takes one of three values, computed here from the plain network's
+  logits: l = 1 of L = 2 tokens masked (either one), weight L / l = 2, or both masked, weight 1;
+  the estimate is one of the 15 means of 4 of them."""
+  import itertools  # pylint: disable=g-import-not-at-top
   from llada_jax.diffusion.likelihood import log_likelihood  # pylint: disable=g-import-not-at-top
   from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.model import logits  # pylint: disable=g-import-not-at-top
 
   config, params = load_model(spm_workdir)
-  result = log_likelihood(config, params, [5, 6, 7], [8, 9], mc_num=4, batch_size=16)
-  assert np.isfinite(result.log_likelihood)
+  prompt, answer = [5, 6, 7], [8, 9]
+  result = log_likelihood(config, params, prompt, answer, mc_num=4, batch_size=16)
+  mask = config.tokens.mask_id
+  subsets = [(0,), (1,), (0, 1)]
+  rows = [prompt + [mask if i in s else a for i, a in enumerate(answer)] for s in subsets]
+  logp = np.asarray(jax.nn.log_softmax(logits(config, params, np.asarray(rows))), np.float64)
+  values = [
+      len(answer) / len(s) * sum(logp[r, len(prompt) + i, answer[i]] for i in s)
+      for r, s in enumerate(subsets)
+  ]
+  means = [np.mean(c) for c in itertools.combinations_with_replacement(values, 4)]
+  assert np.min(np.abs(np.asarray(means) - result.log_likelihood)) < 1e-4, (result, values)
 
 
 def test_chat_with_byte_and_spm8k_models(spm_workdir, tmp_path):
@@ -170,3 +186,62 @@ def test_a_fit_from_two_runs_carries_a_warning(tmp_path):
     )
   document, _, _ = analyse(tmp_path, "flops", "frontier", None, 0, None, 0.0, True)
   assert any("from 2 runs" in w for w in document["warnings"])
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="Linux /proc")
+def test_a_lock_whose_pid_now_belongs_to_a_later_process_is_stale(tmp_path):
+  """A trainer killed on this host leaves its lock, and the kernel gives its pid to another
+  process. The lock records the holder's start time (/proc/<pid>/stat, field 22); the process now
+  at that pid started at another time, so the lock is taken over as stale, not refused as in use.
+  With that process's own start time the lock is refused."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.workdir_lock import LOCK_NAME, WorkdirLock  # pylint: disable=g-import-not-at-top
+
+  later = subprocess.Popen(["sleep", "60"])
+  try:
+    stat = pathlib.Path(f"/proc/{later.pid}/stat").read_text(encoding="utf-8")
+    started = int(stat.rsplit(")", 1)[1].split()[19])
+    killed = {"pid": later.pid, "host": socket.gethostname(), "started": "earlier"}
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps(dict(killed, process_start=started - 1)))
+    taker = WorkdirLock(tmp_path)
+    taker.acquire()
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taker.release()
+    lock.write_text(json.dumps(dict(killed, process_start=started)))
+    with pytest.raises(ConfigError, match=f"in use by another trainer: pid {later.pid} on "):
+      WorkdirLock(tmp_path).acquire()
+  finally:
+    later.kill()
+    later.wait()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_next_newest(tmp_path):
+  """Checkpoints 1, 2 and 3, each with its own parameters: with 3 damaged the newest readable one
+  is 2 (not the oldest, 1); with 3 and 2 damaged it is 1."""
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model_and_step  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.checkpoint.keep = 3
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
+  state, _ = create_train_state(
+      config, model, tx, make_mesh(config, jax.devices()[:1], check_batch=False)
+  )
+  saved = {}
+  saver = checkpoint.Checkpointer(tmp_path, config)
+  for step in (1, 2, 3):
+    saved[step] = jax.tree.map(lambda p, k=step: np.asarray(p) + k, jax.device_get(state.params))
+    saver.save(step, state.replace(params=saved[step]), force=True)
+    saver.wait()
+  saver.close()
+  for damaged, want in (((3,), 2), ((3, 2), 1)):
+    for step in damaged:
+      for path in (checkpoint.checkpoint_dir(tmp_path) / str(step) / "state").glob("ocdbt.*/d/*"):
+        path.write_bytes(path.read_bytes()[:7])  # a crash: every tensor file cut short
+    step, _, params = load_model_and_step(tmp_path)
+    assert step == want
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[want])

@@ -155,10 +155,12 @@ def test_rope_matches_rotate_half_reference():
       rtol=1e-5,
       atol=1e-5,
   )
-  # Position 0 is the identity, and the rotation preserves norms.
-  np.testing.assert_allclose(
-      apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)[:, 0], x[:, 0], rtol=1e-6
-  )
+  # Position 0 is the identity, and the rotation preserves norms: every head vector's, at every
+  # position, near and far.
+  near = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), theta))
+  np.testing.assert_allclose(near[:, 0], x[:, 0], rtol=1e-6)
+  for out in (near, np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(far), theta, 128))):
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -296,7 +296,13 @@ def test_aot_compile_reports_per_device_state_bytes(monkeypatch):
       - memory.alias_size_in_bytes
   )
   assert report.temp_bytes > 0 and report.output_bytes >= state_bytes
-  assert report.flops_per_device > 0 and report.model_flops_per_step > 0
+  cost = compiled[-1].cost_analysis()
+  assert report.flops_per_device == (cost[0] if isinstance(cost, list) else cost)["flops"] > 0
+  # Model FLOPs by hand (docs/llada.md): 6 N_matmul + 12 n_layers S d per token, N_matmul every
+  # weight but the embedding lookup, over the global batch's tokens.
+  tokens = config.data.batch_size * length
+  per_token = 6 * (split - v * d) + 12 * layers * length * d
+  assert report.model_flops_per_step == per_token * tokens
 
 
 def test_compile_command_line_on_fake_devices():
