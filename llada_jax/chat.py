@@ -40,11 +40,14 @@ def _chat(argv: list[str]) -> None:
   from llada_jax.data.hf_tokenizer import ChatMessage  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.ending import end_answer  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
-  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model, stored_config  # pylint: disable=g-import-not-at-top
 
   if not _CHECKPOINT.value:
     raise ConfigError("--checkpoint is required: an HF LLaDA folder or a workdir")
   sampler_flags.check_given()  # before the model loads
+  stored = stored_config(_CHECKPOINT.value)
+  if stored is not None:  # what the model's own config refuses, before its parameters load
+    sampler_flags.validated_options(stored)
   config, params = load_model(_CHECKPOINT.value, _TOKENIZER.value)
   options = sampler_flags.validated_options(config)
   codec = text_codec(config)

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from llada_jax import storage
-from llada_jax.checkpoint import restore_newest
+from llada_jax.checkpoint import newest_stored_config, restore_newest
 from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.errors import ConfigError
 from llada_jax.lm import MaskedDiffusionLM
@@ -85,6 +85,25 @@ def load_model_and_step(
         config.data.tokenizer = storage.cached_local_copy(candidate)
         break
   return step, config, params
+
+
+def stored_config(path: storage.PathLike) -> ml_collections.ConfigDict | None:
+  """The config `load_model(path)` will load, read without any parameter (so that a command can
+  check its options against the model before the heavy work): an HF folder's config.json, or the
+  newest readable stored config of a workdir; None when there is none to read (load_model then
+  says why).
+
+  Raises:
+    CheckpointError: a stored config or config.json this version cannot use.
+  """
+  root = storage.path(path)
+  if not root.exists():
+    return None
+  if (root / "config.json").is_file():
+    from llada_jax.interop.formats import hf_format  # pylint: disable=g-import-not-at-top
+
+    return hf_format(str(path))[0](path)
+  return newest_stored_config(path)
 
 
 def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:

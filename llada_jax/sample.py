@@ -51,7 +51,7 @@ def _parse_ids(texts: list[str]) -> list[list[int]]:
 def _sample(argv: list[str]) -> None:
   """The `llada-sample` command: flags checked, model loaded, answers printed (and saved)."""
   del argv
-  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model, stored_config  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.text import sample  # pylint: disable=g-import-not-at-top
 
   path = _CHECKPOINT.value or _WORKDIR.value
@@ -61,6 +61,9 @@ def _sample(argv: list[str]) -> None:
     raise ConfigError("--prompt and --prompt_ids are not allowed together: give one of them")
   ids = _parse_ids(_PROMPT_IDS.value) if _PROMPT_IDS.value else None
   sampler_flags.check_given()  # before the model loads
+  stored = stored_config(path)
+  if stored is not None:  # what the model's own config refuses, before its parameters load
+    sampler_flags.validated_options(stored)
   config, params = load_model(path)
   options = sampler_flags.validated_options(config)
   result = sample(

@@ -134,7 +134,10 @@ def test_block_size_one_shifted_likelihood_is_the_causal_chain_rule(params):
   got = log_likelihood(config, params, prompt, answer, mc_num=2, batch_size=2)
   want = _causal_logp(params, config, jnp.asarray([prompt + answer]))[0, len(prompt) - 1 :].sum()
   np.testing.assert_allclose(got.log_likelihood, want, rtol=2e-5)
-  assert float(got.stderr) < 1e-5  # B = 1: every sample is the same exact chain rule
+  assert float(got.stderr) == 0.0  # B = 1: every sample is the same exact chain rule
+  one = log_likelihood(config, params, prompt, answer, mc_num=1, batch_size=1)
+  np.testing.assert_allclose(one.log_likelihood, want, rtol=2e-5)
+  assert float(one.stderr) == 0.0
 
 
 def test_mdm_one_token_likelihood_reads_the_prompts_last_logits(params):
@@ -201,3 +204,13 @@ def test_a_run_stores_the_concrete_alignment_and_a_resume_keeps_it(tmp_path):
   explicit = make_tiny_config()
   explicit.diffusion.logit_alignment = "same"
   assert _config_of_run(explicit, shifted).diffusion.logit_alignment == "same"
+
+
+def test_the_trainer_refuses_a_shifted_arm_before_resolving_it(tmp_path):
+  from llada_jax.training.loop import train  # pylint: disable=import-outside-toplevel
+
+  arm = make_tiny_config(causal=True)
+  arm.diffusion.logit_alignment = "shifted"
+  with pytest.raises(ConfigError, match="^diffusion.logit_alignment='shifted' is not allowed"):
+    train(arm, tmp_path / "arm")
+  assert not (tmp_path / "arm").exists()

@@ -277,3 +277,24 @@ def test_imported_llama_log_likelihood_is_transformers(imported_llama):
   want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
   got = log_likelihood(config, params, prompt, answer, mc_num=1, batch_size=1)
   np.testing.assert_allclose(float(got.log_likelihood), want, rtol=0, atol=2e-4)
+
+
+def test_an_existing_token_as_the_mask_stays_in_the_softmax(tmp_path_factory):
+  """`from-hf --mask_id=5` takes a real token of the Llama as the mask: the ARM still predicts
+  it, scores text holding it and generates as transformers does."""
+  from llada_jax.interop.llama import load_llama  # pylint: disable=g-import-not-at-top
+
+  folder, model, torch = _hf_llama(tmp_path_factory)
+  config, params = load_llama(folder, mask_id=5, dtype="float32")
+  prompt, answer = [1, 5, 6, 7], [30, 5, 32, 5]
+  with torch.no_grad():
+    hf_logits = model(torch.tensor([prompt + answer])).logits[0].double()
+  logp = torch.log_softmax(hf_logits, -1).numpy()
+  want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
+  got = log_likelihood(config, params, prompt, answer, mc_num=1, batch_size=1)
+  np.testing.assert_allclose(float(got.log_likelihood), want, rtol=0, atol=2e-4)
+  with torch.no_grad():
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=GEN, do_sample=False, pad_token_id=0)
+  ours = generate(config, params, np.asarray([prompt]), gen_length=GEN, steps=GEN, block_length=GEN)
+  hf = hf[0, len(prompt) :].tolist()
+  np.testing.assert_array_equal(np.asarray(ours)[0, len(prompt) : len(prompt) + len(hf)], hf)

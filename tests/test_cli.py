@@ -240,3 +240,21 @@ def test_sample_error_names_a_default_as_the_checkpoints_default(two_layer_workd
       "error: --steps=6 is not allowed: expected at most gen_length=4 (one token "
       "per step at least)"
   ], result.stderr[-2000:]
+
+
+def test_an_option_the_model_refuses_is_refused_before_its_parameters_load(tmp_path):
+  """llada-sample checks the options against the checkpoint's stored config first: on an ARM
+  whose parameters cannot be read, --cfg_scale is what the one line names (not the checkpoint);
+  an ARM takes any gen_length (its steps and blocks play no part)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from conftest import make_tiny_config, write_workdir  # pylint: disable=import-outside-toplevel
+
+  workdir = write_workdir(tmp_path / "arm", make_tiny_config(causal=True))
+  result = _run("llada_jax.sample", f"--workdir={workdir}", "--prompt_ids=5,6", "--gen_length=5")
+  assert result.returncode == 0, result.stderr[-2000:]
+  shutil.rmtree(tmp_path / "arm" / "checkpoints" / "0" / "state")
+  _assert_one_line_error(
+      _run("llada_jax.sample", f"--workdir={workdir}", "--prompt_ids=5,6", "--cfg_scale=1"),
+      "--cfg_scale=1.0 is not allowed for an autoregressive model",
+  )

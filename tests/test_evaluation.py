@@ -463,3 +463,18 @@ def test_pairs_longer_than_the_model_keep_their_newest_tokens():
   assert continuations[0] == codec.encode(" short") and len(contexts[0]) == 50
   assert continuations[1] == codec.encode(" " + "x" * 70)[-63:] and contexts[1] == [ord("c")]
   assert contexts[2] == codec.encode("fits") and continuations[3] == codec.encode(" b")
+
+
+def test_evaluate_names_a_sampler_default_as_the_checkpoints_not_as_typed():
+  config = make_tiny_config()  # config.sampling: steps 8, gen_length 16, block_length 8
+  options = EvalOptions(tasks=("gsm8k",), sampler={"gen_length": 12})
+  with pytest.raises(
+      ConfigError,
+      match=r"^config.sampling.block_length=8 \(the checkpoint's default; no --sampler.block_length"
+      r" was given\) is not allowed: expected a divisor of gen_length=12$",
+  ):
+    harness.check_options(options, config)
+  with pytest.raises(ConfigError, match=r"^--sampler.block_length=5 is not allowed"):
+    harness.check_options(EvalOptions(tasks=("gsm8k",), sampler={"block_length": 5}), config)
+  arm = make_tiny_config(causal=True)  # its steps and blocks play no part: any gen_length
+  harness.check_options(options, arm)

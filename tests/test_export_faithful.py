@@ -257,3 +257,23 @@ def test_what_cannot_be_read_or_written_faithfully_is_refused_in_one_line(tmp_pa
   (tmp_path / "llama_out" / "config.json").write_text(json.dumps(dict(hf, mask_token_id=VOCAB)))
   message = _one_line(CheckpointError, load_model, str(tmp_path / "llama_out"))
   assert f"mask_token_id={VOCAB} is not allowed" in message
+
+
+def test_an_export_into_a_folder_of_other_files_is_refused_and_an_earlier_one_replaced(tmp_path):
+  """A folder holding another model's files (a generation_config.json, a tokenizer) is refused
+  before anything is written or read: they would be read back with the export. An earlier
+  export's tokenizer.json, which a byte model does not write, is removed."""
+  workdir = write_workdir(str(tmp_path / "work"), make_tiny_config())
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "generation_config.json").write_text("{}")
+  (other / "tokenizer.json").write_text("{}")
+  message = _one_line(ConfigError, to_hf, workdir, str(other), "float32", "5GB")
+  assert message.startswith(f"--out={other} is not allowed: it holds files that are not an")
+  assert "generation_config.json" in message
+  assert sorted(p.name for p in other.iterdir()) == ["generation_config.json", "tokenizer.json"]
+  out = tmp_path / "out"
+  to_hf(workdir, str(out), "float32", "5GB")
+  (out / "tokenizer.json").write_text("{}")  # as an earlier export of a tokenizer model left it
+  to_hf(workdir, str(out), "float32", "5GB")
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

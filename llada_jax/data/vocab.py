@@ -9,6 +9,7 @@ data.tokenizer; "hf": any other model's tokenizer.json, its BOS/EOS/mask ids the
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping
 
@@ -68,3 +69,29 @@ def get_vocabulary(config: ml_collections.ConfigDict):
         "and the model needs one more for the mask id"
     )
   return vocabulary
+
+
+def real_token_count(config: ml_collections.ConfigDict) -> int | None:
+  """The number of ids the vocabulary's tokenizer can emit (its real tokens): the shipped
+  vocabulary's size, or the tokenizer.json's ("llada_hf", "hf"); None when that file is not at
+  hand."""
+  size = VOCABULARY_SIZES[config.data.vocabulary]
+  if size is not None:
+    return size
+  tokenizer = config.data.tokenizer
+  return _tokenizer_size(tokenizer) if tokenizer and os.path.isfile(tokenizer) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_size(path: str) -> int:
+  from llada_jax.data.hf_tokenizer import CONFIG_IDS, HFTokenizer  # pylint: disable=g-import-not-at-top
+
+  return HFTokenizer(path, dict.fromkeys(CONFIG_IDS, -1)).vocab_size
+
+
+def mask_is_a_token(config: ml_collections.ConfigDict) -> bool:
+  """Whether tokens.mask_id is one of the vocabulary's real tokens (`real_token_count`; without
+  the tokenizer at hand: any row but the last, which is taken as an appended mask row), rather
+  than a row of its own (the shipped vocabularies' mask, an imported Llama's appended row)."""
+  count = real_token_count(config)
+  return config.tokens.mask_id < (config.model.vocab_size - 1 if count is None else count)

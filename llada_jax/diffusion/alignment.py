@@ -68,10 +68,19 @@ def shift(values: jax.Array, positions: jax.Array, first: jax.Array | None = Non
   return jnp.where(keep, previous, values)
 
 
-def next_token_logits(logits: jax.Array, mask_id: int) -> jax.Array:
-  """An autoregressive model's logits [..., V] with the mask token's column at -inf.
+def excluded_mask_id(config: ml_collections.ConfigDict) -> int | None:
+  """The id an autoregressive model never predicts: tokens.mask_id when it is a row of its own
+  (the shipped vocabularies' mask, an imported Llama's appended row), None when it is one of the
+  vocabulary's real tokens (`llada-convert from-hf --mask_id`), which text may hold."""
+  from llada_jax.data.vocab import mask_is_a_token  # pylint: disable=g-import-not-at-top
 
-  A causal model never predicts the mask token (it is the diffusion models' input symbol; for an
-  imported Llama one appended embedding row), so its column is left out of the softmax's
-  normaliser in the loss, every scorer and the sampler alike."""
-  return logits.at[..., mask_id].set(-jnp.inf)
+  return None if mask_is_a_token(config) else config.tokens.mask_id
+
+
+def next_token_logits(logits: jax.Array, excluded: int | None) -> jax.Array:
+  """An autoregressive model's logits [..., V] with the column of `excluded_mask_id` at -inf.
+
+  A causal model never predicts the mask token (the diffusion models' input symbol), so its
+  column is left out of the softmax's normaliser in the loss, every scorer and the sampler
+  alike."""
+  return logits if excluded is None else logits.at[..., excluded].set(-jnp.inf)

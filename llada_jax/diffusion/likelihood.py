@@ -161,7 +161,7 @@ def compiled_scorer(
         shifted,
     )
   if config.diffusion.objective == "arm":
-    return _compiled_arm_scorer(model_cfg, mask_id)
+    return _compiled_arm_scorer(model_cfg, alignment.excluded_mask_id(config))
   return _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg, shifted)
 
 
@@ -213,7 +213,7 @@ def check_pairs(
           "an empty prompt is not allowed for an autoregressive model: expected at least one "
           "token before the answer (e.g. BOS or EOS) to predict its first token from"
       )
-    if causal and config.tokens.mask_id in a:
+    if causal and config.tokens.mask_id in a and alignment.excluded_mask_id(config) is not None:
       raise ConfigError(
           f"answer token id {config.tokens.mask_id} (tokens.mask_id) is not allowed for an "
           "autoregressive model: it never predicts the mask token"
@@ -418,20 +418,28 @@ def _compiled_block_scorer(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, clean).reshape(masked.shape)
     return jnp.sum(jnp.where(masked, ce * weight, 0.0), axis=-1)
 
-  return _monte_carlo(batch_losses, num_batches, batch_size)
+  score = _monte_carlo(batch_losses, num_batches, batch_size)
+  if block_size > 1:
+    return score
+
+  def exact(*args):  # B = 1: every sample is the same chain rule, its standard error 0
+    estimate, _ = score(*args)
+    return estimate, jnp.zeros_like(estimate)
+
+  return exact
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_arm_scorer(model_cfg: ModelConfig, mask_id: int):
+def _compiled_arm_scorer(model_cfg: ModelConfig, excluded: int | None):
   """The exact log-likelihood of an autoregressive model: score(params, tokens, valid,
   is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0),
-  the mask token outside the softmax (`alignment.next_token_logits`)."""
+  the mask row `excluded` outside the softmax (`alignment.next_token_logits`)."""
   model = Transformer(model_cfg)
 
   @jax.jit
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     del keys, cfg_scale
-    logits = next_token_logits(apply_model(model, params, tokens, valid)[:, :-1], mask_id)
+    logits = next_token_logits(apply_model(model, params, tokens, valid)[:, :-1], excluded)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     total = -jnp.sum(jnp.where(is_answer[:, 1:], ce, 0.0), axis=-1)
     return total, jnp.zeros_like(total)

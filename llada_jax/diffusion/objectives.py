@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llada_jax.diffusion.alignment import next_token_logits
+from llada_jax.diffusion.alignment import excluded_mask_id, next_token_logits
 from llada_jax.diffusion.masking import noise_batch
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens, attention_mask) -> logits
@@ -164,12 +164,12 @@ def sft_loss(
 
 
 def autoregressive_loss(
-    apply_fn: ApplyFn, tokens: jax.Array, mask_id: int, reduction: str = "mean"
+    apply_fn: ApplyFn, tokens: jax.Array, excluded: int | None, reduction: str = "mean"
 ) -> tuple[jax.Array, Metrics]:
   """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L],
-  the mask token left out of the softmax (`alignment.next_token_logits`): the batch mean, or per
-  row [B] with reduction="sequence"."""
-  logits = next_token_logits(apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1], mask_id)
+  the id `excluded` (the mask row, `alignment.excluded_mask_id`; None: none) left out of the
+  softmax: the batch mean, or per row [B] with reduction="sequence"."""
+  logits = next_token_logits(apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1], excluded)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
   loss = jnp.mean(ce, axis=-1) if reduction == "sequence" else jnp.mean(ce)
   return loss, {"loss": loss}
@@ -255,7 +255,7 @@ def arm_objective(
   return autoregressive_loss(
       lambda tokens, mask: lm.apply(params, tokens, mask),
       batch["targets"],
-      lm.config.tokens.mask_id,
+      excluded_mask_id(lm.config),
       reduction,
   )
 

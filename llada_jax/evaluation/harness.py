@@ -67,7 +67,7 @@ def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None
   Monte-Carlo numbers, limits, GSM8K prompt settings, each given sampler option and, given the
   model's config, the sampler options of generation tasks together."""
   check_mc(options.mc_num, options.mc_batch_size, prefix="--")
-  check_sampling(options.sampler)
+  check_sampling(options.sampler, prefix="--sampler.")
   for name in ("elbo_samples", "generation_batch_size"):
     if getattr(options, name) < 1:
       raise ConfigError(
@@ -85,7 +85,7 @@ def check_options(options: EvalOptions, config: ml_collections.ConfigDict | None
         f"{', '.join(PROMPT_FORMATS)}"
     )
   if config is not None and "gsm8k" in options.tasks:
-    sampler_options(options, config).validate(config)
+    sampler_options(options, config).validate_given(config, options.sampler, "--sampler.")
 
 
 # A task runner: (model, options, progress factory or None, task name) -> (metrics, samples or

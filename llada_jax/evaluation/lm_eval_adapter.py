@@ -79,7 +79,8 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
   Precedence for generation: model_args given explicitly win over a task's gen_kwargs; gen_kwargs
   fill what they leave unset; config.sampling fills the rest. A task's max_gen_toks sets
   gen_length unless model_args give one: it is rounded up to a multiple of block_length (a block
-  longer than it becomes one block), and steps keeps the steps-per-token ratio of the
+  longer than it becomes one block; an ARM takes it as it is) and the answer is cut back to
+  max_gen_toks tokens, and steps keeps the steps-per-token ratio of the
   (steps, gen_length) of model_args or config.sampling, rounded up to whole steps per block and
   at most one step per token. do_sample=False means temperature 0; top_k and top_p truncate the
   proposals. Other gen_kwargs are ignored.
@@ -262,9 +263,16 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
             **dataclasses.asdict(options),
         )
         for i, answer in zip(numbers, answers):
+          answer = answer[: self._token_limit(requests[i].args[1])]
           texts[i] = cut_text(self.model.codec.decode(answer), stop_strings(requests[i].args[1]))
           self.cache_hook.add_partial("generate_until", requests[i].args, texts[i])
     return texts
+
+  def _token_limit(self, gen_kwargs: dict[str, Any] | None) -> int | None:
+    """The most answer tokens a request takes: its max_gen_toks (gen_length may be rounded up to
+    whole blocks), unless model_args set gen_length; None: no limit."""
+    max_gen_toks = (gen_kwargs or {}).get("max_gen_toks")
+    return None if max_gen_toks is None or "gen_length" in self.sampler else int(max_gen_toks)
 
   def _prefix_token(self) -> int:
     """The token before a text that has no context (lm-eval's convention): BOS, else EOS."""
@@ -333,7 +341,10 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
       gen_length = int(max_gen_toks)
       if gen_length < 1:
         raise ConfigError(f"max_gen_toks={max_gen_toks} is not allowed: expected a positive int")
-      if self.model.config.diffusion.objective != "block":  # a block model's blocks are fixed
+      objective = self.model.config.diffusion.objective
+      if objective == "arm":  # one token a step: exactly max_gen_toks, no blocks to round to
+        block_length = gen_length
+      elif objective != "block":  # a block model's blocks are fixed
         block_length = min(block_length, gen_length)
       gen_length = -(-gen_length // block_length) * block_length
     if gen_length != base.gen_length:

@@ -23,7 +23,7 @@ import numpy as np
 
 from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.data.hf_tokenizer import HFTokenizer
-from llada_jax.errors import CheckpointError
+from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import safetensors_io
 from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_from_hf, config_to_hf
 
@@ -374,13 +374,39 @@ WEIGHT_FILES = re.compile(
 
 
 def stale_weight_files(folder: Any, written: list[str]) -> list[Any]:
-  """The files of `folder` (a pathlib or storage path) named like an export's weight files or
-  index (WEIGHT_FILES, INDEX) that are not among `written` (names)."""
+  """The files of `folder` (a pathlib or storage path) named like an export's files (weights,
+  index: WEIGHT_FILES, INDEX; tokenizer.json) that are not among `written` (names)."""
   return [
       f
       for f in folder.iterdir()
-      if (WEIGHT_FILES.fullmatch(f.name) or f.name == INDEX) and f.name not in written
+      if is_export_file(f.name) and f.name != "config.json" and f.name not in written
   ]
+
+
+def is_export_file(name: str) -> bool:
+  """Whether a file of this name is one `save_hf` writes (config.json, weights, their index,
+  tokenizer.json)."""
+  return bool(WEIGHT_FILES.fullmatch(name)) or name in (INDEX, "config.json", "tokenizer.json")
+
+
+def check_export_folder(folder: Any, flag: str = "--out") -> None:
+  """ConfigError unless `folder` (a pathlib or storage path) is missing, empty or an earlier
+  export (its config.json names VOCABULARY_FIELD and every file is one `save_hf` writes): an
+  export never mixes its files with another model's (a generation_config.json or tokenizer
+  beside them would be read back with it) and never deletes what it did not write."""
+  if not folder.exists():
+    return
+  names = sorted(f.name for f in folder.iterdir())
+  if not names:
+    return
+  earlier = "config.json" in names and VOCABULARY_FIELD in read_json(folder / "config.json")
+  foreign = [n for n in names if not is_export_file(n)]
+  if not earlier or foreign:
+    what = ", ".join((foreign or names)[:3])
+    raise ConfigError(
+        f"{flag}={folder} is not allowed: it holds files that are not an earlier llada-convert "
+        f"export ({what}); expected a new or empty folder or an earlier export"
+    )
 
 
 def save_hf(
@@ -418,13 +444,15 @@ def save_hf(
     hf, tensors = config_to_hf(config), to_hf_tensors(config, params, dtype)
   (path / "config.json").write_text(json.dumps(hf, indent=2))
   tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
+  kept = []  # the files beside the weights this export writes
   if (
       config.data.vocabulary in TOKENIZER_VOCABULARIES
       and tokenizer is not None
       and tokenizer.is_file()
-      and (tokenizer.resolve() != (path / "tokenizer.json").resolve())
   ):
-    shutil.copyfile(tokenizer, path / "tokenizer.json")
+    if tokenizer.resolve() != (path / "tokenizer.json").resolve():
+      shutil.copyfile(tokenizer, path / "tokenizer.json")
+    kept.append("tokenizer.json")
   written: list[tuple[pathlib.Path, list[str]]] = []
   shard: dict[str, np.ndarray] = {}
   size = total = 0
@@ -448,7 +476,8 @@ def save_hf(
       else [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
   )
   partials = [partial.name for partial, _ in written]
-  for stale in stale_weight_files(path, names + partials + ([INDEX] if len(written) > 1 else [])):
+  index = [INDEX] if len(written) > 1 else []
+  for stale in stale_weight_files(path, names + partials + index + kept):
     stale.unlink()
   if len(written) == 1:
     written[0][0].rename(path / SINGLE)

@@ -49,6 +49,7 @@ from llada_jax.config import (
     validate,
 )
 from llada_jax.data.hf_tokenizer import CONFIG_IDS, HFTokenizer, config_ids
+from llada_jax.data.vocab import mask_is_a_token
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import hf_checkpoint
 from llada_jax.interop.hf_checkpoint import NameTable, Tensor
@@ -394,14 +395,9 @@ def exported_rows(config: ml_collections.ConfigDict) -> int:
   vocabulary's size, or the tokenizer.json's ("llada_hf", "hf"; without one the last row is taken
   as appended). A mask token inside the vocabulary is kept, and `config_to_llama` records it.
   """
-  m, t = config.model, config.tokens
-  if t.mask_id != m.vocab_size - 1:
-    return m.vocab_size
-  tokens = VOCABULARY_SIZES[config.data.vocabulary] or 0
-  tokenizer = pathlib.Path(config.data.tokenizer) if config.data.tokenizer else None
-  if config.data.vocabulary in TOKENIZER_VOCABULARIES and tokenizer and tokenizer.is_file():
-    tokens = HFTokenizer(tokenizer, dict.fromkeys(CONFIG_IDS, -1)).vocab_size
-  return m.vocab_size - 1 if t.mask_id >= tokens else m.vocab_size
+  m = config.model
+  appended = config.tokens.mask_id == m.vocab_size - 1 and not mask_is_a_token(config)
+  return m.vocab_size - 1 if appended else m.vocab_size
 
 
 def config_to_llama(

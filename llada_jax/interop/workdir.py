@@ -58,11 +58,13 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
 
   Raises:
     ConfigError: `out` is a training workdir (its config.json would hide the checkpoints from
-      every command), before anything is read.
+      every command) or a folder holding other files than an earlier export
+      (`check_export_folder`), before anything is read.
     CheckpointError: as load_model and save_hf.
   """
   from llada_jax.checkpoint import checkpoint_dir  # pylint: disable=g-import-not-at-top
   from llada_jax.interop.hf_checkpoint import (  # pylint: disable=g-import-not-at-top
+      check_export_folder,
       save_hf,
       stale_weight_files,
   )
@@ -73,6 +75,7 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
         f"--out={out} is not allowed: it is a training workdir (a config.json there would hide "
         "its checkpoints); expected a new folder or an earlier export"
     )
+  check_export_folder(storage.path(out))
   config, params = load_model(workdir)
   if not storage.is_remote(out):
     return [
@@ -81,8 +84,9 @@ def to_hf(workdir: str, out: str, dtype: str, max_shard_size: str) -> list[str]:
   with tempfile.TemporaryDirectory(prefix="llada_hf_") as folder:
     files = save_hf(config, params, folder, max_shard_size=max_shard_size, dtype=dtype)
     storage.path(out).mkdir(parents=True, exist_ok=True)
-    for local in sorted(pathlib.Path(folder).iterdir()):
-      storage.copy_file(local, storage.path(out) / local.name)
-    for stale in stale_weight_files(storage.path(out), [f.name for f in files]):
+    names = sorted(f.name for f in pathlib.Path(folder).iterdir())
+    for name in names:
+      storage.copy_file(pathlib.Path(folder) / name, storage.path(out) / name)
+    for stale in stale_weight_files(storage.path(out), names):
       stale.unlink()
   return [str(storage.path(out) / f.name) for f in files]

@@ -5,7 +5,7 @@ A causal model's logits at position i predict token i + 1, so the answer is writ
 step, left to right: the prompt runs once through the causal network (its keys and values written
 to the cache, its last position's logits predicting the first answer token), then each step
 samples a token from the last logits (`llada_jax.sampling.steps.propose`: temperature by
-Gumbel-max, top-k, top-p, never EOS with logits_eos_inf; never the mask token, which a causal
+Gumbel-max, top-k, top-p, never EOS with logits_eos_inf; never the mask row, which a causal
 model does not predict: `alignment.next_token_logits`) and runs that one token against the cache.
 A row that has emitted EOS or EoT writes EOS from then on, and the loop ends once every row has
 ended (what an ended row writes does not change, so a row's answer does not depend on its batch).
@@ -68,7 +68,7 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
       i, x, last, cache, ended = carry
       at = prompt_len + i
       x0, confidence, candidate = propose(
-          spec, rows, x, next_token_logits(last, spec.mask_id)[:, None], at, i, at + 1
+          spec, rows, x, next_token_logits(last, spec.excluded)[:, None], at, i, at + 1
       )
       x = commit_top_k(x, x0, confidence, candidate, jnp.ones((batch,), jnp.int32))
       token = jnp.where(ended, spec.eos_id, x[:, at])

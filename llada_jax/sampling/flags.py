@@ -10,14 +10,12 @@ options as `--sampler.*` instead (its --cfg_scale is the likelihood's).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import ml_collections
 from absl import flags
 
 from llada_jax.config import check_sampling
-from llada_jax.errors import ConfigError
 from llada_jax.sampling.options import SamplerOptions
 
 _DEFINE = {
@@ -56,27 +54,7 @@ def check_given() -> None:
 
 
 def validated_options(config: ml_collections.ConfigDict) -> SamplerOptions:
-  """options_from_flags(config) validated for the model (`SamplerOptions.validate`).
-
-  Raises:
-    ConfigError: as validate, naming a given option as typed (--steps=6) and one that was not
-      given as the checkpoint's default (config.sampling.steps=112), which no flag on the command
-      line holds.
-  """
-  try:
-    return options_from_flags(config).validate(config, prefix="--")
-  except ConfigError as e:
-    raise ConfigError(_name_default(str(e))) from None
-
-
-def _name_default(message: str) -> str:
-  """message with its leading `--name=value`, if no --name was given, as config.sampling's."""
-  match = re.match(r"--(\w+)=", message)
-  if not match or match.group(1) not in SAMPLER_FLAGS or match.group(1) in given():
-    return message
-  name = match.group(1)
-  head, allowed, rest = message.partition(" is not allowed")
-  return (
-      f"config.sampling.{head.removeprefix('--')} (the checkpoint's default; no --{name} was "
-      f"given){allowed}{rest}"
-  )
+  """options_from_flags(config) validated for the model (`SamplerOptions.validate_given`: a
+  refused option is named as typed, --steps=6, or, when no flag gave it, as the checkpoint's
+  default, config.sampling.steps=112)."""
+  return options_from_flags(config).validate_given(config, given(), "--")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llada_jax.diffusion.alignment import excluded_mask_id
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
 from llada_jax.model import Transformer, positions_from_mask
@@ -218,7 +219,11 @@ def _check_call(
         "an empty prompt is not allowed for an autoregressive model: expected at least one token "
         "(e.g. BOS) to predict the first answer token from"
     )
-  if causal and np.any((prompt == mask_id) & attention_mask):
+  if (
+      causal
+      and excluded_mask_id(config) is not None
+      and np.any((prompt == mask_id) & attention_mask)
+  ):
     raise ConfigError(
         f"prompt token id {mask_id} (tokens.mask_id) is not allowed for an autoregressive model: "
         "expected ids other than the mask id (it writes after the prompt, no infilling)"

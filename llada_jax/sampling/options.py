@@ -13,7 +13,8 @@ positions and never sees text; answers are cut afterwards by `llada_jax.sampling
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+from typing import Any, Collection
 
 import jax
 import ml_collections
@@ -21,6 +22,7 @@ import ml_collections
 from llada_jax.config import (
     REMASKING,
     check_sampling,
+    check_sampling_fields,
     check_sampling_names,
     default_config,
 )
@@ -107,12 +109,17 @@ class SamplerOptions:
 
     Without config the options are checked alone (what `llada_jax.config.validate` checks of
     config.sampling, with prefix "sampling."); with the model's config also what they need of
-    that model and this process: gen_length below model.max_sequence_length, no cache for a
-    causal model, jax_enable_x64 for float64. Prompt-dependent checks run in `generate`.
+    that model and this process: gen_length below model.max_sequence_length, no cache, guidance
+    or threshold for a causal model (whose steps and blocks play no part), jax_enable_x64 for
+    float64. Prompt-dependent checks run in `generate`.
     """
     if config is not None and config.diffusion.objective == "block":
       self._validate_for_blocks(config, prefix)  # before the rules that name block_length
-    check_sampling(dataclasses.asdict(self), prefix)
+    values = dataclasses.asdict(self)
+    if config is not None and config.diffusion.objective == "arm":
+      # One step per token: steps and blocks play no part (each value is still checked alone).
+      check_sampling_fields({k: values.pop(k) for k in ("steps", "block_length")}, prefix)
+    check_sampling(values, prefix)
     if config is None:
       return self
     limit = config.model.max_sequence_length
@@ -140,6 +147,30 @@ class SamplerOptions:
           "JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
       )
     return self
+
+  def validate_given(
+      self, config: ml_collections.ConfigDict, given: Collection[str], prefix: str
+  ) -> SamplerOptions:
+    """validate(config) for options of which those named in `given` were typed on a command line
+    as `prefix`NAME (--steps, --sampler.steps); the others are the checkpoint's config.sampling.
+
+    Raises:
+      ConfigError: as validate, naming a typed option as typed (--steps=6) and one no flag gave
+        as the checkpoint's default (config.sampling.steps=112 (the checkpoint's default; no
+        --steps was given)).
+    """
+    try:
+      return self.validate(config, prefix=prefix)
+    except ConfigError as e:
+      match = re.match(rf"{re.escape(prefix)}(\w+)=", str(e))
+      name = match.group(1) if match else None
+      if name is None or name in given or name not in _DEFAULTS:
+        raise
+      head, allowed, rest = str(e).partition(" is not allowed")
+      raise ConfigError(
+          f"config.sampling.{head.removeprefix(prefix)} (the checkpoint's default; no "
+          f"{prefix}{name} was given){allowed}{rest}"
+      ) from None
 
   def _validate_for_blocks(self, config: ml_collections.ConfigDict, prefix: str) -> None:
     """What a block diffusion model needs: the sampler's blocks are the model's, and its one

@@ -53,6 +53,7 @@ class SamplerSpec:
   shifted: bool = False  # the shifted logit alignment (llada_jax.diffusion.alignment)
   truncate: bool = False  # top-k / top-p truncation of the proposals
   causal: bool = False  # an autoregressive model: next-token decoding
+  excluded: int | None = None  # the id an autoregressive model never proposes (its mask row)
 
   @classmethod
   def of(
@@ -92,6 +93,7 @@ class SamplerSpec:
         alignment.resolve(config) == "shifted",
         options.top_k > 0 or options.top_p < 1,
         causal,
+        alignment.excluded_mask_id(config) if causal else None,
     )
 
   @property

@@ -60,8 +60,8 @@ def train(
   or cannot be imported, and TrainingDiverged; all of them before anything is compiled, except
   the last.
   """
-  config = _config_of_run(config, workdir)
-  validate(config)
+  validate(config)  # as given, before anything of the run fills it in
+  config = validate(_config_of_run(config, workdir))
   if config.evaluation.tasks and not eval_hooks:
     raise ConfigError(
         f"evaluation.tasks={config.evaluation.tasks!r} is not allowed without its "
@@ -278,6 +278,18 @@ def _config_of_run(
     config = config_with_init_from(config)
   config = ml_collections.ConfigDict(config.to_dict())
   config.diffusion.logit_alignment = alignment.resolve(config, stored)
+  if (
+      stored is not None
+      and stored.diffusion.objective != "arm"  # an AR checkpoint's start is resolve's to choose
+      and alignment.resolve(stored) != config.diffusion.logit_alignment
+  ):
+    logging.warning(
+        "diffusion.logit_alignment=%s is not the checkpoint's %s: --workdir=%s resumes reading "
+        "each token from other logits than it was trained with",
+        config.diffusion.logit_alignment,
+        alignment.resolve(stored),
+        workdir,
+    )
   return config
 
 

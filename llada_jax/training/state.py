@@ -161,8 +161,8 @@ def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.C
       changed.append(f"{key}={imported[section][field]!r} (the config has {out[section][field]!r})")
       out[section][field] = imported[section][field]
   if changed:
-    logging.info(
-        "train.init_from=%s: the run takes the folder's vocabulary: %s",
+    logging.warning(
+        "train.init_from=%s: the run takes the folder's vocabulary, not the config's: %s",
         config.train.init_from,
         ", ".join(changed),
     )
