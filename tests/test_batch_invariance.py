@@ -60,12 +60,10 @@ def _alone_and_together(config, params, prompts, width=12, **kwargs):
         dict(cache="prefix"),
         dict(cache="dual"),
         dict(cache="prefix", temperature=1.0, remasking="random"),
-        dict(cache="dual", parallel_threshold=0.3, temperature=1.0),
         dict(cache="prefix", parallel_threshold=0.5),
-        dict(cache="none", temperature=1.0, cfg_scale=0.5),
-        dict(cache="dual", early_stop=True, temperature=1.0),
+        dict(cache="dual", early_stop=True, temperature=1.0, cfg_scale=0.5),
     ],
-)
+)  # without a cache, and dual with a threshold: test_sampling.py's alone == batched
 def test_every_row_of_a_mixed_batch_is_answered_as_alone(model_and_params, options):
   config, params = model_and_params
   prompts = _mixed_prompts(config.tokens.mask_id)

@@ -382,3 +382,16 @@ def test_sampler_options_are_config_sampling_with_one_validation():
   causal.model.causal = True
   with pytest.raises(ConfigError, match="cache='dual' is not allowed for a causal"):
     options.replace(gen_length=16, steps=16, cache="dual").validate(causal)
+
+
+def test_greedy_decoding_ignores_top_k_and_top_p(model_and_params):
+  """Truncation shapes what is sampled; at temperature 0 the argmax is kept and the remasking
+  confidences are the full softmax's, so the answer is the plain greedy one (as transformers'
+  do_sample=False ignores top_p)."""
+  config, params = model_and_params
+  kwargs = dict(steps=8, gen_length=16, block_length=8)
+  greedy = np.asarray(generate(config, params, _prompt(), **kwargs))
+  for truncation in (dict(top_k=3), dict(top_p=0.5)):
+    np.testing.assert_array_equal(
+        generate(config, params, _prompt(), **kwargs, **truncation), greedy
+    )

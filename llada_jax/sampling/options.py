@@ -47,7 +47,9 @@ class SamplerOptions:
   gen_length: int = _option("gen_length", "Answer tokens, a multiple of block_length.")
   block_length: int = _option("block_length", "Semi-autoregressive block length.")
   temperature: float = _option("temperature", "Gumbel noise scale; 0 is greedy.")
-  top_k: int = _option("top_k", "Sample among the k most probable tokens only (0: all).")
+  top_k: int = _option(
+      "top_k", "Sample among the k most probable tokens only (0: all; greedy decoding ignores it)."
+  )
   top_p: float = _option(
       "top_p",
       "Nucleus sampling: the fewest most probable tokens holding this probability (1: all).",

@@ -51,7 +51,7 @@ class SamplerSpec:
   early_stop: bool = False
   end_ids: tuple[int, ...] = ()
   shifted: bool = False  # the shifted logit alignment (llada_jax.diffusion.alignment)
-  truncate: bool = False  # top-k / top-p truncation of the proposals
+  truncate: bool = False  # top-k / top-p truncation of sampled proposals (not greedy ones)
   causal: bool = False  # an autoregressive model: next-token decoding
   excluded: int | None = None  # the id an autoregressive model never proposes (its mask row)
 
@@ -91,7 +91,7 @@ class SamplerSpec:
         options.early_stop or block_model > 0 or causal,
         end_ids(tokens),
         alignment.resolve(config) == "shifted",
-        options.top_k > 0 or options.top_p < 1,
+        options.temperature > 0 and (options.top_k > 0 or options.top_p < 1),  # greedy: none
         causal,
         alignment.excluded_mask_id(config) if causal else None,
     )
