@@ -32,6 +32,8 @@ ATTENTION_IMPLEMENTATIONS = (
     "auto",
 ) + ATTENTION_KERNELS  # "auto": attention.resolve picks a kernel
 REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
+ROUTERS = ("sigmoid_grouped", "softmax")  # model/routers.py ROUTERS
+MOE_IMPLEMENTATIONS = ("ragged", "dense")  # model/moe.py IMPLEMENTATIONS
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 OBJECTIVES = ("mdm", "arm", "block")
@@ -54,6 +56,7 @@ LOGICAL_AXES = (
     "kv_heads",
     "kv",
     "mlp",
+    "exp",
     "layers",
     "norm",
 )
@@ -68,6 +71,7 @@ DEFAULT_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
+    ("exp", None),
     ("layers", None),
     ("norm", None),
 )
@@ -96,6 +100,29 @@ def default_config() -> ml_collections.ConfigDict:
           scan_layers=True,  # one compiled block scanned over layers (fast compiles at depth)
           remat="none",
           attention="xla",
+          qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (LLaDA 2.x, MoE)
+          rotary_dim=0,  # RoPE on the first rotary_dim dims of each head (0: all; LLaDA 2.x: 64)
+          # Mixture-of-Experts feed-forward (model/moe.py); num_experts=0: a dense model.
+          moe=ml_collections.ConfigDict(
+              dict(
+                  num_experts=0,
+                  experts_per_token=2,  # k of the router's top-k
+                  expert_hidden_size=64,  # SwiGLU width of each routed expert
+                  num_shared_experts=0,  # shared SwiGLU of width expert_hidden_size * this
+                  first_k_dense_replace=0,  # the first layers keep mlp_hidden_size's dense SwiGLU
+                  router="sigmoid_grouped",  # model/routers.py: "sigmoid_grouped" | "softmax"
+                  n_group=1,  # group-limited routing: experts in n_group groups, keep topk_group
+                  topk_group=1,
+                  routed_scaling_factor=1.0,  # multiplies the routed experts' weights
+                  norm_topk_prob=True,  # divide the k chosen weights by their sum
+                  implementation="ragged",  # grouped matmuls; "dense": every expert (tests)
+                  aux_loss_coef=0.0,  # load-balancing loss weight (LLaDA-MoE: 0.01)
+                  z_loss_coef=0.0,  # router z-loss weight
+                  # loss-free balancing (LLaDA 2.x, DeepSeek-V3): after each step expert_bias +=
+                  # rate * sign(mean load - load); 0 keeps the bias fixed
+                  bias_update_rate=0.0,
+              )
+          ),
       )
   )
 
@@ -267,6 +294,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("model.param_dtype", m.param_dtype, DTYPES)
   _choice("model.remat", m.remat, REMAT_POLICIES)
   _choice("model.attention", m.attention, ATTENTION_IMPLEMENTATIONS)
+  head_dim = m.d_model // m.n_heads
+  if m.rotary_dim < 0 or m.rotary_dim % 2 or m.rotary_dim > head_dim:
+    _fail("model.rotary_dim", m.rotary_dim, f"0 (all) or an even number <= head_dim={head_dim}")
+  _check_moe(m)
 
   _choice("data.vocabulary", data.vocabulary, tuple(VOCABULARY_SIZES))
   if not data.task:
@@ -435,6 +466,49 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   check_sampling(config.sampling.to_dict(), prefix="sampling.")
   return config
+
+
+def _check_moe(m: ml_collections.ConfigDict) -> None:
+  """The model.moe section (only read when num_experts > 0)."""
+  moe = m.moe
+  _non_negative("model.moe.num_experts", moe.num_experts)
+  if not moe.num_experts:
+    return
+  for name in ("experts_per_token", "expert_hidden_size", "n_group", "topk_group"):
+    _positive(f"model.moe.{name}", moe[name])
+  if moe.experts_per_token > moe.num_experts:
+    _fail(
+        "model.moe.experts_per_token",
+        moe.experts_per_token,
+        f"at most model.moe.num_experts={moe.num_experts}",
+    )
+  _non_negative("model.moe.num_shared_experts", moe.num_shared_experts)
+  if not 0 <= moe.first_k_dense_replace <= m.n_layers:
+    _fail(
+        "model.moe.first_k_dense_replace",
+        moe.first_k_dense_replace,
+        f"a number of layers in [0, model.n_layers={m.n_layers}]",
+    )
+  _choice("model.moe.router", moe.router, ROUTERS)
+  _choice("model.moe.implementation", moe.implementation, MOE_IMPLEMENTATIONS)
+  if moe.num_experts % moe.n_group:
+    _fail("model.moe.n_group", moe.n_group, f"a divisor of model.moe.num_experts={moe.num_experts}")
+  if moe.n_group > 1:
+    if moe.router != "sigmoid_grouped":
+      _fail("model.moe.n_group", moe.n_group, f"1 for router {moe.router!r} (no group limit)")
+    per_group = moe.num_experts // moe.n_group
+    if per_group < 2:
+      _fail("model.moe.n_group", moe.n_group, "at most num_experts / 2 (a group scores its best 2)")
+    if not moe.topk_group <= moe.n_group or moe.topk_group * per_group < moe.experts_per_token:
+      _fail(
+          "model.moe.topk_group",
+          moe.topk_group,
+          f"at most n_group={moe.n_group} groups holding >= experts_per_token="
+          f"{moe.experts_per_token} experts",
+      )
+  _positive("model.moe.routed_scaling_factor", moe.routed_scaling_factor)
+  for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+    _non_negative(f"model.moe.{name}", moe[name])
 
 
 def profile_range(text: str) -> tuple[int, int]:

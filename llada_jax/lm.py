@@ -21,6 +21,7 @@ from llada_jax.diffusion import alignment, likelihood
 from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.model.transformer import RouterStats
 from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.sampling.generate import generate
 
@@ -63,8 +64,9 @@ class MaskedDiffusionLM:
       positions: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
       **kwargs: Any,
-  ) -> jax.Array:
-    """The network's logits [B, L, V] for tokens [B, L] (`Transformer.__call__`'s arguments)."""
+  ) -> Any:
+    """The network's logits [B, L, V] for tokens [B, L] (`Transformer.__call__`'s arguments and
+    return values)."""
     return self.module.apply(
         {"params": params}, tokens, attention_mask, positions, segment_ids, **kwargs
     )
@@ -83,8 +85,9 @@ class MaskedDiffusionLM:
 
   def cross_entropy(
       self, params: Any, inputs: jax.Array, batch: Batch, block_size: int = 0
-  ) -> jax.Array:
-    """float32 CE [B, L] of batch["targets"] given `inputs` [B, L] (with the batch's valid,
+  ) -> tuple[jax.Array, RouterStats]:
+    """(float32 CE [B, L], router statistics of the pass: `Transformer`'s return_aux, {} for a
+    dense model) of batch["targets"] given `inputs` [B, L] (with the batch's valid,
     positions and segment_ids): through full logits, or `train.loss_chunk` positions at a time
     (`chunked_cross_entropy`) when that is set.
 
@@ -101,7 +104,7 @@ class MaskedDiffusionLM:
     dtype = jnp.dtype(self.config.model.dtype)
     shifted = self.shifted
     if block_size:
-      hidden = two_stream_hidden(
+      hidden, aux = two_stream_hidden(
           self.module.cfg,
           params,
           inputs,
@@ -109,31 +112,30 @@ class MaskedDiffusionLM:
           *features,
           block_size=block_size,
           shifted=shifted,
+          return_aux=True,
       )
       if chunk:
-        return chunked_cross_entropy(
+        ce = chunked_cross_entropy(
             hidden, params["ff_out"]["kernel"], batch["targets"], chunk, dtype
         )
-      return optax.softmax_cross_entropy_with_integer_labels(
+        return ce, aux
+      ce = optax.softmax_cross_entropy_with_integer_labels(
           head_logits(params, hidden, dtype), batch["targets"]
       )
+      return ce, aux
     if chunk:
-      hidden = self.apply(params, inputs, *features, return_hidden=True)
+      hidden, aux = self.apply(params, inputs, *features, return_hidden=True, return_aux=True)
       if shifted:
         hidden = alignment.shift(hidden, batch["positions"])
-      return chunked_cross_entropy(
-          hidden,
-          params["ff_out"]["kernel"],
-          batch["targets"],
-          chunk,
-          dtype,
-      )
-    logits = self.apply(params, inputs, *features)
+      ce = chunked_cross_entropy(hidden, params["ff_out"]["kernel"], batch["targets"], chunk, dtype)
+      return ce, aux
+    logits, aux = self.apply(params, inputs, *features, return_aux=True)
     if shifted:
       logits = alignment.shift(logits, batch["positions"])
-    return optax.softmax_cross_entropy_with_integer_labels(
+    ce = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch["targets"]
     )
+    return ce, aux
 
   def loss(
       self,

@@ -164,12 +164,12 @@ def sft_loss(
 
 
 def autoregressive_loss(
-    apply_fn: ApplyFn, tokens: jax.Array, excluded: int | None, reduction: str = "mean"
+    logits: jax.Array, tokens: jax.Array, excluded: int | None, reduction: str = "mean"
 ) -> tuple[jax.Array, Metrics]:
-  """Next-token cross-entropy (nats per predicted token) of a causal model on `tokens` [B, L],
-  the id `excluded` (the mask row, `alignment.excluded_mask_id`; None: none) left out of the
-  softmax: the batch mean, or per row [B] with reduction="sequence"."""
-  logits = next_token_logits(apply_fn(tokens, jnp.ones(tokens.shape, bool))[:, :-1], excluded)
+  """Next-token cross-entropy (nats per predicted token) of a causal model's logits [B, L, V] on
+  `tokens` [B, L], the id `excluded` (the mask row, `alignment.excluded_mask_id`; None: none)
+  left out of the softmax: the batch mean, or per row [B] with reduction="sequence"."""
+  logits = next_token_logits(logits[:, :-1], excluded)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
   loss = jnp.mean(ce, axis=-1) if reduction == "sequence" else jnp.mean(ce)
   return loss, {"loss": loss}
@@ -237,7 +237,10 @@ def mdm_objective(
   del exact  # LLaDA's schedule is always the exact one
   if "inputs" not in batch:
     batch = forward_process_of(lm.config, batch, rng, random_length_prob=random_length_prob)
-  return diffusion_loss_from_ce(lm.cross_entropy(params, batch["inputs"], batch), batch, reduction)
+  ce, aux = lm.cross_entropy(params, batch["inputs"], batch)
+  return with_router_losses(
+      lm.config, *diffusion_loss_from_ce(ce, batch, reduction), aux, reduction
+  )
 
 
 def arm_objective(
@@ -252,12 +255,10 @@ def arm_objective(
 ) -> tuple[jax.Array, Metrics]:
   """The autoregressive baseline: next-token CE of the causal network on the clean targets."""
   del rng, random_length_prob, exact
-  return autoregressive_loss(
-      lambda tokens, mask: lm.apply(params, tokens, mask),
-      batch["targets"],
-      excluded_mask_id(lm.config),
-      reduction,
-  )
+  tokens = batch["targets"]
+  logits, aux = lm.apply(params, tokens, jnp.ones(tokens.shape, bool), return_aux=True)
+  loss, metrics = autoregressive_loss(logits, tokens, excluded_mask_id(lm.config), reduction)
+  return with_router_losses(lm.config, loss, metrics, aux, reduction)
 
 
 def block_objective(
@@ -286,8 +287,39 @@ def block_objective(
         block_size=block_size,
         exact=exact,
     )
-  ce = lm.cross_entropy(params, batch["inputs"], batch, block_size=block_size)
-  return diffusion_loss_from_ce(ce, batch, reduction)
+  ce, aux = lm.cross_entropy(params, batch["inputs"], batch, block_size=block_size)
+  return with_router_losses(
+      lm.config, *diffusion_loss_from_ce(ce, batch, reduction), aux, reduction
+  )
+
+
+def with_router_losses(
+    config: Any, loss: jax.Array, metrics: Metrics, aux: dict[str, jax.Array], reduction: str
+) -> tuple[jax.Array, Metrics]:
+  """An objective's (loss, metrics) with a MoE model's router terms (aux: the stacked
+  `llada_jax.model.moe.router_statistics` of its MoE layers; {} for a dense model, returned
+  unchanged). The training loss ("mean") gains model.moe.aux_loss_coef times the load-balancing
+  loss and z_loss_coef times the z-loss, each averaged over the MoE layers; the metrics gain them
+  as router/aux_loss and router/z_loss, the mean router entropy, the largest over layers of the
+  max/min expert load ratio, and router/load [MoE layers, experts] (the step's expert-bias update
+  reads it). A per-sequence bound ("sequence") stays the bound."""
+  if not aux or reduction != "mean":
+    return loss, metrics
+  moe = config.model.moe
+  balance, z = jnp.mean(aux["aux_loss"]), jnp.mean(aux["z_loss"])
+  load = aux["load"]
+  ratio = jnp.max(jnp.max(load, axis=-1) / jnp.maximum(jnp.min(load, axis=-1), 1e-9))
+  metrics = dict(
+      metrics,
+      **{
+          "router/aux_loss": balance,
+          "router/z_loss": z,
+          "router/entropy": jnp.mean(aux["entropy"]),
+          "router/load_ratio": ratio,
+          "router/load": load,
+      },
+  )
+  return loss + moe.aux_loss_coef * balance + moe.z_loss_coef * z, metrics
 
 
 # config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob).

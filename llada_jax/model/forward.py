@@ -64,7 +64,8 @@ def two_stream_hidden(
     block_size: int,
     start: int = 0,
     shifted: bool = False,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> Any:
   """Final-norm hidden states [B, L, d_model] of the noisy stream of a block diffusion model's
   two-stream pass (BD3-LM, arXiv 2503.09573, Sec. 3.2): the network runs once on [noisy ; clean]
   (2L positions, both copies at `positions`) under `BlockCausal(block_size, start,
@@ -74,7 +75,9 @@ def two_stream_hidden(
   shifted: the hidden state that predicts each position under the shifted logit alignment
   (`llada_jax.diffusion.alignment`): position i - 1's of the noisy stream inside a block, of the
   clean stream for a block's first token (the previous block's last clean token, which sees only
-  clean blocks), its own where the position has no predecessor (position id 0)."""
+  clean blocks), its own where the position has no predecessor (position id 0).
+
+  return_aux: (hidden, the MoE router statistics of the pass, `Transformer`'s return_aux)."""
   model = Transformer(
       dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, start, two_stream=True))
   )
@@ -82,25 +85,27 @@ def two_stream_hidden(
   def twice(a: jax.Array | None) -> jax.Array | None:
     return None if a is None else jnp.concatenate([a, a], 1)
 
-  hidden = model.apply(
+  hidden, aux = model.apply(
       {"params": params},
       jnp.concatenate([noisy, clean], 1),
       twice(valid),
       twice(positions),
       twice(segment_ids),
       return_hidden=True,
+      return_aux=True,
   )
   length = noisy.shape[1]
   noisy_hidden = hidden[:, :length]
   if not shifted:
-    return noisy_hidden
+    return (noisy_hidden, aux) if return_aux else noisy_hidden
   first_in_block = (jnp.arange(length) - start) % block_size == 0
   before = jnp.where(
       first_in_block[None, :, None],
       jnp.concatenate([hidden[:, length : length + 1], hidden[:, length:-1]], 1),
       jnp.concatenate([noisy_hidden[:, :1], noisy_hidden[:, :-1]], 1),
   )
-  return jnp.where(has_predecessor(positions)[..., None], before, noisy_hidden)
+  out = jnp.where(has_predecessor(positions)[..., None], before, noisy_hidden)
+  return (out, aux) if return_aux else out
 
 
 def head_logits(params: Any, hidden: jax.Array, dtype: Any) -> jax.Array:

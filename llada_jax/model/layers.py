@@ -49,19 +49,29 @@ def rope_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, n
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float, max_length: int = 0) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float, max_length: int = 0, rotary_dim: int = 0
+) -> jax.Array:
   """Rotary embedding, "rotate-half" convention, computed in float32.
 
   x: [batch, seq, heads, head_dim]; positions: [batch, seq] integer positions below
-  max(max_length, seq). cos and sin are gathered from constant tables by position: computed in
-  the graph, XLA evaluates them inside every per-head fusion (10% of a small forward on CPU).
+  max(max_length, seq). rotary_dim: partial rotary (LLaDA 2.x: head_dim * partial_rotary_factor):
+  only the first rotary_dim dims of each head rotate, with the frequencies of a rotary_dim-wide
+  head, and the rest pass through; 0 rotates the whole head. cos and sin are gathered from
+  constant tables by position: computed in the graph, XLA evaluates them inside every per-head
+  fusion (10% of a small forward on CPU).
   """
-  cos, sin = rope_tables(max(max_length, x.shape[1]), x.shape[-1], theta)
+  width = rotary_dim or x.shape[-1]
+  cos, sin = rope_tables(max(max_length, x.shape[1]), width, theta)
   cos, sin = (jnp.asarray(t)[positions][:, :, None, :] for t in (cos, sin))
   x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)
+  rotary, rest = x32[..., :width], x32[..., width:]
+  first, second = jnp.split(rotary, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  out = rotary * cos + rotated * sin
+  if rest.shape[-1]:
+    out = jnp.concatenate([out, rest], axis=-1)
+  return out.astype(x.dtype)
 
 
 class Projection(nn.Module):

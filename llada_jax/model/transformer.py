@@ -8,6 +8,7 @@ every parameter carries logical axis names that `llada_jax.parallel` maps onto a
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llada_jax.model.attention import attention
 from llada_jax.model.layers import Projection, RMSNorm, apply_rope, dense_init
 from llada_jax.model.masks import BlockCausal
+from llada_jax.model.moe import MoEConfig, MoEFeedForward
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
@@ -44,15 +46,28 @@ class ModelConfig:
   scan_layers: bool
   remat: str
   attention: str
+  qk_norm: bool
+  rotary_dim: int
+  moe: MoEConfig
   pattern: BlockCausal | None = None
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
-    return cls(**config.model.to_dict())
+    values = config.model.to_dict()
+    return cls(**{**values, "moe": MoEConfig(**values["moe"])})
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def dense_layers(self) -> int:
+    """How many layers (the first ones) have a dense SwiGLU; the rest are MoE layers."""
+    return (
+        min(self.moe.first_k_dense_replace, self.n_layers)
+        if self.moe.num_experts
+        else (self.n_layers)
+    )
 
 
 # What the backward pass may keep of a block, for each name of llada_jax.config.REMAT_POLICIES
@@ -69,10 +84,13 @@ REMAT_POLICIES = {
 
 
 KVCache = tuple[jax.Array, jax.Array]  # keys, values [(layers,) batch, length, kv_heads, head_dim]
+RouterStats = dict[str, jax.Array]  # llada_jax.model.moe.router_statistics, stacked over MoE layers
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(attn_norm(x)); x + swiglu(ff_norm(x)).
+  """Pre-norm transformer block: x + attn(attn_norm(x)); x + ffn(ff_norm(x)), the feed-forward a
+  SwiGLU or, with moe_layer, the Mixture-of-Experts of `llada_jax.model.moe` (whose router
+  statistics the block returns; {} otherwise).
 
   With `cache` (this layer's keys and values of the whole sequence) x is a window of the sequence
   starting at `cache_start`: its fresh keys and values overwrite the window's in the cache (except
@@ -83,6 +101,7 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   emit_kv: bool = False
+  moe_layer: bool = False
 
   @nn.compact
   def __call__(
@@ -94,7 +113,7 @@ class Block(nn.Module):
       cache: KVCache | None = None,
       cache_start: jax.Array | None = None,
       cache_keep: jax.Array | None = None,
-  ) -> tuple[jax.Array, KVCache | None]:
+  ) -> tuple[jax.Array, tuple[KVCache | None, RouterStats]]:
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
@@ -110,9 +129,11 @@ class Block(nn.Module):
     q = proj((cfg.n_heads, cfg.head_dim), ("embed", "heads", "kv"), "q_proj")(h)
     k = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "k_proj")(h)
     v = proj((cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), "v_proj")(h)
+    if cfg.qk_norm:
+      q, k = norm("q_norm")(q), norm("k_norm")(k)
     length = max(cfg.max_sequence_length, x.shape[1] if cache is None else cache[0].shape[1])
-    q = apply_rope(q, positions, cfg.rope_theta, length)
-    k = apply_rope(k, positions, cfg.rope_theta, length)
+    q = apply_rope(q, positions, cfg.rope_theta, length, cfg.rotary_dim)
+    k = apply_rope(k, positions, cfg.rope_theta, length, cfg.rotary_dim)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     if cache is not None:
       k, v = (
@@ -136,13 +157,21 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     h = norm("ff_norm")(x)
-    gate = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "ff_proj")(h)
-    up = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "up_proj")(h)
-    hidden = nn.with_logical_constraint(
-        nn.silu(gate) * up, ("activation_batch", "activation_length", "mlp")
-    )
-    x = x + proj((cfg.d_model,), ("mlp", "embed"), "ff_out")(hidden)
-    return nn.with_logical_constraint(x, ACTIVATION), (k, v) if self.emit_kv else None
+    stats = {}
+    if self.moe_layer:
+      valid = key_mask if key_mask is not None and key_mask.shape == x.shape[:2] else None
+      ffn, stats = MoEFeedForward(
+          cfg.moe, cfg.d_model, cfg.init_std, dtype, param_dtype, name="moe"
+      )(h, valid)
+    else:
+      gate = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "ff_proj")(h)
+      up = proj((cfg.mlp_hidden_size,), ("embed", "mlp"), "up_proj")(h)
+      hidden = nn.with_logical_constraint(
+          nn.silu(gate) * up, ("activation_batch", "activation_length", "mlp")
+      )
+      ffn = proj((cfg.d_model,), ("mlp", "embed"), "ff_out")(hidden)
+    x = nn.with_logical_constraint(x + ffn, ACTIVATION)
+    return x, ((k, v) if self.emit_kv else None, stats)
 
 
 class Transformer(nn.Module):
@@ -162,7 +191,8 @@ class Transformer(nn.Module):
       cache_start: jax.Array | int = 0,
       return_kv: bool = False,
       cache_keep: jax.Array | None = None,
-  ) -> jax.Array | tuple[jax.Array, KVCache]:
+      return_aux: bool = False,
+  ) -> Any:
     """attention_mask: bool [batch, seq], False for keys no position may attend to (padding);
     segment_ids: int [batch, seq], attention stays within a segment (packed documents);
     return_hidden: the final-norm output [batch, seq, d_model] instead of the logits (for a loss
@@ -174,7 +204,10 @@ class Transformer(nn.Module):
     return_kv: also return the keys and values every layer attended to, as (logits, kv_cache);
     cache_keep: bool [batch, S] with kv_cache: positions of the window whose cached keys and values
     are used instead of fresh ones (rows of one batch whose own windows start at different
-    positions)."""
+    positions);
+    return_aux: also return the router statistics of the MoE layers (`RouterStats`: each of
+    `llada_jax.model.moe.router_statistics` stacked over the MoE layers; {} for a dense model), as
+    (what is returned otherwise, aux)."""
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -194,32 +227,47 @@ class Transformer(nn.Module):
     if REMAT_POLICIES[cfg.remat] is not None:
       block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
     cache_start = jnp.asarray(cache_start, jnp.int32)
-    if cfg.scan_layers:
-      x, kv = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-          length=cfg.n_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, return_kv, name="blocks")(
-          x, positions, attention_mask, segment_ids, kv_cache, cache_start, cache_keep
-      )
-    else:
-      layer_kv = []
-      for i in range(cfg.n_layers):
-        cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
-        x, kv_i = block(cfg, return_kv, name=f"blocks_{i}")(
-            x, positions, attention_mask, segment_ids, cache, cache_start, cache_keep
-        )
-        layer_kv.append(kv_i)
-      kv = tuple(jnp.stack(t) for t in zip(*layer_kv)) if return_kv else None
+    inputs = (positions, attention_mask, segment_ids)
+    layer_kv, aux = [], {}
+    # Dense layers first, then MoE layers: one scan each, so compile time does not grow with depth.
+    for name, moe_layer, first, end in (
+        ("blocks", False, 0, cfg.dense_layers),
+        ("moe_blocks", True, cfg.dense_layers, cfg.n_layers),
+    ):
+      if first == end:
+        continue
+      cache = None if kv_cache is None else (kv_cache[0][first:end], kv_cache[1][first:end])
+      if cfg.scan_layers:
+        x, (kv, stats) = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+            length=end - first,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, return_kv, moe_layer, name=name)(x, *inputs, cache, cache_start, cache_keep)
+        layer_kv.append(kv)
+      else:
+        per_layer = []
+        for i in range(first, end):
+          layer_cache = None if cache is None else (cache[0][i - first], cache[1][i - first])
+          x, (kv, stats) = block(cfg, return_kv, moe_layer, name=f"blocks_{i}")(
+              x, *inputs, layer_cache, cache_start, cache_keep
+          )
+          per_layer.append((kv, stats))
+        kvs, stats = (jax.tree.map(lambda *a: jnp.stack(a), *t) for t in zip(*per_layer))
+        layer_kv.append(kvs)
+      if moe_layer:
+        aux = stats
+    kv = tuple(jnp.concatenate(t) for t in zip(*layer_kv)) if return_kv else None
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="ln_f")(x)
     if return_hidden and not self.is_initializing():
-      return x
-    logits = Projection(
-        (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype, name="ff_out"
-    )(x)
-    logits = logits.astype(jnp.float32)
-    return (logits, kv) if return_kv else logits
+      out = x
+    else:
+      logits = Projection(
+          (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype, name="ff_out"
+      )(x)
+      logits = logits.astype(jnp.float32)
+      out = (logits, kv) if return_kv else logits
+    return (out, aux) if return_aux else out

@@ -172,7 +172,10 @@ def _train(
       continue
     previous_step, previous_nonfinite = step, metrics["nonfinite"]
     if step % config.train.log_every == 0 or step == config.train.num_steps or step == start + 1:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      scalars = {
+          k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+          for k, v in jax.device_get(metrics).items()
+      }
       scalars["skipped"] = float(state.skipped)
       if block_size is not None:
         scalars["block_size"] = float(block_size)  # the last update's

@@ -129,15 +129,23 @@ class MetricWriter:
           flush_secs=self.FLUSH_SECONDS if self._remote else 120,
       )
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+  def write(self, step: int, scalars: Mapping[str, float | np.ndarray], prefix: str = "") -> None:
     """One record: a console line, TensorBoard scalars `<prefix><name>` and a JSONL line whose
-    `split` is the prefix without its slash ("train" for none)."""
+    `split` is the prefix without its slash ("train" for none). An array value (a MoE model's
+    router/load [layers, experts]) goes to TensorBoard as a histogram and per-layer scalars
+    `<name>/layer_<i>/max` and `/min`, and to the JSONL line as nested lists; not to the console."""
     if not self._enabled:
       return
-    line = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
+    line = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items() if np.ndim(v) == 0)
     logging.info("%sstep %d | %s", prefix, step, line)
     for name, value in scalars.items():
-      self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+      if np.ndim(value) == 0:
+        self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+        continue
+      self._tb.add_histogram(f"{prefix}{name}", np.asarray(value), step)
+      for i, row in enumerate(np.asarray(value).reshape(-1, np.shape(value)[-1])):
+        self._tb.add_scalar(f"{prefix}{name}/layer_{i}/max", float(row.max()), step)
+        self._tb.add_scalar(f"{prefix}{name}/layer_{i}/min", float(row.min()), step)
     if self._accounting is not None:
       spent = self._accounting.at(step)
       if not prefix:
@@ -179,8 +187,11 @@ def write_run_description(
     path.write_text(json.dumps(run_description(config, num_params), indent=1) + "\n")
 
 
-def _json_number(value: float) -> float | None:
-  """A float for JSON; NaN and infinities (a diverged step) become null."""
+def _json_number(value: float | np.ndarray) -> float | None | list:
+  """A float for JSON (an array: nested lists of them); NaN and infinities (a diverged step)
+  become null."""
+  if np.ndim(value):
+    return [_json_number(v) for v in value]
   value = float(value)
   return value if np.isfinite(value) else None
 

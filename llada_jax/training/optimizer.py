@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-NORM_MODULES = ("attn_norm", "ff_norm", "ln_f")
+NORM_MODULES = ("attn_norm", "ff_norm", "ln_f", "q_norm", "k_norm")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -41,11 +41,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for every parameter except the RMSNorm weights."""
+  """True for every parameter except the RMSNorm weights and the MoE routers' `expert_bias`
+  (no gradient reaches it, so AdamW leaves it alone; `llada_jax.model.moe.balance_expert_bias`
+  moves it)."""
 
   def decays(path, _) -> bool:
     names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return not names & set(NORM_MODULES)
+    return not names & {*NORM_MODULES, "expert_bias"}
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

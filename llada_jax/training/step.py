@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from llada_jax.config import block_size_at, block_sizes
 from llada_jax.keys import Stream
 from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.model.moe import balance_expert_bias
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, mesh_context, replicated
 from llada_jax.training.optimizer import learning_rate_schedule
 from llada_jax.training.state import TrainState
@@ -45,6 +46,7 @@ def make_train_step(
   accum = config.train.grad_accum_steps
 
   blocks = config.diffusion.objective == "block"
+  bias_rate = config.model.moe.bias_update_rate if config.model.moe.num_experts else 0.0
 
   def loss_fn(
       params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0, block_size: int = 0
@@ -93,6 +95,8 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
+    if bias_rate and "router/load" in metrics:
+      params = balance_expert_bias(params, metrics["router/load"], bias_rate)
 
     def keep(new: Any, old: Any) -> Any:
       """A non-finite step changes nothing but the counters (its batch counts as consumed)."""
