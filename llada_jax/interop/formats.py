@@ -1,13 +1,15 @@
-"""Which importer reads an HF folder: official LLaDA (interop.hf_checkpoint) or an autoregressive
-Llama/Mistral model (interop.llama), told apart by config.json's model_type."""
+"""Which importer reads an HF folder: official LLaDA (interop.hf_checkpoint), an autoregressive
+Llama/Mistral model (interop.llama) or LLaDA 2.x MoE (interop.llada2_moe), told apart by
+config.json's model_type and architectures."""
 
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any, Callable
 
 from llada_jax.errors import ConfigError
-from llada_jax.interop import llama
+from llada_jax.interop import hf_checkpoint, llada2_moe, llama
 from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config
 
 
@@ -21,6 +23,11 @@ def hf_format(hf_dir: str, mask_id: int | None = None) -> tuple[Callable[[str], 
     CheckpointError: no readable config.json. ConfigError: mask_id given for a LLaDA folder,
       which has its own mask token.
   """
+  if llada2_moe.is_llada2_moe(hf_checkpoint.read_json(pathlib.Path(hf_dir) / "config.json")):
+    return (
+        functools.partial(llada2_moe.read_config, mask_id=mask_id),
+        functools.partial(llada2_moe.load, mask_id=mask_id),
+    )
   if llama.model_type(hf_dir) in llama.MODEL_TYPES:
     return (
         functools.partial(llama.read_llama_config, mask_id=mask_id),

@@ -436,7 +436,17 @@ def save_hf(
   limit = parse_size(max_shard_size)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  if config.diffusion.objective == "arm":
+  if not config.model.moe.num_experts and (config.model.qk_norm or config.model.rotary_dim):
+    raise CheckpointError(
+        "this model cannot be written as a LLaDA or Llama folder: it has QK-norm or partial "
+        "rotary (model.qk_norm, model.rotary_dim), which those formats do not hold"
+    )
+  if config.model.moe.num_experts:
+    from llada_jax.interop import llada2_moe, rules  # pylint: disable=g-import-not-at-top
+
+    hf = llada2_moe.config_to_llada2_moe(config, dtype)
+    tensors = rules.to_hf_tensors(config, params, llada2_moe.rules(config), dtype)
+  elif config.diffusion.objective == "arm":
     rows = llama.exported_rows(config)
     hf = llama.config_to_llama(config, rows, dtype)
     tensors = to_hf_tensors(config, params, dtype, llama.llama_table(config, False, False), rows)

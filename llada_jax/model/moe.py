@@ -160,6 +160,8 @@ class MoEFeedForward(nn.Module):
     )
     logits = jnp.dot(tokens.astype(jnp.float32), router.astype(jnp.float32))
     routing = ROUTERS[m.router](logits, bias, m.router_settings)
+    # The choices, for whoever asks (apply(..., mutable="intermediates")): parity tests.
+    self.sow("intermediates", "experts", routing.experts.reshape(batch, length, -1))
 
     f = m.expert_hidden_size
     experts = tuple(

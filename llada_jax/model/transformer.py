@@ -240,7 +240,7 @@ class Transformer(nn.Module):
       if cfg.scan_layers:
         x, (kv, stats) = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
             length=end - first,

@@ -1,0 +1,1 @@
+"""Test-side references: official PyTorch models run on tiny random weights."""

@@ -1,0 +1,85 @@
+"""Writes tests/data/official/: tiny random folders built by the official LLaDA 2.x MoE code and
+what that code computes on them (logits, router choices, `generate` outputs), so that the tests
+compare llada_jax with the official model without the official code being part of this project.
+
+Needs the official files in tests/reference/official/ (fetched, not committed: see the README
+there), torch and transformers:
+
+  .venv/bin/python tests/reference/make_fixtures.py
+
+Outputs, per folder under tests/data/official/<name>/: config.json and model.safetensors (the
+official save_pretrained), expected.npz (tokens [B, L], logits [B, L, V] float32 of the
+bidirectional forward, router_<i> [B*L, k] the experts of the i-th MoE layer), generate.json
+(cases: prompt, the official generate's keyword arguments, its output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from reference import official_moe as om  # pylint: disable=wrong-import-position
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / "data" / "official"
+V = 128
+MASK = V - 1
+
+
+def _llada2(name: str, **sizes) -> None:
+  path = OUT / name
+  path.mkdir(parents=True, exist_ok=True)
+  om.build_llada2_moe_folder(str(path), vocab_size=V, **sizes)
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, MASK, (3, 20))
+  logits = om.official_logits(str(path), tokens)
+  routers = om.official_router_choice(str(path), tokens)
+  np.savez_compressed(
+      path / "expected.npz",
+      tokens=tokens,
+      logits=logits.astype(np.float32),
+      **{f"router_{i}": r for i, r in enumerate(routers)},
+  )
+  settings = [
+      dict(gen_length=16, block_length=4, steps=4, threshold=0.95),
+      dict(gen_length=16, block_length=4, steps=2, threshold=0.95),
+      dict(gen_length=16, block_length=8, steps=8, threshold=0.5),
+      dict(gen_length=12, block_length=4, steps=4, threshold=0.0),
+      dict(gen_length=16, block_length=8, steps=3, threshold=0.9, eos_early_stop=True),
+      dict(gen_length=20, block_length=4, steps=4, threshold=1.0),
+  ]
+  prompts = [rng.randint(0, MASK - 1, (1, n)) for n in (3, 6, 9) for _ in settings]
+  # EOS: the token the network answers most often (with an EOS it never writes), so that answers
+  # do reach it; prompts hold none.
+  first = [
+      om.official_generate(
+          str(path), p, mask_id=MASK, eos_id=MASK - 1, **settings[i % len(settings)]
+      )
+      for i, p in enumerate(prompts)
+  ]
+  eos = int(
+      np.bincount(np.concatenate([o.ravel() for o in first]), minlength=V)[: MASK - 1].argmax()
+  )
+  cases = []
+  for i, prompt in enumerate(prompts):
+    prompt[prompt == eos] = (eos + 1) % (MASK - 1)
+    kwargs = dict(settings[i % len(settings)], mask_id=MASK, eos_id=eos, temperature=0.0)
+    out = om.official_generate(str(path), prompt, **kwargs)
+    cases.append({"prompt": prompt[0].tolist(), "kwargs": kwargs, "output": out[0].tolist()})
+  (path / "generate.json").write_text(json.dumps({"eos_id": eos, "mask_id": MASK, "cases": cases}))
+  stops = sum(eos in c["output"] for c in cases)
+  print(f"{name}: {len(cases)} generate cases, {stops} end at EOS {eos}")
+
+
+def main() -> None:
+  os.makedirs(OUT, exist_ok=True)
+  _llada2("llada2_moe")
+
+
+if __name__ == "__main__":
+  main()
