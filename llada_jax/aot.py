@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from llada_jax.config import validate
+from llada_jax.config import BATCH_AXES, validate
 from llada_jax.errors import ConfigError, DoesNotFit
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.collectives import CollectiveSummary, summarize
@@ -141,7 +141,7 @@ def compile_program(
   model, tx = MaskedDiffusionLM(config), make_optimizer(config)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   items_sharding = batch_sharding(mesh, rules)
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if program == "train":
     from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 
@@ -165,7 +165,8 @@ def compile_program(
     if num_items % data_parallel:
       raise ConfigError(
           f"--num_items={num_items} is not allowed: expected a multiple of "
-          f"mesh.data x mesh.fsdp = {data_parallel} (items are split over them)"
+          f"{' x '.join(f'mesh.{a}' for a in BATCH_AXES)} = {data_parallel} (items are split "
+          "over them)"
       )
     fn, args, model_flops = (_sampler if program == "sample" else _scorer)(
         config, num_items, prompt_length, items_sharding

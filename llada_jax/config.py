@@ -44,6 +44,12 @@ PACKING = ("chunk", "pack")
 MASKING = ("pipeline", "device")
 NONFINITE_POLICIES = ("skip", "rollback")
 
+# The device mesh's axes (parallel/mesh.py): data and fsdp split the batch, fsdp also the weights;
+# expert splits the batch and the MoE layers' experts (expert parallelism); tensor splits heads and
+# hidden widths.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The mesh axes a batch is split over (data parallelism in the wide sense).
+BATCH_AXES = ("data", "fsdp", "expert")
 # MaxText-style logical axis rules: logical name -> mesh axis (or axes, or None = replicated).
 LOGICAL_AXES = (
     "batch",
@@ -61,8 +67,8 @@ LOGICAL_AXES = (
     "norm",
 )
 DEFAULT_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("activation_batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("embed", "fsdp"),
@@ -71,7 +77,7 @@ DEFAULT_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
-    ("exp", None),
+    ("exp", "expert"),
     ("layers", None),
     ("norm", None),
 )
@@ -217,9 +223,11 @@ def default_config() -> ml_collections.ConfigDict:
       dict(
           data=-1,  # -1 takes the devices the other axes leave
           fsdp=1,
+          expert=1,  # expert parallelism: MoE experts (and the batch) split over this many
           tensor=1,
           dcn_data=1,  # multi-slice: how many slices each axis spans (divides its size;
           dcn_fsdp=1,  # only these factors cross the data-centre network)
+          dcn_expert=1,
           dcn_tensor=1,
           axis_rules=DEFAULT_AXIS_RULES,
       )
@@ -434,21 +442,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if o.lr_drop_step > 0 >= o.lr_after_drop:
     _fail("optimizer.lr_after_drop", o.lr_after_drop, "a positive rate when lr_drop_step > 0")
 
-  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
-  for axis, size in zip(("data", "fsdp", "tensor"), sizes):
+  sizes = [config.mesh[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
     if size != -1 and size < 1:
       _fail(f"mesh.{axis}", size, "a positive size or -1 (the rest of the devices)")
   if sizes.count(-1) > 1:
     _fail("mesh", tuple(sizes), "at most one axis of size -1")
-  for axis in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+  for axis in (f"dcn_{a}" for a in MESH_AXES):
     _positive(f"mesh.{axis}", config.mesh[axis])
   for rule in config.mesh.axis_rules:
     name, axes = rule[0], rule[1]
     if name not in LOGICAL_AXES:
       _fail("mesh.axis_rules", name, f"a logical axis name of the model, one of {LOGICAL_AXES}")
     for axis in (axes if isinstance(axes, (list, tuple)) else [axes]):
-      if axis is not None and axis not in ("data", "fsdp", "tensor"):
-        _fail(f"mesh.axis_rules[{name!r}]", axis, "None or mesh axes among data, fsdp, tensor")
+      if axis is not None and axis not in MESH_AXES:
+        _fail(f"mesh.axis_rules[{name!r}]", axis, f"None or mesh axes among {', '.join(MESH_AXES)}")
 
   _positive("checkpoint.save_every", config.checkpoint.save_every)
   _positive("checkpoint.keep", config.checkpoint.keep)

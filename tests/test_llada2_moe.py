@@ -168,3 +168,22 @@ def test_family_token_ids_outside_a_tiny_vocabulary_are_named(tmp_path):
 
   with pytest.raises(ConfigError, match=r"mask_id=156895 is not allowed.*pass --mask_id"):
     llada2_moe.read_config(FOLDER)
+
+
+@pytest.mark.parametrize(
+    "name, official, moe_layers",
+    # The official modeling code's parameter counts (its nn.Module built on the meta device from
+    # dFactory's config.json), without the expert_bias buffers, which llada_jax keeps as parameters.
+    [("llada2_mini", 16_255_638_528, 19), ("llada2_flash", 102_889_697_280, 31)],
+)
+def test_configs_have_the_official_parameter_counts(name, official, moe_layers):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  shapes = rules.abstract_params(config)
+  total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  assert total == official + moe_layers * 256

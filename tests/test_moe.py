@@ -228,6 +228,40 @@ def test_a_tiny_moe_trains_balances_and_logs_its_router():
     assert np.isfinite(float(metrics[name])), name
 
 
+def _steps(config, devices, tokens, steps=2):
+  mesh = make_mesh(config, devices)
+  model, tx = MaskedDiffusionLM(config), make_optimizer(config)
+  state, shardings = create_train_state(config, model, tx, mesh)
+  step = make_train_step(config, model, tx, mesh, shardings)
+  batch = jax.device_put(unpacked_batch(tokens), batch_sharding(mesh, axis_rules(config)))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses, shardings, metrics
+
+
+def test_expert_parallel_steps_equal_one_device():
+  """Loss, router metrics and updated parameters (so the gradients) of two steps on an 8-device
+  fsdp x expert x tensor mesh — the experts split over `expert` (tokens exchanged by all-to-all),
+  their weights gathered over fsdp, their hidden width split over tensor — equal one device's."""
+  config = moe_config(aux_loss_coef=0.01, bias_update_rate=1e-3)
+  config.model.update(d_model=64, n_heads=4)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (8, config.data.sequence_length), 3, 40)
+  one, one_losses, _, one_metrics = _steps(config, jax.devices()[:1], tokens)
+  config.mesh.update(dict(data=1, fsdp=2, expert=2, tensor=2))
+  many, many_losses, shardings, many_metrics = _steps(config, jax.devices()[:8], tokens)
+  wi = shardings.params["moe_blocks"]["moe"]["wi_gate"].spec
+  assert wi[1] == "expert", wi  # [layers, exp, embed, mlp]: the experts are split
+  np.testing.assert_allclose(one_losses, many_losses, rtol=1e-5)
+  np.testing.assert_allclose(one_metrics["router/load"], many_metrics["router/load"], atol=1e-6)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      jax.device_get(one.params),
+      jax.device_get(many.params),
+  )
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

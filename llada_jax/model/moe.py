@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.model.layers import dense_init
+from llada_jax.parallel import kernels
 from llada_jax.model.routers import ROUTERS, RouterSettings, Routing
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E, d, f]; down [E, f, d]
@@ -88,6 +89,105 @@ def dense_experts(x: jax.Array, routing: Routing, weights: ExpertWeights) -> jax
   every = jax.vmap(_swiglu, in_axes=(None, 0, 0, 0), out_axes=1)(x, gate, up, down)  # [T, E, d]
   chosen = jnp.take_along_axis(every, routing.experts[..., None], axis=1)  # [T, k, d]
   return jnp.sum(chosen * routing.weights[..., None].astype(chosen.dtype), axis=1)
+
+
+def _exchange(
+    x: jax.Array, routing: Routing, weights: ExpertWeights, axes: tuple[str, ...]
+) -> jax.Array:
+  """`ragged_experts` with the experts split over the mesh axes `axes` (expert parallelism), run
+  per shard: x [t, d] and routing are this shard's tokens, weights its E / ep experts.
+
+  Each (token, expert) pair goes to the shard holding its expert by an all-to-all, the received
+  rows run through that shard's experts as grouped matmuls, and the results come back by a second
+  all-to-all. The exchange buffers hold t*k rows per destination, every row a shard could send
+  there, so no token is ever dropped (the price: ep times the rows of a ragged exchange).
+  """
+  gate, up, down = weights
+  tokens, k = routing.experts.shape
+  local = gate.shape[0]
+  ep = jax.lax.psum(1, axes)
+  flat = routing.experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  chosen = flat[order]
+  destination = chosen // local
+  send = jnp.bincount(destination, length=ep)
+  slot = jnp.arange(tokens * k) - (jnp.cumsum(send) - send)[destination]
+  rows = jnp.zeros((ep, tokens * k, x.shape[-1]), x.dtype).at[destination, slot].set(x[order // k])
+  ids = jnp.full((ep, tokens * k), local, jnp.int32).at[destination, slot].set(chosen % local)
+  rows, ids = (jax.lax.all_to_all(a, axes, 0, 0, tiled=True) for a in (rows, ids))
+  rows, ids = rows.reshape(-1, x.shape[-1]), ids.reshape(-1)  # padding rows carry id `local`
+  received = jnp.argsort(ids, stable=True)
+  group_sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
+  grouped = rows[received]
+  hidden = nn.silu(jax.lax.ragged_dot(grouped, gate, group_sizes)) * jax.lax.ragged_dot(
+      grouped, up, group_sizes
+  )
+  out = jnp.zeros_like(rows).at[received].set(jax.lax.ragged_dot(hidden, down, group_sizes))
+  out = jax.lax.all_to_all(out.reshape(ep, tokens * k, -1), axes, 0, 0, tiled=True)
+  back = jnp.zeros((tokens * k, x.shape[-1]), out.dtype).at[order].set(out[destination, slot])
+  back = back.reshape(tokens, k, -1)
+  return jnp.sum(back * routing.weights[..., None].astype(back.dtype), axis=1)
+
+
+def routed_experts(
+    x: jax.Array, routing: Routing, weights: ExpertWeights, implementation: str
+) -> jax.Array:
+  """The routed experts' output [B, L, d] of x [B, L, d] (routing over its B*L tokens, row-major).
+
+  On a device mesh (`jax.set_mesh`, as the trainer, sampler and scorer run) the work is done
+  shard by shard (`shard_map`): each device sorts and runs only its own tokens, so no activation
+  is gathered across the batch; with the logical axis "exp" on mesh axes of size ep > 1 the
+  experts are split over them and exchanged by all-to-all (`_exchange`); a split hidden width
+  ("mlp", tensor parallelism) is summed over its axes. Off a mesh, `IMPLEMENTATIONS`.
+  """
+  mesh = kernels.trace_mesh()
+  batch, length, d = x.shape
+  if mesh is None or mesh.size == 1:
+    flat = IMPLEMENTATIONS[implementation](x.reshape(batch * length, d), routing, weights)
+    return flat.reshape(batch, length, d)
+  gate = weights[0]
+  expert_axes = _split_axes(kernels.logical_spec(gate.shape, ("exp", None, "mlp"), mesh))
+
+  def local(xs, experts, probs_weights, gate, up, down):
+    t = xs.shape[0] * xs.shape[1]
+    local_routing = Routing(experts.reshape(t, -1), probs_weights.reshape(t, -1), None)
+    tokens = xs.reshape(t, d)
+    if expert_axes[0]:
+      y = _exchange(tokens, local_routing, (gate, up, down), expert_axes[0])
+    else:
+      y = IMPLEMENTATIONS[implementation](tokens, local_routing, (gate, up, down))
+    if expert_axes[2]:
+      y = jax.lax.psum(y, expert_axes[2])
+    return y.reshape(xs.shape)
+
+  activation = ("activation_batch", "activation_length", None)
+  k = routing.experts.shape[-1]
+  return kernels.shard_map_logical(
+      local,
+      (
+          x,
+          routing.experts.reshape(batch, length, k),
+          routing.weights.reshape(batch, length, k),
+          *weights,
+      ),
+      (
+          activation,
+          activation,
+          activation,
+          ("exp", None, "mlp"),
+          ("exp", None, "mlp"),
+          ("exp", "mlp", None),
+      ),
+      activation,
+      x.shape,
+  )
+
+
+def _split_axes(spec: Any) -> tuple[tuple[str, ...], ...]:
+  """Per dimension of a PartitionSpec, the tuple of mesh axes it is split over (() if none)."""
+  return (
+      tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec) + ((),) * 3
+  )
 
 
 # model.moe.implementation -> the routed-expert computation (llada_jax.config.MOE_IMPLEMENTATIONS).
@@ -172,7 +272,9 @@ class MoEFeedForward(nn.Module):
             ("wo", (m.num_experts, f, d), ("exp", "mlp", "embed")),
         )
     )
-    y = IMPLEMENTATIONS[m.implementation](tokens, routing, experts)
+    y = routed_experts(
+        tokens.reshape(batch, length, d), routing, experts, m.implementation
+    ).reshape(batch * length, d)
     if m.num_shared_experts:
       width = f * m.num_shared_experts
       y = y + _swiglu(

@@ -1,4 +1,4 @@
-"""Device mesh from the config's `mesh` section: axes (data, fsdp, tensor), one may be -1."""
+"""Device mesh from the config's `mesh` section: axes (data, fsdp, expert, tensor), one may be -1."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from llada_jax.config import BATCH_AXES, MESH_AXES
 from llada_jax.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = MESH_AXES
 
 
 def mesh_shape(
@@ -35,12 +36,12 @@ def mesh_shape(
         f"mesh={dict(zip(AXES, sizes))} is not allowed: the axes must multiply to "
         f"the {num_devices} devices"
     )
-  data_parallel = sizes[0] * sizes[1]
+  data_parallel = math.prod(s for a, s in zip(AXES, sizes) if a in BATCH_AXES)
   accum = config.train.grad_accum_steps
   if check_batch and config.data.batch_size % (data_parallel * accum):
     raise ConfigError(
         f"data.batch_size={config.data.batch_size} is not allowed: expected a "
-        f"multiple of mesh.data x mesh.fsdp = {data_parallel}"
+        f"multiple of {' x '.join(f'mesh.{a}' for a in BATCH_AXES)} = {data_parallel}"
         + (f" times train.grad_accum_steps={accum}" if accum > 1 else "")
         + " (every micro-batch splits evenly over the data-parallel devices)"
     )
@@ -57,6 +58,7 @@ def check_divisibility(config: ml_collections.ConfigDict, shape: tuple[int, ...]
       "vocab": ("model.vocab_size", m.vocab_size),
       "embed": ("model.d_model", m.d_model),
       "layers": ("model.n_layers", m.n_layers),
+      "exp": ("model.moe.num_experts", m.moe.num_experts),
   }
   sizes = dict(zip(AXES, shape))
   for name, axes in config.mesh.axis_rules:

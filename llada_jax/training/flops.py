@@ -17,18 +17,35 @@ from llada_jax.parallel.topology import chip
 
 
 def matmul_parameters(config: ml_collections.ConfigDict) -> int:
-  """Weights used in matmuls: attention and SwiGLU projections of every layer, and the head."""
-  m = config.model
+  """Weights one token meets in matmuls: attention and SwiGLU projections of every layer, and the
+  head. A MoE layer counts its *active* weights (DeepSeek-V3's and LLaDA 2.0's convention): the
+  router, the k routed experts a token goes to and the shared experts; not the E - k others."""
+  m, moe = config.model, config.model.moe
   head_dim = m.d_model // m.n_heads
   attention = m.d_model * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, out; k, v
-  mlp = 3 * m.d_model * m.mlp_hidden_size
-  return m.n_layers * (attention + mlp) + m.d_model * m.vocab_size
+  dense = 3 * m.d_model * m.mlp_hidden_size
+  moe_layers = 0
+  active = 0
+  if moe.num_experts:
+    moe_layers = m.n_layers - min(moe.first_k_dense_replace, m.n_layers)
+    routed = moe.experts_per_token + moe.num_shared_experts
+    active = m.d_model * moe.num_experts + 3 * m.d_model * moe.expert_hidden_size * routed
+  return (
+      m.n_layers * attention
+      + (m.n_layers - moe_layers) * dense
+      + moe_layers * active
+      + m.d_model * m.vocab_size
+  )
 
 
 def non_embedding_parameters(config: ml_collections.ConfigDict) -> int:
-  """N of the 6 N D convention: the weights of the blocks, norms included; no embedding or head."""
+  """N of the 6 N D convention: the weights of the blocks, norms included (QK-norm too); no
+  embedding or head. A MoE model's active N (`matmul_parameters`)."""
   m = config.model
-  return matmul_parameters(config) - m.d_model * m.vocab_size + (2 * m.n_layers + 1) * m.d_model
+  norms = (2 * m.n_layers + 1) * m.d_model + (
+      2 * m.n_layers * m.d_model // m.n_heads if m.qk_norm else 0
+  )
+  return matmul_parameters(config) - m.d_model * m.vocab_size + norms
 
 
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
