@@ -2,6 +2,7 @@
 dropless routing alone == batched, router losses and loss-free balancing, training on CPU."""
 
 import dataclasses
+import functools
 import json
 
 import flax.linen as nn
@@ -49,8 +50,8 @@ def moe_config(**moe_overrides):
 def model_and_params():
   config = moe_config()
   model = Transformer(ModelConfig.from_config(config))
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  params = params["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  params = nn.meta.unbox(params)["params"]
   # A non-zero selection bias, so that it and the group limit both change choices.
   bias = jax.random.normal(jax.random.PRNGKey(7), params["moe_blocks"]["moe"]["expert_bias"].shape)
   params["moe_blocks"]["moe"]["expert_bias"] = 0.3 * bias
@@ -119,9 +120,13 @@ def test_grouped_matmuls_equal_every_expert_in_value_and_gradient(model_and_para
     return jnp.sum(jnp.sin(m.apply({"params": p}, tokens)))
 
   np.testing.assert_allclose(
-      model.apply({"params": params}, tokens), dense.apply({"params": params}, tokens), atol=2e-5
+      jax.jit(model.apply)({"params": params}, tokens),
+      jax.jit(dense.apply)({"params": params}, tokens),
+      atol=2e-5,
   )
-  g_ragged, g_dense = (jax.grad(loss, argnums=1)(m, params) for m in (model, dense))
+  g_ragged, g_dense = (
+      jax.jit(jax.grad(functools.partial(loss, m)))(params) for m in (model, dense)
+  )
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), g_ragged, g_dense
   )
@@ -136,16 +141,17 @@ def test_moe_output_of_a_row_alone_equals_it_in_a_mixed_padded_batch(model_and_p
 
   rows = [
       jax.random.randint(jax.random.PRNGKey(10 + i), (n,), 0, 200).tolist()
-      for i, n in enumerate((12, 5, 9, 1))
+      for i, n in enumerate((12, 5, 1))
   ]
+  forward = jax.jit(functools.partial(apply_model, model))
   width = 12
   tokens = np.zeros((len(rows), width), np.int32)
   mask = np.zeros((len(rows), width), bool)
   for i, r in enumerate(rows):
     tokens[i, width - len(r) :], mask[i, width - len(r) :] = r, True
-  batched = apply_model(model, params, jnp.asarray(tokens), jnp.asarray(mask))
+  batched = forward(params, jnp.asarray(tokens), jnp.asarray(mask))
   for i, r in enumerate(rows):
-    alone = apply_model(model, params, jnp.asarray([r]), jnp.ones((1, len(r)), bool))
+    alone = forward(params, jnp.asarray([r]), jnp.ones((1, len(r)), bool))
     # Float32 matmuls of another batch shape may round differently (1e-7); a dropped or
     # re-routed token would change its output by O(1).
     np.testing.assert_allclose(batched[i, width - len(r) :], alone[0], atol=1e-5)
@@ -159,8 +165,8 @@ def test_scanned_and_unscanned_layers_compute_the_same_network(model_and_params)
     layers[f"blocks_{i + 1}"] = jax.tree.map(lambda a, i=i: a[i], params["moe_blocks"])
   flat = {k: v for k, v in params.items() if not k.endswith("blocks")} | layers
   tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 10), 0, 200)
-  a, aux_a = model.apply({"params": params}, tokens, return_aux=True)
-  b, aux_b = unscanned.apply({"params": flat}, tokens, return_aux=True)
+  a, aux_a = jax.jit(functools.partial(model.apply, return_aux=True))({"params": params}, tokens)
+  b, aux_b = jax.jit(functools.partial(unscanned.apply, return_aux=True))({"params": flat}, tokens)
   np.testing.assert_allclose(a, b, atol=1e-5)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), aux_a, aux_b)
   assert aux_a["load"].shape == (2, E)

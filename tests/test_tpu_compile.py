@@ -52,6 +52,9 @@ def test_splash_attention_gathers_no_activation(devices, program):
   assert report.platform == "tpu" and report.hbm_bytes == 16 << 30
 
 
+# Slow (50 s): test_block.py checks the two-stream block-causal pattern through splash against XLA
+# (values and gradients), and the splash train compile above checks what crosses chips.
+@pytest.mark.slow
 def test_block_diffusion_training_runs_its_block_causal_mask_in_splash(devices):
   """The two-stream pass (2 x 512 positions) with the block-causal pattern as a splash mask the
   Mosaic kernel computes: compiled for TPU, no activation gathered."""
@@ -61,6 +64,31 @@ def test_block_diffusion_training_runs_its_block_causal_mask_in_splash(devices):
   gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES + (2 * LENGTH,))
   assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
   assert report.opaque_kernels > 0
+
+
+def test_moe_training_exchanges_tokens_by_all_to_all(devices):
+  """A MoE train step with its 8 experts split over `expert` (fsdp 2 x expert 2): the tokens
+  cross chips by all-to-all, and no activation is gathered (each chip sorts its own tokens)."""
+  config = _config("xla")
+  config.model.update(dict(n_layers=2, qk_norm=True, rotary_dim=16))
+  config.model.moe.update(
+      dict(
+          num_experts=8,
+          experts_per_token=2,
+          expert_hidden_size=64,
+          num_shared_experts=1,
+          first_k_dense_replace=1,
+          n_group=4,
+          topk_group=2,
+          bias_update_rate=1e-3,
+      )
+  )
+  config.mesh.update(dict(data=1, fsdp=2, expert=2, tensor=1))
+  report = compile_program(config, devices, "train", num_items=BATCH)
+  kinds = report.collectives.by_kind()
+  assert kinds["all-to-all"][0] >= 4, kinds  # there and back, forward and backward
+  gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES)
+  assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
 
 
 def test_collectives_are_counted_per_loop_trip():
