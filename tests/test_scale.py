@@ -101,12 +101,15 @@ def test_a_two_slice_mesh_crosses_slices_only_on_its_dcn_axis_and_trains_as_one_
   config = _config((1, 8, 1))
   config.mesh.dcn_fsdp = 2
   np.testing.assert_array_equal(
-      ids(make_mesh(config, jax.devices())), [[[0], [2], [4], [6], [1], [3], [5], [7]]]
+      ids(make_mesh(config, jax.devices())),
+      [[[[0]], [[2]], [[4]], [[6]], [[1]], [[3]], [[5]], [[7]]]],
   )
   config = _config((2, 4, 1))
   config.mesh.dcn_data = 2
   mesh = make_mesh(config, jax.devices())
-  np.testing.assert_array_equal(ids(mesh), [[[0], [2], [4], [6]], [[1], [3], [5], [7]]])
+  np.testing.assert_array_equal(
+      ids(mesh), [[[[0]], [[2]], [[4]], [[6]]], [[[1]], [[3]], [[5]], [[7]]]]
+  )
   state, losses = _steps(config, jax.devices(), _batches(config, 3))
   assert state.params["wte"]["embedding"].sharding.mesh.devices.tolist() == mesh.devices.tolist()
   np.testing.assert_allclose(losses, reference[1], rtol=2e-5)
@@ -157,7 +160,7 @@ def test_train_state_is_split_as_the_logical_axis_rules_say():
       got[jax.tree_util.keystr(path)] = (leaf.sharding.spec, next(iter(shape)))
     assert got == expected
   batch = jax.device_put(np.zeros((8, 32), np.int32), batch_sharding(mesh, axis_rules(config)))
-  assert batch.sharding.spec == P(("data", "fsdp"))
+  assert batch.sharding.spec == P(("data", "fsdp", "expert"))
   assert {shard.data.shape for shard in batch.addressable_shards} == {(2, 32)}
 
 
@@ -272,7 +275,7 @@ def test_aot_compile_reports_per_device_state_bytes(monkeypatch):
   b, length = config.data.batch_size // 8, config.data.sequence_length
   # targets, segment_ids, positions, inputs (int32), valid, masked (bool); p_mask per row
   batch_bytes = 18 * b * length + 4 * b
-  assert report.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report.mesh == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
   assert 0 <= report.argument_bytes - state_bytes - batch_bytes < 256  # + a few scalars
   assert report.alias_bytes >= state_bytes  # the donated state is updated in place
   memory = compiled[-1].memory_analysis()

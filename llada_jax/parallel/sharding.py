@@ -41,8 +41,12 @@ def abstract_on_mesh(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of every input feature ([batch] or [batch, length]): batch over the data-parallel
-  axes, the other dimensions replicated."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+  axes the mesh has (a mesh built without some of them, such as one of the three axes before
+  `expert`, splits over the others), the other dimensions replicated."""
+  (axes,) = nn.logical_to_mesh_axes(("batch",), rules)
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  present = tuple(a for a in axes if a in mesh.axis_names)
+  return NamedSharding(mesh, PartitionSpec(present or None))
 
 
 @contextlib.contextmanager

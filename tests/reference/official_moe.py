@@ -10,7 +10,8 @@ written for transformers 4.x; `_install_shims` below makes them import and run u
   2. `ROPE_INIT_FUNCTIONS["default"]` was removed in 5.x (default RoPE moved into each model); both
      rotary classes look it up. It is put back as the 4.x `_compute_default_rope_parameters`:
      inv_freq = 1 / rope_theta ** (arange(0, dim, 2) / dim), dim = int(head_dim *
-     partial_rotary_factor), attention scaling 1.0.
+     partial_rotary_factor), attention scaling 1.0 — only while an official model is built
+     (`_quiet`), so that transformers' own models in the process are not changed.
   3. `_tied_weights_keys` is a list in both LM classes; 5.x's `save_pretrained` wants the
      {target: source} dict. It is set to {"lm_head.weight": <input embedding>.weight} (what the
      list meant in 4.x; only used when tie_word_embeddings is true).
@@ -54,9 +55,11 @@ def _install_shims() -> None:
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
     return 1.0 / (config.rope_theta**exponent), 1.0
 
-  rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", default_rope)
+  global _DEFAULT_ROPE  # pylint: disable=global-statement
+  _DEFAULT_ROPE = default_rope
 
 
+_DEFAULT_ROPE = None
 _install_shims()
 
 # pylint: disable=wrong-import-position
@@ -73,7 +76,16 @@ LLaDAMoEModelLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weig
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-  """Mutes the 5.x deprecation chatter the 4.x-era official files trigger (and the save bar)."""
+  """Mutes the 5.x deprecation chatter the 4.x-era official files trigger (and the save bar),
+  and holds shim 2 (the "default" RoPE entry, which the official rotary classes read when built)
+  only meanwhile: left in place it would change transformers' own models in this process (5.x
+  Llama then reads config.rope_theta, which 5.x configs no longer have)."""
+  from transformers import modeling_rope_utils as rope_utils  # pylint: disable=import-outside-toplevel
+
+  table = rope_utils.ROPE_INIT_FUNCTIONS
+  added = "default" not in table
+  if added:
+    table["default"] = _DEFAULT_ROPE
   verbosity = transformers.logging.get_verbosity()
   bar = transformers.utils.logging.is_progress_bar_enabled()
   transformers.logging.set_verbosity_error()
@@ -83,6 +95,8 @@ def _quiet() -> Iterator[None]:
       warnings.simplefilter("ignore", FutureWarning)
       yield
   finally:
+    if added:
+      del table["default"]
     transformers.logging.set_verbosity(verbosity)
     if bar:
       transformers.utils.logging.enable_progress_bar()
