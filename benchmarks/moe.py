@@ -111,7 +111,9 @@ def main(argv: list[str]) -> None:
   }
   modules = {
       "swiglu": SwiGLU(active, dtype),
-      "ragged": MoEFeedForward(_moe("ragged", d, experts, k, hidden, shared), d, 0.02, dtype, dtype),
+      "ragged": MoEFeedForward(
+          _moe("ragged", d, experts, k, hidden, shared), d, 0.02, dtype, dtype
+      ),
       "dense_experts": MoEFeedForward(
           _moe("dense", d, experts, k, hidden, shared), d, 0.02, dtype, dtype
       ),
