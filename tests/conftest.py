@@ -7,10 +7,10 @@ import tempfile
 # programs spend far longer compiling than running (test_moe + test_block: 237 s of CPU with the
 # default optimisation, 135 s without). Floating-point semantics are the same (XLA:CPU compiles
 # without fast-math either way); subprocesses inherit the flags.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+if "--xla_backend_optimization_level" not in _FLAGS:  # a level given in XLA_FLAGS is kept
+  _FLAGS += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on CPUs; libtpu (installed for the TPU-compiler tests, which ask for compile-only
 # TPU devices themselves) would otherwise probe for TPU chips in every process. JAX_PLATFORMS=cuda

@@ -40,15 +40,42 @@ def _config(attention: str):
   return c
 
 
+def _moe(config):
+  """The tiny model as a MoE (a dense first layer, 8 experts in 4 groups, a shared expert,
+  QK-norm, partial rotary) with its experts split over `expert`: fsdp 2 x expert 2."""
+  config.model.update(dict(qk_norm=True, rotary_dim=16))
+  config.model.moe.update(
+      dict(
+          num_experts=8,
+          experts_per_token=2,
+          expert_hidden_size=64,
+          num_shared_experts=1,
+          first_k_dense_replace=1,
+          n_group=4,
+          topk_group=2,
+          bias_update_rate=1e-3,
+      )
+  )
+  config.mesh.update(dict(data=1, fsdp=2, expert=2, tensor=1))
+  return config
+
+
 @pytest.mark.parametrize("program", ["train", "sample", "score"])
 def test_splash_attention_gathers_no_activation(devices, program):
-  report = compile_program(_config("splash"), devices, program, num_items=BATCH, prompt_length=64)
+  """Splash attention per shard in every program; the train step is a MoE model's with expert
+  parallelism (one compile for both claims): its tokens cross chips by all-to-all, its parameters
+  by FSDP's collectives, and no activation is gathered (each chip sorts its own tokens)."""
+  config = _config("splash")
+  if program == "train":
+    config = _moe(config)
+  report = compile_program(config, devices, program, num_items=BATCH, prompt_length=64)
   gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES)
   assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
   assert report.opaque_kernels > 0  # the compiled Mosaic kernel, not the interpreted one
   if program == "train":  # the check sees collectives at all: FSDP's parameter traffic
     kinds = report.collectives.by_kind()
     assert kinds["all-gather"][0] + kinds["all-reduce"][0] + kinds["reduce-scatter"][0] > 2
+    assert kinds["all-to-all"][0] >= 4, kinds  # there and back, forward and backward
   assert report.platform == "tpu" and report.hbm_bytes == 16 << 30
 
 
@@ -64,31 +91,6 @@ def test_block_diffusion_training_runs_its_block_causal_mask_in_splash(devices):
   gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES + (2 * LENGTH,))
   assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
   assert report.opaque_kernels > 0
-
-
-def test_moe_training_exchanges_tokens_by_all_to_all(devices):
-  """A MoE train step with its 8 experts split over `expert` (fsdp 2 x expert 2): the tokens
-  cross chips by all-to-all, and no activation is gathered (each chip sorts its own tokens)."""
-  config = _config("xla")
-  config.model.update(dict(n_layers=2, qk_norm=True, rotary_dim=16))
-  config.model.moe.update(
-      dict(
-          num_experts=8,
-          experts_per_token=2,
-          expert_hidden_size=64,
-          num_shared_experts=1,
-          first_k_dense_replace=1,
-          n_group=4,
-          topk_group=2,
-          bias_update_rate=1e-3,
-      )
-  )
-  config.mesh.update(dict(data=1, fsdp=2, expert=2, tensor=1))
-  report = compile_program(config, devices, "train", num_items=BATCH)
-  kinds = report.collectives.by_kind()
-  assert kinds["all-to-all"][0] >= 4, kinds  # there and back, forward and backward
-  gathered = with_dimension(report.collectives.collectives, ACTIVATION_SIZES)
-  assert not gathered, [(c.kind, c.shapes, c.source) for c in gathered[:3]]
 
 
 def test_collectives_are_counted_per_loop_trip():
