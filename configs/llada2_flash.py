@@ -1,64 +1,22 @@
 """LLaDA2.0-flash (inclusionAI, llada2_moe): a 100B Mixture-of-Experts block diffusion model with
 6.1B active parameters (dFactory configs/model_configs/llada2_flash/config.json; DESIGN.md Sec. 7).
 
-32 layers (layer 0 a dense SwiGLU of 9216), d 4096, 32 heads of 128 with 4 KV heads, QK-norm, RoPE
-(theta 600000) on the first 64 dims of each head; every other layer 256 routed experts of 1024
-(8 per token: sigmoid scores, expert-bias selection in 8 groups keeping 4, weights renormalised
-x 2.5) plus one shared expert; vocabulary 157184 (mask 156895, EOS 156892); untied head. Block
-diffusion with blocks of 32. Parameters: 102,889,697,280 (+ 7,936 expert biases), as the official
-modeling code counts them; 6,152,269,824 active per token.
+LLaDA2.0-mini's architecture (configs/llada2_mini.py) at its larger sizes: 32 layers (layer 0 a
+dense SwiGLU of 9216), d 4096, 32 heads of 128 with 4 KV heads, 256 routed experts of 1024 (8 per
+token) plus one shared expert. Parameters: 102,889,697,280 (+ 7,936 expert biases), as the
+official modeling code counts them; 6,152,269,824 active per token.
 
-The data sections name the tokenizer of a converted folder: `llada-convert from-hf` of the
-official checkpoint writes a workdir with all of this; this config is for training from scratch or
-compiling (`llada-compile --config=configs/llada2_flash.py --topology=v5p:4x4x8 --config.mesh.expert=32`).
+Expert parallelism on a pod: `llada-compile --config=configs/llada2_flash.py --topology=v5p:4x4x8
+--config.mesh.expert=32`.
 """
 
 import ml_collections
 
-from llada_jax.config import default_config
+from configs import llada2_mini
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default_config()
-  c.model.update(
-      dict(
-          vocab_size=157184,
-          d_model=4096,
-          n_layers=32,
-          n_heads=32,
-          n_kv_heads=4,
-          mlp_hidden_size=9216,
-          max_sequence_length=16384,
-          rope_theta=600000.0,
-          rms_norm_eps=1e-6,
-          qk_norm=True,
-          rotary_dim=64,
-          dtype="bfloat16",
-          param_dtype="float32",
-          remat="full",
-          attention="auto",
-      )
-  )
-  c.model.moe.update(
-      dict(
-          num_experts=256,
-          experts_per_token=8,
-          expert_hidden_size=1024,
-          num_shared_experts=1,
-          first_k_dense_replace=1,
-          router="sigmoid_grouped",
-          n_group=8,
-          topk_group=4,
-          routed_scaling_factor=2.5,
-          norm_topk_prob=True,
-          bias_update_rate=1e-3,
-      )
-  )
-  c.tokens.update(dict(mask_id=156895, pad_id=156892, eos_id=156892, bos_id=-1))
-  c.data.update(dict(sequence_length=4096, batch_size=512))
-  c.diffusion.update(dict(objective="block", block_size=32, logit_alignment="same"))
-  c.optimizer.update(dict(peak_lr=3e-4, warmup_steps=2000, weight_decay=0.1))
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-  c.checkpoint.update(dict(save_every=1000, keep=3))
-  c.sampling.update(dict(gen_length=256, block_length=32, steps=32))
+  c = llada2_mini.get_config()
+  c.model.update(dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=9216))
+  c.model.moe.expert_hidden_size = 1024
   return c

@@ -25,12 +25,11 @@ from llada_jax.config import TOKENIZER_VOCABULARIES
 from llada_jax.data.hf_tokenizer import HFTokenizer
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import safetensors_io
+from llada_jax.interop.files import INDEX, SINGLE, hf_files, read_json
 from llada_jax.interop.hf_config import VOCABULARY_FIELD, config_from_hf, config_to_hf
 
 PREFIX = "model.transformer."
 BLOCK_PREFIX = PREFIX + "blocks."
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
 
 Keys = tuple[str, ...]  # a path into the parameter tree, e.g. ("ln_f", "weight")
@@ -126,39 +125,6 @@ def llada_table(config: ml_collections.ConfigDict) -> NameTable:
 
 def _same(w: np.ndarray) -> np.ndarray:
   return w
-
-
-def hf_files(path: str | pathlib.Path) -> list[pathlib.Path]:
-  """The safetensors files of an HF folder (sharded through the index, or the single file)."""
-  path = pathlib.Path(path)
-  if not (path / "config.json").is_file():
-    raise CheckpointError(f"{path} has no config.json: not a HuggingFace checkpoint folder")
-  if (path / INDEX).is_file():
-    try:
-      weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{path / INDEX} is not a valid safetensors index: {e}") from None
-    files = [path / name for name in sorted(set(weight_map.values()))]
-  else:
-    files = [path / SINGLE]
-  for file in files:
-    if not file.is_file():
-      raise CheckpointError(f"{file} is missing (named by the checkpoint folder)")
-  return files
-
-
-def read_json(path: pathlib.Path) -> dict[str, Any]:
-  """The JSON object in `path` (config.json and the like); CheckpointError, one line, when it
-  cannot be read, is not JSON or is not an object."""
-  try:
-    hf = json.loads(path.read_text())
-  except OSError as e:
-    raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(hf, dict):
-    raise CheckpointError(f"{path} is not a JSON object")
-  return hf
 
 
 def read_hf_config(

@@ -33,6 +33,7 @@ import numpy as np
 
 from llada_jax.config import default_config, validate
 from llada_jax.errors import CheckpointError, ConfigError
+from llada_jax.interop.files import hf_files, read_json
 from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD
 from llada_jax.interop.rules import Rule, linear, load_tensors, same, swap_last
 
@@ -173,7 +174,7 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
   layer = "model.layers.{layer}."
 
   def qkv_to_ours(w: np.ndarray) -> tuple[np.ndarray, ...]:
-    q, k, v = np.split(w, [h * hd, (h + kv) * hd])
+    q, k, v = w[: h * hd], w[h * hd : (h + kv) * hd], w[(h + kv) * hd :]
     return tuple(x.T.reshape(d, n, hd) for x, n in ((q, h), (k, kv), (v, kv)))
 
   def qkv_to_hf(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -262,10 +263,8 @@ def read_config(
     eos_id: int | None = None,
 ) -> ml_collections.ConfigDict:
   """The llada_jax config of a llada2_moe folder, its tokenizer.json attached when it has one."""
-  from llada_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top  (it exports us)
-
   path = pathlib.Path(path)
-  hf = hf_checkpoint.read_json(path / "config.json")
+  hf = read_json(path / "config.json")
   config = config_from_llada2_moe(hf, base, mask_id, eos_id, source=str(path / "config.json"))
   if (path / "tokenizer.json").is_file():
     config.data.tokenizer = str(path / "tokenizer.json")
@@ -287,13 +286,11 @@ def load(
   Raises:
     CheckpointError: as config_from_llada2_moe, and tensors missing, unknown or of another shape.
   """
-  from llada_jax.interop import hf_checkpoint  # pylint: disable=g-import-not-at-top  (it exports us)
-
   path = pathlib.Path(path)
-  hf = hf_checkpoint.read_json(path / "config.json")
+  hf = read_json(path / "config.json")
   config = read_config(path, base, mask_id, eos_id)
   table = rules(config, merged=hf.get("model_type") == MERGED)
-  params = load_tensors(path, hf_checkpoint.hf_files(path), config, table, dtype, shardings)
+  params = load_tensors(path, hf_files(path), config, table, dtype, shardings)
   return config, params
 
 

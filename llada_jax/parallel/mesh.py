@@ -1,4 +1,4 @@
-"""Device mesh from the config's `mesh` section: axes (data, fsdp, expert, tensor), one may be -1."""
+"""Device mesh from the config's `mesh` section: axes data, fsdp, expert, tensor (one may be -1)."""
 
 from __future__ import annotations
 
