@@ -1,6 +1,7 @@
 """Convert between official HuggingFace LLaDA folders and llada_jax workdirs.
 
-  python -m llada_jax.convert from-hf --hf_dir=D --workdir=W [--dtype=bfloat16 --mask_id=ID]
+  python -m llada_jax.convert from-hf --hf_dir=D --workdir=W [--dtype=bfloat16 --mask_id=ID
+      --eos_id=ID]
   python -m llada_jax.convert to-hf --workdir=W --out=D [--dtype=bfloat16 --max_shard_size=5GB]
 
 from-hf reads an official LLaDA folder or an autoregressive Llama/Mistral one (config.json's
@@ -33,7 +34,14 @@ _MASK_ID = flags.DEFINE_integer(
     "mask_id",
     None,
     "from-hf of a Llama/Mistral folder: an existing token id to use as the mask token "
-    "(default: one row is appended to the vocabulary for it).",
+    "(default: one row is appended to the vocabulary for it); of a LLaDA 2.x folder: the mask "
+    "token id (default: the family's 156895).",
+)
+_EOS_ID = flags.DEFINE_integer(
+    "eos_id",
+    None,
+    "from-hf of a LLaDA 2.x (llada2_moe) folder: the EOS token id (default: config.json's, else "
+    "the family's 156892).",
 )
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (to-hf).")
 
@@ -46,7 +54,7 @@ def _convert(argv: list[str]) -> None:
   if argv[1] == "from-hf":
     if not _HF_DIR.value or not _WORKDIR.value:
       raise ConfigError("from-hf needs --hf_dir and --workdir")
-    count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value, _MASK_ID.value)
+    count = from_hf(_HF_DIR.value, _WORKDIR.value, _DTYPE.value, _MASK_ID.value, _EOS_ID.value)
     logging.info(
         "imported %s parameters from %s into %s", f"{count:,}", _HF_DIR.value, _WORKDIR.value
     )

@@ -187,3 +187,23 @@ def test_configs_have_the_official_parameter_counts(name, official, moe_layers):
   shapes = rules.abstract_params(config)
   total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
   assert total == official + moe_layers * 256
+
+
+def test_from_hf_writes_a_workdir_with_the_given_ids_and_other_folders_refuse_eos_id(tmp_path):
+  from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from llada_jax.interop.workdir import from_hf  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+
+  count = from_hf(
+      str(FOLDER), str(tmp_path / "w"), "float32", GENERATE["mask_id"], GENERATE["eos_id"]
+  )
+  config, params = load_model(str(tmp_path / "w"))
+  assert (config.tokens.mask_id, config.tokens.eos_id) == (GENERATE["mask_id"], GENERATE["eos_id"])
+  assert count == sum(x.size for x in jax.tree.leaves(params))
+  logits, _ = _forward(config, params, EXPECTED["tokens"])
+  assert _relative_error(logits, EXPECTED["logits"]) < 1e-5
+  llama = tmp_path / "llama"
+  llama.mkdir()
+  (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  with pytest.raises(ConfigError, match=r"--eos_id=3 is not allowed .*\(llada2_moe\) folders"):
+    hf_format(str(llama), eos_id=3)

@@ -13,20 +13,29 @@ from llada_jax.interop import hf_checkpoint, llada2_moe, llama
 from llada_jax.interop.hf_checkpoint import load_hf, read_hf_config
 
 
-def hf_format(hf_dir: str, mask_id: int | None = None) -> tuple[Callable[[str], Any], Callable]:
+def hf_format(
+    hf_dir: str, mask_id: int | None = None, eos_id: int | None = None
+) -> tuple[Callable[[str], Any], Callable]:
   """(read_config, load) for an HF folder of either format, told apart by config.json's
   model_type: a Llama/Mistral AR model (interop.llama: the causal model, with `mask_id` or an
-  appended mask row) or an official LLaDA model (interop.hf_checkpoint). read_config(path) gives
+  appended mask row), a LLaDA 2.x MoE model (interop.llada2_moe: `mask_id`, `eos_id` override the
+  family's ids) or an official LLaDA model (interop.hf_checkpoint). read_config(path) gives
   the llada_jax config; load(path, dtype=, base=, shardings=) gives (config, params).
 
   Raises:
     CheckpointError: no readable config.json. ConfigError: mask_id given for a LLaDA folder,
-      which has its own mask token.
+      which has its own mask token; eos_id given for a folder other than LLaDA 2.x's (the others
+      name their EOS).
   """
   if llada2_moe.is_llada2_moe(hf_checkpoint.read_json(pathlib.Path(hf_dir) / "config.json")):
     return (
-        functools.partial(llada2_moe.read_config, mask_id=mask_id),
-        functools.partial(llada2_moe.load, mask_id=mask_id),
+        functools.partial(llada2_moe.read_config, mask_id=mask_id, eos_id=eos_id),
+        functools.partial(llada2_moe.load, mask_id=mask_id, eos_id=eos_id),
+    )
+  if eos_id is not None:
+    raise ConfigError(
+        f"--eos_id={eos_id} is not allowed for {hf_dir}: it is for LLaDA 2.x (llada2_moe) folders; "
+        "this one names its EOS"
     )
   if llama.model_type(hf_dir) in llama.MODEL_TYPES:
     return (

@@ -16,7 +16,9 @@ from llada_jax import storage
 from llada_jax.errors import ConfigError
 
 
-def from_hf(hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None) -> int:
+def from_hf(
+    hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None, eos_id: int | None = None
+) -> int:
   """Imports an HF folder (LLaDA, or Llama/Mistral as the causal model: see hf_format) into a
   workdir; returns the number of parameters."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -29,7 +31,7 @@ def from_hf(hf_dir: str, workdir: str, dtype: str, mask_id: int | None = None) -
 
   from llada_jax.interop.formats import hf_format  # pylint: disable=g-import-not-at-top
 
-  read_config, load = hf_format(hf_dir, mask_id)
+  read_config, load = hf_format(hf_dir, mask_id, eos_id)
   config = read_config(hf_dir)
   config.model.param_dtype = dtype
   tx = make_optimizer(config)
