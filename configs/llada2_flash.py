@@ -1,5 +1,5 @@
 """LLaDA2.0-flash (inclusionAI, llada2_moe): a 100B Mixture-of-Experts block diffusion model with
-6.1B active parameters (dFactory configs/model_configs/llada2_flash/config.json; DESIGN.md Sec. 7).
+6.1B active parameters (dFactory configs/model_configs/llada2_flash/config.json; docs/moe.md).
 
 LLaDA2.0-mini's architecture (configs/llada2_mini.py) at its larger sizes: 32 layers (layer 0 a
 dense SwiGLU of 9216), d 4096, 32 heads of 128 with 4 KV heads, 256 routed experts of 1024 (8 per

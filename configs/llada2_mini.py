@@ -1,5 +1,5 @@
 """LLaDA2.0-mini (inclusionAI, llada2_moe): a 16B Mixture-of-Experts block diffusion model with
-1.4B active parameters (dFactory configs/model_configs/llada2_mini/config.json; DESIGN.md Sec. 7).
+1.4B active parameters (dFactory configs/model_configs/llada2_mini/config.json; docs/moe.md).
 
 20 layers (layer 0 a dense SwiGLU of 5120), d 2048, 16 heads of 128 with 4 KV heads, QK-norm, RoPE
 (theta 600000) on the first 64 dims of each head; every other layer 256 routed experts of 512

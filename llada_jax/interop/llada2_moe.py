@@ -2,7 +2,7 @@
 
 The format of the official modeling file `modeling_llada2_moe.py` (HF hub; vendored by
 ZHZisZZ/dllm) and of dFactory's merged-expert training layout (model_type
-"llada2_moe_veomni"). Facts (../shared/DESIGN.md Sec. 7, checked against the official code on
+"llada2_moe_veomni"). Facts (docs/moe.md; checked against the official code on
 tiny random folders in tests/test_llada2_moe.py):
 
 - names: model.word_embeddings, model.layers.{i}.input_layernorm,

@@ -85,16 +85,19 @@ def _dense_layers(m: ml_collections.ConfigDict) -> int:
 
 def layer_range(m: ml_collections.ConfigDict, which: str) -> range:
   """The layers a per-layer rule's `layers` ("all", "dense", "moe") stands for."""
-  dense = _dense_layers(m)
-  return {"all": range(m.n_layers), "dense": range(dense), "moe": range(dense, m.n_layers)}[which]
+  return _layers(m.n_layers, _dense_layers(m), which)
 
 
-def _place(m: ml_collections.ConfigDict, layer: int, expert: int | None) -> tuple[Keys, tuple]:
-  """(block path prefix, index into the leaf) of one layer's (and expert's) slice."""
+def _layers(n_layers: int, dense: int, which: str) -> range:
+  return {"all": range(n_layers), "dense": range(dense), "moe": range(dense, n_layers)}[which]
+
+
+def _place(scan: bool, dense: int, layer: int, expert: int | None) -> tuple[Keys, tuple]:
+  """(block path prefix, index into the leaf) of one layer's (and expert's) slice, given
+  model.scan_layers and the number of dense layers."""
   index = () if expert is None else (expert,)
-  if not m.scan_layers:
+  if not scan:
     return (f"blocks_{layer}",), index
-  dense = _dense_layers(m)
   if layer < dense:
     return ("blocks",), (layer,) + index
   return ("moe_blocks",), (layer - dense,) + index
@@ -151,6 +154,7 @@ def load_tensors(
       config does not have), has another shape than the config gives, or is missing.
   """
   m = config.model
+  dense = _dense_layers(m)  # once: every tensor's placement reads it
   shapes = abstract_params(config)
   target = (
       np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else (np.dtype(dtype) if dtype else None)
@@ -170,10 +174,10 @@ def load_tensors(
       value = np.asarray(tensor)
       layer = int(match.group("layer")) if rule.per_layer else None
       expert = int(match.group("expert")) if rule.per_expert else None
-      if layer is not None and layer not in layer_range(m, rule.layers):
+      if layer is not None and layer not in _layers(m.n_layers, dense, rule.layers):
         raise CheckpointError(
             f"unexpected tensor {name} in {path} (layer {layer} of this {m.n_layers}-layer model, "
-            f"{_dense_layers(m)} dense, has no such tensor)"
+            f"{dense} dense, has no such tensor)"
         )
       if expert is not None and expert >= m.moe.num_experts:
         raise CheckpointError(
@@ -184,7 +188,7 @@ def load_tensors(
             f"tensor {name} has shape {list(value.shape)} in {path}, but the config gives "
             f"{list(rule.hf_shape)}"
         )
-      prefix, index = ((), ()) if layer is None else _place(m, layer, expert)
+      prefix, index = ((), ()) if layer is None else _place(m.scan_layers, dense, layer, expert)
       for keys, part in zip(rule.ours, rule.to_ours(value)):
         full = prefix + keys
         shape = _leaf(shapes, full)
@@ -215,6 +219,7 @@ def to_hf_tensors(
   """Yields (HF name, array in the format's layout) of every tensor `rules` name for this model,
   one at a time, in `expected_names` order, cast to `dtype`."""
   m = config.model
+  dense = _dense_layers(m)
   out = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
   patterns = [(rule, rule.pattern()) for rule in rules]
   for name in expected_names(config, rules):
@@ -222,6 +227,6 @@ def to_hf_tensors(
     prefix, index = ((), ())
     if rule.per_layer:
       expert = int(match.group("expert")) if rule.per_expert else None
-      prefix, index = _place(m, int(match.group("layer")), expert)
+      prefix, index = _place(m.scan_layers, dense, int(match.group("layer")), expert)
     parts = [np.asarray(jax.device_get(_leaf(params, prefix + keys)[index])) for keys in rule.ours]
     yield name, np.ascontiguousarray(rule.to_hf(*parts), dtype=out)
