@@ -39,6 +39,20 @@ from llada_jax.config import default_config, validate  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+  """The environment of a command-line subprocess (trainer, sampler, ...): this process's (its
+  compilation cache included), on one CPU device, compiled without LLVM optimisation like the
+  suite (a tiny trainer: 14.5 s against 18.1 s at the default level on the 2-core host), TF quiet;
+  `extra` on top."""
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_backend_optimization_level=0",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      **extra,
+  )
+
+
 def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   """A model small enough to compile and run in a second or two on one CPU core."""
   c = default_config()

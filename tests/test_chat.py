@@ -1,13 +1,12 @@
 """The LLaDA tokenizer (tokenizer.json), the chat template, and `llada-chat` over a tiny model."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from conftest import make_tiny_config
+from conftest import cli_env, make_tiny_config
 from hf_fixtures import hf_tensors, write_folder
 from llada_jax.data.corpora import split_text
 from llada_jax.data.hf_tokenizer import (
@@ -89,7 +88,7 @@ def test_config_ids_must_match_the_tokenizer(hf_folder):
 
 
 def test_chat_answers_a_scripted_two_turn_conversation(hf_folder):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   result = subprocess.run(
       [
           sys.executable,
@@ -187,7 +186,7 @@ def test_seqio_vocabulary_over_tokenizer_json(hf_folder):
 
 
 def test_sample_text_prompts_through_the_hf_tokenizer(hf_folder):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   result = subprocess.run(
       [
           sys.executable,

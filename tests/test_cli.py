@@ -1,7 +1,6 @@
 """The absl command lines: train, resume, sample, and one-line errors for bad input."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import make_tiny_config, write_workdir
+from conftest import cli_env, make_tiny_config, write_workdir
 from llada_jax.loading import load_model
 from llada_jax.sampling.text import sample
 
@@ -19,7 +18,7 @@ MICRO = str(ROOT / "tests" / "configs" / "micro.py")
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   return subprocess.run(
       [sys.executable, "-m", module, *args],
       cwd=ROOT,
@@ -191,7 +190,7 @@ def test_cache_ctrl_c_is_one_line_and_exit_130(tmp_path):
   interruption, no traceback, and exit code 130; the interrupted task has no COMPLETED, so
   training cannot read it and the same command rewrites it."""
   pytest.importorskip("apache_beam")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   proc = subprocess.Popen(
       [sys.executable, "-m", "llada_jax.cache", "--config=configs/tiny.py"]
       + [f"--output_cache_dir={tmp_path}"],

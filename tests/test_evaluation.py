@@ -50,30 +50,45 @@ def _copy_items(rng):
   return items
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A small model trained for 400 steps on "xyz = xyz." lines (one a document): it learns to
-  copy, which makes the gold choice of the copy items predictable."""
+def train_copy_model(root: pathlib.Path) -> None:
+  """Trains a small model for 400 steps on "xyz = xyz." lines (root/"copy.jsonl", one a document)
+  into root/"run", and writes the copy items to root/"copy_mc.jsonl": the model learns to copy,
+  which makes the gold choice of the copy items predictable."""
   from llada_jax.data.registry import register_text_task  # pylint: disable=g-import-not-at-top
   from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
 
-  root = tmp_path_factory.mktemp("copy")
   rng = random.Random(0)
   corpus = root / "copy.jsonl"
   lines = [f"{w} = {w}." for w in (_word(rng) for _ in range(3000))]
   corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
   register_text_task("eval_copy", [corpus], [corpus])
-  task_file = root / "copy_mc.jsonl"
-  task_file.write_text("".join(json.dumps(item) + "\n" for item in _copy_items(rng)))
+  (root / "copy_mc.jsonl").write_text("".join(json.dumps(item) + "\n" for item in _copy_items(rng)))
   config = make_tiny_config(d_model=128, mlp_hidden_size=256)
   config.data.update(task="eval_copy", sequence_length=32, batch_size=16)
   config.optimizer.update(warmup_steps=20, peak_lr=4e-3, decay_fraction=0.3, final_lr=4e-4)
   config.train.update(num_steps=400, log_every=100, eval_every=400, eval_batches=1)
   config.checkpoint.update(save_every=400)
   config.evaluation.update(tasks="arc_easy", limit=2, mc_num=2, mc_batch_size=2)  # in the trainer
-  workdir = root / "run"
-  train(config, workdir, hooks.from_config(config))
-  return workdir, task_file
+  train(config, root / "run", hooks.from_config(config))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, copy items file) of `train_copy_model`'s run. The 400 steps run in a subprocess with
+  XLA's default optimisation (the suite compiles at -O0, which halves this runtime-bound fixture's
+  speed: 100 s against 57 s alone on the 2-core CI host)."""
+  root = tmp_path_factory.mktemp("copy")
+  env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=2")
+  script = (
+      f"import pathlib, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+      f"import test_evaluation; test_evaluation.train_copy_model(pathlib.Path({str(root)!r}))"
+  )
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-4000:]
+  from llada_jax.data.registry import register_text_task  # pylint: disable=g-import-not-at-top
+
+  register_text_task("eval_copy", [root / "copy.jsonl"], [root / "copy.jsonl"])  # the run's task
+  return root / "run", root / "copy_mc.jsonl"
 
 
 def test_trained_model_reaches_95_percent_where_random_init_is_near_chance(trained):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config, write_workdir
+from conftest import cli_env, make_tiny_config, write_workdir
 from llada_jax.errors import ConfigError
 from llada_jax import checkpoint
 
@@ -111,7 +111,7 @@ def test_likelihood_with_fewer_samples_than_a_batch(spm_workdir):
 def test_chat_with_byte_and_spm8k_models(spm_workdir, tmp_path):
   """llada-chat once demanded a tokenizer.json that byte and spm8k models do not have."""
   byte_workdir = write_workdir(tmp_path / "byte", make_tiny_config())
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   for workdir in (byte_workdir, spm_workdir):
     result = subprocess.run(
         [

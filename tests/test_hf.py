@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from conftest import cli_env, make_tiny_config
 from hf_fixtures import P, hf_tensors, write_folder
 from llada_jax.errors import CheckpointError
 from llada_jax.interop import safetensors_io
@@ -179,7 +179,7 @@ def test_convert_command_lines_round_trip_and_sample(tmp_path):
   tensors = hf_tensors(config)
   folder = write_folder(tmp_path / "hf", config, tensors)
   root = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
 
   def run(*args):
     result = subprocess.run(
@@ -229,7 +229,7 @@ def test_train_fine_tunes_from_a_converted_checkpoint(tmp_path):
 
   config = micro.get_config()
   folder = write_folder(tmp_path / "hf", config, hf_tensors(config))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   workdir = tmp_path / "work"
   for args in (
       (

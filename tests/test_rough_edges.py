@@ -4,14 +4,13 @@ and the block size of a run in its log and metrics."""
 
 import json
 import logging
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from conftest import make_tiny_config, write_workdir
+from conftest import cli_env, make_tiny_config, write_workdir
 from llada_jax.training.flops import forward_flops_per_token
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,7 +88,7 @@ def test_llada_compile_defaults_sample_configs_tiny(tmp_path):
       [sys.executable, "-m", "llada_jax.compile", "--config=configs/tiny.py", "--what=sample"]
       + ["--num_devices=2", "--config.model.n_layers=1"],
       cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3"),
+      env=cli_env(),
       capture_output=True,
       text=True,
       timeout=600,

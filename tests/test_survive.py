@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
+from conftest import cli_env, make_tiny_config
 from llada_jax.data import pipeline
 from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.lm import MaskedDiffusionLM
@@ -150,7 +150,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_p
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  return cli_env()
 
 
 def _train_command(workdir, *flags):
@@ -497,7 +497,7 @@ def test_every_read_only_command_falls_back_past_a_damaged_step(finished, tmp_pa
   save_hf(*load_model(workdir), tmp_path / "hf", dtype="float32")  # what to-hf does
   assert (tmp_path / "hf" / "model.safetensors").is_file()
   assert _listing(workdir) == before
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = cli_env()
   result = subprocess.run(
       [
           sys.executable,

@@ -4,13 +4,13 @@ budget, names round-trip, launcher commands, and local sweeps that train, skip a
 import dataclasses
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from conftest import cli_env
 from configs.scaling import cpu, ladder, pod
 from llada_jax.config import OBJECTIVES, validate
 from llada_jax.errors import ConfigError
@@ -35,7 +35,7 @@ micro = _load(MICRO_LADDER, "micro_ladder")
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   return subprocess.run(
       [sys.executable, "launch/sweep.py", *args],
       cwd=ROOT,
@@ -264,7 +264,7 @@ def test_bad_sweep_arguments_are_one_line_errors(args, needle):
 
 
 def test_train_takes_a_run_name_after_the_config_file(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3")
+  env = cli_env()
   result = subprocess.run(
       [
           sys.executable,
