@@ -260,15 +260,11 @@ def _scorer(
 ) -> tuple[Any, tuple[Any, ...], float]:
   """The jitted Monte-Carlo likelihood for pairs of data.sequence_length tokens, its abstract
   arguments after the parameters, and its model FLOPs (mc_num forward passes per pair)."""
-  from llada_jax.diffusion.likelihood import (  # pylint: disable=g-import-not-at-top
-      PROMPT_ALIGN,
-      compiled_scorer,
-  )
+  from llada_jax.diffusion.likelihood import compiled_scorer  # pylint: disable=g-import-not-at-top
 
+  del prompt_length  # rows hold prompt ++ answer from index 0: one program for any split
   ev, width = config.evaluation, config.data.sequence_length
-  # A block model's rows hold the prompt left-padded to a multiple of PROMPT_ALIGN.
-  prompt_width = min(-(-prompt_length // PROMPT_ALIGN) * PROMPT_ALIGN, width - 1)
-  fn = compiled_scorer(config, ev.mc_num, ev.mc_batch_size, False, prompt_width)
+  fn = compiled_scorer(config, ev.mc_num, ev.mc_batch_size, False)
 
   def rows(dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((num_items, width), dtype, sharding=sharding)

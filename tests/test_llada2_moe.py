@@ -207,3 +207,51 @@ def test_from_hf_writes_a_workdir_with_the_given_ids_and_other_folders_refuse_eo
   (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
   with pytest.raises(ConfigError, match=r"--eos_id=3 is not allowed .*\(llada2_moe\) folders"):
     hf_format(str(llama), eos_id=3)
+
+
+def _official_options(kwargs):
+  """Our options for the official `generate`'s keyword arguments. Our steps count over all
+  gen_length / block_length blocks, the official per block. The official threshold 0.0 commits
+  every masked position whose probability exceeds 0; here τ = 0 turns the threshold off, and any τ
+  below 1 / vocab does what the official 0.0 does (an argmax's probability is at least 1 / V)."""
+  blocks = kwargs["gen_length"] // kwargs["block_length"]
+  return dict(
+      gen_length=kwargs["gen_length"],
+      steps=kwargs["steps"] * blocks,
+      parallel_threshold=kwargs["threshold"] or 1e-6,
+      temperature=kwargs["temperature"],
+  )
+
+
+def _answers(config, params, prompts, kwargs, cache="none"):
+  """Our answers to prompts (lists of ids, left-padded into one batch), each cut after its first
+  EOS as the official `generate` returns it."""
+  from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.diffusion.block_size = kwargs["block_length"]
+  width = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), width), config.tokens.pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for row, p in enumerate(prompts):
+    tokens[row, width - len(p) :], mask[row, width - len(p) :] = p, True
+  out = np.asarray(
+      generate(config, params, tokens, mask, cache=cache, **_official_options(kwargs))
+  )[:, width:]
+  eos = GENERATE["eos_id"]
+  return [row[: list(row).index(eos) + 1] if eos in row else row for row in out.tolist()]
+
+
+def test_generate_is_the_official_generate_token_for_token(imported):
+  """The 18 official `generate` cases (thresholds 0, 0.5, 0.9, 0.95 and 1, 2 to 8 steps a block,
+  blocks of 4 and 8, eos_early_stop; 6 end at EOS). Each setting's three prompts (3, 6 and 9
+  tokens, so blocks align differently) run in one left-padded batch; the official code ran each
+  alone. (The exact cache gives the uncached tokens: test_block.py.)"""
+  config, params = imported
+  assert config.tokens.eot_id == -1  # LLaDA 2.x ends at EOS only
+  settings = {}
+  for case in GENERATE["cases"]:
+    settings.setdefault(json.dumps(case["kwargs"], sort_keys=True), []).append(case)
+  for key, cases in settings.items():
+    got = _answers(config, params, [c["prompt"] for c in cases], json.loads(key))
+    assert got == [c["output"] for c in cases], key

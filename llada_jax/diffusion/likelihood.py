@@ -13,9 +13,11 @@ not on its neighbours in the call, the padded width, mc_num or the device count.
 The other objectives score with their own likelihood (`score_pairs` picks it by objective): an
 autoregressive model exactly, sum over answer tokens of log p(x_i | x_<i) (no samples; the prompt
 must hold a token); a block
-diffusion model with BD3-LM's NELBO (arXiv 2503.09573, Eq. 8): the answer cut into blocks from its
-first token, each block scored by the estimator above (l_b of its n_b tokens masked, weight
-n_b / l_b) given the prompt and the clean blocks before it, all blocks in one two-stream pass.
+diffusion model with BD3-LM's NELBO (arXiv 2503.09573, Eq. 8): blocks aligned at the row's first
+token as in training and sampling (the prompt's last block may hold the answer's first tokens),
+each block's n_b answer tokens scored by the estimator above (l_b of them masked, weight
+n_b / l_b) given the clean blocks before it and the prompt tokens in it, all blocks in one
+two-stream pass.
 B = 1 needs no sample: it is the exact autoregressive chain rule.
 """
 
@@ -120,14 +122,8 @@ def score_pairs(
   compiled program for pairs of different lengths); padding never changes a result. The pairs
   and options must have passed `check_pairs` (callers check a whole list once, not per call).
   """
-  objective = config.diffusion.objective
-  prompt_width = 0
-  if objective == "block":
-    prompt_width = -(-max(len(p) for p in prompts) // PROMPT_ALIGN) * PROMPT_ALIGN
-    arrays = _pack_aligned(prompts, answers, prompt_width, width)
-  else:
-    arrays = _pack(prompts, answers, width)
-  scorer = compiled_scorer(config, mc_num, batch_size, cfg_scale > 0, prompt_width)
+  scorer = compiled_scorer(config, mc_num, batch_size, cfg_scale > 0)
+  arrays = _pack(prompts, answers, width)
   arrays = (*arrays, keys)
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
@@ -141,11 +137,11 @@ def compiled_scorer(
     mc_num: int,
     batch_size: int,
     use_cfg: bool,
-    prompt_width: int = 0,
 ):
   """The jitted scorer of config's objective: score(params, tokens, valid, is_answer, keys [N],
-  cfg_scale) -> (estimate [N], stderr [N]). LLaDA's estimator (mdm), the exact chain rule (arm)
-  or the block NELBO (block; rows packed by `_pack_aligned` with this prompt_width)."""
+  cfg_scale) -> (estimate [N], stderr [N]), for rows packed by `_pack` (prompt ++ answer from
+  index 0, right-padded). LLaDA's estimator (mdm), the exact chain rule (arm) or the block NELBO
+  (block)."""
   model_cfg = ModelConfig.from_config(config)
   mask_id, per_pass = config.tokens.mask_id, mc_batch_size(mc_num, batch_size)
   shifted = alignment.resolve(config) == "shifted"
@@ -157,7 +153,6 @@ def compiled_scorer(
         per_pass,
         use_cfg,
         config.diffusion.block_size,
-        prompt_width,
         shifted,
     )
   if config.diffusion.objective == "arm":
@@ -324,28 +319,6 @@ def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
   return score
 
 
-# Block models: prompts are left-padded to a multiple of this width (few compiled programs).
-PROMPT_ALIGN = 32
-
-
-def _pack_aligned(
-    prompts, answers, prompt_width: int, width: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Left-padded prompts ++ right-padded answers, every answer starting at prompt_width (where a
-  block model's answer blocks begin); (tokens, valid, is_answer), each [N, T] with T at least
-  `width`."""
-  answer_width = max([len(a) for a in answers] + [(width or 0) - prompt_width])
-  total = prompt_width + answer_width
-  tokens = np.zeros((len(prompts), total), np.int32)
-  valid = np.zeros((len(prompts), total), bool)
-  is_answer = np.zeros((len(prompts), total), bool)
-  for row, (p, a) in enumerate(zip(prompts, answers)):
-    tokens[row, prompt_width - len(p) : prompt_width + len(a)] = list(p) + list(a)
-    valid[row, prompt_width - len(p) : prompt_width + len(a)] = True
-    is_answer[row, prompt_width : prompt_width + len(a)] = True
-  return tokens, valid, is_answer
-
-
 @functools.lru_cache(maxsize=16)
 def _compiled_block_scorer(
     model_cfg: ModelConfig,
@@ -354,24 +327,26 @@ def _compiled_block_scorer(
     batch_size: int,
     use_cfg: bool,
     block_size: int,
-    prompt_width: int,
     shifted: bool = False,
 ):
   """The jitted NELBO scorer of a block diffusion model (see the module docstring), for rows
-  packed by `_pack_aligned` with this prompt_width; shifted: the shifted logit alignment
+  packed by `_pack`: every row starts at index 0, so the blocks (`BlockCausal` from index 0) are
+  aligned at its first token as in training; shifted: the shifted logit alignment
   (`two_stream_hidden`)."""
   num_batches = mc_num // batch_size
 
   def sample_masks(is_answer, key):
     """(masked [batch_size, T] bool, weight [batch_size, T] = n_b / l_b of each position's
-    block): l_b of the n_b answer tokens of block b masked, l_b stratified over the mini-batch
-    (its key folded with b), the tokens chosen by uniforms indexed by answer position."""
-    answer_len = jnp.sum(is_answer)
+    block): l_b of the n_b answer tokens of block b masked (the first block may end the prompt,
+    whose tokens are never masked), l_b stratified over the mini-batch (its key folded with b),
+    the tokens chosen by uniforms indexed by answer position."""
+    width = is_answer.shape[0]
     in_answer = jnp.maximum(jnp.cumsum(is_answer) - 1, 0)
-    block = in_answer // block_size
-    num_blocks = -(-(is_answer.shape[0] - prompt_width) // block_size)
+    block = jnp.arange(width) // block_size
+    num_blocks = -(-width // block_size)
+    sizes = jax.ops.segment_sum(is_answer.astype(jnp.int32), block, num_blocks)  # n_b
+    before = jnp.cumsum(sizes) - sizes  # answer tokens in earlier blocks
     len_key, perm_key = jax.random.split(key)
-    sizes = jnp.clip(answer_len - jnp.arange(num_blocks) * block_size, 0, block_size)
     masked_counts = jax.vmap(  # [blocks, batch_size]
         lambda b, n: stratified_lengths(
             jax.random.fold_in(len_key, b), jnp.maximum(n, 1), batch_size
@@ -379,7 +354,7 @@ def _compiled_block_scorer(
     )(jnp.arange(num_blocks), sizes)
     uniform = jax.random.uniform(perm_key, (batch_size, model_cfg.max_sequence_length))
     order = jnp.where(is_answer, block + uniform[:, in_answer], jnp.inf)
-    rank_in_block = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1) - block * block_size
+    rank_in_block = jnp.argsort(jnp.argsort(order, axis=-1), axis=-1) - before[block]
     counts = masked_counts[block].T  # [batch_size, T]
     weight = sizes[block][None, :] / counts
     return is_answer & (rank_in_block < counts), weight
@@ -405,7 +380,6 @@ def _compiled_block_scorer(
           positions,
           None,
           block_size=block_size,
-          start=prompt_width,
           shifted=shifted,
       )
       return head_logits(params, hidden, jnp.dtype(model_cfg.dtype))

@@ -62,13 +62,12 @@ def two_stream_hidden(
     segment_ids: jax.Array | None,
     *,
     block_size: int,
-    start: int = 0,
     shifted: bool = False,
     return_aux: bool = False,
 ) -> Any:
   """Final-norm hidden states [B, L, d_model] of the noisy stream of a block diffusion model's
   two-stream pass (BD3-LM, arXiv 2503.09573, Sec. 3.2): the network runs once on [noisy ; clean]
-  (2L positions, both copies at `positions`) under `BlockCausal(block_size, start,
+  (2L positions, both copies at `positions`) under `BlockCausal(block_size,
   two_stream=True)`, so each block of `noisy` [B, L] sees itself and the clean blocks before it.
   valid [B, L] bool hides padding; segment_ids [B, L] (or None) keeps packed documents apart.
 
@@ -79,7 +78,7 @@ def two_stream_hidden(
 
   return_aux: (hidden, the MoE router statistics of the pass, `Transformer`'s return_aux)."""
   model = Transformer(
-      dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, start, two_stream=True))
+      dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, two_stream=True))
   )
 
   def twice(a: jax.Array | None) -> jax.Array | None:
@@ -98,7 +97,7 @@ def two_stream_hidden(
   noisy_hidden = hidden[:, :length]
   if not shifted:
     return (noisy_hidden, aux) if return_aux else noisy_hidden
-  first_in_block = (jnp.arange(length) - start) % block_size == 0
+  first_in_block = jnp.arange(length) % block_size == 0
   before = jnp.where(
       first_in_block[None, :, None],
       jnp.concatenate([hidden[:, length : length + 1], hidden[:, length:-1]], 1),

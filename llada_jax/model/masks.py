@@ -33,14 +33,12 @@ class BlockCausal:
   """Block-causal attention of a block diffusion model (static: part of the compiled program).
 
   Attributes:
-    size: tokens per block B (>= 1).
-    start: the index where block 0 begins (0 in training; the prompt width when sampling or
-      scoring, so that the answer's blocks start with the answer).
+    size: tokens per block B (>= 1); block k is [k B, (k + 1) B), aligned at index 0 in training,
+      sampling and scoring alike (each row starts at index 0 or at a multiple of B).
     two_stream: the [x_t ; x_0] training layout (queries and keys of length 2L).
   """
 
   size: int
-  start: int = 0
   two_stream: bool = False
 
   def rule(self, q_len: int, kv_len: int) -> Rule:
@@ -53,11 +51,11 @@ class BlockCausal:
     if self.two_stream and q_len % 2:
       raise ValueError(f"a two-stream layout needs an even length, got {q_len}")
     half = q_len // 2 if self.two_stream else q_len
-    size, start = self.size, self.start
+    size = self.size
 
     def allowed(q: Any, k: Any) -> Any:
-      q_block = (q % half - start) // size
-      k_block = (k % half - start) // size
+      q_block = q % half // size
+      k_block = k % half // size
       if not self.two_stream:
         return k_block <= q_block
       q_clean, k_clean = q >= half, k >= half

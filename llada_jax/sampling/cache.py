@@ -101,6 +101,7 @@ class Forward(NamedTuple):
       cache: KVCache | None,
       write: bool = False,
       keep: jax.Array | None = None,
+      width: int | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """`window_logits` of positions [start, end) of x [B, T] (not aligned)."""
     return window_logits(
@@ -115,9 +116,10 @@ class Forward(NamedTuple):
         cache,
         write,
         keep,
+        width,
     )
 
-  def up_to(self, end: int) -> Forward:
+  def up_to(self, end: Any) -> Forward:
     """The same forward with the keys at and after `end` hidden (a block model's later
     blocks)."""
     return self._replace(
@@ -151,12 +153,19 @@ def window_logits(
     cache: KVCache | None,
     write: bool = False,
     keep: jax.Array | None = None,
+    width: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Logits [B, end - start, V] of the window of tokens [B, T], guided when `unconditional` is
   given (both rows in one batch, as apply_model), and the cache: with cache=None a full pass that
   returns the fresh cache of all T positions; otherwise the window alone against the cache, which
   is returned unchanged, or with `write` holding the window's fresh keys and values. keep: bool
-  [B, T], positions of the window whose cached keys and values a row uses instead of fresh ones."""
+  [B, T], positions of the window whose cached keys and values a row uses instead of fresh ones.
+  start and end are Python ints, or int32 scalars with `width` (= end - start) given as an int."""
+  width = end - start if width is None else width
+
+  def cut(a: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)
+
   mask = attention_mask.astype(bool)
   positions = positions_from_mask(mask)
   if unconditional is not None:
@@ -165,13 +174,13 @@ def window_logits(
     keep = None if keep is None else jnp.concatenate([keep, keep])
   if cache is None:
     logits, cache = model.apply({"params": params}, tokens, mask, positions, return_kv=True)
-    logits = logits[:, start:end]
+    logits = cut(logits)
   else:
     out = model.apply(
         {"params": params},
-        tokens[:, start:end],
+        cut(tokens),
         mask,
-        positions[:, start:end],
+        cut(positions),
         kv_cache=cache,
         cache_start=start,
         return_kv=write,
@@ -273,21 +282,28 @@ def block_cached_logits(
     cache: BlockCache,
     block: Block,
     refresh_every: int,
-) -> tuple[jax.Array, int, BlockCache]:
-  """A block model's exact cache: the block alone against the prompt's and finished blocks'
-  keys and values (nothing at or after the block's end is attended to); with the shifted
-  alignment the block's first token reads the carried logits of the position before it."""
+    *,
+    size: int,
+) -> tuple[jax.Array, Any, BlockCache]:
+  """A block model's exact cache: the block of `size` positions alone against the prompt's and
+  finished blocks' keys and values (nothing at or after the block's end is attended to); with the
+  shifted alignment the block's first token reads the carried logits of the position before it.
+  block.start may be an int32 scalar (a loop over blocks)."""
   del i, refresh_every
   kv, previous = cache
-  logits, _ = forward.up_to(block.end).windowed(x, block.start, block.end, kv)
+  logits, _ = forward.up_to(block.end).windowed(x, block.start, block.end, kv, width=size)
   return forward.aligned(logits, block.start, previous), block.start, cache
 
 
-def write_block(forward: Forward, x: jax.Array, cache: BlockCache, block: Block) -> BlockCache:
-  """The cache with the finished block's keys and values, from one pass of the block against
-  the cache (what later blocks of a block model attend to; they never change it), and the
-  logits of its last position."""
-  logits, kv = forward.up_to(block.end).windowed(x, block.start, block.end, cache[0], write=True)
+def write_block(
+    forward: Forward, x: jax.Array, cache: BlockCache, block: Block, *, size: int
+) -> BlockCache:
+  """The cache with the finished block's keys and values, from one pass of the block (`size`
+  positions) against the cache (what later blocks of a block model attend to; they never change
+  it), and the logits of its last position."""
+  logits, kv = forward.up_to(block.end).windowed(
+      x, block.start, block.end, cache[0], write=True, width=size
+  )
   return kv, logits[:, -1]
 
 

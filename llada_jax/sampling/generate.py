@@ -20,13 +20,14 @@ remasking rules (`remasking.REMASKING_RULES`), one logits function per cache mod
 (`cache.STEP_LOGITS`) and two block drivers: `fixed_schedule` (a fori_loop of steps_per_block
 steps) and `threshold_schedule` (a while_loop until the block has no mask). Without a cache the
 blocks run in a fori_loop; with one they are unrolled, so that every window has a static shape.
-The steps themselves are in `llada_jax.sampling.steps`; an autoregressive model (objective arm)
-decodes token by token instead (`llada_jax.sampling.autoregressive`), through the same `generate`.
+The steps themselves are in `llada_jax.sampling.steps`. Through the same `generate`, a block
+diffusion model (objective block) runs its own reverse process (`llada_jax.sampling.blocks`: blocks
+aligned at the prompt's start, LLaDA 2.x's step rule) and an autoregressive model (objective arm)
+decodes token by token (`llada_jax.sampling.autoregressive`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -40,17 +41,9 @@ from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
 from llada_jax.model import Transformer, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
-from llada_jax.model.masks import BlockCausal
 from llada_jax.sampling import autoregressive
-from llada_jax.sampling.cache import (
-    STEP_LOGITS,
-    Block,
-    Forward,
-    block_cached_logits,
-    empty_cache,
-    prefill,
-    write_block,
-)
+from llada_jax.sampling import blocks as block_diffusion
+from llada_jax.sampling.cache import STEP_LOGITS, Block, Forward, empty_cache
 from llada_jax.sampling.options import SamplerOptions
 from llada_jax.sampling.schedule import num_transfer_tokens
 from llada_jax.sampling.steps import (
@@ -344,18 +337,14 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   of a diffusion model, or next-token decoding for an autoregressive one."""
   if spec.causal:
     return autoregressive.compiled_sampler(spec)
+  if spec.block_model:
+    return block_diffusion.compiled_sampler(spec)
   return _compiled_reverse_process(spec)
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
-  """The reverse process of a diffusion model (see `compiled_sampler`).
-
-  A block diffusion model (spec.block_model = B) attends block-causally (`BlockCausal` with the
-  answer's blocks starting after the prompt): without a cache every step is a full pass under
-  that pattern; with cache="prefix" the prompt's keys and values are written once, each step
-  computes the current block against them, and each finished block is run once more to write
-  its own, which later blocks never change: the cache is exact."""
+  """The reverse process of a LLaDA (mask diffusion) model (see `compiled_sampler`)."""
   model = Transformer(spec.model)
 
   def run(params, prompt, prompt_mask, row_keys, scalars):
@@ -390,18 +379,6 @@ def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
         if spec.cache == "none"
         else empty_cache(spec.model, batch * (2 if spec.use_cfg else 1), total)
     )
-    write = None
-    if spec.block_model:
-      pattern = BlockCausal(spec.block_model, start=prompt_len)
-      patterned = forward._replace(
-          model=Transformer(dataclasses.replace(spec.model, pattern=pattern))
-      )
-      if spec.cache == "none":
-        step_logits = functools.partial(STEP_LOGITS["none"], patterned, refresh_every=0)
-      else:
-        cache = prefill(patterned, x, prompt_len, cache)
-        step_logits = functools.partial(block_cached_logits, forward, refresh_every=0)
-        write = functools.partial(write_block, forward)
 
     def over_blocks(schedule, carry):
       def body(block, carry):
@@ -410,10 +387,7 @@ def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
           active = rows._replace(
               attention_mask=rows.attention_mask & ~finished(spec, carry[0], total)[:, None]
           )
-        carry = schedule(active, block, carry)
-        if write is not None:
-          carry = (*carry[:2], write(carry[0], carry[2], block))
-        return carry
+        return schedule(active, block, carry)
 
       block_of = functools.partial(_block, spec, total, infilling=infilling)
       x, *rest = _over_blocks(spec, total, block_of, body, carry)
