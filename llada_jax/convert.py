@@ -4,10 +4,11 @@
       --eos_id=ID]
   python -m llada_jax.convert to-hf --workdir=W --out=D [--dtype=bfloat16 --max_shard_size=5GB]
 
-from-hf reads an official LLaDA folder or an autoregressive Llama/Mistral one (config.json's
-model_type tells them apart; the latter becomes the causal model, model.causal=True, whose
-training with model.causal=False and diffusion.objective=mdm is the AR initialisation of LLaDA 2.0
-and Dream; its mask token is --mask_id, an existing id, or by default one appended row). It writes
+from-hf reads an official LLaDA folder, a LLaDA 2.x (llada2_moe) or LLaDA-MoE one, or an
+autoregressive Llama/Mistral one (config.json's model_type and architectures tell them apart). A
+Llama/Mistral folder becomes the causal model, model.causal=True, whose training with
+model.causal=False and diffusion.objective=mdm is the AR initialisation of LLaDA 2.0 and Dream;
+its mask token is --mask_id, an existing id, or by default one appended row. It writes
 a step-0 Orbax checkpoint (parameters plus a fresh optimizer state) that
 `llada-sample` reads and `llada-train` fine-tunes from; to-hf writes config.json and safetensors
 that the official PyTorch loader reads: an MDM or block model as a LLaDA folder (its objective,
@@ -34,8 +35,8 @@ _MASK_ID = flags.DEFINE_integer(
     "mask_id",
     None,
     "from-hf of a Llama/Mistral folder: an existing token id to use as the mask token "
-    "(default: one row is appended to the vocabulary for it); of a LLaDA 2.x folder: the mask "
-    "token id (default: the family's 156895).",
+    "(default: one row is appended to the vocabulary for it); of a LLaDA 2.x or LLaDA-MoE "
+    "folder: the mask token id (default: config.json's mask_token_id, else the family's 156895).",
 )
 _EOS_ID = flags.DEFINE_integer(
     "eos_id",

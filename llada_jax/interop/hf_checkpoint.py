@@ -408,10 +408,15 @@ def save_hf(
         "rotary (model.qk_norm, model.rotary_dim), which those formats do not hold"
     )
   if config.model.moe.num_experts:
-    from llada_jax.interop import llada2_moe, rules  # pylint: disable=g-import-not-at-top
+    from llada_jax.interop import llada2_moe, llada_moe, rules  # pylint: disable=g-import-not-at-top
 
-    hf = llada2_moe.config_to_llada2_moe(config, dtype)
-    tensors = rules.to_hf_tensors(config, params, llada2_moe.rules(config), dtype)
+    if config.model.moe.router == "softmax":  # LLaDA-MoE's router; LLaDA 2.x's is sigmoid_grouped
+      hf = llada_moe.config_to_llada_moe(config, dtype)
+      table = llada_moe.rules(config)
+    else:
+      hf = llada2_moe.config_to_llada2_moe(config, dtype)
+      table = llada2_moe.rules(config)
+    tensors = rules.to_hf_tensors(config, params, table, dtype)
   elif config.diffusion.objective == "arm":
     rows = llama.exported_rows(config)
     hf = llama.config_to_llama(config, rows, dtype)

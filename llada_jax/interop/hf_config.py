@@ -19,7 +19,7 @@ from llada_jax.config import (
     validate,
 )
 from llada_jax.diffusion.alignment import resolve
-from llada_jax.errors import CheckpointError
+from llada_jax.errors import CheckpointError, ConfigError
 
 # The vocabulary of an exported model: "byte" and "spm8k" ship with llada_jax, "llada_hf" and "hf"
 # come as tokenizer.json beside config.json. The official loader ignores the field; import reads
@@ -226,3 +226,16 @@ def config_to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if t.eot_id >= 0:
     hf[EOT_FIELD] = t.eot_id
   return hf
+
+
+def validated(config: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """config, validated; a config an HF folder's config.json gave (`source`) that llada_jax refuses
+  is a CheckpointError naming that file.
+
+  Raises:
+    CheckpointError: `llada_jax.config.validate` refuses the config.
+  """
+  try:
+    return validate(config)
+  except ConfigError as e:
+    raise CheckpointError(f"{source} does not give a valid llada_jax config: {e}") from None

@@ -31,11 +31,22 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from llada_jax.config import default_config, validate
+from llada_jax.config import default_config
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop.files import hf_files, read_json
-from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD
-from llada_jax.interop.rules import Rule, linear, load_tensors, same, swap_last
+from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD, validated
+from llada_jax.interop.rules import (
+    LAYER,
+    Rule,
+    attention_output_rule,
+    dense_mlp_rules,
+    head_rules,
+    kernel_rule,
+    load_tensors,
+    norm_rule,
+    same,
+    swap_last,
+)
 
 MODEL_TYPES = ("llada2_moe", "llada2_moe_veomni")
 MERGED = "llada2_moe_veomni"  # dFactory's training layout: experts stacked in one tensor
@@ -159,10 +170,7 @@ def config_from_llada2_moe(
   block = config.diffusion.block_size
   if config.data.sequence_length % block:
     config.data.sequence_length = block * max(1, config.data.sequence_length // block)
-  try:
-    return validate(config)
-  except ConfigError as e:
-    raise CheckpointError(f"{source} does not give a valid llada_jax config: {e}") from None
+  return validated(config, source)
 
 
 def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]:
@@ -171,7 +179,6 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
   d, h, kv, hd = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads
   f, e, ff = m.moe.expert_hidden_size, m.moe.num_experts, m.mlp_hidden_size
   shared = f * m.moe.num_shared_experts
-  layer = "model.layers.{layer}."
 
   def qkv_to_ours(w: np.ndarray) -> tuple[np.ndarray, ...]:
     q, k, v = w[: h * hd], w[h * hd : (h + kv) * hd], w[(h + kv) * hd :]
@@ -179,12 +186,6 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
 
   def qkv_to_hf(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.concatenate([x.reshape(d, -1).T for x in (q, k, v)])
-
-  def kernel(name: str, shape: tuple[int, int], ours: tuple[str, ...], layers: str = "all") -> Rule:
-    return Rule(layer + name, (ours,), shape, linear, np.transpose, layers)
-
-  def norm(name: str, size: int, ours: str) -> Rule:
-    return Rule(layer + name, ((ours, "weight"),), (size,), same, lambda w: w)
 
   table = [
       Rule(
@@ -194,34 +195,26 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
           same,
           lambda w: w,
       ),
-      norm("input_layernorm.weight", d, "attn_norm"),
+      norm_rule("input_layernorm.weight", d, "attn_norm"),
       Rule(
-          layer + "attention.query_key_value.weight",
+          LAYER + "attention.query_key_value.weight",
           (("q_proj", "kernel"), ("k_proj", "kernel"), ("v_proj", "kernel")),
           ((h + 2 * kv) * hd, d),
           qkv_to_ours,
           qkv_to_hf,
       ),
+      attention_output_rule("attention.dense.weight", d, h, hd),
+      norm_rule("post_attention_layernorm.weight", d, "ff_norm"),
+      *dense_mlp_rules(d, ff),
+      kernel_rule("mlp.gate.weight", (e, d), ("moe", "gate"), "moe"),
       Rule(
-          layer + "attention.dense.weight",
-          (("attn_out", "kernel"),),
-          (d, h * hd),
-          lambda w: (w.T.reshape(h, hd, d),),
-          lambda w: w.reshape(h * hd, d).T,
-      ),
-      norm("post_attention_layernorm.weight", d, "ff_norm"),
-      kernel("mlp.gate_proj.weight", (ff, d), ("ff_proj", "kernel"), "dense"),
-      kernel("mlp.up_proj.weight", (ff, d), ("up_proj", "kernel"), "dense"),
-      kernel("mlp.down_proj.weight", (d, ff), ("ff_out", "kernel"), "dense"),
-      kernel("mlp.gate.weight", (e, d), ("moe", "gate"), "moe"),
-      Rule(
-          layer + "mlp.gate.expert_bias", (("moe", "expert_bias"),), (e,), same, lambda w: w, "moe"
+          LAYER + "mlp.gate.expert_bias", (("moe", "expert_bias"),), (e,), same, lambda w: w, "moe"
       ),
   ]
   if m.qk_norm:
     table[3:3] = [
-        norm("attention.query_layernorm.weight", hd, "q_norm"),
-        norm("attention.key_layernorm.weight", hd, "k_norm"),
+        norm_rule("attention.query_layernorm.weight", hd, "q_norm"),
+        norm_rule("attention.key_layernorm.weight", hd, "k_norm"),
     ]
   projections = (
       ("gate_proj", "wi_gate", (f, d)),
@@ -232,7 +225,7 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
     if merged:
       table.append(
           Rule(
-              layer + f"mlp.experts.{hf_name}",
+              LAYER + f"mlp.experts.{hf_name}",
               (("moe", ours),),
               (e,) + shape,
               lambda w: (swap_last(w),),
@@ -241,18 +234,17 @@ def rules(config: ml_collections.ConfigDict, merged: bool = False) -> list[Rule]
           )
       )
     else:
-      table.append(kernel(f"mlp.experts.{{expert}}.{hf_name}.weight", shape, ("moe", ours), "moe"))
+      table.append(
+          kernel_rule(f"mlp.experts.{{expert}}.{hf_name}.weight", shape, ("moe", ours), "moe")
+      )
   if shared:
     for hf_name, ours, shape in (
         ("gate_proj", "shared_gate", (shared, d)),
         ("up_proj", "shared_up", (shared, d)),
         ("down_proj", "shared_down", (d, shared)),
     ):
-      table.append(kernel(f"mlp.shared_experts.{hf_name}.weight", shape, ("moe", ours), "moe"))
-  table += [
-      Rule("model.norm.weight", (("ln_f", "weight"),), (d,), same, lambda w: w),
-      Rule("lm_head.weight", (("ff_out", "kernel"),), (m.vocab_size, d), linear, np.transpose),
-  ]
+      table.append(kernel_rule(f"mlp.shared_experts.{hf_name}.weight", shape, ("moe", ours), "moe"))
+  table += head_rules(m.vocab_size, d)
   return table
 
 

@@ -6,7 +6,8 @@ and the llada_jax parameters it holds, with the conversions both ways. The engin
 tensor into the parameter tree of the config's network — dense layers stacked under "blocks" and
 MoE layers under "moe_blocks" when model.scan_layers, one "blocks_{i}" per layer otherwise; a
 per-expert tensor into its row of the stacked expert weights — one tensor at a time, and checks
-every name, shape and completeness against what the config gives. Families: interop/llada2_moe.py.
+every name, shape and completeness against what the config gives. Families: interop/llada2_moe.py,
+interop/llada_moe.py.
 """
 
 from __future__ import annotations
@@ -77,6 +78,47 @@ def swap_last(w: np.ndarray) -> np.ndarray:
   return np.swapaxes(w, -1, -2)
 
 
+LAYER = "model.layers.{layer}."  # the per-layer prefix of the HF families
+
+
+def kernel_rule(name: str, shape: tuple[int, ...], ours: Keys, layers: str = "all") -> Rule:
+  """A per-layer PyTorch Linear weight `name` (after LAYER) [out, in] <-> our kernel [in, out]."""
+  return Rule(LAYER + name, (ours,), shape, linear, np.transpose, layers)
+
+
+def norm_rule(name: str, size: int, ours: str) -> Rule:
+  """A per-layer RMSNorm weight [size] <-> our `ours`/weight."""
+  return Rule(LAYER + name, ((ours, "weight"),), (size,), same, lambda w: w)
+
+
+def attention_output_rule(name: str, d: int, heads: int, head_dim: int) -> Rule:
+  """The attention output projection [d, heads * head_dim] <-> our attn_out [heads, head_dim, d]."""
+  return Rule(
+      LAYER + name,
+      (("attn_out", "kernel"),),
+      (d, heads * head_dim),
+      lambda w: (w.T.reshape(heads, head_dim, d),),
+      lambda w: w.reshape(heads * head_dim, d).T,
+  )
+
+
+def dense_mlp_rules(d: int, hidden: int) -> list[Rule]:
+  """The dense layers' SwiGLU mlp.{gate,up,down}_proj <-> our ff_proj, up_proj, ff_out."""
+  return [
+      kernel_rule("mlp.gate_proj.weight", (hidden, d), ("ff_proj", "kernel"), "dense"),
+      kernel_rule("mlp.up_proj.weight", (hidden, d), ("up_proj", "kernel"), "dense"),
+      kernel_rule("mlp.down_proj.weight", (d, hidden), ("ff_out", "kernel"), "dense"),
+  ]
+
+
+def head_rules(vocab: int, d: int) -> list[Rule]:
+  """The final norm model.norm and the untied output head lm_head."""
+  return [
+      Rule("model.norm.weight", (("ln_f", "weight"),), (d,), same, lambda w: w),
+      Rule("lm_head.weight", (("ff_out", "kernel"),), (vocab, d), linear, np.transpose),
+  ]
+
+
 def _dense_layers(m: ml_collections.ConfigDict) -> int:
   from llada_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
@@ -127,6 +169,22 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
       lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   )
   return nn.meta.unbox(shapes)
+
+
+def fill_zeros(config: ml_collections.ConfigDict, params: Any, leaf: str) -> Any:
+  """params with every parameter named `leaf` that they lack set to zeros of the config's shape
+  (a buffer a folder may omit, such as LLaDA-MoE's expert bias when it is off)."""
+
+  def walk(shapes: Any, tree: dict[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for key, value in shapes.items():
+      if hasattr(value, "items"):
+        out[key] = walk(value, tree.get(key, {}))
+      elif key == leaf and key not in tree:
+        out[key] = np.zeros(value.shape, value.dtype)
+    return out
+
+  return walk(abstract_params(config), params)
 
 
 def _leaf(tree: Any, keys: Keys) -> Any:

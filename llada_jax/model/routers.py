@@ -68,12 +68,15 @@ def sigmoid_grouped(logits: jax.Array, bias: jax.Array, s: RouterSettings) -> Ro
 
 
 def softmax(logits: jax.Array, bias: jax.Array, s: RouterSettings) -> Routing:
-  """The softmax top-k router of Switch/Mixtral/OLMoE (LLaDA-MoE-7B-A1B): probabilities =
-  softmax(logits), the k most probable experts, their probabilities as weights (renormalised only
-  when norm_topk_prob; LLaDA-MoE does not), times routed_scaling_factor. `bias` is unused (zero)."""
-  del bias
+  """The softmax top-k router of Switch/Mixtral/OLMoE and LLaDA-MoE-7B-A1B (`modeling_lladamoe.py`'s
+  `LLaDAMoESparseMoeBlock`): probabilities = softmax(logits); the expert bias (zero unless set or
+  trained) is added to them, the k largest biased probabilities are chosen and are the weights
+  (LLaDA-MoE's rule: the bias is part of the weight), divided by their sum only when
+  norm_topk_prob (LLaDA-MoE never does), times routed_scaling_factor."""
   probs = jax.nn.softmax(logits, axis=-1)
-  weights, chosen = jax.lax.top_k(probs, s.experts_per_token)
+  weights, chosen = jax.lax.top_k(
+      probs + jax.lax.stop_gradient(bias).astype(jnp.float32), s.experts_per_token
+  )
   if s.norm_topk_prob:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return Routing(chosen.astype(jnp.int32), weights * s.routed_scaling_factor, probs)

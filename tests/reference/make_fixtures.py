@@ -5,7 +5,7 @@ compare llada_jax with the official model without the official code being part o
 Needs the official files in tests/reference/official/ (fetched, not committed: see the README
 there), torch and transformers:
 
-  .venv/bin/python tests/reference/make_fixtures.py
+  .venv/bin/python tests/reference/make_fixtures.py [llada2_moe] [llada_moe]
 
 Outputs, per folder under tests/data/official/<name>/: config.json and model.safetensors (the
 official save_pretrained), expected.npz (tokens [B, L], logits [B, L, V] float32 of the
@@ -76,9 +76,39 @@ def _llada2(name: str, **sizes) -> None:
   print(f"{name}: {len(cases)} generate cases, {stops} end at EOS {eos}")
 
 
+def _llada_moe(name: str) -> None:
+  """LLaDA-MoE (modeling_lladamoe.py): a dense first layer, two MoE layers with a shared expert,
+  a non-zero expert bias (added to the softmax probabilities), QK-norm, partial rotary, GQA."""
+  path = OUT / name
+  path.mkdir(parents=True, exist_ok=True)
+  om.build_llada_moe_folder(
+      str(path),
+      vocab_size=V,
+      moe_layer_freq=[0, 1, 1],
+      shared_expert_intermediate_size=32,
+      moe_router_enable_expert_bias=True,
+      partial_rotary_factor=0.5,
+      seed=1,
+  )
+  tokens = np.random.RandomState(1).randint(0, MASK, (3, 20))
+  logits = om.official_logits(str(path), tokens)
+  routers = om.official_router_choice(str(path), tokens)
+  np.savez_compressed(
+      path / "expected.npz",
+      tokens=tokens,
+      logits=logits.astype(np.float32),
+      **{f"router_{i}": r for i, r in enumerate(routers)},
+  )
+  print(f"{name}: logits {logits.shape}, {len(routers)} MoE layers")
+
+
 def main() -> None:
   os.makedirs(OUT, exist_ok=True)
-  _llada2("llada2_moe")
+  names = sys.argv[1:] or ["llada2_moe", "llada_moe"]
+  if "llada2_moe" in names:
+    _llada2("llada2_moe")
+  if "llada_moe" in names:
+    _llada_moe("llada_moe")
 
 
 if __name__ == "__main__":
