@@ -1,6 +1,7 @@
 """Shared test setup: 8 fake CPU devices (for mesh tests) and a tiny config."""
 
 import os
+import signal
 import tempfile
 
 # 8 fake CPU devices; and no LLVM optimisation of the compiled CPU programs: the suite's tiny
@@ -51,6 +52,13 @@ def cli_env(**extra: str) -> dict[str, str]:
       TF_CPP_MIN_LOG_LEVEL="3",
       **extra,
   )
+
+
+def default_sigint() -> None:
+  """preexec_fn of a subprocess a test interrupts with SIGINT: the default handler (Python's
+  KeyboardInterrupt), since a shell script's `cmd &` starts the suite, and so its children, with
+  SIGINT ignored, which the commands rightly leave alone."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_tiny_config(**model_overrides) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import cli_env, make_tiny_config, write_workdir
+from conftest import cli_env, default_sigint, make_tiny_config, write_workdir
 from llada_jax.loading import load_model
 from llada_jax.sampling.text import sample
 
@@ -199,6 +199,7 @@ def test_cache_ctrl_c_is_one_line_and_exit_130(tmp_path):
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
+      preexec_fn=default_sigint,
   )
   task = tmp_path / "tinyshakespeare.byte.chunk"
   try:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import cli_env, make_tiny_config
+from conftest import cli_env, default_sigint, make_tiny_config
 from llada_jax.data import pipeline
 from llada_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from llada_jax.lm import MaskedDiffusionLM
@@ -165,15 +165,34 @@ def _train_command(workdir, *flags):
   ]
 
 
+_STARTED: list[subprocess.Popen] = []  # trainers `_start` ran, killed after each test if alive
+
+
+@pytest.fixture(autouse=True)
+def _no_trainer_left_running():
+  """A test that fails before it stops its trainer does not leave it running (a 100,000-step
+  trainer held a core for the rest of a suite once)."""
+  yield
+  while _STARTED:
+    proc = _STARTED.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 def _start(workdir, *flags):
-  return subprocess.Popen(
+  """A trainer in the background, SIGINT at its default (`conftest.default_sigint`)."""
+  proc = subprocess.Popen(
       _train_command(workdir, *flags),
       cwd=ROOT,
       env=_env(),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
+      preexec_fn=default_sigint,
   )
+  _STARTED.append(proc)
+  return proc
 
 
 def _wait_for_line(proc, needle, timeout=300):
@@ -439,6 +458,9 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_refused(tmp_path):
 
 def test_first_ctrl_c_requests_a_save_and_the_second_aborts():
   before = signal.getsignal(signal.SIGINT)
+  # Python's own Ctrl-C handler, as in a terminal (a shell script's `cmd &` starts the suite with
+  # SIGINT ignored, which the watcher rightly leaves alone).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   watcher = PreemptionWatcher()
   try:
     assert not watcher.reached(1)
@@ -451,7 +473,9 @@ def test_first_ctrl_c_requests_a_save_and_the_second_aborts():
       signal.raise_signal(signal.SIGINT)
   finally:
     watcher.close()
-  assert signal.getsignal(signal.SIGINT) is before
+    restored = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, before)
+  assert restored is signal.default_int_handler
 
 
 def test_ctrl_c_saves_at_the_next_step_and_a_second_trainer_is_refused_meanwhile(tmp_path):
