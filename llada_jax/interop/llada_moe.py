@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from llada_jax.config import default_config
 from llada_jax.errors import CheckpointError, ConfigError
