@@ -1,6 +1,8 @@
-"""What the real TPU compiler says of LLaDA 1B and 8B on the slices users pick (docs/scaling.md).
+"""What the real TPU compiler says of LLaDA 1B and 8B, and of LLaDA 2.x mini and flash (MoE,
+expert parallelism), on the slices users pick (docs/scaling.md).
 
   python benchmarks/tpu_compile.py --rows=slices --json=tpu_slices.json    # the docs table
+  python benchmarks/tpu_compile.py --rows=moe                              # llada2 mini, flash
   python benchmarks/tpu_compile.py --rows=attention                        # xla vs splash, S=4096
   python benchmarks/tpu_compile.py --small                                 # the tiny model, v5e:2x2
 
@@ -21,19 +23,31 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from configs import llada_1b, llada_8b, tiny  # noqa: E402  pylint: disable=wrong-import-position
+from configs import (  # noqa: E402  pylint: disable=wrong-import-position
+    llada2_flash,
+    llada2_mini,
+    llada_1b,
+    llada_8b,
+    tiny,
+)
 from llada_jax.aot import compile_program  # noqa: E402
 from llada_jax.errors import ConfigError, DoesNotFit  # noqa: E402
 from llada_jax.parallel.topology import tpu_devices  # noqa: E402
 from llada_jax.training.flops import forward_flops_per_token  # noqa: E402
 
-_ROWS = flags.DEFINE_enum("rows", "slices", ["slices", "attention"], "Which table.")
+_ROWS = flags.DEFINE_enum("rows", "slices", ["slices", "moe", "attention"], "Which table.")
 _SMALL = flags.DEFINE_bool("small", False, "One tiny row on v5e:2x2 (seconds; for tests).")
 _ONLY = flags.DEFINE_string("only", "", "Run the rows whose name contains this text.")
 _JSON = flags.DEFINE_string("json", "", "Also write the rows here.")
 
 GIB = 1 << 30
-CONFIGS = {"tiny": tiny, "llada_1b": llada_1b, "llada_8b": llada_8b}
+CONFIGS = {
+    "tiny": tiny,
+    "llada_1b": llada_1b,
+    "llada_8b": llada_8b,
+    "llada2_mini": llada2_mini,
+    "llada2_flash": llada2_flash,
+}
 
 # name, config, topology, overrides. Batch 1280 x 4096 (the paper's) through gradient accumulation.
 SLICES = [
@@ -48,6 +62,15 @@ SLICES = [
     ("1b v6e-64", "llada_1b", "v6e:8x8", dict(grad_accum_steps=4)),
     ("1b v5e-256", "llada_1b", "v5e:16x16", dict(grad_accum_steps=1)),
     ("1b v5e-256 accum 5", "llada_1b", "v5e:16x16", dict(grad_accum_steps=5)),
+]
+# LLaDA 2.x (block diffusion, MoE): 2 sequences of 4096 per chip, the experts split over `expert`
+# chips and the rest over fsdp. Topologies count chips (v5p:2x2x2 is 8 chips, sold as v5p-16).
+MOE = [
+    ("mini v5p 8 chips ep8", "llada2_mini", "v5p:2x2x2", dict(batch_size=16, expert=8)),
+    ("mini v6e 16 chips ep16", "llada2_mini", "v6e:4x4", dict(batch_size=32, expert=16)),
+    ("flash v5p 64 chips ep16", "llada2_flash", "v5p:4x4x4", dict(batch_size=128, expert=16)),
+    ("flash v5p 64 chips ep64", "llada2_flash", "v5p:4x4x4", dict(batch_size=128, expert=64)),
+    ("flash v5p 128 chips ep32", "llada2_flash", "v5p:4x4x8", dict(batch_size=256, expert=32)),
 ]
 # Sequence 4096, 2 sequences per chip, remat full: what each attention implementation costs. The
 # layers are unrolled so that the compiler's FLOPs and bytes cover all of them (a scanned loop's
@@ -92,10 +115,11 @@ def _config(name: str, overrides: dict):
   )
   c.train.update(
       dict(
-          grad_accum_steps=overrides["grad_accum_steps"], loss_chunk=overrides.get("loss_chunk", 0)
+          grad_accum_steps=overrides.get("grad_accum_steps", 1),
+          loss_chunk=overrides.get("loss_chunk", 0),
       )
   )
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1, expert=overrides.get("expert", 1)))
   return c
 
 
@@ -128,6 +152,7 @@ def run_row(name: str, config_name: str, topology: str, overrides: dict) -> dict
       hbm_gib=(report.hbm_bytes or 0) / GIB,
       fits=report.hbm_bytes is not None and report.peak_bytes <= report.hbm_bytes,
       collective_gib=sum(size for _, _, size in kinds.values()) / GIB,
+      all_to_all_gib=kinds.get("all-to-all", (0, 0, 0))[2] / GIB,
       collectives={k: v[:2] for k, v in kinds.items() if v[0]},
       compiled_flops=report.flops_per_device,
       kernel_flops=attention_flops,
@@ -140,7 +165,9 @@ def run_row(name: str, config_name: str, topology: str, overrides: dict) -> dict
 
 def main(argv: list[str]) -> None:
   del argv
-  rows = SMALL if _SMALL.value else {"slices": SLICES, "attention": ATTENTION}[_ROWS.value]
+  rows = (
+      SMALL if _SMALL.value else {"slices": SLICES, "moe": MOE, "attention": ATTENTION}[_ROWS.value]
+  )
   results = []
   print(
       "| row | mesh | batch (micro x accum) | peak / HBM per chip | collectives per step "
@@ -166,6 +193,12 @@ def main(argv: list[str]) -> None:
         f"{verdict} | {row['collective_gib']:.1f} GiB | {row['compile_seconds']:.0f} s |",
         flush=True,
     )
+    if _ROWS.value == "moe":
+      print(
+          f"|   | all-to-all {row['all_to_all_gib']:.1f} GiB per step per chip; model FLOPs per "
+          f"chip {row['model_flops_per_chip']:.3e} (active parameters) |||||",
+          flush=True,
+      )
     if _ROWS.value == "attention" or _SMALL.value:
       print(
           f"|   | FLOPs per chip: compiled {row['compiled_flops']:.3e} + kernel "
