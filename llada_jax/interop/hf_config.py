@@ -239,3 +239,30 @@ def validated(config: ml_collections.ConfigDict, source: str) -> ml_collections.
     return validate(config)
   except ConfigError as e:
     raise CheckpointError(f"{source} does not give a valid llada_jax config: {e}") from None
+
+
+def check_fields(
+    hf: dict[str, Any],
+    required: tuple[str, ...],
+    unsupported: tuple[tuple[str, tuple[Any, ...]], ...],
+    family: str,
+    source: str,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+  """Refuses a config.json of `family` that lacks a `required` field or sets an `unsupported`
+  (field, allowed values) option to another value. A missing option is allowed, unless
+  `defaults` gives the value the official class then takes.
+
+  Raises:
+    CheckpointError: one line naming the file, the field and what llada_jax implements.
+  """
+  for field in required:
+    if hf.get(field) is None:
+      raise CheckpointError(f"{source} has no {field!r}: not a {family} config")
+  for field, allowed in unsupported:
+    value = hf.get(field, (defaults or {}).get(field))
+    if value not in allowed and (value is not None or field in (defaults or {})):
+      raise CheckpointError(
+          f"{source} {field}={value!r} is not supported: llada_jax implements "
+          f"{field}={allowed[0]!r}"
+      )

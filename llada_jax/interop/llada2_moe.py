@@ -34,7 +34,7 @@ import numpy as np
 from llada_jax.config import default_config
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop.files import hf_files, read_json
-from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD, validated
+from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD, check_fields, validated
 from llada_jax.interop.rules import (
     LAYER,
     Rule,
@@ -99,17 +99,8 @@ def config_from_llada2_moe(
       (biases, tied embeddings, rope scaling, head_dim other than hidden_size / heads).
     ConfigError: the mask or EOS id (given or the family's) is not a token of the vocabulary.
   """
-  for field in REQUIRED_FIELDS:
-    if hf.get(field) is None:
-      raise CheckpointError(f"{source} has no {field!r}: not a llada2_moe config")
-  for field, allowed in UNSUPPORTED:
-    default = True if field == "use_bias" else None  # the official class defaults use_bias=True
-    value = hf.get(field, default)
-    if value not in allowed + ((None,) if field != "use_bias" else ()):
-      raise CheckpointError(
-          f"{source} {field}={value!r} is not supported: llada_jax implements "
-          f"{field}={allowed[0]!r}"
-      )
+  # The official class defaults use_bias to True: a folder without the field has biases.
+  check_fields(hf, REQUIRED_FIELDS, UNSUPPORTED, "llada2_moe", source, {"use_bias": True})
   d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
   head_dim = int(hf.get("head_dim") or d // heads)
   if head_dim * heads != d:

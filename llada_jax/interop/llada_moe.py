@@ -36,7 +36,7 @@ import ml_collections
 from llada_jax.config import default_config
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop.files import hf_files, read_json
-from llada_jax.interop.hf_config import validated
+from llada_jax.interop.hf_config import check_fields, validated
 from llada_jax.interop.rules import (
     LAYER,
     Rule,
@@ -75,7 +75,7 @@ UNSUPPORTED = (
     ("clip_qkv", (None,)),
     ("tie_word_embeddings", (False,)),
     ("rope_scaling", (None,)),
-    ("moe_router_score_function", ("softmax", None)),
+    ("moe_router_score_function", ("softmax",)),
 )
 
 
@@ -99,15 +99,7 @@ def config_from_llada_moe(
       dense ones, a shared expert that is not a whole number of experts).
     ConfigError: the mask or EOS id is not a token of the vocabulary.
   """
-  for field in REQUIRED_FIELDS:
-    if hf.get(field) is None:
-      raise CheckpointError(f"{source} has no {field!r}: not a LLaDA-MoE config")
-  for field, allowed in UNSUPPORTED:
-    if hf.get(field) not in allowed + (None,):
-      raise CheckpointError(
-          f"{source} {field}={hf.get(field)!r} is not supported: llada_jax implements "
-          f"{field}={allowed[0]!r}"
-      )
+  check_fields(hf, REQUIRED_FIELDS, UNSUPPORTED, "LLaDA-MoE", source)
   layers = int(hf["num_hidden_layers"])
   freq = [int(x) for x in hf["moe_layer_freq"]]
   dense = freq.index(1) if 1 in freq else layers

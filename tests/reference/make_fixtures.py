@@ -31,12 +31,9 @@ V = 128
 MASK = V - 1
 
 
-def _llada2(name: str, **sizes) -> None:
-  path = OUT / name
-  path.mkdir(parents=True, exist_ok=True)
-  om.build_llada2_moe_folder(str(path), vocab_size=V, **sizes)
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(0, MASK, (3, 20))
+def _write_expected(path: pathlib.Path, tokens: np.ndarray) -> tuple[np.ndarray, list]:
+  """expected.npz of the folder: the tokens, the official logits and every MoE layer's router
+  choices on them; returns (logits, router choices)."""
   logits = om.official_logits(str(path), tokens)
   routers = om.official_router_choice(str(path), tokens)
   np.savez_compressed(
@@ -45,6 +42,15 @@ def _llada2(name: str, **sizes) -> None:
       logits=logits.astype(np.float32),
       **{f"router_{i}": r for i, r in enumerate(routers)},
   )
+  return logits, routers
+
+
+def _llada2(name: str, **sizes) -> None:
+  path = OUT / name
+  path.mkdir(parents=True, exist_ok=True)
+  om.build_llada2_moe_folder(str(path), vocab_size=V, **sizes)
+  rng = np.random.RandomState(0)
+  _write_expected(path, rng.randint(0, MASK, (3, 20)))
   settings = [
       dict(gen_length=16, block_length=4, steps=4, threshold=0.95),
       dict(gen_length=16, block_length=4, steps=2, threshold=0.95),
@@ -90,15 +96,7 @@ def _llada_moe(name: str) -> None:
       partial_rotary_factor=0.5,
       seed=1,
   )
-  tokens = np.random.RandomState(1).randint(0, MASK, (3, 20))
-  logits = om.official_logits(str(path), tokens)
-  routers = om.official_router_choice(str(path), tokens)
-  np.savez_compressed(
-      path / "expected.npz",
-      tokens=tokens,
-      logits=logits.astype(np.float32),
-      **{f"router_{i}": r for i, r in enumerate(routers)},
-  )
+  logits, routers = _write_expected(path, np.random.RandomState(1).randint(0, MASK, (3, 20)))
   print(f"{name}: logits {logits.shape}, {len(routers)} MoE layers")
 
 
