@@ -61,7 +61,8 @@ class SamplerOptions:
   parallel_threshold: float = _option(
       "parallel_threshold",
       "0: exact schedule; τ in (0, 1]: commit every proposal with "
-      "probability > τ (at least one a step), an approximation that is faster on confident models.",
+      "probability > τ (at least one a step; a block model: at least the step's scheduled count, "
+      "LLaDA 2.x's rule), an approximation that is faster on confident models.",
   )
   cache: str = _option(
       "cache", "Key/value cache: none (exact), prefix or dual (approximate, faster)."
