@@ -30,7 +30,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
 
 from llada_jax.config import default_config
@@ -42,7 +41,6 @@ from llada_jax.interop.rules import (
     Rule,
     attention_output_rule,
     dense_mlp_rules,
-    fill_zeros,
     head_rules,
     kernel_rule,
     load_tensors,
@@ -258,11 +256,15 @@ def load(
   hf = read_json(path / "config.json")
   config = read_config(path, base, mask_id)
   with_bias = bool(hf.get("moe_router_enable_expert_bias"))
-  params = load_tensors(path, hf_files(path), config, rules(config, with_bias), dtype)
-  if not with_bias:
-    params = fill_zeros(config, params, "expert_bias")
-  if shardings is not None:
-    params = jax.tree.map(jax.device_put, params, shardings)
+  params = load_tensors(
+      path,
+      hf_files(path),
+      config,
+      rules(config, with_bias),
+      dtype,
+      shardings,
+      zeros=None if with_bias else "expert_bias",
+  )
   return config, params
 
 

@@ -202,10 +202,12 @@ def load_tensors(
     rules: list[Rule],
     dtype: str | None = None,
     shardings: Any = None,
+    zeros: str | None = None,
 ) -> Any:
   """The parameter tree of `config`'s network from HF safetensors `files` named as `rules` say,
-  one tensor at a time; cast to `dtype` ("float32", "bfloat16"; None: as stored); with
-  `shardings` every leaf is then placed on the devices.
+  one tensor at a time; cast to `dtype` ("float32", "bfloat16"; None: as stored); parameters named
+  `zeros` that no rule fills are zeros (`fill_zeros`); with `shardings` every leaf is then placed
+  on the devices.
 
   Raises:
     CheckpointError: a tensor appears twice, matches no rule (or names a layer or expert the
@@ -266,6 +268,8 @@ def load_tensors(
   missing = [n for n in expected_names(config, rules) if n not in seen]
   if missing:
     raise CheckpointError(f"{path} lacks tensor {missing[0]} (and {len(missing) - 1} more)")
+  if zeros is not None:
+    params = fill_zeros(config, params, zeros)
   if shardings is not None:
     params = jax.tree.map(jax.device_put, params, shardings)
   return params

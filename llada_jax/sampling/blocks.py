@@ -75,7 +75,7 @@ def layout(
   """The frame of prompts [R, P] int32 whose real tokens are marked by prompt_mask [R, P] bool (in
   order, wherever the padding is), each followed by gen_length mask ids through the end of its
   last block of block_size; pad_id fills the padding (never attended to)."""
-  rows, width = prompt.shape
+  width = prompt.shape[1]
   length = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # n_r
   first = width // block_size * block_size
   total = first + (gen_length // block_size + 1) * block_size
@@ -89,7 +89,6 @@ def layout(
     real = jnp.take_along_axis(prompt, jnp.argsort(~prompt_mask, axis=-1, stable=True), axis=-1)
     placed = jnp.take_along_axis(real, jnp.clip(position, 0, width - 1), axis=-1)
     tokens = jnp.where(is_prompt, placed, tokens)
-  del rows
   return Frame(tokens, is_prompt | is_answer, is_prompt, is_answer, start + length, first)
 
 
