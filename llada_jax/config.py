@@ -108,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
           attention="xla",
           qk_norm=False,  # RMSNorm over head_dim on queries and keys before RoPE (LLaDA 2.x, MoE)
           rotary_dim=0,  # RoPE on the first rotary_dim dims of each head (0: all; LLaDA 2.x: 64)
+          # The output head is the embedding transposed, one matrix trained for both (iLLaDA,
+          # tied Llamas); False: a head of its own, ff_out (LLaDA 1.x and 2.x).
+          tie_embeddings=False,
           # Mixture-of-Experts feed-forward (model/moe.py); num_experts=0: a dense model.
           moe=ml_collections.ConfigDict(
               dict(

@@ -20,9 +20,9 @@ import optax
 from llada_jax.diffusion import alignment, likelihood
 from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
 from llada_jax.errors import ConfigError
-from llada_jax.model import ModelConfig, Transformer, apply_model
+from llada_jax.model import ModelConfig, apply_model, network
 from llada_jax.model.transformer import RouterStats
-from llada_jax.model.forward import head_logits, two_stream_hidden
+from llada_jax.model.forward import head_kernel, head_logits, two_stream_hidden
 from llada_jax.sampling.generate import generate
 
 Batch = dict[str, jax.Array]  # model features, see llada_jax.data.features
@@ -38,7 +38,7 @@ class MaskedDiffusionLM:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.module = Transformer(ModelConfig.from_config(config))
+    self.module = network(ModelConfig.from_config(config))
 
   @property
   def objective(self) -> str:
@@ -115,9 +115,7 @@ class MaskedDiffusionLM:
           return_aux=True,
       )
       if chunk:
-        ce = chunked_cross_entropy(
-            hidden, params["ff_out"]["kernel"], batch["targets"], chunk, dtype
-        )
+        ce = chunked_cross_entropy(hidden, head_kernel(params), batch["targets"], chunk, dtype)
         return ce, aux
       ce = optax.softmax_cross_entropy_with_integer_labels(
           head_logits(params, hidden, dtype), batch["targets"]
@@ -127,7 +125,7 @@ class MaskedDiffusionLM:
       hidden, aux = self.apply(params, inputs, *features, return_hidden=True, return_aux=True)
       if shifted:
         hidden = alignment.shift(hidden, batch["positions"])
-      ce = chunked_cross_entropy(hidden, params["ff_out"]["kernel"], batch["targets"], chunk, dtype)
+      ce = chunked_cross_entropy(hidden, head_kernel(params), batch["targets"], chunk, dtype)
       return ce, aux
     logits, aux = self.apply(params, inputs, *features, return_aux=True)
     if shifted:

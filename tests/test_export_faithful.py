@@ -87,23 +87,25 @@ def transformers_logits(folder, ids) -> np.ndarray:
     return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
 
 
-def _llama_workdir(tmp_path, mask_id=None, name="work") -> str:
+def _llama_workdir(tmp_path, mask_id=None, name="work", tied=False) -> str:
   """A workdir converted from the tiny Llama (with its BPE tokenizer and Llama 3 chat tokens)."""
-  folder = write_llama(tmp_path / "llama", llama_config_json(False), llama_tensors(False))
+  folder = write_llama(tmp_path / "llama", llama_config_json(tied), llama_tensors(tied))
   write_tokenizer(folder)
   workdir = str(tmp_path / name)
   from_hf(str(folder), workdir, "float32", mask_id=mask_id)
   return workdir
 
 
-@pytest.mark.parametrize("source", ["native", "llama", "llama_mask_id"])
+@pytest.mark.parametrize("source", ["native", "llama", "llama_mask_id", "llama_tied"])
 def test_an_arm_exports_as_a_llama_folder_that_transformers_loads(tmp_path, source):
   """native: an ARM trained here (byte vocabulary, mask row 259 after the 259 bytes); llama: the
-  tiny Llama imported (mask row appended), llama_mask_id: imported with --mask_id=0 (<unk>)."""
+  tiny Llama imported (mask row appended), llama_mask_id: imported with --mask_id=0 (<unk>),
+  llama_tied: a Llama with tied embeddings (it stays tied: no lm_head.weight is written)."""
+  tied = source == "llama_tied"
   if source == "native":
     workdir = write_workdir(str(tmp_path / "work"), make_tiny_config(causal=True))
   else:
-    workdir = _llama_workdir(tmp_path, mask_id=0 if source == "llama_mask_id" else None)
+    workdir = _llama_workdir(tmp_path, mask_id=0 if source == "llama_mask_id" else None, tied=tied)
   config, params = load_model(workdir)
   out = tmp_path / "out"
   to_hf(workdir, str(out), "float32", "5GB")
@@ -111,16 +113,16 @@ def test_an_arm_exports_as_a_llama_folder_that_transformers_loads(tmp_path, sour
   appended = source != "llama_mask_id"  # the mask row is dropped: the folder is a plain Llama
   rows = config.model.vocab_size - appended
   assert hf["model_type"] == "llama" and hf["vocab_size"] == rows
-  assert ("mask_token_id" in hf) == (not appended)
+  assert ("mask_token_id" in hf) == (not appended) and hf["tie_word_embeddings"] is tied
   ours = np.asarray(logits(config, params, IDS[None]))[..., :rows]
   np.testing.assert_allclose(transformers_logits(out, IDS[None]), ours, rtol=1e-4, atol=1e-4)
   if source != "native":  # the folder is the Llama it came from, tensor for tensor
     written = dict(safetensors_io.iter_tensors(out / "model.safetensors"))
-    original = llama_tensors(False)
+    original = llama_tensors(tied)
     assert sorted(written) == sorted(original)
     assert all(written[n].tobytes() == t.tobytes() for n, t in original.items())
     np.testing.assert_allclose(
-        ours[0], numpy_llama(original, llama_config_json(False), IDS), rtol=1e-5, atol=1e-5
+        ours[0], numpy_llama(original, llama_config_json(tied), IDS), rtol=1e-5, atol=1e-5
     )
     assert (out / "tokenizer.json").is_file()
   back, again = load_model(str(out))

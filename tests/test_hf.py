@@ -127,7 +127,6 @@ def test_missing_files_are_named(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("weight_tying", True),
         ("alibi", True),
         ("include_bias", True),
         ("attention_layer_norm", True),

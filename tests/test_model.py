@@ -188,3 +188,21 @@ def test_window_against_its_own_cache_equals_the_full_pass(scan_layers):
       config.model.n_kv_heads,
       config.model.d_model // config.model.n_heads,
   )
+
+
+def test_the_package_builds_the_network_in_one_place():
+  """Every caller (trainer, scorers, samplers, importers) gets its module from
+  `llada_jax.model.network`: a Transformer built elsewhere could run another configuration of the
+  same parameters."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  import llada_jax  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(llada_jax.__file__).parent
+  builders = sorted(
+      str(path.relative_to(root))
+      for path in root.rglob("*.py")
+      if re.search(r"(?<!class )\bTransformer\(", path.read_text())
+  )
+  assert builders == ["model/forward.py"]

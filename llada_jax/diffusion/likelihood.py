@@ -36,7 +36,7 @@ from llada_jax.diffusion import alignment
 from llada_jax.diffusion.alignment import next_token_logits
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
-from llada_jax.model import ModelConfig, Transformer, apply_model, positions_from_mask
+from llada_jax.model import ModelConfig, apply_model, network, positions_from_mask
 from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.parallel.sharding import placement_context
 
@@ -48,10 +48,17 @@ class Likelihood(NamedTuple):
   stderr: np.ndarray
 
 
-def stratified_lengths(key: jax.Array, answer_len: jax.Array, batch_size: int) -> jax.Array:
-  """Numbers of masked answer tokens for one mini-batch: [batch_size] ints in [1, answer_len]."""
+def stratified_lengths(
+    key: jax.Array, answer_len: jax.Array, batch_size: int, one_timestep: bool = False
+) -> jax.Array:
+  """Numbers of masked answer tokens for one mini-batch: [batch_size] ints in [1, answer_len].
+
+  one_timestep: all batch_size samples share one uniform count (VRPO's n_t = 1, its naive
+  allocation of the budget; arXiv 2505.19223) instead of the stratified grid (n_t = batch_size)."""
   length = answer_len.astype(jnp.float32)
   k = jax.random.randint(key, (), 1, answer_len + 1).astype(jnp.float32)
+  if one_timestep:
+    return jnp.full((batch_size,), k, jnp.int32)
   grid = jnp.round(jnp.linspace(0.0, 1.0, batch_size) * (batch_size - 1) * length / batch_size + k)
   grid = grid.astype(jnp.int32)
   return (grid - 1) % answer_len + 1
@@ -123,7 +130,7 @@ def score_pairs(
   and options must have passed `check_pairs` (callers check a whole list once, not per call).
   """
   scorer = compiled_scorer(config, mc_num, batch_size, cfg_scale > 0)
-  arrays = _pack(prompts, answers, width)
+  arrays = pack_rows(prompts, answers, width)
   arrays = (*arrays, keys)
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
@@ -139,14 +146,35 @@ def compiled_scorer(
     use_cfg: bool,
 ):
   """The jitted scorer of config's objective: score(params, tokens, valid, is_answer, keys [N],
-  cfg_scale) -> (estimate [N], stderr [N]), for rows packed by `_pack` (prompt ++ answer from
+  cfg_scale) -> (estimate [N], stderr [N]), for rows packed by `pack_rows` (prompt ++ answer from
   index 0, right-padded). LLaDA's estimator (mdm), the exact chain rule (arm) or the block NELBO
   (block)."""
+  return _jitted(bound_estimator(config, mc_num, batch_size, use_cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(estimator):
+  return jax.jit(estimator)
+
+
+def bound_estimator(
+    config: ml_collections.ConfigDict,
+    mc_num: int,
+    batch_size: int,
+    use_cfg: bool = False,
+    one_timestep: bool = False,
+):
+  """The traceable (not jitted, differentiable in params) estimator of config's objective that
+  `compiled_scorer` compiles: estimate(params, tokens, valid, is_answer, keys [N], cfg_scale) ->
+  (estimate of log p(answer | prompt) [N] float32 nats, stderr [N]) for rows packed by `pack_rows`.
+  The same keys give the same masks for any params: two models scored with one key share their
+  timesteps and masks (VRPO's antithetic sampling, arXiv 2505.19223). one_timestep: every sample
+  of a mini-batch masks the same number of answer tokens (VRPO's naive n_t = 1; mdm and block)."""
   model_cfg = ModelConfig.from_config(config)
   mask_id, per_pass = config.tokens.mask_id, mc_batch_size(mc_num, batch_size)
   shifted = alignment.resolve(config) == "shifted"
   if config.diffusion.objective == "block":
-    return _compiled_block_scorer(
+    return _block_estimator(
         model_cfg,
         mask_id,
         mc_num,
@@ -154,10 +182,11 @@ def compiled_scorer(
         use_cfg,
         config.diffusion.block_size,
         shifted,
+        one_timestep,
     )
   if config.diffusion.objective == "arm":
-    return _compiled_arm_scorer(model_cfg, alignment.excluded_mask_id(config))
-  return _compiled_scorer(model_cfg, mask_id, mc_num, per_pass, use_cfg, shifted)
+    return _arm_estimator(model_cfg, alignment.excluded_mask_id(config))
+  return _mdm_estimator(model_cfg, mask_id, mc_num, per_pass, use_cfg, shifted, one_timestep)
 
 
 def mc_batch_size(mc_num: int, batch_size: int) -> int:
@@ -226,7 +255,7 @@ def check_pairs(
       )
 
 
-def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_rows(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-pads prompt ++ answer rows; returns (tokens, valid, is_answer), each [N, T]."""
   width = max([len(p) + len(a) for p, a in zip(prompts, answers)] + [width or 0])
   tokens = np.zeros((len(prompts), width), np.int32)
@@ -240,18 +269,19 @@ def _pack(prompts, answers, width=None) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_scorer(
+def _mdm_estimator(
     model_cfg: ModelConfig,
     mask_id: int,
     mc_num: int,
     batch_size: int,
     use_cfg: bool,
-    shifted: bool = False,
+    shifted: bool,
+    one_timestep: bool,
 ):
-  """The jitted scorer (built once per model and Monte-Carlo shape): score(params, tokens, valid,
-  is_answer, keys, cfg_scale) -> (estimate [N], stderr [N]); shifted: each token read from its
-  predecessor's logits (`alignment.shift`)."""
-  model = Transformer(model_cfg)
+  """LLaDA's estimator (built once per model and Monte-Carlo shape): estimate(params, tokens,
+  valid, is_answer, keys, cfg_scale) -> (estimate [N], stderr [N]); shifted: each token read from
+  its predecessor's logits (`alignment.shift`)."""
+  model = network(model_cfg)
   num_batches = mc_num // batch_size
 
   def sample_masks(is_answer, key):
@@ -261,7 +291,7 @@ def _compiled_scorer(
     the prompt's length."""
     answer_len = jnp.sum(is_answer)
     len_key, perm_key = jax.random.split(key)
-    num_masked = stratified_lengths(len_key, answer_len, batch_size)
+    num_masked = stratified_lengths(len_key, answer_len, batch_size, one_timestep)
     uniform = jax.random.uniform(perm_key, (batch_size, model_cfg.max_sequence_length))
     in_answer = jnp.maximum(jnp.cumsum(is_answer) - 1, 0)
     order = jnp.where(is_answer, uniform[:, in_answer], jnp.inf)
@@ -293,11 +323,10 @@ def _compiled_scorer(
 
 
 def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
-  """The jitted estimate over mini-batches: score(params, tokens, valid, is_answer, keys [N],
-  cfg_scale) -> (estimate [N], stderr [N]), batch_losses giving the weighted losses [N,
-  batch_size] of one mini-batch index from one key per pair."""
+  """The estimate over mini-batches: score(params, tokens, valid, is_answer, keys [N], cfg_scale)
+  -> (estimate [N], stderr [N]), batch_losses giving the weighted losses [N, batch_size] of one
+  mini-batch index from one key per pair."""
 
-  @jax.jit
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     # The key of mini-batch j of a pair is fold_in(pair key, j): the same for any mc_num.
     keys = jax.vmap(lambda key: item_keys(key, num_batches))(keys)  # [N, batches]
@@ -320,17 +349,18 @@ def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_block_scorer(
+def _block_estimator(
     model_cfg: ModelConfig,
     mask_id: int,
     mc_num: int,
     batch_size: int,
     use_cfg: bool,
     block_size: int,
-    shifted: bool = False,
+    shifted: bool,
+    one_timestep: bool,
 ):
-  """The jitted NELBO scorer of a block diffusion model (see the module docstring), for rows
-  packed by `_pack`: every row starts at index 0, so the blocks (`BlockCausal` from index 0) are
+  """The NELBO estimator of a block diffusion model (see the module docstring), for rows
+  packed by `pack_rows`: every row starts at index 0, so the blocks (`BlockCausal` from index 0) are
   aligned at its first token as in training; shifted: the shifted logit alignment
   (`two_stream_hidden`)."""
   num_batches = mc_num // batch_size
@@ -349,7 +379,7 @@ def _compiled_block_scorer(
     len_key, perm_key = jax.random.split(key)
     masked_counts = jax.vmap(  # [blocks, batch_size]
         lambda b, n: stratified_lengths(
-            jax.random.fold_in(len_key, b), jnp.maximum(n, 1), batch_size
+            jax.random.fold_in(len_key, b), jnp.maximum(n, 1), batch_size, one_timestep
         )
     )(jnp.arange(num_blocks), sizes)
     uniform = jax.random.uniform(perm_key, (batch_size, model_cfg.max_sequence_length))
@@ -404,13 +434,12 @@ def _compiled_block_scorer(
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_arm_scorer(model_cfg: ModelConfig, excluded: int | None):
+def _arm_estimator(model_cfg: ModelConfig, excluded: int | None):
   """The exact log-likelihood of an autoregressive model: score(params, tokens, valid,
   is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0),
   the mask row `excluded` outside the softmax (`alignment.next_token_logits`)."""
-  model = Transformer(model_cfg)
+  model = network(model_cfg)
 
-  @jax.jit
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     del keys, cfg_scale
     logits = next_token_logits(apply_model(model, params, tokens, valid)[:, :-1], excluded)

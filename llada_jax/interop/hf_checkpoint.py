@@ -110,16 +110,16 @@ def _leaf(block: str) -> str:
 def llada_table(config: ml_collections.ConfigDict) -> NameTable:
   """The official LLaDA names (model.transformer.*, OLMo-derived): the same names as ours."""
   m = config.model
-  embedding = Tensor((m.vocab_size, m.d_model), ((("wte", "embedding"), _same),))
-  head = Tensor((m.vocab_size, m.d_model), ((("ff_out", "kernel"), np.transpose),))
+  top = {
+      PREFIX + "wte.weight": Tensor((m.vocab_size, m.d_model), ((("wte", "embedding"), _same),)),
+      PREFIX + "ln_f.weight": Tensor((m.d_model,), ((("ln_f", "weight"), _same),)),
+  }
+  if not m.tie_embeddings:  # weight_tying: the head is wte.weight (no ff_out tensor in the file)
+    top[PREFIX + "ff_out.weight"] = Tensor(
+        (m.vocab_size, m.d_model), ((("ff_out", "kernel"), np.transpose),)
+    )
   return NameTable(
-      block_prefix=BLOCK_PREFIX,
-      block_names={block: block for block in block_layouts(m)},
-      top={
-          PREFIX + "wte.weight": embedding,
-          PREFIX + "ln_f.weight": Tensor((m.d_model,), ((("ln_f", "weight"), _same),)),
-          PREFIX + "ff_out.weight": head,
-      },
+      block_prefix=BLOCK_PREFIX, block_names={block: block for block in block_layouts(m)}, top=top
   )
 
 
@@ -407,6 +407,11 @@ def save_hf(
         "this model cannot be written as a LLaDA or Llama folder: it has QK-norm or partial "
         "rotary (model.qk_norm, model.rotary_dim), which those formats do not hold"
     )
+  if config.model.moe.num_experts and config.model.tie_embeddings:
+    raise CheckpointError(
+        "this model cannot be written as an llada2_moe or LLaDA-MoE folder: it has tied "
+        "embeddings (model.tie_embeddings), which those formats do not hold"
+    )
   if config.model.moe.num_experts:
     from llada_jax.interop import llada2_moe, llada_moe, rules  # pylint: disable=g-import-not-at-top
 
@@ -420,7 +425,7 @@ def save_hf(
   elif config.diffusion.objective == "arm":
     rows = llama.exported_rows(config)
     hf = llama.config_to_llama(config, rows, dtype)
-    tensors = to_hf_tensors(config, params, dtype, llama.llama_table(config, False, False), rows)
+    tensors = to_hf_tensors(config, params, dtype, llama.llama_table(config, appended=False), rows)
   else:
     hf, tensors = config_to_hf(config), to_hf_tensors(config, params, dtype)
   (path / "config.json").write_text(json.dumps(hf, indent=2))

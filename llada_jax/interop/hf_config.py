@@ -40,7 +40,6 @@ REQUIRED = (
     ("alibi", False),
     ("include_bias", False),
     ("include_qkv_bias", False),
-    ("weight_tying", False),
     ("attention_layer_norm", False),
     ("layer_norm_type", "rms"),
     ("activation_type", "silu"),
@@ -121,6 +120,7 @@ def config_from_hf(
           rope_theta=float(hf.get("rope_theta", 10000.0)),
           rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
           init_std=float(hf.get("init_std", 0.02)),
+          tie_embeddings=bool(hf.get("weight_tying", False)),
       )
   )
   for name, field in TOKEN_FIELDS.items():
@@ -193,6 +193,7 @@ def config_to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "n_layers": m.n_layers,
           "mlp_hidden_size": m.mlp_hidden_size,
           "mlp_ratio": 4,
+          "weight_tying": m.tie_embeddings,
           "vocab_size": m.vocab_size,
           "embedding_size": m.vocab_size,
           "max_sequence_length": m.max_sequence_length,

@@ -22,9 +22,9 @@ mask's logit is their mean. mask_id=<an existing id> keeps the vocabulary as it 
 token the mask: a reserved special token, or an unused row of a padded embedding (as Dream's
 <|mask|> sits in Qwen2.5's padding).
 
-The tied head: llada_jax's head is untied, so a tie_word_embeddings checkpoint gives the head as
-the embedding transposed (a copy that fine-tuning then trains on its own); a stored lm_head.weight
-is skipped, as HF's loader ties it away.
+The tied head: a tie_word_embeddings checkpoint gives a model with model.tie_embeddings (the head
+is the embedding transposed, and stays one matrix in training and export); a stored
+lm_head.weight is skipped, as HF's loader ties it away.
 
 The tokenizer: the imported config's data.vocabulary is "hf" (data/hf_tokenizer.py: any
 tokenizer.json, its BOS/EOS/mask ids the config's), with data.tokenizer the folder's
@@ -201,6 +201,7 @@ def config_from_llama(
           rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
           init_std=float(hf.get("initializer_range", 0.02)),
           causal=True,
+          tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       )
   )
   config.diffusion.update(
@@ -322,14 +323,16 @@ def _named_special_ids(
   return named
 
 
-def llama_table(config: ml_collections.ConfigDict, tied: bool, appended: bool) -> NameTable:
+def llama_table(config: ml_collections.ConfigDict, appended: bool) -> NameTable:
   """The Llama/Mistral names of `config`'s parameters.
 
   With a mask row `appended` (the HF vocabulary is config's vocab_size - 1) the embedding gains
-  the mean embedding row and the head the mean head column; a tied head is the embedding
-  transposed and the file's lm_head.weight, if any, is skipped (HF's loader ties it away too).
+  the mean embedding row and the head the mean head column. A model with tied embeddings
+  (model.tie_embeddings) has no head of its own: the file's lm_head.weight, if any, is skipped
+  (HF's loader ties it away too).
   """
   m = config.model
+  tied = m.tie_embeddings
   rows = m.vocab_size - 1 if appended else m.vocab_size
 
   def embedding(w: np.ndarray) -> np.ndarray:
@@ -340,9 +343,7 @@ def llama_table(config: ml_collections.ConfigDict, tied: bool, appended: bool) -
 
   head = ((("ff_out", "kernel"), lambda w: embedding(w).T),)
   top = {
-      EMBEDDING: Tensor(
-          (rows, m.d_model), ((("wte", "embedding"), embedding),) + (head if tied else ())
-      ),
+      EMBEDDING: Tensor((rows, m.d_model), ((("wte", "embedding"), embedding),)),
       NORM: Tensor((m.d_model,), ((("ln_f", "weight"), lambda w: w),)),
   }
   if not tied:
@@ -379,10 +380,9 @@ def load_llama(
   files = hf_checkpoint.hf_files(path)
   config = read_llama_config(path, base, mask_id)
   hf = hf_checkpoint.read_json(path / "config.json")
-  tied = bool(hf.get("tie_word_embeddings", False))
   appended = config.model.vocab_size == int(hf["vocab_size"]) + 1  # else an existing mask token
   params = hf_checkpoint.load_tensors(
-      path, files, config, llama_table(config, tied, appended), dtype, shardings
+      path, files, config, llama_table(config, appended), dtype, shardings
   )
   return config, params
 
@@ -404,9 +404,9 @@ def config_to_llama(
     config: ml_collections.ConfigDict, rows: int, dtype: str = "float32"
 ) -> dict[str, Any]:
   """The config.json of an ARM (model.causal) as transformers' LlamaForCausalLM: the same network
-  (pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, untied head) with `rows` vocabulary rows
-  (`exported_rows`). What LlamaConfig has no field for is recorded where `config_from_llama` reads
-  it back: a mask token inside the vocabulary (mask_token_id), the end-of-turn id and the
+  (pre-norm RMSNorm, SwiGLU, rotate-half RoPE, GQA, the head tied or not) with `rows` vocabulary
+  rows (`exported_rows`). What LlamaConfig has no field for is recorded where `config_from_llama`
+  reads it back: a mask token inside the vocabulary (mask_token_id), the end-of-turn id and the
   vocabulary (llada_jax_* fields); the ids are the model's, the dtype names the tensors'.
   """
   m, t = config.model, config.tokens
@@ -428,7 +428,7 @@ def config_to_llama(
       "attention_dropout": 0.0,
       "mlp_bias": False,
       "pretraining_tp": 1,
-      "tie_word_embeddings": False,
+      "tie_word_embeddings": m.tie_embeddings,
       "initializer_range": m.init_std,
       "vocab_size": rows,
       "bos_token_id": t.bos_id if t.bos_id >= 0 else None,

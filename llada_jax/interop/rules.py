@@ -162,9 +162,9 @@ def expected_names(config: ml_collections.ConfigDict, rules: list[Rule]) -> list
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes (jax.ShapeDtypeStruct) of the config's parameter tree, without computing
   it."""
-  from llada_jax.model import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llada_jax.model import ModelConfig, network  # pylint: disable=g-import-not-at-top
 
-  module = Transformer(ModelConfig.from_config(config))
+  module = network(ModelConfig.from_config(config))
   shapes = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   )

@@ -15,6 +15,26 @@ from llada_jax.model.masks import BlockCausal
 from llada_jax.model.transformer import ModelConfig, Transformer
 
 
+@functools.lru_cache(maxsize=64)
+def network(
+    model_cfg: ModelConfig, pattern: BlockCausal | None = None, causal: bool | None = None
+) -> Transformer:
+  """The mask predictor of `model_cfg` for one kind of call: the one place the package builds the
+  Flax network (the trainer's `MaskedDiffusionLM`, the scorers, the samplers, the importers'
+  shapes all come here), so that every caller runs the same module and the same parameters.
+
+  pattern: a block diffusion model's block-causal attention (`BlockCausal`) for this call; None:
+  as model_cfg says. causal: overrides model_cfg.causal (False for a causal model's one-query
+  decoding step, whose key mask already hides the future). Hashable arguments: the module is
+  built once per kind (the jitted programs key on it)."""
+  changes: dict[str, Any] = {}
+  if pattern is not None:
+    changes["pattern"] = pattern
+  if causal is not None:
+    changes["causal"] = causal
+  return Transformer(dataclasses.replace(model_cfg, **changes) if changes else model_cfg)
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   """Position ids that skip padding: 0 at the first attended token of each row.
 
@@ -77,9 +97,7 @@ def two_stream_hidden(
   clean blocks), its own where the position has no predecessor (position id 0).
 
   return_aux: (hidden, the MoE router statistics of the pass, `Transformer`'s return_aux)."""
-  model = Transformer(
-      dataclasses.replace(model_cfg, pattern=BlockCausal(block_size, two_stream=True))
-  )
+  model = network(model_cfg, BlockCausal(block_size, two_stream=True))
 
   def twice(a: jax.Array | None) -> jax.Array | None:
     return None if a is None else jnp.concatenate([a, a], 1)
@@ -107,10 +125,18 @@ def two_stream_hidden(
   return (out, aux) if return_aux else out
 
 
+def head_kernel(params: Any) -> jax.Array:
+  """The output head [d_model, V] of a parameter tree: `ff_out`'s kernel, or the embedding
+  transposed for a model with tied embeddings (model.tie_embeddings: it has no `ff_out`)."""
+  if "ff_out" in params:
+    return params["ff_out"]["kernel"]
+  return params["wte"]["embedding"].T
+
+
 def head_logits(params: Any, hidden: jax.Array, dtype: Any) -> jax.Array:
-  """float32 logits [B, L, V] of hidden states [B, L, d_model] through the output head `ff_out`,
-  computed in `dtype` as the model's own head."""
-  head = params["ff_out"]["kernel"]
+  """float32 logits [B, L, V] of hidden states [B, L, d_model] through the output head
+  (`head_kernel`), computed in `dtype` as the model's own head."""
+  head = head_kernel(params)
   return jnp.einsum("bld,dv->blv", hidden.astype(dtype), head.astype(dtype)).astype(jnp.float32)
 
 
@@ -132,5 +158,5 @@ def logits(
 
 @functools.lru_cache(maxsize=16)
 def _forward(model_cfg: ModelConfig):
-  model = Transformer(model_cfg)
+  model = network(model_cfg)
   return jax.jit(lambda params, tokens, mask: apply_model(model, params, tokens, mask))

@@ -1,4 +1,5 @@
-"""The LLaDA mask predictor: embed -> pre-norm LLaMA blocks -> RMSNorm -> untied head.
+"""The LLaDA mask predictor: embed -> pre-norm LLaMA blocks -> RMSNorm -> output head (its own,
+or the embedding transposed with model.tie_embeddings).
 
 Bidirectional by default; `causal=True` turns the same network into the autoregressive baseline.
 Parameter names follow the official HF checkpoint (wte, attn_norm, q_proj, ..., ln_f, ff_out) and
@@ -48,6 +49,7 @@ class ModelConfig:
   attention: str
   qk_norm: bool
   rotary_dim: int
+  tie_embeddings: bool
   moe: MoEConfig
   pattern: BlockCausal | None = None
 
@@ -213,14 +215,15 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-    x = nn.Embed(
+    wte = nn.Embed(
         cfg.vocab_size,
         cfg.d_model,
         dtype=dtype,
         param_dtype=param_dtype,
         embedding_init=dense_init(cfg.init_std, ("vocab", "embed")),
         name="wte",
-    )(tokens)
+    )
+    x = wte(tokens)
     x = nn.with_logical_constraint(x, ACTIVATION)
 
     block = Block
@@ -265,9 +268,12 @@ class Transformer(nn.Module):
     if return_hidden and not self.is_initializing():
       out = x
     else:
-      logits = Projection(
-          (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype, name="ff_out"
-      )(x)
+      if cfg.tie_embeddings:  # nn.Embed.attend: x @ embedding.T, both cast to dtype
+        logits = wte.attend(x)
+      else:
+        logits = Projection(
+            (cfg.vocab_size,), ("embed", "vocab"), cfg.init_std, dtype, param_dtype, name="ff_out"
+        )(x)
       logits = logits.astype(jnp.float32)
       out = (logits, kv) if return_kv else logits
     return (out, aux) if return_aux else out

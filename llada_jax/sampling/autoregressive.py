@@ -16,7 +16,6 @@ not apply: an ARM takes exactly one step per token.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from llada_jax.diffusion.alignment import next_token_logits
-from llada_jax.model import Transformer, positions_from_mask
+from llada_jax.model import network, positions_from_mask
 from llada_jax.sampling.cache import empty_cache
 from llada_jax.sampling.steps import Rows, SamplerSpec, commit_top_k, propose
 
@@ -35,10 +34,10 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   every row with at least one token), prompt_mask [B, P] bool, row_keys [B, 2] uint32, scalars
   (`generate.sampler_scalars`)) -> int32 [B, P + gen_length], the answer's positions after a
   row's first end token set to EOS."""
-  prefill_model = Transformer(spec.model)
+  prefill_model = network(spec.model)
   # One query against the cache: which keys it may see is the key mask (keys up to its own
   # position), not the causal triangle of a square attention.
-  step_model = Transformer(dataclasses.replace(spec.model, causal=False))
+  step_model = network(spec.model, causal=False)
   ends = jnp.asarray(spec.end_ids, jnp.int32)
 
   def run(params, prompt, prompt_mask, row_keys, scalars):

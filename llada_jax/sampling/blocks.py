@@ -27,14 +27,13 @@ since no block attends to a later one.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from llada_jax.model import Transformer, positions_from_mask
+from llada_jax.model import network, positions_from_mask
 from llada_jax.model.masks import BlockCausal
 from llada_jax.sampling.cache import (
     Block,
@@ -99,8 +98,8 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   `generate.sampler_scalars` gives them) -> int32 [R, P + gen_length], the prompt followed by
   each row's answer."""
   size = spec.block_model
-  plain = Transformer(spec.model)
-  patterned = Transformer(dataclasses.replace(spec.model, pattern=BlockCausal(size)))
+  plain = network(spec.model)
+  patterned = network(spec.model, BlockCausal(size))
   quota = num_transfer_tokens(jnp.asarray([size], jnp.int32), spec.steps_per_block)[0]
   end_ids = jnp.asarray(spec.end_ids, jnp.int32)
 

@@ -39,7 +39,7 @@ import numpy as np
 from llada_jax.diffusion.alignment import excluded_mask_id
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
-from llada_jax.model import Transformer, positions_from_mask
+from llada_jax.model import network, positions_from_mask
 from llada_jax.parallel.sharding import axis_rules, placement_context
 from llada_jax.sampling import autoregressive
 from llada_jax.sampling import blocks as block_diffusion
@@ -345,7 +345,7 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
 @functools.lru_cache(maxsize=32)
 def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
   """The reverse process of a LLaDA (mask diffusion) model (see `compiled_sampler`)."""
-  model = Transformer(spec.model)
+  model = network(spec.model)
 
   def run(params, prompt, prompt_mask, row_keys, scalars):
     batch, prompt_len = prompt.shape

@@ -1,11 +1,12 @@
-"""Writes tests/data/official/: tiny random folders built by the official LLaDA 2.x MoE code and
-what that code computes on them (logits, router choices, `generate` outputs), so that the tests
-compare llada_jax with the official model without the official code being part of this project.
+"""Writes tests/data/official/: tiny random folders built by the official LLaDA code (dense LLaDA,
+LLaDA 2.x MoE, LLaDA-MoE) and what that code computes on them (logits, router choices, `generate`
+outputs), so that the tests compare llada_jax with the official models without the official code
+being part of this project.
 
 Needs the official files in tests/reference/official/ (fetched, not committed: see the README
 there), torch and transformers:
 
-  .venv/bin/python tests/reference/make_fixtures.py [llada2_moe] [llada_moe]
+  .venv/bin/python tests/reference/make_fixtures.py [llada2_moe] [llada_moe] [llada] [illada]
 
 Outputs, per folder under tests/data/official/<name>/: config.json and model.safetensors (the
 official save_pretrained), expected.npz (tokens [B, L], logits [B, L, V] float32 of the
@@ -24,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from reference import official_llada as ol  # pylint: disable=wrong-import-position
 from reference import official_moe as om  # pylint: disable=wrong-import-position
 
 OUT = pathlib.Path(__file__).resolve().parents[1] / "data" / "official"
@@ -100,9 +102,26 @@ def _llada_moe(name: str) -> None:
   print(f"{name}: logits {logits.shape}, {len(routers)} MoE layers")
 
 
+def _llada(name: str, **sizes) -> None:
+  """Dense LLaDA (modeling_llada.py): "llada" as LLaDA-8B (MHA, untied head, mask 126336's place
+  taken by MASK), "illada" as iLLaDA-8B (GQA, tied embeddings, mask id 5)."""
+  path = OUT / name
+  ol.build_llada_folder(str(path), vocab_size=V, **sizes)
+  tokens = np.random.RandomState(2).randint(0, MASK, (3, 20))
+  logits = ol.official_logits(str(path), tokens)
+  np.savez_compressed(path / "expected.npz", tokens=tokens, logits=logits.astype(np.float32))
+  print(f"{name}: logits {logits.shape}")
+
+
 def main() -> None:
   os.makedirs(OUT, exist_ok=True)
-  names = sys.argv[1:] or ["llada2_moe", "llada_moe"]
+  names = sys.argv[1:] or ["llada2_moe", "llada_moe", "llada", "illada"]
+  if "llada" in names:
+    _llada("llada", mask_token_id=MASK, eos_token_id=MASK - 1, seed=2)
+  if "illada" in names:
+    _llada(
+        "illada", n_kv_heads=2, weight_tying=True, mask_token_id=5, eos_token_id=MASK - 1, seed=3
+    )
   if "llada2_moe" in names:
     _llada2("llada2_moe")
   if "llada_moe" in names:
