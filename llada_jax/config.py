@@ -37,6 +37,8 @@ MOE_IMPLEMENTATIONS = ("ragged", "dense")  # model/moe.py IMPLEMENTATIONS
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 OBJECTIVES = ("mdm", "arm", "block")
+# posttrain.method: "" trains the objective's bound on data.task; "dpo": ELBO-DPO (VRPO).
+POSTTRAIN_METHODS = ("", "dpo")
 # Which position's logits predict token i of a diffusion model (llada_jax.diffusion.alignment).
 LOGIT_ALIGNMENTS = ("auto", "same", "shifted")
 TIME_SAMPLING = ("uniform", "stratified")
@@ -251,6 +253,20 @@ def default_config() -> ml_collections.ConfigDict:
           limit=200,  # items per task
           mc_num=32,  # Monte-Carlo samples per choice
           mc_batch_size=16,  # samples per forward pass (divides mc_num)
+      )
+  )
+
+  # Post-training on the likelihood bound (llada_jax/posttrain; docs/post_training.md).
+  c.posttrain = ml_collections.ConfigDict(
+      dict(
+          method="",  # "": pre-training / SFT on data.task; "dpo": ELBO-DPO with VRPO
+          reference="",  # the frozen reference, a workdir or HF folder: the policy starts from it
+          preferences="",  # JSONL of {prompt, chosen, rejected} (posttrain/preference.py)
+          preferences_eval="",  # held-out pairs: eval/dpo/* at every train.eval_every
+          beta=0.1,  # DPO's inverse temperature on the bound margins
+          mc_num=8,  # VRPO's budget n: samples per bound, n timesteps with one mask each
+          antithetic=True,  # the policy and the reference share timesteps and masks (VRPO)
+          one_timestep=False,  # n_t = 1, VRPO's naive allocation (ablations)
       )
   )
 
@@ -474,6 +490,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         ev.mc_num,
         f"a multiple of evaluation.mc_batch_size={ev.mc_batch_size} (or fewer samples than it)",
     )
+
+  post = config.posttrain
+  if post.method not in POSTTRAIN_METHODS:
+    _fail("posttrain.method", post.method, "'' (pre-training or SFT on data.task) or 'dpo'")
+  if post.beta <= 0:
+    _fail("posttrain.beta", post.beta, "a positive number")
+  _positive("posttrain.mc_num", post.mc_num)
+  if post.method:
+    for name in ("reference", "preferences"):
+      if not post[name]:
+        _fail(f"posttrain.{name}", post[name], f"a path with posttrain.method={post.method!r}")
 
   check_sampling(config.sampling.to_dict(), prefix="sampling.")
   return config

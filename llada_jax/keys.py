@@ -26,6 +26,7 @@ class Stream(enum.IntEnum):
   INIT = 0  # parameter initialisation (llada_jax/training/state.py)
   TRAIN = 1  # train steps: forward process, random-length cut (training/step.py, data/features.py)
   EVAL = 2  # held-out loss batches (training/step.py, data/features.py)
+  PREFERENCE = 3  # the bounds' timesteps and masks of preference pairs (posttrain/dpo.py)
 
 
 def item_keys(rng: jax.Array, indices: Sequence[int] | np.ndarray | int) -> jax.Array:

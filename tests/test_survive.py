@@ -558,8 +558,8 @@ def test_a_divergence_that_comes_back_rolls_back_at_lower_rates_until_max_rollba
   def diverging_step(*args, **kwargs):
     step = make(*args, **kwargs)
 
-    def run(state, batch, at=0):
-      state, metrics = step(state, batch, at)
+    def run(state, batch, at=0, frozen=None):
+      state, metrics = step(state, batch, at, frozen)
       rates.append(float(state.lr_scale))
       assert len(rates) < 60, "rollbacks never stop"
       return state, dict(metrics, nonfinite=metrics["nonfinite"] | (state.step == 5))

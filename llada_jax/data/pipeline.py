@@ -183,7 +183,7 @@ def _stream_dataset(config: ml_collections.ConfigDict, stream: streams.Stream, f
   ).unbatch()
 
 
-def _global(
+def global_batch(
     sharding: jax.sharding.Sharding, local: dict[str, np.ndarray], batch_size: int
 ) -> Batch:
   """Assembles this process's rows of every feature into global arrays."""
@@ -267,7 +267,7 @@ def train_batches(
     yield from local
 
   return _prefetched(
-      (_global(sharding, b, config.data.batch_size) for b in stream()), config.data.prefetch
+      (global_batch(sharding, b, config.data.batch_size) for b in stream()), config.data.prefetch
   )
 
 
@@ -279,7 +279,7 @@ def eval_batches(
   layout = host_layout(config, sharding)
   ds = _feature_dataset(config, layout, "validation", train=False, start_step=0)
   batches = [
-      _global(sharding, b, config.data.batch_size)
+      global_batch(sharding, b, config.data.batch_size)
       for b in ds.take(-1 if num_batches is None else num_batches).as_numpy_iterator()
   ]
   _check_not_empty(config, "validation", batches[0] if batches else None)

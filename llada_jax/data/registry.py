@@ -27,7 +27,7 @@ import json
 import pathlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from llada_jax.data import corpora
 from llada_jax.data.hf_tokenizer import ChatMessage, render_chat
@@ -397,7 +397,7 @@ def _read_gsm8k(split: str) -> list[dict[str, str]]:
   annotations <<...>> removed) ending in "#### N" and <|eot_id|> as the assistant's."""
   path = SFT_DIR / "gsm8k" / ("train.jsonl" if split == "train" else "test.jsonl")
   records = []
-  for ex in _read_jsonl_objects(path, ("question", "answer")):
+  for ex in read_jsonl_objects(path, ("question", "answer")):
     answer = re.sub(r"<<[^>]*>>", "", ex["answer"]).strip()
     records.append(
         {
@@ -418,8 +418,14 @@ def _decode_utf8(path: pathlib.Path) -> str:
     ) from None
 
 
-def _read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[str, str]]:
+def read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[str, str]]:
   """The objects of a JSONL file; a bad line names file:line and what is wrong with it."""
+  return [obj for _, obj in read_jsonl_lines(path, fields)]
+
+
+def read_jsonl_lines(path: pathlib.Path, fields: Sequence[str]) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, object) of each non-blank line of a JSONL file, each object with a string in
+  every one of `fields`; ConfigError naming file:line and what is wrong with a bad line."""
   out = []
   for number, line in enumerate(_decode_utf8(path).split("\n"), start=1):
     if not line.strip():
@@ -431,7 +437,7 @@ def _read_jsonl_objects(path: pathlib.Path, fields: Sequence[str]) -> list[dict[
     missing = [f for f in fields if not isinstance(obj, dict) or not isinstance(obj.get(f), str)]
     if missing:
       raise ConfigError(f"{path}:{number}: no string field {missing[0]!r}")
-    out.append(obj)
+    out.append((number, obj))
   return out
 
 
@@ -442,7 +448,7 @@ def _read_files(files: Sequence[pathlib.Path], text_field: str) -> list[dict[str
     if path.suffix == ".jsonl":
       records += [
           {"text": obj[text_field]}
-          for obj in _read_jsonl_objects(path, (text_field,))
+          for obj in read_jsonl_objects(path, (text_field,))
           if obj[text_field]
       ]
     else:

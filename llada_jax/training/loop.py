@@ -18,12 +18,13 @@ from absl import logging
 from llada_jax import storage
 from llada_jax.checkpoint import Checkpointer, checkpoint_dir, load_config, newest_stored_config
 from llada_jax.config import TOKENIZER_VOCABULARIES, block_size_at, profile_range, validate
-from llada_jax.data.corpora import CORPUS_FILES, bits_per_byte, unigram_entropy_bits
+from llada_jax.data.corpora import CORPUS_FILES, unigram_entropy_bits
 from llada_jax.diffusion import alignment
 from llada_jax.errors import ConfigError, TrainingDiverged
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.mesh import make_mesh
 from llada_jax.parallel.sharding import axis_rules, batch_sharding, warn_replicated
+from llada_jax.posttrain.reference import config_with_reference
 from llada_jax.training.preemption import PreemptionWatcher
 from llada_jax.training.flops import model_flops_per_step, peak_flops
 from llada_jax.training.metrics import Accounting, MetricWriter, write_run_description
@@ -35,7 +36,8 @@ from llada_jax.training.state import (
     create_train_state,
     state_shardings,
 )
-from llada_jax.training.step import make_eval_step, make_train_step
+from llada_jax.training.sources import make_source
+from llada_jax.training.step import make_train_step
 from llada_jax.training.workdir_lock import lock_for_job
 
 
@@ -86,15 +88,13 @@ def _train(
     eval_hooks: Sequence[Any],
 ) -> TrainState:
   """train() in a locked workdir; `cleanup` undoes what it sets up on any way out."""
-  from llada_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
   mesh = make_mesh(config)
   model = MaskedDiffusionLM(config)
   tx = make_optimizer(config)
-  # Data first: a bad task or vocabulary fails here, before parameters are allocated and before
-  # anything is written in the workdir.
+  # Data first: a bad task, vocabulary or preference file fails here, before parameters are
+  # allocated and before anything is written in the workdir.
   data_sharding = batch_sharding(mesh, axis_rules(config))
-  validation = pipeline.eval_batches(config, data_sharding, config.train.eval_batches)
+  source = make_source(config, model, mesh, data_sharding)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   _check_free_space(workdir, abstract)
   _warn_schedule(config)
@@ -103,7 +103,14 @@ def _train(
   restorable = checkpoint_dir(workdir).exists()
   checkpointer = Checkpointer(workdir, config) if restorable else None
   state = _restore(workdir, checkpointer, abstract) if restorable else None
-  if state is None:
+  source.place(shardings.params)
+  if (
+      state is None and source.frozen is not None
+  ):  # post-training: the policy starts as the reference
+    state = jax.jit(lambda p: TrainState.fresh(p, tx.init(p)), out_shardings=shardings)(
+        source.frozen
+    )
+  elif state is None:
     state, shardings = create_train_state(config, model, tx, mesh)
   elif config.train.init_from:
     logging.info(
@@ -129,8 +136,15 @@ def _train(
         "unigram entropy of the training bytes: %.3f bits/byte (a context-free model's floor)",
         unigram_entropy_bits(config.data.task),
     )
-  train_step = make_train_step(config, model, tx, mesh, shardings)
-  eval_step = make_eval_step(config, model, mesh, shardings.params)
+  train_step = make_train_step(
+      config,
+      model,
+      tx,
+      mesh,
+      shardings,
+      source.loss,
+      None if source.frozen is None else shardings.params,
+  )
   tokens_per_step = config.data.batch_size * config.data.sequence_length
   flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
   logging.info(
@@ -140,7 +154,7 @@ def _train(
   )
   watcher = cleanup.enter_context(PreemptionWatcher(checkpointer))
 
-  batches = pipeline.train_batches(config, data_sharding, start_step=start)
+  batches = source.train_batches(start)
   last_time, last_step, last_skipped = time.time(), start, int(state.skipped)
   # The last step and its nonfinite flag, read one step late: no stall.
   previous_step, previous_nonfinite = None, None
@@ -156,7 +170,7 @@ def _train(
       )
       block_size = _block_size(config, step)
     profiler.before(step)
-    state, metrics = train_step(state, next(batches), step)
+    state, metrics = train_step(state, next(batches), step, source.frozen)
     step += 1
     profiler.after(step, metrics)
     if (
@@ -167,7 +181,7 @@ def _train(
       batches.close()
       state = _rollback(config, checkpointer, abstract, previous_step, writer, state)
       step = int(state.step)
-      batches = pipeline.train_batches(config, data_sharding, start_step=step)
+      batches = source.train_batches(step)
       previous_step = None
       continue
     previous_step, previous_nonfinite = step, metrics["nonfinite"]
@@ -193,11 +207,7 @@ def _train(
       last_time, last_step, last_skipped = now, step, scalars["skipped"]
       writer.write(step, scalars)
     if step % config.train.eval_every == 0 or step == config.train.num_steps:
-      loss = float(np.mean([eval_step(state.params, b, i) for i, b in enumerate(validation)]))
-      scalars = {"loss_bound": loss}
-      if config.data.vocabulary == "byte":
-        scalars["bits_per_byte"] = bits_per_byte(loss)
-      writer.write(step, scalars, prefix="eval/")
+      writer.write(step, source.evaluate(state.params), prefix="eval/")
       for hook in eval_hooks:
         writer.write(step, hook(step, state.params, workdir), prefix="eval/")
     if watcher.reached(step):
@@ -274,6 +284,8 @@ def _config_of_run(
     ConfigError, CheckpointError: a train.init_from folder that is missing, holds another model
       or cannot be read; a stored config this version cannot use.
   """
+  if config.posttrain.method:  # the policy is the reference's network, resumed or not
+    config = config_with_reference(config)
   stored = newest_stored_config(workdir)
   if stored is not None:
     config = _resumed_vocabulary(config, stored, workdir)

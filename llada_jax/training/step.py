@@ -34,10 +34,22 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     shardings: Any,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """jit(state, batch, step=0) -> (new state, metrics); the state's buffers are donated. The
-  Python int `step` picks the block size of a `diffusion.block_size_schedule` (one compiled
-  program per size, each compiled when first used); other objectives ignore it."""
+    loss: Callable[..., tuple[jax.Array, Metrics]] | None = None,
+    frozen_shardings: Any = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+  """jit(state, batch, step=0, frozen=None) -> (new state, metrics); the state's buffers are
+  donated. The Python int `step` picks the block size of a `diffusion.block_size_schedule` (one
+  compiled program per size, each compiled when first used); other objectives ignore it.
+
+  loss(params, batch, rng, block_size, frozen) -> (scalar loss, metrics): what the step
+  minimises (`llada_jax.training.sources`; default: the objective's bound, `model.loss`).
+  frozen: parameters every step reads and never updates (a post-training reference), placed as
+  `frozen_shardings`; None without."""
+  objective = loss or (
+      lambda params, batch, rng, block_size, frozen: model.loss(
+          params, batch, rng, block_size=block_size or None
+      )
+  )
   rules = axis_rules(config)
   schedule = learning_rate_schedule(config)
 
@@ -49,18 +61,23 @@ def make_train_step(
   bias_rate = config.model.moe.bias_update_rate if config.model.moe.num_experts else 0.0
 
   def loss_fn(
-      params: Any, state: TrainState, batch: Batch, micro: jax.Array | int = 0, block_size: int = 0
+      params: Any,
+      state: TrainState,
+      batch: Batch,
+      frozen: Any,
+      micro: jax.Array | int = 0,
+      block_size: int = 0,
   ) -> tuple[jax.Array, Metrics]:
     rng = step_rng(config, state.step, stream=Stream.TRAIN)
     if accum > 1:  # each micro-batch draws its own noise (device masking)
       rng = jax.random.fold_in(rng, micro)
-    loss, metrics = model.loss(params, batch, rng, block_size=block_size or None)
+    loss, metrics = objective(params, batch, rng, block_size, frozen)
     if inject >= 0:  # test knob: a divergence at one step that a cut learning rate avoids
       loss = loss * jnp.where((state.step == inject) & (state.lr_scale == 1.0), jnp.nan, 1.0)
     return loss, metrics
 
   def gradients(
-      state: TrainState, batch: Batch, block_size: int
+      state: TrainState, batch: Batch, frozen: Any, block_size: int
   ) -> tuple[tuple[jax.Array, Metrics], Any]:
     """Loss, metrics and gradients of the batch: at once, or as the mean over `accum`
     micro-batches (rows j, j + accum, ... form micro-batch j, so every device holds a share of
@@ -69,27 +86,29 @@ def make_train_step(
         functools.partial(loss_fn, block_size=block_size), argnums=0, has_aux=True
     )
     if accum == 1:
-      return grad_fn(state.params, state, batch)
+      return grad_fn(state.params, state, batch, frozen)
     micro_batches = jax.tree.map(
         lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch
     )
 
     def body(total, inputs):
       index, micro_batch = inputs
-      value = grad_fn(state.params, state, micro_batch, index)
+      value = grad_fn(state.params, state, micro_batch, frozen, index)
       return jax.tree.map(lambda t, v: t + v / accum, total, value), None
 
     zero = jax.tree.map(
         jnp.zeros_like,
         jax.eval_shape(
-            grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro_batches), 0
+            grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro_batches), frozen, 0
         ),
     )
     total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro_batches))
     return total
 
-  def train_step(state: TrainState, batch: Batch, block_size: int) -> tuple[TrainState, Metrics]:
-    (loss, metrics), grads = gradients(state, batch, block_size)
+  def train_step(
+      state: TrainState, batch: Batch, frozen: Any, block_size: int
+  ) -> tuple[TrainState, Metrics]:
+    (loss, metrics), grads = gradients(state, batch, frozen, block_size)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -122,7 +141,7 @@ def make_train_step(
   jitted = {
       size: jax.jit(
           functools.partial(train_step, block_size=size),
-          in_shardings=(shardings, batch_sharding(mesh, rules)),
+          in_shardings=(shardings, batch_sharding(mesh, rules), frozen_shardings),
           out_shardings=(shardings, replicated(mesh)),
           donate_argnums=0,
       )
@@ -130,13 +149,15 @@ def make_train_step(
   }
   final = config.diffusion.block_size if blocks else 0
 
-  def run(state: TrainState, batch: Batch, step: int = 0) -> tuple[TrainState, Metrics]:
+  def run(
+      state: TrainState, batch: Batch, step: int = 0, frozen: Any = None
+  ) -> tuple[TrainState, Metrics]:
     with mesh_context(mesh, rules):
-      return jitted[block_size_at(config, step) if blocks else 0](state, batch)
+      return jitted[block_size_at(config, step) if blocks else 0](state, batch, frozen)
 
-  def lower(state: Any, batch: Any) -> jax.stages.Lowered:
+  def lower(state: Any, batch: Any, frozen: Any = None) -> jax.stages.Lowered:
     with mesh_context(mesh, rules):
-      return jitted[final].lower(state, batch)
+      return jitted[final].lower(state, batch, frozen)
 
   run.lower = lower  # ahead-of-time compilation from abstract arguments (llada-compile)
   return run

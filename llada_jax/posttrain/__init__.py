@@ -1,0 +1,1 @@
+"""Post-training on the likelihood bound: preference optimisation (VRPO / ELBO-DPO)."""

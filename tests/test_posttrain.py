@@ -1,0 +1,107 @@
+"""DPO through the trainer (posttrain.method="dpo"): the policy starts as the reference, the
+held-out margin rises, checkpoints hold the policy only, a resumed run is bitwise the
+uninterrupted one, and bad post-training settings are refused in one line before any work."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config, write_workdir
+from llada_jax.checkpoint import load_config
+from llada_jax.errors import ConfigError
+from llada_jax.loading import load_model_and_step
+from llada_jax.training.loop import train
+from llada_jax.analysis.runs import read_records
+
+WORDS = ["stone", "river", "cloud", "ember", "maple", "frost", "coral", "amber", "cedar", "lunar"]
+
+
+def _pairs(offset: int, count: int) -> list[dict[str, str]]:
+  """Prompt "say W:" prefers W itself over W reversed (a pattern that carries to held-out W)."""
+  out = []
+  for i in range(count):
+    word = WORDS[(offset + i) % len(WORDS)] + WORDS[(offset + 3 * i + 1) % len(WORDS)][:2]
+    out.append({"prompt": f"say {word}:", "chosen": f" {word}", "rejected": f" {word[::-1]}"})
+  return out
+
+
+@pytest.fixture(name="setup", scope="module")
+def _setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dpo")
+  reference = write_workdir(str(root / "reference"), make_tiny_config())
+  for name, rows in (("train.jsonl", _pairs(0, 16)), ("eval.jsonl", _pairs(5, 8))):
+    (root / name).write_text("\n".join(json.dumps(r) for r in rows))
+  return root, reference
+
+
+def _config(root, reference, steps):
+  config = make_tiny_config(d_model=48)  # the run takes the reference's model (d_model 64)
+  config.data.batch_size = 8  # one pair per device of the 8-device mesh
+  config.optimizer.update(dict(peak_lr=3e-3, warmup_steps=1))
+  config.train.update(dict(num_steps=steps, log_every=1, eval_every=6))
+  config.checkpoint.update(dict(save_every=6))
+  config.posttrain.update(
+      dict(
+          method="dpo",
+          reference=reference,
+          preferences=str(root / "train.jsonl"),
+          preferences_eval=str(root / "eval.jsonl"),
+          beta=0.5,
+          mc_num=4,
+      )
+  )
+  return config
+
+
+def test_dpo_trains_the_policy_from_the_reference_and_resumes_exactly(setup, tmp_path):
+  root, reference = setup
+  straight = tmp_path / "straight"
+  train(_config(root, reference, 12), straight)
+  records = read_records(straight / "metrics.jsonl")
+  margins = {r["step"]: r["dpo/margin"] for r in records if r["split"] == "eval"}
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)  # policy = reference: margins 0
+  assert np.mean(losses[-3:]) < np.log(2.0)  # the training pairs' margins grow ...
+  assert margins[12] > max(margins[6], 0.0)  # ... and the held-out ones follow
+  stored = load_config(straight)
+  assert stored.model.d_model == 64 and stored.posttrain.method == "dpo"
+
+  interrupted = tmp_path / "interrupted"
+  train(_config(root, reference, 6), interrupted)
+  train(_config(root, reference, 12), interrupted)
+  _, _, a = load_model_and_step(straight)
+  step, _, b = load_model_and_step(interrupted)
+  assert step == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The reference is read from where it lives, never stored with the policy.
+  _, _, ref = load_model_and_step(reference)
+  assert jax.tree.structure(ref) == jax.tree.structure(a)
+  assert any(
+      np.any(np.asarray(x) != np.asarray(y))
+      for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(a))
+  )
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"method": "ppo"},
+            r"posttrain.method='ppo' is not allowed: expected '' \(pre-training or SFT on "
+            r"data.task\) or 'dpo'",
+        ),
+        ({"beta": 0.0}, r"posttrain.beta=0.0 is not allowed: expected a positive number"),
+        ({"preferences": ""}, r"posttrain.preferences='' is not allowed: expected a path"),
+        ({"reference": "/nowhere"}, r"posttrain.reference=/nowhere is not allowed: it holds no"),
+    ],
+)
+def test_bad_post_training_settings_are_refused_before_any_work(setup, tmp_path, changes, message):
+  root, reference = setup
+  config = _config(root, reference, 2)
+  config.posttrain.update(changes)
+  with pytest.raises(ConfigError, match=message):
+    train(config, tmp_path / "work")
+  assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
