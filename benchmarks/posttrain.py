@@ -1,4 +1,4 @@
-"""Post-training on the CPU: ELBO-DPO with VRPO on the tiny model, and VRPO's variance reduction.
+"""Post-training on the CPU: ELBO-DPO with VRPO and diffu-GRPO on the tiny model.
 
   python benchmarks/posttrain.py --quick [--workdir=DIR] [--json=FILE]
 
@@ -8,6 +8,9 @@
    permutation per pair: the same letters, corrupted text). Training pairs from the train split,
    held-out pairs from the validation split.
 3. DPO through llada-train's trainer (posttrain.method="dpo", the reference frozen beside it).
+4. GRPO: configs/tiny.py fine-tuned briefly (--sft_steps) to reverse three letters ("abf>" ->
+   "fba", SFT with EOS) on 176 of the 216 words over a-f; then diffu-GRPO (posttrain.method=
+   "grpo", reward "exact", 8 answers per prompt at temperature 1) on the same 176 prompts.
 
 The last line printed is one JSON object:
   dpo_margin_before / dpo_margin_after: the held-out mean of B(chosen) - B(rejected) (nats, the
@@ -17,7 +20,8 @@ The last line printed is one JSON object:
     held-out pairs (policy after DPO against the reference), VRPO's estimator (n stratified
     timesteps, masks shared by policy and reference) over the naive one (one timestep, independent
     masks), both with n = mc_num samples per bound.
-  grpo_reward_before / grpo_reward_after: not measured yet (diffu-GRPO is not built): null.
+  grpo_reward_before / grpo_reward_after: the mean reward (exact reversal) of greedy answers to
+    the 40 held-out words under the SFT model and under the GRPO policy.
 Plus the settings and the wall time of each part (CPU).
 """
 
@@ -39,15 +43,17 @@ import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from llada_jax.data.corpora import split_text  # noqa: E402
+from llada_jax.data.registry import TaskSpec, register_task  # noqa: E402
 from llada_jax.diffusion.likelihood import bound_estimator  # noqa: E402
 from llada_jax.loading import load_model  # noqa: E402
 from llada_jax.posttrain.dpo import dpo_loss, pack_preferences  # noqa: E402
 from llada_jax.posttrain.preference import read_preferences  # noqa: E402
-from llada_jax.posttrain.source import PreferenceSource  # noqa: E402
+from llada_jax.posttrain.source import PreferenceSource, RolloutSource  # noqa: E402
 from llada_jax.training.loop import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "the CPU-minutes sizes (the defaults below are the full ones)")
+flags.DEFINE_string("parts", "dpo,grpo", "which parts to run (the others' keys are null)")
 flags.DEFINE_string("workdir", "", "where the runs go (default: a temporary folder)")
 flags.DEFINE_string("json", "", "also write the result here")
 flags.DEFINE_integer("ref_steps", 1500, "training steps of the reference (--quick: 300)")
@@ -58,6 +64,9 @@ flags.DEFINE_integer("prompt_bytes", 48, "prompt length in bytes")
 flags.DEFINE_integer("answer_bytes", 16, "answer length in bytes")
 flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound")
 flags.DEFINE_float("beta", 0.5, "DPO's beta")
+flags.DEFINE_integer("sft_steps", 600, "SFT steps on addition before GRPO (--quick: 300)")
+flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)")
+flags.DEFINE_integer("grpo_held_out", 40, "held-out words of the reversal task")
 
 
 def corpus_pairs(split: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -85,14 +94,63 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict[str, str]]) -> str:
   return str(path)
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  if FLAGS.quick:
-    FLAGS.ref_steps, FLAGS.dpo_steps, FLAGS.pairs = 300, 60, 256
-  root = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="posttrain_"))
-  root.mkdir(parents=True, exist_ok=True)
-  timings = {}
+def _reversals(words: list[str]) -> list[dict[str, str]]:
+  return [{"prompt": f"{w}>", "response": w[::-1]} for w in words]
 
+
+def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, float]:
+  """SFT on reversal, then GRPO (see the module docstring): (held-out reward before, after)."""
+  alphabet = "abcdef"
+  words = [a + b + c for a in alphabet for b in alphabet for c in alphabet]
+  order = np.random.default_rng(0).permutation(len(words))
+  shuffled = [words[i] for i in order]
+  held = FLAGS.grpo_held_out
+  records = {"train": _reversals(shuffled[held:]), "validation": _reversals(shuffled[:held])}
+  register_task(TaskSpec("reverse_sft", "sft", lambda split: records[split], True))
+
+  start = time.time()
+  sft_dir = str(root / "sft")
+  sft = tiny.get_config()
+  sft.data.update(dict(task="reverse_sft", sequence_length=16, batch_size=16))
+  sft.train.update(dict(num_steps=FLAGS.sft_steps, eval_every=FLAGS.sft_steps))
+  sft.checkpoint.update(dict(save_every=FLAGS.sft_steps, async_save=False))
+  train(sft, sft_dir)
+  timings["sft_s"] = time.time() - start
+
+  def prompts(name: str, rows: list[dict[str, str]]) -> str:
+    return _write_jsonl(
+        root / name, [{"prompt": r["prompt"], "answer": r["response"]} for r in rows]
+    )
+
+  start = time.time()
+  rl = tiny.get_config()
+  rl.data.batch_size = 32
+  rl.optimizer.update(dict(peak_lr=2e-4, warmup_steps=5, final_lr=2e-5, weight_decay=0.0))
+  rl.train.update(dict(num_steps=FLAGS.grpo_steps, eval_every=FLAGS.grpo_steps, log_every=10))
+  rl.checkpoint.update(dict(save_every=FLAGS.grpo_steps, async_save=False))
+  rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
+  rl.posttrain.update(
+      dict(
+          method="grpo",
+          reference=sft_dir,
+          prompts=prompts("prompts.jsonl", records["train"]),
+          prompts_eval=prompts("prompts_eval.jsonl", records["validation"]),
+          rewards="exact",
+          group_size=8,
+      )
+  )
+  rl_dir = str(root / "grpo")
+  train(rl, rl_dir)
+  timings["grpo_s"] = time.time() - start
+
+  run_config, policy = load_model(rl_dir)
+  _, reference = load_model(sft_dir)
+  source = RolloutSource(run_config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  return source.evaluate(reference)["grpo/reward"], source.evaluate(policy)["grpo/reward"]
+
+
+def dpo_part(root: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
+  """Reference, preference pairs, DPO and the variance measurement (see the module docstring)."""
   start = time.time()
   reference = str(root / "reference")
   config = tiny.get_config()
@@ -144,14 +202,40 @@ def main(argv: list[str]) -> None:
 
   draws = np.asarray([both(pack_preferences(pairs, range(len(pairs)), seed=s)) for s in range(32)])
   timings["measure_s"] = time.time() - start
-  result = {
+  return {
       "dpo_margin_before": before,
       "dpo_margin_after": after,
       "vrpo_var_ratio": float(draws[:, 0].var() / draws[:, 1].var()),
       "vrpo_loss_var": float(draws[:, 0].var()),
       "naive_loss_var": float(draws[:, 1].var()),
-      "grpo_reward_before": None,
-      "grpo_reward_after": None,
+  }
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if FLAGS.quick:  # the --quick sizes of the flags not given on the command line
+    quick = dict(ref_steps=300, dpo_steps=60, pairs=256, sft_steps=300, grpo_steps=200)
+    for name, value in quick.items():
+      if not FLAGS[name].present:
+        setattr(FLAGS, name, value)
+  parts = set(FLAGS.parts.split(","))
+  if not parts or parts - {"dpo", "grpo"}:
+    raise app.UsageError(f"--parts={FLAGS.parts} is not allowed: expected dpo, grpo or dpo,grpo")
+  root = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="posttrain_"))
+  root.mkdir(parents=True, exist_ok=True)
+  timings: dict[str, float] = {}
+  measured = dict.fromkeys(
+      ("dpo_margin_before", "dpo_margin_after", "vrpo_var_ratio", "vrpo_loss_var", "naive_loss_var")
+  )
+  if "dpo" in parts:
+    measured.update(dpo_part(root, timings))
+  grpo_before = grpo_after = None
+  if "grpo" in parts:
+    grpo_before, grpo_after = grpo_part(root, timings)
+  result = {
+      **measured,
+      "grpo_reward_before": grpo_before,
+      "grpo_reward_after": grpo_after,
       "settings": {
           k: getattr(FLAGS, k)
           for k in (
@@ -164,6 +248,8 @@ def main(argv: list[str]) -> None:
               "answer_bytes",
               "mc_num",
               "beta",
+              "sft_steps",
+              "grpo_steps",
           )
       },
       "timings_s": {k: round(v, 1) for k, v in timings.items()},

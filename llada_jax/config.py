@@ -37,8 +37,9 @@ MOE_IMPLEMENTATIONS = ("ragged", "dense")  # model/moe.py IMPLEMENTATIONS
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
 OBJECTIVES = ("mdm", "arm", "block")
-# posttrain.method: "" trains the objective's bound on data.task; "dpo": ELBO-DPO (VRPO).
-POSTTRAIN_METHODS = ("", "dpo")
+# posttrain.method: "" trains the objective's bound on data.task; "dpo": ELBO-DPO (VRPO);
+# "grpo": diffu-GRPO (d1) on rewarded answers the policy samples.
+POSTTRAIN_METHODS = ("", "dpo", "grpo")
 # Which position's logits predict token i of a diffusion model (llada_jax.diffusion.alignment).
 LOGIT_ALIGNMENTS = ("auto", "same", "shifted")
 TIME_SAMPLING = ("uniform", "stratified")
@@ -259,7 +260,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Post-training on the likelihood bound (llada_jax/posttrain; docs/post_training.md).
   c.posttrain = ml_collections.ConfigDict(
       dict(
-          method="",  # "": pre-training / SFT on data.task; "dpo": ELBO-DPO with VRPO
+          method="",  # "": pre-training / SFT on data.task; "dpo": ELBO-DPO (VRPO); "grpo": d1
           reference="",  # the frozen reference, a workdir or HF folder: the policy starts from it
           preferences="",  # JSONL of {prompt, chosen, rejected} (posttrain/preference.py)
           preferences_eval="",  # held-out pairs: eval/dpo/* at every train.eval_every
@@ -267,6 +268,14 @@ def default_config() -> ml_collections.ConfigDict:
           mc_num=8,  # VRPO's budget n: samples per bound, n timesteps with one mask each
           antithetic=True,  # the policy and the reference share timesteps and masks (VRPO)
           one_timestep=False,  # n_t = 1, VRPO's naive allocation (ablations)
+          # diffu-GRPO: data.batch_size answer rows per step, group_size answers per prompt.
+          prompts="",  # JSONL of {prompt, answer} (posttrain/source.py read_prompts)
+          prompts_eval="",  # held-out prompts: eval/grpo/reward of greedy answers
+          rewards="gsm8k",  # posttrain/rewards.py: "name" or "name:weight,name:weight"
+          group_size=4,  # G answers per prompt
+          clip_eps=0.2,  # the ratio's clipping
+          kl_beta=0.04,  # weight of the KL to the reference (d1: 0.04)
+          prompt_mask_prob=0.15,  # d1's random prompt masking in the log-probability pass
       )
   )
 
@@ -493,14 +502,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   post = config.posttrain
   if post.method not in POSTTRAIN_METHODS:
-    _fail("posttrain.method", post.method, "'' (pre-training or SFT on data.task) or 'dpo'")
+    _fail("posttrain.method", post.method, "'' (pre-training or SFT on data.task), 'dpo' or 'grpo'")
   if post.beta <= 0:
     _fail("posttrain.beta", post.beta, "a positive number")
   _positive("posttrain.mc_num", post.mc_num)
-  if post.method:
-    for name in ("reference", "preferences"):
-      if not post[name]:
-        _fail(f"posttrain.{name}", post[name], f"a path with posttrain.method={post.method!r}")
+  _positive("posttrain.group_size", post.group_size)
+  if not 0 < post.clip_eps < 1:
+    _fail("posttrain.clip_eps", post.clip_eps, "a number in (0, 1)")
+  if post.kl_beta < 0:
+    _fail("posttrain.kl_beta", post.kl_beta, "a number >= 0")
+  if not 0 <= post.prompt_mask_prob < 1:
+    _fail("posttrain.prompt_mask_prob", post.prompt_mask_prob, "a probability in [0, 1)")
+  needed = {"dpo": ("reference", "preferences"), "grpo": ("reference", "prompts")}
+  for name in needed.get(post.method, ()):
+    if not post[name]:
+      _fail(f"posttrain.{name}", post[name], f"a path with posttrain.method={post.method!r}")
 
   check_sampling(config.sampling.to_dict(), prefix="sampling.")
   return config

@@ -27,6 +27,7 @@ class Stream(enum.IntEnum):
   TRAIN = 1  # train steps: forward process, random-length cut (training/step.py, data/features.py)
   EVAL = 2  # held-out loss batches (training/step.py, data/features.py)
   PREFERENCE = 3  # the bounds' timesteps and masks of preference pairs (posttrain/dpo.py)
+  ROLLOUT = 4  # RL rollouts and their prompt masks (posttrain/source.py RolloutSource)
 
 
 def item_keys(rng: jax.Array, indices: Sequence[int] | np.ndarray | int) -> jax.Array:

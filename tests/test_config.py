@@ -167,7 +167,13 @@ def test_random_streams_keep_their_numbers():
   from llada_jax.training.state import create_train_state  # pylint: disable=import-outside-toplevel
   from llada_jax.training.step import step_rng  # pylint: disable=import-outside-toplevel
 
-  assert {s.name: int(s) for s in Stream} == {"INIT": 0, "TRAIN": 1, "EVAL": 2, "PREFERENCE": 3}
+  assert {s.name: int(s) for s in Stream} == {
+      "INIT": 0,
+      "TRAIN": 1,
+      "EVAL": 2,
+      "PREFERENCE": 3,
+      "ROLLOUT": 4,
+  }
   config = make_tiny_config()
   config.seed = 3
   seed = jax.random.PRNGKey(3)

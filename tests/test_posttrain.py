@@ -91,7 +91,7 @@ def test_dpo_trains_the_policy_from_the_reference_and_resumes_exactly(setup, tmp
         (
             {"method": "ppo"},
             r"posttrain.method='ppo' is not allowed: expected '' \(pre-training or SFT on "
-            r"data.task\) or 'dpo'",
+            r"data.task\), 'dpo' or 'grpo'",
         ),
         ({"beta": 0.0}, r"posttrain.beta=0.0 is not allowed: expected a positive number"),
         ({"preferences": ""}, r"posttrain.preferences='' is not allowed: expected a path"),

@@ -54,7 +54,7 @@ def read_preferences(
     where = f"{path}:{number}:"
     if obj["chosen"] == obj["rejected"]:
       raise ConfigError(f"{where} chosen and rejected are the same answer: expected two answers")
-    prompt = _prompt_ids(codec, obj.get("prompt"), where)
+    prompt = prompt_ids(codec, obj.get("prompt"), where)
     pair = encode_pair(config, codec, prompt, obj["chosen"], obj["rejected"])
     try:
       check_pairs(config, [pair.prompt] * 2, [pair.chosen, pair.rejected], 1, 1, 0.0)
@@ -76,14 +76,15 @@ def encode_pair(
   """One pair in ids: the prompt (text, or ids already rendered) and both answers, each ended with
   the model's end of answer (EoT under the chat template, else EOS)."""
   end = [config.tokens.eot_id if has_chat_template(codec) else config.tokens.eos_id]
-  prompt_ids = codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+  ids = codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
   return PreferencePair(
-      tuple(prompt_ids), tuple(codec.encode(chosen) + end), tuple(codec.encode(rejected) + end)
+      tuple(ids), tuple(codec.encode(chosen) + end), tuple(codec.encode(rejected) + end)
   )
 
 
-def _prompt_ids(codec: Codec, prompt: Any, where: str) -> list[int]:
-  """The ids of a prompt: text as it is, messages through the chat template."""
+def prompt_ids(codec: Codec, prompt: Any, where: str) -> list[int]:
+  """The ids of a prompt: text as it is, messages through the chat template; ConfigError naming
+  `where` (file:line) for anything else."""
   if isinstance(prompt, str):
     return codec.encode(prompt)
   ok = (

@@ -10,19 +10,34 @@ and each process packs only its own rows of the batch (`pipeline.process_rows`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
-
+import pathlib
+from typing import Any, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llada_jax.data.codec import text_codec
 from llada_jax.data.pipeline import global_batch, process_rows
+from llada_jax.data.registry import read_jsonl_lines
 from llada_jax.diffusion.likelihood import bound_estimator
 from llada_jax.errors import ConfigError
+from llada_jax.keys import Stream, item_keys
+from llada_jax.model.transformer import ModelConfig
 from llada_jax.posttrain.dpo import PreferenceBatch, dpo_loss, pack_preferences, preference_terms
-from llada_jax.posttrain.preference import PreferencePair, read_preferences
+from llada_jax.posttrain.grpo import (
+    Rollouts,
+    answer_mask,
+    group_advantages,
+    grpo_loss,
+    token_log_probs,
+)
+from llada_jax.posttrain.preference import PreferencePair, prompt_ids, read_preferences
 from llada_jax.posttrain.reference import reference_params
+from llada_jax.posttrain.rewards import parse_rewards, reward
+from llada_jax.sampling.ending import end_ids
+from llada_jax.sampling.generate import generate
 
 Metrics = dict[str, jax.Array]
 
@@ -91,6 +106,11 @@ class PreferenceSource:
     """Reads the reference's parameters, placed as the policy's."""
     self.frozen = reference_params(self.config, param_shardings)
 
+  def prepare(self, item: PreferenceBatch, params: Any) -> PreferenceBatch:
+    """The batch itself (it does not depend on the policy)."""
+    del params
+    return item
+
   def loss(
       self, params: Any, batch: PreferenceBatch, rng: jax.Array, block_size: int, frozen: Any
   ) -> tuple[jax.Array, Metrics]:
@@ -142,3 +162,183 @@ def preference_metrics(terms: Any, beta: float) -> Metrics:
       "dpo/reward_rejected": beta * (terms.policy_rejected - terms.reference_rejected).mean(),
       "dpo/bound_gap": (terms.policy_chosen - terms.policy_rejected).mean(),
   }
+
+
+class PromptTask(NamedTuple):
+  """One RL prompt: its ids and the reference answer the rewards compare with."""
+
+  prompt: tuple[int, ...]
+  reference: str
+
+
+def read_prompts(path: str, config: ml_collections.ConfigDict) -> list[PromptTask]:
+  """The prompts of a JSONL file of {"prompt": text or chat messages, "answer": text}.
+
+  Raises:
+    ConfigError: one line naming file:line: not a JSON object, no string "answer", a prompt that is
+      neither text nor messages, or one longer than model.max_sequence_length less
+      sampling.gen_length.
+  """
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"prompt file {path!r} does not exist: expected a JSONL file")
+  codec = text_codec(config)
+  room = config.model.max_sequence_length - config.sampling.gen_length
+  tasks = []
+  for number, obj in read_jsonl_lines(file, ("answer",)):
+    ids = prompt_ids(codec, obj.get("prompt"), f"{file}:{number}:")
+    if not 0 < len(ids) <= room:
+      raise ConfigError(
+          f"{file}:{number}: a prompt of {len(ids)} tokens is not allowed: expected 1 to "
+          f"model.max_sequence_length - sampling.gen_length = {room}"
+      )
+    tasks.append(PromptTask(tuple(ids), obj["answer"]))
+  if not tasks:
+    raise ConfigError(f"{path} holds no prompts: expected one JSON object per line")
+  return tasks
+
+
+class RolloutSource:
+  """diffu-GRPO (posttrain.method="grpo"): each step samples posttrain.group_size answers for
+  each of data.batch_size / group_size prompts of posttrain.prompts with the policy (the compiled
+  sampler, config.sampling), rewards them (posttrain.rewards) and trains on d1's loss against the
+  frozen reference. The answers of row (prompt i, sample g) at step s are drawn with the key
+  fold_in(fold_in(fold_in(fold_in(seed key, ROLLOUT), s), i), g), from the parameters of step s,
+  so a run resumed at step s regenerates exactly what it lost. One update per rollout batch
+  (d1's mu = 1: the sampling policy is the policy, the ratio is 1 and clipping stays inactive).
+  Held-out: the mean reward of greedy answers to posttrain.prompts_eval.
+
+  Raises:
+    ConfigError: a bad prompt file or reward spec, a batch that is not whole groups, a model
+      other than an MDM, or a multi-process job.
+  """
+
+  frozen = None
+
+  def __init__(self, config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding):
+    p = config.posttrain
+    if config.diffusion.objective != "mdm":
+      raise ConfigError(
+          f"posttrain.method='grpo' is not allowed with diffusion.objective="
+          f"{config.diffusion.objective!r}: expected 'mdm' (d1's one-pass estimate)"
+      )
+    if jax.process_count() > 1:
+      raise ConfigError(
+          f"posttrain.method='grpo' is not allowed in a {jax.process_count()}-process job yet: "
+          "run it on one host"
+      )
+    if config.data.batch_size % p.group_size:
+      raise ConfigError(
+          f"data.batch_size={config.data.batch_size} is not allowed with posttrain.method='grpo':"
+          f" expected a multiple of posttrain.group_size={p.group_size} (answer rows per step)"
+      )
+    self.config, self.sharding = config, sharding
+    self.spec = parse_rewards(p.rewards)
+    self.prompts = read_prompts(p.prompts, config)
+    self.held_out = read_prompts(p.prompts_eval, config) if p.prompts_eval else []
+    self.width = max(len(t.prompt) for t in self.prompts + self.held_out)
+    self.codec = text_codec(config)
+    self.num_prompts = config.data.batch_size // p.group_size
+    if len(self.prompts) < self.num_prompts:
+      raise ConfigError(
+          f"posttrain.prompts={p.prompts} holds {len(self.prompts)} prompts: expected at least "
+          f"data.batch_size / posttrain.group_size = {self.num_prompts}"
+      )
+
+  def place(self, param_shardings: Any) -> None:
+    """Reads the reference's parameters, placed as the policy's."""
+    self.frozen = reference_params(self.config, param_shardings)
+
+  def train_batches(self, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, prompt indices [num_prompts]) of steps start_step, ...: `prepare` samples them."""
+    step = start_step
+    while True:
+      yield step, step_indices(self.config.seed, step, self.num_prompts, len(self.prompts))
+      step += 1
+
+  def _padded(self, tasks: list[PromptTask]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts [N, width] and their masks."""
+    tokens = np.full((len(tasks), self.width), self.config.tokens.pad_id, np.int32)
+    valid = np.zeros((len(tasks), self.width), bool)
+    for row, task in enumerate(tasks):
+      tokens[row, self.width - len(task.prompt) :] = task.prompt
+      valid[row, self.width - len(task.prompt) :] = True
+    return tokens, valid
+
+  def _answers(self, params: Any, tokens: Any, valid: Any, keys: Any, **overrides: Any) -> Any:
+    """Sampled rows [N, width + gen_length] (config.sampling, with `overrides`), on the host."""
+    return np.asarray(
+        jax.device_get(generate(self.config, params, tokens, valid, rng=keys, **overrides))
+    )
+
+  def _rewards(self, rows: np.ndarray, tasks: list[PromptTask]) -> np.ndarray:
+    ends = set(end_ids(self.config.tokens))
+    out = []
+    for row, task in zip(rows, tasks):
+      answer = list(row[self.width :])
+      cut = next((k for k, t in enumerate(answer) if t in ends), len(answer))
+      out.append(reward(self.spec, self.codec.decode(answer[:cut]), task.reference))
+    return np.asarray(out, np.float32)
+
+  def prepare(self, item: tuple[int, np.ndarray], params: Any) -> Rollouts:
+    """The rollouts of one step: samples, rewards, group advantages, prompt-mask keys."""
+    step, indices = item
+    g = self.config.posttrain.group_size
+    tasks = [self.prompts[i] for i in indices for _ in range(g)]
+    tokens, valid = self._padded(tasks)
+    root = jax.random.fold_in(
+        jax.random.fold_in(jax.random.PRNGKey(self.config.seed), Stream.ROLLOUT), step
+    )
+    prompt_keys = item_keys(root, indices)
+    keys = jax.vmap(lambda k: item_keys(k, g))(prompt_keys).reshape(-1, 2)
+    # The rows split over the data-parallel devices as the train step's batch is.
+    placed = [jax.device_put(a, self.sharding) for a in (tokens, valid)]
+    rows = self._answers(params, *placed, keys)
+    rewards = self._rewards(rows, tasks)
+    advantages = np.asarray(group_advantages(jnp.asarray(rewards.reshape(-1, g)))).reshape(-1)
+    full_valid = np.concatenate([valid, np.ones((len(tasks), rows.shape[1] - self.width), bool)], 1)
+    is_answer = np.asarray(
+        answer_mask(jnp.asarray(rows), self.width, jnp.asarray(end_ids(self.config.tokens)))
+    )
+    mask_keys = np.asarray(jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys))
+    local = Rollouts(rows, full_valid, is_answer, advantages, mask_keys, rewards)
+    return Rollouts(**global_batch(self.sharding, local._asdict(), len(tasks)))
+
+  def loss(
+      self, params: Any, batch: Rollouts, rng: jax.Array, block_size: int, frozen: Any
+  ) -> tuple[jax.Array, Metrics]:
+    """d1's loss of the rollouts against the reference `frozen` (`grpo.grpo_loss`), with the
+    batch's mean reward and the terms' means as metrics."""
+    del rng, block_size
+    p, cfg = self.config.posttrain, ModelConfig.from_config(self.config)
+    mask_id = self.config.tokens.mask_id
+
+    def logp(w):
+      return token_log_probs(cfg, w, batch, self.width, mask_id, p.prompt_mask_prob)
+
+    policy = logp(params)
+    terms = grpo_loss(
+        policy,
+        jax.lax.stop_gradient(policy),
+        logp(jax.lax.stop_gradient(frozen)),
+        batch.is_answer,
+        batch.advantages,
+        p.clip_eps,
+        p.kl_beta,
+    )
+    return terms.loss, {
+        "grpo/reward": batch.rewards.mean(),
+        "grpo/objective": terms.objective,
+        "grpo/kl": terms.kl,
+        "grpo/clipped": terms.clipped,
+        "grpo/answer_length": terms.length,
+    }
+
+  def evaluate(self, params: Any) -> dict[str, float]:
+    """The mean reward of greedy answers to the held-out prompts ({} without them)."""
+    if not self.held_out:
+      return {}
+    tokens, valid = self._padded(self.held_out)
+    keys = item_keys(jax.random.PRNGKey(self.config.seed), len(self.held_out))
+    rows = self._answers(params, tokens, valid, keys, temperature=0.0)
+    return {"grpo/reward": float(self._rewards(rows, self.held_out).mean())}

@@ -170,7 +170,8 @@ def _train(
       )
       block_size = _block_size(config, step)
     profiler.before(step)
-    state, metrics = train_step(state, next(batches), step, source.frozen)
+    batch = source.prepare(next(batches), state.params)
+    state, metrics = train_step(state, batch, step, source.frozen)
     step += 1
     profiler.after(step, metrics)
     if (

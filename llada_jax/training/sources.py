@@ -5,8 +5,10 @@ A source gives the batches of steps start, start + 1, ... (resuming exactly), th
 step reads besides the policy (`frozen`: a post-training reference, or None; read by
 `place(param_shardings)` once the policy's placement is known) and the held-out scalars of an
 evaluation. `make_source` picks it from posttrain.method: "" the data.task
-pipeline with the objective's bound (pre-training, SFT), "dpo" preference pairs with ELBO-DPO
-(`llada_jax.posttrain.source`).
+pipeline with the objective's bound (pre-training, SFT), "dpo" preference pairs with ELBO-DPO,
+"grpo" answers the policy samples, rewarded, with diffu-GRPO (`llada_jax.posttrain.source`).
+A batch that depends on the policy (RL rollouts) is completed by `prepare(item, params)` with the
+parameters of the step it trains.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Source(Protocol):
   frozen: Any
 
   def train_batches(self, start_step: int) -> Iterator[Any]:
+    ...
+
+  def prepare(self, item: Any, params: Any) -> Any:
     ...
 
   def loss(self, params: Any, batch: Any, rng: jax.Array, block_size: int, frozen: Any) -> Any:
@@ -66,6 +71,11 @@ class CorpusSource:
   def train_batches(self, start_step: int) -> Iterator[Any]:
     return self._pipeline.train_batches(self._config, self._sharding, start_step=start_step)
 
+  def prepare(self, item: Any, params: Any) -> Any:
+    """The batch itself (it does not depend on the policy)."""
+    del params
+    return item
+
   def loss(
       self, params: Any, batch: Any, rng: jax.Array, block_size: int, frozen: Any
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -95,4 +105,8 @@ def make_source(
     from llada_jax.posttrain.source import PreferenceSource  # pylint: disable=g-import-not-at-top
 
     return PreferenceSource(config, data_sharding)
+  if config.posttrain.method == "grpo":
+    from llada_jax.posttrain.source import RolloutSource  # pylint: disable=g-import-not-at-top
+
+    return RolloutSource(config, data_sharding)
   return CorpusSource(config, model, mesh, data_sharding)

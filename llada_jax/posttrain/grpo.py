@@ -1,0 +1,132 @@
+"""diffu-GRPO (d1, Zhao et al. 2025, arXiv 2504.12216): group-relative policy optimisation for a
+masked diffusion LM, with d1's one-pass estimate of the per-token log-probabilities.
+
+For each prompt q, G answers o_1..o_G are sampled from the policy (the compiled sampler) and
+scored by a reward r_i. The advantage of answer i is group-relative,
+A_i = (r_i - mean_j r_j) / (std_j r_j + eps). Per-token log-probabilities come from ONE forward
+pass over [q' ; all-mask answer], q' the prompt with each token masked with probability
+`prompt_mask_prob` (d1: 0.15; a fresh mask per update): log pi(o_ik | q') at every answer position
+k, a mean-field stand-in for the intractable sequence likelihood. The loss of answer i (d1 Eq. 3):
+
+  L_i = -(1/|o_i|) sum_k [ min(rho_ik A_i, clip(rho_ik, 1 - eps, 1 + eps) A_i) - beta KL_ik ],
+  rho_ik = exp(log pi_theta(o_ik) - log pi_old(o_ik)),
+  KL_ik = exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1   (k3 estimator),
+
+averaged over the answers of the batch. |o_i| counts the answer's tokens up to and including its
+first end token (what follows it is not the policy's choice).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llada_jax.model import apply_model, network
+from llada_jax.model.transformer import ModelConfig
+
+
+class Rollouts(NamedTuple):
+  """A batch of sampled answers, one row per (prompt, sample): tokens int32 [R, P + A] (the
+  left-padded prompt, then the answer), valid bool [R, P + A] (the prompt's padding False),
+  is_answer bool [R, P + A] (answer tokens up to and including the first end token),
+  advantages float32 [R], mask_keys [R, 2] (the prompt masks of the log-probability pass), rewards
+  float32 [R]."""
+
+  tokens: jax.Array
+  valid: jax.Array
+  is_answer: jax.Array
+  advantages: jax.Array
+  mask_keys: jax.Array
+  rewards: jax.Array
+
+
+def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
+  """A_i = (r_i - mean(r)) / (std(r) + eps) within each group: rewards [num_prompts, G] ->
+  advantages [num_prompts, G] (GRPO, arXiv 2402.03300 Sec. 4.1.2; 0 for a group of equal
+  rewards)."""
+  mean = rewards.mean(axis=-1, keepdims=True)
+  std = rewards.std(axis=-1, keepdims=True)
+  return (rewards - mean) / (std + eps)
+
+
+def answer_mask(tokens: jax.Array, answer_start: int, end_ids: jax.Array) -> jax.Array:
+  """bool [R, T]: positions >= answer_start up to and including the row's first end token (all
+  of the answer when it has none)."""
+  positions = jnp.arange(tokens.shape[1])
+  in_answer = positions[None, :] >= answer_start
+  is_end = in_answer & jnp.isin(tokens, end_ids)
+  ended_before = jnp.cumsum(is_end, axis=1) - is_end  # end tokens strictly before the position
+  return in_answer & (ended_before == 0)
+
+
+def token_log_probs(
+    model_cfg: ModelConfig,
+    params: Any,
+    rollouts: Rollouts,
+    answer_start: int,
+    mask_id: int,
+    prompt_mask_prob: float,
+) -> jax.Array:
+  """d1's one-pass per-token log-probabilities log pi(o_k | q') [R, T] float32 (0 off
+  rollouts.is_answer): every position from answer_start on masked, each prompt token masked
+  with probability prompt_mask_prob by the row's mask key (the uniforms indexed by the position
+  counted from the row's first real token, so left padding does not move them)."""
+  width = rollouts.tokens.shape[1]
+  positions = jnp.arange(width)[None, :]
+  answer_region = positions >= answer_start
+  prompt = rollouts.valid & ~answer_region
+  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (width,)))(rollouts.mask_keys)
+  first = jnp.argmax(rollouts.valid, axis=1)[:, None]
+  uniforms = jnp.take_along_axis(uniforms, jnp.clip(positions - first, 0, width - 1), axis=1)
+  masked = (prompt & (uniforms < prompt_mask_prob)) | answer_region
+  inputs = jnp.where(masked, mask_id, rollouts.tokens)
+  logits = apply_model(network(model_cfg), params, inputs, rollouts.valid)
+  logp = -optax.softmax_cross_entropy_with_integer_labels(logits, rollouts.tokens)
+  return jnp.where(rollouts.is_answer, logp, 0.0)
+
+
+class GRPOTerms(NamedTuple):
+  """Means over the answers: the loss, the clipped-objective part, the KL to the reference, the
+  fraction of answer tokens whose ratio was clipped, and the mean answer length."""
+
+  loss: jax.Array
+  objective: jax.Array
+  kl: jax.Array
+  clipped: jax.Array
+  length: jax.Array
+
+
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    is_answer: jax.Array,
+    advantages: jax.Array,
+    clip_eps: float,
+    kl_beta: float,
+) -> GRPOTerms:
+  """d1's loss from per-token log-probabilities [R, T] of the policy, the policy that sampled
+  (old) and the reference (see the module docstring); is_answer [R, T] bool, advantages [R]."""
+  ratio = jnp.exp(logp - old_logp)
+  a = advantages[:, None]
+  surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
+  diff = ref_logp - logp
+  kl = jnp.exp(diff) - diff - 1.0
+  count = jnp.maximum(is_answer.sum(axis=1), 1)
+
+  def per_answer(x):
+    return jnp.where(is_answer, x, 0.0).sum(axis=1) / count
+
+  objective = per_answer(surrogate)
+  kl_answer = per_answer(kl)
+  clipped = per_answer(((ratio < 1.0 - clip_eps) | (ratio > 1.0 + clip_eps)).astype(jnp.float32))
+  return GRPOTerms(
+      loss=(-(objective - kl_beta * kl_answer)).mean(),
+      objective=objective.mean(),
+      kl=kl_answer.mean(),
+      clipped=clipped.mean(),
+      length=is_answer.sum(axis=1).mean(),
+  )

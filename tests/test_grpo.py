@@ -1,0 +1,168 @@
+"""diffu-GRPO (llada_jax/posttrain/grpo.py, rewards.py, source.py RolloutSource): advantages,
+clipping and the KL by hand, d1's one-pass log-probabilities, rewards, and RL through the
+trainer resumed in the middle bitwise equal to an uninterrupted run."""
+
+import json
+
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config, write_workdir
+from llada_jax.errors import ConfigError
+from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.loading import load_model_and_step
+from llada_jax.model import ModelConfig
+from llada_jax.model.forward import logits
+from llada_jax.posttrain.grpo import (
+    Rollouts,
+    answer_mask,
+    group_advantages,
+    grpo_loss,
+    token_log_probs,
+)
+from llada_jax.posttrain.rewards import parse_rewards, reward
+from llada_jax.training.loop import train
+
+
+def test_group_advantages_by_hand():
+  rewards = np.array([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
+  got = np.asarray(group_advantages(jnp.asarray(rewards), eps=1e-4))
+  np.testing.assert_allclose(got[0], np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-4), rtol=1e-6)
+  np.testing.assert_array_equal(got[1], 0.0)  # a group of equal rewards teaches nothing
+  std = np.sqrt(((np.array([0, 0, 0, 3.0]) - 0.75) ** 2).mean())
+  np.testing.assert_allclose(got[2], (np.array([0, 0, 0, 3.0]) - 0.75) / (std + 1e-4), rtol=1e-6)
+
+
+def test_the_loss_clips_the_ratio_and_adds_the_kl_by_hand():
+  """Two answers of 3 and 2 tokens (the third position of the second is past its end)."""
+  logp = np.log(np.array([[0.5, 0.2, 0.9], [0.3, 0.6, 0.1]], np.float32))
+  old = np.log(np.array([[0.25, 0.2, 0.95], [0.3, 0.9, 0.5]], np.float32))
+  ref = np.log(np.array([[0.4, 0.1, 0.9], [0.2, 0.6, 0.7]], np.float32))
+  is_answer = np.array([[True, True, True], [True, True, False]])
+  advantages = np.array([1.5, -0.5], np.float32)
+  eps, beta = 0.2, 0.1
+  terms = grpo_loss(*(jnp.asarray(x) for x in (logp, old, ref, is_answer, advantages)), eps, beta)
+  want = []
+  for i in range(2):
+    total = 0.0
+    for k in range(int(is_answer[i].sum())):
+      rho = np.exp(logp[i, k] - old[i, k])
+      a = advantages[i]
+      surrogate = min(rho * a, float(np.clip(rho, 1 - eps, 1 + eps)) * a)
+      d = ref[i, k] - logp[i, k]
+      total += surrogate - beta * (np.exp(d) - d - 1)
+    want.append(-total / is_answer[i].sum())
+  assert float(terms.loss) == pytest.approx(np.mean(want), rel=1e-5)
+  # ratios 2.0 (clipped, A > 0), 1, 0.947 | 1, 0.667 (clipped, A < 0): 1/3 and 1/2 of the tokens
+  assert float(terms.clipped) == pytest.approx((1 / 3 + 1 / 2) / 2, rel=1e-6)
+  assert float(terms.length) == 2.5
+
+
+def test_the_answer_ends_at_its_first_end_token():
+  tokens = jnp.array([[7, 8, 5, 1, 1, 9], [7, 8, 5, 6, 4, 3]])
+  got = np.asarray(answer_mask(tokens, 2, jnp.array([1, 4])))
+  np.testing.assert_array_equal(
+      got, [[False, False, True, True, False, False], [False, False, True, True, True, False]]
+  )
+
+
+@pytest.fixture(name="tiny", scope="module")
+def _tiny():
+  config = make_tiny_config()
+  params = flax.linen.meta.unbox(MaskedDiffusionLM(config).init(jax.random.PRNGKey(0)))
+  return config, params
+
+
+def _rollouts(rows, prompt_lens, width, answer_len, key_seed=0):
+  """Rows left-padded to `width` prompt tokens, then the answer; every answer token counts."""
+  n = len(rows)
+  tokens = np.zeros((n, width + answer_len), np.int32)
+  valid = np.zeros(tokens.shape, bool)
+  for r, (row, p) in enumerate(zip(rows, prompt_lens)):
+    tokens[r, width - p :] = row
+    valid[r, width - p :] = True
+  is_answer = np.zeros(tokens.shape, bool)
+  is_answer[:, width:] = True
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(key_seed), i))(np.arange(n))
+  return Rollouts(tokens, valid, is_answer, np.zeros(n, np.float32), keys, np.zeros(n))
+
+
+def test_one_pass_log_probabilities_by_hand_and_alone_as_padded(tiny):
+  """Without prompt masking, log pi(o_k | q) is the log-softmax at k of one pass over the prompt
+  and an all-mask answer; with it, a row gets the same values alone and left-padded wider."""
+  config, params = tiny
+  mask = config.tokens.mask_id
+  cfg = ModelConfig.from_config(config)
+  row = [10, 11, 12, 20, 21, 22, 23]  # a 3-token prompt and a 4-token answer
+  got = np.asarray(token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.0))[0]
+  out = np.asarray(logits(config, params, np.array([[10, 11, 12, mask, mask, mask, mask]])))[0]
+  out = (
+      out
+      - np.log(np.exp(out - out.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - out.max(-1, keepdims=True)
+  )
+  np.testing.assert_allclose(got[3:], [out[3 + k, a] for k, a in enumerate(row[3:])], rtol=1e-5)
+  assert np.all(got[:3] == 0.0)
+
+  other = [30, 31, 40, 41, 42, 43]  # another row (2-token prompt) in the batch, padded to 5
+  alone = token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.5)
+  rollouts = _rollouts([other[:2] + row[3:], row], [2, 3], 5, 4)
+  rollouts = rollouts._replace(mask_keys=rollouts.mask_keys[::-1])  # the row keeps its key
+  batched = token_log_probs(cfg, params, rollouts, 5, mask, 0.5)
+  np.testing.assert_allclose(np.asarray(batched)[1, 5:], np.asarray(alone)[0, 3:], rtol=1e-5)
+  unmasked = token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.0)
+  assert np.any(np.asarray(alone) != np.asarray(unmasked))  # the prompt mask changes the pass
+
+
+def test_rewards_by_name_and_bad_specs():
+  spec = parse_rewards("gsm8k,number_format:0.5")
+  assert reward(spec, "so 3 + 4 = 7 #### 7", "7") == 1.0 + 0.25
+  assert reward(spec, "#### 8", "7") == 0.25
+  assert reward(spec, "no idea", "7") == 0.0
+  with pytest.raises(ConfigError, match=r"'gsmk' is not a reward; expected names of exact, gsm8k"):
+    parse_rewards("gsmk")
+  with pytest.raises(ConfigError, match=r"weight 'x' of exact is not a number"):
+    parse_rewards("exact:x")
+
+
+def _config(root, reference, steps):
+  config = make_tiny_config()
+  config.data.batch_size = 8  # 2 prompts x 4 answers: one row per device of the 8-device mesh
+  config.optimizer.update(dict(peak_lr=3e-3, warmup_steps=1))
+  config.train.update(dict(num_steps=steps, log_every=1, eval_every=2))
+  config.checkpoint.update(dict(save_every=2))
+  config.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
+  config.posttrain.update(
+      dict(
+          method="grpo",
+          reference=reference,
+          prompts=str(root / "prompts.jsonl"),
+          prompts_eval=str(root / "eval.jsonl"),
+          rewards="exact",
+          group_size=4,
+      )
+  )
+  return config
+
+
+def test_rl_resumed_in_the_middle_is_bitwise_the_uninterrupted_run(tmp_path):
+  reference = write_workdir(str(tmp_path / "reference"), make_tiny_config())
+  lines = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(3) for b in range(3)]
+  (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:2]))
+  train(_config(tmp_path, reference, 4), tmp_path / "straight")
+  train(_config(tmp_path, reference, 2), tmp_path / "resumed")
+  train(_config(tmp_path, reference, 4), tmp_path / "resumed")
+  _, _, a = load_model_and_step(tmp_path / "straight")
+  step, _, b = load_model_and_step(tmp_path / "resumed")
+  assert step == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _, _, ref = load_model_and_step(reference)
+  assert any(
+      np.any(np.asarray(x) != np.asarray(y))
+      for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(a))
+  )
