@@ -8,7 +8,7 @@ field, the value and what is allowed.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -610,6 +610,27 @@ def block_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 def block_size_at(config: ml_collections.ConfigDict, step: int) -> int:
   """The training block size at `step` (0-based) under `block_size_schedule`."""
   return [b for a, b in block_size_schedule(config) if a <= step][-1]
+
+
+def take_fields(
+    config: ml_collections.ConfigDict, source: ml_collections.ConfigDict, keys: Sequence[str]
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(a copy of `config` with `source`'s values at `keys`, the keys whose value changed as
+  "key=new (the config has old)"). A key is "section.field", or "section" for a whole section.
+  Not validated: the caller validates the config it ends with."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for key in keys:
+    section, _, field = key.partition(".")
+    new = source[section][field] if field else source[section].to_dict()
+    old = out[section][field] if field else out[section].to_dict()
+    if new != old:
+      changed.append(f"{key}={new!r} (the config has {old!r})")
+    if field:
+      out[section][field] = new
+    else:
+      out[section] = ml_collections.ConfigDict(new)
+  return out, changed
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

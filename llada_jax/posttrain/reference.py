@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from llada_jax import loading
-from llada_jax.config import validate
+from llada_jax.config import take_fields, validate
 from llada_jax.errors import ConfigError
 
 # What a run computes with, its own whatever the reference was trained with.
@@ -65,27 +65,14 @@ def config_with_reference(config: ml_collections.ConfigDict) -> ml_collections.C
         f"train.init_from={config.train.init_from} is not allowed with posttrain.method="
         f"{config.posttrain.method!r}: the policy starts from posttrain.reference"
     )
-  reference = reference_config(config)
-  out = ml_collections.ConfigDict(config.to_dict())
-  model = reference.model.to_dict()
-  model.update({f: config.model[f] for f in COMPUTE_FIELDS})
-  out.model = ml_collections.ConfigDict(model)
-  changed = [f"model.{k}" for k, v in model.items() if config.model.to_dict().get(k) != v]
-  for key in TAKEN:
-    section, _, field = key.partition(".")
-    if field:
-      if out[section][field] != reference[section][field]:
-        changed.append(key)
-      out[section][field] = reference[section][field]
-    else:
-      if out[section].to_dict() != reference[section].to_dict():
-        changed.append(key)
-      out[section] = ml_collections.ConfigDict(reference[section].to_dict())
+  reference = ml_collections.ConfigDict(reference_config(config).to_dict())
+  reference.model.update({f: config.model[f] for f in COMPUTE_FIELDS})
+  out, changed = take_fields(config, reference, ("model",) + TAKEN)
   if changed:
     logging.info(
         "posttrain.reference=%s: the run takes the reference's %s",
         config.posttrain.reference,
-        ", ".join(changed),
+        "; ".join(changed),
     )
   return validate(out)
 

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from llada_jax import storage
 from llada_jax.checkpoint import PARAMETER_FIELDS
-from llada_jax.config import TOKENIZER_VOCABULARIES, default_config, validate
+from llada_jax.config import TOKENIZER_VOCABULARIES, default_config, take_fields, validate
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream
 from llada_jax.lm import MaskedDiffusionLM
@@ -153,13 +153,7 @@ def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.C
   if not imported.data.tokenizer and imported.data.vocabulary in TOKENIZER_VOCABULARIES:
     imported.data.tokenizer = config.data.tokenizer
   _check_init_from_model(config, imported)
-  out = ml_collections.ConfigDict(config.to_dict())
-  changed = []
-  for key in VOCABULARY_KEYS:
-    section, field = key.split(".")
-    if out[section][field] != imported[section][field]:
-      changed.append(f"{key}={imported[section][field]!r} (the config has {out[section][field]!r})")
-      out[section][field] = imported[section][field]
+  out, changed = take_fields(config, imported, VOCABULARY_KEYS)
   if changed:
     logging.warning(
         "train.init_from=%s: the run takes the folder's vocabulary, not the config's: %s",
