@@ -118,7 +118,10 @@ def compile_program(
   Args:
     config: a full config; its mesh section lays out the devices.
     devices: target devices, e.g. `llada_jax.parallel.topology.tpu_devices("v5p:4x4x4")`.
-    program: "train" (one optimizer step on data.batch_size sequences), "sample" (the compiled
+    program: "train" (one optimizer step on data.batch_size sequences; with posttrain.method
+      "dpo", a DPO step on data.batch_size pairs of data.sequence_length-token rows with the
+      reference beside the state; "grpo" is refused: its rollouts are the "sample" program and
+      its step is not built here yet), "sample" (the compiled
       reverse process with config.sampling on num_items prompts of prompt_length tokens) or
       "score" (the Monte-Carlo likelihood, evaluation.mc_num samples in forward passes of
       evaluation.mc_batch_size, for num_items pairs of data.sequence_length tokens).
@@ -135,6 +138,11 @@ def compile_program(
   validate(config)
   if program not in PROGRAMS:
     raise ConfigError(f"--what={program} is not allowed: expected one of {', '.join(PROGRAMS)}")
+  if program == "train" and config.posttrain.method == "grpo":
+    raise ConfigError(
+        "--what=train is not allowed with posttrain.method='grpo' yet: compile its rollouts "
+        "with --what=sample (the GRPO update is not compiled ahead of time)"
+    )
   devices = list(jax.devices() if devices is None else devices)
   mesh = make_mesh(config, devices)
   rules = axis_rules(config)
@@ -142,7 +150,18 @@ def compile_program(
   abstract, shardings = state_shardings(config, model, tx, mesh)
   items_sharding = batch_sharding(mesh, rules)
   data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if program == "train":
+  if program == "train" and config.posttrain.method == "dpo":
+    from llada_jax.posttrain import dpo  # pylint: disable=g-import-not-at-top
+    from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
+
+    # The reference beside the state, placed as the policy; rows data.sequence_length wide.
+    step = make_train_step(
+        config, model, tx, mesh, shardings, dpo.dpo_objective(config), shardings.params
+    )
+    batch = dpo.abstract_preference_batch(config, items_sharding)
+    fn, args = step, (abstract, batch, abstract.params)
+    model_flops = model_flops_per_step(config)
+  elif program == "train":
     from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 
     step = make_train_step(config, model, tx, mesh, shardings)

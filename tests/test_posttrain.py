@@ -105,3 +105,24 @@ def test_bad_post_training_settings_are_refused_before_any_work(setup, tmp_path,
   with pytest.raises(ConfigError, match=message):
     train(config, tmp_path / "work")
   assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_llada_compile_compiles_the_dpo_step_with_its_reference(setup):
+  """The DPO train step ahead of time (llada-compile's path): the reference is an argument
+  beside the state (twice the parameter bytes in), and the model FLOPs are four forward passes
+  of 2 x batch x mc_num rows (the policy's forward and backward, the reference's forward)."""
+  from llada_jax.aot import compile_program  # pylint: disable=g-import-not-at-top
+  from llada_jax.posttrain.reference import config_with_reference  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.flops import forward_flops_per_token  # pylint: disable=g-import-not-at-top
+
+  root, reference = setup
+  config = config_with_reference(_config(root, reference, 2))
+  dpo = compile_program(config, jax.devices()[:8], "train")
+  plain = config.copy_and_resolve_references()
+  plain.posttrain.method = ""
+  pretrain = compile_program(plain, jax.devices()[:8], "train")
+  params_bytes = 4 * dpo.parameters  # float32, replicated over the 8 data-parallel devices
+  assert 0.9 * params_bytes < dpo.argument_bytes - pretrain.argument_bytes < 1.1 * params_bytes
+  length = config.data.sequence_length
+  rows = 2 * config.data.batch_size * config.posttrain.mc_num
+  assert dpo.model_flops == 4 * rows * length * forward_flops_per_token(config, length)

@@ -25,9 +25,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from llada_jax.diffusion.likelihood import pack_rows
+from llada_jax.diffusion.likelihood import bound_estimator, pack_rows
 from llada_jax.keys import Stream, item_keys
 from llada_jax.posttrain.preference import PreferencePair
 
@@ -138,3 +139,54 @@ def dpo_loss(
   if reduction == "sum":
     return losses.sum(), terms
   return losses, terms
+
+
+Metrics = dict[str, jax.Array]
+
+
+def preference_metrics(terms: Any, beta: float) -> Metrics:
+  """Means over the pairs of the DPO margin, the accuracy (margin > 0), the implicit rewards
+  beta (B_theta - B_ref) of both answers and the policy's bound gap B_theta(y_w) - B_theta(y_l)."""
+  return {
+      "dpo/margin": terms.margin.mean(),
+      "dpo/accuracy": (terms.margin > 0).mean(),
+      "dpo/reward_chosen": beta * (terms.policy_chosen - terms.reference_chosen).mean(),
+      "dpo/reward_rejected": beta * (terms.policy_rejected - terms.reference_rejected).mean(),
+      "dpo/bound_gap": (terms.policy_chosen - terms.policy_rejected).mean(),
+  }
+
+
+def dpo_objective(
+    config: ml_collections.ConfigDict,
+) -> Callable[..., tuple[jax.Array, Metrics]]:
+  """The train step's loss of posttrain.method="dpo": loss(params, batch, rng, block_size,
+  frozen) -> (DPO loss of the `PreferenceBatch` against the reference `frozen`, its
+  `preference_metrics`), the bound of config's objective with posttrain.mc_num samples (VRPO's
+  options from posttrain). rng and block_size are unused: the batch's keys are the noise."""
+  p = config.posttrain
+  estimator = bound_estimator(config, p.mc_num, p.mc_num, one_timestep=p.one_timestep)
+
+  def loss(params, batch, rng, block_size, frozen):
+    del rng, block_size
+    value, terms = dpo_loss(estimator, params, frozen, batch, p.beta, p.antithetic)
+    return value, preference_metrics(terms, p.beta)
+
+  return loss
+
+
+def abstract_preference_batch(
+    config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding
+) -> PreferenceBatch:
+  """The batch a DPO step takes, as ShapeDtypeStructs: data.batch_size pairs of rows
+  data.sequence_length tokens wide (ahead-of-time compilation, `llada_jax.aot`)."""
+  shape = (config.data.batch_size, 2, config.data.sequence_length)
+
+  def spec(dims, dtype):
+    return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
+
+  return PreferenceBatch(
+      spec(shape, jnp.int32),
+      spec(shape, jnp.bool_),
+      spec(shape, jnp.bool_),
+      spec(shape[:2] + (2,), jnp.uint32),
+  )

@@ -25,7 +25,13 @@ from llada_jax.diffusion.likelihood import bound_estimator
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream, item_keys
 from llada_jax.model.transformer import ModelConfig
-from llada_jax.posttrain.dpo import PreferenceBatch, dpo_loss, pack_preferences, preference_terms
+from llada_jax.posttrain.dpo import (
+    PreferenceBatch,
+    dpo_objective,
+    pack_preferences,
+    preference_metrics,
+    preference_terms,
+)
 from llada_jax.posttrain.grpo import (
     Rollouts,
     answer_mask,
@@ -81,6 +87,7 @@ class PreferenceSource:
     everything = self.pairs + self.held_out
     self.width = max(len(x.prompt) + max(len(x.chosen), len(x.rejected)) for x in everything)
     self.estimator = bound_estimator(config, p.mc_num, p.mc_num, one_timestep=p.one_timestep)
+    self._objective = dpo_objective(config)
 
   def _batch(self, pairs: list[PreferencePair], indices: np.ndarray, step: int) -> PreferenceBatch:
     """The global batch of the pairs at `indices` of `pairs`, this process packing its rows."""
@@ -114,12 +121,8 @@ class PreferenceSource:
   def loss(
       self, params: Any, batch: PreferenceBatch, rng: jax.Array, block_size: int, frozen: Any
   ) -> tuple[jax.Array, Metrics]:
-    """(the DPO loss of the batch against the reference `frozen`, its `preference_metrics`);
-    the noise is the batch's keys, not rng, and the bound uses the model's block size."""
-    del rng, block_size
-    p = self.config.posttrain
-    loss, terms = dpo_loss(self.estimator, params, frozen, batch, p.beta, p.antithetic)
-    return loss, preference_metrics(terms, p.beta)
+    """`dpo.dpo_objective`'s loss of the batch against the reference `frozen`."""
+    return self._objective(params, batch, rng, block_size, frozen)
 
   @functools.cached_property
   def _held_out_batches(self) -> list[PreferenceBatch]:
@@ -151,17 +154,6 @@ class PreferenceSource:
     scalars = {k: float(v) for k, v in preference_metrics(joined, beta).items()}
     scalars["dpo/loss"] = float(np.mean(np.logaddexp(0.0, -beta * joined.margin)))
     return scalars
-
-
-def preference_metrics(terms: Any, beta: float) -> Metrics:
-  """Means over the pairs of the DPO margin, the accuracy (margin > 0) and the implicit rewards."""
-  return {
-      "dpo/margin": terms.margin.mean(),
-      "dpo/accuracy": (terms.margin > 0).mean(),
-      "dpo/reward_chosen": beta * (terms.policy_chosen - terms.reference_chosen).mean(),
-      "dpo/reward_rejected": beta * (terms.policy_rejected - terms.reference_rejected).mean(),
-      "dpo/bound_gap": (terms.policy_chosen - terms.policy_rejected).mean(),
-  }
 
 
 class PromptTask(NamedTuple):

@@ -72,7 +72,14 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, length: int) -> f
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs of one step of the global batch."""
+  """Training FLOPs of one step of the global batch. A DPO step (posttrain.method "dpo") scores
+  both answers of data.batch_size pairs with posttrain.mc_num rows of data.sequence_length
+  tokens each, under the policy (forward and backward: 3 forward passes) and the reference (one
+  forward pass): 4 forward passes of 2 x batch x mc_num rows."""
+  if config.posttrain.method == "dpo":
+    length = config.data.sequence_length
+    rows = 2 * config.data.batch_size * config.posttrain.mc_num
+    return 4 * rows * length * forward_flops_per_token(config, length)
   return model_flops_per_token(config) * config.data.batch_size * config.data.sequence_length
 
 
