@@ -96,6 +96,10 @@ def test_dpo_trains_the_policy_from_the_reference_and_resumes_exactly(setup, tmp
         ({"beta": 0.0}, r"posttrain.beta=0.0 is not allowed: expected a positive number"),
         ({"preferences": ""}, r"posttrain.preferences='' is not allowed: expected a path"),
         ({"reference": "/nowhere"}, r"posttrain.reference=/nowhere is not allowed: it holds no"),
+        (
+            {"preferences_eval": "/nowhere.jsonl"},
+            r"posttrain.preferences_eval=/nowhere.jsonl does not exist: expected a JSONL file",
+        ),
     ],
 )
 def test_bad_post_training_settings_are_refused_before_any_work(setup, tmp_path, changes, message):

@@ -35,9 +35,12 @@ class PreferencePair:
 
 
 def read_preferences(
-    path: str | pathlib.Path, config: ml_collections.ConfigDict
+    path: str | pathlib.Path,
+    config: ml_collections.ConfigDict,
+    flag: str = "posttrain.preferences",
 ) -> list[PreferencePair]:
-  """The preference pairs of a JSONL file, tokenized for `config`'s model.
+  """The preference pairs of a JSONL file, tokenized for `config`'s model (`flag` names the
+  setting that gave the path in errors).
 
   Raises:
     ConfigError: one line naming file:line and what is wrong: not a JSON object, a missing or
@@ -47,7 +50,10 @@ def read_preferences(
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ConfigError(f"preference file {str(path)!r} does not exist: expected a JSONL file")
+    raise ConfigError(
+        f"{flag}={path} does not exist: expected a JSONL file of {{prompt, chosen, rejected}} "
+        "objects"
+    )
   codec = text_codec(config)
   pairs = []
   for number, obj in read_jsonl_lines(path, ("chosen", "rejected")):

@@ -77,7 +77,11 @@ class PreferenceSource:
     p = config.posttrain
     self.config, self.sharding = config, sharding
     self.pairs = read_preferences(p.preferences, config)
-    self.held_out = read_preferences(p.preferences_eval, config) if p.preferences_eval else []
+    self.held_out = (
+        read_preferences(p.preferences_eval, config, "posttrain.preferences_eval")
+        if p.preferences_eval
+        else []
+    )
     batch = config.data.batch_size
     if len(self.pairs) < batch:
       raise ConfigError(
@@ -163,8 +167,11 @@ class PromptTask(NamedTuple):
   reference: str
 
 
-def read_prompts(path: str, config: ml_collections.ConfigDict) -> list[PromptTask]:
-  """The prompts of a JSONL file of {"prompt": text or chat messages, "answer": text}.
+def read_prompts(
+    path: str, config: ml_collections.ConfigDict, flag: str = "posttrain.prompts"
+) -> list[PromptTask]:
+  """The prompts of a JSONL file of {"prompt": text or chat messages, "answer": text} (`flag`
+  names the setting that gave the path in errors).
 
   Raises:
     ConfigError: one line naming file:line: not a JSON object, no string "answer", a prompt that is
@@ -173,7 +180,9 @@ def read_prompts(path: str, config: ml_collections.ConfigDict) -> list[PromptTas
   """
   file = pathlib.Path(path)
   if not file.is_file():
-    raise ConfigError(f"prompt file {path!r} does not exist: expected a JSONL file")
+    raise ConfigError(
+        f"{flag}={path} does not exist: expected a JSONL file of {{prompt, answer}} objects"
+    )
   codec = text_codec(config)
   room = config.model.max_sequence_length - config.sampling.gen_length
   tasks = []
@@ -227,7 +236,9 @@ class RolloutSource:
     self.config, self.sharding = config, sharding
     self.spec = parse_rewards(p.rewards)
     self.prompts = read_prompts(p.prompts, config)
-    self.held_out = read_prompts(p.prompts_eval, config) if p.prompts_eval else []
+    self.held_out = (
+        read_prompts(p.prompts_eval, config, "posttrain.prompts_eval") if p.prompts_eval else []
+    )
     self.width = max(len(t.prompt) for t in self.prompts + self.held_out)
     self.codec = text_codec(config)
     self.num_prompts = config.data.batch_size // p.group_size
