@@ -16,6 +16,7 @@ from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.keys import item_keys
 from llada_jax.sampling.generate import generate
+from llada_jax.sampling.text import left_pad
 from llada_jax.sampling.ending import cut_ids
 
 
@@ -49,11 +50,7 @@ def generate_answers(
     part = pad_to_multiple(list(indices), min(per_call, -(-len(indices) // devices) * devices))
     width = max(len(prompts[i]) for i in part)
     width = max(width, min(bucket(width), limit))
-    batch = np.full((len(part), width), tokens.pad_id, np.int32)
-    mask = np.zeros((len(part), width), bool)
-    for row, i in enumerate(part):
-      batch[row, width - len(prompts[i]) :] = prompts[i]
-      mask[row, width - len(prompts[i]) :] = True
+    batch, mask = left_pad([prompts[i] for i in part], tokens.pad_id, width)
     batch, mask = jax.device_put((batch, mask), model.item_sharding)
     keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), ids[part]), model.item_sharding)
     out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys, **sampler_kwargs))

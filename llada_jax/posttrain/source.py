@@ -27,10 +27,10 @@ from llada_jax.keys import Stream, item_keys
 from llada_jax.model.transformer import ModelConfig
 from llada_jax.posttrain.dpo import (
     PreferenceBatch,
+    dpo_loss,
     dpo_objective,
     pack_preferences,
     preference_metrics,
-    preference_terms,
 )
 from llada_jax.posttrain.grpo import (
     Rollouts,
@@ -42,8 +42,9 @@ from llada_jax.posttrain.grpo import (
 from llada_jax.posttrain.preference import PreferencePair, prompt_ids, read_preferences
 from llada_jax.posttrain.reference import reference_params
 from llada_jax.posttrain.rewards import parse_rewards, reward
-from llada_jax.sampling.ending import end_ids
+from llada_jax.sampling.ending import end_answer, end_ids
 from llada_jax.sampling.generate import generate
+from llada_jax.sampling.text import left_pad
 
 Metrics = dict[str, jax.Array]
 
@@ -57,9 +58,8 @@ def step_indices(seed: int, step: int, batch_size: int, num_pairs: int) -> np.nd
   """The pair indices of the batch of `step` [batch_size] (`epoch_order`)."""
   positions = step * batch_size + np.arange(batch_size)
   epochs = positions // num_pairs
-  return np.asarray(
-      [epoch_order(seed, int(e), num_pairs)[p % num_pairs] for e, p in zip(epochs, positions)]
-  )
+  orders = {int(e): epoch_order(seed, int(e), num_pairs) for e in np.unique(epochs)}
+  return np.asarray([orders[int(e)][p % num_pairs] for e, p in zip(epochs, positions)])
 
 
 class PreferenceSource:
@@ -139,11 +139,11 @@ class PreferenceSource:
     ]
 
   @functools.cached_property
-  def _terms(self):
+  def _losses(self):
     p = self.config.posttrain
     return jax.jit(
-        lambda params, ref, batch: preference_terms(
-            self.estimator, params, ref, batch, p.antithetic
+        lambda params, ref, batch: dpo_loss(
+            self.estimator, params, ref, batch, p.beta, p.antithetic, reduction="none"
         )
     )
 
@@ -152,12 +152,10 @@ class PreferenceSource:
     `preference_metrics` ({} without held-out pairs)."""
     if not self.held_out:
       return {}
-    terms = [jax.device_get(self._terms(params, self.frozen, b)) for b in self._held_out_batches]
-    joined = jax.tree.map(lambda *t: np.concatenate(t)[: len(self.held_out)], *terms)
-    beta = self.config.posttrain.beta
-    scalars = {k: float(v) for k, v in preference_metrics(joined, beta).items()}
-    scalars["dpo/loss"] = float(np.mean(np.logaddexp(0.0, -beta * joined.margin)))
-    return scalars
+    out = [jax.device_get(self._losses(params, self.frozen, b)) for b in self._held_out_batches]
+    losses, terms = jax.tree.map(lambda *t: np.concatenate(t)[: len(self.held_out)], *out)
+    scalars = preference_metrics(terms, self.config.posttrain.beta)
+    return {"dpo/loss": float(losses.mean()), **{k: float(v) for k, v in scalars.items()}}
 
 
 class PromptTask(NamedTuple):
@@ -261,12 +259,7 @@ class RolloutSource:
 
   def _padded(self, tasks: list[PromptTask]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompts [N, width] and their masks."""
-    tokens = np.full((len(tasks), self.width), self.config.tokens.pad_id, np.int32)
-    valid = np.zeros((len(tasks), self.width), bool)
-    for row, task in enumerate(tasks):
-      tokens[row, self.width - len(task.prompt) :] = task.prompt
-      valid[row, self.width - len(task.prompt) :] = True
-    return tokens, valid
+    return left_pad([t.prompt for t in tasks], self.config.tokens.pad_id, self.width)
 
   def _answers(self, params: Any, tokens: Any, valid: Any, keys: Any, **overrides: Any) -> Any:
     """Sampled rows [N, width + gen_length] (config.sampling, with `overrides`), on the host."""
@@ -275,13 +268,17 @@ class RolloutSource:
     )
 
   def _rewards(self, rows: np.ndarray, tasks: list[PromptTask]) -> np.ndarray:
-    ends = set(end_ids(self.config.tokens))
-    out = []
-    for row, task in zip(rows, tasks):
-      answer = list(row[self.width :])
-      cut = next((k for k, t in enumerate(answer) if t in ends), len(answer))
-      out.append(reward(self.spec, self.codec.decode(answer[:cut]), task.reference))
-    return np.asarray(out, np.float32)
+    """The reward of each row's answer, its text cut where every command cuts it."""
+    tokens, decode = self.config.tokens, self.codec.decode
+    return np.asarray(
+        [
+            reward(
+                self.spec, end_answer(row[self.width :].tolist(), tokens, decode)[1], t.reference
+            )
+            for row, t in zip(rows, tasks)
+        ],
+        np.float32,
+    )
 
   def prepare(self, item: tuple[int, np.ndarray], params: Any) -> Rollouts:
     """The rollouts of one step: samples, rewards, group advantages, prompt-mask keys."""

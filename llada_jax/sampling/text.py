@@ -15,6 +15,20 @@ from llada_jax.sampling.generate import generate
 from llada_jax.sampling.options import SamplerOptions
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """(int32 tokens [N, width], bool mask [N, width]): each prompt right-aligned after pad_id
+  padding, the sampler's layout; width defaults to the longest prompt."""
+  width = max(len(p) for p in prompts) if width is None else width
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for row, ids in enumerate(prompts):
+    tokens[row, width - len(ids) :] = ids
+    mask[row, width - len(ids) :] = True
+  return tokens, mask
+
+
 def sample(
     config: ml_collections.ConfigDict,
     params: Any,
@@ -39,12 +53,8 @@ def sample(
       raise
     vocab = None  # token ids in and out: an HF model whose tokenizer.json is not at hand
   encoded = [list(vocab.encode(t)) for t in texts] if texts is not None else [list(i) for i in ids]
-  width = max(len(e) for e in encoded)
-  tokens = np.full((len(encoded), width), config.tokens.pad_id, np.int32)
-  mask = np.zeros((len(encoded), width), bool)
-  for row, row_ids in enumerate(encoded):
-    tokens[row, width - len(row_ids) :] = row_ids
-    mask[row, width - len(row_ids) :] = True
+  tokens, mask = left_pad(encoded, config.tokens.pad_id)
+  width = tokens.shape[1]
   out = generate(config, params, tokens, mask, options, rng=jax.random.PRNGKey(seed), **overrides)
   decode = vocab.decode if vocab is not None else lambda ids: ""
   ended = [
