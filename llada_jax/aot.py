@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from llada_jax.config import BATCH_AXES, validate
+from llada_jax.config import BATCH_AXES, objective_of, pipeline_masks, validate
 from llada_jax.errors import ConfigError, DoesNotFit
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.parallel.collectives import CollectiveSummary, summarize
@@ -95,7 +95,7 @@ def abstract_batch(
       "positions": spec((b, length), jnp.int32),
       "valid": spec((b, length), jnp.bool_),
   }
-  if config.data.masking == "pipeline" and config.diffusion.objective == "mdm":
+  if pipeline_masks(config):
     batch.update(
         inputs=spec((b, length), jnp.int32),
         masked=spec((b, length), jnp.bool_),
@@ -295,7 +295,7 @@ def _scorer(
       jax.ShapeDtypeStruct((num_items, 2), jnp.uint32, sharding=sharding),
       jax.ShapeDtypeStruct((), jnp.float32),
   )
-  streams = 2 if config.diffusion.objective == "block" else 1  # the two-stream pass
+  streams = objective_of(config).streams  # the two-stream pass
   flops = streams * ev.mc_num * num_items * width * forward_flops_per_token(config, width)
   return fn, args, flops
 

@@ -7,6 +7,7 @@ field, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,7 +37,71 @@ ROUTERS = ("sigmoid_grouped", "softmax")  # model/routers.py ROUTERS
 MOE_IMPLEMENTATIONS = ("ragged", "dense")  # model/moe.py IMPLEMENTATIONS
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
-OBJECTIVES = ("mdm", "arm", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What llada_jax needs to know of a training objective, beside its loss and forward process
+  (`llada_jax.diffusion.objectives.LOSSES`, keyed by the same names).
+
+  Attributes:
+    causal: the network is causal and predicts the next token (model.causal must equal it): no
+      mask token in its normaliser, no denoising steps or guidance when sampling, its
+      likelihood is the exact chain rule.
+    blocks: trained, sampled and scored in blocks of diffusion.block_size (block_size_schedule
+      and the clipped mask ratio t_min, t_max apply); its training and scoring input is two streams.
+    pipeline_masking: the forward process may run in the input pipeline (data.masking).
+    measure: what its held-out loss is ("bound": a bound on the NLL; "NLL": exact).
+    short_name, label, colour: its name in tables, its legend and line colour in plots.
+  """
+
+  causal: bool
+  blocks: bool
+  pipeline_masking: bool
+  measure: str
+  short_name: str
+  label: str
+  colour: str
+
+  @property
+  def streams(self) -> int:
+    """Copies of each sequence one training or scoring forward pass runs ([x_t ; x_0] for
+    blocks)."""
+    return 2 if self.blocks else 1
+
+
+# diffusion.objective -> its traits. "mdm": LLaDA; "arm": the autoregressive baseline; "block":
+# block diffusion (BD3-LM). A new objective is an entry here and its loss in
+# llada_jax.diffusion.objectives.LOSSES.
+OBJECTIVES = {
+    "mdm": Objective(
+        causal=False,
+        blocks=False,
+        pipeline_masking=True,
+        measure="bound",
+        short_name="MDM",
+        label="MDM (LLaDA) bound",
+        colour="tab:blue",
+    ),
+    "arm": Objective(
+        causal=True,
+        blocks=False,
+        pipeline_masking=False,
+        measure="NLL",
+        short_name="ARM",
+        label="ARM NLL",
+        colour="tab:red",
+    ),
+    "block": Objective(
+        causal=False,
+        blocks=True,
+        pipeline_masking=False,
+        measure="bound",
+        short_name="Block",
+        label="Block diffusion bound",
+        colour="tab:green",
+    ),
+}
 # posttrain.method: "" trains the objective's bound on data.task; "dpo": ELBO-DPO (VRPO);
 # "grpo": diffu-GRPO (d1) on rewarded answers the policy samples.
 POSTTRAIN_METHODS = ("", "dpo", "grpo")
@@ -362,22 +427,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name in ("pad_id", "eos_id", "bos_id", "eot_id"):
     if tok[name] == tok.mask_id:
       _fail(f"tokens.{name}", tok[name], f"an id different from tokens.mask_id={tok.mask_id}")
-  _choice("diffusion.objective", d.objective, OBJECTIVES)
-  if (d.objective == "arm") != m.causal:
+  _choice("diffusion.objective", d.objective, tuple(OBJECTIVES))
+  objective = objective_of(config)
+  if objective.causal != m.causal:
     _fail(
         "model.causal",
         m.causal,
-        f"{d.objective == 'arm'} with diffusion.objective="
+        f"{objective.causal} with diffusion.objective="
         f"{d.objective!r} (the ARM baseline is the causal model, LLaDA the bidirectional one)",
     )
   _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
   _choice("diffusion.logit_alignment", d.logit_alignment, LOGIT_ALIGNMENTS)
-  if d.objective == "arm" and d.logit_alignment == "shifted":
+  if objective.causal and d.logit_alignment == "shifted":
     _fail(
         "diffusion.logit_alignment",
         d.logit_alignment,
-        'auto or same with diffusion.objective="arm" (a causal model already predicts the next '
-        "token at each position)",
+        f"auto or same with diffusion.objective={d.objective!r} (a causal model already "
+        "predicts the next token at each position)",
     )
   if not 0.0 < d.eps < 1.0:
     _fail("diffusion.eps", d.eps, "0 < eps < 1")
@@ -385,20 +451,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("diffusion.random_length_prob", d.random_length_prob, "a probability in [0, 1]")
   if not 0.0 <= d.t_min < d.t_max <= 1.0:
     _fail("diffusion.t_min", (d.t_min, d.t_max), "0 <= t_min < t_max <= 1 (with t_max)")
-  if d.block_size_schedule and d.objective != "block":
+  if d.block_size_schedule and not objective.blocks:
     _fail(
         "diffusion.block_size_schedule",
         d.block_size_schedule,
-        '"" (no schedule) unless diffusion.objective="block"',
+        f'"" (no schedule) unless diffusion.objective is {_objectives_with("blocks")}',
     )
-  if (d.t_min, d.t_max) != (0.0, 1.0) and d.objective != "block":
+  if (d.t_min, d.t_max) != (0.0, 1.0) and not objective.blocks:
     _fail(
         "diffusion.t_min",
         (d.t_min, d.t_max),
-        'the exact schedule t_min=0, t_max=1 unless diffusion.objective="block"',
+        f"the exact schedule t_min=0, t_max=1 unless diffusion.objective is "
+        f"{_objectives_with('blocks')}",
     )
   # Only a block model has blocks: an MDM's or ARM's block_size plays no part (nor is checked).
-  for size in block_sizes(config) if d.objective == "block" else ():
+  for size in block_sizes(config) if objective.blocks else ():
     if not _is_int(size) or size < 1 or data.sequence_length % size:
       _fail(
           "diffusion.block_size" + ("_schedule" if d.block_size_schedule else ""),
@@ -457,8 +524,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"a divisor of data.batch_size={data.batch_size}",
     )
   _non_negative("train.loss_chunk", config.train.loss_chunk)
-  if config.train.loss_chunk and d.objective == "arm":
-    _fail("train.loss_chunk", config.train.loss_chunk, '0 with diffusion.objective="arm"')
+  if config.train.loss_chunk and objective.causal:
+    _fail(
+        "train.loss_chunk", config.train.loss_chunk, f"0 with diffusion.objective={d.objective!r}"
+    )
   if config.train.loss_chunk and data.sequence_length % config.train.loss_chunk:
     _fail(
         "train.loss_chunk",
@@ -607,6 +676,18 @@ def block_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return tuple(dict.fromkeys(b for _, b in block_size_schedule(config)))
 
 
+def objective_of(config: ml_collections.ConfigDict) -> Objective:
+  """The traits of config.diffusion.objective (validated: a key of OBJECTIVES)."""
+  return OBJECTIVES[config.diffusion.objective]
+
+
+def pipeline_masks(config: ml_collections.ConfigDict) -> bool:
+  """Whether the input pipeline runs the forward process (data.masking="pipeline" for an
+  objective whose forward process may run there): its batches then carry inputs, masked and
+  p_mask."""
+  return config.data.masking == "pipeline" and objective_of(config).pipeline_masking
+
+
 def block_size_at(config: ml_collections.ConfigDict, step: int) -> int:
   """The training block size at `step` (0-based) under `block_size_schedule`."""
   return [b for a, b in block_size_schedule(config) if a <= step][-1]
@@ -719,6 +800,11 @@ def _positive(name: str, value: float) -> None:
 def _non_negative(name: str, value: float) -> None:
   if not value >= 0:
     _fail(name, value, "a number >= 0")
+
+
+def _objectives_with(trait: str) -> str:
+  """'"block"' (or '"a" or "b"'): the objectives that have `trait`, for an error message."""
+  return " or ".join(f'"{name}"' for name, o in OBJECTIVES.items() if getattr(o, trait))
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

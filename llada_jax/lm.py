@@ -5,7 +5,7 @@ exposes the four duties every consumer needs: `init`, `loss` (the same function 
 step, the validation bound and the per-sequence bound of `llada-evaluate`, as Levanter's one loss
 with a `reduction`), `score` (the Monte-Carlo bound on log p(answer | prompt)) and `generate` (the
 reverse process). The autoregressive baseline is the same object with `diffusion.objective=arm`.
-The objectives themselves are the table `llada_jax.diffusion.objectives.OBJECTIVES`.
+The objectives' losses are the table `llada_jax.diffusion.objectives.LOSSES`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from llada_jax.diffusion import alignment, likelihood
-from llada_jax.diffusion.objectives import OBJECTIVES, REDUCTIONS, Metrics, chunked_cross_entropy
+from llada_jax.diffusion.objectives import LOSSES, REDUCTIONS, Metrics, chunked_cross_entropy
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, apply_model, network
 from llada_jax.model.transformer import RouterStats
@@ -42,7 +42,7 @@ class MaskedDiffusionLM:
 
   @property
   def objective(self) -> str:
-    """config.diffusion.objective: a key of OBJECTIVES ("mdm", "arm" or "block")."""
+    """config.diffusion.objective: a key of LOSSES and of llada_jax.config.OBJECTIVES."""
     return self.config.diffusion.objective
 
   @property
@@ -175,7 +175,7 @@ class MaskedDiffusionLM:
     if random_length_prob is None:
       random_length_prob = self.config.diffusion.random_length_prob
     options = {} if block_size is None else {"block_size": block_size}
-    return OBJECTIVES[self.objective](
+    return LOSSES[self.objective](
         self,
         params,
         batch,

@@ -247,7 +247,7 @@ def test_the_plot_draws_every_objective_in_its_colour(three, tmp_path):
   assert drawn == {
       "MDM (LLaDA) bound": "tab:blue",
       "ARM NLL": "tab:red",
-      "Block diffusion (B=16) bound": "tab:green",
+      "Block diffusion bound (B=16)": "tab:green",
   }
   assert legend["s3-block (0.06M)"] == "tab:green" and len(legend) == 15
   for run in runs:  # without B in its config the label does not guess one

@@ -10,6 +10,7 @@ import math
 
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -487,3 +488,38 @@ def test_the_train_step_uses_the_block_size_of_its_schedule():
     state, metrics = step(state, batch, at)
     assert float(metrics["loss"]) == pytest.approx(want[size], rel=1e-5)
     assert want[1] != pytest.approx(want[8], rel=1e-3)
+
+
+def test_a_new_objective_is_one_entry_in_each_table(params, monkeypatch):
+  """An objective registered under a new name with block diffusion's traits and loss trains,
+  samples, scores and counts FLOPs exactly as "block" does: no module decides by the name."""
+  from llada_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from llada_jax.diffusion import objectives  # pylint: disable=import-outside-toplevel
+  from llada_jax.training.flops import model_flops_per_token  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setitem(config_lib.OBJECTIVES, "blocks2", config_lib.OBJECTIVES["block"])
+  monkeypatch.setitem(objectives.LOSSES, "blocks2", objectives.LOSSES["block"])
+  block = block_config(block_size=4, steps=8, gen_length=16)
+  twin = validate(ml_collections.ConfigDict(block.to_dict()))
+  twin.diffusion.objective = "blocks2"
+  twin = validate(twin)
+  batch, rng = unpacked_batch(_tokens(block)), jax.random.PRNGKey(7)
+  prompt, mask = _prompts()
+  prompts, answers = [[5, 6, 7], [9, 10, 11, 12, 13]], [[20, 21, 22, 23, 24, 25], [30, 31]]
+  keys = item_keys(jax.random.PRNGKey(0), 2)
+  got = []
+  for config in (block, twin):
+    lm = MaskedDiffusionLM(config)
+    got.append(
+        (
+            lm.loss(params, batch, rng, random_length_prob=0.0)[0],
+            np.asarray(lm.generate(params, prompt, mask)),
+            score_pairs(config, params, prompts, answers, keys, mc_num=4, batch_size=2),
+            model_flops_per_token(config),
+        )
+    )
+  (loss, tokens, scores, flops), (loss2, tokens2, scores2, flops2) = got
+  np.testing.assert_array_equal(loss2, loss)
+  np.testing.assert_array_equal(tokens2, tokens)
+  np.testing.assert_array_equal(scores2.log_likelihood, scores.log_likelihood)
+  assert flops2 == flops

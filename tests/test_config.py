@@ -147,6 +147,12 @@ def test_attention_kernels_are_exactly_the_configs_names():
       assert attention.resolve("auto", dtype, platform, (128, 128)) in attention.KERNELS
 
 
+def test_objective_losses_are_exactly_the_configs_objectives():
+  from llada_jax.diffusion import objectives  # pylint: disable=import-outside-toplevel
+
+  assert tuple(objectives.LOSSES) == tuple(config_lib.OBJECTIVES)
+
+
 def test_remat_policies_are_exactly_the_configs_names():
   from llada_jax.model import transformer  # pylint: disable=import-outside-toplevel
 

@@ -102,7 +102,7 @@ def test_twins_differ_only_in_the_objective(name):
   """ARM: causal, no loss chunks; block: its number of steps under exact FLOPs (6 N D: none)."""
   lad = LADDERS[name]
   for mdm, arm, block in _twins(lad):
-    assert (mdm.objective, arm.objective, block.objective) == OBJECTIVES
+    assert (mdm.objective, arm.objective, block.objective) == tuple(OBJECTIVES)
     assert mdm.size == arm.size == block.size and mdm.budget == arm.budget == block.budget
     a, b, k = (ladder.run_config(lad, r).to_dict() for r in (mdm, arm, block))
     assert (a["model"].pop("causal"), b["model"].pop("causal"), k["model"].pop("causal")) == (

@@ -13,8 +13,6 @@ from llada_jax.analysis.runs import Run
 from llada_jax.config import OBJECTIVES
 from llada_jax.errors import ConfigError
 
-COLOURS = {"mdm": "tab:blue", "arm": "tab:red", "block": "tab:green"}
-LABELS = {"mdm": "MDM (LLaDA) bound", "arm": "ARM NLL", "block": "Block diffusion bound"}
 X_LABELS = {
     "flops": "training FLOPs (exact count)",
     "flops_6nd": "training FLOPs (6 N D)",
@@ -42,15 +40,15 @@ def accuracy_metrics(runs: Sequence[Run]) -> list[str]:
 def objective_label(objective: str, runs: Sequence[Run]) -> str:
   """The legend name of an objective; block diffusion's names the block size B of its runs
   (diffusion.block_size of run.json's config) when they all share one."""
-  if objective == "block":
+  if OBJECTIVES[objective].blocks:
     sizes = {
         r.description.get("config", {}).get("diffusion", {}).get("block_size")
         for r in runs
-        if r.objective == "block"
+        if r.objective == objective
     }
     if len(sizes) == 1 and None not in sizes:
-      return f"Block diffusion (B={sizes.pop()}) bound"
-  return LABELS[objective]
+      return f"{OBJECTIVES[objective].label} (B={sizes.pop()})"
+  return OBJECTIVES[objective].label
 
 
 def plot_scaling(
@@ -81,7 +79,7 @@ def plot_scaling(
           xs,
           ys,
           "o-",
-          color=COLOURS[objective],
+          color=OBJECTIVES[objective].colour,
           alpha=shade,
           lw=0.8,
           ms=2.5,
@@ -98,7 +96,7 @@ def plot_scaling(
       ax.plot(
           grid,
           fit.predict(grid),
-          color=COLOURS[objective],
+          color=OBJECTIVES[objective].colour,
           lw=2.5,
           label=f"{objective_label(objective, runs)} fit:{wrap}b = {fit.b:.3f} "
           f"[{low:.3f}, {high:.3f}], c = {fit.c:.2f}",
@@ -118,7 +116,14 @@ def plot_scaling(
       for name in accuracies:
         xs, ys = run.curve(name, x)
         if len(xs):
-          ax.plot(xs, ys, "o", color=COLOURS[run.objective], alpha=0.8, label=f"{run.name} {name}")
+          ax.plot(
+              xs,
+              ys,
+              "o",
+              color=OBJECTIVES[run.objective].colour,
+              alpha=0.8,
+              label=f"{run.name} {name}",
+          )
     ax.set_xscale("log")
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel("accuracy")

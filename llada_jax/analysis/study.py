@@ -19,9 +19,6 @@ SCHEMA = 1
 
 # (objective, reference): k is the compute the objective needs for the reference's loss.
 COMPARISONS = (("mdm", "arm"), ("block", "arm"), ("block", "mdm"))
-# What each objective's held-out metric is: an exact NLL or an upper bound on it.
-MEASURES = {"mdm": "bound", "arm": "NLL", "block": "bound"}
-NAMES = {"mdm": "MDM", "arm": "ARM", "block": "Block"}
 
 
 def analyse(
@@ -97,7 +94,7 @@ def multipliers_of(
     out[f"{objective}_vs_{against}"] = {
         "objective": objective,
         "reference": against,
-        "compares": f"{MEASURES[objective]} vs {MEASURES[against]}",
+        "compares": f"{OBJECTIVES[objective].measure} vs {OBJECTIVES[against].measure}",
         "at": at,
         "k": k,
         "interval": [low, high],
@@ -109,10 +106,11 @@ def multiplier_lines(document: dict[str, Any]) -> list[str]:
   """One line per multiplier of a fits document, e.g. "MDM needs 909x the compute of ARM ..."."""
   lines = []
   for m in document.get("multipliers", {}).values():
-    name, against = NAMES[m["objective"]], NAMES[m["reference"]]
+    mine, theirs = OBJECTIVES[m["objective"]], OBJECTIVES[m["reference"]]
+    name, against = mine.short_name, theirs.short_name
     lines.append(
         f"{name} needs {m['k']:.3g}x the compute of {against} to reach {against}'s loss at "
         f"{m['at']:.3g} [{m['interval'][0]:.3g}, {m['interval'][1]:.3g}] "
-        f"({name} {MEASURES[m['objective']]} vs {against} {MEASURES[m['reference']]})"
+        f"({name} {mine.measure} vs {against} {theirs.measure})"
     )
   return lines

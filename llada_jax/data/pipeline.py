@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llada_jax.config import pipeline_masks
 from llada_jax.data import streams
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream
@@ -118,7 +119,7 @@ def _feature_dataset(
       else 0.0,
       global_batch=config.data.batch_size,
   )
-  mask_here = config.data.masking == "pipeline" and config.diffusion.objective == "mdm"
+  mask_here = pipeline_masks(config)
   per_shard = layout.rows_per_shard
   parts = []
   for shard in layout.shards:

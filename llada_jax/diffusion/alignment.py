@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llada_jax.config import objective_of
+
 ALIGNMENTS = ("same", "shifted")
 
 
@@ -39,12 +41,12 @@ def resolve(
   start's default (benchmarks/ar_init.py).
   """
   value = config.diffusion.logit_alignment
-  if config.diffusion.objective == "arm":
+  if objective_of(config).causal:
     return "same"
   if value != "auto":
     return value
   if resumed is not None:
-    return "shifted" if resumed.diffusion.objective == "arm" else resolve(resumed)
+    return "shifted" if objective_of(resumed).causal else resolve(resumed)
   return "shifted" if config.train.init_from else "same"
 
 

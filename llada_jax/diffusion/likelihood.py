@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from llada_jax.config import objective_of
 from llada_jax.diffusion import alignment
 from llada_jax.diffusion.alignment import next_token_logits
 from llada_jax.errors import ConfigError
@@ -173,7 +174,8 @@ def bound_estimator(
   model_cfg = ModelConfig.from_config(config)
   mask_id, per_pass = config.tokens.mask_id, mc_batch_size(mc_num, batch_size)
   shifted = alignment.resolve(config) == "shifted"
-  if config.diffusion.objective == "block":
+  objective = objective_of(config)
+  if objective.blocks:
     return _block_estimator(
         model_cfg,
         mask_id,
@@ -184,7 +186,7 @@ def bound_estimator(
         shifted,
         one_timestep,
     )
-  if config.diffusion.objective == "arm":
+  if objective.causal:
     return _arm_estimator(model_cfg, alignment.excluded_mask_id(config))
   return _mdm_estimator(model_cfg, mask_id, mc_num, per_pass, use_cfg, shifted, one_timestep)
 
@@ -223,7 +225,7 @@ def check_pairs(
   if cfg_scale < 0:
     raise ConfigError(f"cfg_scale={cfg_scale} is not allowed: expected a number >= 0")
   vocab = config.model.vocab_size
-  causal = config.diffusion.objective == "arm"
+  causal = objective_of(config).causal
   if causal and cfg_scale > 0:
     raise ConfigError(
         f"cfg_scale={cfg_scale} is not allowed for an autoregressive model: expected 0 (its "

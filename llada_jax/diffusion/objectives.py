@@ -8,8 +8,8 @@ model. Block diffusion (BD3-LM, Arriola et al., ICLR 2025, arXiv 2503.09573, Eq.
 with one t per block, each block's masked tokens predicted from the noisy block and the clean
 blocks before it, all blocks in one pass over the two-stream input [x_t ; x_0]
 (`llada_jax.model.masks`); B = 1 is the autoregressive chain rule, B = L the LLaDA bound.
-`OBJECTIVES` maps config.diffusion.objective to its loss: a new objective is one function here
-plus its name in `llada_jax.config.OBJECTIVES`.
+`LOSSES` maps config.diffusion.objective to its loss: a new objective is one function here plus
+its traits in `llada_jax.config.OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llada_jax.config import objective_of
 from llada_jax.diffusion.alignment import excluded_mask_id, next_token_logits
 from llada_jax.diffusion.masking import noise_batch
 
@@ -206,10 +207,10 @@ def forward_process_of(
   sequence; block one t per block of block_size (default config.diffusion.block_size), from the
   clipped schedule U(t_min, t_max) unless `exact` (evaluation: the bound itself); arm none (the
   batch unchanged)."""
-  d = config.diffusion
-  if d.objective == "arm":
+  d, objective = config.diffusion, objective_of(config)
+  if objective.causal:
     return batch
-  blocks = d.objective == "block"
+  blocks = objective.blocks
   return noise_batch(
       rng,
       batch,
@@ -322,5 +323,6 @@ def with_router_losses(
   return loss + moe.aux_loss_coef * balance + moe.z_loss_coef * z, metrics
 
 
-# config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob).
-OBJECTIVES = {"mdm": mdm_objective, "arm": arm_objective, "block": block_objective}
+# config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob); the
+# objective's traits are llada_jax.config.OBJECTIVES.
+LOSSES = {"mdm": mdm_objective, "arm": arm_objective, "block": block_objective}

@@ -38,7 +38,7 @@ from llada_jax.evaluation.model import load_eval_model
 from llada_jax.evaluation.multiple_choice import fit_pair
 from llada_jax.evaluation.scoring import loglikelihoods
 from llada_jax.sampling.ending import cut_text, end_ids
-from llada_jax.config import check_sampling_fields
+from llada_jax.config import check_sampling_fields, objective_of
 from llada_jax.sampling.options import SamplerOptions
 
 MODEL_NAME = "llada_jax"
@@ -200,7 +200,8 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     diffusion model. Raises NotImplementedError for a LLaDA model, which has no left-to-right
     likelihood."""
     config = self.model.config
-    if config.diffusion.objective == "mdm":
+    objective = objective_of(config)
+    if not (objective.causal or objective.blocks):  # no left-to-right factorisation
       raise NotImplementedError(ROLLING_UNSUPPORTED)
     prefix = self._prefix_token()
     windows, owners, ids = [], [], []
@@ -289,7 +290,7 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     encode = self.model.codec.encode
     context_ids = list(encode(context))
     answer = list(encode(context + continuation))[len(context_ids) :]
-    if not context_ids and self.model.config.diffusion.objective == "arm":
+    if not context_ids and objective_of(self.model.config).causal:
       context_ids = [self._prefix_token()]  # a causal model predicts its first token from it
     context_ids, answer, _ = fit_pair(
         context_ids, answer, self.model.config.model.max_sequence_length
@@ -302,7 +303,7 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
     LLaDA model), the argmax of the next-token logits (an ARM), or a block model's first block
     decoded greedily one token a step (it has no smaller unit to generate)."""
     config = self.model.config
-    length = config.diffusion.block_size if config.diffusion.objective == "block" else 1
+    length = config.diffusion.block_size if objective_of(config).blocks else 1
     greedy = SamplerOptions(
         steps=length,
         gen_length=length,
@@ -341,10 +342,10 @@ class LLaDAJaxLM(LM):  # pylint: disable=abstract-method
       gen_length = int(max_gen_toks)
       if gen_length < 1:
         raise ConfigError(f"max_gen_toks={max_gen_toks} is not allowed: expected a positive int")
-      objective = self.model.config.diffusion.objective
-      if objective == "arm":  # one token a step: exactly max_gen_toks, no blocks to round to
+      objective = objective_of(self.model.config)
+      if objective.causal:  # one token a step: exactly max_gen_toks, no blocks to round to
         block_length = gen_length
-      elif objective != "block":  # a block model's blocks are fixed
+      elif not objective.blocks:  # a block model's blocks are fixed
         block_length = min(block_length, gen_length)
       gen_length = -(-gen_length // block_length) * block_length
     if gen_length != base.gen_length:

@@ -21,7 +21,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from llada_jax.config import TOKENIZER_VOCABULARIES
+from llada_jax.config import TOKENIZER_VOCABULARIES, objective_of
 from llada_jax.data.hf_tokenizer import HFTokenizer
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop import safetensors_io
@@ -422,7 +422,7 @@ def save_hf(
       hf = llada2_moe.config_to_llada2_moe(config, dtype)
       table = llada2_moe.rules(config)
     tensors = rules.to_hf_tensors(config, params, table, dtype)
-  elif config.diffusion.objective == "arm":
+  elif objective_of(config).causal:
     rows = llama.exported_rows(config)
     hf = llama.config_to_llama(config, rows, dtype)
     tensors = to_hf_tensors(config, params, dtype, llama.llama_table(config, appended=False), rows)

@@ -16,6 +16,7 @@ from llada_jax.config import (
     OBJECTIVES,
     VOCABULARY_SIZES,
     default_config,
+    objective_of,
     validate,
 )
 from llada_jax.diffusion.alignment import resolve
@@ -154,7 +155,7 @@ def _read_objective(hf: dict[str, Any], config: ml_collections.ConfigDict, sourc
   """Sets the diffusion section (and model.causal, data.sequence_length) from a LLaDA config.json:
   see config_from_hf."""
   d = config.diffusion
-  objective = recorded_choice(hf, OBJECTIVE_FIELD, "mdm", OBJECTIVES, source)
+  objective = recorded_choice(hf, OBJECTIVE_FIELD, "mdm", tuple(OBJECTIVES), source)
   block_size = hf.get(BLOCK_SIZE_FIELD, d.block_size)
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
     raise CheckpointError(
@@ -169,11 +170,12 @@ def _read_objective(hf: dict[str, Any], config: ml_collections.ConfigDict, sourc
           logit_alignment=recorded_choice(hf, ALIGNMENT_FIELD, "same", LOGIT_ALIGNMENTS, source),
       )
   )
-  if objective != "block":
+  traits = OBJECTIVES[objective]
+  if not traits.blocks:
     d.update(dict(t_min=0.0, t_max=1.0))
-  config.model.causal = objective == "arm"
+  config.model.causal = traits.causal
   length = min(config.data.sequence_length, config.model.max_sequence_length)
-  if objective == "block" and block_size <= length:
+  if traits.blocks and block_size <= length:
     length -= length % block_size
   config.data.sequence_length = length
 
@@ -220,7 +222,7 @@ def config_to_hf(config: ml_collections.ConfigDict) -> dict[str, Any]:
           ALIGNMENT_FIELD: resolve(config),
       }
   )
-  if config.diffusion.objective == "block":
+  if objective_of(config).blocks:
     hf[BLOCK_SIZE_FIELD] = config.diffusion.block_size
   if t.bos_id >= 0:
     hf["bos_token_id"] = t.bos_id

@@ -31,7 +31,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from llada_jax.config import default_config
+from llada_jax.config import default_config, objective_of
 from llada_jax.errors import CheckpointError, ConfigError
 from llada_jax.interop.files import hf_files, read_json
 from llada_jax.interop.hf_config import BLOCK_SIZE_FIELD, check_fields, validated
@@ -295,7 +295,7 @@ def config_to_llada2_moe(
     problems.append("a MoE model with router sigmoid_grouped")
   if moe.norm_topk_prob != (moe.experts_per_token > 1):
     problems.append("norm_topk_prob = (experts_per_token > 1)")
-  if m.causal or config.diffusion.objective == "arm":
+  if m.causal or objective_of(config).causal:
     problems.append("a bidirectional (mdm or block) model")
   hd = m.d_model // m.n_heads
   if problems:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llada_jax.config import objective_of
 from llada_jax.data.codec import text_codec
 from llada_jax.data.pipeline import global_batch, process_rows
 from llada_jax.data.registry import read_jsonl_lines
@@ -216,7 +217,8 @@ class RolloutSource:
 
   def __init__(self, config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding):
     p = config.posttrain
-    if config.diffusion.objective != "mdm":
+    objective = objective_of(config)
+    if objective.causal or objective.blocks:  # d1's estimate masks the whole answer at once
       raise ConfigError(
           f"posttrain.method='grpo' is not allowed with diffusion.objective="
           f"{config.diffusion.objective!r}: expected 'mdm' (d1's one-pass estimate)"

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from llada_jax.config import objective_of
 from llada_jax.diffusion.alignment import excluded_mask_id
 from llada_jax.errors import ConfigError
 from llada_jax.keys import item_keys
@@ -200,8 +201,8 @@ def _check_call(
         "return_trajectory is not allowed with parallel_threshold (the number of "
         "steps is not fixed)"
     )
-  blocks = config.diffusion.objective == "block"
-  causal = config.diffusion.objective == "arm"
+  objective = objective_of(config)
+  blocks, causal = objective.blocks, objective.causal
   if return_trajectory and (options.early_stop or blocks or causal):
     raise ConfigError(
         "return_trajectory is not allowed with early_stop, a block diffusion model or an "

@@ -25,6 +25,7 @@ from llada_jax.config import (
     check_sampling_fields,
     check_sampling_names,
     default_config,
+    objective_of,
 )
 from llada_jax.errors import ConfigError
 
@@ -86,7 +87,7 @@ class SamplerOptions:
     """The options of config.sampling (not validated); a block diffusion model's blocks are its
     own (block_length = diffusion.block_size, whatever config.sampling says)."""
     options = cls(**{f.name: config.sampling[f.name] for f in dataclasses.fields(cls)})
-    if config.diffusion.objective == "block":
+    if objective_of(config).blocks:
       options = dataclasses.replace(options, block_length=config.diffusion.block_size)
     return options
 
@@ -116,10 +117,10 @@ class SamplerOptions:
     or threshold for a causal model (whose steps and blocks play no part), jax_enable_x64 for
     float64. Prompt-dependent checks run in `generate`.
     """
-    if config is not None and config.diffusion.objective == "block":
+    if config is not None and objective_of(config).blocks:
       self._validate_for_blocks(config, prefix)  # before the rules that name block_length
     values = dataclasses.asdict(self)
-    if config is not None and config.diffusion.objective == "arm":
+    if config is not None and objective_of(config).causal:
       # One step per token: steps and blocks play no part (each value is still checked alone).
       check_sampling_fields({k: values.pop(k) for k in ("steps", "block_length")}, prefix)
     check_sampling(values, prefix)
@@ -131,7 +132,7 @@ class SamplerOptions:
           f"{prefix}gen_length={self.gen_length!r} is not allowed: expected less "
           f"than model.max_sequence_length={limit}"
       )
-    if config.diffusion.objective == "arm":
+    if objective_of(config).causal:
       for name, off in (("parallel_threshold", 0.0), ("cfg_scale", 0.0)):
         if getattr(self, name) != off:
           raise ConfigError(

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from llada_jax.config import objective_of
 from llada_jax.diffusion import alignment
 from llada_jax.model import ModelConfig
 from llada_jax.sampling.ending import end_ids
@@ -66,8 +67,9 @@ class SamplerSpec:
   ) -> SamplerSpec:
     """The spec of `options` for config's model and token ids."""
     tokens = config.tokens
-    block_model = config.diffusion.block_size if config.diffusion.objective == "block" else 0
-    causal = config.diffusion.objective == "arm"
+    objective = objective_of(config)
+    block_model = config.diffusion.block_size if objective.blocks else 0
+    causal = objective.causal
     return cls(
         ModelConfig.from_config(config),
         options.steps,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from llada_jax.config import objective_of
 from llada_jax.parallel.topology import chip
 
 
@@ -51,12 +52,12 @@ def non_embedding_parameters(config: ml_collections.ConfigDict) -> int:
 def model_flops_per_token(config: ml_collections.ConfigDict) -> float:
   """Training FLOPs per token at the configured sequence length (forward + backward).
 
-  Objective "block" runs the blocks on the two-stream input [x_t ; x_0] (BD3-LM): two positions
+  A block objective runs the blocks on the two-stream input [x_t ; x_0] (BD3-LM): two positions
   per token through every layer, each attending over 2L keys (counted dense, as the kernels
   compute them), the head on the noisy half only.
   """
   m = config.model
-  streams = 2 if config.diffusion.objective == "block" else 1
+  streams = objective_of(config).streams
   head = m.d_model * m.vocab_size
   return float(
       6 * (streams * (matmul_parameters(config) - head) + head)

@@ -17,7 +17,13 @@ from absl import logging
 
 from llada_jax import storage
 from llada_jax.checkpoint import Checkpointer, checkpoint_dir, load_config, newest_stored_config
-from llada_jax.config import TOKENIZER_VOCABULARIES, block_size_at, profile_range, validate
+from llada_jax.config import (
+    TOKENIZER_VOCABULARIES,
+    block_size_at,
+    objective_of,
+    profile_range,
+    validate,
+)
 from llada_jax.data.corpora import CORPUS_FILES, unigram_entropy_bits
 from llada_jax.diffusion import alignment
 from llada_jax.errors import ConfigError, TrainingDiverged
@@ -296,7 +302,7 @@ def _config_of_run(
   config.diffusion.logit_alignment = alignment.resolve(config, stored)
   if (
       stored is not None
-      and stored.diffusion.objective != "arm"  # an AR checkpoint's start is resolve's to choose
+      and not objective_of(stored).causal  # an AR checkpoint's start is resolve's to choose
       and alignment.resolve(stored) != config.diffusion.logit_alignment
   ):
     logging.warning(
@@ -370,8 +376,8 @@ def _restore(
 
 
 def _block_size(config: ml_collections.ConfigDict, step: int) -> int | None:
-  """The block size update `step` (0-based) of objective block trains with; None for others."""
-  return block_size_at(config, step) if config.diffusion.objective == "block" else None
+  """The block size update `step` (0-based) of a block objective trains with; None for others."""
+  return block_size_at(config, step) if objective_of(config).blocks else None
 
 
 def _block_size_from(

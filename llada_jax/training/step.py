@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from llada_jax.config import block_size_at, block_sizes
+from llada_jax.config import block_size_at, block_sizes, objective_of
 from llada_jax.keys import Stream
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.model.moe import balance_expert_bias
@@ -57,7 +57,7 @@ def make_train_step(
 
   accum = config.train.grad_accum_steps
 
-  blocks = config.diffusion.objective == "block"
+  blocks = objective_of(config).blocks
   bias_rate = config.model.moe.bias_update_rate if config.model.moe.num_experts else 0.0
 
   def loss_fn(
