@@ -219,8 +219,8 @@ def default_config() -> ml_collections.ConfigDict:
           eps=1e-3,  # p_mask = (1 - eps) * t + eps
           block_size=16,  # tokens per block of objective "block" (1: AR, sequence_length: MDM)
           # objective "block": "" or "STEP:SIZE,...", block size from each STEP on (LLaDA 2.0's
-          # warm-up from small to large blocks and back, ending at block_size), e.g.
-          # "0:1,1000:4,2000:32,4000:16"
+          # warm-up from small to large blocks, an MDM phase at L = data.sequence_length and the
+          # decay, ending at block_size), e.g. "0:1,1000:4,2000:32,3000:L,8000:32"
           block_size_schedule="",
           t_min=0.0,  # t ~ U(t_min, t_max) in training: BD3-LM's clipped schedule (0, 1: exact)
           t_max=1.0,
@@ -230,6 +230,13 @@ def default_config() -> ml_collections.ConfigDict:
           # Dream, Fast-dLLM v2, MaxText; keeps what an AR model predicts). "auto": shifted when
           # train.init_from starts from an AR model, same otherwise (diffusion/alignment.py).
           logit_alignment="auto",
+          # mdm/block training (LLaDA 2.0's post-training options; diffusion/objectives.py
+          # diffusion_bound): score each row with its mask and with the complementary mask
+          # (twice the FLOPs, lower variance, the same bound) ...
+          complementary_masking=False,
+          # ... and CAP: loss + cap_weight x the mean entropy of the correct predictions at masked
+          # positions (sharper confidence: more tokens per step under threshold decoding).
+          cap_weight=0.0,
       )
   )
 
@@ -287,6 +294,10 @@ def default_config() -> ml_collections.ConfigDict:
           # initialisation: model.* must be its sizes; its vocabulary, tokenizer, token ids and
           # vocab_size with the mask row are taken; ignored on resume). "": random init.
           init_from="",
+          # With init_from: Gaussian noise added to the mask token's embedding row, its standard
+          # deviation in units of the embedding table's (LLaDA 2.0: an AR model's embeddings of
+          # tokens it never saw decay towards 0, which leaves the mask nearly invisible). 0: none.
+          mask_embedding_noise=0.0,
       )
   )
 
@@ -464,6 +475,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"the exact schedule t_min=0, t_max=1 unless diffusion.objective is "
         f"{_objectives_with('blocks')}",
     )
+  _non_negative("diffusion.cap_weight", d.cap_weight)
+  for name in ("complementary_masking", "cap_weight"):
+    if d[name] and objective.causal:
+      _fail(f"diffusion.{name}", d[name], f"off with diffusion.objective={d.objective!r} (no mask)")
   # Only a block model has blocks: an MDM's or ARM's block_size plays no part (nor is checked).
   for size in block_sizes(config) if objective.blocks else ():
     if not _is_int(size) or size < 1 or data.sequence_length % size:
@@ -524,6 +539,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"a divisor of data.batch_size={data.batch_size}",
     )
   _non_negative("train.loss_chunk", config.train.loss_chunk)
+  _non_negative("train.mask_embedding_noise", config.train.mask_embedding_noise)
+  if config.train.mask_embedding_noise and not config.train.init_from:
+    _fail(
+        "train.mask_embedding_noise",
+        config.train.mask_embedding_noise,
+        '0 without train.init_from (it perturbs an AR model\'s mask row; "" starts at random)',
+    )
   if config.train.loss_chunk and objective.causal:
     _fail(
         "train.loss_chunk", config.train.loss_chunk, f"0 with diffusion.objective={d.objective!r}"
@@ -648,7 +670,10 @@ def profile_range(text: str) -> tuple[int, int]:
 
 def block_size_schedule(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
   """((first step, block size), ...) of objective "block", sorted by step: parsed from
-  diffusion.block_size_schedule "STEP:SIZE,..." (its first step 0), or ((0, block_size),).
+  diffusion.block_size_schedule "STEP:SIZE,..." (its first step 0; SIZE "L" is
+  data.sequence_length: a whole-sequence, MDM phase), or ((0, block_size),). Any piecewise
+  sequence: LLaDA 2.0's warm-up 1 -> 4 -> 32 -> 64 -> L, its long MDM phase and the decay back to
+  32 is "0:1,a:4,b:32,c:64,d:L,e:32" with block_size 32.
 
   Raises:
     ConfigError: a schedule that is not comma-separated STEP:SIZE pairs of integers, with
@@ -657,8 +682,12 @@ def block_size_schedule(config: ml_collections.ConfigDict) -> tuple[tuple[int, i
   d = config.diffusion
   if not d.block_size_schedule:
     return ((0, d.block_size),)
-  pairs = [p.split(":") for p in d.block_size_schedule.split(",")]
-  if not all(len(p) == 2 and all(x.strip().isdigit() for x in p) for p in pairs):
+  length = str(config.data.sequence_length)
+  pairs = [[x.strip() for x in p.split(":")] for p in d.block_size_schedule.split(",")]
+  pairs = [(p[0], length if p[1:] == ["L"] else p[-1]) for p in pairs if len(p) == 2]
+  if len(pairs) != d.block_size_schedule.count(",") + 1 or not all(
+      a.isdigit() and b.isdigit() for a, b in pairs
+  ):
     pairs = []
   schedule = tuple((int(a), int(b)) for a, b in pairs)
   steps = [a for a, _ in schedule]
@@ -666,7 +695,8 @@ def block_size_schedule(config: ml_collections.ConfigDict) -> tuple[tuple[int, i
     _fail(
         "diffusion.block_size_schedule",
         d.block_size_schedule,
-        '"" or "STEP:SIZE,..." with increasing steps from 0, e.g. "0:1,1000:4,2000:32"',
+        '"" or "STEP:SIZE,..." with increasing steps from 0 and SIZE a number or L (the '
+        'sequence length), e.g. "0:1,1000:4,2000:32,3000:L,6000:32"',
     )
   return schedule
 

@@ -28,6 +28,7 @@ class Stream(enum.IntEnum):
   EVAL = 2  # held-out loss batches (training/step.py, data/features.py)
   PREFERENCE = 3  # the bounds' timesteps and masks of preference pairs (posttrain/dpo.py)
   ROLLOUT = 4  # RL rollouts and their prompt masks (posttrain/source.py RolloutSource)
+  MASK_NOISE = 5  # the noise on an AR model's mask embedding (training/state.py)
 
 
 def item_keys(rng: jax.Array, indices: Sequence[int] | np.ndarray | int) -> jax.Array:

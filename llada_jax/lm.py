@@ -15,10 +15,16 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from llada_jax.diffusion import alignment, likelihood
-from llada_jax.diffusion.objectives import LOSSES, REDUCTIONS, Metrics, chunked_cross_entropy
+from llada_jax.diffusion.objectives import (
+    LOSSES,
+    REDUCTIONS,
+    Metrics,
+    TokenTerms,
+    chunked_cross_entropy,
+    token_terms,
+)
 from llada_jax.errors import ConfigError
 from llada_jax.model import ModelConfig, apply_model, network
 from llada_jax.model.transformer import RouterStats
@@ -84,11 +90,17 @@ class MaskedDiffusionLM:
     return apply_model(self.module, params, tokens, attention_mask, unconditional, cfg_scale)
 
   def cross_entropy(
-      self, params: Any, inputs: jax.Array, batch: Batch, block_size: int = 0
-  ) -> tuple[jax.Array, RouterStats]:
-    """(float32 CE [B, L], router statistics of the pass: `Transformer`'s return_aux, {} for a
-    dense model) of batch["targets"] given `inputs` [B, L] (with the batch's valid,
-    positions and segment_ids): through full logits, or `train.loss_chunk` positions at a time
+      self,
+      params: Any,
+      inputs: jax.Array,
+      batch: Batch,
+      block_size: int = 0,
+      confidence: bool = False,
+  ) -> tuple[TokenTerms, RouterStats]:
+    """(TokenTerms [B, L]: float32 CE, with `confidence` also the entropy and correctness of each
+    prediction; router statistics of the pass: `Transformer`'s return_aux, {} for a dense model)
+    of batch["targets"] given `inputs` [B, L] (with the batch's valid, positions and
+    segment_ids): through full logits, or `train.loss_chunk` positions at a time
     (`chunked_cross_entropy`) when that is set.
 
     block_size > 0: block diffusion's two-stream pass (BD3-LM): the network runs once on
@@ -100,6 +112,7 @@ class MaskedDiffusionLM:
     (`llada_jax.diffusion.alignment`: its own, or with "shifted" its predecessor's).
     """
     features = (batch["valid"], batch["positions"], batch["segment_ids"])
+    targets = batch["targets"]
     chunk = self.config.train.loss_chunk
     dtype = jnp.dtype(self.config.model.dtype)
     shifted = self.shifted
@@ -115,25 +128,19 @@ class MaskedDiffusionLM:
           return_aux=True,
       )
       if chunk:
-        ce = chunked_cross_entropy(hidden, head_kernel(params), batch["targets"], chunk, dtype)
-        return ce, aux
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          head_logits(params, hidden, dtype), batch["targets"]
-      )
-      return ce, aux
+        head = head_kernel(params)
+        return chunked_cross_entropy(hidden, head, targets, chunk, dtype, confidence), aux
+      return token_terms(head_logits(params, hidden, dtype), targets, confidence), aux
     if chunk:
       hidden, aux = self.apply(params, inputs, *features, return_hidden=True, return_aux=True)
       if shifted:
         hidden = alignment.shift(hidden, batch["positions"])
-      ce = chunked_cross_entropy(hidden, head_kernel(params), batch["targets"], chunk, dtype)
-      return ce, aux
+      head = head_kernel(params)
+      return chunked_cross_entropy(hidden, head, targets, chunk, dtype, confidence), aux
     logits, aux = self.apply(params, inputs, *features, return_aux=True)
     if shifted:
       logits = alignment.shift(logits, batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"]
-    )
-    return ce, aux
+    return token_terms(logits, targets, confidence), aux
 
   def loss(
       self,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax.config import block_size_at, block_sizes, validate
+from llada_jax.config import block_size_at, block_size_schedule, block_sizes, validate
 from llada_jax.diffusion.likelihood import score_pairs
 from llada_jax.diffusion.objectives import unpacked_batch
 from llada_jax.errors import ConfigError
@@ -247,6 +247,13 @@ def test_block_size_schedule():
   c.diffusion.block_size_schedule = "0:1,100:4,200:32,300:8"
   assert [block_size_at(c, s) for s in (0, 99, 100, 250, 10**6)] == [1, 1, 4, 32, 8]
   assert block_sizes(c) == (1, 4, 32, 8)
+  c.diffusion.block_size_schedule = "0:1, 10:4,20:L,30:4 ,40:8"  # warm-up, MDM phase, decay
+  assert block_size_schedule(c) == ((0, 1), (10, 4), (20, 32), (30, 4), (40, 8))
+  validate(c)
+  for bad in ("0:1,10:M", "0:1,10", "0:1,,10:4", "0:L:4", "5:4,10:8"):
+    c.diffusion.block_size_schedule = bad
+    with pytest.raises(ConfigError, match="SIZE a number or L"):
+      block_size_schedule(c)
 
 
 def _prompts():

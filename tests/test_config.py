@@ -179,6 +179,7 @@ def test_random_streams_keep_their_numbers():
       "EVAL": 2,
       "PREFERENCE": 3,
       "ROLLOUT": 4,
+      "MASK_NOISE": 5,
   }
   config = make_tiny_config()
   config.seed = 3

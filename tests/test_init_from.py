@@ -156,3 +156,33 @@ def test_a_refused_init_from_leaves_no_checkpoints(bpe_llama, tmp_path):
   (bpe_llama / "config.json").write_text(json.dumps(dict(hf, num_hidden_layers=LAYERS + 1)))
   config = tiny_config(bpe_llama, model__n_layers=LAYERS + 1)
   assert "lacks tensor model.layers.2" in _refused(CheckpointError, config, tmp_path / "c")
+
+
+def test_mask_embedding_noise_perturbs_only_the_mask_row_at_its_scale(bpe_llama):
+  """train.mask_embedding_noise: the imported mask row (the mean of the Llama's rows) gains noise
+  of that many standard deviations of the table; every other parameter is the folder's."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import config_with_init_from, create_train_state  # pylint: disable=g-import-not-at-top
+
+  def start(noise):
+    config = config_with_init_from(tiny_config(bpe_llama, train__mask_embedding_noise=noise))
+    mesh = make_mesh(config, jax.devices()[:1], check_batch=False)
+    state, _ = create_train_state(config, MaskedDiffusionLM(config), make_optimizer(config), mesh)
+    return jax.tree.map(np.asarray, state.params)
+
+  plain, noisy = start(0.0), start(3.0)
+  table = llama_tensors(False)["model.embed_tokens.weight"]
+  rows = np.concatenate([table, 0.3 * np.random.RandomState(1).randn(WORDS - len(table), HIDDEN)])
+  np.testing.assert_allclose(plain["wte"]["embedding"][WORDS], rows.mean(0), rtol=1e-5, atol=1e-6)
+  moved = noisy["wte"]["embedding"] - plain["wte"]["embedding"]
+  assert not moved[:WORDS].any()
+  spread = moved[WORDS].std() / plain["wte"]["embedding"].std()
+  assert 1.5 < spread < 4.5, spread  # 3 standard deviations, from HIDDEN draws
+  plain["wte"], noisy["wte"] = None, None
+  jax.tree.map(np.testing.assert_array_equal, plain, noisy)
+  with pytest.raises(ConfigError, match="train.mask_embedding_noise"):
+    tiny_config(None, train__mask_embedding_noise=0.5)

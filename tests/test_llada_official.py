@@ -78,7 +78,7 @@ def test_a_tied_model_trains_one_matrix_for_embedding_and_head(tiny_config):
 
   def mean_ce(model, p, chunk):
     model.config.train.loss_chunk = chunk
-    return model.cross_entropy(p, inputs, batch)[0].mean()
+    return model.cross_entropy(p, inputs, batch)[0].ce.mean()
 
   for chunk in (0, 16):
     g_tied = jax.grad(lambda p, c=chunk: mean_ce(tied, p, c))(params)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -258,11 +259,123 @@ def test_chunked_cross_entropy_equals_full_logits_in_value_and_gradient():
     return optax.softmax_cross_entropy_with_integer_labels(h @ w, targets)
 
   np.testing.assert_allclose(
-      chunked_cross_entropy(hidden, head, targets, 4), full(hidden, head), rtol=1e-5
+      chunked_cross_entropy(hidden, head, targets, 4).ce, full(hidden, head), rtol=1e-5
   )
+  # CAP's terms by hand in NumPy: the entropy of softmax(h @ w) and whether its argmax is right.
+  logits = np.asarray(hidden @ head, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  terms = chunked_cross_entropy(hidden, head, targets, 4, confidence=True)
+  np.testing.assert_allclose(terms.entropy, -(p * np.log(p)).sum(-1), rtol=1e-5)
+  np.testing.assert_array_equal(terms.correct, logits.argmax(-1) == np.asarray(targets))
   weights = jnp.linspace(0.0, 1.0, 24).reshape(2, 12)
   grads = [
       jax.grad(lambda h, w, f=f: jnp.sum(f(h, w) * weights), argnums=(0, 1))(hidden, head)
-      for f in (full, lambda h, w: chunked_cross_entropy(h, w, targets, 3))
+      for f in (full, lambda h, w: chunked_cross_entropy(h, w, targets, 3).ce)
   ]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
+def _toy_apply(noisy, vocab=8):
+  """Right when the left neighbour is visible, uniform otherwise (as above)."""
+  left = jnp.roll(noisy, 1, axis=1)
+  guess = jax.nn.one_hot((left + 1) % vocab, vocab) * 6.0
+  return jnp.where((left == vocab)[..., None], 0.0, guess)
+
+
+def test_complementary_masks_keep_the_bound_and_lower_its_variance():
+  """A row and its complement score every maskable token once (the prompt never), each with
+  its own 1/p; the pair's mean estimates the same bound as two independent masks (the same two
+  passes) with less variance."""
+  from llada_jax.diffusion.masking import noise_batch, with_complements  # pylint: disable=g-import-not-at-top
+  from llada_jax.diffusion.objectives import unpacked_batch  # pylint: disable=g-import-not-at-top
+
+  vocab, length, rows, draws = 8, 32, 4, 400
+  tokens = jnp.broadcast_to(jnp.arange(length) % vocab, (rows, length))
+  prompt = jnp.asarray([0, 5, 0, 9])
+  clean = unpacked_batch(tokens, prompt_length=prompt)
+
+  def noised(key):
+    return noise_batch(key, clean, mask_id=vocab, eps=1e-3, random_length_prob=0.0)
+
+  pair = with_complements(noised(jax.random.PRNGKey(0)), vocab)
+  first, second = {k: v[0::2] for k, v in pair.items()}, {k: v[1::2] for k, v in pair.items()}
+  after_prompt = np.arange(length)[None] >= np.asarray(prompt)[:, None]
+  np.testing.assert_array_equal(first["masked"] ^ second["masked"], after_prompt)
+  np.testing.assert_array_equal(second["inputs"], np.where(second["masked"], vocab, tokens))
+  np.testing.assert_allclose(second["p_mask"], 1.0 - np.asarray(first["p_mask"]))
+
+  def estimate(batch):
+    return diffusion_loss(_toy_apply(batch["inputs"]), batch)[0]
+
+  keys = jax.random.split(jax.random.PRNGKey(1), 2 * draws).reshape(draws, 2, -1)
+  paired = np.asarray(jax.vmap(lambda k: estimate(with_complements(noised(k[0]), vocab)))(keys))
+  independent = np.asarray(
+      jax.vmap(lambda k: (estimate(noised(k[0])) + estimate(noised(k[1]))) / 2)(keys)
+  )
+  print(
+      f"variance: complementary {paired.var():.4g}, two independent masks {independent.var():.4g}"
+  )
+  stderr = np.hypot(paired.std(), independent.std()) / np.sqrt(draws)
+  assert abs(paired.mean() - independent.mean()) < 4 * stderr
+  assert paired.var() < 0.8 * independent.var(), (paired.var(), independent.var())
+
+
+def _log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_cap_and_complementary_masking_in_the_training_loss_by_hand(tiny_config):
+  """The model's training loss against NumPy: CAP adds λ x the mean entropy of the correct
+  predictions at masked positions (the metric loss stays the bound, a per-sequence bound has no
+  CAP); complementary masking averages the row's bound and its complement's."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.config import validate  # pylint: disable=g-import-not-at-top
+  from llada_jax.diffusion.masking import noise_batch  # pylint: disable=g-import-not-at-top
+  from llada_jax.diffusion.objectives import unpacked_batch  # pylint: disable=g-import-not-at-top
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
+
+  mask_id, key = tiny_config.tokens.mask_id, jax.random.PRNGKey(3)
+  lm = MaskedDiffusionLM(tiny_config)
+  params = nn.meta.unbox(lm.init(key))
+  tokens = np.asarray(jax.random.randint(key, (4, 32), 0, 250))
+  batch = noise_batch(
+      key, unpacked_batch(jnp.asarray(tokens)), mask_id=mask_id, eps=1e-3, random_length_prob=0.0
+  )
+  features = (batch["valid"], batch["positions"], batch["segment_ids"])
+
+  def log_p(inputs):
+    return _log_softmax(lm.apply(params, inputs, *features))
+
+  masked, p = np.asarray(batch["masked"]), np.asarray(batch["p_mask"])[:, None]
+  logp = log_p(batch["inputs"])
+  # Half of the masked positions made correct: the target is the prediction there (a masked
+  # target is not among the inputs, so the logits stay the same).
+  targets = np.where(masked & (np.arange(32) % 2 == 0), logp.argmax(-1), tokens)
+  batch["targets"] = jnp.asarray(targets)
+  ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  bound = np.sum(np.where(masked, ce / p, 0.0)) / targets.size
+  correct = masked & (logp.argmax(-1) == targets)
+  entropy = -(np.exp(logp) * logp).sum(-1)[correct].mean()
+  assert correct.sum() >= 8
+
+  def loss(reduction="mean", **diffusion):
+    config = ml_collections.ConfigDict(tiny_config.to_dict())
+    config.diffusion.update(diffusion)
+    return MaskedDiffusionLM(validate(config)).loss(params, batch, key, reduction=reduction)
+
+  total, metrics = loss(cap_weight=0.5)
+  np.testing.assert_allclose(total, bound + 0.5 * entropy, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], bound, rtol=1e-5)
+  np.testing.assert_allclose(metrics["cap/entropy"], entropy, rtol=1e-5)
+  per_row = np.sum(np.where(masked, ce / p, 0.0), -1) / 32
+  np.testing.assert_allclose(loss("sequence", cap_weight=0.5)[0], per_row, rtol=1e-5)
+
+  others = ~masked
+  comp_logp = log_p(jnp.where(others, mask_id, jnp.asarray(targets)))
+  comp_ce = -np.take_along_axis(comp_logp, targets[..., None], -1)[..., 0]
+  comp = np.sum(np.where(others, comp_ce / (1 - p), 0.0)) / targets.size
+  np.testing.assert_allclose(loss(complementary_masking=True)[0], (bound + comp) / 2, rtol=1e-5)

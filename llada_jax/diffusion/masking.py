@@ -125,3 +125,27 @@ def noise_batch(
       t_range=t_range,
   )
   return dict(batch, valid=valid, inputs=noised.tokens, masked=noised.masked, p_mask=noised.p_mask)
+
+
+def with_complements(batch: dict[str, jax.Array], mask_id: int) -> dict[str, jax.Array]:
+  """A noised feature batch (inputs, masked, p_mask [B] or [B, L], targets, valid[,
+  prompt_length]) of B rows, each followed by its complement: 2B rows, row 2i + 1 masking exactly
+  the maskable tokens row 2i leaves clean (maskable: valid and, in SFT, after the prompt), with
+  p_mask 1 - p (LLaDA 2.0's complementary masking). Each token's complement is masked with
+  probability 1 - p, so the 1/(1 - p)-weighted loss of row 2i + 1 is a second unbiased estimate
+  of the same bound, and every maskable token is scored exactly once in the pair. The rows of a
+  pair stay adjacent, so a batch sharded over devices keeps each pair on its device."""
+  seq_len = batch["targets"].shape[1]
+  maskable = batch["valid"]
+  if "prompt_length" in batch:
+    maskable = maskable & (jnp.arange(seq_len)[None, :] >= batch["prompt_length"][:, None])
+  masked = maskable & ~batch["masked"]
+  complement = dict(
+      batch,
+      inputs=jnp.where(masked, mask_id, batch["targets"]),
+      masked=masked,
+      p_mask=1.0 - batch["p_mask"],
+  )
+  return jax.tree.map(
+      lambda a, b: jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:]), batch, complement
+  )

@@ -14,7 +14,7 @@ its traits in `llada_jax.config.OBJECTIVES`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import optax
 
 from llada_jax.config import objective_of
 from llada_jax.diffusion.alignment import excluded_mask_id, next_token_logits
-from llada_jax.diffusion.masking import noise_batch
+from llada_jax.diffusion.masking import noise_batch, with_complements
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]  # (tokens, attention_mask) -> logits
 Metrics = dict[str, jax.Array]
@@ -74,14 +74,37 @@ def diffusion_loss_from_ce(
   return loss, dict(metrics, loss=loss, masked_fraction=jnp.sum(batch["masked"]) / maskable)
 
 
+class TokenTerms(NamedTuple):
+  """What one pass gives the losses at each position [B, L]: ce (float32 nats); with confidence
+  (CAP) also the entropy (float32 nats) of the predicted distribution and whether its argmax is
+  the target (bool). None where not asked for."""
+
+  ce: jax.Array
+  entropy: jax.Array | None = None
+  correct: jax.Array | None = None
+
+
+def token_terms(logits: jax.Array, targets: jax.Array, confidence: bool = False) -> TokenTerms:
+  """TokenTerms of logits [..., V] (softmax in float32) for integer targets [...]."""
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if not confidence:
+    return TokenTerms(ce)
+  log_p = jax.nn.log_softmax(logits)
+  entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+  return TokenTerms(ce, entropy, jnp.argmax(logits, axis=-1) == targets)
+
+
 def chunked_cross_entropy(
     hidden: jax.Array,
     head: jax.Array,
     targets: jax.Array,
     chunk: int,
     dtype: jnp.dtype = jnp.float32,
-) -> jax.Array:
-  """CE [B, L] of logits = hidden @ head, `chunk` positions at a time, without full logits.
+    confidence: bool = False,
+) -> TokenTerms:
+  """TokenTerms [B, L] of logits = hidden @ head, `chunk` positions at a time, without full
+  logits.
 
   hidden [B, L, d] (after the final norm), head [d, V], targets [B, L]; L a multiple of chunk.
   Each chunk's logits (in `dtype`, softmax in float32) are recomputed in the backward pass, so
@@ -93,12 +116,21 @@ def chunked_cross_entropy(
   labels = targets.reshape(batch, length // chunk, chunk).swapaxes(0, 1)
 
   @jax.checkpoint
-  def one(h: jax.Array, y: jax.Array) -> jax.Array:
+  def one(h: jax.Array, y: jax.Array) -> tuple[jax.Array, ...]:
     logits = jnp.einsum("bcd,dv->bcv", h.astype(dtype), head.astype(dtype))
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    return tuple(t for t in token_terms(logits, y, confidence) if t is not None)
 
-  ce = jax.lax.map(lambda args: one(*args), (chunks, labels))
-  return ce.swapaxes(0, 1).reshape(batch, length)
+  terms = jax.lax.map(lambda args: one(*args), (chunks, labels))
+  return TokenTerms(*(t.swapaxes(0, 1).reshape(batch, length) for t in terms))
+
+
+def confidence_entropy(terms: TokenTerms, batch: dict[str, jax.Array]) -> jax.Array:
+  """CAP's confidence term (LLaDA 2.0, inclusionAI 2025; DESIGN.md §8): the mean entropy (nats)
+  of the predicted distribution over the masked positions whose argmax is already the target; 0
+  when there are none. Minimising it sharpens what the model already gets right, so that confidence-
+  threshold decoding commits more tokens per step."""
+  chosen = batch["masked"] & terms.correct
+  return jnp.sum(jnp.where(chosen, terms.entropy, 0.0)) / jnp.maximum(jnp.sum(chosen), 1)
 
 
 def unpacked_batch(tokens: jax.Array, **extra: jax.Array) -> dict[str, jax.Array]:
@@ -234,13 +266,11 @@ def mdm_objective(
     exact: bool = False,
 ) -> tuple[jax.Array, Metrics]:
   """LLaDA's bound: the forward process (unless the pipeline already noised the batch), then the
-  1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`)."""
+  1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`); `diffusion_bound` for the
+  training options."""
   del exact  # LLaDA's schedule is always the exact one
-  if "inputs" not in batch:
-    batch = forward_process_of(lm.config, batch, rng, random_length_prob=random_length_prob)
-  ce, aux = lm.cross_entropy(params, batch["inputs"], batch)
-  return with_router_losses(
-      lm.config, *diffusion_loss_from_ce(ce, batch, reduction), aux, reduction
+  return diffusion_bound(
+      lm, params, batch, rng, reduction=reduction, random_length_prob=random_length_prob
   )
 
 
@@ -278,20 +308,60 @@ def block_objective(
   cross-entropy of the noisy stream of one two-stream pass (`diffusion_loss_from_ce`).
   block_size defaults to config.diffusion.block_size (the trainer passes the size of its
   `block_size_schedule`); exact: t ~ U(0, 1), not the clipped training schedule."""
-  block_size = block_size or lm.config.diffusion.block_size
+  return diffusion_bound(
+      lm,
+      params,
+      batch,
+      rng,
+      reduction=reduction,
+      random_length_prob=random_length_prob,
+      block_size=block_size or lm.config.diffusion.block_size,
+      exact=exact,
+  )
+
+
+def diffusion_bound(
+    lm: LanguageModel,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    reduction: str,
+    random_length_prob: float,
+    block_size: int = 0,
+    exact: bool = False,
+) -> tuple[jax.Array, Metrics]:
+  """The 1/p-weighted bound of a masked diffusion model (mdm: block_size 0; block: its size),
+  with the training options of config.diffusion, which the "mean" reduction applies and a
+  per-sequence bound ("sequence") never does:
+  - complementary_masking: each row is scored twice, with its mask and with the complement of
+    it (`masking.with_complements`): the bound's expectation is unchanged, its variance falls,
+    the pass costs twice the FLOPs;
+  - cap_weight λ: CAP, the loss gains λ x `confidence_entropy` (metric cap/entropy); the
+    bound (metric loss) stays the bound.
+  Then a MoE model's router losses (`with_router_losses`)."""
+  d = lm.config.diffusion
   if "inputs" not in batch:
     batch = forward_process_of(
         lm.config,
         batch,
         rng,
         random_length_prob=random_length_prob,
-        block_size=block_size,
+        block_size=block_size or None,
         exact=exact,
     )
-  ce, aux = lm.cross_entropy(params, batch["inputs"], batch, block_size=block_size)
-  return with_router_losses(
-      lm.config, *diffusion_loss_from_ce(ce, batch, reduction), aux, reduction
+  training = reduction == "mean"
+  if d.complementary_masking and training:
+    batch = with_complements(batch, lm.config.tokens.mask_id)
+  cap = d.cap_weight if training else 0.0
+  terms, aux = lm.cross_entropy(
+      params, batch["inputs"], batch, block_size=block_size, confidence=cap > 0
   )
+  loss, metrics = diffusion_loss_from_ce(terms.ce, batch, reduction)
+  if cap > 0:
+    entropy = confidence_entropy(terms, batch)
+    loss, metrics = loss + cap * entropy, dict(metrics, **{"cap/entropy": entropy})
+  return with_router_losses(lm.config, loss, metrics, aux, reduction)
 
 
 def with_router_losses(

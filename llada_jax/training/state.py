@@ -106,14 +106,33 @@ def create_train_state(
   _, shardings = state_shardings(config, model, tx, mesh)
   if config.train.init_from:
     params = imported_params(config, shardings.params)
-    fresh = jax.jit(
-        lambda p: TrainState.fresh(p, tx.init(p)), out_shardings=shardings, donate_argnums=0
-    )
+    noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.MASK_NOISE)
+
+    def start(p: Any) -> TrainState:
+      p = with_mask_embedding_noise(
+          p, config.tokens.mask_id, config.train.mask_embedding_noise, noise_key
+      )
+      return TrainState.fresh(p, tx.init(p))
+
+    fresh = jax.jit(start, out_shardings=shardings, donate_argnums=0)
     logging.info("initialised the parameters from train.init_from=%s", config.train.init_from)
     return fresh(params), shardings
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.INIT)
   init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, r)), out_shardings=shardings)
   return init(rng), shardings
+
+
+def with_mask_embedding_noise(params: Any, mask_id: int, scale: float, rng: jax.Array) -> Any:
+  """params with N(0, (scale x std of the embedding table)^2) noise added to row mask_id of the
+  token embedding (params["wte"]["embedding"] [V, d]); unchanged for scale 0. LLaDA 2.0's
+  remedy for the mask embedding of an AR model, which never saw the token (DESIGN.md §8)."""
+  if not scale:
+    return params
+  table = params["wte"]["embedding"]
+  std = jnp.std(table.astype(jnp.float32))
+  noise = scale * std * jax.random.normal(rng, table.shape[1:], jnp.float32)
+  row = (table[mask_id].astype(jnp.float32) + noise).astype(table.dtype)
+  return dict(params, wte=dict(params["wte"], embedding=table.at[mask_id].set(row)))
 
 
 def read_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
