@@ -77,23 +77,31 @@ def test_block_size_one_is_causal_and_a_whole_sequence_is_bidirectional():
   assert BlockCausal(16).dense(16, 16).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("implementation", ["jax_nn", "splash"])
-def test_kernels_apply_the_pattern_as_xla_does(implementation):
+def test_kernels_apply_the_pattern_as_xla_does(implementation, packed):
   """A two-stream pattern with padding keys, through jax_nn (the cuDNN code path) and splash
-  (interpreted off TPU), against the XLA kernel that materialises the mask."""
+  (interpreted off TPU), against the XLA kernel that materialises the mask; packed: with the
+  segment ids of two documents (document-level attention) combined with the pattern."""
   length = 128 if implementation == "splash" else 24
+  size = 16 if implementation == "splash" else 4
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q = jax.random.normal(keys[0], (2, 2 * length, 4, 16))
   k, v = (jax.random.normal(key, (2, 2 * length, 2, 16)) for key in keys[1:])
   key_mask = jnp.ones((2, 2 * length), bool).at[1, length - 5 : length].set(False)
-  pattern = BlockCausal(16 if implementation == "splash" else 4, two_stream=True)
-  want = attention(q, k, v, causal=False, key_mask=key_mask, pattern=pattern)
-  got = attention(
-      q, k, v, causal=False, key_mask=key_mask, pattern=pattern, implementation=implementation
-  )
-  np.testing.assert_allclose(got, want, atol=2e-5)
-  bidirectional = attention(q, k, v, causal=False, key_mask=key_mask)
-  assert not np.allclose(bidirectional, want, atol=1e-3)
+  segments = None
+  if packed:  # a second document from the third block on, in both streams
+    one = jnp.where(jnp.arange(length) < 2 * size, 1, 2)
+    segments = jnp.broadcast_to(jnp.concatenate([one, one]), (2, 2 * length))
+  pattern = BlockCausal(size, two_stream=True)
+  options = dict(causal=False, key_mask=key_mask, pattern=pattern, segment_ids=segments)
+  want = attention(q, k, v, **options)
+  got = attention(q, k, v, **options, implementation=implementation)
+  real = np.asarray(key_mask)  # outputs at padding positions are unspecified (no key reads them)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  others = [dict(options, pattern=None)] + [dict(options, segment_ids=None)] * packed
+  for other in others:
+    assert not np.allclose(attention(q, k, v, **other), want, atol=1e-3)
 
 
 def _tokens(config, rows=3, seed=1):
@@ -530,3 +538,75 @@ def test_a_new_objective_is_one_entry_in_each_table(params, monkeypatch):
   np.testing.assert_array_equal(tokens2, tokens)
   np.testing.assert_array_equal(scores2.log_likelihood, scores.log_likelihood)
   assert flops2 == flops
+
+
+def test_packed_documents_at_block_boundaries_train_as_each_document_alone(params):
+  """Document-level attention under packing: two documents packed at multiples of the block size
+  (segment ids, positions restarting, the gaps padding) get, through the two-stream pass, the
+  cross-entropy each has alone in its own padded row, with the same masks."""
+  config = block_config(block_size=4)
+  lm = MaskedDiffusionLM(config)
+  length, mask_id = config.data.sequence_length, config.tokens.mask_id
+  docs = [np.arange(10) + 20, np.arange(7) + 60]
+  starts = [0, 12]  # 10 tokens, a gap of 2 to the next multiple of 4, 7 tokens, padding
+  rng = np.random.RandomState(0)
+
+  def row(placed):
+    targets, segments, positions = (np.zeros(length, np.int32) for _ in range(3))
+    for number, (start, doc) in enumerate(placed, 1):
+      targets[start : start + len(doc)] = doc
+      segments[start : start + len(doc)] = number
+      positions[start : start + len(doc)] = np.arange(len(doc))
+    return targets, segments, positions
+
+  masked = rng.rand(length) < 0.5
+  rows = [row(list(zip(starts, docs)))] + [row([(0, doc)]) for doc in docs]
+  masks = [masked] + [np.roll(masked, -start) for start in starts]  # the same tokens masked
+  # The second document right after the first (index 10, inside the first's third block): its
+  # blocks are no longer its own, which the comparison must see.
+  rows.append(row([(0, docs[0]), (10, docs[1])]))
+  masks.append(np.concatenate([masked[:10], masked[12:], masked[:2]]))
+  batch = {
+      "targets": jnp.asarray([r[0] for r in rows]),
+      "segment_ids": jnp.asarray([r[1] for r in rows]),
+      "positions": jnp.asarray([r[2] for r in rows]),
+  }
+  batch["valid"] = batch["segment_ids"] > 0
+  batch["masked"] = jnp.asarray(masks) & batch["valid"]
+  inputs = jnp.where(batch["masked"], mask_id, batch["targets"])
+  ce = np.asarray(lm.cross_entropy(params, inputs, batch, block_size=4)[0].ce)
+  for number, (start, doc) in enumerate(zip(starts, docs), 1):
+    np.testing.assert_allclose(ce[0, start : start + len(doc)], ce[number, : len(doc)], atol=2e-5)
+  assert not np.allclose(ce[3, 10:17], ce[2, :7], atol=1e-3)
+
+
+def test_packing_aligns_documents_for_the_block_sizes_it_trains_with():
+  """A block model under data.packing="pack" packs each document at a multiple of the least
+  common multiple of its block sizes below the sequence length; the gaps are padding."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.data import preprocessors, registry  # pylint: disable=g-import-not-at-top
+
+  config = block_config(block_size=8)
+  config.data.packing = "pack"
+  config.diffusion.block_size_schedule = "0:2,10:4,20:L,30:8"
+  assert registry.layout_of(validate(config)) == "pack8"
+  config.diffusion.update(block_size=1, block_size_schedule="")
+  assert registry.layout_of(validate(config)) == "pack"
+  assert registry.layout_of(make_tiny_config()) == "chunk"
+
+  docs = [list(range(1, 11)), list(range(21, 28)), list(range(41, 44)), list(range(61, 81))]
+  dataset = tf.data.Dataset.from_generator(
+      lambda: ({"targets": np.asarray(d, np.int32)} for d in docs),
+      output_signature={"targets": tf.TensorSpec([None], tf.int32)},
+  )
+  rows = list(preprocessors.layout("pack8")(dataset, 32).as_numpy_iterator())
+  found = []
+  for r in rows:
+    for segment in range(1, r["segment_ids"].max() + 1):
+      where = np.flatnonzero(r["segment_ids"] == segment)
+      assert where[0] % 8 == 0 and (np.diff(where) == 1).all()
+      np.testing.assert_array_equal(r["positions"][where], np.arange(len(where)))
+      found.append(list(r["targets"][where]))
+    assert (r["targets"][r["segment_ids"] == 0] == 0).all()
+  assert sorted(found) == sorted(docs)

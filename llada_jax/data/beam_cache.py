@@ -35,7 +35,7 @@ def build_provider(config: ml_collections.ConfigDict):
 
   registry.import_task_module(config.data.task_module)
   return registry.seqio_provider(
-      config.data.task, config.data.vocabulary, get_vocabulary(config), config.data.packing
+      config.data.task, config.data.vocabulary, get_vocabulary(config), registry.layout_of(config)
   )
 
 

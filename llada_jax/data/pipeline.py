@@ -91,7 +91,7 @@ def _vocabulary_and_provider(config: ml_collections.ConfigDict):
   registry.import_task_module(config.data.task_module)
   vocabulary = get_vocabulary(config)
   provider = registry.seqio_provider(
-      config.data.task, config.data.vocabulary, vocabulary, config.data.packing
+      config.data.task, config.data.vocabulary, vocabulary, registry.layout_of(config)
   )
   if config.data.use_cached:
     registry.check_cached(provider, config.data.cache_dir)

@@ -6,6 +6,9 @@ Every function maps a dataset of tokenized examples to another and keeps the str
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import tensorflow as tf
 
 _CHUNK_DOCUMENTS = 256  # documents concatenated and cut at once by `chunk`
@@ -55,21 +58,47 @@ def split_long_documents(dataset: tf.data.Dataset, length: int) -> tf.data.Datas
   return dataset.flat_map(pieces).map(lambda ex: {"targets": ex["targets"]})
 
 
-def pack(dataset: tf.data.Dataset, length: int) -> tf.data.Dataset:
+def pack(dataset: tf.data.Dataset, length: int, align: int = 1) -> tf.data.Dataset:
   """Packs whole documents (long ones split first) into rows of `length`, with segment ids
-  (1, 2, ... per document, 0 for padding) and positions restarting at 0 in every document."""
+  (1, 2, ... per document, 0 for padding) and positions restarting at 0 in every document.
+
+  align > 1 (a divisor of length): every document starts at a multiple of `align` in its row,
+  the gap after the one before it padding (segment 0, token 0, position 0), so a model that
+  counts blocks of a divisor of `align` from the row's start sees each document's own blocks.
+  """
   import seqio  # pylint: disable=g-import-not-at-top
 
-  packed = seqio.utils.trim_and_pack_dataset(
-      split_long_documents(dataset, length), {"targets": length}
-  )
-  return packed.map(
-      lambda ex: {
-          "targets": ex["targets"],
-          "segment_ids": ex["targets_segment_ids"],
-          "positions": ex["targets_positions"],
-      }
-  )
+  documents = split_long_documents(dataset, length)
+  if align > 1:
+    documents = documents.map(
+        lambda ex: {
+            "targets": tf.pad(
+                ex["targets"], [[0, -tf.size(ex["targets"]) % align]], constant_values=_FILLER
+            )
+        }
+    )
+  packed = seqio.utils.trim_and_pack_dataset(documents, {"targets": length})
+
+  def features(ex):
+    gap = tf.equal(ex["targets"], _FILLER)
+    return {
+        "targets": tf.where(gap, 0, ex["targets"]),
+        "segment_ids": tf.where(gap, 0, ex["targets_segment_ids"]),
+        "positions": tf.where(gap, 0, ex["targets_positions"]),
+    }
+
+  return packed.map(features)
+
+
+_FILLER = -1  # the gap after an aligned document while packing (no token id is negative)
+
+
+def layout(name: str) -> Callable[[tf.data.Dataset, int], tf.data.Dataset]:
+  """The layout function (dataset, length) -> rows of a layout name (`registry.layout_of`):
+  "chunk", "pack", or "pack<A>" (documents aligned at multiples of A)."""
+  if name == "chunk":
+    return chunk
+  return functools.partial(pack, align=int(name[len("pack") :] or 1))
 
 
 def sft_layout(dataset: tf.data.Dataset, length: int, eos_id: int) -> tf.data.Dataset:

@@ -24,11 +24,13 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import pathlib
 import re
 import sys
 from typing import Any, Callable, Sequence
 
+from llada_jax.config import block_sizes, objective_of
 from llada_jax.data import corpora
 from llada_jax.data.hf_tokenizer import ChatMessage, render_chat
 from llada_jax.errors import ConfigError
@@ -154,8 +156,23 @@ def _tokenize(dataset, vocabulary, fields: Sequence[str], rename: dict[str, str]
   return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def layout_of(config: Any) -> str:
+  """How config's documents become rows, as the registry names it (`preprocessors.layout`):
+  data.packing "chunk" or "pack"; for a model trained in blocks under "pack", "pack<A>": each
+  document starts at a multiple of A tokens, the least common multiple of its block sizes below
+  data.sequence_length, so that a packed document's blocks are those it has alone (with its
+  segment ids, LLaDA 2.0's document-level attention; docs/block.md)."""
+  packing = config.data.packing
+  if packing != "pack" or not objective_of(config).blocks:
+    return packing
+  sizes = [b for b in block_sizes(config) if b < config.data.sequence_length]
+  align = math.lcm(*sizes) if sizes else 1
+  return f"pack{align}" if align > 1 else packing
+
+
 def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
-  """The seqio Task or Mixture for a registered name, built once per (vocabulary, packing)."""
+  """The seqio Task or Mixture for a registered name, built once per (vocabulary, layout):
+  `packing` is a layout name (`layout_of`)."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -190,7 +207,7 @@ def seqio_provider(name: str, vocabulary_name: str, vocabulary, packing: str):
         lambda ds, sequence_length: preprocessors.sft_layout(ds, sequence_length["targets"], eos),
     ]
   else:
-    layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
+    layout = preprocessors.layout(packing)
     steps = [
         functools.partial(
             _tokenize, vocabulary=vocabulary, fields=("text",), rename={"text": "targets"}
@@ -266,7 +283,7 @@ class SeqioTaskLayout:
 
     from llada_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
 
-    layout = preprocessors.chunk if self._packing == "chunk" else preprocessors.pack
+    layout = preprocessors.layout(self._packing)
     length = sequence_length["targets"]
     rows, rates = [], []
     for task, rate in self.tasks:
@@ -343,7 +360,7 @@ def _pretokenized_task(
     pretokenized.check_vocabulary(
         pretokenized.read_manifest(directory), vocabulary_name, vocabulary.vocab_size
     )
-  layout = preprocessors.chunk if packing == "chunk" else preprocessors.pack
+  layout = preprocessors.layout(packing)
   steps = [pretokenized.densify]
   if spec.append_eos:
     steps.append(functools.partial(preprocessors.append_eos, eos_id=vocabulary.eos_id))

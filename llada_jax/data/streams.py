@@ -241,7 +241,7 @@ def _source(
     )
     return ChunkedTokens(reader, length)
   provider = registry.seqio_provider(
-      spec.name, config.data.vocabulary, vocabulary, config.data.packing
+      spec.name, config.data.vocabulary, vocabulary, registry.layout_of(config)
   )
   return MemoryRows(_epoch_rows(provider, length, shard, num_shards))
 
