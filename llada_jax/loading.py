@@ -110,7 +110,9 @@ def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
   """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
   data-parallel axis; the training batch and mesh play no part)."""
   serving = ml_collections.ConfigDict(config.to_dict())
-  serving.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  serving.mesh.update(
+      dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1)
+  )
   mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
   boxed = jax.eval_shape(MaskedDiffusionLM(serving).init, jax.random.PRNGKey(0))
   return abstract_on_mesh(boxed, mesh, axis_rules(serving))

@@ -186,3 +186,45 @@ def test_mask_embedding_noise_perturbs_only_the_mask_row_at_its_scale(bpe_llama)
   jax.tree.map(np.testing.assert_array_equal, plain, noisy)
   with pytest.raises(ConfigError, match="train.mask_embedding_noise"):
     tiny_config(None, train__mask_embedding_noise=0.5)
+
+
+def test_init_from_a_workdir_starts_the_next_stage_from_its_newest_parameters(tmp_path):
+  """A recipe's stage starts from the previous stage's workdir: an ARM's parameters (not its
+  optimizer state) start a block model, which reads each token from its predecessor's logits
+  (alignment "shifted", as from any AR start); another architecture is refused in one line."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import load_model  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.state import config_with_init_from, create_train_state  # pylint: disable=g-import-not-at-top
+
+  arm = make_tiny_config(causal=True)
+  arm.train.update(dict(num_steps=2, eval_every=2))
+  train(validate(arm), tmp_path / "arm")
+  _, trained = load_model(str(tmp_path / "arm"))
+
+  block = make_tiny_config()
+  block.diffusion.update(dict(objective="block", block_size=4))
+  block.train.update(dict(num_steps=1, eval_every=1, init_from=str(tmp_path / "arm")))
+  config = config_with_init_from(validate(block))
+  mesh = make_mesh(config, jax.devices()[:1], check_batch=False)
+  state, _ = create_train_state(config, MaskedDiffusionLM(config), make_optimizer(config), mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), trained)
+  assert int(state.step) == 0 and not any(
+      np.any(np.asarray(m)) for m in jax.tree.leaves(state.opt_state) if np.ndim(m) > 1
+  )
+  train(validate(block), tmp_path / "block")
+  stored = checkpoint.load_config(tmp_path / "block")
+  assert (stored.diffusion.objective, stored.diffusion.logit_alignment) == ("block", "shifted")
+
+  wider = make_tiny_config(d_model=128)
+  wider.train.init_from = str(tmp_path / "arm")
+  with pytest.raises(ConfigError, match="model.d_model=128 is not allowed with train.init_from"):
+    config_with_init_from(validate(wider))
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  wider.train.init_from = str(tmp_path / "empty")
+  with pytest.raises(ConfigError, match="holds no readable checkpoint"):
+    config_with_init_from(validate(wider))

@@ -373,3 +373,15 @@ def test_large_replicated_parameters_are_reported():
   config = _config((1, 8, 1))
   abstract, shardings = state_shardings(config, model, tx, make_mesh(config, jax.devices()))
   assert not warn_replicated(abstract.params, shardings.params, min_elements=8_000)
+
+
+def test_a_run_trained_on_any_mesh_is_served_replicated_on_the_devices_at_hand():
+  """Sampling, merging and init_from read a checkpoint of a pod mesh (expert parallelism, two
+  slices) on whatever devices this host has: every mesh axis but data is reset to 1."""
+  from llada_jax.loading import serving_abstract_params  # pylint: disable=g-import-not-at-top
+
+  config = make_tiny_config()
+  config.mesh.update(dict(expert=8, dcn_data=2, tensor=2))  # 32 devices: more than this host's
+  abstract = serving_abstract_params(config)
+  for leaf in jax.tree.leaves(abstract):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8

@@ -40,6 +40,7 @@ from llada_jax.training.state import (
     TrainState,
     config_with_init_from,
     create_train_state,
+    init_from_workdir,
     state_shardings,
 )
 from llada_jax.training.sources import make_source
@@ -293,13 +294,14 @@ def _config_of_run(
   """
   if config.posttrain.method:  # the policy is the reference's network, resumed or not
     config = config_with_reference(config)
-  stored = newest_stored_config(workdir)
+  stored = origin = newest_stored_config(workdir)
   if stored is not None:
     config = _resumed_vocabulary(config, stored, workdir)
   elif config.train.init_from:
     config = config_with_init_from(config)
+    origin = init_from_workdir(config)  # a workdir's model keeps its alignment (or shifts an ARM)
   config = ml_collections.ConfigDict(config.to_dict())
-  config.diffusion.logit_alignment = alignment.resolve(config, stored)
+  config.diffusion.logit_alignment = alignment.resolve(config, origin)
   if (
       stored is not None
       and not objective_of(stored).causal  # an AR checkpoint's start is resolve's to choose

@@ -16,7 +16,12 @@ from absl import logging
 from jax.sharding import Mesh
 
 from llada_jax import storage
-from llada_jax.checkpoint import PARAMETER_FIELDS
+from llada_jax.checkpoint import (
+    PARAMETER_FIELDS,
+    checkpoint_dir,
+    newest_stored_config,
+    restore_newest,
+)
 from llada_jax.config import TOKENIZER_VOCABULARIES, default_config, take_fields, validate
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream
@@ -103,9 +108,9 @@ def create_train_state(
   Raises:
     ConfigError, CheckpointError: as imported_params.
   """
-  _, shardings = state_shardings(config, model, tx, mesh)
+  abstract, shardings = state_shardings(config, model, tx, mesh)
   if config.train.init_from:
-    params = imported_params(config, shardings.params)
+    params = imported_params(config, abstract.params)
     noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.MASK_NOISE)
 
     def start(p: Any) -> TrainState:
@@ -135,23 +140,48 @@ def with_mask_embedding_noise(params: Any, mask_id: int, scale: float, rng: jax.
   return dict(params, wte=dict(params["wte"], embedding=table.at[mask_id].set(row)))
 
 
+def init_from_workdir(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The stored config of the newest checkpoint of train.init_from when it names a llada_jax
+  workdir (a folder with checkpoints/: a run of any objective, whose parameters start the next
+  stage of a recipe), None when it names an HF folder or nothing.
+
+  Raises:
+    ConfigError: a workdir without a readable checkpoint.
+    CheckpointError: a stored config this version cannot use.
+  """
+  path = config.train.init_from
+  if not path or not checkpoint_dir(path).is_dir():
+    return None
+  stored = newest_stored_config(path)
+  if stored is None:
+    raise ConfigError(
+        f"train.init_from={path} is not allowed: its checkpoints/ holds no readable checkpoint "
+        "(expected a llada_jax workdir with one, or a Llama/Mistral HuggingFace folder)"
+    )
+  return stored
+
+
 def read_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The causal config of the train.init_from folder (`read_llama_config`: its sizes, its
+  """The config of the train.init_from folder: a llada_jax workdir's newest stored config
+  (`init_from_workdir`), or an HF folder's causal config (`read_llama_config`: its sizes, its
   tokenizer.json as vocabulary "hf", its special ids, its mask token: the mask_token_id it
   records, else one appended row).
 
   Raises:
-    ConfigError: the folder has no config.json (named as train.init_from), or the import's
-      ConfigErrors.
+    ConfigError: the folder is neither a workdir with a checkpoint nor has a config.json (named as
+      train.init_from), or the import's ConfigErrors.
     CheckpointError: a folder that cannot be imported.
   """
   from llada_jax.interop.llama import read_llama_config  # pylint: disable=g-import-not-at-top
 
+  stored = init_from_workdir(config)
+  if stored is not None:
+    return stored
   path = config.train.init_from
   if not (storage.path(path) / "config.json").is_file():
     raise ConfigError(
-        f"train.init_from={path} is not allowed: it has no config.json (expected a Llama/Mistral "
-        "HuggingFace folder)"
+        f"train.init_from={path} is not allowed: it has no config.json nor checkpoints/ "
+        "(expected a Llama/Mistral HuggingFace folder or a llada_jax workdir)"
     )
   return read_llama_config(path)
 
@@ -159,8 +189,8 @@ def read_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` with the vocabulary of its train.init_from folder (VOCABULARY_KEYS: the
   folder's tokenizer.json, vocabulary "hf" or the one a llada_jax export records, its special ids,
-  model.vocab_size with the appended mask row), each change logged; every other field is the
-  config's. The run's model fields must be the folder's (INIT_FROM_FIELDS). A folder without a
+  model.vocab_size with the appended mask row; a workdir's stored vocabulary and kept
+  tokenizer.json), each change logged; every other field is the config's. The run's model fields must be the folder's (INIT_FROM_FIELDS). A folder without a
   tokenizer.json keeps the config's data.tokenizer for a tokenizer vocabulary.
 
   Raises:
@@ -168,7 +198,12 @@ def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.C
       from the folder's (checked before any tensor is read).
     CheckpointError: a folder that cannot be imported.
   """
+  from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+
   imported = read_init_from(config)
+  kept = storage.path(config.train.init_from) / TOKENIZER_FILE  # a workdir's copy
+  if imported.data.vocabulary in TOKENIZER_VOCABULARIES and kept.is_file():
+    imported.data.tokenizer = str(kept)
   if not imported.data.tokenizer and imported.data.vocabulary in TOKENIZER_VOCABULARIES:
     imported.data.tokenizer = config.data.tokenizer
   _check_init_from_model(config, imported)
@@ -196,10 +231,12 @@ def _check_init_from_model(
       )
 
 
-def imported_params(config: ml_collections.ConfigDict, shardings: Any = None) -> Any:
-  """The parameters of config.train.init_from, a Llama/Mistral HF folder (the one import path,
-  interop.llama.load_llama), in model.param_dtype, each placed in `shardings` (a tree of
-  NamedShardings) as it is read.
+def imported_params(config: ml_collections.ConfigDict, abstract: Any = None) -> Any:
+  """The parameters of config.train.init_from, each placed as `abstract` (the parameters'
+  ShapeDtypeStructs carrying their shardings; None: replicated on this host's devices, as for
+  serving) says as it is read: a llada_jax workdir's newest
+  checkpoint that restores (its optimizer state never read), or a Llama/Mistral HF folder's (the
+  one import path, interop.llama.load_llama) in model.param_dtype.
 
   The config must have the folder's vocabulary (`config_with_init_from` gives it; the trainer
   applies it before anything is built): its mask token is the folder's (the mask_token_id it
@@ -212,9 +249,17 @@ def imported_params(config: ml_collections.ConfigDict, shardings: Any = None) ->
     CheckpointError: a folder that cannot be imported.
   """
   from llada_jax.interop.llama import load_llama  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import serving_abstract_params  # pylint: disable=g-import-not-at-top
 
   path = config.train.init_from
+  abstract = serving_abstract_params(config) if abstract is None else abstract
   imported = read_init_from(config)
+  if init_from_workdir(config) is not None:
+    _check_init_from_model(config, imported)
+    _, _, params = restore_newest(
+        path, lambda _: abstract, params_only=True, read_only=True, wanted=config
+    )
+    return params
   _check_init_from_model(config, imported)
   for key in VOCABULARY_KEYS[1:]:  # data.tokenizer aside: it names the file, the ids are checked
     section, field = key.split(".")
@@ -226,4 +271,5 @@ def imported_params(config: ml_collections.ConfigDict, shardings: Any = None) ->
   base = default_config()
   base.model.update(config.model.to_dict())  # the layer layout (scan_layers) to build
   dtype = config.model.param_dtype
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
   return load_llama(path, dtype=dtype, base=base, shardings=shardings)[1]
