@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from llada_jax.data.corpora import split_text  # noqa: E402
-from llada_jax.data.registry import TaskSpec, register_task  # noqa: E402
+from llada_jax.data.registry import reverse_words  # noqa: E402
 from llada_jax.diffusion.likelihood import bound_estimator  # noqa: E402
 from llada_jax.loading import load_model  # noqa: E402
 from llada_jax.posttrain.dpo import dpo_loss, pack_preferences  # noqa: E402
@@ -66,7 +66,6 @@ flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound")
 flags.DEFINE_float("beta", 0.5, "DPO's beta")
 flags.DEFINE_integer("sft_steps", 600, "SFT steps on addition before GRPO (--quick: 300)")
 flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)")
-flags.DEFINE_integer("grpo_held_out", 40, "held-out words of the reversal task")
 
 
 def corpus_pairs(split: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -94,19 +93,9 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict[str, str]]) -> str:
   return str(path)
 
 
-def _reversals(words: list[str]) -> list[dict[str, str]]:
-  return [{"prompt": f"{w}>", "response": w[::-1]} for w in words]
-
-
 def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, float]:
   """SFT on reversal, then GRPO (see the module docstring): (held-out reward before, after)."""
-  alphabet = "abcdef"
-  words = [a + b + c for a in alphabet for b in alphabet for c in alphabet]
-  order = np.random.default_rng(0).permutation(len(words))
-  shuffled = [words[i] for i in order]
-  held = FLAGS.grpo_held_out
-  records = {"train": _reversals(shuffled[held:]), "validation": _reversals(shuffled[:held])}
-  register_task(TaskSpec("reverse_sft", "sft", lambda split: records[split], True))
+  records = {split: reverse_words(split) for split in ("train", "validation")}
 
   start = time.time()
   sft_dir = str(root / "sft")

@@ -425,6 +425,24 @@ def _read_gsm8k(split: str) -> list[dict[str, str]]:
   return records
 
 
+# A verifiable SFT task a tiny model learns in minutes on a CPU (docs/recipe.md, the post-training
+# benchmark): every three-letter word over REVERSE_ALPHABET reversed, "abf>" -> "fba";
+# REVERSE_HELD_OUT words of a fixed permutation form the validation split.
+REVERSE_ALPHABET = "abcdef"
+REVERSE_HELD_OUT = 40
+
+
+def reverse_words(split: str) -> list[dict[str, str]]:
+  """The records {prompt: "abf>", response: "fba"} of the reverse_sft task's split ("train",
+  "validation")."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  words = [a + b + c for a in REVERSE_ALPHABET for b in REVERSE_ALPHABET for c in REVERSE_ALPHABET]
+  shuffled = [words[i] for i in np.random.default_rng(0).permutation(len(words))]
+  chosen = shuffled[:REVERSE_HELD_OUT] if split == "validation" else shuffled[REVERSE_HELD_OUT:]
+  return [{"prompt": f"{w}>", "response": w[::-1]} for w in chosen]
+
+
 def _decode_utf8(path: pathlib.Path) -> str:
   data = path.read_bytes()
   try:
@@ -511,6 +529,7 @@ def register_text_task(
 for _corpus in corpora.CORPUS_FILES:
   register_task(TaskSpec(_corpus, "pretrain", functools.partial(_read_corpus, _corpus), False))
 register_task(TaskSpec("gsm8k_sft", "sft", _read_gsm8k, False))
+register_task(TaskSpec("reverse_sft", "sft", reverse_words, True))
 register_mixture(
     "corpora", {c: float(corpora.corpus_path(c).stat().st_size) for c in corpora.CORPUS_FILES}
 )
