@@ -61,6 +61,7 @@ setuptools.setup(
             "llada-evaluate=llada_jax.evaluate:run",
             "llada-lm-eval=llada_jax.evaluation.lm_eval_adapter:main",
             "llada-scaling=llada_jax.scaling:run",
+            "llada-merge=llada_jax.merge:run",
         ],
     },
 )
