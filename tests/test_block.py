@@ -610,3 +610,37 @@ def test_packing_aligns_documents_for_the_block_sizes_it_trains_with():
       found.append(list(r["targets"][where]))
     assert (r["targets"][r["segment_ids"] == 0] == 0).all()
   assert sorted(found) == sorted(docs)
+
+
+def test_each_row_counts_its_own_forward_passes(params):
+  """return_steps: one pass a token without a threshold (steps = block size), one pass a block
+  when every proposal clears it, and a row counts the same alone as in a batch whose other rows
+  take longer."""
+  config = block_config(block_size=4, steps=16, gen_length=16)
+  lm = MaskedDiffusionLM(config)
+  prompt = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (3, 8), 3, 250))  # two blocks
+  mask = np.ones(prompt.shape, bool)
+  rng = item_keys(jax.random.PRNGKey(5), 3)
+  tokens, steps = lm.generate(params, prompt, mask, rng=rng, return_steps=True)
+  np.testing.assert_array_equal(tokens, lm.generate(params, prompt, mask, rng=rng))
+  ends = np.isin(np.asarray(tokens)[:, 8:], [config.tokens.eos_id, config.tokens.eot_id])
+  # A row stops after the block of its first end token (early stop): its blocks of 4 so far.
+  first_end = np.where(ends.any(-1), ends.argmax(-1) // 4 + 1, 4)
+  np.testing.assert_array_equal(steps, 4 * first_end)  # a token a step
+  _, fast = lm.generate(params, prompt, mask, rng=rng, return_steps=True, parallel_threshold=1e-9)
+  np.testing.assert_array_equal(fast, first_end)  # every masked token of a block at once
+  _, mid = lm.generate(params, prompt, mask, rng=rng, return_steps=True, parallel_threshold=0.02)
+  for row in range(3):
+    _, alone = lm.generate(
+        params,
+        prompt[row : row + 1],
+        mask[row : row + 1],
+        rng=rng[row : row + 1],
+        return_steps=True,
+        parallel_threshold=0.02,
+    )
+    assert int(alone[0]) == int(mid[row])
+  with pytest.raises(ConfigError, match="return_steps is not allowed"):
+    MaskedDiffusionLM(validate(make_tiny_config(causal=True))).generate(
+        params, prompt, mask, return_steps=True
+    )

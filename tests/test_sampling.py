@@ -395,3 +395,19 @@ def test_greedy_decoding_ignores_top_k_and_top_p(model_and_params):
     np.testing.assert_array_equal(
         generate(config, params, _prompt(), **kwargs, **truncation), greedy
     )
+
+
+def test_llada_rows_count_their_forward_passes(model_and_params):
+  """return_steps: `steps` on the fixed schedule, one pass a block when every proposal clears the
+  threshold, and between them with a real threshold, the same tokens as without counting."""
+  config, params = model_and_params
+  kwargs = dict(steps=8, gen_length=16, block_length=8)
+  out, steps = generate(config, params, _prompt(), return_steps=True, **kwargs)
+  np.testing.assert_array_equal(out, generate(config, params, _prompt(), **kwargs))
+  np.testing.assert_array_equal(steps, [8, 8])
+  _, fast = generate(
+      config, params, _prompt(), return_steps=True, parallel_threshold=1e-9, **kwargs
+  )
+  np.testing.assert_array_equal(fast, [2, 2])  # two blocks, each at once
+  _, mid = generate(config, params, _prompt(), return_steps=True, parallel_threshold=0.01, **kwargs)
+  assert (2 <= np.asarray(mid)).all() and (np.asarray(mid) <= 16).all()

@@ -96,7 +96,8 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
   """The jitted reverse process of the block diffusion model of spec (spec.block_model = B):
   run(params, prompt [R, P] int32, prompt_mask [R, P] bool, row_keys [R, 2] uint32, scalars as
   `generate.sampler_scalars` gives them) -> int32 [R, P + gen_length], the prompt followed by
-  each row's answer."""
+  each row's answer (and with spec.return_steps the forward passes of each row [R] int32: a pass
+  counts for a row that still had masks in the block)."""
   size = spec.block_model
   plain = network(spec.model)
   patterned = network(spec.model, BlockCausal(size))
@@ -142,43 +143,45 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
     def to_fill(x):  # bool [R, T]: the masks of the rows still generating
       return (x == spec.mask_id) & frame.is_answer & ~finished(x)[:, None]
 
-    def fill_block(k, x, cache):
+    def fill_block(k, x, passes, cache):
       block = Block(k, frame.first + k * size, frame.first + (k + 1) * size)
       active = rows._replace(attention_mask=frame.valid & ~finished(x)[:, None])
       in_block = (index >= block.start) & (index < block.end)
 
+      def waiting(x):  # bool [R]: rows with masks left in this block
+        return jnp.any((x == spec.mask_id) & in_block & active.attention_mask, axis=-1)
+
       def more(carry):
-        x, i, _ = carry
-        return (i < spec.steps_per_block) & jnp.any(
-            (x == spec.mask_id) & in_block & active.attention_mask
-        )
+        x, i, _, _ = carry
+        return (i < spec.steps_per_block) & jnp.any(waiting(x))
 
       def step(carry):
-        x, i, cache = carry
+        x, i, passes, cache = carry
         logits, start, cache = step_logits(x, i, cache, block)
         x0, confidence, candidate = propose(
             spec, active, x, logits, start, k * spec.steps_per_block + i, block.end
         )
         least = top_k_mask(confidence, jnp.full((batch,), quota[i]))
         commit = candidate & (least | (confidence > threshold))
-        return jnp.where(commit, x0, x), i + 1, cache
+        return jnp.where(commit, x0, x), i + 1, passes + waiting(x), cache
 
-      x, _, cache = jax.lax.while_loop(more, step, (x, jnp.int32(0), cache))
+      x, _, passes, cache = jax.lax.while_loop(more, step, (x, jnp.int32(0), passes, cache))
       if spec.cache != "none":
         cache = write_block(forward, x, cache, block, size=size)
-      return x, cache
+      return x, passes, cache
 
     def blocks_left(carry):
-      k, x, _ = carry
+      k, x, _, _ = carry
       return (k < spec.num_blocks + 1) & jnp.any(to_fill(x))
 
-    _, x, _ = jax.lax.while_loop(
+    _, x, passes, _ = jax.lax.while_loop(
         blocks_left,
         lambda carry: (carry[0] + 1, *fill_block(*carry)),
-        (jnp.int32(0), frame.tokens, cache),
+        (jnp.int32(0), frame.tokens, jnp.zeros((batch,), jnp.int32), cache),
     )
     x = jnp.where((x == spec.mask_id) & frame.is_answer, spec.eos_id, x)
     where = frame.answer_start[:, None] + jnp.arange(spec.gen_length)[None, :]
-    return jnp.concatenate([prompt, jnp.take_along_axis(x, where, axis=-1)], axis=1)
+    tokens = jnp.concatenate([prompt, jnp.take_along_axis(x, where, axis=-1)], axis=1)
+    return (tokens, passes) if spec.return_steps else tokens
 
   return jax.jit(run)

@@ -68,6 +68,7 @@ def generate(
     *,
     rng: jax.Array | None = None,
     return_trajectory: bool = False,
+    return_steps: bool = False,
     **overrides: Any,
 ) -> Any:
   """Samples answers for a batch of prompts with the LLaDA reverse process.
@@ -89,10 +90,15 @@ def generate(
       fold_in(fold_in(key_r, s), p): padding, neighbours and caches do not change it.
     return_trajectory: also return the token state after every step, [steps, B, P + gen_length]
       (not with parallel_threshold, whose number of steps is not fixed).
+    return_steps: also return int32 [B], the forward passes each row's answer took (a row whose
+      block is done waits without counting): gen_length / steps is the tokens committed per step,
+      what confidence-threshold decoding (parallel_threshold) and CAP training raise. For LLaDA
+      models with parallel_threshold or the fixed schedule without early_stop (where it is
+      `steps`), and for block diffusion models.
     **overrides: options changed on top of `options` (steps=, gen_length=, temperature=, ...).
 
   Returns:
-    int32 [B, P + gen_length] (and the trajectory when asked).
+    int32 [B, P + gen_length] (and the trajectory or the steps when asked).
 
   Raises:
     ConfigError (a ValueError), one line: options `SamplerOptions.validate` refuses for this
@@ -112,13 +118,14 @@ def generate(
       else np.asarray(attention_mask).astype(bool)
   )
   options.validate(config)
-  _check_call(config, options, prompt, attention_mask, return_trajectory)
+  _check_call(config, options, prompt, attention_mask, return_trajectory, return_steps)
   mask_id = config.tokens.mask_id
   spec = SamplerSpec.of(
       config,
       options,
       return_trajectory=return_trajectory,
       prompt_has_masks=bool(np.any((prompt == mask_id) & attention_mask)),
+      return_steps=return_steps,
   )
   row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, prompt.shape[0])
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
@@ -171,9 +178,11 @@ def _check_call(
     prompt: np.ndarray,
     attention_mask: np.ndarray,
     return_trajectory: bool,
+    return_steps: bool = False,
 ) -> None:
   """Raises ConfigError (one line) for what this call adds to valid options: token ids, the
-  prompt, its mask and its length, a trajectory of threshold decoding."""
+  prompt, its mask and its length, a trajectory of threshold decoding, steps that are not
+  counted."""
   vocab, mask_id = config.model.vocab_size, config.tokens.mask_id
   if not 0 <= mask_id < vocab:
     raise ConfigError(f"tokens.mask_id={mask_id} is not allowed: expected an id in [0, {vocab})")
@@ -207,6 +216,16 @@ def _check_call(
     raise ConfigError(
         "return_trajectory is not allowed with early_stop, a block diffusion model or an "
         "autoregressive one (the number of steps is not fixed)"
+    )
+  if return_steps and (
+      causal
+      or return_trajectory
+      or (not blocks and options.early_stop and not options.use_threshold)
+  ):
+    raise ConfigError(
+        "return_steps is not allowed with return_trajectory, an autoregressive model (one token "
+        "a step) or early_stop on LLaDA's fixed schedule: expected parallel_threshold, the fixed "
+        "schedule or a block diffusion model"
     )
   if causal and np.any(~attention_mask.any(-1)):
     raise ConfigError(
@@ -397,18 +416,20 @@ def _compiled_reverse_process(spec: SamplerSpec) -> Callable[..., Any]:
       return (x, *rest)
 
     if spec.use_threshold:
-      x, _, _ = over_blocks(
+      x, steps, _ = over_blocks(
           lambda r, block, c: threshold_schedule(
               spec, r, step_logits, block, c, scalars["threshold"]
           ),
           (x, jnp.zeros((batch,), jnp.int32), cache),
       )
-      return x
+      return (x, steps) if spec.return_steps else x
     trajectory = jnp.zeros((spec.steps if spec.return_trajectory else 0, batch, total), jnp.int32)
     x, trajectory, _ = over_blocks(
         lambda r, block, c: fixed_schedule(spec, r, step_logits, block, c),
         (x, trajectory, cache),
     )
+    if spec.return_steps:  # every row takes every step of the fixed schedule
+      return x, jnp.full((batch,), spec.steps, jnp.int32)
     return (x, trajectory) if spec.return_trajectory else x
 
   return jax.jit(run)

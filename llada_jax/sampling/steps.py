@@ -55,6 +55,7 @@ class SamplerSpec:
   truncate: bool = False  # top-k / top-p truncation of sampled proposals (not greedy ones)
   causal: bool = False  # an autoregressive model: next-token decoding
   excluded: int | None = None  # the id an autoregressive model never proposes (its mask row)
+  return_steps: bool = False  # also return each row's forward passes [B] int32
 
   @classmethod
   def of(
@@ -64,6 +65,7 @@ class SamplerSpec:
       *,
       return_trajectory: bool = False,
       prompt_has_masks: bool = False,
+      return_steps: bool = False,
   ) -> SamplerSpec:
     """The spec of `options` for config's model and token ids."""
     tokens = config.tokens
@@ -96,6 +98,7 @@ class SamplerSpec:
         options.temperature > 0 and (options.top_k > 0 or options.top_p < 1),  # greedy: none
         causal,
         alignment.excluded_mask_id(config) if causal else None,
+        return_steps,
     )
 
   @property
