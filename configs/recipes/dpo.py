@@ -1,0 +1,30 @@
+"""Recipe stage 4: ELBO-DPO (VRPO) from the SFT model on reversal preference pairs (chosen: the
+reversed word; rejected: the word as it is), ROOT/data/preferences*.jsonl (launch/recipe.py
+writes them).
+
+  python -m llada_jax.train --config=configs/recipes/dpo.py:runs/recipe --workdir=runs/recipe/dpo
+"""
+
+import ml_collections
+
+from configs.recipes import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  stage = common.parse(arg, "dpo")
+  c = common.base(stage)
+  c.data.update(dict(sequence_length=16, batch_size=8))
+  c.diffusion.update(dict(objective="block", block_size=common.BLOCK_SIZE))
+  c.posttrain.update(
+      dict(
+          method="dpo",
+          reference=stage.workdir("sft"),
+          preferences=stage.workdir("data/preferences.jsonl"),
+          preferences_eval=stage.workdir("data/preferences_eval.jsonl"),
+          beta=0.1,
+          mc_num=4,
+      )
+  )
+  c.optimizer.update(dict(peak_lr=2e-4, final_lr=2e-5, weight_decay=0.0))
+  common.answer_sampling(c)
+  return c
