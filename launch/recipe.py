@@ -25,6 +25,7 @@ import importlib
 import json
 import pathlib
 import sys
+import time
 
 from absl import flags, logging
 
@@ -151,34 +152,45 @@ def _last_step(workdir: pathlib.Path) -> int | None:
     return None
 
 
-def run_recipe(root: pathlib.Path, scale: str, tau: float, mc_num: int) -> dict[str, dict]:
-  """Trains the missing stages, merges, measures; returns {stage: numbers}."""
+def run_recipe(
+    root: pathlib.Path, scale: str, tau: float, mc_num: int
+) -> tuple[dict[str, dict], dict[str, float]]:
+  """Trains the missing stages, merges, measures; returns ({stage: numbers}, {stage trained in
+  this call: its wall-clock seconds})."""
   if not 0 < tau < 1:
     raise ConfigError(f"--tau={tau} is not allowed: expected a confidence threshold in (0, 1)")
   write_preferences(root)
-  numbers = {}
+  numbers, seconds = {}, {}
   for name, module, suffix in TRAINED:
     config = stage_config(root, scale, module, suffix)
     workdir = root / name
     if _last_step(workdir) != config.train.num_steps:
       logging.info("recipe: training %s (%d steps)", name, config.train.num_steps)
+      start = time.perf_counter()
       train(config, workdir)
+      seconds[name] = time.perf_counter() - start
     numbers[name] = final_bound(workdir)
   if not (root / "merged" / "checkpoints").is_dir():
     merge_last_two(root)
   for name in MEASURED:
     numbers.setdefault(name, {}).update(answer_numbers(root / name, tau, mc_num))
-  return numbers
+  return numbers, seconds
 
 
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise ConfigError(f"unexpected arguments {argv[1:]}: expected only --flags")
   root = pathlib.Path(_ROOT.value)
-  numbers = run_recipe(root, _SCALE.value, _TAU.value, _MC.value)
+  numbers, seconds = run_recipe(root, _SCALE.value, _TAU.value, _MC.value)
   for name, values in numbers.items():
     print(f"{name:10s} " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
-  document = {"scale": _SCALE.value, "tau": _TAU.value, "stages": numbers}
+  document = {
+      "scale": _SCALE.value,
+      "tau": _TAU.value,
+      "device": jax.devices()[0].device_kind,
+      "stages": numbers,
+      "train_seconds": seconds,
+  }
   (root / "recipe.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
   print(json.dumps(document))
 

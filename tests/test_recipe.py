@@ -22,7 +22,8 @@ def recipe():
 
 
 def test_the_whole_chain_runs_and_a_rerun_trains_nothing(recipe, tmp_path):
-  numbers = recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2)
+  numbers, seconds = recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2)
+  assert set(seconds) == {name for name, _, _ in recipe.TRAINED}
   for name, module, suffix in recipe.TRAINED:
     config = recipe.stage_config(tmp_path, "toy", module, suffix)
     assert checkpoint.latest_step(tmp_path / name) == config.train.num_steps
@@ -42,5 +43,5 @@ def test_the_whole_chain_runs_and_a_rerun_trains_nothing(recipe, tmp_path):
     assert 1.0 <= numbers[name]["tokens_per_step"] <= 4.0
     assert numbers[name]["answer_log_likelihood"] < 0.0
   trained = {n: (tmp_path / n / "metrics.jsonl").read_text() for n, _, _ in recipe.TRAINED}
-  assert recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2) == numbers
+  assert recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2) == (numbers, {})
   assert {n: (tmp_path / n / "metrics.jsonl").read_text() for n in trained} == trained
