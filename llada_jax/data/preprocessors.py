@@ -111,7 +111,7 @@ def sft_layout(dataset: tf.data.Dataset, length: int, eos_id: int) -> tf.data.Da
   def fits(ex):
     return tf.size(ex["prompt"]) + tf.size(ex["response"]) < length
 
-  def layout(ex):
+  def lay_out(ex):
     tokens = tf.concat([ex["prompt"], ex["response"]], 0)
     padding = tf.fill([length - tf.size(tokens)], tf.constant(eos_id, tokens.dtype))
     return {
@@ -119,4 +119,4 @@ def sft_layout(dataset: tf.data.Dataset, length: int, eos_id: int) -> tf.data.Da
         "prompt_length": tf.size(ex["prompt"], out_type=tf.int32),
     }
 
-  return dataset.filter(fits).map(layout)
+  return dataset.filter(fits).map(lay_out)

@@ -36,9 +36,9 @@ def resolve(
   model and "same" otherwise: from an AR checkpoint (train.init_from), or resuming (`resumed`,
   the stored config of the checkpoint a run resumes from, or of the train.init_from workdir it
   starts from) a causal checkpoint as a diffusion model (README's route from an imported Llama);
-  any other resumed run keeps its checkpoint's alignment. An ARM is always "same" (its logits at i already predict token i + 1: the causal
-  objective shifts the targets itself). tests/test_alignment.py measures why shifted is the AR
-  start's default (benchmarks/ar_init.py).
+  any other resumed run keeps its checkpoint's alignment. An ARM is always "same" (its logits at
+  i already predict token i + 1: the causal objective shifts the targets itself).
+  tests/test_alignment.py measures why shifted is the AR start's default (benchmarks/ar_init.py).
   """
   value = config.diffusion.logit_alignment
   if objective_of(config).causal:

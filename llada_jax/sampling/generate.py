@@ -217,11 +217,8 @@ def _check_call(
         "return_trajectory is not allowed with early_stop, a block diffusion model or an "
         "autoregressive one (the number of steps is not fixed)"
     )
-  if return_steps and (
-      causal
-      or return_trajectory
-      or (not blocks and options.early_stop and not options.use_threshold)
-  ):
+  uncounted = not blocks and options.early_stop and not options.use_threshold
+  if return_steps and (causal or return_trajectory or uncounted):
     raise ConfigError(
         "return_steps is not allowed with return_trajectory, an autoregressive model (one token "
         "a step) or early_stop on LLaDA's fixed schedule: expected parallel_threshold, the fixed "

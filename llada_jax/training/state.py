@@ -190,8 +190,9 @@ def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.C
   """A copy of `config` with the vocabulary of its train.init_from folder (VOCABULARY_KEYS: the
   folder's tokenizer.json, vocabulary "hf" or the one a llada_jax export records, its special ids,
   model.vocab_size with the appended mask row; a workdir's stored vocabulary and kept
-  tokenizer.json), each change logged; every other field is the config's. The run's model fields must be the folder's (INIT_FROM_FIELDS). A folder without a
-  tokenizer.json keeps the config's data.tokenizer for a tokenizer vocabulary.
+  tokenizer.json), each change logged; every other field is the config's. The run's model fields
+  must be the folder's (INIT_FROM_FIELDS). A folder without a tokenizer.json keeps the config's
+  data.tokenizer for a tokenizer vocabulary.
 
   Raises:
     ConfigError: no config.json in the folder, or a model field of INIT_FROM_FIELDS that differs
