@@ -167,7 +167,8 @@ class MaskedDiffusionLM:
       block_size: objective "block" only: the block size of this step of a
         `diffusion.block_size_schedule` (default config.diffusion.block_size).
       exact: the bound itself, for evaluation: no clipped noise schedule (diffusion.t_min and
-        t_max are a training-time variance reduction of objective "block").
+        t_max are a training-time variance reduction of objective "block"), no complementary
+        masking or CAP (diffusion.complementary_masking, cap_weight).
 
     Returns:
       (loss, metrics); the loss is float32.

@@ -326,3 +326,28 @@ def test_an_old_stored_config_loads_as_a_dense_model():
   config = config_lib.from_json(json.dumps(stored))
   assert config.model.moe.num_experts == 0 and not config.model.qk_norm
   assert ModelConfig.from_config(config).dense_layers == config.model.n_layers
+
+
+def test_the_held_out_bound_leaves_out_router_losses_and_training_terms():
+  """The trainer's validation loss is the bound: a softmax-routed MoE with aux and z losses and
+  CAP on gives the eval step exactly the bound of the same model with all three off (whose
+  training losses differ)."""
+  from llada_jax.training.step import make_eval_step  # pylint: disable=import-outside-toplevel
+
+  plain = moe_config(router="softmax", n_group=1, topk_group=1, routed_scaling_factor=1.0)
+  loaded = config_lib.from_json(config_lib.to_json(plain))
+  loaded.model.moe.update(dict(aux_loss_coef=0.5, z_loss_coef=0.5))
+  loaded.diffusion.cap_weight = 1.0
+  loaded = config_lib.validate(loaded)
+  mesh = make_mesh(plain, jax.devices()[:1], check_batch=False)
+  batch = unpacked_batch(jax.random.randint(jax.random.PRNGKey(1), (8, 32), 0, 250))
+  held_out, training = [], []
+  for config in (plain, loaded):
+    lm, tx = MaskedDiffusionLM(config), make_optimizer(config)
+    state, shardings = create_train_state(config, lm, tx, mesh)
+    held_out.append(
+        float(make_eval_step(config, lm, mesh, shardings.params)(state.params, batch, 0))
+    )
+    training.append(float(lm.loss(state.params, batch, jax.random.PRNGKey(2))[0]))
+  assert held_out[1] == held_out[0]
+  assert training[1] > training[0] + 1e-3

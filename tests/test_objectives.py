@@ -362,15 +362,17 @@ def test_cap_and_complementary_masking_in_the_training_loss_by_hand(tiny_config)
   entropy = -(np.exp(logp) * logp).sum(-1)[correct].mean()
   assert correct.sum() >= 8
 
-  def loss(reduction="mean", **diffusion):
+  def loss(reduction="mean", exact=False, **diffusion):
     config = ml_collections.ConfigDict(tiny_config.to_dict())
     config.diffusion.update(diffusion)
-    return MaskedDiffusionLM(validate(config)).loss(params, batch, key, reduction=reduction)
+    lm = MaskedDiffusionLM(validate(config))
+    return lm.loss(params, batch, key, reduction=reduction, exact=exact)
 
   total, metrics = loss(cap_weight=0.5)
   np.testing.assert_allclose(total, bound + 0.5 * entropy, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], bound, rtol=1e-5)
   np.testing.assert_allclose(metrics["cap/entropy"], entropy, rtol=1e-5)
+  np.testing.assert_allclose(loss(cap_weight=0.5, exact=True)[0], bound, rtol=1e-5)  # validation
   per_row = np.sum(np.where(masked, ce / p, 0.0), -1) / 32
   np.testing.assert_allclose(loss("sequence", cap_weight=0.5)[0], per_row, rtol=1e-5)
 
@@ -379,3 +381,4 @@ def test_cap_and_complementary_masking_in_the_training_loss_by_hand(tiny_config)
   comp_ce = -np.take_along_axis(comp_logp, targets[..., None], -1)[..., 0]
   comp = np.sum(np.where(others, comp_ce / (1 - p), 0.0)) / targets.size
   np.testing.assert_allclose(loss(complementary_masking=True)[0], (bound + comp) / 2, rtol=1e-5)
+  np.testing.assert_allclose(loss(complementary_masking=True, exact=True)[0], bound, rtol=1e-5)

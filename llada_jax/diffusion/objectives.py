@@ -267,10 +267,15 @@ def mdm_objective(
 ) -> tuple[jax.Array, Metrics]:
   """LLaDA's bound: the forward process (unless the pipeline already noised the batch), then the
   1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`); `diffusion_bound` for the
-  training options."""
-  del exact  # LLaDA's schedule is always the exact one
+  training options. LLaDA's schedule is always the exact one."""
   return diffusion_bound(
-      lm, params, batch, rng, reduction=reduction, random_length_prob=random_length_prob
+      lm,
+      params,
+      batch,
+      rng,
+      reduction=reduction,
+      random_length_prob=random_length_prob,
+      exact=exact,
   )
 
 
@@ -332,8 +337,8 @@ def diffusion_bound(
     exact: bool = False,
 ) -> tuple[jax.Array, Metrics]:
   """The 1/p-weighted bound of a masked diffusion model (mdm: block_size 0; block: its size),
-  with the training options of config.diffusion, which the "mean" reduction applies and a
-  per-sequence bound ("sequence") never does:
+  with the training options of config.diffusion, which the training loss ("mean", not exact)
+  applies and the bound itself (exact: validation; "sequence": a per-sequence bound) never does:
   - complementary_masking: each row is scored twice, with its mask and with the complement of
     it (`masking.with_complements`): the bound's expectation is unchanged, its variance falls,
     the pass costs twice the FLOPs;
@@ -350,7 +355,7 @@ def diffusion_bound(
         block_size=block_size or None,
         exact=exact,
     )
-  training = reduction == "mean"
+  training = reduction == "mean" and not exact
   if d.complementary_masking and training:
     batch = with_complements(batch, lm.config.tokens.mask_id)
   cap = d.cap_weight if training else 0.0

@@ -173,14 +173,14 @@ def make_eval_step(
   rules = axis_rules(config)
 
   def eval_step(params: Any, batch: Batch, index: jax.Array) -> jax.Array:
-    loss, _ = model.loss(
+    _, metrics = model.loss(
         params,
         batch,
         step_rng(config, index, stream=Stream.EVAL),
         random_length_prob=0.0,
         exact=True,
     )
-    return loss
+    return metrics["loss"]  # the bound alone: no router losses (MoE) or training terms
 
   jitted = jax.jit(
       eval_step,
