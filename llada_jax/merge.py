@@ -216,30 +216,16 @@ def recorded_values(workdir: str, metric: str) -> dict[int, float]:
   Raises:
     ConfigError: a line other than the last that is not a JSON record with split and step.
   """
+  from llada_jax.analysis.runs import read_records  # pylint: disable=g-import-not-at-top
+
   path = storage.path(workdir) / "metrics.jsonl"
   if not path.exists():
     return {}
-  lines = path.read_text(encoding="utf-8").splitlines()
   values: dict[int, float] = {}
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      split, step = record["split"], int(record["step"])
-    except (ValueError, KeyError, TypeError):
-      if number == len(lines):
-        continue
-      raise ConfigError(
-          f"{path}:{number}: not a metrics record (expected a JSON object with split and step)"
-      ) from None
-    value = record.get(metric, None)
-    if split != "eval" or metric not in record:
-      continue
-    if isinstance(value, (int, float)) and math.isfinite(value):
-      values[step] = float(value)
-    else:
-      values.pop(step, None)
+  for record in read_records(path):
+    value = record.get(metric)
+    if record["split"] == "eval" and isinstance(value, (int, float)) and math.isfinite(value):
+      values[int(record["step"])] = float(value)
   return values
 
 

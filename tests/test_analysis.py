@@ -375,3 +375,27 @@ def test_llada_scaling_reproduces_the_committed_study(tmp_path, name, flags):
     np.testing.assert_allclose(got["multipliers"][pair]["interval"], m["interval"], rtol=1e-2)
   drawn, committed = image.imread(tmp_path / f"{name}.png"), image.imread(study / f"{name}.png")
   assert drawn.shape == committed.shape and np.mean(np.abs(drawn - committed)) < 0.01
+
+
+def test_records_of_one_step_merge_and_a_rewritten_step_keeps_its_last_values(tmp_path):
+  """The trainer's bound and an evaluation hook's accuracy are two eval records of one step: both
+  stay; a resumed run's record of a step it writes again replaces the values it repeats."""
+  from llada_jax.analysis.runs import read_records  # pylint: disable=import-outside-toplevel
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text(
+      "\n".join(
+          json.dumps(r)
+          for r in (
+              {"split": "eval", "step": 10, "loss_bound": 2.0},
+              {"split": "eval", "step": 10, "piqa/acc": 0.6},
+              {"split": "train", "step": 10, "loss": 3.0},
+              {"split": "eval", "step": 10, "loss_bound": 1.5},
+          )
+      )
+      + '\n{"split": "ev'  # a run killed mid-write
+  )
+  assert read_records(path) == (
+      {"split": "eval", "step": 10, "loss_bound": 1.5, "piqa/acc": 0.6},
+      {"split": "train", "step": 10, "loss": 3.0},
+  )

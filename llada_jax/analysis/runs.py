@@ -49,8 +49,11 @@ class Run:
 
 
 def read_records(path: pathlib.Path) -> tuple[dict[str, Any], ...]:
-  """metrics.jsonl sorted by (split, step), the last record of a repeated step (a resumed run)
-  kept; an unparsable last line (a run killed mid-write) is skipped, any other is an error."""
+  """metrics.jsonl as one record per (split, step), sorted: the records of one step merged, a
+  later value of a key replacing an earlier one (the trainer writes its held-out bound and each
+  evaluation hook's results as separate eval records of a step; a resumed or rolled-back run
+  writes a step again, and its values are those of the parameters its checkpoint holds). An
+  unparsable last line (a run killed mid-write) is skipped; any other is a ConfigError."""
   lines = path.read_text(encoding="utf-8").splitlines()
   latest: dict[tuple[str, int], dict[str, Any]] = {}
   for number, line in enumerate(lines, 1):
@@ -65,7 +68,7 @@ def read_records(path: pathlib.Path) -> tuple[dict[str, Any], ...]:
       raise ConfigError(
           f"{path}:{number}: not a metrics record (expected a JSON object with " "split and step)"
       ) from None
-    latest[key] = record
+    latest[key] = {**latest.get(key, {}), **record}
   return tuple(latest[k] for k in sorted(latest))
 
 
