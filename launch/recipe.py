@@ -145,6 +145,10 @@ def answer_numbers(workdir: pathlib.Path, tau: float, mc_num: int) -> dict[str, 
   }
 
 
+class StageStopped(ConfigError):
+  """A stage's trainer returned before its last step (it was asked to stop and saved)."""
+
+
 def _last_step(workdir: pathlib.Path) -> int | None:
   try:
     return checkpoint.latest_step(workdir)
@@ -169,6 +173,11 @@ def run_recipe(
       start = time.perf_counter()
       train(config, workdir)
       seconds[name] = time.perf_counter() - start
+      if _last_step(workdir) != config.train.num_steps:  # SIGTERM / Ctrl-C: saved, then returned
+        raise StageStopped(
+            f"stage {name} stopped before its last step {config.train.num_steps} (newest "
+            f"checkpoint: {_last_step(workdir)}): rerun the same command to resume it"
+        )
     numbers[name] = final_bound(workdir)
   if not (root / "merged" / "checkpoints").is_dir():
     merge_last_two(root)

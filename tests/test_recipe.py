@@ -45,3 +45,12 @@ def test_the_whole_chain_runs_and_a_rerun_trains_nothing(recipe, tmp_path):
   trained = {n: (tmp_path / n / "metrics.jsonl").read_text() for n, _, _ in recipe.TRAINED}
   assert recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2) == (numbers, {})
   assert {n: (tmp_path / n / "metrics.jsonl").read_text() for n in trained} == trained
+
+
+def test_a_stage_stopped_before_its_last_step_stops_the_chain(recipe, tmp_path, monkeypatch):
+  """A trainer asked to stop (SIGTERM, Ctrl-C) saves and returns: the chain must not go on to
+  the next stage from an unfinished one."""
+  monkeypatch.setattr(recipe, "train", lambda config, workdir: None)
+  with pytest.raises(recipe.StageStopped, match="stage arm stopped before its last step 2"):
+    recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2)
+  assert not (tmp_path / "block").exists()
