@@ -10,13 +10,15 @@ Stages, each a workdir ROOT/<stage> started from the one before (train.init_from
              4; noise on the mask embedding; document-level attention under packing;
   sft_nocap  SFT on reversal with complementary masking (the control of CAP);
   sft        the same with CAP;
-  dpo        ELBO-DPO (VRPO) from sft on reversal preference pairs (ROOT/data);
+  dpo        ELBO-DPO (VRPO) from sft on reversal preference pairs (ROOT/data: chosen the
+             reversed word, rejected it with its first two letters swapped);
   merged     llada-merge of dpo's last two checkpoints.
 A stage whose workdir already holds its last step is not trained again (rerunning resumes the
 chain). Then each model from sft_nocap on answers the 40 held-out reversal prompts greedily with
 confidence-threshold decoding at --tau: its accuracy, the tokens it commits per forward pass, and
-the Monte-Carlo bound on log p(correct answer | prompt) (nats). The table goes to stdout, the
-numbers to ROOT/recipe.json and, as its last line, one JSON object.
+the Monte-Carlo bound on log p(correct answer | prompt) (nats); for sft_nocap and sft also at
+each saved step, so that CAP's tokens per step compare with its control's at equal likelihood. The
+table goes to stdout, the numbers to ROOT/recipe.json and, as its last line, one JSON object.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from llada_jax.data.registry import reverse_words  # noqa: E402
 from llada_jax.diffusion.likelihood import score_pairs  # noqa: E402
 from llada_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from llada_jax.keys import item_keys  # noqa: E402
-from llada_jax.loading import load_model  # noqa: E402
+from llada_jax.loading import load_model, serving_abstract_params  # noqa: E402
 from llada_jax.merge import saved_steps  # noqa: E402
 from llada_jax.sampling.ending import end_answer  # noqa: E402
 from llada_jax.sampling.generate import generate  # noqa: E402
@@ -75,17 +77,23 @@ def stage_config(root: pathlib.Path, scale: str, module: str, suffix: str):
   return validate(config_module.get_config(f"{root},{scale}{suffix}"))
 
 
+def _swapped(answer: str) -> str:
+  return answer[1] + answer[0] + answer[2:]
+
+
 def write_preferences(root: pathlib.Path) -> None:
   """ROOT/data/preferences{,_eval}.jsonl: per reversal record of the train (validation) split,
-  chosen the reversed word, rejected the word as it is (palindromes, whose two are equal, left
-  out)."""
+  chosen the reversed word, rejected it with its first two letters swapped (a near miss, the
+  errors the SFT model makes; answers whose two are equal left out)."""
   data = root / "data"
   data.mkdir(parents=True, exist_ok=True)
   for split, name in (("train", "preferences.jsonl"), ("validation", "preferences_eval.jsonl")):
     lines = [
-        json.dumps({"prompt": r["prompt"], "chosen": r["response"], "rejected": r["prompt"][:-1]})
+        json.dumps(
+            {"prompt": r["prompt"], "chosen": r["response"], "rejected": _swapped(r["response"])}
+        )
         for r in reverse_words(split)
-        if r["response"] != r["prompt"][:-1]
+        if r["response"] != _swapped(r["response"])
     ]
     (data / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -119,10 +127,15 @@ def merge_last_two(root: pathlib.Path) -> None:
     raise ConfigError(f"llada-merge failed: {done.stderr.strip().splitlines()[-1]}")
 
 
-def answer_numbers(workdir: pathlib.Path, tau: float, mc_num: int) -> dict[str, float]:
+def answer_numbers(
+    workdir: pathlib.Path, tau: float, mc_num: int, step: int | None = None
+) -> dict[str, float]:
   """On the held-out reversal prompts: exact-match accuracy of greedy threshold decoding at tau,
-  the answer tokens it commits per forward pass, and the mean bound on log p(answer | prompt)."""
+  the answer tokens it commits per forward pass, and the mean bound on log p(answer | prompt); of
+  the newest checkpoint of workdir, or of `step`."""
   config, params = load_model(str(workdir))
+  if step is not None:
+    params = checkpoint.load_params(workdir, step, serving_abstract_params(config))
   codec = text_codec(config)
   records = reverse_words("validation")
   prompts = np.asarray([codec.encode(r["prompt"]) for r in records], np.int32)
@@ -183,6 +196,11 @@ def run_recipe(
     merge_last_two(root)
   for name in MEASURED:
     numbers.setdefault(name, {}).update(answer_numbers(root / name, tau, mc_num))
+  for name in ("sft_nocap", "sft"):  # CAP against its control at every saved step
+    numbers[name]["by_step"] = {
+        step: answer_numbers(root / name, tau, mc_num, step)
+        for step in saved_steps(str(root / name))
+    }
   return numbers, seconds
 
 
@@ -192,7 +210,9 @@ def _main(argv: list[str]) -> None:
   root = pathlib.Path(_ROOT.value)
   numbers, seconds = run_recipe(root, _SCALE.value, _TAU.value, _MC.value)
   for name, values in numbers.items():
-    print(f"{name:10s} " + "  ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    print(f"{name:10s} " + "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "by_step"))
+    for step, at in values.get("by_step", {}).items():
+      print(f"  step {step:5d} " + "  ".join(f"{k} {v:.4g}" for k, v in at.items()))
   document = {
       "scale": _SCALE.value,
       "tau": _TAU.value,

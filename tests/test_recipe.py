@@ -38,6 +38,7 @@ def test_the_whole_chain_runs_and_a_rerun_trains_nothing(recipe, tmp_path):
   assert [s["step"] for s in merged["sources"]] == [1, 2]
   for name in ("arm", "block"):
     assert math.isfinite(numbers[name]["bits_per_byte"])
+  assert set(numbers["sft"]["by_step"]) == {1, 2}  # every saved step of the CAP run
   for name in recipe.MEASURED:
     assert 0.0 <= numbers[name]["accuracy"] <= 1.0
     assert 1.0 <= numbers[name]["tokens_per_step"] <= 4.0

@@ -36,7 +36,7 @@ class Stage:
 
 
 STEPS = {
-    "cpu": dict(arm=1200, block=1000, sft=60, dpo=60),
+    "cpu": dict(arm=1200, block=1000, sft=120, dpo=60),
     "toy": dict(arm=2, block=3, sft=2, dpo=2),
 }
 
