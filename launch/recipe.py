@@ -1,7 +1,7 @@
 """The LLaDA 2.0 recipe end to end on the tiny model: every stage of configs/recipes/, the merge,
 and the numbers of each stage (docs/recipe.md).
 
-  python launch/recipe.py --root=runs/recipe            # about 25 minutes on two CPU cores
+  python launch/recipe.py --root=runs/recipe            # about 9 minutes on two CPU cores
   python launch/recipe.py --root=/tmp/r --scale=toy     # seconds-scale (tests/test_recipe.py)
 
 Stages, each a workdir ROOT/<stage> started from the one before (train.init_from):
