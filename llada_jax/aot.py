@@ -120,15 +120,17 @@ def compile_program(
     devices: target devices, e.g. `llada_jax.parallel.topology.tpu_devices("v5p:4x4x4")`.
     program: "train" (one optimizer step on data.batch_size sequences; with posttrain.method
       "dpo", a DPO step on data.batch_size pairs of data.sequence_length-token rows with the
-      reference beside the state; "grpo" is refused: its rollouts are the "sample" program and
-      its step is not built here yet), "sample" (the compiled
+      reference beside the state; "grpo", its update on data.batch_size rollouts of
+      prompt_length + sampling.gen_length tokens, whose sampling is the "sample" program),
+      "sample" (the compiled
       reverse process with config.sampling on num_items prompts of prompt_length tokens) or
       "score" (the Monte-Carlo likelihood, evaluation.mc_num samples in forward passes of
       evaluation.mc_batch_size, for num_items pairs of data.sequence_length tokens).
     num_items: prompts or pairs; 0 takes data.batch_size prompts, or enough pairs for a forward
       pass of data.batch_size rows, rounded up to a multiple of the data-parallel devices.
-    prompt_length: prompt tokens per row; 0 takes DEFAULT_PROMPT_LENGTH, or fewer when sampling
-      (what model.max_sequence_length leaves after sampling.gen_length).
+    prompt_length: prompt tokens per row (sampling, a GRPO update); 0 takes
+      DEFAULT_PROMPT_LENGTH, or fewer when sampling (what model.max_sequence_length leaves after
+      sampling.gen_length).
 
   Raises:
     ConfigError for a bad program name, a mesh the devices cannot hold, or items that do not split
@@ -138,11 +140,6 @@ def compile_program(
   validate(config)
   if program not in PROGRAMS:
     raise ConfigError(f"--what={program} is not allowed: expected one of {', '.join(PROGRAMS)}")
-  if program == "train" and config.posttrain.method == "grpo":
-    raise ConfigError(
-        "--what=train is not allowed with posttrain.method='grpo' yet: compile its rollouts "
-        "with --what=sample (the GRPO update is not compiled ahead of time)"
-    )
   devices = list(jax.devices() if devices is None else devices)
   mesh = make_mesh(config, devices)
   rules = axis_rules(config)
@@ -150,7 +147,20 @@ def compile_program(
   abstract, shardings = state_shardings(config, model, tx, mesh)
   items_sharding = batch_sharding(mesh, rules)
   data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if program == "train" and config.posttrain.method == "dpo":
+  if program == "train" and config.posttrain.method == "grpo":
+    from llada_jax.posttrain import grpo  # pylint: disable=g-import-not-at-top
+    from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
+
+    # The update on data.batch_size rollouts of prompt_length + sampling.gen_length tokens, the
+    # reference beside the state; the rollouts themselves compile as --what=sample.
+    width = prompt_length or DEFAULT_PROMPT_LENGTH
+    step = make_train_step(
+        config, model, tx, mesh, shardings, grpo.grpo_objective(config, width), shardings.params
+    )
+    batch = grpo.abstract_rollouts(config, width, items_sharding)
+    fn, args = step, (abstract, batch, abstract.params)
+    model_flops = model_flops_per_step(config, width)
+  elif program == "train" and config.posttrain.method == "dpo":
     from llada_jax.posttrain import dpo  # pylint: disable=g-import-not-at-top
     from llada_jax.training.step import make_train_step  # pylint: disable=g-import-not-at-top
 

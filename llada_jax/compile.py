@@ -44,8 +44,8 @@ _NUM_ITEMS = flags.DEFINE_integer(
 _PROMPT_LENGTH = flags.DEFINE_integer(
     "prompt_length",
     0,
-    "Prompt tokens per row; 0: 64, or what model.max_sequence_length leaves after "
-    "sampling.gen_length when sampling.",
+    "Prompt tokens per row (sample; a GRPO update's rollouts); 0: 64, or what "
+    "model.max_sequence_length leaves after sampling.gen_length when sampling.",
 )
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib",

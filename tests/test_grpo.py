@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config, write_workdir
+from llada_jax.config import validate
 from llada_jax.errors import ConfigError
 from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.loading import load_model_and_step
@@ -166,3 +167,52 @@ def test_rl_resumed_in_the_middle_is_bitwise_the_uninterrupted_run(tmp_path):
       np.any(np.asarray(x) != np.asarray(y))
       for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(a))
   )
+
+
+@pytest.mark.parametrize("objective", ["mdm", "block"])
+def test_llada_compile_compiles_the_grpo_update_with_its_reference(tmp_path, objective):
+  """The GRPO update ahead of time (llada-compile's path, the trainer's loss): the reference is
+  an argument beside the state, the rollouts data.batch_size rows of prompt_length +
+  gen_length tokens, and the model FLOPs four forward passes over them (the policy's forward and
+  backward, the reference's forward)."""
+  from llada_jax.aot import compile_program  # pylint: disable=g-import-not-at-top
+  from llada_jax.training.flops import forward_flops_per_token  # pylint: disable=g-import-not-at-top
+
+  config = _config(tmp_path, "unread", 2)
+  if objective == "block":  # the block-level one pass: two streams of prompt + answer
+    config.diffusion.update(dict(objective="block", block_size=4))
+  config = validate(config)
+  grpo_report = compile_program(config, jax.devices()[:8], "train", prompt_length=12)
+  plain = config.copy_and_resolve_references()
+  plain.posttrain.method = ""
+  pretrain = compile_program(plain, jax.devices()[:8], "train")
+  params_bytes = 4 * grpo_report.parameters  # float32, replicated over the 8 devices
+  assert grpo_report.argument_bytes - pretrain.argument_bytes > 0.9 * params_bytes
+  length = 12 + config.sampling.gen_length
+  flops = 4 * config.data.batch_size * length * forward_flops_per_token(config, length)
+  assert grpo_report.model_flops == flops
+
+
+def test_block_log_probabilities_are_the_chain_rule_at_block_one_and_alone_as_padded(tiny):
+  """A block model's one-pass log-probabilities: with B = 1 and no prompt masking, log p(o_k |
+  q, o_<k) of the plain causal network (the independent chain rule of tests/test_block.py);
+  with B = 4 and prompt masking, a row's values are the same alone and left-padded beside a
+  shorter prompt, whose blocks start elsewhere."""
+  from test_block import _chain_rule_logp  # pylint: disable=g-import-not-at-top
+
+  config, params = tiny
+  mask, cfg = config.tokens.mask_id, ModelConfig.from_config(config)
+  row = [10, 11, 12, 20, 21, 22, 23]  # a 3-token prompt and a 4-token answer
+  one = token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.0, block_size=1)
+  want = _chain_rule_logp(config, params, jnp.asarray([row]))[0]
+  np.testing.assert_allclose(np.asarray(one)[0, 3:], want[3:], rtol=1e-5)
+
+  def blocks(rollouts, width):
+    return np.asarray(token_log_probs(cfg, params, rollouts, width, mask, 0.5, block_size=4))
+
+  alone = blocks(_rollouts([row], [3], 3, 4), 3)
+  other = [30, 31, 40, 41, 42, 43]  # a 2-token prompt, padded to 5 with the row
+  rollouts = _rollouts([other[:2] + row[3:], row], [2, 3], 5, 4)
+  batched = blocks(rollouts._replace(mask_keys=rollouts.mask_keys[::-1]), 5)
+  np.testing.assert_allclose(batched[1, 5:], alone[0, 3:], rtol=1e-5)
+  assert not np.allclose(alone[0, 3:], np.asarray(one)[0, 3:], atol=1e-3)

@@ -13,19 +13,27 @@ k, a mean-field stand-in for the intractable sequence likelihood. The loss of an
   KL_ik = exp(log pi_ref - log pi_theta) - (log pi_ref - log pi_theta) - 1   (k3 estimator),
 
 averaged over the answers of the batch. |o_i| counts the answer's tokens up to and including its
-first end token (what follows it is not the policy's choice).
+first end token (what follows it is not the policy's choice). A block diffusion model's per-token
+log-probabilities come from the block-level one pass of EBPO (LLaDA 2.1): the two-stream pass
+with the whole answer masked, each token predicted from its block and the clean blocks before it
+(`token_log_probs`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from llada_jax.model import apply_model, network
+from llada_jax.config import objective_of
+from llada_jax.diffusion import alignment
+from llada_jax.model import apply_model, network, positions_from_mask
+from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.model.transformer import ModelConfig
+
+Metrics = dict[str, jax.Array]
 
 
 class Rollouts(NamedTuple):
@@ -69,23 +77,60 @@ def token_log_probs(
     answer_start: int,
     mask_id: int,
     prompt_mask_prob: float,
+    *,
+    block_size: int = 0,
+    shifted: bool = False,
 ) -> jax.Array:
-  """d1's one-pass per-token log-probabilities log pi(o_k | q') [R, T] float32 (0 off
+  """One-pass per-token log-probabilities log pi(o_k | q') [R, T] float32 (0 off
   rollouts.is_answer): every position from answer_start on masked, each prompt token masked
   with probability prompt_mask_prob by the row's mask key (the uniforms indexed by the position
-  counted from the row's first real token, so left padding does not move them)."""
+  counted from the row's first real token, so left padding does not move them).
+
+  block_size 0 (an MDM): d1's pass over [q' ; all-mask answer]. block_size B (a block diffusion
+  model): the block-level one-pass of EBPO (LLaDA 2.1), the two-stream pass with every answer
+  token masked in the noisy stream, so o_k is predicted from its masked block and the clean
+  blocks before it (the block NELBO's term at t = 1; with B = 1 the exact chain rule), blocks
+  counted from the row's first real token as in training and sampling; q' masked in both
+  streams. shifted: the shifted logit alignment (`llada_jax.diffusion.alignment`)."""
   width = rollouts.tokens.shape[1]
-  positions = jnp.arange(width)[None, :]
-  answer_region = positions >= answer_start
-  prompt = rollouts.valid & ~answer_region
+  index = jnp.arange(width)[None, :]
+  first = jnp.argmax(rollouts.valid, axis=1)[:, None]  # the row's first real token
+
+  def from_first(x: jax.Array) -> jax.Array:  # [R, T] re-indexed from the first real token
+    return jnp.take_along_axis(x, jnp.clip(index + first, 0, width - 1), axis=1)
+
+  def back(x: jax.Array) -> jax.Array:  # the inverse, 0 where the left padding was
+    return jnp.where(
+        index >= first, jnp.take_along_axis(x, jnp.clip(index - first, 0, width - 1), axis=1), 0
+    )
+
+  tokens, answer_region = from_first(rollouts.tokens), from_first(index >= answer_start)
+  valid = from_first(rollouts.valid) & (index < width - first)
   uniforms = jax.vmap(lambda k: jax.random.uniform(k, (width,)))(rollouts.mask_keys)
-  first = jnp.argmax(rollouts.valid, axis=1)[:, None]
-  uniforms = jnp.take_along_axis(uniforms, jnp.clip(positions - first, 0, width - 1), axis=1)
-  masked = (prompt & (uniforms < prompt_mask_prob)) | answer_region
-  inputs = jnp.where(masked, mask_id, rollouts.tokens)
-  logits = apply_model(network(model_cfg), params, inputs, rollouts.valid)
-  logp = -optax.softmax_cross_entropy_with_integer_labels(logits, rollouts.tokens)
-  return jnp.where(rollouts.is_answer, logp, 0.0)
+  masked_prompt = valid & ~answer_region & (uniforms < prompt_mask_prob)
+  noisy = jnp.where(masked_prompt | answer_region, mask_id, tokens)
+  positions = positions_from_mask(valid)
+  dtype = jnp.dtype(model_cfg.dtype)
+  if block_size:
+    clean = jnp.where(masked_prompt, mask_id, tokens)
+    hidden = two_stream_hidden(
+        model_cfg,
+        params,
+        noisy,
+        clean,
+        valid,
+        positions,
+        None,
+        block_size=block_size,
+        shifted=shifted,
+    )
+    logits = head_logits(params, hidden, dtype)
+  else:
+    logits = apply_model(network(model_cfg), params, noisy, valid)
+    if shifted:
+      logits = alignment.shift(logits, positions)
+  logp = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
+  return jnp.where(rollouts.is_answer, back(logp), 0.0)
 
 
 class GRPOTerms(NamedTuple):
@@ -129,4 +174,71 @@ def grpo_loss(
       kl=kl_answer.mean(),
       clipped=clipped.mean(),
       length=is_answer.sum(axis=1).mean(),
+  )
+
+
+def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Metrics]]:
+  """The train step's loss of posttrain.method="grpo" for rollouts whose prompts are `width`
+  tokens wide: loss(params, rollouts, rng, block_size, frozen) -> (d1's loss against the
+  reference `frozen` (`grpo_loss`; one update per rollout batch, so the sampling policy is the
+  policy), metrics: the batch's mean reward and the terms' means). rng and block_size are unused:
+  the rollouts carry their prompt-mask keys."""
+  p, cfg, mask_id = config.posttrain, ModelConfig.from_config(config), config.tokens.mask_id
+  model_block = config.diffusion.block_size if objective_of(config).blocks else 0
+  shifted = alignment.resolve(config) == "shifted"
+
+  def loss(
+      params: Any, batch: Rollouts, rng: jax.Array, block_size: int, frozen: Any
+  ) -> tuple[jax.Array, Metrics]:
+    del rng, block_size
+
+    def logp(weights: Any) -> jax.Array:
+      return token_log_probs(
+          cfg,
+          weights,
+          batch,
+          width,
+          mask_id,
+          p.prompt_mask_prob,
+          block_size=model_block,
+          shifted=shifted,
+      )
+
+    policy = logp(params)
+    terms = grpo_loss(
+        policy,
+        jax.lax.stop_gradient(policy),
+        logp(jax.lax.stop_gradient(frozen)),
+        batch.is_answer,
+        batch.advantages,
+        p.clip_eps,
+        p.kl_beta,
+    )
+    return terms.loss, {
+        "grpo/reward": batch.rewards.mean(),
+        "grpo/objective": terms.objective,
+        "grpo/kl": terms.kl,
+        "grpo/clipped": terms.clipped,
+        "grpo/answer_length": terms.length,
+    }
+
+  return loss
+
+
+def abstract_rollouts(config: Any, width: int, sharding: Any) -> Rollouts:
+  """ShapeDtypeStructs of a rollout batch (data.batch_size rows of `width` prompt tokens and
+  sampling.gen_length answer tokens), rows placed by `sharding`: what `llada-compile` compiles
+  the GRPO update on."""
+  rows, length = config.data.batch_size, width + config.sampling.gen_length
+
+  def spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  return Rollouts(
+      tokens=spec((rows, length), jnp.int32),
+      valid=spec((rows, length), jnp.bool_),
+      is_answer=spec((rows, length), jnp.bool_),
+      advantages=spec((rows,), jnp.float32),
+      mask_keys=spec((rows, 2), jnp.uint32),
+      rewards=spec((rows,), jnp.float32),
   )

@@ -25,7 +25,6 @@ from llada_jax.data.registry import read_jsonl_lines
 from llada_jax.diffusion.likelihood import bound_estimator
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream, item_keys
-from llada_jax.model.transformer import ModelConfig
 from llada_jax.posttrain.dpo import (
     PreferenceBatch,
     dpo_loss,
@@ -37,8 +36,7 @@ from llada_jax.posttrain.grpo import (
     Rollouts,
     answer_mask,
     group_advantages,
-    grpo_loss,
-    token_log_probs,
+    grpo_objective,
 )
 from llada_jax.posttrain.preference import PreferencePair, prompt_ids, read_preferences
 from llada_jax.posttrain.reference import reference_params
@@ -209,19 +207,19 @@ class RolloutSource:
   Held-out: the mean reward of greedy answers to posttrain.prompts_eval.
 
   Raises:
-    ConfigError: a bad prompt file or reward spec, a batch that is not whole groups, a model
-      other than an MDM, or a multi-process job.
+    ConfigError: a bad prompt file or reward spec, a batch that is not whole groups, an
+      autoregressive model, or a multi-process job.
   """
 
   frozen = None
 
   def __init__(self, config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding):
     p = config.posttrain
-    objective = objective_of(config)
-    if objective.causal or objective.blocks:  # d1's estimate masks the whole answer at once
+    if objective_of(config).causal:  # the one-pass estimates mask the answer
       raise ConfigError(
           f"posttrain.method='grpo' is not allowed with diffusion.objective="
-          f"{config.diffusion.objective!r}: expected 'mdm' (d1's one-pass estimate)"
+          f"{config.diffusion.objective!r}: expected a masked diffusion model (mdm: d1's "
+          "one-pass estimate; block: the block-level one-pass)"
       )
     if jax.process_count() > 1:
       raise ConfigError(
@@ -309,32 +307,8 @@ class RolloutSource:
   def loss(
       self, params: Any, batch: Rollouts, rng: jax.Array, block_size: int, frozen: Any
   ) -> tuple[jax.Array, Metrics]:
-    """d1's loss of the rollouts against the reference `frozen` (`grpo.grpo_loss`), with the
-    batch's mean reward and the terms' means as metrics."""
-    del rng, block_size
-    p, cfg = self.config.posttrain, ModelConfig.from_config(self.config)
-    mask_id = self.config.tokens.mask_id
-
-    def logp(w):
-      return token_log_probs(cfg, w, batch, self.width, mask_id, p.prompt_mask_prob)
-
-    policy = logp(params)
-    terms = grpo_loss(
-        policy,
-        jax.lax.stop_gradient(policy),
-        logp(jax.lax.stop_gradient(frozen)),
-        batch.is_answer,
-        batch.advantages,
-        p.clip_eps,
-        p.kl_beta,
-    )
-    return terms.loss, {
-        "grpo/reward": batch.rewards.mean(),
-        "grpo/objective": terms.objective,
-        "grpo/kl": terms.kl,
-        "grpo/clipped": terms.clipped,
-        "grpo/answer_length": terms.length,
-    }
+    """d1's loss of the rollouts against the reference `frozen` (`grpo.grpo_objective`)."""
+    return grpo_objective(self.config, self.width)(params, batch, rng, block_size, frozen)
 
   def evaluate(self, params: Any) -> dict[str, float]:
     """The mean reward of greedy answers to the held-out prompts ({} without them)."""

@@ -72,15 +72,20 @@ def forward_flops_per_token(config: ml_collections.ConfigDict, length: int) -> f
   return float(2 * matmul_parameters(config) + 4 * m.n_layers * length * m.d_model)
 
 
-def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+def model_flops_per_step(config: ml_collections.ConfigDict, prompt_width: int = 0) -> float:
   """Training FLOPs of one step of the global batch. A DPO step (posttrain.method "dpo") scores
   both answers of data.batch_size pairs with posttrain.mc_num rows of data.sequence_length
   tokens each, under the policy (forward and backward: 3 forward passes) and the reference (one
-  forward pass): 4 forward passes of 2 x batch x mc_num rows."""
+  forward pass): 4 forward passes of 2 x batch x mc_num rows. A GRPO update ("grpo") is the same
+  4 passes over data.batch_size rollouts of prompt_width + sampling.gen_length tokens (d1's one
+  pass each; the rollouts' sampling is the sampler's program, not counted here)."""
   if config.posttrain.method == "dpo":
     length = config.data.sequence_length
     rows = 2 * config.data.batch_size * config.posttrain.mc_num
     return 4 * rows * length * forward_flops_per_token(config, length)
+  if config.posttrain.method == "grpo":
+    length = prompt_width + config.sampling.gen_length
+    return 4 * config.data.batch_size * length * forward_flops_per_token(config, length)
   return model_flops_per_token(config) * config.data.batch_size * config.data.sequence_length
 
 

@@ -153,7 +153,8 @@ def _train(
       None if source.frozen is None else shardings.params,
   )
   tokens_per_step = config.data.batch_size * config.data.sequence_length
-  flops_per_step, peak = model_flops_per_step(config), peak_flops(mesh.devices.flat[0])
+  width = source.width if config.posttrain.method == "grpo" else 0  # the rollouts' prompts
+  flops_per_step, peak = model_flops_per_step(config, width), peak_flops(mesh.devices.flat[0])
   logging.info(
       "model FLOPs per step %.3e (6 N_matmul + attention per token); peak per device: %s",
       flops_per_step,
