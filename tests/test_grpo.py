@@ -107,6 +107,11 @@ def test_one_pass_log_probabilities_by_hand_and_alone_as_padded(tiny):
   )
   np.testing.assert_allclose(got[3:], [out[3 + k, a] for k, a in enumerate(row[3:])], rtol=1e-5)
   assert np.all(got[:3] == 0.0)
+  # The shifted alignment (an AR start): o_k read from the logits of the position before it.
+  shifted = token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.0, shifted=True)
+  np.testing.assert_allclose(
+      np.asarray(shifted)[0, 3:], [out[2 + k, a] for k, a in enumerate(row[3:])], rtol=1e-5
+  )
 
   other = [30, 31, 40, 41, 42, 43]  # another row (2-token prompt) in the batch, padded to 5
   alone = token_log_probs(cfg, params, _rollouts([row], [3], 3, 4), 3, mask, 0.5)
