@@ -48,7 +48,6 @@ from llada_jax.diffusion.likelihood import score_pairs  # noqa: E402
 from llada_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from llada_jax.keys import item_keys  # noqa: E402
 from llada_jax.loading import load_model, serving_abstract_params  # noqa: E402
-from llada_jax.merge import saved_steps  # noqa: E402
 from llada_jax.sampling.ending import end_answer  # noqa: E402
 from llada_jax.sampling.generate import generate  # noqa: E402
 from llada_jax.training.loop import train  # noqa: E402
@@ -113,7 +112,7 @@ def merge_last_two(root: pathlib.Path) -> None:
   the command line as a user types it)."""
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  steps = saved_steps(str(root / "dpo"))
+  steps = checkpoint.saved_steps(str(root / "dpo"))
   command = [
       sys.executable,
       "-m",
@@ -199,7 +198,7 @@ def run_recipe(
   for name in ("sft_nocap", "sft"):  # CAP against its control at every saved step
     numbers[name]["by_step"] = {
         step: answer_numbers(root / name, tau, mc_num, step)
-        for step in saved_steps(str(root / name))
+        for step in checkpoint.saved_steps(str(root / name))
     }
   return numbers, seconds
 

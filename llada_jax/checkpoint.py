@@ -168,6 +168,11 @@ def latest_step(workdir: storage.PathLike) -> int:
   return _steps(workdir)[0]
 
 
+def saved_steps(workdir: storage.PathLike) -> list[int]:
+  """The complete checkpoint steps of a workdir, ascending; CheckpointError if it has none."""
+  return sorted(_steps(workdir))
+
+
 def _stored_config(workdir: storage.PathLike, step: int) -> ml_collections.ConfigDict:
   """The config saved with `step`: _Damaged if its file is missing or cut short, CheckpointError
   if it reads but this version of the code cannot use it (an unknown field, a bad value)."""

@@ -198,13 +198,6 @@ def _check_new_output(flag: str, out: str) -> None:
     )
 
 
-def saved_steps(workdir: str) -> list[int]:
-  """The complete checkpoint steps of a workdir, ascending; CheckpointError if it has none."""
-  from llada_jax import checkpoint  # pylint: disable=g-import-not-at-top
-
-  return sorted(checkpoint._steps(workdir))  # pylint: disable=protected-access
-
-
 def recorded_values(workdir: str, metric: str) -> dict[int, float]:
   """step -> the value of `metric` in the last `eval` record of that step in
   `<workdir>/metrics.jsonl` that holds it as a number ({} without the file). The trainer writes its
@@ -245,9 +238,11 @@ def select_sources(
     ConfigError: a step a workdir does not hold (naming the steps it holds), fewer candidates
       than top_k (naming how many there are), both or neither of top_k and steps.
   """
+  from llada_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
   if (top_k is None) == (steps is None):
     raise ConfigError("expected exactly one of --top_k and --steps")
-  saved = {w: saved_steps(w) for w in workdirs}
+  saved = {w: checkpoint.saved_steps(w) for w in workdirs}
   if steps is not None:
     chosen = []
     for w in workdirs:
