@@ -55,3 +55,11 @@ def test_a_stage_stopped_before_its_last_step_stops_the_chain(recipe, tmp_path, 
   with pytest.raises(recipe.StageStopped, match="stage arm stopped before its last step 2"):
     recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2)
   assert not (tmp_path / "block").exists()
+
+
+def test_a_bad_scale_is_a_one_line_error():
+  from configs.recipes import common  # pylint: disable=g-import-not-at-top
+  from llada_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ConfigError, match="recipe scale 'big' is not allowed: expected one of cpu"):
+    common.parse("runs/r,big", "arm")

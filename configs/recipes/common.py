@@ -14,6 +14,7 @@ import pathlib
 import ml_collections
 
 from configs import tiny
+from llada_jax.errors import ConfigError
 
 SCALES = ("cpu", "toy")
 # The block size the recipe ends at (LLaDA 2.0: 32 at sequence 4096; here 4 at 64, and the
@@ -42,12 +43,12 @@ STEPS = {
 
 
 def parse(arg: str | None, stage: str) -> Stage:
-  """The Stage of a config argument "ROOT[,SCALE]" (default runs/recipe, cpu); ValueError names a
+  """The Stage of a config argument "ROOT[,SCALE]" (default runs/recipe, cpu); ConfigError names a
   scale that is not one of SCALES."""
   root, _, scale = (arg or "runs/recipe").partition(",")
   scale = scale or "cpu"
   if scale not in SCALES:
-    raise ValueError(f"recipe scale {scale!r} is not allowed: expected one of {', '.join(SCALES)}")
+    raise ConfigError(f"recipe scale {scale!r} is not allowed: expected one of {', '.join(SCALES)}")
   return Stage(pathlib.Path(root), scale, STEPS[scale][stage])
 
 
