@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from configs.recipes import common  # noqa: E402
 from llada_jax import checkpoint  # noqa: E402
+from llada_jax.analysis.runs import read_records  # noqa: E402
 from llada_jax.cli_support import entry_point  # noqa: E402
 from llada_jax.config import validate  # noqa: E402
 from llada_jax.data.codec import text_codec  # noqa: E402
@@ -100,9 +101,8 @@ def write_preferences(root: pathlib.Path) -> None:
 def final_bound(workdir: pathlib.Path) -> dict[str, float]:
   """The last held-out loss_bound and bits_per_byte of a workdir's metrics.jsonl."""
   out = {}
-  for line in (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-    record = json.loads(line)
-    if record.get("split") == "eval":
+  for record in read_records(workdir / "metrics.jsonl"):  # sorted by split, then step
+    if record["split"] == "eval":
       out.update({k: record[k] for k in ("loss_bound", "bits_per_byte") if k in record})
   return out
 
@@ -132,8 +132,10 @@ def answer_numbers(
   """On the held-out reversal prompts: exact-match accuracy of greedy threshold decoding at tau,
   the answer tokens it commits per forward pass, and the mean bound on log p(answer | prompt); of
   the newest checkpoint of workdir, or of `step`."""
-  config, params = load_model(str(workdir))
-  if step is not None:
+  if step is None:
+    config, params = load_model(str(workdir))
+  else:
+    config = checkpoint.load_config(workdir, step)
     params = checkpoint.load_params(workdir, step, serving_abstract_params(config))
   codec = text_codec(config)
   records = reverse_words("validation")

@@ -77,14 +77,23 @@ def load_model_and_step(
         vocabulary=vocabulary if vocabulary in TOKENIZER_VOCABULARIES else "llada_hf",
         tokenizer=storage.cached_local_copy(tokenizer),
     )
-  elif config.data.vocabulary in TOKENIZER_VOCABULARIES:
-    stored = config.data.tokenizer
-    relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
-    for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
-      if candidate and storage.path(candidate).is_file():
-        config.data.tokenizer = storage.cached_local_copy(candidate)
-        break
+  else:
+    config.data.tokenizer = stored_tokenizer(root, config) or config.data.tokenizer
   return step, config, params
+
+
+def stored_tokenizer(root: storage.PathLike, config: ml_collections.ConfigDict) -> str | None:
+  """A local copy of the tokenizer.json of a tokenizer-vocabulary model stored at `root` (a
+  workdir or HF folder): config.data.tokenizer, that path taken from `root` when relative, or
+  root/tokenizer.json, the first that exists; None for other vocabularies or none found."""
+  if config.data.vocabulary not in TOKENIZER_VOCABULARIES:
+    return None
+  root, stored = storage.path(root), config.data.tokenizer
+  relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
+  for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
+    if candidate and storage.path(candidate).is_file():
+      return storage.cached_local_copy(candidate)
+  return None
 
 
 def stored_config(path: storage.PathLike) -> ml_collections.ConfigDict | None:
@@ -106,13 +115,20 @@ def stored_config(path: storage.PathLike) -> ml_collections.ConfigDict | None:
   return newest_stored_config(path)
 
 
-def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
-  """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
-  data-parallel axis; the training batch and mesh play no part)."""
+def serving_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose mesh is one data-parallel axis over whatever devices there are
+  (every other axis, the slices' included, 1): a checkpoint of any training mesh loads on it."""
   serving = ml_collections.ConfigDict(config.to_dict())
   serving.mesh.update(
       dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1)
   )
+  return serving
+
+
+def serving_abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """The parameters of `config` as ShapeDtypeStructs replicated over this host's devices (one
+  data-parallel axis; the training batch and mesh play no part)."""
+  serving = serving_config(config)
   mesh = make_mesh(serving, jax.local_devices(), check_batch=False)
   boxed = jax.eval_shape(MaskedDiffusionLM(serving).init, jax.random.PRNGKey(0))
   return abstract_on_mesh(boxed, mesh, axis_rules(serving))

@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Sequence
 
 import ml_collections
@@ -312,17 +311,13 @@ def check_same_model(sources: Sequence[Source]) -> ml_collections.ConfigDict:
 
 
 def _mesh_config(config: ml_collections.ConfigDict, mesh: str) -> ml_collections.ConfigDict:
-  """A copy of `config` whose mesh section lays the parameters out as --mesh says."""
-  if mesh not in MESH_CHOICES:
-    raise ConfigError(f"--mesh={mesh} is not allowed: expected one of {', '.join(MESH_CHOICES)}")
-  copy = ml_collections.ConfigDict(config.to_dict())
+  """A copy of `config` whose mesh section lays the parameters out as --mesh says (`merge`
+  checked the choice): the stored one, or replicated as `llada-sample` loads."""
+  from llada_jax.loading import serving_config  # pylint: disable=g-import-not-at-top
+
   if mesh == "replicated":
-    copy.mesh.update(
-        dict(
-            data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1
-        )
-    )
-  return copy
+    return serving_config(config)
+  return ml_collections.ConfigDict(config.to_dict())
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: str = "stored") -> Any:
@@ -477,23 +472,6 @@ def _divide(total: Any, count: int, dtype: Any) -> Any:
   return _jitted()["divide"](total, count, np.dtype(dtype))
 
 
-def _source_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str | None:
-  """A local path of the tokenizer.json of a tokenizer-vocabulary model stored in `workdir`
-  (found as `loading.load_model_and_step` finds it), None for other vocabularies or none found."""
-  from llada_jax.config import TOKENIZER_VOCABULARIES  # pylint: disable=g-import-not-at-top
-  from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
-
-  if config.data.vocabulary not in TOKENIZER_VOCABULARIES:
-    return None
-  root = storage.path(workdir)
-  stored = config.data.tokenizer
-  relative = stored and not storage.is_remote(stored) and not os.path.isabs(stored)
-  for candidate in (stored, root / stored if relative else None, root / TOKENIZER_FILE):
-    if candidate and storage.path(candidate).is_file():
-      return storage.cached_local_copy(candidate)
-  return None
-
-
 def merge(
     workdirs: Sequence[str],
     *,
@@ -555,7 +533,9 @@ def merge(
   params = running.mean(abstract.params)
   step = max(s.step for s in sources)
   result = MergeResult(sources, step, config, params)
-  tokenizer = _source_tokenizer(sources[-1].workdir, config)
+  from llada_jax.loading import stored_tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer = stored_tokenizer(sources[-1].workdir, config)
   if out_workdir:
     _write_workdir(result, out_workdir, tokenizer, metric, mesh)
     logging.info(

@@ -88,6 +88,15 @@ def random_length(rng: jax.Array, seq_len: int, prob: float) -> jax.Array:
   return jnp.where(cut, drawn, seq_len)
 
 
+def maskable_positions(batch: dict[str, jax.Array]) -> jax.Array:
+  """bool [B, L]: the positions the forward process may mask, valid ones and, in SFT (the batch
+  has prompt_length [B]), those after the prompt."""
+  valid = batch["valid"]
+  if "prompt_length" not in batch:
+    return valid
+  return valid & (jnp.arange(valid.shape[1])[None, :] >= batch["prompt_length"][:, None])
+
+
 def noise_batch(
     rng: jax.Array,
     batch: dict[str, jax.Array],
@@ -109,11 +118,9 @@ def noise_batch(
   targets = batch["targets"]
   seq_len = targets.shape[1]
   valid = batch["valid"]
-  if "prompt_length" in batch:
-    maskable = valid & (jnp.arange(seq_len)[None, :] >= batch["prompt_length"][:, None])
-  else:
+  if "prompt_length" not in batch:
     valid = valid & (jnp.arange(seq_len) < random_length(len_key, seq_len, random_length_prob))
-    maskable = valid
+  maskable = maskable_positions(dict(batch, valid=valid))
   noised = forward_process(
       noise_key,
       targets,
@@ -135,11 +142,7 @@ def with_complements(batch: dict[str, jax.Array], mask_id: int) -> dict[str, jax
   probability 1 - p, so the 1/(1 - p)-weighted loss of row 2i + 1 is a second unbiased estimate
   of the same bound, and every maskable token is scored exactly once in the pair. The rows of a
   pair stay adjacent, so a batch sharded over devices keeps each pair on its device."""
-  seq_len = batch["targets"].shape[1]
-  maskable = batch["valid"]
-  if "prompt_length" in batch:
-    maskable = maskable & (jnp.arange(seq_len)[None, :] >= batch["prompt_length"][:, None])
-  masked = maskable & ~batch["masked"]
+  masked = maskable_positions(batch) & ~batch["masked"]
   complement = dict(
       batch,
       inputs=jnp.where(masked, mask_id, batch["targets"]),

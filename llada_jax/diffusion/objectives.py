@@ -255,30 +255,6 @@ def forward_process_of(
   )
 
 
-def mdm_objective(
-    lm: LanguageModel,
-    params: Any,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    reduction: str,
-    random_length_prob: float,
-    exact: bool = False,
-) -> tuple[jax.Array, Metrics]:
-  """LLaDA's bound: the forward process (unless the pipeline already noised the batch), then the
-  1/p-weighted masked cross-entropy (`diffusion_loss_from_ce`); `diffusion_bound` for the
-  training options. LLaDA's schedule is always the exact one."""
-  return diffusion_bound(
-      lm,
-      params,
-      batch,
-      rng,
-      reduction=reduction,
-      random_length_prob=random_length_prob,
-      exact=exact,
-  )
-
-
 def arm_objective(
     lm: LanguageModel,
     params: Any,
@@ -297,7 +273,7 @@ def arm_objective(
   return with_router_losses(lm.config, loss, metrics, aux, reduction)
 
 
-def block_objective(
+def diffusion_bound(
     lm: LanguageModel,
     params: Any,
     batch: dict[str, jax.Array],
@@ -308,37 +284,14 @@ def block_objective(
     block_size: int | None = None,
     exact: bool = False,
 ) -> tuple[jax.Array, Metrics]:
-  """BD3-LM's NELBO: the forward process with one t per block (`forward_process_of`, unless the
-  batch is already noised with per-block p_mask [B, L]), then the 1/p-weighted masked
-  cross-entropy of the noisy stream of one two-stream pass (`diffusion_loss_from_ce`).
-  block_size defaults to config.diffusion.block_size (the trainer passes the size of its
-  `block_size_schedule`); exact: t ~ U(0, 1), not the clipped training schedule."""
-  return diffusion_bound(
-      lm,
-      params,
-      batch,
-      rng,
-      reduction=reduction,
-      random_length_prob=random_length_prob,
-      block_size=block_size or lm.config.diffusion.block_size,
-      exact=exact,
-  )
-
-
-def diffusion_bound(
-    lm: LanguageModel,
-    params: Any,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    reduction: str,
-    random_length_prob: float,
-    block_size: int = 0,
-    exact: bool = False,
-) -> tuple[jax.Array, Metrics]:
-  """The 1/p-weighted bound of a masked diffusion model (mdm: block_size 0; block: its size),
-  with the training options of config.diffusion, which the training loss ("mean", not exact)
-  applies and the bound itself (exact: validation; "sequence": a per-sequence bound) never does:
+  """The bound of a masked diffusion model, objectives "mdm" and "block": the forward process
+  (`forward_process_of`, unless the pipeline already noised the batch), then the 1/p-weighted
+  masked cross-entropy (`diffusion_loss_from_ce`): LLaDA's of one pass (mdm), BD3-LM's NELBO of
+  the noisy stream of one two-stream pass (block, blocks of block_size: the trainer passes the
+  size of its `block_size_schedule`, default diffusion.block_size; exact: t ~ U(0, 1), not the
+  clipped training schedule). The training options of config.diffusion apply to the training
+  loss ("mean", not exact) and never to the bound itself (exact: validation; "sequence": a
+  per-sequence bound):
   - complementary_masking: each row is scored twice, with its mask and with the complement of
     it (`masking.with_complements`): the bound's expectation is unchanged, its variance falls,
     the pass costs twice the FLOPs;
@@ -346,6 +299,7 @@ def diffusion_bound(
     bound (metric loss) stays the bound.
   Then a MoE model's router losses (`with_router_losses`)."""
   d = lm.config.diffusion
+  block_size = (block_size or d.block_size) if objective_of(lm.config).blocks else 0
   if "inputs" not in batch:
     batch = forward_process_of(
         lm.config,
@@ -400,4 +354,4 @@ def with_router_losses(
 
 # config.diffusion.objective -> loss(lm, params, batch, rng, *, reduction, random_length_prob); the
 # objective's traits are llada_jax.config.OBJECTIVES.
-LOSSES = {"mdm": mdm_objective, "arm": arm_objective, "block": block_objective}
+LOSSES = {"mdm": diffusion_bound, "arm": arm_objective, "block": diffusion_bound}

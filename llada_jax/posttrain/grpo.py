@@ -29,11 +29,10 @@ import optax
 
 from llada_jax.config import objective_of
 from llada_jax.diffusion import alignment
+from llada_jax.diffusion.objectives import Metrics
 from llada_jax.model import apply_model, network, positions_from_mask
 from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.model.transformer import ModelConfig
-
-Metrics = dict[str, jax.Array]
 
 
 class Rollouts(NamedTuple):

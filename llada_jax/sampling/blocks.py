@@ -163,7 +163,8 @@ def compiled_sampler(spec: SamplerSpec) -> Callable[..., Any]:
         )
         least = top_k_mask(confidence, jnp.full((batch,), quota[i]))
         commit = candidate & (least | (confidence > threshold))
-        return jnp.where(commit, x0, x), i + 1, passes + waiting(x), cache
+        counted = passes + waiting(x) if spec.return_steps else passes
+        return jnp.where(commit, x0, x), i + 1, counted, cache
 
       x, _, passes, cache = jax.lax.while_loop(more, step, (x, jnp.int32(0), passes, cache))
       if spec.cache != "none":

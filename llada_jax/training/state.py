@@ -199,12 +199,13 @@ def config_with_init_from(config: ml_collections.ConfigDict) -> ml_collections.C
       from the folder's (checked before any tensor is read).
     CheckpointError: a folder that cannot be imported.
   """
-  from llada_jax.loading import TOKENIZER_FILE  # pylint: disable=g-import-not-at-top
+  from llada_jax.loading import stored_tokenizer  # pylint: disable=g-import-not-at-top
 
   imported = read_init_from(config)
-  kept = storage.path(config.train.init_from) / TOKENIZER_FILE  # a workdir's copy
-  if imported.data.vocabulary in TOKENIZER_VOCABULARIES and kept.is_file():
-    imported.data.tokenizer = str(kept)
+  if checkpoint_dir(config.train.init_from).is_dir():  # a workdir: the tokenizer it kept
+    imported.data.tokenizer = (
+        stored_tokenizer(config.train.init_from, imported) or imported.data.tokenizer
+    )
   if not imported.data.tokenizer and imported.data.vocabulary in TOKENIZER_VOCABULARIES:
     imported.data.tokenizer = config.data.tokenizer
   _check_init_from_model(config, imported)
@@ -255,7 +256,7 @@ def imported_params(config: ml_collections.ConfigDict, abstract: Any = None) -> 
   path = config.train.init_from
   abstract = serving_abstract_params(config) if abstract is None else abstract
   imported = read_init_from(config)
-  if init_from_workdir(config) is not None:
+  if checkpoint_dir(path).is_dir():  # a llada_jax workdir (read_init_from read its config)
     _check_init_from_model(config, imported)
     _, _, params = restore_newest(
         path, lambda _: abstract, params_only=True, read_only=True, wanted=config
