@@ -1,16 +1,21 @@
 """Shared test setup: 8 fake CPU devices (for mesh tests) and a tiny config."""
 
+import contextlib
 import os
 import signal
 import tempfile
 
-# 8 fake CPU devices; and no LLVM optimisation of the compiled CPU programs: the suite's tiny
-# programs spend far longer compiling than running (test_moe + test_block: 237 s of CPU with the
-# default optimisation, 135 s without). Floating-point semantics are the same (XLA:CPU compiles
-# without fast-math either way); subprocesses inherit the flags.
-_FLAGS = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if "--xla_backend_optimization_level" not in _FLAGS:  # a level given in XLA_FLAGS is kept
-  _FLAGS += " --xla_backend_optimization_level=0"
+# 8 fake CPU devices; and the cheapest XLA:CPU compilation, since the suite's tiny programs spend
+# far longer compiling than running: no LLVM optimisation (test_moe + test_block: 237 s of CPU with
+# the default level, 135 s without), and XLA's classic fusion emitters in place of the MLIR ones,
+# whose fixed cost per program dominates the many small programs (test_block: 71 s against 50 s;
+# the whole suite: 1902 s of CPU against 1239 s on the 2-core host). Floating-point semantics are
+# the same (XLA:CPU compiles without fast-math either way). Subprocesses inherit the flags.
+_CPU_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+for _flag in ["--xla_force_host_platform_device_count=8", *_CPU_FLAGS.split()]:
+  if _flag.split("=")[0] not in _FLAGS:  # a value given in XLA_FLAGS is kept
+    _FLAGS += " " + _flag
 os.environ["XLA_FLAGS"] = _FLAGS.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite runs on CPUs; libtpu (installed for the TPU-compiler tests, which ask for compile-only
@@ -40,15 +45,38 @@ from llada_jax.config import default_config, validate  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@contextlib.contextmanager
+def tpu_compiler_flags():
+  """XLA_FLAGS without the XLA:CPU flags that libtpu does not know: it reads XLA_FLAGS when it
+  first compiles, and aborts the process on a flag it does not know."""
+  flags = os.environ["XLA_FLAGS"]
+  os.environ["XLA_FLAGS"] = flags.replace("--xla_cpu_use_fusion_emitters=false", "")
+  try:
+    yield
+  finally:
+    os.environ["XLA_FLAGS"] = flags
+
+
+@contextlib.contextmanager
+def preempted_at(step: int):
+  """Runs the trainer inside as if SIGTERM came at `step`: it saves that step and returns, as a
+  preempted run does (same config, so a rerun resumes the very same programs)."""
+  from llada_jax.training import preemption  # pylint: disable=g-import-not-at-top
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(preemption.PreemptionWatcher, "reached", lambda self, at: at >= step)
+    yield
+
+
 def cli_env(**extra: str) -> dict[str, str]:
   """The environment of a command-line subprocess (trainer, sampler, ...): this process's (its
-  compilation cache included), on one CPU device, compiled without LLVM optimisation like the
-  suite (a tiny trainer: 14.5 s against 18.1 s at the default level on the 2-core host), TF quiet;
-  `extra` on top."""
+  compilation cache included), on one CPU device, compiled as cheaply as the suite (a tiny trainer:
+  14.5 s against 18.1 s at the default optimisation level on the 2-core host), TF quiet; `extra`
+  on top."""
   return dict(
       os.environ,
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_backend_optimization_level=0",
+      XLA_FLAGS=_CPU_FLAGS,
       TF_CPP_MIN_LOG_LEVEL="3",
       **extra,
   )

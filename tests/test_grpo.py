@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config, write_workdir
+from conftest import make_tiny_config, preempted_at, write_workdir
+from llada_jax.checkpoint import latest_step
 from llada_jax.config import validate
 from llada_jax.errors import ConfigError
 from llada_jax.lm import MaskedDiffusionLM
@@ -160,7 +161,9 @@ def test_rl_resumed_in_the_middle_is_bitwise_the_uninterrupted_run(tmp_path):
   (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
   (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:2]))
   train(_config(tmp_path, reference, 4), tmp_path / "straight")
-  train(_config(tmp_path, reference, 2), tmp_path / "resumed")
+  with preempted_at(2):
+    train(_config(tmp_path, reference, 4), tmp_path / "resumed")
+  assert latest_step(tmp_path / "resumed") == 2
   train(_config(tmp_path, reference, 4), tmp_path / "resumed")
   _, _, a = load_model_and_step(tmp_path / "straight")
   step, _, b = load_model_and_step(tmp_path / "resumed")

@@ -1,7 +1,9 @@
 """Pod launchers: each dry run prints the command it would run, with the job's coordinates."""
 
+import os
 import pathlib
 import subprocess
+import sys
 
 LAUNCH = pathlib.Path(__file__).parent.parent / "launch"
 
@@ -29,6 +31,17 @@ def test_local_dry_run_gives_every_process_its_id_and_the_coordinator():
   for i, line in enumerate(out):
     assert f"JAX_PROCESS_ID={i} " in line and "JAX_NUM_PROCESSES=3" in line
     assert f"127.0.0.1:{port}" in line and "device_count=2" in line
+
+
+def test_local_keeps_the_callers_xla_flags_and_sets_its_own_device_count():
+  """The suite's XLA_FLAGS hold 8 devices and its compilation settings: each process keeps the
+  settings and has the 2 devices it was given."""
+  script = "import os, jax; print(jax.local_device_count(), os.environ['XLA_FLAGS'])"
+  assert "device_count=8" in os.environ["XLA_FLAGS"]
+  out = _dry_run(LAUNCH / "local.sh", "2", "2", "--", sys.executable, "-c", script).splitlines()
+  assert sorted(line.split()[:2] for line in out) == [["[0]", "2"], ["[1]", "2"]], out
+  for line in out:
+    assert "--xla_backend_optimization_level=0" in line, line
 
 
 def test_tpu_vm_dry_run_runs_on_all_workers_with_auto_discovery():

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config, write_workdir
-from llada_jax.checkpoint import load_config
+from conftest import make_tiny_config, preempted_at, write_workdir
+from llada_jax.checkpoint import latest_step, load_config
 from llada_jax.errors import ConfigError
 from llada_jax.loading import load_model_and_step
 from llada_jax.training.loop import train
@@ -69,7 +69,9 @@ def test_dpo_trains_the_policy_from_the_reference_and_resumes_exactly(setup, tmp
   assert stored.model.d_model == 64 and stored.posttrain.method == "dpo"
 
   interrupted = tmp_path / "interrupted"
-  train(_config(root, reference, 6), interrupted)
+  with preempted_at(6):
+    train(_config(root, reference, 12), interrupted)
+  assert latest_step(interrupted) == 6
   train(_config(root, reference, 12), interrupted)
   _, _, a = load_model_and_step(straight)
   step, _, b = load_model_and_step(interrupted)

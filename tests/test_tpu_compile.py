@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from configs import tiny
+from conftest import tpu_compiler_flags
 from llada_jax.aot import compile_program
 from llada_jax.parallel.collectives import summarize, with_dimension
 
@@ -29,7 +30,8 @@ MOE_LENGTH = 256
 def devices():
   from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
 
-  return tpu_devices("v5e:2x2")
+  with tpu_compiler_flags():
+    yield tpu_devices("v5e:2x2")
 
 
 def _config(attention: str):

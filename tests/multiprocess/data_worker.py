@@ -9,7 +9,10 @@ import importlib.util
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# The suite's XLA_FLAGS (compilation settings) kept; XLA takes the last of a repeated flag.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
