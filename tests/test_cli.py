@@ -60,6 +60,7 @@ def test_train_writes_checkpoints_and_tensorboard(trained_workdir):
   assert list((trained_workdir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # test_survive.py's SIGTERM test reruns and resumes in make test
 def test_rerun_resumes_from_latest_checkpoint(trained_workdir):
   result = _run(
       "llada_jax.train",

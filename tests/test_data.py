@@ -323,6 +323,7 @@ def test_two_processes_read_disjoint_shards_whose_union_is_the_global_batch(tmp_
     assert first != second
 
 
+@pytest.mark.slow  # test_two_processes_read_disjoint_shards_... runs in make test
 def test_processes_of_one_model_replica_get_identical_data(tmp_path):
   """With the tensor axis across the two processes both hold every row: same data on both."""
   rows = _run_two_processes(tmp_path, "tensor")

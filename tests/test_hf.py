@@ -216,6 +216,8 @@ def test_convert_command_lines_round_trip_and_sample(tmp_path):
   assert '{"tokens": [[' in from_hf and from_hf == from_workdir
 
 
+# In make test: test_convert_command_lines_round_trip_and_sample, and test_llama_import's init_from.
+@pytest.mark.slow
 def test_train_fine_tunes_from_a_converted_checkpoint(tmp_path):
   import os
   import pathlib

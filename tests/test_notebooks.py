@@ -170,6 +170,7 @@ def test_likelihood_notebook_agrees_with_the_bound_by_hand(workdir, kernel):
   assert images(outputs) == 1  # the spread against mc_num
 
 
+@pytest.mark.slow  # test_analysis.py fits and plots the scaling runs in make test
 def test_scaling_curves_notebook_trains_fits_and_plots(kernel):
   runs = kernel / "runs"
   text, outputs = execute(

@@ -21,6 +21,7 @@ def recipe():
   return module
 
 
+@pytest.mark.slow  # each stage's options are tested on their own in make test
 def test_the_whole_chain_runs_and_a_rerun_trains_nothing(recipe, tmp_path):
   numbers, seconds = recipe.run_recipe(tmp_path, "toy", tau=0.9, mc_num=2)
   assert set(seconds) == {name for name, _, _ in recipe.TRAINED}
