@@ -128,7 +128,7 @@ def _chain_rule_logp(config, params, tokens):
   rows, length = tokens.shape
   eye = jnp.eye(length, dtype=bool)
   inputs = jnp.where(eye[None], config.tokens.mask_id, tokens[:, None, :])  # [rows, i, L]
-  logits = causal.apply({"params": params}, inputs.reshape(rows * length, length))
+  logits = jax.jit(causal.apply)({"params": params}, inputs.reshape(rows * length, length))
   logits = logits.reshape(rows, length, length, -1)[:, jnp.arange(length), jnp.arange(length)]
   return np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0])
 
@@ -183,7 +183,7 @@ def _block_nelbo_by_hand(config, params, batch, block_size):
   blocks = np.arange(length) // block_size
   noised = np.arange(length // block_size)[:, None] == blocks[None, :]  # [block, position]
   windows = np.where(noised[None], inputs[:, None], tokens[:, None])  # [row, block, L]
-  logits = model.apply({"params": params}, jnp.asarray(windows.reshape(-1, length)))
+  logits = jax.jit(model.apply)({"params": params}, jnp.asarray(windows.reshape(-1, length)))
   logp = np.asarray(jax.nn.log_softmax(logits)).reshape(rows, -1, length, logits.shape[-1])
   logp = logp[:, blocks, np.arange(length)]  # [row, L, V]: each position from its block's pass
   ce = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0].astype(np.float64)
@@ -429,7 +429,7 @@ def _block_nelbo_by_enumeration(config, params, prompt, answer, size):
     rows = np.asarray([tokens[:end]] * len(subsets))
     for row, subset in enumerate(subsets):
       rows[row, list(subset)] = config.tokens.mask_id
-    logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(rows)), axis=-1)
+    logp = jax.nn.log_softmax(jax.jit(model.apply)({"params": params}, jnp.asarray(rows)), axis=-1)
     for row, subset in enumerate(subsets):
       ce = -sum(float(logp[row, i, tokens[i]]) for i in subset)
       l = len(subset)
@@ -467,7 +467,11 @@ def test_arm_likelihood_is_the_exact_chain_rule(params):
   for row, (p, a) in enumerate(zip(prompts, answers)):
     tokens = jnp.asarray([p + a])
     # A causal model never predicts the mask token: it is left out of the softmax.
-    raw = causal.apply({"params": params}, tokens)[0].at[:, config.tokens.mask_id].set(-jnp.inf)
+    raw = (
+        jax.jit(causal.apply)({"params": params}, tokens)[0]
+        .at[:, config.tokens.mask_id]
+        .set(-jnp.inf)
+    )
     logp = jax.nn.log_softmax(raw)
     want = sum(float(logp[i - 1, tokens[0, i]]) for i in range(len(p), len(p) + len(a)))
     np.testing.assert_allclose(got.log_likelihood[row], want, rtol=1e-5)

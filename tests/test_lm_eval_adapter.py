@@ -248,7 +248,7 @@ def test_rolling_loglikelihood_of_an_arm_model_is_the_exact_chain_rule(tmp_path)
 def _next_token_log_probs(causal, params, config, ids):
   """log p(next token) [T, V] of a causal network over ids: NumPy log-softmax of its logits over
   every token but the mask token (which a causal model never predicts)."""
-  z = np.asarray(causal.apply({"params": params}, np.asarray([ids]))[0], np.float64)
+  z = np.asarray(jax.jit(causal.apply)({"params": params}, np.asarray([ids]))[0], np.float64)
   z[:, config.tokens.mask_id] = -np.inf
   z = z - z.max(-1, keepdims=True)
   return z - np.log(np.exp(z).sum(-1, keepdims=True))

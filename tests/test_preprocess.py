@@ -269,7 +269,7 @@ def _tokenizer_json(folder: pathlib.Path, text: str) -> str:
   return str(folder / "tokenizer.json")
 
 
-@pytest.mark.slow  # test_shards_do_not_depend_on_the_number_of_workers covers the workers in make test
+@pytest.mark.slow  # test_shards_do_not_depend_on_the_number_of_workers runs in make test
 def test_cli_tokenizes_with_a_tokenizer_json_in_workers(tmp_path):
   text = "".join(f"paragraph {i}: ROMEO and JULIET.\n\n" for i in range(50))
   (tmp_path / "in.txt").write_text(text, encoding="utf-8")

@@ -76,7 +76,7 @@ def test_one_step_per_token_greedy_commits_the_most_confident_first(model_and_pa
   model = Transformer(ModelConfig.from_config(config))
   prompt = _prompt()
   x = jnp.concatenate([prompt, jnp.full((2, 4), config.tokens.mask_id)], axis=1)
-  probs = jax.nn.softmax(model.apply({"params": params}, x), axis=-1)[:, 5:]
+  probs = jax.nn.softmax(jax.jit(model.apply)({"params": params}, x), axis=-1)[:, 5:]
   conf = probs.max(-1)
   first = np.asarray(jnp.argmax(conf, axis=-1))
   token = np.asarray(jnp.argmax(probs, axis=-1))[np.arange(2), first]
