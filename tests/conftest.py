@@ -11,7 +11,8 @@ import tempfile
 # whose fixed cost per program dominates the many small programs (test_block: 71 s against 50 s;
 # the whole suite: 1902 s of CPU against 1239 s on the 2-core host). Floating-point semantics are
 # the same (XLA:CPU compiles without fast-math either way). Subprocesses inherit the flags.
-_CPU_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_LIBTPU_UNKNOWN = "--xla_cpu_use_fusion_emitters=false"  # XLA:CPU only: libtpu aborts on it
+_CPU_FLAGS = f"--xla_backend_optimization_level=0 {_LIBTPU_UNKNOWN}"
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 for _flag in ["--xla_force_host_platform_device_count=8", *_CPU_FLAGS.split()]:
   if _flag.split("=")[0] not in _FLAGS:  # a value given in XLA_FLAGS is kept
@@ -50,7 +51,7 @@ def tpu_compiler_flags():
   """XLA_FLAGS without the XLA:CPU flags that libtpu does not know: it reads XLA_FLAGS when it
   first compiles, and aborts the process on a flag it does not know."""
   flags = os.environ["XLA_FLAGS"]
-  os.environ["XLA_FLAGS"] = flags.replace("--xla_cpu_use_fusion_emitters=false", "")
+  os.environ["XLA_FLAGS"] = flags.replace(_LIBTPU_UNKNOWN, "")
   try:
     yield
   finally:
