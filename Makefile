@@ -28,8 +28,9 @@ demo: $(VENV)/.installed
 	JAX_PLATFORMS=cpu $(PY) -m llada_jax.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --prompt="First Citizen:" \
 	    --prompt="KING HENRY:" --gen_length=112 --steps=112
 
+# Whole modules per worker, in tests/conftest.py's order (longest first), not xdist's (most tests).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadscope tests
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
 
 # Formatting (pyink, checked not applied: run `.venv/bin/python -m pyink llada_jax tests ...` to
 # fix) and pylint, both configured in pyproject.toml.

