@@ -23,11 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TPU devices themselves) would otherwise probe for TPU chips in every process. JAX_PLATFORMS=cuda
 # (or tpu) runs the accelerator-only tests on such a machine.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache for the subprocesses (trainers, samplers, notebooks): a trainer of a config
-# another one ran finds its programs there (a micro trainer: 2.5 s of 13 saved). Programs that
-# compile in under 0.1 s (the one-operation programs of eager code) are not written: writing every
-# program cost more than compiling it again. The cache is keyed by the program, the compiler
-# version and its flags, so a hit is the same executable.
+# One compilation cache for the whole run, both xdist workers and every subprocess (trainers,
+# notebooks) included: the tiny programs many tests share are compiled once. The cache is keyed by
+# the program, the compiler version and its flags, so a hit is the same executable.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(
@@ -36,7 +34,7 @@ os.environ.setdefault(
         "jax_cache",
     ),
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,10 +44,6 @@ import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-po
 from llada_jax.config import default_config, validate  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# The test processes themselves keep no persistent cache: their thousands of small programs are
-# rarely compiled twice across processes, and writing each one out made test_sampling + test_moe
-# take 100 s instead of 77 (2-core host).
-jax.config.update("jax_enable_compilation_cache", False)
 
 
 @contextlib.contextmanager
