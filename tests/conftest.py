@@ -138,8 +138,8 @@ def tiny_config() -> ml_collections.ConfigDict:
   return make_tiny_config()
 
 
-# The modules of most test time first (seconds of one worker, 2-core host, in `make test`, stop
-# 41): `--dist loadscope` hands each worker whole modules in collection order, so a long module
+# The modules of most test time first (seconds of one worker, 2-core host, `make test`, December
+# 2026): `--dist loadscope` hands each worker whole modules in collection order, so a long module
 # collected last (alphabetically, test_survive) kept one worker busy while the other idled.
 # Longest first is the classic fix; modules not listed (under 10 s) keep their order after these.
 # pytest-xdist >= 3.8 sorts the modules by their number of tests instead unless told
