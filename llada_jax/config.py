@@ -193,6 +193,10 @@ def default_config() -> ml_collections.ConfigDict:
                   routed_scaling_factor=1.0,  # multiplies the routed experts' weights
                   norm_topk_prob=True,  # divide the k chosen weights by their sum
                   implementation="ragged",  # grouped matmuls; "dense": every expert (tests)
+                  # expert parallelism: rows each shard sends each expert shard per exchange
+                  # round, in units of a balanced load's share (t * k / ep); a busier pair takes
+                  # more rounds, never drops a token. Memory and bytes per round are this x t * k.
+                  exchange_capacity=2.0,
                   aux_loss_coef=0.0,  # load-balancing loss weight (LLaDA-MoE: 0.01)
                   z_loss_coef=0.0,  # router z-loss weight
                   # loss-free balancing (LLaDA 2.x, DeepSeek-V3): after each step expert_bias +=
@@ -652,6 +656,7 @@ def _check_moe(m: ml_collections.ConfigDict) -> None:
           f"{moe.experts_per_token} experts",
       )
   _positive("model.moe.routed_scaling_factor", moe.routed_scaling_factor)
+  _positive("model.moe.exchange_capacity", moe.exchange_capacity)
   for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
     _non_negative(f"model.moe.{name}", moe[name])
 

@@ -301,6 +301,93 @@ def test_expert_parallel_steps_equal_one_device():
   )
 
 
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "every-token-to-one-shard"])
+@pytest.mark.parametrize("capacity", [0.25, 2.0])
+def test_the_expert_exchange_is_dropless_under_any_load(skewed, capacity):
+  """The exchange over 4 expert shards gives every expert's output and the gradients of the
+  tokens and expert weights of one device computing every expert (`dense_experts`), whatever
+  the load: with every token routed to the first shard and a quarter of a balanced share per
+  round, each pair needs 16 rounds."""
+  tokens, d, f, ep = 64, 16, 8, 4
+  keys = jax.random.split(jax.random.PRNGKey(3), 5)
+  x = jax.random.normal(keys[0], (tokens, d))
+  weights = tuple(
+      0.3 * jax.random.normal(key, shape)
+      for key, shape in zip(keys[1:4], [(E, d, f), (E, d, f), (E, f, d)])
+  )
+  logits = jax.random.normal(keys[4], (tokens, E)) + (10.0 * (jnp.arange(E) < 2) if skewed else 0)
+  experts = jnp.argsort(-logits, axis=1)[:, :K].astype(jnp.int32)
+  routing = routers.Routing(experts, jax.nn.softmax(jnp.take_along_axis(logits, experts, 1)), None)
+  mesh = jax.make_mesh((ep,), ("expert",), devices=jax.devices()[:ep])
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+
+  def exchanged(x, weights, experts, routing_weights):
+    def local(x, experts, routing_weights, *weights):
+      shard_routing = routers.Routing(experts, routing_weights, None)
+      return moe._exchange(x, shard_routing, weights, ("expert",), capacity)
+
+    spec = split.spec
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec, check_vma=False)(
+        x, experts, routing_weights, *weights
+    )
+
+  def every_expert(x, weights, experts, routing_weights):
+    return moe.dense_experts(x, routers.Routing(experts, routing_weights, None), weights)
+
+  def value_and_grads(fn, args):
+    loss = lambda x, w, *rest: jnp.sum(jnp.sin(fn(x, w, *rest)))
+    return jax.jit(fn)(*args), jax.jit(jax.grad(loss, (0, 1)))(*args)
+
+  args = (x, weights, routing.experts, routing.weights)
+  want = value_and_grads(every_expert, args)
+  got = value_and_grads(exchanged, jax.device_put(args, split))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), want, got)
+
+
+def _post_training_loss(method, config, params, reference):
+  """(loss, metrics) of one post-training batch of `method` on the tiny vocabulary."""
+  # pylint: disable=import-outside-toplevel
+  from llada_jax.posttrain.dpo import dpo_objective, pack_preferences
+  from llada_jax.posttrain.grpo import Rollouts, grpo_objective
+  from llada_jax.posttrain.preference import PreferencePair
+
+  if method == "dpo":
+    pairs = [
+        PreferencePair((5, 6, 7), (8, 9, 10), (11, 12)),
+        PreferencePair((20,), (21, 22), (23,)),
+    ]
+    batch = pack_preferences(pairs, [0, 1], seed=0)
+    return dpo_objective(config)(params, batch, None, 0, reference)
+  width, answer = 4, config.sampling.gen_length
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, width + answer), 3, 40)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(6), i))(jnp.arange(2))
+  is_answer = jnp.arange(width + answer)[None, :].repeat(2, 0) >= width
+  rollouts = Rollouts(
+      tokens, jnp.ones(tokens.shape, bool), is_answer, jnp.array([1.0, -1.0]), keys, jnp.zeros(2)
+  )
+  return grpo_objective(config, width)(params, rollouts, None, 0, reference)
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_post_training_keeps_a_moe_policys_router_terms(method):
+  """DPO's and GRPO's training losses of a MoE policy gain its router terms as pre-training's
+  do: with aux and z coefficients the loss is the loss without plus coefficient x each term, and
+  router/load [MoE layers, experts] (what the train step's expert-bias update reads) sums to 1 per
+  layer."""
+  base = moe_config()
+  params = nn.meta.unbox(MaskedDiffusionLM(base).init(jax.random.PRNGKey(0)))
+  reference = nn.meta.unbox(MaskedDiffusionLM(base).init(jax.random.PRNGKey(1)))
+  plain, _ = _post_training_loss(method, base, params, reference)
+  weighted = moe_config(aux_loss_coef=0.5, z_loss_coef=0.25)
+  loss, metrics = _post_training_loss(method, weighted, params, reference)
+  load = np.asarray(metrics["router/load"])
+  assert load.shape == (weighted.model.n_layers - 1, E), load.shape
+  np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-5)
+  want = plain + 0.5 * metrics["router/aux_loss"] + 0.25 * metrics["router/z_loss"]
+  assert float(metrics["router/aux_loss"]) > 0 and float(metrics["router/z_loss"]) > 0
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

@@ -42,6 +42,18 @@ from llada_jax.model.forward import head_logits, two_stream_hidden
 from llada_jax.parallel.sharding import placement_context
 
 
+class Bound(NamedTuple):
+  """What an estimator of `bound_estimator` returns for N pairs: the estimate of
+  log p(answer | prompt) [N] float32 nats, its standard error [N], and the MoE router statistics
+  of its passes (`llada_jax.model.transformer.RouterStats`, the mean over the Monte-Carlo passes;
+  {} for a dense model), which a post-training loss adds to its own
+  (`llada_jax.diffusion.objectives.with_router_losses`)."""
+
+  estimate: jax.Array
+  stderr: jax.Array
+  router: dict[str, jax.Array]
+
+
 class Likelihood(NamedTuple):
   """Per pair: the estimate of log p(answer | prompt) (nats) and its standard error."""
 
@@ -136,8 +148,8 @@ def score_pairs(
   if sharding is not None:
     arrays = tuple(jax.device_put(a, sharding) for a in arrays)
   with placement_context(sharding):
-    estimate, stderr = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
-  return Likelihood(np.asarray(estimate), np.asarray(stderr))
+    bound = jax.device_get(scorer(params, *arrays, jnp.float32(cfg_scale)))
+  return Likelihood(np.asarray(bound.estimate), np.asarray(bound.stderr))
 
 
 def compiled_scorer(
@@ -147,7 +159,7 @@ def compiled_scorer(
     use_cfg: bool,
 ):
   """The jitted scorer of config's objective: score(params, tokens, valid, is_answer, keys [N],
-  cfg_scale) -> (estimate [N], stderr [N]), for rows packed by `pack_rows` (prompt ++ answer from
+  cfg_scale) -> `Bound`, for rows packed by `pack_rows` (prompt ++ answer from
   index 0, right-padded). LLaDA's estimator (mdm), the exact chain rule (arm) or the block NELBO
   (block)."""
   return _jitted(bound_estimator(config, mc_num, batch_size, use_cfg))
@@ -167,7 +179,8 @@ def bound_estimator(
 ):
   """The traceable (not jitted, differentiable in params) estimator of config's objective that
   `compiled_scorer` compiles: estimate(params, tokens, valid, is_answer, keys [N], cfg_scale) ->
-  (estimate of log p(answer | prompt) [N] float32 nats, stderr [N]) for rows packed by `pack_rows`.
+  `Bound` (estimate of log p(answer | prompt) [N] float32 nats, stderr [N], the router statistics
+  of the passes) for rows packed by `pack_rows`.
   The same keys give the same masks for any params: two models scored with one key share their
   timesteps and masks (VRPO's antithetic sampling, arXiv 2505.19223). one_timestep: every sample
   of a mini-batch masks the same number of answer tokens (VRPO's naive n_t = 1; mdm and block)."""
@@ -301,9 +314,9 @@ def _mdm_estimator(
     return is_answer & (rank < num_masked[:, None]), num_masked
 
   def batch_losses(params, tokens, valid, is_answer, keys, cfg_scale):
-    """Weighted masked CE of one mini-batch index for every pair: [N, batch_size]. The model sees
-    the N x batch_size rows as one pair-major batch, so a split of the pairs over devices carries
-    over to its rows unchanged."""
+    """(weighted masked CE of one mini-batch index for every pair [N, batch_size], the router
+    statistics of its pass). The model sees the N x batch_size rows as one pair-major batch, so a
+    split of the pairs over devices carries over to its rows unchanged."""
     masked, num_masked = jax.vmap(sample_masks)(is_answer, keys)  # [N, b, T], [N, b]
     width = tokens.shape[1]
 
@@ -314,25 +327,27 @@ def _mdm_estimator(
     prompt_free = None
     if use_cfg:
       prompt_free = jnp.where(rows(valid & ~is_answer), mask_id, noisy)
-    logits = apply_model(model, params, noisy, rows(valid), prompt_free, cfg_scale)
+    logits, router = apply_model(
+        model, params, noisy, rows(valid), prompt_free, cfg_scale, return_aux=True
+    )
     if shifted:
       logits = alignment.shift(logits, positions_from_mask(rows(valid)))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows(tokens))
     masked_ce = jnp.sum(jnp.where(masked, ce.reshape(masked.shape), 0.0), axis=-1)
-    return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked
+    return masked_ce * jnp.sum(is_answer, axis=-1)[:, None] / num_masked, router
 
   return _monte_carlo(batch_losses, num_batches, batch_size)
 
 
 def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
   """The estimate over mini-batches: score(params, tokens, valid, is_answer, keys [N], cfg_scale)
-  -> (estimate [N], stderr [N]), batch_losses giving the weighted losses [N, batch_size] of one
-  mini-batch index from one key per pair."""
+  -> `Bound`, batch_losses giving (the weighted losses [N, batch_size], the router statistics) of
+  one mini-batch index from one key per pair; the router statistics are the passes' mean."""
 
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     # The key of mini-batch j of a pair is fold_in(pair key, j): the same for any mc_num.
     keys = jax.vmap(lambda key: item_keys(key, num_batches))(keys)  # [N, batches]
-    losses = jax.lax.map(  # [batches, N, batch_size]: one forward pass per mini-batch index
+    losses, router = jax.lax.map(  # [batches, N, batch_size]: a forward pass per mini-batch index
         lambda batch_keys: batch_losses(params, tokens, valid, is_answer, batch_keys, cfg_scale),
         jnp.swapaxes(keys, 0, 1),
     )
@@ -345,7 +360,7 @@ def _monte_carlo(batch_losses, num_batches: int, batch_size: int):
       stderr = losses[:, 0].std(axis=-1, ddof=1) / jnp.sqrt(batch_size)
     else:
       stderr = jnp.full(estimate.shape, jnp.nan)
-    return estimate, stderr
+    return Bound(estimate, stderr, jax.tree.map(lambda a: a.mean(axis=0), router))
 
   return score
 
@@ -403,7 +418,7 @@ def _block_estimator(
     positions = positions_from_mask(row_valid)
 
     def logits_of(noisy, clean):
-      hidden = two_stream_hidden(
+      hidden, router = two_stream_hidden(
           model_cfg,
           params,
           noisy,
@@ -413,24 +428,28 @@ def _block_estimator(
           None,
           block_size=block_size,
           shifted=shifted,
+          return_aux=True,
       )
-      return head_logits(params, hidden, jnp.dtype(model_cfg.dtype))
+      return head_logits(params, hidden, jnp.dtype(model_cfg.dtype)), router
 
-    logits = logits_of(noisy, clean)
+    logits, router = logits_of(noisy, clean)
     if use_cfg:  # the unconditional rows: the prompt masked in both streams
       prompt = rows(valid & ~is_answer)
-      free = logits_of(jnp.where(prompt, mask_id, noisy), jnp.where(prompt, mask_id, clean))
+      free, free_router = logits_of(
+          jnp.where(prompt, mask_id, noisy), jnp.where(prompt, mask_id, clean)
+      )
       logits = free + (cfg_scale + 1.0) * (logits - free)
+      router = jax.tree.map(lambda a, b: (a + b) / 2, router, free_router)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, clean).reshape(masked.shape)
-    return jnp.sum(jnp.where(masked, ce * weight, 0.0), axis=-1)
+    return jnp.sum(jnp.where(masked, ce * weight, 0.0), axis=-1), router
 
   score = _monte_carlo(batch_losses, num_batches, batch_size)
   if block_size > 1:
     return score
 
   def exact(*args):  # B = 1: every sample is the same chain rule, its standard error 0
-    estimate, _ = score(*args)
-    return estimate, jnp.zeros_like(estimate)
+    bound = score(*args)
+    return bound._replace(stderr=jnp.zeros_like(bound.estimate))
 
   return exact
 
@@ -438,15 +457,16 @@ def _block_estimator(
 @functools.lru_cache(maxsize=16)
 def _arm_estimator(model_cfg: ModelConfig, excluded: int | None):
   """The exact log-likelihood of an autoregressive model: score(params, tokens, valid,
-  is_answer, keys, cfg_scale) -> (sum over answer tokens of log p(x_i | x_<i) [N], stderr 0),
-  the mask row `excluded` outside the softmax (`alignment.next_token_logits`)."""
+  is_answer, keys, cfg_scale) -> `Bound` (sum over answer tokens of log p(x_i | x_<i) [N],
+  stderr 0), the mask row `excluded` outside the softmax (`alignment.next_token_logits`)."""
   model = network(model_cfg)
 
   def score(params, tokens, valid, is_answer, keys, cfg_scale):
     del keys, cfg_scale
-    logits = next_token_logits(apply_model(model, params, tokens, valid)[:, :-1], excluded)
+    logits, router = apply_model(model, params, tokens, valid, return_aux=True)
+    logits = next_token_logits(logits[:, :-1], excluded)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     total = -jnp.sum(jnp.where(is_answer[:, 1:], ce, 0.0), axis=-1)
-    return total, jnp.zeros_like(total)
+    return Bound(total, jnp.zeros_like(total), router)
 
   return score

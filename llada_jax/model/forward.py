@@ -52,24 +52,31 @@ def apply_model(
     attention_mask: jax.Array,
     unconditional: jax.Array | None = None,
     cfg_scale: jax.Array | float = 0.0,
-) -> jax.Array:
+    *,
+    return_aux: bool = False,
+) -> Any:
   """Logits of `model` for tokens [B, L] with padding-aware positions (traceable, not jitted).
 
   With `unconditional` tokens (the same rows with the prompt masked), both passes run as one batch
   and classifier-free guidance combines them: u + (cfg_scale + 1) * (c - u).
+  return_aux: (logits, the MoE router statistics of the pass: `Transformer`'s return_aux, over
+  both halves of a guided pass; {} for a dense model).
   """
   mask = attention_mask.astype(bool)
   positions = positions_from_mask(mask)
   if unconditional is None:
-    return model.apply({"params": params}, tokens, mask, positions)
+    return model.apply({"params": params}, tokens, mask, positions, return_aux=return_aux)
   both = model.apply(
       {"params": params},
       jnp.concatenate([tokens, unconditional]),
       jnp.concatenate([mask, mask]),
       jnp.concatenate([positions, positions]),
+      return_aux=return_aux,
   )
+  both, aux = both if return_aux else (both, None)
   cond, uncond = jnp.split(both, 2)
-  return uncond + (cfg_scale + 1.0) * (cond - uncond)
+  out = uncond + (cfg_scale + 1.0) * (cond - uncond)
+  return (out, aux) if return_aux else out
 
 
 def two_stream_hidden(

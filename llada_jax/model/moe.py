@@ -14,6 +14,8 @@ Two implementations of the routed experts, chosen by `model.moe.implementation`:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -44,6 +46,7 @@ class MoEConfig:
   routed_scaling_factor: float
   norm_topk_prob: bool
   implementation: str
+  exchange_capacity: float
   aux_loss_coef: float
   z_loss_coef: float
   bias_update_rate: float
@@ -63,23 +66,29 @@ def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> ja
   return (nn.silu(x @ gate) * (x @ up)) @ down
 
 
+def _local_experts(rows: jax.Array, ids: jax.Array, weights: ExpertWeights) -> jax.Array:
+  """This shard's expert outputs [n, d] of rows [n, d], row i through expert ids[i] of the
+  E_local in `weights`; an id of E_local marks a padding row, whose output is 0."""
+  gate = weights[0]
+  local = gate.shape[0]
+  order = jnp.argsort(ids, stable=True)
+  group_sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
+  grouped = rows[order]
+  hidden = nn.silu(jax.lax.ragged_dot(grouped, gate, group_sizes)) * jax.lax.ragged_dot(
+      grouped, weights[1], group_sizes
+  )
+  return jnp.zeros_like(rows).at[order].set(jax.lax.ragged_dot(hidden, weights[2], group_sizes))
+
+
 def ragged_experts(x: jax.Array, routing: Routing, weights: ExpertWeights) -> jax.Array:
   """Routed expert outputs [T, d] of tokens x [T, d] by grouped matmuls.
 
   The T*k (token, expert) pairs are sorted by expert (stable, so by token within an expert), each
   expert's rows go through its SwiGLU as one group of `jax.lax.ragged_dot`, and the results return
   to their tokens, weighted and summed over the k choices in choice order."""
-  gate, up, down = weights
   tokens, k = routing.experts.shape
-  flat = routing.experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  group_sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-  rows = x[order // k]
-  hidden = nn.silu(jax.lax.ragged_dot(rows, gate, group_sizes)) * jax.lax.ragged_dot(
-      rows, up, group_sizes
-  )
-  out = jax.lax.ragged_dot(hidden, down, group_sizes)
-  out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(tokens, k, -1)
+  rows = jnp.repeat(x, k, axis=0, total_repeat_length=tokens * k)
+  out = _local_experts(rows, routing.experts.reshape(-1), weights).reshape(tokens, k, -1)
   return jnp.sum(out * routing.weights[..., None].astype(out.dtype), axis=1)
 
 
@@ -91,46 +100,139 @@ def dense_experts(x: jax.Array, routing: Routing, weights: ExpertWeights) -> jax
   return jnp.sum(chosen * routing.weights[..., None].astype(chosen.dtype), axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+  """The static plan of one shard's token exchange: `capacity` rows per (source, destination)
+  pair per round, over the mesh axes `axes` holding ep shards of the experts."""
+
+  capacity: int
+  axes: tuple[str, ...]
+  ep: int
+
+  def rounds(self, send: jax.Array) -> jax.Array:
+    """Rounds every shard of the exchange runs: its busiest pair's rows over the capacity."""
+    return jax.lax.pmax(jnp.max(-(-send // self.capacity)), self.axes)
+
+  def slots(self, send: jax.Array, r: jax.Array) -> jax.Array:
+    """[ep, capacity] positions in the destination-sorted rows of round r, n (past the end) for an
+    empty slot; send [ep] counts the rows for each destination."""
+    n_rows = jnp.sum(send)
+    position = r * self.capacity + jnp.arange(self.capacity)
+    start = jnp.cumsum(send) - send
+    return jnp.where(position < send[:, None], start[:, None] + position, n_rows)
+
+  def swap(self, a: jax.Array) -> jax.Array:
+    """[ep, capacity, ...] by destination -> the same by source (an all-to-all)."""
+    return jax.lax.all_to_all(a, self.axes, 0, 0, tiled=True)
+
+
+def _pad(a: jax.Array, value: Any) -> jax.Array:
+  """a with one row of `value` appended: the row an empty slot reads."""
+  return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), value, a.dtype)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _exchanged_experts(
+    plan: _Exchange, rows: jax.Array, ids: jax.Array, send: jax.Array, weights: ExpertWeights
+) -> jax.Array:
+  """Expert outputs [n, d] of this shard's rows [n, d], sorted by destination shard (send [ep]
+  rows each), row i for expert ids[i] of its destination's E_local, computed where the experts
+  live. Rounds of one all-to-all there and one back move at most plan.capacity rows per pair,
+  as many rounds as the busiest pair of the exchange needs: dropless, and the buffers are
+  ep * capacity rows whatever the load. Differentiated by `_exchange_vjp`, which reruns the
+  rounds (a while loop has no reverse-mode derivative)."""
+  return _exchange_forward(plan, rows, ids, send, weights)[0]
+
+
+def _exchange_forward(
+    plan: _Exchange, rows: jax.Array, ids: jax.Array, send: jax.Array, weights: ExpertWeights
+) -> tuple[jax.Array, Any]:
+  """(`_exchanged_experts`'s output, the residuals its VJP reads: its inputs)."""
+  local = weights[0].shape[0]
+  padded_rows, padded_ids = _pad(rows, 0), _pad(ids, local)
+
+  def one_round(carry):
+    r, out = carry
+    slots = plan.slots(send, r)
+    received = plan.swap(padded_rows[slots]).reshape(-1, rows.shape[-1])
+    y = _local_experts(received, plan.swap(padded_ids[slots]).reshape(-1), weights)
+    back = plan.swap(y.reshape(plan.ep, plan.capacity, -1))
+    return r + 1, out.at[slots].set(back, mode="drop")
+
+  rounds = plan.rounds(send)
+  _, out = jax.lax.while_loop(
+      lambda carry: carry[0] < rounds, one_round, (jnp.int32(0), jnp.zeros_like(rows))
+  )
+  return out, (rows, ids, send, weights)
+
+
+def _exchange_vjp(plan: _Exchange, residuals: Any, cotangent: jax.Array) -> tuple[Any, ...]:
+  """Cotangents of (rows, ids, send, weights) from the output's: each round sends its rows and
+  their output cotangents to the experts' shard, which pulls them back through its experts and
+  returns the rows' cotangents; the weights' accumulate over the rounds in float32."""
+  rows, ids, send, weights = residuals
+  local = weights[0].shape[0]
+  padded_rows, padded_ids, padded_cotangent = _pad(rows, 0), _pad(ids, local), _pad(cotangent, 0)
+
+  def one_round(carry):
+    r, d_rows, d_weights = carry
+    slots = plan.slots(send, r)
+    received, received_ct = (
+        plan.swap(a[slots]).reshape(-1, rows.shape[-1]) for a in (padded_rows, padded_cotangent)
+    )
+    received_ids = plan.swap(padded_ids[slots]).reshape(-1)
+    _, pullback = jax.vjp(lambda x, w: _local_experts(x, received_ids, w), received, weights)
+    d_received, d_w = pullback(received_ct)
+    back = plan.swap(d_received.reshape(plan.ep, plan.capacity, -1))
+    d_weights = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), d_weights, d_w)
+    return r + 1, d_rows.at[slots].set(back, mode="drop"), d_weights
+
+  rounds = plan.rounds(send)
+  zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
+  _, d_rows, d_weights = jax.lax.while_loop(
+      lambda carry: carry[0] < rounds, one_round, (jnp.int32(0), jnp.zeros_like(rows), zeros)
+  )
+  d_weights = jax.tree.map(lambda g, w: g.astype(w.dtype), d_weights, weights)
+  return d_rows, None, None, d_weights
+
+
+_exchanged_experts.defvjp(_exchange_forward, _exchange_vjp)
+
+
 def _exchange(
-    x: jax.Array, routing: Routing, weights: ExpertWeights, axes: tuple[str, ...]
+    x: jax.Array,
+    routing: Routing,
+    weights: ExpertWeights,
+    axes: tuple[str, ...],
+    capacity: float,
 ) -> jax.Array:
   """`ragged_experts` with the experts split over the mesh axes `axes` (expert parallelism), run
   per shard: x [t, d] and routing are this shard's tokens, weights its E / ep experts.
 
-  Each (token, expert) pair goes to the shard holding its expert by an all-to-all, the received
-  rows run through that shard's experts as grouped matmuls, and the results come back by a second
-  all-to-all. The exchange buffers hold t*k rows per destination, every row a shard could send
-  there, so no token is ever dropped (the price: ep times the rows of a ragged exchange).
-  """
-  gate, up, down = weights
+  The t*k (token, expert) pairs, sorted by expert and so by the shard holding it, go there in
+  rounds of at most ceil(capacity * t * k / ep) rows per shard pair (`model.moe.exchange_capacity`:
+  1 is a perfectly balanced load's share), run through that shard's experts as grouped matmuls,
+  and come back, as many rounds as the busiest pair needs (`_exchanged_experts`). No token is ever
+  dropped, and memory and bytes per round do not grow with ep."""
   tokens, k = routing.experts.shape
-  local = gate.shape[0]
+  local = weights[0].shape[0]
   ep = jax.lax.psum(1, axes)
+  plan = _Exchange(max(1, math.ceil(capacity * tokens * k / ep)), axes, ep)
   flat = routing.experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   chosen = flat[order]
-  destination = chosen // local
-  send = jnp.bincount(destination, length=ep)
-  slot = jnp.arange(tokens * k) - (jnp.cumsum(send) - send)[destination]
-  rows = jnp.zeros((ep, tokens * k, x.shape[-1]), x.dtype).at[destination, slot].set(x[order // k])
-  ids = jnp.full((ep, tokens * k), local, jnp.int32).at[destination, slot].set(chosen % local)
-  rows, ids = (jax.lax.all_to_all(a, axes, 0, 0, tiled=True) for a in (rows, ids))
-  rows, ids = rows.reshape(-1, x.shape[-1]), ids.reshape(-1)  # padding rows carry id `local`
-  received = jnp.argsort(ids, stable=True)
-  group_sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
-  grouped = rows[received]
-  hidden = nn.silu(jax.lax.ragged_dot(grouped, gate, group_sizes)) * jax.lax.ragged_dot(
-      grouped, up, group_sizes
-  )
-  out = jnp.zeros_like(rows).at[received].set(jax.lax.ragged_dot(hidden, down, group_sizes))
-  out = jax.lax.all_to_all(out.reshape(ep, tokens * k, -1), axes, 0, 0, tiled=True)
-  back = jnp.zeros((tokens * k, x.shape[-1]), out.dtype).at[order].set(out[destination, slot])
-  back = back.reshape(tokens, k, -1)
+  send = jnp.bincount(chosen // local, length=ep)
+  out = _exchanged_experts(plan, x[order // k], chosen % local, send, weights)
+  back = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(tokens, k, -1)
   return jnp.sum(back * routing.weights[..., None].astype(back.dtype), axis=1)
 
 
 def routed_experts(
-    x: jax.Array, routing: Routing, weights: ExpertWeights, implementation: str
+    x: jax.Array,
+    routing: Routing,
+    weights: ExpertWeights,
+    implementation: str,
+    exchange_capacity: float,
 ) -> jax.Array:
   """The routed experts' output [B, L, d] of x [B, L, d] (routing over its B*L tokens, row-major).
 
@@ -139,6 +241,8 @@ def routed_experts(
   is gathered across the batch; with the logical axis "exp" on mesh axes of size ep > 1 the
   experts are split over them and exchanged by all-to-all (`_exchange`); a split hidden width
   ("mlp", tensor parallelism) is summed over its axes. Off a mesh, `IMPLEMENTATIONS`.
+  exchange_capacity: the exchange's rows per shard pair per round over a balanced share
+  (`model.moe.exchange_capacity`; `_exchange`); it changes memory and rounds, never the result.
   """
   mesh = kernels.trace_mesh()
   batch, length, d = x.shape
@@ -153,7 +257,7 @@ def routed_experts(
     local_routing = Routing(experts.reshape(t, -1), probs_weights.reshape(t, -1), None)
     tokens = xs.reshape(t, d)
     if expert_axes[0]:
-      y = _exchange(tokens, local_routing, (gate, up, down), expert_axes[0])
+      y = _exchange(tokens, local_routing, (gate, up, down), expert_axes[0], exchange_capacity)
     else:
       y = IMPLEMENTATIONS[implementation](tokens, local_routing, (gate, up, down))
     if expert_axes[2]:
@@ -273,7 +377,7 @@ class MoEFeedForward(nn.Module):
         )
     )
     y = routed_experts(
-        tokens.reshape(batch, length, d), routing, experts, m.implementation
+        tokens.reshape(batch, length, d), routing, experts, m.implementation, m.exchange_capacity
     ).reshape(batch * length, d)
     if m.num_shared_experts:
       width = f * m.num_shared_experts

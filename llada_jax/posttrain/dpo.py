@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llada_jax.diffusion.likelihood import bound_estimator, pack_rows
+from llada_jax.diffusion.likelihood import Bound, bound_estimator, pack_rows
+from llada_jax.diffusion.objectives import with_router_losses
 from llada_jax.keys import Stream, item_keys
 from llada_jax.posttrain.preference import PreferencePair
 
-Estimator = Callable[..., tuple[jax.Array, jax.Array]]  # likelihood.bound_estimator's
+Estimator = Callable[..., Bound]  # likelihood.bound_estimator's
 
 
 class PreferenceBatch(NamedTuple):
@@ -73,13 +74,16 @@ def pack_preferences(
 
 class PreferenceTerms(NamedTuple):
   """Per pair [N] float32: the policy's and the reference's bounds of the chosen and rejected
-  answers (nats), and the DPO margin (B_theta(y_w) - B_ref(y_w)) - (B_theta(y_l) - B_ref(y_l))."""
+  answers (nats), and the DPO margin (B_theta(y_w) - B_ref(y_w)) - (B_theta(y_l) - B_ref(y_l));
+  router: the MoE router statistics of the policy's passes (`Bound.router`; {} for a dense
+  model), which the training loss adds (`dpo_objective`)."""
 
   policy_chosen: jax.Array
   policy_rejected: jax.Array
   reference_chosen: jax.Array
   reference_rejected: jax.Array
   margin: jax.Array
+  router: dict[str, jax.Array]
 
 
 def preference_terms(
@@ -94,7 +98,7 @@ def preference_terms(
   n, two, width = batch.tokens.shape
 
   def bounds(p, keys):
-    estimate, _ = estimator(
+    bound = estimator(
         p,
         batch.tokens.reshape(n * two, width),
         batch.valid.reshape(n * two, width),
@@ -102,15 +106,15 @@ def preference_terms(
         keys.reshape((n * two,) + keys.shape[2:]),
         jnp.float32(0.0),
     )
-    return estimate.reshape(n, two).T  # [(chosen, rejected), N]
+    return bound.estimate.reshape(n, two).T, bound.router  # [(chosen, rejected), N]
 
   ref_keys = batch.keys
   if not antithetic:
     ref_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 1)))(batch.keys)
-  policy = bounds(params, batch.keys)
-  ref = bounds(jax.lax.stop_gradient(reference), ref_keys)
+  policy, router = bounds(params, batch.keys)
+  ref, _ = bounds(jax.lax.stop_gradient(reference), ref_keys)
   margin = (policy[0] - ref[0]) - (policy[1] - ref[1])
-  return PreferenceTerms(policy[0], policy[1], ref[0], ref[1], margin)
+  return PreferenceTerms(policy[0], policy[1], ref[0], ref[1], margin, router)
 
 
 def dpo_loss(
@@ -162,14 +166,18 @@ def dpo_objective(
   """The train step's loss of posttrain.method="dpo": loss(params, batch, rng, block_size,
   frozen) -> (DPO loss of the `PreferenceBatch` against the reference `frozen`, its
   `preference_metrics`), the bound of config's objective with posttrain.mc_num samples (VRPO's
-  options from posttrain). rng and block_size are unused: the batch's keys are the noise."""
+  options from posttrain); a MoE policy's router terms join as in pre-training
+  (`with_router_losses`: the aux and z losses, and router/load for the expert-bias update).
+  rng and block_size are unused: the batch's keys are the noise."""
   p = config.posttrain
   estimator = bound_estimator(config, p.mc_num, p.mc_num, one_timestep=p.one_timestep)
 
   def loss(params, batch, rng, block_size, frozen):
     del rng, block_size
     value, terms = dpo_loss(estimator, params, frozen, batch, p.beta, p.antithetic)
-    return value, preference_metrics(terms, p.beta)
+    return with_router_losses(
+        config, value, preference_metrics(terms, p.beta), terms.router, "mean"
+    )
 
   return loss
 

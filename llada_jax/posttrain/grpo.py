@@ -29,10 +29,10 @@ import optax
 
 from llada_jax.config import objective_of
 from llada_jax.diffusion import alignment
-from llada_jax.diffusion.objectives import Metrics
+from llada_jax.diffusion.objectives import Metrics, with_router_losses
 from llada_jax.model import apply_model, network, positions_from_mask
 from llada_jax.model.forward import head_logits, two_stream_hidden
-from llada_jax.model.transformer import ModelConfig
+from llada_jax.model.transformer import ModelConfig, RouterStats
 
 
 class Rollouts(NamedTuple):
@@ -79,7 +79,8 @@ def token_log_probs(
     *,
     block_size: int = 0,
     shifted: bool = False,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> Any:
   """One-pass per-token log-probabilities log pi(o_k | q') [R, T] float32 (0 off
   rollouts.is_answer): every position from answer_start on masked, each prompt token masked
   with probability prompt_mask_prob by the row's mask key (the uniforms indexed by the position
@@ -90,7 +91,8 @@ def token_log_probs(
   token masked in the noisy stream, so o_k is predicted from its masked block and the clean
   blocks before it (the block NELBO's term at t = 1; with B = 1 the exact chain rule), blocks
   counted from the row's first real token as in training and sampling; q' masked in both
-  streams. shifted: the shifted logit alignment (`llada_jax.diffusion.alignment`)."""
+  streams. shifted: the shifted logit alignment (`llada_jax.diffusion.alignment`).
+  return_aux: (log-probabilities, the MoE router statistics of the pass; {} for a dense model)."""
   width = rollouts.tokens.shape[1]
   index = jnp.arange(width)[None, :]
   first = jnp.argmax(rollouts.valid, axis=1)[:, None]  # the row's first real token
@@ -112,7 +114,7 @@ def token_log_probs(
   dtype = jnp.dtype(model_cfg.dtype)
   if block_size:
     clean = jnp.where(masked_prompt, mask_id, tokens)
-    hidden = two_stream_hidden(
+    hidden, router = two_stream_hidden(
         model_cfg,
         params,
         noisy,
@@ -122,14 +124,16 @@ def token_log_probs(
         None,
         block_size=block_size,
         shifted=shifted,
+        return_aux=True,
     )
     logits = head_logits(params, hidden, dtype)
   else:
-    logits = apply_model(network(model_cfg), params, noisy, valid)
+    logits, router = apply_model(network(model_cfg), params, noisy, valid, return_aux=True)
     if shifted:
       logits = alignment.shift(logits, positions)
   logp = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
-  return jnp.where(rollouts.is_answer, back(logp), 0.0)
+  logp = jnp.where(rollouts.is_answer, back(logp), 0.0)
+  return (logp, router) if return_aux else logp
 
 
 class GRPOTerms(NamedTuple):
@@ -180,7 +184,8 @@ def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Me
   """The train step's loss of posttrain.method="grpo" for rollouts whose prompts are `width`
   tokens wide: loss(params, rollouts, rng, block_size, frozen) -> (d1's loss against the
   reference `frozen` (`grpo_loss`; one update per rollout batch, so the sampling policy is the
-  policy), metrics: the batch's mean reward and the terms' means). rng and block_size are unused:
+  policy), metrics: the batch's mean reward and the terms' means; a MoE policy's router terms
+  join as in pre-training, `with_router_losses`). rng and block_size are unused:
   the rollouts carry their prompt-mask keys."""
   p, cfg, mask_id = config.posttrain, ModelConfig.from_config(config), config.tokens.mask_id
   model_block = config.diffusion.block_size if objective_of(config).blocks else 0
@@ -191,7 +196,7 @@ def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Me
   ) -> tuple[jax.Array, Metrics]:
     del rng, block_size
 
-    def logp(weights: Any) -> jax.Array:
+    def logp(weights: Any) -> tuple[jax.Array, RouterStats]:
       return token_log_probs(
           cfg,
           weights,
@@ -201,25 +206,27 @@ def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Me
           p.prompt_mask_prob,
           block_size=model_block,
           shifted=shifted,
+          return_aux=True,
       )
 
-    policy = logp(params)
+    policy, router = logp(params)
     terms = grpo_loss(
         policy,
         jax.lax.stop_gradient(policy),
-        logp(jax.lax.stop_gradient(frozen)),
+        logp(jax.lax.stop_gradient(frozen))[0],
         batch.is_answer,
         batch.advantages,
         p.clip_eps,
         p.kl_beta,
     )
-    return terms.loss, {
+    metrics = {
         "grpo/reward": batch.rewards.mean(),
         "grpo/objective": terms.objective,
         "grpo/kl": terms.kl,
         "grpo/clipped": terms.clipped,
         "grpo/answer_length": terms.length,
     }
+    return with_router_losses(config, terms.loss, metrics, router, "mean")
 
   return loss
 

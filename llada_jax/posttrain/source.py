@@ -140,11 +140,14 @@ class PreferenceSource:
   @functools.cached_property
   def _losses(self):
     p = self.config.posttrain
-    return jax.jit(
-        lambda params, ref, batch: dpo_loss(
-            self.estimator, params, ref, batch, p.beta, p.antithetic, reduction="none"
-        )
-    )
+
+    def losses(params, ref, batch):
+      value, terms = dpo_loss(
+          self.estimator, params, ref, batch, p.beta, p.antithetic, reduction="none"
+      )
+      return value, terms._replace(router={})  # per pair only: the held-out bound's terms
+
+    return jax.jit(losses)
 
   def evaluate(self, params: Any) -> dict[str, float]:
     """Held-out means over every pair of posttrain.preferences_eval: the DPO loss and
