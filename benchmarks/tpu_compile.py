@@ -68,6 +68,8 @@ SLICES = [
 MOE = [
     ("mini v5p 8 chips ep8", "llada2_mini", "v5p:2x2x2", dict(batch_size=16, expert=8)),
     ("mini v6e 16 chips ep16", "llada2_mini", "v6e:4x4", dict(batch_size=32, expert=16)),
+    ("mini v6e 16 chips ep8 fsdp2", "llada2_mini", "v6e:4x4", dict(batch_size=32, expert=8)),
+    ("mini v6e 16 chips ep16 batch 16", "llada2_mini", "v6e:4x4", dict(batch_size=16, expert=16)),
     ("flash v5p 64 chips ep16", "llada2_flash", "v5p:4x4x4", dict(batch_size=128, expert=16)),
     ("flash v5p 64 chips ep64", "llada2_flash", "v5p:4x4x4", dict(batch_size=128, expert=64)),
     ("flash v5p 128 chips ep32", "llada2_flash", "v5p:4x4x8", dict(batch_size=256, expert=32)),

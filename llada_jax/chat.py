@@ -39,7 +39,7 @@ def _chat(argv: list[str]) -> None:
   from llada_jax.data.codec import chat_prompt, text_codec  # pylint: disable=g-import-not-at-top
   from llada_jax.data.hf_tokenizer import ChatMessage  # pylint: disable=g-import-not-at-top
   from llada_jax.sampling.ending import end_answer  # pylint: disable=g-import-not-at-top
-  from llada_jax.sampling.generate import generate  # pylint: disable=g-import-not-at-top
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
   from llada_jax.loading import load_model, stored_config  # pylint: disable=g-import-not-at-top
 
   if not _CHECKPOINT.value:
@@ -49,6 +49,7 @@ def _chat(argv: list[str]) -> None:
   if stored is not None:  # what the model's own config refuses, before its parameters load
     sampler_flags.validated_options(stored)
   config, params = load_model(_CHECKPOINT.value, _TOKENIZER.value)
+  model = MaskedDiffusionLM(config)
   options = sampler_flags.validated_options(config)
   codec = text_codec(config)
   room = config.model.max_sequence_length - options.gen_length  # >= 1 (validate)
@@ -59,8 +60,7 @@ def _chat(argv: list[str]) -> None:
     messages.append(ChatMessage("user", line.strip()))
     ids, stops = chat_prompt(codec, messages)
     prompt = np.asarray([ids[-room:]], np.int32)  # a long conversation drops its oldest tokens
-    out = generate(
-        config,
+    out = model.generate(
         params,
         prompt,
         options=options,

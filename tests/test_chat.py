@@ -122,24 +122,23 @@ def test_the_second_turn_prompt_holds_the_first_question_and_answer(hf_folder, m
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from llada_jax import chat  # pylint: disable=g-import-not-at-top
-  import llada_jax.sampling.generate  # pylint: disable=g-import-not-at-top,unused-import
+  from llada_jax.lm import MaskedDiffusionLM  # pylint: disable=g-import-not-at-top
 
   tokenizer = tokenizers.Tokenizer.from_file(str(hf_folder / "tokenizer.json"))
   eot, eos = tokenizer.token_to_id("<|eot_id|>"), tokenizer.token_to_id("<|endoftext|>")
   answers = ["I am a tiny model.", "Still tiny."]
   prompts = []
 
-  def fake_generate(*args, **kwargs):  # (config, params, prompt, ...) -> prompt + answer
-    del kwargs
-    prompt = np.asarray(args[2])
+  def fake_generate(model, params, prompt, *args, **kwargs):  # -> prompt + answer
+    del model, params, args, kwargs
+    prompt = np.asarray(prompt)
     prompts.append(prompt[0].tolist())
     answer = tokenizer.encode(answers[len(prompts) - 1], add_special_tokens=False).ids + [eot]
     assert len(answer) <= 16  # --gen_length
     answer += [eos] * (16 - len(answer))
     return np.concatenate([prompt, np.asarray([answer], prompt.dtype)], axis=1)
 
-  # the package re-exports generate(), so the module is reached through sys.modules
-  monkeypatch.setattr(sys.modules["llada_jax.sampling.generate"], "generate", fake_generate)
+  monkeypatch.setattr(MaskedDiffusionLM, "generate", fake_generate)  # chat samples through it
   monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nHow are you?\n"))
   flags.FLAGS(
       [

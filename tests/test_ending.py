@@ -45,10 +45,10 @@ def test_sample_cuts_answers_at_eot_and_stop_strings(monkeypatch):
   encode = lambda s: list(get_vocabulary(config).encode(s))
   answer = encode("hi there") + [EOT] + encode("more") + [EOS]
 
-  def fake_generate(config, params, tokens, mask, options=None, **kwargs):
+  def fake_generate(model, params, tokens, mask, options=None, **kwargs):
     return np.concatenate([tokens, np.asarray([answer] * len(tokens))], 1)
 
-  monkeypatch.setattr(text, "generate", fake_generate)
+  monkeypatch.setattr(text.MaskedDiffusionLM, "generate", fake_generate)
   result = text.sample(config, None, texts=["ab"], stops=["there"], steps=1)
   assert result["tokens"] == [encode("hi there")]
   assert result["text"] == ["hi "]

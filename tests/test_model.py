@@ -206,3 +206,24 @@ def test_the_package_builds_the_network_in_one_place():
       if re.search(r"(?<!class )\bTransformer\(", path.read_text())
   )
   assert builders == ["model/forward.py"]
+
+
+def test_callers_sample_and_score_through_the_model_object():
+  """Evaluation, lm-eval, chat, llada-sample's text path and the GRPO rollouts reach the reverse
+  process and the likelihood bound through `MaskedDiffusionLM` (its generate and score), not by
+  calling the sampler's or the scorer's function themselves: only lm.py calls them by name (and
+  the scorer's one-pair convenience, inside its own module)."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  import llada_jax  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(llada_jax.__file__).parent
+  callers = sorted(
+      f"{path.relative_to(root)}: {name}"
+      for path in root.rglob("*.py")
+      for line in path.read_text().splitlines()
+      if not line.lstrip().startswith("def ")
+      for name in re.findall(r"(?<![\w.])(generate|score_pairs)\(", line)
+  )
+  assert callers == ["diffusion/likelihood.py: score_pairs", "lm.py: generate"]

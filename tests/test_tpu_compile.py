@@ -150,3 +150,19 @@ def test_auto_resolves_by_the_compile_target_not_the_host(devices):
   with jax.set_mesh(make_mesh(_config("auto"), devices)):
     assert resolve("auto", "bfloat16", lengths=(512, 512)) == "splash"
   assert resolve("auto", "bfloat16", lengths=(512, 512)) == "xla"
+
+
+def test_a_mesh_axis_may_span_part_of_a_physical_axis():
+  """fsdp 2 x expert 8 on a v6e 4x4 torus: no mesh axis of 8 is a product of whole physical
+  axes (4, 4), so the mesh splits one; every chip appears once."""
+  from llada_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from llada_jax.parallel.topology import tpu_devices  # pylint: disable=g-import-not-at-top
+
+  config = _config("xla")
+  config.data.batch_size = 16
+  config.mesh.update(dict(data=1, fsdp=2, expert=8, tensor=1))
+  with tpu_compiler_flags():
+    chips = tpu_devices("v6e:4x4")
+  mesh = make_mesh(config, chips)
+  assert dict(mesh.shape) == dict(data=1, fsdp=2, expert=8, tensor=1)
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in chips)

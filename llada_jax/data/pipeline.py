@@ -199,6 +199,18 @@ def global_batch(
   return out
 
 
+def local_rows(array: jax.Array, rows: range) -> np.ndarray:
+  """The inverse of `global_batch`: rows `rows` (this process's, `process_rows`) of a global
+  array [batch, ...] whose leading axis is split over devices, on the host, in order."""
+  out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+  for shard in array.addressable_shards:
+    start, stop, _ = shard.index[0].indices(array.shape[0])
+    if start < rows.start or stop > rows.stop:
+      raise ValueError(f"a shard holds rows {start}..{stop - 1}, outside this process's {rows}")
+    out[start - rows.start : stop - rows.start] = np.asarray(shard.data)
+  return out
+
+
 def _prefetched(iterator: Iterator[Any], size: int) -> Iterator[Any]:
   """Runs `iterator` in a background thread, `size` items ahead (exceptions re-raised here).
 

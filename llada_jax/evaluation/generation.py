@@ -15,7 +15,6 @@ import numpy as np
 from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.keys import item_keys
-from llada_jax.sampling.generate import generate
 from llada_jax.sampling.text import left_pad
 from llada_jax.sampling.ending import cut_ids
 
@@ -35,8 +34,8 @@ def generate_answers(
   item_ids: the id of each prompt that seeds its noise, fold_in(PRNGKey(seed), id) (default: its
   position in `prompts`).
 
-  sampler_kwargs go to `generate`: steps, gen_length, block_length, temperature, cfg_scale,
-  remasking, logits_eos_inf, confidence_eos_eot_inf.
+  sampler_kwargs go to `MaskedDiffusionLM.generate`: steps, gen_length, block_length,
+  temperature, cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf.
   """
   prompts = [list(p) for p in prompts]
   ids = np.arange(len(prompts)) if item_ids is None else np.asarray(item_ids)
@@ -53,7 +52,7 @@ def generate_answers(
     batch, mask = left_pad([prompts[i] for i in part], tokens.pad_id, width)
     batch, mask = jax.device_put((batch, mask), model.item_sharding)
     keys = jax.device_put(item_keys(jax.random.PRNGKey(seed), ids[part]), model.item_sharding)
-    out = np.asarray(generate(model.config, model.params, batch, mask, rng=keys, **sampler_kwargs))
+    out = np.asarray(model.lm.generate(model.params, batch, mask, rng=keys, **sampler_kwargs))
     answers = np.full((len(indices), gen_length), -1, np.int32)
     for row in range(len(indices)):
       answer = cut_ids(out[row, width:].tolist(), tokens)

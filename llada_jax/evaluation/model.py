@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llada_jax.data.codec import text_codec
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.loading import load_model_and_step
 
 # The one mesh axis of evaluation: items (pairs, prompts) are split over the local devices.
@@ -28,6 +30,11 @@ class EvalModel:
   mesh: Mesh
   step: int | None
   path: str
+
+  @functools.cached_property
+  def lm(self) -> MaskedDiffusionLM:
+    """The model object of `config`: what evaluations score and sample through."""
+    return MaskedDiffusionLM(self.config)
 
   @property
   def item_sharding(self) -> NamedSharding:

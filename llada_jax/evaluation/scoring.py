@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from llada_jax.diffusion.likelihood import Likelihood, check_pairs, mc_batch_size, score_pairs
+from llada_jax.diffusion.likelihood import Likelihood, check_pairs, mc_batch_size
 from llada_jax.evaluation.distribute import bucket, pad_to_multiple, run_sharded
 from llada_jax.evaluation.model import EvalModel
 from llada_jax.keys import item_keys
@@ -55,8 +55,7 @@ def loglikelihoods(
   def evaluate(indices: np.ndarray) -> np.ndarray:
     part = pad_to_multiple(list(indices), min(per_call, devices * -(-len(indices) // devices)))
     keys = item_keys(base, ids[part])
-    result = score_pairs(
-        model.config,
+    result = model.lm.score(
         model.params,
         [prompts[i] for i in part],
         [answers[i] for i in part],

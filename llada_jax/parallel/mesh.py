@@ -93,7 +93,12 @@ def make_mesh(
     ici = tuple(s // d for s, d in zip(shape, dcn))
     if any(s % d for s, d in zip(shape, dcn)):
       raise ConfigError(f"mesh.dcn_*={dcn} is not allowed: each must divide its axis size {shape}")
-    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), AXES)
+    return Mesh(
+        mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True),
+        AXES,
+    )
   if devices[0].platform == "cpu":
     return Mesh(np.asarray(devices).reshape(shape), AXES)
-  return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
+  # A mesh axis may span part of a physical one (fsdp 2 x expert 8 on a 4x4 torus); JAX splits
+  # physical axes only where no whole ones fit.
+  return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), AXES)

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from llada_jax import loading
@@ -79,7 +81,7 @@ def config_with_reference(config: ml_collections.ConfigDict) -> ml_collections.C
 
 def reference_params(config: ml_collections.ConfigDict, shardings: Any) -> Any:
   """The reference's parameters, placed as the policy's (`shardings`: the train state's param
-  shardings), in model.param_dtype.
+  shardings, which may span several processes), in model.param_dtype.
 
   Raises:
     ConfigError, CheckpointError: as `loading.load_model`, or a reference whose parameters are
@@ -93,5 +95,10 @@ def reference_params(config: ml_collections.ConfigDict, shardings: Any) -> Any:
         f"not those of the run's model (model.scan_layers={config.model.scan_layers}, the "
         f"reference has {stored.model.scan_layers})"
     )
-  dtype = config.model.param_dtype
-  return jax.tree.map(lambda p, s: jax.device_put(p.astype(dtype), s), params, shardings)
+  dtype = jnp.dtype(config.model.param_dtype)
+
+  def place(p: Any, sharding: Any) -> jax.Array:  # each process puts its own blocks
+    host = np.asarray(jax.device_get(p)).astype(dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, params, shardings)

@@ -17,14 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llada_jax.config import objective_of
 from llada_jax.data.codec import text_codec
-from llada_jax.data.pipeline import global_batch, process_rows
+from llada_jax.data.pipeline import global_batch, local_rows, process_rows
 from llada_jax.data.registry import read_jsonl_lines
 from llada_jax.diffusion.likelihood import bound_estimator
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream, item_keys
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.posttrain.dpo import (
     PreferenceBatch,
     dpo_loss,
@@ -42,7 +44,6 @@ from llada_jax.posttrain.preference import PreferencePair, prompt_ids, read_pref
 from llada_jax.posttrain.reference import reference_params
 from llada_jax.posttrain.rewards import parse_rewards, reward
 from llada_jax.sampling.ending import end_answer, end_ids
-from llada_jax.sampling.generate import generate
 from llada_jax.sampling.text import left_pad
 
 Metrics = dict[str, jax.Array]
@@ -209,9 +210,13 @@ class RolloutSource:
   (d1's mu = 1: the sampling policy is the policy, the ratio is 1 and clipping stays inactive).
   Held-out: the mean reward of greedy answers to posttrain.prompts_eval.
 
+  In a multi-process job the rollouts are sampled on the whole mesh, the rows split as the
+  train step's batch: each process rewards the rows it holds (whole groups, so the advantages
+  are its own) and the held-out rewards are gathered.
+
   Raises:
-    ConfigError: a bad prompt file or reward spec, a batch that is not whole groups, an
-      autoregressive model, or a multi-process job.
+    ConfigError: a bad prompt file or reward spec, a batch that is not whole groups (on every
+      process), or an autoregressive model.
   """
 
   frozen = None
@@ -224,17 +229,20 @@ class RolloutSource:
           f"{config.diffusion.objective!r}: expected a masked diffusion model (mdm: d1's "
           "one-pass estimate; block: the block-level one-pass)"
       )
-    if jax.process_count() > 1:
-      raise ConfigError(
-          f"posttrain.method='grpo' is not allowed in a {jax.process_count()}-process job yet: "
-          "run it on one host"
-      )
     if config.data.batch_size % p.group_size:
       raise ConfigError(
           f"data.batch_size={config.data.batch_size} is not allowed with posttrain.method='grpo':"
           f" expected a multiple of posttrain.group_size={p.group_size} (answer rows per step)"
       )
+    self.rows = process_rows(sharding, config.data.batch_size)
+    if self.rows.start % p.group_size or len(self.rows) % p.group_size:
+      raise ConfigError(
+          f"posttrain.group_size={p.group_size} is not allowed with data.batch_size="
+          f"{config.data.batch_size} over {jax.process_count()} processes: this process holds "
+          f"rows {self.rows.start}..{self.rows.stop - 1}, which must be whole groups"
+      )
     self.config, self.sharding = config, sharding
+    self.model = MaskedDiffusionLM(config)  # the rollouts' sampler
     self.spec = parse_rewards(p.rewards)
     self.prompts = read_prompts(p.prompts, config)
     self.held_out = (
@@ -264,11 +272,16 @@ class RolloutSource:
     """Left-padded prompts [N, width] and their masks."""
     return left_pad([t.prompt for t in tasks], self.config.tokens.pad_id, self.width)
 
-  def _answers(self, params: Any, tokens: Any, valid: Any, keys: Any, **overrides: Any) -> Any:
-    """Sampled rows [N, width + gen_length] (config.sampling, with `overrides`), on the host."""
-    return np.asarray(
-        jax.device_get(generate(self.config, params, tokens, valid, rng=keys, **overrides))
-    )
+  def _answers(
+      self, params: Any, tasks: list[PromptTask], rows: range, keys: Any, **overrides: Any
+  ) -> np.ndarray:
+    """This process's rows `rows` of the sampled rows [N, width + gen_length] of the prompts of
+    `tasks` (config.sampling, with `overrides`; keys [N, 2], the same on every process), sampled
+    on the whole mesh, the rows split as the train step's batch."""
+    tokens, valid = self._padded([tasks[i] for i in rows])
+    placed = global_batch(self.sharding, {"tokens": tokens, "valid": valid}, len(tasks))
+    out = self.model.generate(params, placed["tokens"], placed["valid"], rng=keys, **overrides)
+    return local_rows(out, rows)
 
   def _rewards(self, rows: np.ndarray, tasks: list[PromptTask]) -> np.ndarray:
     """The reward of each row's answer, its text cut where every command cuts it."""
@@ -288,22 +301,23 @@ class RolloutSource:
     step, indices = item
     g = self.config.posttrain.group_size
     tasks = [self.prompts[i] for i in indices for _ in range(g)]
-    tokens, valid = self._padded(tasks)
     root = jax.random.fold_in(
         jax.random.fold_in(jax.random.PRNGKey(self.config.seed), Stream.ROLLOUT), step
     )
     prompt_keys = item_keys(root, indices)
-    keys = jax.vmap(lambda k: item_keys(k, g))(prompt_keys).reshape(-1, 2)
-    # The rows split over the data-parallel devices as the train step's batch is.
-    placed = [jax.device_put(a, self.sharding) for a in (tokens, valid)]
-    rows = self._answers(params, *placed, keys)
-    rewards = self._rewards(rows, tasks)
+    keys = np.asarray(jax.vmap(lambda k: item_keys(k, g))(prompt_keys).reshape(-1, 2))
+    rows = self._answers(params, tasks, self.rows, keys)  # this process's, whole groups
+    mine = [tasks[i] for i in self.rows]
+    rewards = self._rewards(rows, mine)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards.reshape(-1, g)))).reshape(-1)
-    full_valid = np.concatenate([valid, np.ones((len(tasks), rows.shape[1] - self.width), bool)], 1)
+    _, valid = self._padded(mine)
+    full_valid = np.concatenate([valid, np.ones((len(mine), rows.shape[1] - self.width), bool)], 1)
     is_answer = np.asarray(
         answer_mask(jnp.asarray(rows), self.width, jnp.asarray(end_ids(self.config.tokens)))
     )
-    mask_keys = np.asarray(jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys))
+    mask_keys = np.asarray(
+        jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys[self.rows.start : self.rows.stop])
+    )
     local = Rollouts(rows, full_valid, is_answer, advantages, mask_keys, rewards)
     return Rollouts(**global_batch(self.sharding, local._asdict(), len(tasks)))
 
@@ -317,7 +331,19 @@ class RolloutSource:
     """The mean reward of greedy answers to the held-out prompts ({} without them)."""
     if not self.held_out:
       return {}
-    tokens, valid = self._padded(self.held_out)
-    keys = item_keys(jax.random.PRNGKey(self.config.seed), len(self.held_out))
-    rows = self._answers(params, tokens, valid, keys, temperature=0.0)
-    return {"grpo/reward": float(self._rewards(rows, self.held_out).mean())}
+    # Whole batches of data.batch_size rows, the last filled up by repeating prompts (left out of
+    # the mean), so they split over the processes as the train step's batch.
+    batch, n = self.config.data.batch_size, len(self.held_out)
+    total = 0.0
+    for start in range(0, n, batch):
+      tasks = [self.held_out[i % n] for i in range(start, start + batch)]
+      keys = np.asarray(
+          item_keys(jax.random.PRNGKey(self.config.seed), np.arange(start, start + batch))
+      )
+      rows = self._answers(params, tasks, self.rows, keys, temperature=0.0)
+      mine = [tasks[i] for i in self.rows]
+      counted = np.arange(start, start + batch)[self.rows.start : self.rows.stop] < n
+      total += float(np.sum(self._rewards(rows, mine) * counted))
+    if jax.process_count() > 1:
+      total = float(np.sum(multihost_utils.process_allgather(np.float64(total))))
+    return {"grpo/reward": total / n}

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llada_jax.config import objective_of
 from llada_jax.diffusion.alignment import excluded_mask_id
@@ -79,6 +80,9 @@ def generate(
     prompt: int [B, P] token ids; prompts of different lengths are left-padded with tokens.pad_id.
       A jax.Array keeps its sharding (e.g. the batch split over devices); so does attention_mask.
       With a NamedSharding the program is traced in its mesh, the batch split as it is split.
+      A global array spread over several processes (a multi-host batch, `global_batch`) is
+      sampled on the whole mesh: each process checks the rows it holds, every process must pass
+      the same rng, and the result is spread the same way.
     attention_mask: optional [B, P], 0 on padding; padding is neither attended to nor counted in
       the positions, so a padded prompt gives the tokens it gives alone.
     options: the sampler options (`SamplerOptions`, whose fields document each option); default
@@ -109,28 +113,43 @@ def generate(
       **overrides
   )
   placed = [a for a in (prompt, attention_mask) if isinstance(a, jax.Array)]
-  prompt = np.asarray(prompt, np.int32)
+  spread = any(not a.is_fully_addressable for a in placed)
+  if spread and len(placed) < 2:
+    raise ConfigError(
+        "a prompt spread over several processes is not allowed without its attention_mask "
+        "spread the same way: expected both as global arrays"
+    )
+  global_shape = tuple(placed[0].shape) if spread else None
+  prompt = _readable(prompt).astype(np.int32)
   if prompt.ndim != 2:
     raise ConfigError(f"prompt of shape {prompt.shape} is not allowed: expected [batch, length]")
   attention_mask = (
       np.ones(prompt.shape, bool)
       if attention_mask is None
-      else np.asarray(attention_mask).astype(bool)
+      else _readable(attention_mask).astype(bool)
   )
   options.validate(config)
   _check_call(config, options, prompt, attention_mask, return_trajectory, return_steps)
   mask_id = config.tokens.mask_id
+  has_masks = np.any((prompt == mask_id) & attention_mask)
+  if spread:  # every process must compile the same program
+    has_masks = np.any(multihost_utils.process_allgather(np.asarray(has_masks)))
   spec = SamplerSpec.of(
       config,
       options,
       return_trajectory=return_trajectory,
-      prompt_has_masks=bool(np.any((prompt == mask_id) & attention_mask)),
+      prompt_has_masks=bool(has_masks),
       return_steps=return_steps,
   )
-  row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, prompt.shape[0])
+  rows = global_shape[0] if spread else prompt.shape[0]
+  row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, rows)
   device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   sharding = placed[0].sharding if placed else None
-  if placed:
+  if spread:
+    keys = np.asarray(row_keys)
+    device_prompt, device_mask = placed[0].astype(jnp.int32), placed[1].astype(bool)
+    row_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
+  elif placed:
     device_prompt, device_mask, row_keys = (
         jax.device_put(a, sharding) for a in (prompt, attention_mask, row_keys)
     )
@@ -142,6 +161,15 @@ def generate(
         row_keys,
         sampler_scalars(options),
     )
+
+
+def _readable(a: Any) -> np.ndarray:
+  """a on this host, for the checks: all of it, or for an array spread over several processes
+  (a multi-host batch) the blocks this process holds, stacked on axis 0; each process checks its
+  own rows."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return np.concatenate([np.asarray(shard.data) for shard in a.addressable_shards])
+  return np.asarray(a)
 
 
 def sampler_scalars(options: SamplerOptions) -> dict[str, jax.Array]:

@@ -10,8 +10,8 @@ import numpy as np
 
 from llada_jax.data.codec import text_codec
 from llada_jax.errors import ConfigError
+from llada_jax.lm import MaskedDiffusionLM
 from llada_jax.sampling.ending import end_answer
-from llada_jax.sampling.generate import generate
 from llada_jax.sampling.options import SamplerOptions
 
 
@@ -44,7 +44,8 @@ def sample(
 
   Returns {"prompt": prompts as text, "tokens": answer ids cut at the first end token, "text":
   their text cut at the first of `stops`} (`llada_jax.sampling.ending`). options and overrides
-  (steps=, gen_length=, temperature=, ...) go to `generate`: default config.sampling.
+  (steps=, gen_length=, temperature=, ...) go to `MaskedDiffusionLM.generate`: default
+  config.sampling.
   """
   try:
     vocab = text_codec(config)
@@ -55,7 +56,9 @@ def sample(
   encoded = [list(vocab.encode(t)) for t in texts] if texts is not None else [list(i) for i in ids]
   tokens, mask = left_pad(encoded, config.tokens.pad_id)
   width = tokens.shape[1]
-  out = generate(config, params, tokens, mask, options, rng=jax.random.PRNGKey(seed), **overrides)
+  out = MaskedDiffusionLM(config).generate(
+      params, tokens, mask, options, rng=jax.random.PRNGKey(seed), **overrides
+  )
   decode = vocab.decode if vocab is not None else lambda ids: ""
   ended = [
       end_answer(row, config.tokens, decode, stops) for row in np.asarray(out)[:, width:].tolist()
