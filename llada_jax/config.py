@@ -356,6 +356,9 @@ def default_config() -> ml_collections.ConfigDict:
           clip_eps=0.2,  # the ratio's clipping
           kl_beta=0.04,  # weight of the KL to the reference (d1: 0.04)
           prompt_mask_prob=0.15,  # d1's random prompt masking in the log-probability pass
+          # d1's mu: train steps per rollout batch, each with fresh prompt masks, the ratio taken
+          # to the policy that sampled (kept in <workdir>/rollouts/ for an exact resume)
+          inner_updates=1,
       )
   )
 
@@ -602,6 +605,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("posttrain.beta", post.beta, "a positive number")
   _positive("posttrain.mc_num", post.mc_num)
   _positive("posttrain.group_size", post.group_size)
+  _positive("posttrain.inner_updates", post.inner_updates)
   if not 0 < post.clip_eps < 1:
     _fail("posttrain.clip_eps", post.clip_eps, "a number in (0, 1)")
   if post.kl_beta < 0:

@@ -156,18 +156,34 @@ def _config(root, reference, steps):
 
 
 def test_rl_resumed_in_the_middle_is_bitwise_the_uninterrupted_run(tmp_path):
+  """posttrain.inner_updates=2 (d1's mu): steps 2 and 3 train on step 2's rollouts (same
+  rewards), the ratio to the sampling policy is 1 at step 2 and not at step 3 (the policy moved,
+  the masks are fresh). A run preempted at step 3, inside the second group (the parameters have
+  moved since it was sampled), resumes from the kept rollouts, samples the third group from its
+  own parameters, and ends bitwise the uninterrupted run, which differs from the reference."""
+  from llada_jax.analysis.runs import read_records  # pylint: disable=import-outside-toplevel
+
   reference = write_workdir(str(tmp_path / "reference"), make_tiny_config())
   lines = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(3) for b in range(3)]
   (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
   (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:2]))
-  train(_config(tmp_path, reference, 4), tmp_path / "straight")
-  with preempted_at(2):
-    train(_config(tmp_path, reference, 4), tmp_path / "resumed")
-  assert latest_step(tmp_path / "resumed") == 2
-  train(_config(tmp_path, reference, 4), tmp_path / "resumed")
+
+  def config():
+    c = _config(tmp_path, reference, 6)
+    c.posttrain.update(dict(inner_updates=2, rewards="number_format"))
+    return validate(c)
+
+  train(config(), tmp_path / "straight")
+  with preempted_at(3):
+    train(config(), tmp_path / "resumed")
+  assert latest_step(tmp_path / "resumed") == 3
+  assert [f.name for f in (tmp_path / "resumed" / "rollouts").iterdir()] == [
+      "group_0000000002.process_0.npz"
+  ]
+  train(config(), tmp_path / "resumed")
   _, _, a = load_model_and_step(tmp_path / "straight")
   step, _, b = load_model_and_step(tmp_path / "resumed")
-  assert step == 4
+  assert step == 6
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   _, _, ref = load_model_and_step(reference)
@@ -175,6 +191,15 @@ def test_rl_resumed_in_the_middle_is_bitwise_the_uninterrupted_run(tmp_path):
       np.any(np.asarray(x) != np.asarray(y))
       for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(a))
   )
+  train_records = {
+      r["step"]: r
+      for r in read_records(tmp_path / "straight" / "metrics.jsonl")
+      if r["split"] == "train"
+  }
+  # Record of step s: the update of step s - 1 (steps 2 and 3 are records 3 and 4).
+  assert train_records[3]["grpo/reward"] == train_records[4]["grpo/reward"]
+  assert train_records[3]["grpo/ratio"] == pytest.approx(1.0, abs=1e-5)
+  assert abs(train_records[4]["grpo/ratio"] - 1.0) > 1e-4
 
 
 @pytest.mark.parametrize("objective", ["mdm", "block"])

@@ -96,6 +96,10 @@ def test_dpo_trains_the_policy_from_the_reference_and_resumes_exactly(setup, tmp
             r"data.task\), 'dpo' or 'grpo'",
         ),
         ({"beta": 0.0}, r"posttrain.beta=0.0 is not allowed: expected a positive number"),
+        (
+            {"inner_updates": 0},
+            r"posttrain.inner_updates=0 is not allowed: expected a positive number",
+        ),
         ({"preferences": ""}, r"posttrain.preferences='' is not allowed: expected a path"),
         ({"reference": "/nowhere"}, r"posttrain.reference=/nowhere is not allowed: it holds no"),
         (

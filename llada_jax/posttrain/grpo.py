@@ -40,7 +40,9 @@ class Rollouts(NamedTuple):
   left-padded prompt, then the answer), valid bool [R, P + A] (the prompt's padding False),
   is_answer bool [R, P + A] (answer tokens up to and including the first end token),
   advantages float32 [R], mask_keys [R, 2] (the prompt masks of the log-probability pass), rewards
-  float32 [R]."""
+  float32 [R]; old_logp float32 [R, P + A]: the sampling policy's `token_log_probs` under this
+  update's prompt masks, with posttrain.inner_updates > 1 (None: one update per rollout batch,
+  whose sampling policy is the policy being updated)."""
 
   tokens: jax.Array
   valid: jax.Array
@@ -48,6 +50,7 @@ class Rollouts(NamedTuple):
   advantages: jax.Array
   mask_keys: jax.Array
   rewards: jax.Array
+  old_logp: jax.Array | None = None
 
 
 def group_advantages(rewards: jax.Array, eps: float = 1e-4) -> jax.Array:
@@ -138,13 +141,15 @@ def token_log_probs(
 
 class GRPOTerms(NamedTuple):
   """Means over the answers: the loss, the clipped-objective part, the KL to the reference, the
-  fraction of answer tokens whose ratio was clipped, and the mean answer length."""
+  fraction of answer tokens whose ratio was clipped, the mean answer length, and the mean ratio
+  pi / pi_old over answer tokens (1 at a rollout batch's first update)."""
 
   loss: jax.Array
   objective: jax.Array
   kl: jax.Array
   clipped: jax.Array
   length: jax.Array
+  ratio: jax.Array
 
 
 def grpo_loss(
@@ -177,43 +182,57 @@ def grpo_loss(
       kl=kl_answer.mean(),
       clipped=clipped.mean(),
       length=is_answer.sum(axis=1).mean(),
+      ratio=per_answer(ratio).mean(),
   )
+
+
+def policy_log_probs(
+    config: Any, width: int
+) -> Callable[[Any, Rollouts], tuple[jax.Array, RouterStats]]:
+  """logp(params, rollouts) -> (`token_log_probs` [R, T] of config's model for rollouts whose
+  prompts are `width` tokens wide, the router statistics of the pass): the one pass the update
+  scores the policy, the sampling policy and the reference with."""
+  p, cfg, mask_id = config.posttrain, ModelConfig.from_config(config), config.tokens.mask_id
+  model_block = config.diffusion.block_size if objective_of(config).blocks else 0
+  shifted = alignment.resolve(config) == "shifted"
+
+  def logp(params: Any, rollouts: Rollouts) -> tuple[jax.Array, RouterStats]:
+    return token_log_probs(
+        cfg,
+        params,
+        rollouts,
+        width,
+        mask_id,
+        p.prompt_mask_prob,
+        block_size=model_block,
+        shifted=shifted,
+        return_aux=True,
+    )
+
+  return logp
 
 
 def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Metrics]]:
   """The train step's loss of posttrain.method="grpo" for rollouts whose prompts are `width`
   tokens wide: loss(params, rollouts, rng, block_size, frozen) -> (d1's loss against the
-  reference `frozen` (`grpo_loss`; one update per rollout batch, so the sampling policy is the
-  policy), metrics: the batch's mean reward and the terms' means; a MoE policy's router terms
-  join as in pre-training, `with_router_losses`). rng and block_size are unused:
-  the rollouts carry their prompt-mask keys."""
-  p, cfg, mask_id = config.posttrain, ModelConfig.from_config(config), config.tokens.mask_id
-  model_block = config.diffusion.block_size if objective_of(config).blocks else 0
-  shifted = alignment.resolve(config) == "shifted"
+  reference `frozen` (`grpo_loss`; the sampling policy's log-probabilities are the rollouts'
+  old_logp, or with one update per rollout batch the policy's own), metrics: the batch's mean
+  reward and the terms' means; a MoE policy's router terms join as in pre-training,
+  `with_router_losses`). rng and block_size are unused: the rollouts carry their prompt-mask
+  keys."""
+  p = config.posttrain
+  logp = policy_log_probs(config, width)
 
   def loss(
       params: Any, batch: Rollouts, rng: jax.Array, block_size: int, frozen: Any
   ) -> tuple[jax.Array, Metrics]:
     del rng, block_size
-
-    def logp(weights: Any) -> tuple[jax.Array, RouterStats]:
-      return token_log_probs(
-          cfg,
-          weights,
-          batch,
-          width,
-          mask_id,
-          p.prompt_mask_prob,
-          block_size=model_block,
-          shifted=shifted,
-          return_aux=True,
-      )
-
-    policy, router = logp(params)
+    policy, router = logp(params, batch)
+    old = jax.lax.stop_gradient(policy) if batch.old_logp is None else batch.old_logp
     terms = grpo_loss(
         policy,
-        jax.lax.stop_gradient(policy),
-        logp(jax.lax.stop_gradient(frozen))[0],
+        old,
+        logp(jax.lax.stop_gradient(frozen), batch)[0],
         batch.is_answer,
         batch.advantages,
         p.clip_eps,
@@ -225,6 +244,7 @@ def grpo_objective(config: Any, width: int) -> Callable[..., tuple[jax.Array, Me
         "grpo/kl": terms.kl,
         "grpo/clipped": terms.clipped,
         "grpo/answer_length": terms.length,
+        "grpo/ratio": terms.ratio,
     }
     return with_router_losses(config, terms.loss, metrics, router, "mean")
 
@@ -247,4 +267,5 @@ def abstract_rollouts(config: Any, width: int, sharding: Any) -> Rollouts:
       advantages=spec((rows,), jnp.float32),
       mask_keys=spec((rows, 2), jnp.uint32),
       rewards=spec((rows,), jnp.float32),
+      old_logp=spec((rows, length), jnp.float32) if config.posttrain.inner_updates > 1 else None,
   )

@@ -10,6 +10,7 @@ and each process packs only its own rows of the batch (`pipeline.process_rows`).
 from __future__ import annotations
 
 import functools
+import io
 import pathlib
 from typing import Any, Iterator, NamedTuple
 
@@ -26,7 +27,9 @@ from llada_jax.data.registry import read_jsonl_lines
 from llada_jax.diffusion.likelihood import bound_estimator
 from llada_jax.errors import ConfigError
 from llada_jax.keys import Stream, item_keys
+from llada_jax import storage
 from llada_jax.lm import MaskedDiffusionLM
+from llada_jax.parallel.sharding import axis_rules, placement_context
 from llada_jax.posttrain.dpo import (
     PreferenceBatch,
     dpo_loss,
@@ -39,6 +42,7 @@ from llada_jax.posttrain.grpo import (
     answer_mask,
     group_advantages,
     grpo_objective,
+    policy_log_probs,
 )
 from llada_jax.posttrain.preference import PreferencePair, prompt_ids, read_preferences
 from llada_jax.posttrain.reference import reference_params
@@ -200,14 +204,26 @@ def read_prompts(
   return tasks
 
 
+def _update_keys(keys: np.ndarray, inner: int) -> np.ndarray:
+  """The prompt-mask keys [rows, 2] of update `inner` of a rollout batch whose rows' keys are
+  `keys` (posttrain.inner_updates > 1)."""
+  return np.asarray(jax.vmap(lambda k: jax.random.fold_in(k, inner))(keys))
+
+
 class RolloutSource:
   """diffu-GRPO (posttrain.method="grpo"): each step samples posttrain.group_size answers for
   each of data.batch_size / group_size prompts of posttrain.prompts with the policy (the compiled
   sampler, config.sampling), rewards them (posttrain.rewards) and trains on d1's loss against the
   frozen reference. The answers of row (prompt i, sample g) at step s are drawn with the key
   fold_in(fold_in(fold_in(fold_in(seed key, ROLLOUT), s), i), g), from the parameters of step s,
-  so a run resumed at step s regenerates exactly what it lost. One update per rollout batch
-  (d1's mu = 1: the sampling policy is the policy, the ratio is 1 and clipping stays inactive).
+  so a run resumed at step s regenerates exactly what it lost.
+
+  posttrain.inner_updates = mu > 1 (d1's mu): the rollouts of step s (a multiple of mu) serve
+  steps s .. s + mu - 1, update j masking the prompts afresh (row key folded with j) and taking
+  the ratio to the sampling policy's log-probabilities under the same masks, computed at step s
+  for all mu masks. They are written to <workdir>/rollouts/ (each process its rows) before step s
+  trains, so a run resumed inside the group reads them back: bitwise the uninterrupted run.
+  With mu = 1 the sampling policy is the policy, the ratio is 1 and clipping stays inactive.
   Held-out: the mean reward of greedy answers to posttrain.prompts_eval.
 
   In a multi-process job the rollouts are sampled on the whole mesh, the rows split as the
@@ -221,7 +237,12 @@ class RolloutSource:
 
   frozen = None
 
-  def __init__(self, config: ml_collections.ConfigDict, sharding: jax.sharding.Sharding):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      sharding: jax.sharding.Sharding,
+      workdir: storage.PathLike | None = None,
+  ):
     p = config.posttrain
     if objective_of(config).causal:  # the one-pass estimates mask the answer
       raise ConfigError(
@@ -242,6 +263,11 @@ class RolloutSource:
           f"rows {self.rows.start}..{self.rows.stop - 1}, which must be whole groups"
       )
     self.config, self.sharding = config, sharding
+    self.inner = p.inner_updates
+    if self.inner > 1 and workdir is None:
+      raise ValueError("posttrain.inner_updates > 1 keeps its rollouts in a workdir: give one")
+    self.saved = None if workdir is None else storage.path(workdir) / "rollouts"
+    self._group: tuple[int, Rollouts] | None = None  # (first step, this process's rows)
     self.model = MaskedDiffusionLM(config)  # the rollouts' sampler
     self.spec = parse_rewards(p.rewards)
     self.prompts = read_prompts(p.prompts, config)
@@ -262,10 +288,12 @@ class RolloutSource:
     self.frozen = reference_params(self.config, param_shardings)
 
   def train_batches(self, start_step: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(step, prompt indices [num_prompts]) of steps start_step, ...: `prepare` samples them."""
+    """(step, prompt indices [num_prompts] of its rollout batch) of steps start_step, ...:
+    `prepare` samples them (or reuses them inside a group of posttrain.inner_updates steps)."""
     step = start_step
     while True:
-      yield step, step_indices(self.config.seed, step, self.num_prompts, len(self.prompts))
+      group = step // self.inner
+      yield step, step_indices(self.config.seed, group, self.num_prompts, len(self.prompts))
       step += 1
 
   def _padded(self, tasks: list[PromptTask]) -> tuple[np.ndarray, np.ndarray]:
@@ -297,8 +325,30 @@ class RolloutSource:
     )
 
   def prepare(self, item: tuple[int, np.ndarray], params: Any) -> Rollouts:
-    """The rollouts of one step: samples, rewards, group advantages, prompt-mask keys."""
+    """The batch of one step: the rollouts of its group of posttrain.inner_updates steps
+    (sampled at the group's first step, else kept or read back), with this update's prompt-mask
+    keys (the rows' keys folded with its index in the group) and, with inner_updates > 1, the
+    sampling policy's log-probabilities under them."""
     step, indices = item
+    first, inner = step - step % self.inner, step % self.inner
+    if self._group is None or self._group[0] != first:
+      if inner == 0:
+        self._group = (first, self._sample(first, indices, params))
+        if self.inner > 1:
+          self._save(first, self._group[1])
+      else:
+        self._group = (first, self._load(first, step))
+    rows = self._group[1]
+    if self.inner > 1:
+      rows = rows._replace(
+          mask_keys=_update_keys(rows.mask_keys, inner), old_logp=rows.old_logp[inner]
+      )
+    fields = {k: v for k, v in rows._asdict().items() if v is not None}
+    return Rollouts(**global_batch(self.sharding, fields, self.config.data.batch_size))
+
+  def _sample(self, step: int, indices: np.ndarray, params: Any) -> Rollouts:
+    """This process's rows of the rollouts of `step`: samples, rewards, group advantages, the
+    rows' prompt-mask keys and, with inner_updates > 1, old_logp [inner_updates, rows, T]."""
     g = self.config.posttrain.group_size
     tasks = [self.prompts[i] for i in indices for _ in range(g)]
     root = jax.random.fold_in(
@@ -319,7 +369,62 @@ class RolloutSource:
         jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys[self.rows.start : self.rows.stop])
     )
     local = Rollouts(rows, full_valid, is_answer, advantages, mask_keys, rewards)
-    return Rollouts(**global_batch(self.sharding, local._asdict(), len(tasks)))
+    if self.inner == 1:
+      return local
+    return local._replace(old_logp=self._old_log_probs(params, local))
+
+  def _old_log_probs(self, params: Any, local: Rollouts) -> np.ndarray:
+    """The sampling policy's log-probabilities of this process's rows under each update's prompt
+    masks, [inner_updates, rows, T] float32 (`grpo.policy_log_probs`, on the whole mesh)."""
+    n = self.config.data.batch_size
+    logp = self._policy_log_probs
+    out = []
+    for inner in range(self.inner):
+      keys = _update_keys(local.mask_keys, inner)
+      fields = {k: v for k, v in local._replace(mask_keys=keys)._asdict().items() if v is not None}
+      batch = Rollouts(**global_batch(self.sharding, fields, n))
+      with placement_context(self.sharding, axis_rules(self.config)):
+        out.append(local_rows(logp(params, batch), self.rows))
+    return np.stack(out)
+
+  @functools.cached_property
+  def _policy_log_probs(self) -> Any:
+    logp = policy_log_probs(self.config, self.width)
+    return jax.jit(lambda params, batch: logp(params, batch)[0])
+
+  def _file(self, first: int) -> Any:
+    return self.saved / f"group_{first:010d}.process_{jax.process_index()}.npz"
+
+  def _save(self, first: int, rows: Rollouts) -> None:
+    """Writes this process's rows of the group starting at `first`, then removes older groups."""
+    self.saved.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **rows._asdict())
+    self._file(first).write_bytes(buffer.getvalue())
+    for old in self.saved.glob(f"group_*.process_{jax.process_index()}.npz"):
+      if old.name != self._file(first).name:
+        old.unlink()
+
+  def _load(self, first: int, step: int) -> Rollouts:
+    """This process's rows of the group starting at `first`, as `_save` wrote them."""
+    file = self._file(first)
+    if not file.exists():
+      raise ConfigError(
+          f"{file} does not exist: resuming at step {step} needs the rollouts of steps "
+          f"{first}..{first + self.inner - 1} (posttrain.inner_updates={self.inner}), written "
+          f"when step {first} sampled them; resume from a checkpoint at a multiple of "
+          f"{self.inner}"
+      )
+    with np.load(io.BytesIO(file.read_bytes())) as stored:
+      rows = Rollouts(**{name: stored[name] for name in Rollouts._fields})
+    if len(rows.tokens) != len(self.rows):
+      raise ConfigError(
+          f"{file} holds {len(rows.tokens)} rollout rows: expected this process's "
+          f"{len(self.rows)}; resume inside a group of posttrain.inner_updates={self.inner} "
+          "steps with the process count that sampled it, or from a checkpoint at a multiple of "
+          f"{self.inner}"
+      )
+    return rows
 
   def loss(
       self, params: Any, batch: Rollouts, rng: jax.Array, block_size: int, frozen: Any

@@ -78,7 +78,8 @@ def model_flops_per_step(config: ml_collections.ConfigDict, prompt_width: int = 
   tokens each, under the policy (forward and backward: 3 forward passes) and the reference (one
   forward pass): 4 forward passes of 2 x batch x mc_num rows. A GRPO update ("grpo") is the same
   4 passes over data.batch_size rollouts of prompt_width + sampling.gen_length tokens (d1's one
-  pass each; the rollouts' sampling is the sampler's program, not counted here)."""
+  pass each; the rollouts' sampling is the sampler's program, not counted here, nor are the
+  sampling policy's passes of posttrain.inner_updates > 1, one per update, made when sampling)."""
   if config.posttrain.method == "dpo":
     length = config.data.sequence_length
     rows = 2 * config.data.batch_size * config.posttrain.mc_num

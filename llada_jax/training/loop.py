@@ -101,7 +101,7 @@ def _train(
   # Data first: a bad task, vocabulary or preference file fails here, before parameters are
   # allocated and before anything is written in the workdir.
   data_sharding = batch_sharding(mesh, axis_rules(config))
-  source = make_source(config, model, mesh, data_sharding)
+  source = make_source(config, model, mesh, data_sharding, workdir)
   abstract, shardings = state_shardings(config, model, tx, mesh)
   _check_free_space(workdir, abstract)
   _warn_schedule(config)

@@ -99,8 +99,10 @@ def make_source(
     model: MaskedDiffusionLM,
     mesh: Mesh,
     data_sharding: jax.sharding.Sharding,
+    workdir: Any = None,
 ) -> Any:
-  """The source of posttrain.method (see the module docstring)."""
+  """The source of posttrain.method (see the module docstring); workdir: the run's, where a
+  source may keep what an exact resume needs (GRPO's rollouts with posttrain.inner_updates > 1)."""
   if config.posttrain.method == "dpo":
     from llada_jax.posttrain.source import PreferenceSource  # pylint: disable=g-import-not-at-top
 
@@ -108,5 +110,5 @@ def make_source(
   if config.posttrain.method == "grpo":
     from llada_jax.posttrain.source import RolloutSource  # pylint: disable=g-import-not-at-top
 
-    return RolloutSource(config, data_sharding)
+    return RolloutSource(config, data_sharding, workdir)
   return CorpusSource(config, model, mesh, data_sharding)
