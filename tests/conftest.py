@@ -148,16 +148,16 @@ def tiny_config() -> ml_collections.ConfigDict:
 _LONGEST_FIRST = (
     "test_survive",  # 143
     "test_evaluation",  # 95
+    "test_moe",  # 66
     "test_scale",  # 60
     "test_cli",  # 58
     "test_tpu_compile",  # 55
-    "test_moe",  # 54
+    "test_grpo",  # 50
     "test_block",  # 44
     "test_lm_eval_adapter",  # 41
     "test_batch_invariance",  # 40
     "test_notebooks",  # 36
     "test_data",  # 35
-    "test_grpo",  # 32
     "test_sampling",  # 32
     "test_preprocess",  # 29
     "test_sweep",  # 28
