@@ -159,15 +159,16 @@ def compiled_scorer(
     use_cfg: bool,
 ):
   """The jitted scorer of config's objective: score(params, tokens, valid, is_answer, keys [N],
-  cfg_scale) -> `Bound`, for rows packed by `pack_rows` (prompt ++ answer from
-  index 0, right-padded). LLaDA's estimator (mdm), the exact chain rule (arm) or the block NELBO
-  (block)."""
+  cfg_scale) -> `Bound` (without router statistics), for rows packed by `pack_rows` (prompt ++
+  answer from index 0, right-padded). LLaDA's estimator (mdm), the exact chain rule (arm) or the
+  block NELBO (block)."""
   return _jitted(bound_estimator(config, mc_num, batch_size, use_cfg))
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted(estimator):
-  return jax.jit(estimator)
+  # Scoring reads no router statistics: dropping them lets the compiler leave them out.
+  return jax.jit(lambda *args: estimator(*args)._replace(router={}))
 
 
 def bound_estimator(

@@ -66,18 +66,26 @@ def _swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> ja
   return (nn.silu(x @ gate) * (x @ up)) @ down
 
 
+def _grouped_swiglu(
+    grouped: jax.Array, group_sizes: jax.Array, weights: ExpertWeights
+) -> jax.Array:
+  """SwiGLU outputs [n, d] of rows [n, d] sorted by expert, group_sizes[e] rows for expert e
+  (three `jax.lax.ragged_dot`s); rows past sum(group_sizes) give 0."""
+  gate, up, down = weights
+  hidden = nn.silu(jax.lax.ragged_dot(grouped, gate, group_sizes)) * jax.lax.ragged_dot(
+      grouped, up, group_sizes
+  )
+  return jax.lax.ragged_dot(hidden, down, group_sizes)
+
+
 def _local_experts(rows: jax.Array, ids: jax.Array, weights: ExpertWeights) -> jax.Array:
   """This shard's expert outputs [n, d] of rows [n, d], row i through expert ids[i] of the
   E_local in `weights`; an id of E_local marks a padding row, whose output is 0."""
-  gate = weights[0]
-  local = gate.shape[0]
+  local = weights[0].shape[0]
   order = jnp.argsort(ids, stable=True)
   group_sizes = jnp.bincount(ids, length=local + 1)[:local].astype(jnp.int32)
-  grouped = rows[order]
-  hidden = nn.silu(jax.lax.ragged_dot(grouped, gate, group_sizes)) * jax.lax.ragged_dot(
-      grouped, weights[1], group_sizes
-  )
-  return jnp.zeros_like(rows).at[order].set(jax.lax.ragged_dot(hidden, weights[2], group_sizes))
+  out = _grouped_swiglu(rows[order], group_sizes, weights)
+  return jnp.zeros_like(rows).at[order].set(out, unique_indices=True)
 
 
 def ragged_experts(x: jax.Array, routing: Routing, weights: ExpertWeights) -> jax.Array:
@@ -87,8 +95,11 @@ def ragged_experts(x: jax.Array, routing: Routing, weights: ExpertWeights) -> ja
   expert's rows go through its SwiGLU as one group of `jax.lax.ragged_dot`, and the results return
   to their tokens, weighted and summed over the k choices in choice order."""
   tokens, k = routing.experts.shape
-  rows = jnp.repeat(x, k, axis=0, total_repeat_length=tokens * k)
-  out = _local_experts(rows, routing.experts.reshape(-1), weights).reshape(tokens, k, -1)
+  flat = routing.experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=weights[0].shape[0]).astype(jnp.int32)
+  out = _grouped_swiglu(x[order // k], group_sizes, weights)
+  out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(tokens, k, -1)
   return jnp.sum(out * routing.weights[..., None].astype(out.dtype), axis=1)
 
 

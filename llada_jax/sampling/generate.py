@@ -143,7 +143,6 @@ def generate(
   )
   rows = global_shape[0] if spread else prompt.shape[0]
   row_keys = _row_keys(jax.random.PRNGKey(config.seed) if rng is None else rng, rows)
-  device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   sharding = placed[0].sharding if placed else None
   if spread:
     keys = np.asarray(row_keys)
@@ -153,6 +152,8 @@ def generate(
     device_prompt, device_mask, row_keys = (
         jax.device_put(a, sharding) for a in (prompt, attention_mask, row_keys)
     )
+  else:
+    device_prompt, device_mask = jnp.asarray(prompt), jnp.asarray(attention_mask)
   with placement_context(sharding, axis_rules(config)):
     return compiled_sampler(spec)(
         params,
