@@ -66,6 +66,8 @@ flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound")
 flags.DEFINE_float("beta", 0.5, "DPO's beta")
 flags.DEFINE_integer("sft_steps", 600, "SFT steps on addition before GRPO (--quick: 300)")
 flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)")
+flags.DEFINE_integer("inner_updates", 1, "GRPO's mu: train steps per rollout batch")
+flags.DEFINE_float("grpo_lr", 2e-4, "GRPO's peak learning rate")
 
 
 def corpus_pairs(split: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -114,7 +116,9 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, flo
   start = time.time()
   rl = tiny.get_config()
   rl.data.batch_size = 32
-  rl.optimizer.update(dict(peak_lr=2e-4, warmup_steps=5, final_lr=2e-5, weight_decay=0.0))
+  rl.optimizer.update(
+      dict(peak_lr=FLAGS.grpo_lr, warmup_steps=5, final_lr=FLAGS.grpo_lr / 10, weight_decay=0.0)
+  )
   rl.train.update(dict(num_steps=FLAGS.grpo_steps, eval_every=FLAGS.grpo_steps, log_every=10))
   rl.checkpoint.update(dict(save_every=FLAGS.grpo_steps, async_save=False))
   rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
@@ -126,6 +130,7 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, flo
           prompts_eval=prompts("prompts_eval.jsonl", records["validation"]),
           rewards="exact",
           group_size=8,
+          inner_updates=FLAGS.inner_updates,
       )
   )
   rl_dir = str(root / "grpo")
@@ -239,6 +244,8 @@ def main(argv: list[str]) -> None:
               "beta",
               "sft_steps",
               "grpo_steps",
+              "inner_updates",
+              "grpo_lr",
           )
       },
       "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -264,8 +264,6 @@ class RolloutSource:
       )
     self.config, self.sharding = config, sharding
     self.inner = p.inner_updates
-    if self.inner > 1 and workdir is None:
-      raise ValueError("posttrain.inner_updates > 1 keeps its rollouts in a workdir: give one")
     self.saved = None if workdir is None else storage.path(workdir) / "rollouts"
     self._group: tuple[int, Rollouts] | None = None  # (first step, this process's rows)
     self.model = MaskedDiffusionLM(config)  # the rollouts' sampler
@@ -397,6 +395,8 @@ class RolloutSource:
 
   def _save(self, first: int, rows: Rollouts) -> None:
     """Writes this process's rows of the group starting at `first`, then removes older groups."""
+    if self.saved is None:
+      raise ValueError("posttrain.inner_updates > 1 keeps its rollouts in a workdir: give one")
     self.saved.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **rows._asdict())
