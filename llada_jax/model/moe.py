@@ -137,9 +137,9 @@ class _Exchange:
     return jax.lax.all_to_all(a, self.axes, 0, 0, tiled=True)
 
 
-def _pad(a: jax.Array, value: Any) -> jax.Array:
-  """a with one row of `value` appended: the row an empty slot reads."""
-  return jnp.concatenate([a, jnp.full((1, *a.shape[1:]), value, a.dtype)])
+def _take(a: jax.Array, slots: jax.Array, empty: Any) -> jax.Array:
+  """a's rows at `slots` [ep, capacity]; an empty slot (past the end) reads `empty`."""
+  return a.at[slots].get(mode="fill", fill_value=empty)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -160,13 +160,12 @@ def _exchange_forward(
 ) -> tuple[jax.Array, Any]:
   """(`_exchanged_experts`'s output, the residuals its VJP reads: its inputs)."""
   local = weights[0].shape[0]
-  padded_rows, padded_ids = _pad(rows, 0), _pad(ids, local)
 
   def one_round(carry):
     r, out = carry
     slots = plan.slots(send, r)
-    received = plan.swap(padded_rows[slots]).reshape(-1, rows.shape[-1])
-    y = _local_experts(received, plan.swap(padded_ids[slots]).reshape(-1), weights)
+    received = plan.swap(_take(rows, slots, 0)).reshape(-1, rows.shape[-1])
+    y = _local_experts(received, plan.swap(_take(ids, slots, local)).reshape(-1), weights)
     back = plan.swap(y.reshape(plan.ep, plan.capacity, -1))
     return r + 1, out.at[slots].set(back, mode="drop")
 
@@ -183,15 +182,14 @@ def _exchange_vjp(plan: _Exchange, residuals: Any, cotangent: jax.Array) -> tupl
   returns the rows' cotangents; the weights' accumulate over the rounds in float32."""
   rows, ids, send, weights = residuals
   local = weights[0].shape[0]
-  padded_rows, padded_ids, padded_cotangent = _pad(rows, 0), _pad(ids, local), _pad(cotangent, 0)
 
   def one_round(carry):
     r, d_rows, d_weights = carry
     slots = plan.slots(send, r)
     received, received_ct = (
-        plan.swap(a[slots]).reshape(-1, rows.shape[-1]) for a in (padded_rows, padded_cotangent)
+        plan.swap(_take(a, slots, 0)).reshape(-1, rows.shape[-1]) for a in (rows, cotangent)
     )
-    received_ids = plan.swap(padded_ids[slots]).reshape(-1)
+    received_ids = plan.swap(_take(ids, slots, local)).reshape(-1)
     _, pullback = jax.vjp(lambda x, w: _local_experts(x, received_ids, w), received, weights)
     d_received, d_w = pullback(received_ct)
     back = plan.swap(d_received.reshape(plan.ep, plan.capacity, -1))

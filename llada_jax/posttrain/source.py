@@ -298,16 +298,22 @@ class RolloutSource:
     """Left-padded prompts [N, width] and their masks."""
     return left_pad([t.prompt for t in tasks], self.config.tokens.pad_id, self.width)
 
+  def _placed(self, rows: Rollouts) -> Rollouts:
+    """This process's rows as the global batch of data.batch_size rows (absent fields stay
+    None)."""
+    fields = {k: v for k, v in rows._asdict().items() if v is not None}
+    return Rollouts(**global_batch(self.sharding, fields, self.config.data.batch_size))
+
   def _answers(
-      self, params: Any, tasks: list[PromptTask], rows: range, keys: Any, **overrides: Any
+      self, params: Any, tokens: np.ndarray, valid: np.ndarray, keys: Any, **overrides: Any
   ) -> np.ndarray:
-    """This process's rows `rows` of the sampled rows [N, width + gen_length] of the prompts of
-    `tasks` (config.sampling, with `overrides`; keys [N, 2], the same on every process), sampled
-    on the whole mesh, the rows split as the train step's batch."""
-    tokens, valid = self._padded([tasks[i] for i in rows])
-    placed = global_batch(self.sharding, {"tokens": tokens, "valid": valid}, len(tasks))
+    """This process's sampled rows [rows, width + gen_length] (config.sampling, with
+    `overrides`) of its left-padded prompts tokens, valid [rows, width]; keys [data.batch_size, 2],
+    the same on every process. Sampled on the whole mesh, the rows split as the train batch."""
+    n = self.config.data.batch_size
+    placed = global_batch(self.sharding, {"tokens": tokens, "valid": valid}, n)
     out = self.model.generate(params, placed["tokens"], placed["valid"], rng=keys, **overrides)
-    return local_rows(out, rows)
+    return local_rows(out, self.rows)
 
   def _rewards(self, rows: np.ndarray, tasks: list[PromptTask]) -> np.ndarray:
     """The reward of each row's answer, its text cut where every command cuts it."""
@@ -341,8 +347,7 @@ class RolloutSource:
       rows = rows._replace(
           mask_keys=_update_keys(rows.mask_keys, inner), old_logp=rows.old_logp[inner]
       )
-    fields = {k: v for k, v in rows._asdict().items() if v is not None}
-    return Rollouts(**global_batch(self.sharding, fields, self.config.data.batch_size))
+    return self._placed(rows)
 
   def _sample(self, step: int, indices: np.ndarray, params: Any) -> Rollouts:
     """This process's rows of the rollouts of `step`: samples, rewards, group advantages, the
@@ -354,11 +359,11 @@ class RolloutSource:
     )
     prompt_keys = item_keys(root, indices)
     keys = np.asarray(jax.vmap(lambda k: item_keys(k, g))(prompt_keys).reshape(-1, 2))
-    rows = self._answers(params, tasks, self.rows, keys)  # this process's, whole groups
-    mine = [tasks[i] for i in self.rows]
+    mine = [tasks[i] for i in self.rows]  # this process's rows: whole groups
+    tokens, valid = self._padded(mine)
+    rows = self._answers(params, tokens, valid, keys)
     rewards = self._rewards(rows, mine)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards.reshape(-1, g)))).reshape(-1)
-    _, valid = self._padded(mine)
     full_valid = np.concatenate([valid, np.ones((len(mine), rows.shape[1] - self.width), bool)], 1)
     is_answer = np.asarray(
         answer_mask(jnp.asarray(rows), self.width, jnp.asarray(end_ids(self.config.tokens)))
@@ -374,15 +379,13 @@ class RolloutSource:
   def _old_log_probs(self, params: Any, local: Rollouts) -> np.ndarray:
     """The sampling policy's log-probabilities of this process's rows under each update's prompt
     masks, [inner_updates, rows, T] float32 (`grpo.policy_log_probs`, on the whole mesh)."""
-    n = self.config.data.batch_size
-    logp = self._policy_log_probs
+    batch, n = self._placed(local), self.config.data.batch_size
     out = []
     for inner in range(self.inner):
-      keys = _update_keys(local.mask_keys, inner)
-      fields = {k: v for k, v in local._replace(mask_keys=keys)._asdict().items() if v is not None}
-      batch = Rollouts(**global_batch(self.sharding, fields, n))
+      keys = {"mask_keys": _update_keys(local.mask_keys, inner)}
+      batch = batch._replace(**global_batch(self.sharding, keys, n))
       with placement_context(self.sharding, axis_rules(self.config)):
-        out.append(local_rows(logp(params, batch), self.rows))
+        out.append(local_rows(self._policy_log_probs(params, batch), self.rows))
     return np.stack(out)
 
   @functools.cached_property
@@ -445,8 +448,8 @@ class RolloutSource:
       keys = np.asarray(
           item_keys(jax.random.PRNGKey(self.config.seed), np.arange(start, start + batch))
       )
-      rows = self._answers(params, tasks, self.rows, keys, temperature=0.0)
       mine = [tasks[i] for i in self.rows]
+      rows = self._answers(params, *self._padded(mine), keys, temperature=0.0)
       counted = np.arange(start, start + batch)[self.rows.start : self.rows.stop] < n
       total += float(np.sum(self._rewards(rows, mine) * counted))
     if jax.process_count() > 1:
