@@ -9,8 +9,10 @@
    held-out pairs from the validation split.
 3. DPO through llada-train's trainer (posttrain.method="dpo", the reference frozen beside it).
 4. GRPO: configs/tiny.py fine-tuned briefly (--sft_steps) to reverse three letters ("abf>" ->
-   "fba", SFT with EOS) on 176 of the 216 words over a-f; then diffu-GRPO (posttrain.method=
-   "grpo", reward "exact", 8 answers per prompt at temperature 1) on the same 176 prompts.
+   "fba", SFT with EOS: the reverse_az_sft task, 17,176 training words over a-z, 400 held out;
+   --sft_steps batches of 16 see under 13,000 of them, part-way to learning the rule); then
+   diffu-GRPO (posttrain.method="grpo", reward "exact", 8 answers per prompt at temperature 1,
+   8 prompts per step) on the training words, once per seed of --grpo_seeds.
 
 The last line printed is one JSON object:
   dpo_margin_before / dpo_margin_after: the held-out mean of B(chosen) - B(rejected) (nats, the
@@ -21,7 +23,8 @@ The last line printed is one JSON object:
     timesteps, masks shared by policy and reference) over the naive one (one timestep, independent
     masks), both with n = mc_num samples per bound.
   grpo_reward_before / grpo_reward_after: the mean reward (exact reversal) of greedy answers to
-    the 40 held-out words under the SFT model and under the GRPO policy.
+    the 400 held-out words under the SFT model and under the GRPO policy (the mean over the GRPO
+    runs of --grpo_seeds; grpo_reward_after_per_seed gives each).
 Plus the settings and the wall time of each part (CPU).
 """
 
@@ -64,10 +67,11 @@ flags.DEFINE_integer("prompt_bytes", 48, "prompt length in bytes")
 flags.DEFINE_integer("answer_bytes", 16, "answer length in bytes")
 flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound")
 flags.DEFINE_float("beta", 0.5, "DPO's beta")
-flags.DEFINE_integer("sft_steps", 600, "SFT steps on addition before GRPO (--quick: 300)")
+flags.DEFINE_integer("sft_steps", 800, "SFT steps on reversal before GRPO")
 flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)")
+flags.DEFINE_integer("grpo_seeds", 2, "GRPO runs from the same SFT model, seeds 0, 1, ...")
 flags.DEFINE_integer("inner_updates", 1, "GRPO's mu: train steps per rollout batch")
-flags.DEFINE_float("grpo_lr", 2e-4, "GRPO's peak learning rate")
+flags.DEFINE_float("grpo_lr", 5e-4, "GRPO's peak learning rate")
 
 
 def corpus_pairs(split: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -95,14 +99,16 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict[str, str]]) -> str:
   return str(path)
 
 
-def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, float]:
-  """SFT on reversal, then GRPO (see the module docstring): (held-out reward before, after)."""
-  records = {split: reverse_words(split) for split in ("train", "validation")}
+def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, list[float]]:
+  """SFT on reversal, then GRPO once per seed (see the module docstring): (held-out reward
+  before, [after, per seed])."""
+  task = "reverse_az_sft"
+  records = {split: reverse_words(split, task) for split in ("train", "validation")}
 
   start = time.time()
   sft_dir = str(root / "sft")
   sft = tiny.get_config()
-  sft.data.update(dict(task="reverse_sft", sequence_length=16, batch_size=16))
+  sft.data.update(dict(task=task, sequence_length=16, batch_size=16))
   sft.train.update(dict(num_steps=FLAGS.sft_steps, eval_every=FLAGS.sft_steps))
   sft.checkpoint.update(dict(save_every=FLAGS.sft_steps, async_save=False))
   train(sft, sft_dir)
@@ -113,34 +119,42 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, flo
         root / name, [{"prompt": r["prompt"], "answer": r["response"]} for r in rows]
     )
 
-  start = time.time()
-  rl = tiny.get_config()
-  rl.data.batch_size = 32
-  rl.optimizer.update(
-      dict(peak_lr=FLAGS.grpo_lr, warmup_steps=5, final_lr=FLAGS.grpo_lr / 10, weight_decay=0.0)
-  )
-  rl.train.update(dict(num_steps=FLAGS.grpo_steps, eval_every=FLAGS.grpo_steps, log_every=10))
-  rl.checkpoint.update(dict(save_every=FLAGS.grpo_steps, async_save=False))
-  rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
-  rl.posttrain.update(
-      dict(
-          method="grpo",
-          reference=sft_dir,
-          prompts=prompts("prompts.jsonl", records["train"]),
-          prompts_eval=prompts("prompts_eval.jsonl", records["validation"]),
-          rewards="exact",
-          group_size=8,
-          inner_updates=FLAGS.inner_updates,
-      )
-  )
-  rl_dir = str(root / "grpo")
-  train(rl, rl_dir)
-  timings["grpo_s"] = time.time() - start
-
-  run_config, policy = load_model(rl_dir)
+  train_prompts = prompts("prompts.jsonl", records["train"])
+  eval_prompts = prompts("prompts_eval.jsonl", records["validation"])
   _, reference = load_model(sft_dir)
-  source = RolloutSource(run_config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  return source.evaluate(reference)["grpo/reward"], source.evaluate(policy)["grpo/reward"]
+  before, after = None, []
+  for seed in range(FLAGS.grpo_seeds):
+    start = time.time()
+    rl = tiny.get_config()
+    rl.seed = seed
+    rl.data.batch_size = 64
+    rl.optimizer.update(
+        dict(peak_lr=FLAGS.grpo_lr, warmup_steps=5, final_lr=FLAGS.grpo_lr / 10, weight_decay=0.0)
+    )
+    rl.train.update(dict(num_steps=FLAGS.grpo_steps, eval_every=FLAGS.grpo_steps, log_every=10))
+    rl.checkpoint.update(dict(save_every=FLAGS.grpo_steps, async_save=False))
+    rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
+    rl.posttrain.update(
+        dict(
+            method="grpo",
+            reference=sft_dir,
+            prompts=train_prompts,
+            prompts_eval=eval_prompts,
+            rewards="exact",
+            group_size=8,
+            inner_updates=FLAGS.inner_updates,
+        )
+    )
+    rl_dir = str(root / f"grpo_seed{seed}")
+    train(rl, rl_dir)
+    timings[f"grpo_seed{seed}_s"] = time.time() - start
+
+    run_config, policy = load_model(rl_dir)
+    source = RolloutSource(run_config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    if before is None:
+      before = source.evaluate(reference)["grpo/reward"]
+    after.append(source.evaluate(policy)["grpo/reward"])
+  return before, after
 
 
 def dpo_part(root: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
@@ -208,13 +222,15 @@ def dpo_part(root: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
 def main(argv: list[str]) -> None:
   del argv
   if FLAGS.quick:  # the --quick sizes of the flags not given on the command line
-    quick = dict(ref_steps=300, dpo_steps=60, pairs=256, sft_steps=300, grpo_steps=200)
+    quick = dict(ref_steps=300, dpo_steps=60, pairs=256, grpo_steps=200)
     for name, value in quick.items():
       if not FLAGS[name].present:
         setattr(FLAGS, name, value)
   parts = set(FLAGS.parts.split(","))
   if not parts or parts - {"dpo", "grpo"}:
     raise app.UsageError(f"--parts={FLAGS.parts} is not allowed: expected dpo, grpo or dpo,grpo")
+  if FLAGS.grpo_seeds < 1:
+    raise app.UsageError(f"--grpo_seeds={FLAGS.grpo_seeds} is not allowed: expected at least 1")
   root = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="posttrain_"))
   root.mkdir(parents=True, exist_ok=True)
   timings: dict[str, float] = {}
@@ -223,13 +239,14 @@ def main(argv: list[str]) -> None:
   )
   if "dpo" in parts:
     measured.update(dpo_part(root, timings))
-  grpo_before = grpo_after = None
+  grpo_before, grpo_after = None, []
   if "grpo" in parts:
     grpo_before, grpo_after = grpo_part(root, timings)
   result = {
       **measured,
       "grpo_reward_before": grpo_before,
-      "grpo_reward_after": grpo_after,
+      "grpo_reward_after": float(np.mean(grpo_after)) if grpo_after else None,
+      "grpo_reward_after_per_seed": grpo_after or None,
       "settings": {
           k: getattr(FLAGS, k)
           for k in (
@@ -244,6 +261,7 @@ def main(argv: list[str]) -> None:
               "beta",
               "sft_steps",
               "grpo_steps",
+              "grpo_seeds",
               "inner_updates",
               "grpo_lr",
           )

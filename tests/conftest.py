@@ -148,11 +148,11 @@ def tiny_config() -> ml_collections.ConfigDict:
 _LONGEST_FIRST = (
     "test_survive",  # 143
     "test_evaluation",  # 95
+    "test_posttrain",  # 78
     "test_moe",  # 66
     "test_scale",  # 60
     "test_cli",  # 58
     "test_tpu_compile",  # 55
-    "test_grpo",  # 50
     "test_block",  # 44
     "test_lm_eval_adapter",  # 41
     "test_batch_invariance",  # 40
@@ -165,12 +165,12 @@ _LONGEST_FIRST = (
     "test_arm_generation",  # 27
     "test_dpo",  # 26
     "test_train",  # 26
+    "test_grpo",  # 25
     "test_init_from",  # 24
     "test_alignment",  # 23
     "test_objectives",  # 23
     "test_llada2_moe",  # 22
     "test_sampler_reference",  # 22
-    "test_posttrain",  # 21
     "test_model",  # 21
     "test_merge",  # 20
     "test_benchmarks",  # 19

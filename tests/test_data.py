@@ -498,3 +498,29 @@ def test_stream_from_any_example_is_the_stream_from_zero(rates):
     assert sorted(everything[:37]) == list(range(37))
   for first in (1, 4, 5, 36, 37, 38, 123, 250):
     np.testing.assert_array_equal(read(first, 150), everything[first : first + 150], err_msg=first)
+
+
+@pytest.mark.parametrize(
+    "task, letters, held_out, first_held_out",
+    # reverse_sft's held-out words as written before reverse_az_sft joined it (commit 7d03ccb)
+    [
+        ("reverse_sft", "abcdef", 40, "ebb>"),
+        ("reverse_az_sft", "abcdefghijklmnopqrstuvwxyz", 400, None),
+    ],
+)
+def test_reversal_tasks_hold_every_word_once_split_by_a_fixed_permutation(
+    task, letters, held_out, first_held_out
+):
+  """Each reversal task holds every three-letter word over its alphabet exactly once, `held_out`
+  of them in the validation split, each answered by its letters in reverse order then EOS."""
+  spec = registry.lookup(task)
+  assert spec.kind == "sft" and spec.append_eos
+  splits = {s: spec.reader(s) for s in ("train", "validation")}
+  assert len(splits["validation"]) == held_out
+  prompts = [r["prompt"] for s in splits.values() for r in s]
+  everything = {a + b + c + ">" for a in letters for b in letters for c in letters}
+  assert len(prompts) == len(set(prompts)) and set(prompts) == everything
+  for r in splits["train"] + splits["validation"]:
+    assert r["response"] == "".join(reversed(r["prompt"][:3]))
+  if first_held_out:
+    assert splits["validation"][0]["prompt"] == first_held_out

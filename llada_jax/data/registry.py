@@ -425,21 +425,31 @@ def _read_gsm8k(split: str) -> list[dict[str, str]]:
   return records
 
 
-# A verifiable SFT task a tiny model learns in minutes on a CPU (docs/recipe.md, the post-training
-# benchmark): every three-letter word over REVERSE_ALPHABET reversed, "abf>" -> "fba";
-# REVERSE_HELD_OUT words of a fixed permutation form the validation split.
-REVERSE_ALPHABET = "abcdef"
-REVERSE_HELD_OUT = 40
+# Verifiable SFT tasks a tiny model learns in minutes on a CPU (docs/recipe.md, the post-training
+# benchmark): every three-letter word over an alphabet reversed, "abf>" -> "fba"; the first words
+# of a fixed permutation form the validation split. reverse_sft: the 216 words over a-f, 40 held
+# out (memorisable: SFT sees every training word many times); reverse_az_sft: the 17,576 words over
+# a-z, 400 held out (800 SFT steps of 16 see fewer records than there are training words, so what
+# carries to held-out words is the rule, not memory).
+REVERSE_TASKS = {
+    "reverse_sft": ("abcdef", 40),
+    "reverse_az_sft": ("abcdefghijklmnopqrstuvwxyz", 400),
+}
 
 
-def reverse_words(split: str) -> list[dict[str, str]]:
-  """The records {prompt: "abf>", response: "fba"} of the reverse_sft task's split ("train",
-  "validation")."""
+def reverse_words(split: str, task: str = "reverse_sft") -> list[dict[str, str]]:
+  """The records {prompt: "abf>", response: "fba"} of split ("train", "validation") of a
+  REVERSE_TASKS task.
+
+  Raises:
+    KeyError: a task that is not in REVERSE_TASKS.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  words = [a + b + c for a in REVERSE_ALPHABET for b in REVERSE_ALPHABET for c in REVERSE_ALPHABET]
+  alphabet, held_out = REVERSE_TASKS[task]
+  words = [a + b + c for a in alphabet for b in alphabet for c in alphabet]
   shuffled = [words[i] for i in np.random.default_rng(0).permutation(len(words))]
-  chosen = shuffled[:REVERSE_HELD_OUT] if split == "validation" else shuffled[REVERSE_HELD_OUT:]
+  chosen = shuffled[:held_out] if split == "validation" else shuffled[held_out:]
   return [{"prompt": f"{w}>", "response": w[::-1]} for w in chosen]
 
 
@@ -529,7 +539,8 @@ def register_text_task(
 for _corpus in corpora.CORPUS_FILES:
   register_task(TaskSpec(_corpus, "pretrain", functools.partial(_read_corpus, _corpus), False))
 register_task(TaskSpec("gsm8k_sft", "sft", _read_gsm8k, False))
-register_task(TaskSpec("reverse_sft", "sft", reverse_words, True))
+for _task in REVERSE_TASKS:
+  register_task(TaskSpec(_task, "sft", functools.partial(reverse_words, task=_task), True))
 register_mixture(
     "corpora", {c: float(corpora.corpus_path(c).stat().st_size) for c in corpora.CORPUS_FILES}
 )

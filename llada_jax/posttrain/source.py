@@ -159,7 +159,11 @@ class PreferenceSource:
     `preference_metrics` ({} without held-out pairs)."""
     if not self.held_out:
       return {}
-    out = [jax.device_get(self._losses(params, self.frozen, b)) for b in self._held_out_batches]
+    # The pairs' values on every process (a batch's rows are spread over all of them).
+    out = [
+        multihost_utils.process_allgather(self._losses(params, self.frozen, b), tiled=True)
+        for b in self._held_out_batches
+    ]
     losses, terms = jax.tree.map(lambda *t: np.concatenate(t)[: len(self.held_out)], *out)
     scalars = preference_metrics(terms, self.config.posttrain.beta)
     return {"dpo/loss": float(losses.mean()), **{k: float(v) for k, v in scalars.items()}}
