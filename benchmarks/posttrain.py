@@ -35,6 +35,7 @@ import pathlib
 import sys
 import tempfile
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -99,6 +100,19 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict[str, str]]) -> str:
   return str(path)
 
 
+def _post_training(steps: int, batch_size: int, peak_lr: float, **posttrain: Any) -> Any:
+  """configs/tiny.py for a post-training run: `steps` steps of `batch_size` rows, warm-up 5 steps
+  to peak_lr then cosine to a tenth of it, no weight decay, logged every 10 steps, evaluated and
+  saved at the end; posttrain.* from `posttrain`."""
+  c = tiny.get_config()
+  c.data.batch_size = batch_size
+  c.optimizer.update(dict(peak_lr=peak_lr, warmup_steps=5, final_lr=peak_lr / 10, weight_decay=0.0))
+  c.train.update(dict(num_steps=steps, eval_every=steps, log_every=10))
+  c.checkpoint.update(dict(save_every=steps, async_save=False))
+  c.posttrain.update(posttrain)
+  return c
+
+
 def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, list[float]]:
   """SFT on reversal, then GRPO once per seed (see the module docstring): (held-out reward
   before, [after, per seed])."""
@@ -125,26 +139,20 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, lis
   before, after = None, []
   for seed in range(FLAGS.grpo_seeds):
     start = time.time()
-    rl = tiny.get_config()
+    rl = _post_training(
+        FLAGS.grpo_steps,
+        64,
+        FLAGS.grpo_lr,
+        method="grpo",
+        reference=sft_dir,
+        prompts=train_prompts,
+        prompts_eval=eval_prompts,
+        rewards="exact",
+        group_size=8,
+        inner_updates=FLAGS.inner_updates,
+    )
     rl.seed = seed
-    rl.data.batch_size = 64
-    rl.optimizer.update(
-        dict(peak_lr=FLAGS.grpo_lr, warmup_steps=5, final_lr=FLAGS.grpo_lr / 10, weight_decay=0.0)
-    )
-    rl.train.update(dict(num_steps=FLAGS.grpo_steps, eval_every=FLAGS.grpo_steps, log_every=10))
-    rl.checkpoint.update(dict(save_every=FLAGS.grpo_steps, async_save=False))
     rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
-    rl.posttrain.update(
-        dict(
-            method="grpo",
-            reference=sft_dir,
-            prompts=train_prompts,
-            prompts_eval=eval_prompts,
-            rewards="exact",
-            group_size=8,
-            inner_updates=FLAGS.inner_updates,
-        )
-    )
     rl_dir = str(root / f"grpo_seed{seed}")
     train(rl, rl_dir)
     timings[f"grpo_seed{seed}_s"] = time.time() - start
@@ -170,20 +178,16 @@ def dpo_part(root: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
   start = time.time()
   train_file = _write_jsonl(root / "train.jsonl", corpus_pairs("train", FLAGS.pairs, 0))
   eval_file = _write_jsonl(root / "eval.jsonl", corpus_pairs("validation", FLAGS.held_out, 1))
-  dpo = tiny.get_config()
-  dpo.data.batch_size = 8
-  dpo.optimizer.update(dict(peak_lr=1e-4, warmup_steps=5, final_lr=1e-5, weight_decay=0.0))
-  dpo.train.update(dict(num_steps=FLAGS.dpo_steps, eval_every=FLAGS.dpo_steps, log_every=10))
-  dpo.checkpoint.update(dict(save_every=FLAGS.dpo_steps, async_save=False))
-  dpo.posttrain.update(
-      dict(
-          method="dpo",
-          reference=reference,
-          preferences=train_file,
-          preferences_eval=eval_file,
-          beta=FLAGS.beta,
-          mc_num=FLAGS.mc_num,
-      )
+  dpo = _post_training(
+      FLAGS.dpo_steps,
+      8,
+      1e-4,
+      method="dpo",
+      reference=reference,
+      preferences=train_file,
+      preferences_eval=eval_file,
+      beta=FLAGS.beta,
+      mc_num=FLAGS.mc_num,
   )
   policy_dir = str(root / "dpo")
   train(dpo, policy_dir)
