@@ -60,19 +60,23 @@ flags.DEFINE_bool("quick", False, "the CPU-minutes sizes (the defaults below are
 flags.DEFINE_string("parts", "dpo,grpo", "which parts to run (the others' keys are null)")
 flags.DEFINE_string("workdir", "", "where the runs go (default: a temporary folder)")
 flags.DEFINE_string("json", "", "also write the result here")
-flags.DEFINE_integer("ref_steps", 1500, "training steps of the reference (--quick: 300)")
-flags.DEFINE_integer("dpo_steps", 200, "DPO steps (--quick: 60)")
-flags.DEFINE_integer("pairs", 512, "training pairs (--quick: 256)")
-flags.DEFINE_integer("held_out", 64, "held-out pairs")
-flags.DEFINE_integer("prompt_bytes", 48, "prompt length in bytes")
-flags.DEFINE_integer("answer_bytes", 16, "answer length in bytes")
-flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound")
-flags.DEFINE_float("beta", 0.5, "DPO's beta")
-flags.DEFINE_integer("sft_steps", 800, "SFT steps on reversal before GRPO")
-flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)")
-flags.DEFINE_integer("grpo_seeds", 2, "GRPO runs from the same SFT model, seeds 0, 1, ...")
-flags.DEFINE_integer("inner_updates", 1, "GRPO's mu: train steps per rollout batch")
-flags.DEFINE_float("grpo_lr", 5e-4, "GRPO's peak learning rate")
+flags.DEFINE_integer(
+    "ref_steps", 1500, "training steps of the reference (--quick: 300)", lower_bound=1
+)
+flags.DEFINE_integer("dpo_steps", 200, "DPO steps (--quick: 60)", lower_bound=1)
+flags.DEFINE_integer("pairs", 512, "training pairs (--quick: 256)", lower_bound=1)
+flags.DEFINE_integer("held_out", 64, "held-out pairs", lower_bound=1)
+flags.DEFINE_integer("prompt_bytes", 48, "prompt length in bytes", lower_bound=1)
+flags.DEFINE_integer("answer_bytes", 16, "answer length in bytes", lower_bound=1)
+flags.DEFINE_integer("mc_num", 8, "VRPO's budget n: samples per bound", lower_bound=1)
+flags.DEFINE_float("beta", 0.5, "DPO's beta", lower_bound=0.0)
+flags.DEFINE_integer("sft_steps", 800, "SFT steps on reversal before GRPO", lower_bound=1)
+flags.DEFINE_integer("grpo_steps", 400, "GRPO steps (--quick: 200)", lower_bound=1)
+flags.DEFINE_integer(
+    "grpo_seeds", 2, "GRPO runs from the same SFT model, seeds 0, 1, ...", lower_bound=1
+)
+flags.DEFINE_integer("inner_updates", 1, "GRPO's mu: train steps per rollout batch", lower_bound=1)
+flags.DEFINE_float("grpo_lr", 5e-4, "GRPO's peak learning rate", lower_bound=0.0)
 
 
 def corpus_pairs(split: str, count: int, seed: int) -> list[dict[str, str]]:
@@ -233,8 +237,6 @@ def main(argv: list[str]) -> None:
   parts = set(FLAGS.parts.split(","))
   if not parts or parts - {"dpo", "grpo"}:
     raise app.UsageError(f"--parts={FLAGS.parts} is not allowed: expected dpo, grpo or dpo,grpo")
-  if FLAGS.grpo_seeds < 1:
-    raise app.UsageError(f"--grpo_seeds={FLAGS.grpo_seeds} is not allowed: expected at least 1")
   root = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="posttrain_"))
   root.mkdir(parents=True, exist_ok=True)
   timings: dict[str, float] = {}
