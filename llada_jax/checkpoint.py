@@ -32,6 +32,15 @@ PARAMETER_FIELDS = (
     "n_kv_heads",
     "mlp_hidden_size",
     "scan_layers",
+    "qk_norm",
+    "tie_embeddings",
+    "moe.num_experts",
+)
+# ... and those that change it only when the model has experts (moe.num_experts > 0).
+EXPERT_PARAMETER_FIELDS = (
+    "moe.expert_hidden_size",
+    "moe.num_shared_experts",
+    "moe.first_k_dense_replace",
 )
 
 
@@ -390,9 +399,13 @@ def load_params(workdir: storage.PathLike, step: int, abstract_params: Any) -> A
 def architecture_mismatch(
     saved: ml_collections.ConfigDict, wanted: ml_collections.ConfigDict
 ) -> list[str]:
-  """The parameter-shaping model fields in which a stored config differs from the wanted one."""
+  """The parameter-shaping model fields (PARAMETER_FIELDS; EXPERT_PARAMETER_FIELDS when both
+  have experts) in which a stored config differs from the wanted one, as
+  "model.<field>=<wanted> but the checkpoint has <stored>"."""
+  experts = saved.model.moe.num_experts and wanted.model.moe.num_experts
+  fields = PARAMETER_FIELDS + (EXPERT_PARAMETER_FIELDS if experts else ())
   return [
       f"model.{k}={wanted.model[k]!r} but the checkpoint has {saved.model[k]!r}"
-      for k in PARAMETER_FIELDS
+      for k in fields
       if saved.model[k] != wanted.model[k]
   ]

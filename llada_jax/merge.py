@@ -43,7 +43,8 @@ Checks, each one line (exit 2) before any tensor is read: neither or both of --t
 existing non-empty output; a step a workdir does not hold (naming the steps it holds); fewer
 candidates than --top_k (naming how many there are); checkpoints of different models (the first
 differing setting: the parameter-shaping fields of `checkpoint.architecture_mismatch`
-(PARAMETER_FIELDS), then those of MERGE_FIELDS, then the stored tree's leaves and shapes).
+(PARAMETER_FIELDS and EXPERT_PARAMETER_FIELDS), then those of MERGE_FIELDS, then the stored
+tree's leaves and shapes).
 
 The flags are defined when the command runs (`run`), so that importing this module for `merge`
 claims no flag names (--workdir, --steps, --top_k) that other commands define.
@@ -61,20 +62,15 @@ import ml_collections
 from llada_jax import storage
 from llada_jax.errors import CheckpointError, ConfigError
 
-# What a checkpoint must share with the newest merged one beyond checkpoint.PARAMETER_FIELDS (the
-# shapes): what the parameters compute with, and the token ids they were trained on.
+# What a checkpoint must share with the newest merged one beyond the parameter-shaping fields of
+# `checkpoint` (the shapes): what the parameters compute with, and the token ids they were trained
+# on.
 MERGE_FIELDS = (
     "model.rope_theta",
     "model.rms_norm_eps",
     "model.causal",
-    "model.qk_norm",
     "model.rotary_dim",
-    "model.tie_embeddings",
-    "model.moe.num_experts",
     "model.moe.experts_per_token",
-    "model.moe.expert_hidden_size",
-    "model.moe.num_shared_experts",
-    "model.moe.first_k_dense_replace",
     "model.moe.router",
     "model.moe.n_group",
     "model.moe.topk_group",
@@ -296,7 +292,8 @@ def check_same_model(sources: Sequence[Source]) -> ml_collections.ConfigDict:
 
   newest = sources[-1]
   reference = checkpoint.load_config(newest.workdir, newest.step)
-  fields = tuple(f"model.{name}" for name in checkpoint.PARAMETER_FIELDS) + MERGE_FIELDS
+  shaping = checkpoint.PARAMETER_FIELDS + checkpoint.EXPERT_PARAMETER_FIELDS
+  fields = tuple(f"model.{name}" for name in shaping) + MERGE_FIELDS
   for source in sources[:-1]:
     config = checkpoint.load_config(source.workdir, source.step)
     for name in fields:

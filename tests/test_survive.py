@@ -409,6 +409,21 @@ def test_no_restorable_step_is_a_one_line_error_that_moves_nothing(finished, tmp
             "holds a different model: model.d_model=128 but the checkpoint has 64",
         ),
         (
+            "model.qk_norm",
+            True,
+            "holds a different model: model.qk_norm=True but the checkpoint has False",
+        ),
+        (
+            "model.tie_embeddings",
+            True,
+            "holds a different model: model.tie_embeddings=True but the checkpoint has False",
+        ),
+        (
+            "model.moe.num_experts",
+            4,
+            "holds a different model: model.moe.num_experts=4 but the checkpoint has 0",
+        ),
+        (
             "optimizer.grad_clip_norm",
             0.0,
             "holds a different optimizer state: checkpoint 4 has no " "opt_state.0.count;",
@@ -421,11 +436,35 @@ def test_resume_with_another_model_stops_and_leaves_the_checkpoints_alone(
   workdir = _copy(finished, tmp_path)
   before = _listing(workdir)
   config = _config()
-  section, name = field.split(".")
-  config[section][name] = value
+  *sections, name = field.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[name] = value
   with pytest.raises(CheckpointError, match=f"^--workdir={re.escape(str(workdir))} {message}"):
     train(config, workdir)
   assert _listing(workdir) == before  # nothing renamed, no lock or log left behind
+
+
+def test_expert_fields_of_a_dense_model_are_not_its_architecture(finished):
+  """A dense checkpoint restores into a config whose MoE sizes differ (they shape nothing while
+  model.moe.num_experts is 0); with experts on both sides they are compared
+  (`checkpoint.EXPERT_PARAMETER_FIELDS`)."""
+  wanted = _config()
+  wanted.model.moe.update(
+      dict(expert_hidden_size=96, num_shared_experts=1, first_k_dense_replace=1)
+  )
+  step, _, _ = checkpoint.restore_newest(
+      finished, _serving_params, params_only=True, read_only=True, wanted=wanted
+  )
+  assert step == 4
+  stored = checkpoint.load_config(finished, 4)
+  stored.model.moe.num_experts = wanted.model.moe.num_experts = 4
+  assert checkpoint.architecture_mismatch(stored, wanted) == [
+      "model.moe.expert_hidden_size=96 but the checkpoint has 64",
+      "model.moe.num_shared_experts=1 but the checkpoint has 0",
+      "model.moe.first_k_dense_replace=1 but the checkpoint has 0",
+  ]
 
 
 def test_a_locked_workdir_stops_a_second_trainer_before_it_writes(tmp_path):
