@@ -139,8 +139,7 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, lis
 
   train_prompts = prompts("prompts.jsonl", records["train"])
   eval_prompts = prompts("prompts_eval.jsonl", records["validation"])
-  _, reference = load_model(sft_dir)
-  before, after = None, []
+  rl_dirs = []
   for seed in range(FLAGS.grpo_seeds):
     start = time.time()
     rl = _post_training(
@@ -157,16 +156,14 @@ def grpo_part(root: pathlib.Path, timings: dict[str, float]) -> tuple[float, lis
     )
     rl.seed = seed
     rl.sampling.update(dict(gen_length=4, steps=4, block_length=4, temperature=1.0))
-    rl_dir = str(root / f"grpo_seed{seed}")
-    train(rl, rl_dir)
+    rl_dirs.append(str(root / f"grpo_seed{seed}"))
+    train(rl, rl_dirs[-1])
     timings[f"grpo_seed{seed}_s"] = time.time() - start
 
-    run_config, policy = load_model(rl_dir)
-    source = RolloutSource(run_config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    if before is None:
-      before = source.evaluate(reference)["grpo/reward"]
-    after.append(source.evaluate(policy)["grpo/reward"])
-  return before, after
+  run_config, _ = load_model(rl_dirs[0])  # the held-out prompts and rewards of every run
+  source = RolloutSource(run_config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  before = source.evaluate(load_model(sft_dir)[1])["grpo/reward"]
+  return before, [source.evaluate(load_model(d)[1])["grpo/reward"] for d in rl_dirs]
 
 
 def dpo_part(root: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
